@@ -1,0 +1,4 @@
+//! The `scaletrain` binary.
+fn main() {
+    println!("scaletrain");
+}

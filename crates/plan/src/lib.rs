@@ -1,0 +1,1 @@
+//! scaletrain-plan: specs → parameters, bytes, FLOPs, seconds, dollars. No I/O.
