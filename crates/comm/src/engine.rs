@@ -1,0 +1,529 @@
+//! Frames over links: the one place that builds headers, checks them, counts sequence numbers,
+//! moves several transfers at once without blocking, spins briefly before sleeping, and turns
+//! "no progress for `timeout`" into an error that names the peers it was waiting on.
+use crate::error::{CommError, Result};
+use crate::frame::{Header, Op, HEADER_BYTES};
+use crate::link::{Link, LinkError};
+use crate::Config;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How a received f32 stream is folded into the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Combine {
+    /// `a + b`.
+    Sum,
+    /// `if b > a { b } else { a }` (see [`crate::reference::max_of`]).
+    Max,
+    /// Bitwise OR of the f32 bit patterns: exact assembly of disjoint pieces over zeros.
+    BitOr,
+}
+
+impl Combine {
+    /// `dst[i] = first ⊕ second` where (first, second) is (recv, dst) or (dst, recv).
+    #[inline]
+    #[allow(clippy::assign_op_pattern)] // `*r + *d` spells out the documented operand order
+    pub(crate) fn apply(self, dst: &mut [f32], recv: &[f32], recv_first: bool) {
+        debug_assert_eq!(dst.len(), recv.len());
+        match (self, recv_first) {
+            (Combine::Sum, true) => dst.iter_mut().zip(recv).for_each(|(d, r)| *d = *r + *d),
+            (Combine::Sum, false) => dst.iter_mut().zip(recv).for_each(|(d, r)| *d += *r),
+            (Combine::Max, true) => dst
+                .iter_mut()
+                .zip(recv)
+                .for_each(|(d, r)| *d = crate::reference::max_of(*r, *d)),
+            (Combine::Max, false) => dst
+                .iter_mut()
+                .zip(recv)
+                .for_each(|(d, r)| *d = crate::reference::max_of(*d, *r)),
+            (Combine::BitOr, _) => dst
+                .iter_mut()
+                .zip(recv)
+                .for_each(|(d, r)| *d = f32::from_bits(d.to_bits() | r.to_bits())),
+        }
+    }
+}
+
+/// Per-communicator counters (one set per group id).
+pub(crate) struct Counters {
+    send_seq: Vec<u64>,
+    recv_seq: Vec<u64>,
+    /// Collective calls made on this group so far.
+    pub(crate) call: u64,
+}
+
+/// Everything behind one world of links: shared by the world communicator and its splits.
+pub(crate) struct Core {
+    pub(crate) link: Box<dyn Link>,
+    pub(crate) cfg: Config,
+    counters: HashMap<u32, Counters>,
+    /// The first error, latched: every later call reports it.
+    pub(crate) failed: Option<String>,
+    staging: Vec<f32>,
+}
+
+const STAGING_FLOATS: usize = 16 * 1024;
+
+impl Core {
+    pub(crate) fn new(link: Box<dyn Link>, cfg: Config) -> Core {
+        Core {
+            link,
+            cfg,
+            counters: HashMap::new(),
+            failed: None,
+            staging: vec![0.0; STAGING_FLOATS],
+        }
+    }
+
+    pub(crate) fn counters(&mut self, gid: u32) -> &mut Counters {
+        let n = self.link.size();
+        self.counters.entry(gid).or_insert_with(|| Counters {
+            send_seq: vec![0; n],
+            recv_seq: vec![0; n],
+            call: 0,
+        })
+    }
+}
+
+impl Drop for Core {
+    /// A clean exit: a final barrier over the world (so nobody closes while a peer still needs it),
+    /// then close. After an error, or while panicking, just close.
+    fn drop(&mut self) {
+        if self.failed.is_none() && self.link.size() > 1 && !std::thread::panicking() {
+            self.link.set_closing();
+            let ranks: Vec<usize> = (0..self.link.size()).collect();
+            let me = self.link.rank();
+            self.cfg.timeout = self.cfg.timeout.min(Duration::from_secs(10));
+            let mut ctx = Ctx {
+                core: self,
+                gid: 0,
+                ranks: &ranks,
+                me,
+                op: Op::Barrier,
+                algo: 0,
+            };
+            ctx.core.counters(0).call += 1;
+            let _ = crate::algo::tree_all_reduce(&mut ctx, &mut [], Combine::BitOr);
+        }
+        self.link.shutdown();
+    }
+}
+
+/// One outgoing transfer: `data` to group rank `peer`, cut into frames of at most `max_frame_bytes`.
+pub(crate) struct SendOp<'a> {
+    peer: usize,
+    data: &'a [u8],
+    sent: usize,
+    hdr: [u8; HEADER_BYTES],
+    hdr_off: usize,
+    frame_len: usize,
+    frame_off: usize,
+    in_frame: bool,
+    done: bool,
+}
+
+impl<'a> SendOp<'a> {
+    pub(crate) fn new(peer: usize, data: &'a [u8]) -> Self {
+        SendOp {
+            peer,
+            data,
+            sent: 0,
+            hdr: [0; HEADER_BYTES],
+            hdr_off: 0,
+            frame_len: 0,
+            frame_off: 0,
+            in_frame: false,
+            done: false,
+        }
+    }
+}
+
+/// Where received bytes go.
+pub(crate) enum Dest<'a> {
+    /// Copied as they are.
+    Bytes(&'a mut [u8]),
+    /// Folded into these floats; `recv_first` puts the received value on the left of the operator.
+    Reduce {
+        dst: &'a mut [f32],
+        combine: Combine,
+        recv_first: bool,
+    },
+}
+
+/// One incoming transfer from group rank `peer`.
+pub(crate) struct RecvOp<'a> {
+    peer: usize,
+    dest: Dest<'a>,
+    total: usize,
+    got: usize,
+    hdr: [u8; HEADER_BYTES],
+    hdr_got: usize,
+    frame_len: usize,
+    frame_got: usize,
+    in_frame: bool,
+    done: bool,
+    /// Bytes held in the staging buffer (Reduce only), and floats already folded into `dst`.
+    fill: usize,
+    folded: usize,
+}
+
+impl<'a> RecvOp<'a> {
+    pub(crate) fn new(peer: usize, dest: Dest<'a>) -> Self {
+        let total = match &dest {
+            Dest::Bytes(b) => b.len(),
+            Dest::Reduce { dst, .. } => dst.len() * 4,
+        };
+        RecvOp {
+            peer,
+            dest,
+            total,
+            got: 0,
+            hdr: [0; HEADER_BYTES],
+            hdr_got: 0,
+            frame_len: 0,
+            frame_got: 0,
+            in_frame: false,
+            done: false,
+            fill: 0,
+            folded: 0,
+        }
+    }
+}
+
+/// One collective (or p2p) call in progress on one group.
+pub(crate) struct Ctx<'c> {
+    pub(crate) core: &'c mut Core,
+    pub(crate) gid: u32,
+    /// Group rank → world rank.
+    pub(crate) ranks: &'c [usize],
+    /// This process's group rank.
+    pub(crate) me: usize,
+    pub(crate) op: Op,
+    pub(crate) algo: u8,
+}
+
+impl Ctx<'_> {
+    pub(crate) fn n(&self) -> usize {
+        self.ranks.len()
+    }
+    pub(crate) fn world_rank(&self) -> usize {
+        self.core.link.rank()
+    }
+    pub(crate) fn cfg(&self) -> &Config {
+        &self.core.cfg
+    }
+
+    fn lost(&self, e: LinkError) -> CommError {
+        let rank = self.world_rank();
+        match e {
+            LinkError::Closed { peer, detail } => CommError::PeerLost {
+                rank,
+                op: self.op.name(),
+                peer,
+                detail,
+            },
+            LinkError::Io { peer, source } => CommError::PeerLost {
+                rank,
+                op: self.op.name(),
+                peer,
+                detail: source.to_string(),
+            },
+        }
+    }
+
+    fn desync(&self, peer: usize, detail: String) -> CommError {
+        CommError::Desync {
+            rank: self.world_rank(),
+            op: self.op.name(),
+            peer,
+            detail,
+        }
+    }
+
+    /// Shorthand: at most one send and one receive, concurrently.
+    pub(crate) fn sendrecv(
+        &mut self,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, Dest<'_>)>,
+    ) -> Result<()> {
+        let mut sends: Vec<SendOp> = send.into_iter().map(|(p, d)| SendOp::new(p, d)).collect();
+        let mut recvs: Vec<RecvOp> = recv.into_iter().map(|(p, d)| RecvOp::new(p, d)).collect();
+        self.exchange(&mut sends, &mut recvs)
+    }
+
+    /// Drive every transfer to completion, interleaving them so that no pair of ranks can deadlock
+    /// on full buffers. Errors on a bad or unexpected frame, on a lost peer, and after
+    /// `cfg.timeout` without progress.
+    pub(crate) fn exchange(&mut self, sends: &mut [SendOp], recvs: &mut [RecvOp]) -> Result<()> {
+        let mut staging = std::mem::take(&mut self.core.staging);
+        let out = self.exchange_inner(sends, recvs, &mut staging);
+        self.core.staging = staging;
+        out
+    }
+
+    fn exchange_inner(
+        &mut self,
+        sends: &mut [SendOp],
+        recvs: &mut [RecvOp],
+        staging: &mut [f32],
+    ) -> Result<()> {
+        let timeout = self.core.cfg.timeout;
+        let spin = self.core.cfg.spin;
+        let mut last_progress = Instant::now();
+        loop {
+            let mut progressed = false;
+            let mut all_done = true;
+            for s in sends.iter_mut() {
+                progressed |= self.progress_send(s)?;
+                all_done &= s.done;
+            }
+            for r in recvs.iter_mut() {
+                progressed |= self.progress_recv(r, staging)?;
+                all_done &= r.done;
+            }
+            if all_done {
+                return Ok(());
+            }
+            if progressed {
+                last_progress = Instant::now();
+                continue;
+            }
+            let idle = last_progress.elapsed();
+            if idle < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let readers: Vec<usize> = recvs
+                .iter()
+                .filter(|r| !r.done)
+                .map(|r| self.ranks[r.peer])
+                .collect();
+            let writers: Vec<usize> = sends
+                .iter()
+                .filter(|s| !s.done)
+                .map(|s| self.ranks[s.peer])
+                .collect();
+            if idle >= timeout {
+                let mut peers: Vec<usize> = readers.iter().chain(&writers).copied().collect();
+                peers.sort_unstable();
+                peers.dedup();
+                return Err(CommError::Timeout {
+                    rank: self.world_rank(),
+                    op: self.op.name(),
+                    peers,
+                    secs: idle.as_secs_f64(),
+                });
+            }
+            let left = timeout - idle;
+            self.core
+                .link
+                .wait(&readers, &writers, left.min(Duration::from_millis(50)))
+                .map_err(|e| self.lost(e))?;
+        }
+    }
+
+    fn progress_send(&mut self, s: &mut SendOp) -> Result<bool> {
+        let mut progressed = false;
+        let world_peer = self.ranks[s.peer];
+        while !s.done {
+            if !s.in_frame {
+                let max = self.core.cfg.max_frame_bytes as usize;
+                s.frame_len = (s.data.len() - s.sent).min(max);
+                let me = self.world_rank() as u32;
+                let (gid, op, algo) = (self.gid, self.op, self.algo);
+                let c = self.core.counters(gid);
+                let seq = c.send_seq[world_peer];
+                c.send_seq[world_peer] += 1;
+                let call = c.call as u32;
+                s.hdr = Header {
+                    op,
+                    algo,
+                    sender: me,
+                    group: gid,
+                    seq,
+                    len: s.frame_len as u32,
+                    call,
+                }
+                .encode();
+                s.hdr_off = 0;
+                s.frame_off = 0;
+                s.in_frame = true;
+            }
+            if s.hdr_off < HEADER_BYTES {
+                let k = self
+                    .core
+                    .link
+                    .try_write(world_peer, &s.hdr[s.hdr_off..])
+                    .map_err(|e| self.lost(e))?;
+                if k == 0 {
+                    break;
+                }
+                s.hdr_off += k;
+                progressed = true;
+                continue;
+            }
+            if s.frame_off < s.frame_len {
+                let at = s.sent + s.frame_off;
+                let k = self
+                    .core
+                    .link
+                    .try_write(world_peer, &s.data[at..s.sent + s.frame_len])
+                    .map_err(|e| self.lost(e))?;
+                if k == 0 {
+                    break;
+                }
+                s.frame_off += k;
+                progressed = true;
+                continue;
+            }
+            s.sent += s.frame_len;
+            s.in_frame = false;
+            s.done = s.sent == s.data.len();
+        }
+        Ok(progressed)
+    }
+
+    fn check_header(&mut self, r: &RecvOp) -> Result<usize> {
+        let world_peer = self.ranks[r.peer];
+        let max = self.core.cfg.max_frame_bytes;
+        let h = Header::decode(&r.hdr, max.max(4096)).map_err(|source| CommError::BadFrame {
+            rank: self.world_rank(),
+            op: self.op.name(),
+            peer: world_peer,
+            source,
+        })?;
+        let expect_len = (r.total - r.got).min(max as usize);
+        let (gid, op, algo) = (self.gid, self.op, self.algo);
+        let c = self.core.counters(gid);
+        let (seq, call) = (c.recv_seq[world_peer], c.call as u32);
+        if h.sender as usize != world_peer {
+            return Err(self.desync(world_peer, format!("frame claims sender rank {}", h.sender)));
+        }
+        if h.op == Op::Abort {
+            return Err(CommError::PeerAborted {
+                rank: self.world_rank(),
+                op: op.name(),
+                peer: world_peer,
+                reason: "abort frame".into(),
+            });
+        }
+        if h.group != gid {
+            return Err(self.desync(world_peer, format!("it sent a frame for communicator {:#x}, this rank expects communicator {gid:#x}", h.group)));
+        }
+        if h.op != op || h.call != call {
+            return Err(self.desync(
+                world_peer,
+                format!(
+                    "it is in {} (call {}), this rank is in {} (call {call})",
+                    h.op.name(),
+                    h.call,
+                    op.name()
+                ),
+            ));
+        }
+        if h.algo != algo {
+            return Err(self.desync(
+                world_peer,
+                format!(
+                    "it uses algorithm {}, this rank uses {}",
+                    crate::Algorithm::name_of(h.algo),
+                    crate::Algorithm::name_of(algo)
+                ),
+            ));
+        }
+        if h.seq != seq {
+            return Err(self.desync(
+                world_peer,
+                format!("frame sequence number {} where {seq} was expected", h.seq),
+            ));
+        }
+        if h.len as usize != expect_len {
+            return Err(self.desync(
+                world_peer,
+                format!(
+                    "frame of {} bytes where {expect_len} were expected (message sizes differ)",
+                    h.len
+                ),
+            ));
+        }
+        self.core.counters(gid).recv_seq[world_peer] += 1;
+        Ok(expect_len)
+    }
+
+    fn progress_recv(&mut self, r: &mut RecvOp, staging: &mut [f32]) -> Result<bool> {
+        let mut progressed = false;
+        let world_peer = self.ranks[r.peer];
+        while !r.done {
+            if !r.in_frame {
+                if r.hdr_got < HEADER_BYTES {
+                    let mut hdr = r.hdr;
+                    let k = self
+                        .core
+                        .link
+                        .try_read(world_peer, &mut hdr[r.hdr_got..])
+                        .map_err(|e| self.lost(e))?;
+                    r.hdr = hdr;
+                    if k == 0 {
+                        break;
+                    }
+                    r.hdr_got += k;
+                    progressed = true;
+                    continue;
+                }
+                r.frame_len = self.check_header(r)?;
+                r.frame_got = 0;
+                r.in_frame = true;
+            }
+            if r.frame_got < r.frame_len {
+                let want = r.frame_len - r.frame_got;
+                let k = match &mut r.dest {
+                    Dest::Bytes(b) => {
+                        let at = r.got + r.frame_got;
+                        self.core
+                            .link
+                            .try_read(world_peer, &mut b[at..at + want])
+                            .map_err(|e| self.lost(e))?
+                    }
+                    Dest::Reduce {
+                        dst,
+                        combine,
+                        recv_first,
+                    } => {
+                        let bytes: &mut [u8] = bytemuck::cast_slice_mut(staging);
+                        let room = (bytes.len() - r.fill).min(want);
+                        let k = self
+                            .core
+                            .link
+                            .try_read(world_peer, &mut bytes[r.fill..r.fill + room])
+                            .map_err(|e| self.lost(e))?;
+                        r.fill += k;
+                        let whole = r.fill / 4;
+                        if whole > 0 {
+                            combine.apply(
+                                &mut dst[r.folded..r.folded + whole],
+                                &staging[..whole],
+                                *recv_first,
+                            );
+                            r.folded += whole;
+                            let bytes: &mut [u8] = bytemuck::cast_slice_mut(staging);
+                            bytes.copy_within(whole * 4..r.fill, 0);
+                            r.fill -= whole * 4;
+                        }
+                        k
+                    }
+                };
+                if k == 0 {
+                    break;
+                }
+                r.frame_got += k;
+                progressed = true;
+                continue;
+            }
+            r.got += r.frame_len;
+            r.in_frame = false;
+            r.hdr_got = 0;
+            r.done = r.got == r.total;
+        }
+        Ok(progressed)
+    }
+}

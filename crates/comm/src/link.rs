@@ -1,0 +1,41 @@
+//! The byte layer under every built-in transport: non-blocking reads and writes to a peer, and a
+//! bounded wait. Framing, sequence numbers, timeouts and algorithms live above it (`engine`), so the
+//! threads, shared-memory and TCP transports share one tested code path.
+use std::io;
+use std::time::Duration;
+
+/// What went wrong on one link.
+#[derive(Debug)]
+pub(crate) enum LinkError {
+    /// The peer closed its end or its process died.
+    Closed { peer: usize, detail: String },
+    /// An operating-system error talking to the peer.
+    Io { peer: usize, source: io::Error },
+}
+
+/// Non-blocking byte pipes to every peer of the world.
+pub(crate) trait Link: Send {
+    /// This process's world rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the world.
+    fn size(&self) -> usize;
+    /// Transport name for messages ("threads", "tcp", "shm").
+    fn name(&self) -> &'static str;
+    /// Write up to `buf.len()` bytes to `peer` without blocking; returns how many were taken.
+    fn try_write(&mut self, peer: usize, buf: &[u8]) -> Result<usize, LinkError>;
+    /// Read up to `buf.len()` bytes from `peer` without blocking; returns how many arrived.
+    fn try_read(&mut self, peer: usize, buf: &mut [u8]) -> Result<usize, LinkError>;
+    /// Block for at most `dur` until a reader may have data or a writer may have room. May return
+    /// early. Reports a peer that is gone: any peer that died, and a peer in `readers`/`writers` that
+    /// closed normally (a normal close of an uninvolved peer is not an error while `closing`).
+    fn wait(
+        &mut self,
+        readers: &[usize],
+        writers: &[usize],
+        dur: Duration,
+    ) -> Result<(), LinkError>;
+    /// Enter the final barrier: from now on only involved peers' closes are errors.
+    fn set_closing(&mut self);
+    /// Close our ends so that peers see us gone promptly.
+    fn shutdown(&mut self);
+}
