@@ -105,8 +105,9 @@ impl Comm {
         };
         let out = f(&mut ctx);
         if let Err(e) = &out {
+            // Latch, but keep the links open until this communicator is dropped: a survivor that
+            // closed at once could be blamed by its neighbours for the failure it only observed.
             core.failed = Some(e.to_string());
-            core.link.shutdown();
         }
         out
     }

@@ -60,18 +60,22 @@ pub(crate) struct Core {
     /// The first error, latched: every later call reports it.
     pub(crate) failed: Option<String>,
     staging: Vec<f32>,
+    /// Per world peer: an outgoing frame is half written (no Abort frame can follow it).
+    mid_frame: Vec<bool>,
 }
 
 const STAGING_FLOATS: usize = 16 * 1024;
 
 impl Core {
     pub(crate) fn new(link: Box<dyn Link>, cfg: Config) -> Core {
+        let n = link.size();
         Core {
             link,
             cfg,
             counters: HashMap::new(),
             failed: None,
             staging: vec![0.0; STAGING_FLOATS],
+            mid_frame: vec![false; n],
         }
     }
 
@@ -82,6 +86,38 @@ impl Core {
             recv_seq: vec![0; n],
             call: 0,
         })
+    }
+}
+
+impl Core {
+    /// Best effort: tell every peer whose stream is at a frame boundary why this rank gives up,
+    /// so that survivors can name the rank that failed first rather than the one that left last.
+    fn send_aborts(&mut self, reason: &str) {
+        let me = self.link.rank();
+        let mut text = reason.as_bytes().to_vec();
+        text.truncate(1024);
+        let h = Header {
+            op: Op::Abort,
+            algo: 0,
+            sender: me as u32,
+            group: 0,
+            seq: 0,
+            len: text.len() as u32,
+            call: 0,
+        };
+        let mut frame = h.encode().to_vec();
+        frame.extend_from_slice(&text);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        for p in (0..self.link.size()).filter(|&p| p != me && !self.mid_frame[p]) {
+            let mut off = 0;
+            while off < frame.len() && Instant::now() < deadline {
+                match self.link.try_write(p, &frame[off..]) {
+                    Ok(0) => std::thread::sleep(Duration::from_micros(100)),
+                    Ok(k) => off += k,
+                    Err(_) => break,
+                }
+            }
+        }
     }
 }
 
@@ -104,6 +140,9 @@ impl Drop for Core {
             };
             ctx.core.counters(0).call += 1;
             let _ = crate::algo::tree_all_reduce(&mut ctx, &mut [], Combine::BitOr);
+        }
+        if let Some(reason) = self.failed.clone() {
+            self.send_aborts(&reason);
         }
         self.link.shutdown();
     }
@@ -221,6 +260,12 @@ impl Ctx<'_> {
                 op: self.op.name(),
                 peer,
                 detail,
+            },
+            LinkError::Aborted { peer, reason } => CommError::PeerAborted {
+                rank,
+                op: self.op.name(),
+                peer,
+                reason,
             },
             LinkError::Io { peer, source } => CommError::PeerLost {
                 rank,
@@ -348,6 +393,7 @@ impl Ctx<'_> {
                 s.hdr_off = 0;
                 s.frame_off = 0;
                 s.in_frame = true;
+                self.core.mid_frame[world_peer] = true;
             }
             if s.hdr_off < HEADER_BYTES {
                 let k = self
@@ -378,6 +424,7 @@ impl Ctx<'_> {
             }
             s.sent += s.frame_len;
             s.in_frame = false;
+            self.core.mid_frame[world_peer] = false;
             s.done = s.sent == s.data.len();
         }
         Ok(progressed)
@@ -400,11 +447,12 @@ impl Ctx<'_> {
             return Err(self.desync(world_peer, format!("frame claims sender rank {}", h.sender)));
         }
         if h.op == Op::Abort {
+            let reason = self.read_reason(world_peer, h.len as usize);
             return Err(CommError::PeerAborted {
                 rank: self.world_rank(),
                 op: op.name(),
                 peer: world_peer,
-                reason: "abort frame".into(),
+                reason,
             });
         }
         if h.group != gid {
@@ -448,6 +496,20 @@ impl Ctx<'_> {
         }
         self.core.counters(gid).recv_seq[world_peer] += 1;
         Ok(expect_len)
+    }
+
+    /// The payload of an Abort frame (best effort, bounded wait).
+    fn read_reason(&mut self, peer: usize, len: usize) -> String {
+        let mut buf = vec![0u8; len];
+        let (mut got, deadline) = (0, Instant::now() + Duration::from_millis(500));
+        while got < len && Instant::now() < deadline {
+            match self.core.link.try_read(peer, &mut buf[got..]) {
+                Ok(0) => std::thread::sleep(Duration::from_micros(100)),
+                Ok(k) => got += k,
+                Err(_) => break,
+            }
+        }
+        String::from_utf8_lossy(&buf[..got]).into_owned()
     }
 
     fn progress_recv(&mut self, r: &mut RecvOp, staging: &mut [f32]) -> Result<bool> {

@@ -14,9 +14,9 @@
 pub mod error;
 pub mod frame;
 pub mod reference;
-// pub mod rendezvous;
-// pub mod shm;
-// pub mod tcp;
+pub mod rendezvous;
+pub mod shm;
+pub mod tcp;
 // pub mod ps;
 
 mod algo;
@@ -175,3 +175,5 @@ pub trait Communicator: Send {
     /// Collective: ranks with the same `color` form a new group, ordered by `(key, old rank)`.
     fn split(&mut self, color: u32, key: u32) -> Result<Box<dyn Communicator>>;
 }
+
+pub use rendezvous::{init_from_env, JobEnv, Transport};

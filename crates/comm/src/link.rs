@@ -9,6 +9,8 @@ use std::time::Duration;
 pub(crate) enum LinkError {
     /// The peer closed its end or its process died.
     Closed { peer: usize, detail: String },
+    /// The peer sent an Abort frame before closing: it failed first and says why.
+    Aborted { peer: usize, reason: String },
     /// An operating-system error talking to the peer.
     Io { peer: usize, source: io::Error },
 }
@@ -38,4 +40,19 @@ pub(crate) trait Link: Send {
     fn set_closing(&mut self);
     /// Close our ends so that peers see us gone promptly.
     fn shutdown(&mut self);
+}
+
+/// Look through bytes a closed peer left behind (starting at a frame boundary) for its Abort frame.
+pub(crate) fn find_abort(mut b: &[u8]) -> Option<String> {
+    use crate::frame::{Header, Op, HEADER_BYTES, MAX_PAYLOAD_CEILING};
+    while b.len() >= HEADER_BYTES {
+        let hdr: &[u8; HEADER_BYTES] = b[..HEADER_BYTES].try_into().ok()?;
+        let h = Header::decode(hdr, MAX_PAYLOAD_CEILING).ok()?;
+        let end = HEADER_BYTES + h.len as usize;
+        if h.op == Op::Abort {
+            return Some(String::from_utf8_lossy(&b[HEADER_BYTES..end.min(b.len())]).into_owned());
+        }
+        b = b.get(end..)?;
+    }
+    None
 }
