@@ -22,9 +22,7 @@ pub mod tcp;
 mod algo;
 mod comm;
 mod engine;
-#[allow(dead_code)] // parts used by the TCP and shared-memory transports (next commits)
 mod link;
-#[allow(dead_code)]
 mod ring;
 
 pub use comm::{threads, Comm};

@@ -161,6 +161,22 @@ impl RingLink {
         (head, tail, data)
     }
 
+    /// Unread bytes from `peer`, without consuming them.
+    fn peek(&self, peer: usize) -> Vec<u8> {
+        let (head, tail, data) = self.ring(peer, self.rank);
+        let (t, h) = (tail.load(Ordering::Relaxed), head.load(Ordering::Acquire));
+        let len = (h - t) as usize;
+        let pos = (t as usize) & (self.cap - 1);
+        let first = len.min(self.cap - pos);
+        let mut out = vec![0u8; len];
+        // SAFETY: as in try_read; nothing is released to the writer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.add(pos), out.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(data, out.as_mut_ptr().add(first), len - first);
+        }
+        out
+    }
+
     fn pid_dead(&self, peer: usize) -> Option<String> {
         let pid = self.region.pid(peer).load(Ordering::Acquire);
         if pid == 0 {
@@ -241,33 +257,55 @@ impl Link for RingLink {
         writers: &[usize],
         dur: Duration,
     ) -> Result<(), LinkError> {
+        let peers = (0..self.n).filter(|&p| p != self.rank);
+        let any_closed = peers
+            .clone()
+            .any(|p| self.region.closed(p).load(Ordering::Acquire) != 0);
         let check_pids = matches!(self.liveness, Liveness::Pids)
-            && self.last_pid_check.elapsed() >= Duration::from_millis(5);
+            && (any_closed || self.last_pid_check.elapsed() >= Duration::from_millis(5));
         if check_pids {
             self.last_pid_check = Instant::now();
-        }
-        for p in (0..self.n).filter(|&p| p != self.rank) {
-            let involved = readers.contains(&p) || writers.contains(&p);
-            let closed = self.region.closed(p).load(Ordering::Acquire) != 0;
-            if closed {
-                // A close is an error if we still need this peer and nothing is left to read, or if it
-                // happened outside the final barrier (where only an abnormal exit closes early).
-                let (head, tail, _) = self.ring(p, self.rank);
-                let drained = head.load(Ordering::Acquire) == tail.load(Ordering::Relaxed);
-                let needed = writers.contains(&p)
-                    || (readers.contains(&p) && drained)
-                    || (!involved && !self.closing);
-                if needed {
-                    return Err(LinkError::Closed {
-                        peer: p,
-                        detail: "it closed its communicator".into(),
-                    });
-                }
-            } else if check_pids && (involved || !self.closing) {
-                if let Some(detail) = self.pid_dead(p) {
-                    return Err(LinkError::Closed { peer: p, detail });
+            // A process that died without closing is the root cause: report it before any peer
+            // that closed after noticing it.
+            for p in peers.clone() {
+                let involved = readers.contains(&p) || writers.contains(&p);
+                if self.region.closed(p).load(Ordering::Acquire) == 0 && (involved || !self.closing)
+                {
+                    if let Some(detail) = self.pid_dead(p) {
+                        return Err(LinkError::Closed { peer: p, detail });
+                    }
                 }
             }
+        }
+        let mut aborted = None;
+        for p in peers {
+            if self.region.closed(p).load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let involved = readers.contains(&p) || writers.contains(&p);
+            // A close is an error if we still need this peer and nothing is left to read, or if it
+            // happened outside the final barrier (where only a failing rank closes early).
+            let (head, tail, _) = self.ring(p, self.rank);
+            let drained = head.load(Ordering::Acquire) == tail.load(Ordering::Relaxed);
+            let needed = writers.contains(&p)
+                || (readers.contains(&p) && drained)
+                || (!involved && !self.closing);
+            if needed {
+                match (involved, crate::link::find_abort(&self.peek(p))) {
+                    (false, Some(reason)) => {
+                        aborted = aborted.or(Some(LinkError::Aborted { peer: p, reason }))
+                    }
+                    _ => {
+                        return Err(LinkError::Closed {
+                            peer: p,
+                            detail: "it closed its communicator".into(),
+                        })
+                    }
+                }
+            }
+        }
+        if let Some(e) = aborted {
+            return Err(e);
         }
         if dur > Duration::ZERO {
             std::thread::sleep(dur.min(Duration::from_micros(20)));

@@ -396,12 +396,72 @@ impl TcpLink {
 }
 
 impl TcpLink {
+    /// `peer` is gone: find out whether it died, or left because another peer died first (then
+    /// it sent an Abort frame, and a peer that hung up without one is the root cause).
+    fn explain(&mut self, peer: usize, detail: String) -> LinkError {
+        let mut fds: Vec<(usize, libc::pollfd)> = Vec::new();
+        for (q, s) in self.streams.iter().enumerate() {
+            if let (Some(s), true) = (s, q != peer) {
+                fds.push((
+                    q,
+                    libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLRDHUP,
+                        revents: 0,
+                    },
+                ));
+            }
+        }
+        let mut raw: Vec<libc::pollfd> = fds.iter().map(|x| x.1).collect();
+        // SAFETY: valid pollfd array; zero timeout.
+        let rc = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, 0) };
+        if rc > 0 {
+            for (i, fd) in raw.iter().enumerate() {
+                if fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                    let q = fds[i].0;
+                    if crate::link::find_abort(&self.drain(q)).is_none() {
+                        return LinkError::Closed {
+                            peer: q,
+                            detail: "connection closed without a word".into(),
+                        };
+                    }
+                }
+            }
+        }
+        match crate::link::find_abort(&self.drain(peer)) {
+            Some(reason) => LinkError::Aborted { peer, reason },
+            None => LinkError::Closed { peer, detail },
+        }
+    }
+
+    fn raw_read(&mut self, peer: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        match self.stream(peer)?.read(buf) {
+            Ok(0) => Err(LinkError::Closed {
+                peer,
+                detail: "connection closed".into(),
+            }),
+            Ok(k) => Ok(k),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(classify(peer, e)),
+        }
+    }
+
     /// Everything a hung-up peer left unread (bounded).
     fn drain(&mut self, peer: usize) -> Vec<u8> {
         let mut out = Vec::new();
         let mut chunk = vec![0u8; 64 << 10];
         while out.len() < (64 << 20) {
-            match self.try_read(peer, &mut chunk) {
+            match self.raw_read(peer, &mut chunk) {
                 Ok(k) if k > 0 => out.extend_from_slice(&chunk[..k]),
                 _ => break,
             }
@@ -425,7 +485,7 @@ impl Link for TcpLink {
         if buf.is_empty() {
             return Ok(0);
         }
-        match self.stream(peer)?.write(buf) {
+        let r = match self.stream(peer)?.write(buf) {
             Ok(0) => Err(LinkError::Closed {
                 peer,
                 detail: "connection closed".into(),
@@ -440,28 +500,17 @@ impl Link for TcpLink {
                 Ok(0)
             }
             Err(e) => Err(classify(peer, e)),
+        };
+        match r {
+            Err(LinkError::Closed { peer, detail }) => Err(self.explain(peer, detail)),
+            r => r,
         }
     }
 
     fn try_read(&mut self, peer: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        match self.stream(peer)?.read(buf) {
-            Ok(0) => Err(LinkError::Closed {
-                peer,
-                detail: "connection closed".into(),
-            }),
-            Ok(k) => Ok(k),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(0)
-            }
-            Err(e) => Err(classify(peer, e)),
+        match self.raw_read(peer, buf) {
+            Err(LinkError::Closed { peer, detail }) => Err(self.explain(peer, detail)),
+            r => r,
         }
     }
 

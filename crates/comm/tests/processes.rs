@@ -314,3 +314,51 @@ fn tcp_garbage_and_wrong_token_cannot_join() {
     assert_eq!(collect(&job.lines[0], deadline), vec!["OK 1".to_string()]);
     assert_eq!(collect(&job.lines[1], deadline), vec!["OK 1".to_string()]);
 }
+
+#[test]
+fn shm_suite_2() {
+    suite("shm", 2);
+}
+#[test]
+fn shm_suite_3() {
+    suite("shm", 3);
+}
+#[test]
+fn shm_suite_4() {
+    suite("shm", 4);
+}
+#[test]
+fn shm_kill_9_names_the_dead_rank() {
+    kill_one("shm");
+}
+#[test]
+fn shm_desync_is_reported() {
+    desync("shm");
+}
+#[test]
+fn shm_wrong_token_cannot_join() {
+    let port = free_port();
+    let mut job = Job {
+        children: Vec::new(),
+        lines: Vec::new(),
+    };
+    let (c0, l0) = spawn_rank("smoke", "shm", 0, 2, port, "right", "2");
+    job.children.push(c0);
+    job.lines.push(l0);
+    let (c1, l1) = spawn_rank("smoke", "shm", 1, 2, port, "wrong", "2");
+    job.children.push(c1);
+    job.lines.push(l1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out1 = collect(&job.lines[1], deadline);
+    assert!(
+        out1.iter()
+            .any(|l| l.starts_with("ERROR") && l.contains("wrong job token")),
+        "{out1:?}"
+    );
+    let out0 = collect(&job.lines[0], deadline);
+    assert!(
+        out0.iter()
+            .any(|l| l.starts_with("ERROR") && l.contains("timed out waiting for rank(s) [1]")),
+        "{out0:?}"
+    );
+}
