@@ -84,6 +84,19 @@ impl Comm {
         collective: bool,
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
+        let gid = self.gid;
+        self.run_in(gid, op, algo, collective, f)
+    }
+
+    /// `run` on the frame stream of communicator id `gid` (the parameter server uses its own).
+    pub(crate) fn run_in<T>(
+        &mut self,
+        gid: u32,
+        op: Op,
+        algo: Algorithm,
+        collective: bool,
+        f: impl FnOnce(&mut Ctx) -> Result<T>,
+    ) -> Result<T> {
         let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(first) = &core.failed {
             return Err(CommError::Latched {
@@ -93,11 +106,11 @@ impl Comm {
             });
         }
         if collective {
-            core.counters(self.gid).call += 1;
+            core.counters(gid).call += 1;
         }
         let mut ctx = Ctx {
             core: &mut core,
-            gid: self.gid,
+            gid,
             ranks: &self.ranks,
             me: self.me,
             op,
@@ -112,7 +125,12 @@ impl Comm {
         out
     }
 
-    fn invalid(&self, op: Op, detail: String) -> CommError {
+    /// Whether this is the world communicator (not a split).
+    pub(crate) fn is_world(&self) -> bool {
+        self.gid == 0
+    }
+
+    pub(crate) fn invalid(&self, op: Op, detail: String) -> CommError {
         CommError::InvalidArgument {
             rank: self.ranks[self.me],
             op: op.name(),

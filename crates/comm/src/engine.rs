@@ -181,6 +181,8 @@ impl<'a> SendOp<'a> {
 pub(crate) enum Dest<'a> {
     /// Copied as they are.
     Bytes(&'a mut [u8]),
+    /// Copied into a buffer the operation owns (parameter-server queues).
+    Owned(Vec<f32>),
     /// Folded into these floats; `recv_first` puts the received value on the left of the operator.
     Reduce {
         dst: &'a mut [f32],
@@ -206,10 +208,21 @@ pub(crate) struct RecvOp<'a> {
     folded: usize,
 }
 
+impl RecvOp<'_> {
+    /// The buffer of a completed `Dest::Owned` transfer.
+    pub(crate) fn take_owned(&mut self) -> Vec<f32> {
+        match &mut self.dest {
+            Dest::Owned(v) => std::mem::take(v),
+            _ => Vec::new(),
+        }
+    }
+}
+
 impl<'a> RecvOp<'a> {
     pub(crate) fn new(peer: usize, dest: Dest<'a>) -> Self {
         let total = match &dest {
             Dest::Bytes(b) => b.len(),
+            Dest::Owned(v) => v.len() * 4,
             Dest::Reduce { dst, .. } => dst.len() * 4,
         };
         RecvOp {
@@ -301,9 +314,21 @@ impl Ctx<'_> {
     /// `cfg.timeout` without progress.
     pub(crate) fn exchange(&mut self, sends: &mut [SendOp], recvs: &mut [RecvOp]) -> Result<()> {
         let mut staging = std::mem::take(&mut self.core.staging);
-        let out = self.exchange_inner(sends, recvs, &mut staging);
+        let out = self.exchange_inner(sends, recvs, &mut staging, false);
         self.core.staging = staging;
-        out
+        out.map(|_| ())
+    }
+
+    /// Progress the receives until the first of them completes (unfinished ones keep their
+    /// state and can be passed again); returns its index.
+    pub(crate) fn recv_any(&mut self, recvs: &mut [RecvOp]) -> Result<usize> {
+        if let Some(i) = recvs.iter().position(|r| r.done) {
+            return Ok(i);
+        }
+        let mut staging = std::mem::take(&mut self.core.staging);
+        let out = self.exchange_inner(&mut [], recvs, &mut staging, true);
+        self.core.staging = staging;
+        out.map(|i| i.unwrap_or(0))
     }
 
     fn exchange_inner(
@@ -311,7 +336,8 @@ impl Ctx<'_> {
         sends: &mut [SendOp],
         recvs: &mut [RecvOp],
         staging: &mut [f32],
-    ) -> Result<()> {
+        any: bool,
+    ) -> Result<Option<usize>> {
         let timeout = self.core.cfg.timeout;
         let spin = self.core.cfg.spin;
         let mut last_progress = Instant::now();
@@ -322,12 +348,15 @@ impl Ctx<'_> {
                 progressed |= self.progress_send(s)?;
                 all_done &= s.done;
             }
-            for r in recvs.iter_mut() {
+            for (i, r) in recvs.iter_mut().enumerate() {
                 progressed |= self.progress_recv(r, staging)?;
                 all_done &= r.done;
+                if any && r.done {
+                    return Ok(Some(i));
+                }
             }
             if all_done {
-                return Ok(());
+                return Ok(None);
             }
             if progressed {
                 last_progress = Instant::now();
@@ -541,6 +570,14 @@ impl Ctx<'_> {
                 let k = match &mut r.dest {
                     Dest::Bytes(b) => {
                         let at = r.got + r.frame_got;
+                        self.core
+                            .link
+                            .try_read(world_peer, &mut b[at..at + want])
+                            .map_err(|e| self.lost(e))?
+                    }
+                    Dest::Owned(v) => {
+                        let at = r.got + r.frame_got;
+                        let b: &mut [u8] = bytemuck::cast_slice_mut(v);
                         self.core
                             .link
                             .try_read(world_peer, &mut b[at..at + want])

@@ -13,11 +13,11 @@
 //!   latched and every later call reports it, with the rank and the operation.
 pub mod error;
 pub mod frame;
+pub mod ps;
 pub mod reference;
 pub mod rendezvous;
 pub mod shm;
 pub mod tcp;
-// pub mod ps;
 
 mod algo;
 mod comm;

@@ -1,0 +1,294 @@
+//! `scaletrain bench comm`: latency, algorithm bandwidth and bus bandwidth of all-reduce per message
+//! size, with nccl-tests' definitions: algbw = bytes / time, busbw = algbw · 2(n-1)/n.
+//!
+//! The parent starts `--nproc` copies of this program as the ranks (like `scaletrain launch`), or
+//! runs them as threads with `--transport threads`; rank 0 measures and prints.
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use comm::ps::{serve, worker_step, PsLayout, PsMode};
+use comm::{threads, Algorithm, Comm, Communicator, Config, ReduceOp};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Flags of `scaletrain bench comm`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchCommArgs {
+    /// Ranks (workers; parameter servers come on top with --algo ps).
+    #[arg(long, default_value_t = 2)]
+    pub nproc: usize,
+    /// threads, tcp or shm (mpi: run `mpirun -n N scaletrain bench comm --transport mpi --worker`).
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// ring, tree, auto or ps (parameter server, synchronous).
+    #[arg(long, default_value = "ring")]
+    pub algo: String,
+    /// Parameter servers for --algo ps.
+    #[arg(long, default_value_t = 1)]
+    pub servers: usize,
+    /// Message sizes: `LO..HI` (multiplying by --factor) or a comma list; suffixes K, M, G (powers of 2).
+    #[arg(long, default_value = "1K..256M")]
+    pub sizes: String,
+    /// Step between sizes of a `LO..HI` range.
+    #[arg(long, default_value_t = 4)]
+    pub factor: usize,
+    /// Timed iterations per size (default: about 512 MiB of traffic per size, 5 to 2000).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Print `{"results": [...]}` instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: run as one rank of the benchmark (environment from the parent or mpirun).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+}
+
+fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: usize = num.parse().with_context(|| format!("bad size {s:?}"))?;
+    Ok(n * mul)
+}
+
+/// The message sizes in bytes (multiples of 4).
+pub fn sizes(spec: &str, factor: usize) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    if let Some((lo, hi)) = spec.split_once("..") {
+        let (mut x, hi) = (parse_size(lo)?, parse_size(hi)?);
+        if x == 0 || factor < 2 {
+            bail!("a size range needs a start above 0 and --factor of at least 2");
+        }
+        while x <= hi {
+            out.push(x);
+            x *= factor;
+        }
+    } else {
+        for p in spec.split(',') {
+            out.push(parse_size(p)?);
+        }
+    }
+    Ok(out.into_iter().map(|b| b / 4 * 4).collect())
+}
+
+fn iters_for(bytes: usize, fixed: Option<usize>) -> usize {
+    fixed.unwrap_or_else(|| ((512usize << 20) / bytes.max(1)).clamp(5, 2000))
+}
+
+/// One row of the results.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub bytes: usize,
+    pub algo: String,
+    pub transport: String,
+    pub nproc: usize,
+    pub latency_us: f64,
+    pub algbw_gbps: f64,
+    pub busbw_gbps: f64,
+}
+
+/// Measure on this rank; rank 0 returns the rows (times are the slowest rank's).
+fn measure(c: &mut Comm, a: &BenchCommArgs, sizes: &[usize]) -> Result<Vec<Row>> {
+    let ps = a.algo == "ps";
+    let layout = if ps {
+        Some(PsLayout::new(c.size(), a.servers)?)
+    } else {
+        None
+    };
+    let workers = layout.map_or(c.size(), |l| l.workers);
+    if !ps {
+        c.set_algorithm(a.algo.parse::<Algorithm>().map_err(anyhow::Error::msg)?);
+    }
+    let mut rows = Vec::new();
+    for &bytes in sizes {
+        let n = bytes / 4;
+        let iters = iters_for(bytes, a.iters);
+        let warm = 2.min(iters);
+        let mut buf = vec![(c.rank() + 1) as f32; n];
+        let step = |c: &mut Comm, buf: &mut [f32]| -> Result<()> {
+            match layout {
+                Some(l) if l.is_server(c.rank()) => {
+                    serve(c, &l, PsMode::Sync, ReduceOp::Sum, n, 1)?;
+                }
+                Some(l) => worker_step(c, &l, buf)?,
+                None => c.all_reduce(buf, ReduceOp::Sum)?,
+            }
+            Ok(())
+        };
+        for _ in 0..warm {
+            step(c, &mut buf)?;
+        }
+        c.barrier()?;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            step(c, &mut buf)?;
+        }
+        let mut secs = [t0.elapsed().as_secs_f64() as f32 / iters as f32];
+        c.all_reduce(&mut secs, ReduceOp::Max)?;
+        let t = secs[0] as f64;
+        let algbw = bytes as f64 / t / 1e9;
+        rows.push(Row {
+            bytes,
+            algo: a.algo.clone(),
+            transport: a.transport.clone(),
+            nproc: workers,
+            latency_us: t * 1e6,
+            algbw_gbps: algbw,
+            busbw_gbps: algbw * 2.0 * (workers as f64 - 1.0) / workers as f64,
+        });
+    }
+    Ok(rows)
+}
+
+fn print(rows: &[Row], json: bool) -> Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "results": rows }))?
+        );
+        return Ok(());
+    }
+    if let Some(r) = rows.first() {
+        println!(
+            "# all-reduce (sum, f32), {} ranks, transport {}, algo {}",
+            r.nproc, r.transport, r.algo
+        );
+    }
+    println!(
+        "{:>12} {:>12} {:>12} {:>12}",
+        "bytes", "latency_us", "algbw_GB/s", "busbw_GB/s"
+    );
+    for r in rows {
+        println!(
+            "{:>12} {:>12.1} {:>12.3} {:>12.3}",
+            r.bytes, r.latency_us, r.algbw_gbps, r.busbw_gbps
+        );
+    }
+    Ok(())
+}
+
+/// `scaletrain bench comm`.
+pub fn run(a: &BenchCommArgs) -> Result<()> {
+    let sizes = sizes(&a.sizes, a.factor)?;
+    if !["ring", "tree", "auto", "ps"].contains(&a.algo.as_str()) {
+        bail!("--algo {:?}: expected ring, tree, auto or ps", a.algo);
+    }
+    let world = a.nproc + if a.algo == "ps" { a.servers } else { 0 };
+    if a.worker {
+        let env = comm::JobEnv::from_env()?;
+        let mut c = match env.transport {
+            comm::Transport::Tcp => comm::tcp::connect(&env)?,
+            comm::Transport::Shm => comm::shm::connect(&env)?,
+            comm::Transport::Mpi => bail!("the MPI benchmark needs a build with --features mpi"),
+        };
+        let rows = measure(&mut c, a, &sizes)?;
+        if c.rank() == 0 {
+            println!("{}", serde_json::to_string(&rows)?);
+        }
+        return Ok(());
+    }
+    let rows = match a.transport.as_str() {
+        "threads" => {
+            let handles: Vec<_> = threads(world, Config::default())
+                .into_iter()
+                .map(|mut c| {
+                    let (a, sizes) = (a.clone(), sizes.clone());
+                    std::thread::spawn(move || measure(&mut c, &a, &sizes))
+                })
+                .collect();
+            let mut rows = Vec::new();
+            for (r, h) in handles.into_iter().enumerate() {
+                let out = h
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("rank {r} panicked"))??;
+                if r == 0 {
+                    rows = out;
+                }
+            }
+            rows
+        }
+        "tcp" | "shm" => spawn_ranks(a, world)?,
+        other => bail!("--transport {other:?}: expected threads, tcp or shm"),
+    };
+    print(&rows, a.json)
+}
+
+fn spawn_ranks(a: &BenchCommArgs, world: usize) -> Result<Vec<Row>> {
+    let la = crate::launch::LaunchArgs {
+        nproc_per_node: world,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: None,
+        servers: 0,
+        transport: Some(a.transport.clone()),
+        token: None,
+        grace_secs: 1.0,
+        command: vec!["-".into()],
+    };
+    let plan = crate::launch::plan(&la)?;
+    let exe = std::env::current_exe().context("locating this program")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--worker".into());
+    let mut children = Vec::new();
+    for p in &plan.procs {
+        let mut cmd = Command::new(&exe);
+        cmd.args(&args)
+            .envs(p.env.iter().map(|(k, v)| (k, v)))
+            .stderr(Stdio::inherit());
+        cmd.stdout(if p.rank == 0 {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        children.push(
+            cmd.spawn()
+                .with_context(|| format!("starting rank {}", p.rank))?,
+        );
+    }
+    let out = children[0].stdout.take().context("rank 0 output")?;
+    let mut rows = None;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        if line.starts_with('[') {
+            rows = Some(serde_json::from_str::<Vec<serde_json::Value>>(&line)?);
+        }
+    }
+    let mut failed = Vec::new();
+    for (r, c) in children.iter_mut().enumerate() {
+        let s = c.wait()?;
+        if !s.success() {
+            failed.push(format!("rank {r}: {s}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("benchmark ranks failed: {}", failed.join(", "));
+    }
+    let rows = rows.context("rank 0 printed no results")?;
+    rows.into_iter()
+        .map(|v| {
+            let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+            Ok(Row {
+                bytes: f("bytes") as usize,
+                algo: v
+                    .get("algo")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default()
+                    .into(),
+                transport: v
+                    .get("transport")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default()
+                    .into(),
+                nproc: f("nproc") as usize,
+                latency_us: f("latency_us"),
+                algbw_gbps: f("algbw_gbps"),
+                busbw_gbps: f("busbw_gbps"),
+            })
+        })
+        .collect()
+}
