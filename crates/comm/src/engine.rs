@@ -364,7 +364,11 @@ impl Ctx<'_> {
             }
             let idle = last_progress.elapsed();
             if idle < spin {
-                std::hint::spin_loop();
+                if idle < Duration::from_micros(20) {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let readers: Vec<usize> = recvs
@@ -588,6 +592,28 @@ impl Ctx<'_> {
                         combine,
                         recv_first,
                     } => {
+                        // Fold straight out of transport memory when it allows (shared memory):
+                        // one pass over the bytes instead of a copy then a fold.
+                        if r.fill == 0 {
+                            let (c, first, folded) = (*combine, *recv_first, &mut r.folded);
+                            let mut fold = |x: &[f32]| {
+                                c.apply(&mut dst[*folded..*folded + x.len()], x, first);
+                                *folded += x.len();
+                            };
+                            let direct = self
+                                .core
+                                .link
+                                .read_f32_with(world_peer, want, &mut fold)
+                                .map_err(|e| self.lost(e))?;
+                            if let Some(k) = direct {
+                                if k == 0 {
+                                    break;
+                                }
+                                r.frame_got += k;
+                                progressed = true;
+                                continue;
+                            }
+                        }
                         let bytes: &mut [u8] = bytemuck::cast_slice_mut(staging);
                         let room = (bytes.len() - r.fill).min(want);
                         let k = self

@@ -27,6 +27,17 @@ pub(crate) trait Link: Send {
     fn try_write(&mut self, peer: usize, buf: &[u8]) -> Result<usize, LinkError>;
     /// Read up to `buf.len()` bytes from `peer` without blocking; returns how many arrived.
     fn try_read(&mut self, peer: usize, buf: &mut [u8]) -> Result<usize, LinkError>;
+    /// Hand whole f32s readable from `peer` (at most `max_bytes`) to `f` straight from transport
+    /// memory and consume them; returns the bytes consumed, or `None` when this transport cannot
+    /// (the caller then copies with `try_read`).
+    fn read_f32_with(
+        &mut self,
+        _peer: usize,
+        _max_bytes: usize,
+        _f: &mut dyn FnMut(&[f32]),
+    ) -> Result<Option<usize>, LinkError> {
+        Ok(None)
+    }
     /// Block for at most `dur` until a reader may have data or a writer may have room. May return
     /// early. Reports a peer that is gone: any peer that died, and a peer in `readers`/`writers` that
     /// closed normally (a normal close of an uninvolved peer is not an error while `closing`).

@@ -8,7 +8,7 @@
 //!  ring:   [ head u64 (pad 64 B) | tail u64 (pad 64 B) | data: cap bytes, cap a power of two ]
 //! ```
 //! `head` and `tail` count bytes ever written and read; the writer publishes with a Release store of
-//! `head` after copying, the reader with a Release store of `tail`. Rings are small (default 512 KiB)
+//! `head` after copying, the reader with a Release store of `tail`. Rings are small (default 1 MiB)
 //! so that on one host the bytes in flight stay in cache and a transfer costs about one copy in and
 //! one copy out.
 use crate::link::{Link, LinkError};
@@ -249,6 +249,41 @@ impl Link for RingLink {
         }
         tail.store(t + len as u64, Ordering::Release);
         Ok(len)
+    }
+
+    fn read_f32_with(
+        &mut self,
+        peer: usize,
+        max_bytes: usize,
+        f: &mut dyn FnMut(&[f32]),
+    ) -> Result<Option<usize>, LinkError> {
+        let (head, tail, data) = self.ring(peer, self.rank);
+        let t = tail.load(Ordering::Relaxed);
+        if t % 4 != 0 {
+            return Ok(None);
+        }
+        let h = head.load(Ordering::Acquire);
+        let len = ((h - t) as usize).min(max_bytes) / 4 * 4;
+        if len == 0 {
+            return Ok(Some(0));
+        }
+        let pos = (t as usize) & (self.cap - 1);
+        let first = len.min(self.cap - pos);
+        // SAFETY: the bytes [t, t+len) were published by the writer (Release store of head) and
+        // are not overwritten until we advance tail; `data` is 64-byte aligned and pos, first and
+        // len are multiples of 4, so the f32 views are aligned and in bounds.
+        unsafe {
+            f(std::slice::from_raw_parts(
+                data.add(pos) as *const f32,
+                first / 4,
+            ));
+            f(std::slice::from_raw_parts(
+                data as *const f32,
+                (len - first) / 4,
+            ));
+        }
+        tail.store(t + len as u64, Ordering::Release);
+        Ok(Some(len))
     }
 
     fn wait(
