@@ -22,13 +22,19 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" bench/gloo_allreduce.py --nproc "$NPROC" --sizes "$SIZES" --factor "$FACTOR" --json > "$OUT/gloo.json"
 fi
 if command -v mpicc >/dev/null; then
+  if cargo build --release -q -p scaletrain-cli --features mpi 2>/dev/null; then
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n "$NPROC" \
+      "$ST" bench comm --transport mpi --worker --algo auto --sizes "$SIZES" --factor "$FACTOR" \
+      | python3 -c 'import json,sys; print(json.dumps({"results": json.loads(sys.stdin.read().strip().splitlines()[-1])}))' \
+      > "$OUT/scaletrain-mpi.json"
+  fi
   mpicc -O2 -o "$OUT/mpi_allreduce" bench/mpi_allreduce.c
   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n "$NPROC" "$OUT/mpi_allreduce" "$SIZES" "$FACTOR" > "$OUT/openmpi.json"
 fi
 python3 - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-cols = [("scaletrain-tcp", "tcp"), ("scaletrain-shm", "shm"), ("scaletrain-threads", "threads"), ("gloo", "Gloo"), ("openmpi", "OpenMPI")]
+cols = [("scaletrain-tcp", "tcp"), ("scaletrain-shm", "shm"), ("scaletrain-threads", "threads"), ("scaletrain-mpi", "st-over-mpi"), ("gloo", "Gloo"), ("openmpi", "OpenMPI")]
 data = {}
 for f, name in cols:
     p = os.path.join(out, f + ".json")

@@ -17,7 +17,8 @@ pub struct BenchCommArgs {
     /// Ranks (workers; parameter servers come on top with --algo ps).
     #[arg(long, default_value_t = 2)]
     pub nproc: usize,
-    /// threads, tcp or shm (mpi: run `mpirun -n N scaletrain bench comm --transport mpi --worker`).
+    /// threads, tcp or shm. MPI (build with `--features mpi`): run
+    /// `SCALETRAIN_TRANSPORT=mpi mpirun -n N scaletrain bench comm --transport mpi --worker`.
     #[arg(long, default_value = "tcp")]
     pub transport: String,
     /// ring, tree, auto or ps (parameter server, synchronous).
@@ -91,35 +92,19 @@ pub struct Row {
     pub busbw_gbps: f64,
 }
 
-/// Measure on this rank; rank 0 returns the rows (times are the slowest rank's).
-fn measure(c: &mut Comm, a: &BenchCommArgs, sizes: &[usize]) -> Result<Vec<Row>> {
-    let ps = a.algo == "ps";
-    let layout = if ps {
-        Some(PsLayout::new(c.size(), a.servers)?)
-    } else {
-        None
-    };
-    let workers = layout.map_or(c.size(), |l| l.workers);
-    if !ps {
-        c.set_algorithm(a.algo.parse::<Algorithm>().map_err(anyhow::Error::msg)?);
-    }
+/// Time `step` for every size on this rank; rows hold the slowest rank's time.
+fn run_sizes<C: Communicator>(
+    c: &mut C,
+    a: &BenchCommArgs,
+    sizes: &[usize],
+    workers: usize,
+    mut step: impl FnMut(&mut C, &mut [f32]) -> Result<()>,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &bytes in sizes {
-        let n = bytes / 4;
         let iters = iters_for(bytes, a.iters);
-        let warm = 2.min(iters);
-        let mut buf = vec![(c.rank() + 1) as f32; n];
-        let step = |c: &mut Comm, buf: &mut [f32]| -> Result<()> {
-            match layout {
-                Some(l) if l.is_server(c.rank()) => {
-                    serve(c, &l, PsMode::Sync, ReduceOp::Sum, n, 1)?;
-                }
-                Some(l) => worker_step(c, &l, buf)?,
-                None => c.all_reduce(buf, ReduceOp::Sum)?,
-            }
-            Ok(())
-        };
-        for _ in 0..warm {
+        let mut buf = vec![(c.rank() + 1) as f32; bytes / 4];
+        for _ in 0..2.min(iters) {
             step(c, &mut buf)?;
         }
         c.barrier()?;
@@ -142,6 +127,26 @@ fn measure(c: &mut Comm, a: &BenchCommArgs, sizes: &[usize]) -> Result<Vec<Row>>
         });
     }
     Ok(rows)
+}
+
+/// Measure on this rank over a built-in transport; rank 0 returns the rows.
+fn measure(c: &mut Comm, a: &BenchCommArgs, sizes: &[usize]) -> Result<Vec<Row>> {
+    if a.algo == "ps" {
+        let layout = PsLayout::new(c.size(), a.servers)?;
+        return run_sizes(c, a, sizes, layout.workers, |c, buf| {
+            if layout.is_server(c.rank()) {
+                serve(c, &layout, PsMode::Sync, ReduceOp::Sum, buf.len(), 1)?;
+            } else {
+                worker_step(c, &layout, buf)?;
+            }
+            Ok(())
+        });
+    }
+    c.set_algorithm(a.algo.parse::<Algorithm>().map_err(anyhow::Error::msg)?);
+    let n = c.size();
+    run_sizes(c, a, sizes, n, |c, buf| {
+        Ok(c.all_reduce(buf, ReduceOp::Sum)?)
+    })
 }
 
 fn print(rows: &[Row], json: bool) -> Result<()> {
@@ -178,12 +183,15 @@ pub fn run(a: &BenchCommArgs) -> Result<()> {
         bail!("--algo {:?}: expected ring, tree, auto or ps", a.algo);
     }
     let world = a.nproc + if a.algo == "ps" { a.servers } else { 0 };
+    if a.worker && a.transport == "mpi" {
+        return run_mpi(a, &sizes);
+    }
     if a.worker {
         let env = comm::JobEnv::from_env()?;
         let mut c = match env.transport {
             comm::Transport::Tcp => comm::tcp::connect(&env)?,
             comm::Transport::Shm => comm::shm::connect(&env)?,
-            comm::Transport::Mpi => bail!("the MPI benchmark needs a build with --features mpi"),
+            comm::Transport::Mpi => return run_mpi(a, &sizes),
         };
         let rows = measure(&mut c, a, &sizes)?;
         if c.rank() == 0 {
@@ -215,6 +223,27 @@ pub fn run(a: &BenchCommArgs) -> Result<()> {
         other => bail!("--transport {other:?}: expected threads, tcp or shm"),
     };
     print(&rows, a.json)
+}
+
+#[cfg(feature = "mpi")]
+fn run_mpi(a: &BenchCommArgs, sizes: &[usize]) -> Result<()> {
+    if a.algo == "ps" {
+        bail!("--algo ps runs on the built-in transports only");
+    }
+    let mut c = comm::mpi_comm::MpiComm::init()?;
+    let n = c.size();
+    let rows = run_sizes(&mut c, a, sizes, n, |c, buf| {
+        Ok(c.all_reduce(buf, ReduceOp::Sum)?)
+    })?;
+    if c.rank() == 0 {
+        println!("{}", serde_json::to_string(&rows)?);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_: &BenchCommArgs, _: &[usize]) -> Result<()> {
+    bail!("the MPI benchmark needs a build with `--features mpi`")
 }
 
 fn spawn_ranks(a: &BenchCommArgs, world: usize) -> Result<Vec<Row>> {

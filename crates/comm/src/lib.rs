@@ -13,6 +13,8 @@
 //!   latched and every later call reports it, with the rank and the operation.
 pub mod error;
 pub mod frame;
+#[cfg(feature = "mpi")]
+pub mod mpi_comm;
 pub mod ps;
 pub mod reference;
 pub mod rendezvous;

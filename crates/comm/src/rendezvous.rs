@@ -144,12 +144,17 @@ impl JobEnv {
 
 /// Join the job described by the environment over the transport it names.
 pub fn init_from_env() -> Result<Box<dyn Communicator>> {
+    #[cfg(feature = "mpi")]
+    if var("SCALETRAIN_TRANSPORT").as_deref() == Some("mpi") {
+        // Under mpirun the rank and size come from MPI, not from RANK / WORLD_SIZE.
+        return Ok(Box::new(crate::mpi_comm::MpiComm::init()?));
+    }
     let env = JobEnv::from_env()?;
     match env.transport {
         Transport::Tcp => Ok(Box::new(crate::tcp::connect(&env)?)),
         Transport::Shm => Ok(Box::new(crate::shm::connect(&env)?)),
         #[cfg(feature = "mpi")]
-        Transport::Mpi => Ok(Box::new(crate::mpi::MpiComm::init()?)),
+        Transport::Mpi => Ok(Box::new(crate::mpi_comm::MpiComm::init()?)), // (reached only if RANK is set too)
         #[cfg(not(feature = "mpi"))]
         Transport::Mpi => Err(CommError::Env {
             var: "SCALETRAIN_TRANSPORT",
