@@ -105,6 +105,7 @@ impl Comm {
                 first: first.clone(),
             });
         }
+        core.used = true;
         if collective {
             core.counters(gid).call += 1;
         }

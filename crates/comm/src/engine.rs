@@ -59,6 +59,10 @@ pub(crate) struct Core {
     counters: HashMap<u32, Counters>,
     /// The first error, latched: every later call reports it.
     pub(crate) failed: Option<String>,
+    /// Whether any call was made: a rank that never communicated skips the final barrier (no
+    /// peer can be waiting for it in a correct program, and dropping unused communicators one by
+    /// one from a single thread must not stall).
+    pub(crate) used: bool,
     staging: Vec<f32>,
     /// Per world peer: an outgoing frame is half written (no Abort frame can follow it).
     mid_frame: Vec<bool>,
@@ -74,6 +78,7 @@ impl Core {
             cfg,
             counters: HashMap::new(),
             failed: None,
+            used: false,
             staging: vec![0.0; STAGING_FLOATS],
             mid_frame: vec![false; n],
         }
@@ -125,7 +130,7 @@ impl Drop for Core {
     /// A clean exit: a final barrier over the world (so nobody closes while a peer still needs it),
     /// then close. After an error, or while panicking, just close.
     fn drop(&mut self) {
-        if self.failed.is_none() && self.link.size() > 1 && !std::thread::panicking() {
+        if self.used && self.failed.is_none() && self.link.size() > 1 && !std::thread::panicking() {
             self.link.set_closing();
             let ranks: Vec<usize> = (0..self.link.size()).collect();
             let me = self.link.rank();

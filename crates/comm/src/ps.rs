@@ -202,8 +202,13 @@ pub fn serve(
                 let mut theta = vec![0.0f32; shard];
                 let mut clock = vec![0usize; w];
                 let mut waiting = vec![false; w];
-                let mut pushes: Vec<RecvOp<'static>> = (0..w)
-                    .map(|worker| RecvOp::new(worker, Dest::Owned(vec![0.0; shard])))
+                // One pending receive per worker that still has pushes to make (`who[j]` is the
+                // worker of `pushes[j]`); a finished worker's link is left alone, since its next
+                // frames belong to whatever it does after the parameter server.
+                let mut who: Vec<usize> = (0..w).filter(|_| steps > 0).collect();
+                let mut pushes: Vec<RecvOp<'static>> = who
+                    .iter()
+                    .map(|&worker| RecvOp::new(worker, Dest::Owned(vec![0.0; shard])))
                     .collect();
                 loop {
                     let slowest = clock.iter().copied().min().unwrap_or(0);
@@ -218,12 +223,18 @@ pub fn serve(
                         return Ok(theta);
                     }
                     ctx.op = Op::PsPush;
-                    let i = ctx.recv_any(&mut pushes)?;
-                    let delta = pushes[i].take_owned();
+                    let j = ctx.recv_any(&mut pushes)?;
+                    let i = who[j];
+                    let delta = pushes[j].take_owned();
                     combine.apply(&mut theta, &delta, false);
                     clock[i] += 1;
                     waiting[i] = true;
-                    pushes[i] = RecvOp::new(i, Dest::Owned(delta));
+                    if clock[i] < steps {
+                        pushes[j] = RecvOp::new(i, Dest::Owned(delta));
+                    } else {
+                        pushes.swap_remove(j);
+                        who.swap_remove(j);
+                    }
                 }
             }
         },

@@ -7,8 +7,9 @@
 //!  rank 0: create /dev/shm/scaletrain-<hash(MASTER_ADDR, MASTER_PORT)> (mode 0600),
 //!          size it, write n, ring size, hash(token), then publish the magic
 //!  rank r: open it (retrying until the deadline), wait for the magic, check n, ring size and the
-//!          token hash; a mismatch is a rendezvous error
-//!  all:    store pid, set joined[r]; wait until every rank joined; rank 0 unlinks the file
+//!          token hash (a mismatch is a rendezvous error), claim joined[r] with a compare-exchange
+//!          (a slot already taken means a previous job's file not yet unlinked: retry)
+//!  all:    store pid; wait until every rank joined; rank 0 unlinks the file
 //! ```
 //! A peer is gone when its `closed` flag is set outside the final barrier or its pid is dead or a
 //! zombie. The file's mode limits access to the job's user; the token keeps jobs apart.
@@ -140,14 +141,29 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
             if rn != n as u64 || rcap != cap as u64 {
                 return Err(rdv(me, format!("rank 0 set up {rn} ranks with {rcap}-byte rings, this rank expects {n} and {cap}")));
             }
-            if region.word(3).load(Ordering::Relaxed) != token_hash {
+            let stale = (0..n).all(|r| region.joined(r).load(Ordering::Acquire) != 0);
+            if region.word(3).load(Ordering::Relaxed) != token_hash && !stale {
                 return Err(rdv(me, "wrong job token"));
+            }
+            region.pid(me).store(std::process::id(), Ordering::Release);
+            // Claim our slot. A taken slot means a previous job's file that rank 0 has not unlinked
+            // yet (e.g. the same ranks joining again on the same port): drop it and wait for ours.
+            if region
+                .joined(me)
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                drop(region);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
             }
             break region;
         }
     };
     region.pid(me).store(std::process::id(), Ordering::Release);
-    region.joined(me).store(1, Ordering::Release);
+    if me == 0 {
+        region.joined(0).store(1, Ordering::Release);
+    }
     while (0..n).any(|r| region.joined(r).load(Ordering::Acquire) == 0) {
         if Instant::now() >= deadline {
             let missing: Vec<usize> = (0..n)

@@ -60,6 +60,37 @@ fn worker_entry() {
                 Err(e) => println!("ERROR {e}"),
             }
         }
+        "ps" => {
+            // Synchronous parameter server: the last rank serves, the others push and pull.
+            let layout = comm::ps::PsLayout::new(c.size(), 1).expect("layout");
+            drop(c);
+            // Join again as a concrete `Comm` (the parameter server is a role of the built-in
+            // transports); this also exercises a second rendezvous on the same port.
+            let env = comm::JobEnv::from_env().expect("env");
+            let mut c = match env.transport {
+                comm::Transport::Shm => comm::shm::connect(&env),
+                _ => comm::tcp::connect(&env),
+            }
+            .unwrap_or_else(|e| panic!("rejoin: {e}"));
+            let len = 70_003;
+            if layout.is_server(env.rank) {
+                comm::ps::serve(
+                    &mut c,
+                    &layout,
+                    comm::ps::PsMode::Sync,
+                    ReduceOp::Sum,
+                    len,
+                    2,
+                )
+                .expect("serve");
+            } else {
+                for step in 0..2 {
+                    let mut b = common::input(env.rank, len, 20 + step);
+                    comm::ps::worker_step(&mut c, &layout, &mut b).expect("worker step");
+                    println!("CASE ps/{step} {}", common::fnv(bytemuck::cast_slice(&b)));
+                }
+            }
+        }
         other => panic!("unknown role {other}"),
     }
     let _ = std::io::stdout().flush();
@@ -361,4 +392,35 @@ fn shm_wrong_token_cannot_join() {
             .any(|l| l.starts_with("ERROR") && l.contains("timed out waiting for rank(s) [1]")),
         "{out0:?}"
     );
+}
+
+fn ps(transport: &str) {
+    let n = 4; // 3 workers, 1 server
+    let (job, _, _) = start("ps", transport, n, "20");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for r in 0..n - 1 {
+        let lines = collect(&job.lines[r], deadline);
+        for step in 0..2u64 {
+            let grads: Vec<Vec<f32>> = (0..n - 1)
+                .map(|k| common::input(k, 70_003, 20 + step))
+                .collect();
+            let want = common::fnv(bytemuck::cast_slice(&comm::ps::reference_sync(
+                &grads,
+                ReduceOp::Sum,
+            )));
+            assert!(
+                lines.contains(&format!("CASE ps/{step} {want}")),
+                "worker {r} step {step}: {lines:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tcp_parameter_server() {
+    ps("tcp");
+}
+#[test]
+fn shm_parameter_server() {
+    ps("shm");
 }

@@ -198,3 +198,10 @@ fn reference_orders_really_differ() {
         .count();
     assert!(differ > 10, "only {differ} elements differ");
 }
+
+#[test]
+fn unused_communicators_drop_at_once() {
+    let t = Instant::now();
+    drop(threads(4, test_cfg()));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
