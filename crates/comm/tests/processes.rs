@@ -14,6 +14,9 @@ fn worker_entry() {
     let Ok(role) = std::env::var("COMM_TEST_ROLE") else {
         return;
     };
+    if role == "ps" {
+        return ps_worker();
+    }
     let mut c = match init_from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -60,40 +63,65 @@ fn worker_entry() {
                 Err(e) => println!("ERROR {e}"),
             }
         }
-        "ps" => {
-            // Synchronous parameter server: the last rank serves, the others push and pull.
-            let layout = comm::ps::PsLayout::new(c.size(), 1).expect("layout");
-            drop(c);
-            // Join again as a concrete `Comm` (the parameter server is a role of the built-in
-            // transports); this also exercises a second rendezvous on the same port.
-            let env = comm::JobEnv::from_env().expect("env");
-            let mut c = match env.transport {
-                comm::Transport::Shm => comm::shm::connect(&env),
-                _ => comm::tcp::connect(&env),
-            }
-            .unwrap_or_else(|e| panic!("rejoin: {e}"));
-            let len = 70_003;
-            if layout.is_server(env.rank) {
-                comm::ps::serve(
-                    &mut c,
-                    &layout,
-                    comm::ps::PsMode::Sync,
-                    ReduceOp::Sum,
-                    len,
-                    2,
-                )
-                .expect("serve");
-            } else {
-                for step in 0..2 {
-                    let mut b = common::input(env.rank, len, 20 + step);
-                    comm::ps::worker_step(&mut c, &layout, &mut b).expect("worker step");
-                    println!("CASE ps/{step} {}", common::fnv(bytemuck::cast_slice(&b)));
-                }
-            }
-        }
         other => panic!("unknown role {other}"),
     }
     let _ = std::io::stdout().flush();
+}
+
+/// Where rank `rank` of the job on `port` writes its stderr (shown when a test fails).
+fn stderr_path(port: u16, rank: usize) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("scaletrain-comm-test-{port}-{rank}.err"))
+}
+
+fn stderr_of(port: u16, rank: usize) -> String {
+    let text = std::fs::read_to_string(stderr_path(port, rank)).unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            !l.trim_start().starts_with("at ")
+                && !l.contains(": 0x")
+                && !l
+                    .trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The parameter-server role: the last rank serves, the others push and pull (synchronous).
+fn ps_worker() {
+    let env = comm::JobEnv::from_env().expect("env");
+    let connect = || match env.transport {
+        comm::Transport::Shm => comm::shm::connect(&env),
+        _ => comm::tcp::connect(&env),
+    };
+    let mut c = connect().unwrap_or_else(|e| panic!("join: {e}"));
+    if env.transport == comm::Transport::Shm {
+        // Leave and join again on the same port: the stale segment must not be mistaken for the
+        // new one. (Not over TCP, where re-binding a released port could race other tests.)
+        drop(c);
+        c = connect().unwrap_or_else(|e| panic!("rejoin: {e}"));
+    }
+    let layout = comm::ps::PsLayout::new(env.world_size, 1).expect("layout");
+    let len = 70_003;
+    if layout.is_server(env.rank) {
+        comm::ps::serve(
+            &mut c,
+            &layout,
+            comm::ps::PsMode::Sync,
+            ReduceOp::Sum,
+            len,
+            2,
+        )
+        .expect("serve");
+    } else {
+        for step in 0..2 {
+            let mut b = common::input(env.rank, len, 20 + step);
+            comm::ps::worker_step(&mut c, &layout, &mut b).expect("worker step");
+            println!("CASE ps/{step} {}", common::fnv(bytemuck::cast_slice(&b)));
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -105,6 +133,7 @@ fn free_port() -> u16 {
 
 /// Children killed on drop, so a failing test leaves no processes behind.
 struct Job {
+    port: u16,
     children: Vec<Child>,
     lines: Vec<mpsc::Receiver<String>>,
 }
@@ -114,6 +143,9 @@ impl Drop for Job {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for r in 0..self.children.len() {
+            let _ = std::fs::remove_file(stderr_path(self.port, r));
         }
     }
 }
@@ -146,7 +178,11 @@ fn spawn_rank(
         .env("SCALETRAIN_TRANSPORT", transport)
         .env("SCALETRAIN_COMM_TIMEOUT_SECS", timeout_secs)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(
+            std::fs::File::create(stderr_path(port, rank))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        )
         .spawn()
         .expect("spawn rank");
     let out = child.stdout.take().expect("stdout");
@@ -175,6 +211,7 @@ fn start(role: &str, transport: &str, n: usize, timeout_secs: &str) -> (Job, u16
     let port = free_port();
     let token = format!("tok-{port}-{}", std::process::id());
     let mut job = Job {
+        port,
         children: Vec::new(),
         lines: Vec::new(),
     };
@@ -299,6 +336,7 @@ fn tcp_garbage_and_wrong_token_cannot_join() {
     let port = free_port();
     let token = format!("right-{port}");
     let mut job = Job {
+        port,
         children: Vec::new(),
         lines: Vec::new(),
     };
@@ -370,6 +408,7 @@ fn shm_desync_is_reported() {
 fn shm_wrong_token_cannot_join() {
     let port = free_port();
     let mut job = Job {
+        port,
         children: Vec::new(),
         lines: Vec::new(),
     };
@@ -396,10 +435,16 @@ fn shm_wrong_token_cannot_join() {
 
 fn ps(transport: &str) {
     let n = 4; // 3 workers, 1 server
-    let (job, _, _) = start("ps", transport, n, "20");
+    let (job, port, _) = start("ps", transport, n, "20");
     let deadline = Instant::now() + Duration::from_secs(60);
     for r in 0..n - 1 {
         let lines = collect(&job.lines[r], deadline);
+        if lines.is_empty() {
+            let errs: Vec<String> = (0..n)
+                .map(|k| format!("rank {k}: {}", stderr_of(port, k)))
+                .collect();
+            panic!("worker {r} printed nothing; stderr:\n{}", errs.join("\n"));
+        }
         for step in 0..2u64 {
             let grads: Vec<Vec<f32>> = (0..n - 1)
                 .map(|k| common::input(k, 70_003, 20 + step))
