@@ -22,7 +22,7 @@ pub struct Comm {
 /// `n` communicators connected through memory, one per thread: move each into its own thread.
 pub fn threads(n: usize, cfg: Config) -> Vec<Comm> {
     assert!(n >= 1, "need at least one rank");
-    let cap = cfg.ring_bytes.next_power_of_two();
+    let cap = crate::ring::ring_capacity(cfg.ring_bytes, n);
     let region = Arc::new(Region::heap(Region::bytes(n, cap)));
     (0..n)
         .map(|r| {

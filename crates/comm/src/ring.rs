@@ -105,6 +105,17 @@ impl Drop for Region {
     }
 }
 
+/// The ring capacity for `n` ranks: the configured size rounded to a power of two, shrunk so the
+/// n² rings stay under 256 MiB (64 ranks get 64 KiB rings), never below 4 KiB.
+pub(crate) fn ring_capacity(configured: usize, n: usize) -> usize {
+    let budget = ((256usize << 20) / (n * n).max(1)).max(1);
+    let budget_pow2 = 1usize << (usize::BITS - 1 - budget.leading_zeros());
+    configured
+        .next_power_of_two()
+        .min(budget_pow2)
+        .clamp(4096, 1 << 30)
+}
+
 fn rings_offset(n: usize) -> usize {
     (64 * (1 + n)).div_ceil(4096) * 4096
 }
@@ -360,5 +371,23 @@ impl Link for RingLink {
 impl Drop for RingLink {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_capacity;
+
+    #[test]
+    fn ring_capacity_is_bounded() {
+        assert_eq!(ring_capacity(1 << 20, 2), 1 << 20);
+        assert_eq!(ring_capacity(1000, 2), 1024 * 4); // at least 4 KiB, a power of two
+        for n in [2, 8, 16, 64, 256] {
+            let cap = ring_capacity(1 << 20, n);
+            assert!(
+                cap.is_power_of_two() && cap * n * n <= (256 << 20),
+                "n = {n}: {cap}"
+            );
+        }
     }
 }

@@ -70,7 +70,7 @@ fn map(file: &std::fs::File, len: usize, rank: usize) -> Result<Region> {
 pub fn connect(env: &JobEnv) -> Result<Comm> {
     let (me, n) = (env.rank, env.world_size);
     let cfg = env.cfg.clone();
-    let cap = cfg.ring_bytes.next_power_of_two();
+    let cap = crate::ring::ring_capacity(cfg.ring_bytes, n);
     let len = Region::bytes(n, cap);
     let deadline = Instant::now() + cfg.timeout;
     let token_hash = fnv64(&[&env.token]);
