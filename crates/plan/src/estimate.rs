@@ -1,0 +1,297 @@
+//! The estimate report: one layout, every number, stable JSON schema (see docs/estimator.md).
+
+use serde::Serialize;
+
+use crate::cost::{Context, Eval, Flops, Memory, StepTime};
+use crate::explain::{line, Explain, Line, NoTrace, Trace};
+use crate::layout::Layout;
+use crate::model::ParamCount;
+use crate::units::{count, duration};
+
+/// Memory per device, the JSON `memory_per_device_bytes` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Working weights.
+    pub weights: f64,
+    /// Gradients.
+    pub gradients: f64,
+    /// Optimizer states.
+    pub optimizer_states: f64,
+    /// fp32 master weights.
+    pub master_weights: f64,
+    /// Activations (all micro-batches in flight).
+    pub activations: f64,
+    /// Activations of one micro-batch.
+    pub activations_per_microbatch: f64,
+    /// Micro-batches in flight at the peak.
+    pub microbatches_in_flight: f64,
+    /// Communication buffers.
+    pub comm_buffers: f64,
+    /// Runtime overhead.
+    pub runtime_overhead: f64,
+    /// Sum.
+    pub total: f64,
+    /// Device capacity.
+    pub capacity: f64,
+    /// capacity − total (negative when it does not fit).
+    pub headroom: f64,
+    /// Pipeline stage the numbers describe (the worst one).
+    pub worst_stage: u64,
+}
+
+/// The full answer for one layout. Field names are the stable `--json` schema.
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    /// Schema version of this JSON.
+    pub schema_version: u32,
+    /// The model's name and shape.
+    pub model: crate::model::ModelSpec,
+    /// Total parameters.
+    pub parameters: u64,
+    /// Parameters by part.
+    pub parameter_breakdown: ParamCount,
+    /// GPU name.
+    pub gpu: String,
+    /// GPUs used.
+    pub gpus: u64,
+    /// GPUs per node.
+    pub gpus_per_node: u64,
+    /// The layout.
+    pub layout: Layout,
+    /// Memory per device.
+    pub memory_per_device_bytes: MemoryReport,
+    /// Fits in device memory.
+    pub fits: bool,
+    /// Model FLOPs per step.
+    pub flops_per_step: f64,
+    /// Hardware FLOPs per step (with recompute).
+    pub hardware_flops_per_step: f64,
+    /// Model FLOPs per token.
+    pub flops_per_token: f64,
+    /// Model FLOPs for the whole run.
+    pub total_flops: f64,
+    /// Step time split.
+    pub step_time_secs: StepTime,
+    /// Model FLOPs utilisation.
+    pub mfu: f64,
+    /// Hardware FLOPs utilisation.
+    pub hfu: f64,
+    /// Tokens per second, whole cluster.
+    pub tokens_per_sec: f64,
+    /// Optimizer steps for the token budget.
+    pub steps: f64,
+    /// Wall-clock days.
+    pub training_days: f64,
+    /// GPU-hours.
+    pub gpu_hours: f64,
+    /// USD.
+    pub cost_usd: f64,
+    /// Price used, USD per GPU-hour.
+    pub price_per_gpu_hour: f64,
+    /// Every formula, when asked for (`--explain`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub explain: Vec<Line>,
+}
+
+/// Current `--json` schema version.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Builds the report for one (validated) layout.
+pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
+    let mut ex = Explain::default();
+    let eval = if explain {
+        parameter_lines(ctx, &mut ex);
+        ctx.evaluate(layout, &mut ex)
+    } else {
+        ctx.evaluate(layout, &mut NoTrace)
+    };
+    let totals = totals(ctx, layout, &eval);
+    if explain {
+        let (steps, secs, gpu_hours, cost) =
+            (totals.steps, totals.secs, totals.gpu_hours, totals.cost);
+        let r = &ctx.recipe;
+        ex.line(|| {
+            line(
+                "cost",
+                "optimizer steps",
+                format!(
+                    "{} tokens / ({} seqs x {} tokens)",
+                    count(r.tokens),
+                    r.global_batch,
+                    ctx.model.seq_len
+                ),
+                steps,
+                "steps",
+                "tokens / tokens per step",
+            )
+        });
+        ex.line(|| {
+            line(
+                "cost",
+                "training time",
+                format!(
+                    "{steps:.0} steps x {:.4} s = {}",
+                    eval.time.total,
+                    duration(secs)
+                ),
+                secs / 86400.0,
+                "days",
+                "steps x step time",
+            )
+        });
+        ex.line(|| {
+            line(
+                "cost",
+                "GPU-hours",
+                format!("{} GPUs x {:.1} h", layout.world(), secs / 3600.0),
+                gpu_hours,
+                "GPU-h",
+                "GPUs x hours",
+            )
+        });
+        ex.line(|| {
+            line(
+                "cost",
+                "cost",
+                format!(
+                    "{gpu_hours:.0} GPU-h x ${:.2}/GPU-h",
+                    ctx.cluster.price_per_gpu_hour
+                ),
+                cost,
+                "USD",
+                "price is an assumption unless set with --price-per-gpu-hour",
+            )
+        });
+    }
+    let Memory {
+        weights,
+        gradients,
+        optimizer_states,
+        master_weights,
+        activations,
+        activations_per_microbatch,
+        microbatches_in_flight,
+        comm_buffers,
+        runtime_overhead,
+        total,
+        capacity,
+        worst_stage,
+        ..
+    } = eval.memory;
+    let Flops {
+        model_per_step,
+        hardware_per_step,
+        per_token,
+    } = eval.flops;
+    Estimate {
+        schema_version: SCHEMA_VERSION,
+        model: ctx.model.clone(),
+        parameters: ctx.model.params().total,
+        parameter_breakdown: ctx.model.params(),
+        gpu: ctx.cluster.gpu.name.clone(),
+        gpus: layout.world(),
+        gpus_per_node: ctx.cluster.gpus_per_node,
+        layout: *layout,
+        memory_per_device_bytes: MemoryReport {
+            weights,
+            gradients,
+            optimizer_states,
+            master_weights,
+            activations,
+            activations_per_microbatch,
+            microbatches_in_flight,
+            comm_buffers,
+            runtime_overhead,
+            total,
+            capacity,
+            headroom: capacity - total,
+            worst_stage,
+        },
+        fits: eval.fits,
+        flops_per_step: model_per_step,
+        hardware_flops_per_step: hardware_per_step,
+        flops_per_token: per_token,
+        total_flops: per_token * ctx.recipe.tokens,
+        step_time_secs: eval.time,
+        mfu: eval.mfu,
+        hfu: eval.hfu,
+        tokens_per_sec: totals.tokens_per_step / eval.time.total,
+        steps: totals.steps,
+        training_days: totals.secs / 86400.0,
+        gpu_hours: totals.gpu_hours,
+        cost_usd: totals.cost,
+        price_per_gpu_hour: ctx.cluster.price_per_gpu_hour,
+        explain: ex.lines,
+    }
+}
+
+/// Whole-run totals derived from one step.
+#[derive(Debug, Clone, Copy)]
+pub struct Totals {
+    /// Tokens per optimizer step.
+    pub tokens_per_step: f64,
+    /// Steps for the token budget.
+    pub steps: f64,
+    /// Wall-clock seconds.
+    pub secs: f64,
+    /// GPU-hours.
+    pub gpu_hours: f64,
+    /// USD.
+    pub cost: f64,
+}
+
+/// Steps, seconds, GPU-hours and dollars for the recipe's token budget.
+pub fn totals(ctx: &Context, layout: &Layout, eval: &Eval) -> Totals {
+    let tokens_per_step = ctx.recipe.global_batch as f64 * ctx.model.seq_len as f64;
+    let steps = (ctx.recipe.tokens / tokens_per_step).ceil();
+    let secs = steps * eval.time.total;
+    let gpu_hours = secs / 3600.0 * layout.world() as f64;
+    Totals {
+        tokens_per_step,
+        steps,
+        secs,
+        gpu_hours,
+        cost: gpu_hours * ctx.cluster.price_per_gpu_hour,
+    }
+}
+
+fn parameter_lines(ctx: &Context, ex: &mut Explain) {
+    let m = &ctx.model;
+    let p = m.params();
+    let (h, f, kv) = (m.hidden, m.ffn_hidden, m.kv_dim());
+    ex.line(|| {
+        line(
+            "parameters",
+            "embedding",
+            format!(
+                "V({}) x h({h}) + positions({}) x h = {}",
+                m.vocab, m.learned_positions, p.embedding
+            ),
+            p.embedding as f64,
+            "params",
+            "token + learned position tables",
+        )
+    });
+    ex.line(|| line("parameters", "per layer", format!(
+        "attention h(h+2*kv) + h^2 = {h}x({h}+2x{kv}) + {h}^2; MLP {} x h x f = {} x {h} x {f}; norms and biases ({:?}, {:?}) -> {}",
+        m.mlp_matrices(), m.mlp_matrices(), m.norm, m.bias, p.per_layer), p.per_layer as f64, "params", "12h^2 + 13h for GPT (Narayanan et al. 2021 §5.1)"));
+    ex.line(|| {
+        line(
+            "parameters",
+            "total",
+            format!(
+                "{} + {} x {} + final norm {} + head {} = {}",
+                p.embedding, m.layers, p.per_layer, p.final_norm, p.head, p.total
+            ),
+            p.total as f64,
+            "params",
+            "sum",
+        )
+    });
+    let sb = ctx.recipe.state_bytes;
+    let n = p.total as f64;
+    ex.line(|| line("parameters", "classic answer: model states without sharding", format!(
+        "{} params x ({} weights + {} grads + {} master + {} optimizer = {} B/param) = {:.1} GB (weights alone {:.1} GB, gradients {:.1} GB)",
+        count(n), sb.weight, sb.grad, sb.master, sb.optimizer, sb.total(), n * sb.total() / 1e9, n * sb.weight / 1e9, n * sb.grad / 1e9),
+        n * sb.total(), "bytes", "ZeRO paper counts 16 B/param for mixed-precision Adam; Megatron 18 (fp32 grads)"));
+}
