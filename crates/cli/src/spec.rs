@@ -176,8 +176,12 @@ impl SpecArgs {
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let file: SpecArgs = toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.message()))
-            .with_context(|| "keys are the flag names without dashes-prefix, e.g. `micro-batch = 2`, `model = \"llama3-8b\"`".to_string())?;
+        let file: SpecArgs = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {e}keys are the flag names without the leading dashes, e.g. `micro-batch = 2`, `model = \"llama3-8b\"`",
+                path.display()
+            )
+        })?;
         take!(
             self,
             file,
@@ -351,9 +355,8 @@ impl SpecArgs {
             (Some(_), Some(_)) => bail!("give either --gpu or --gpu-file, not both"),
             (_, Some(path)) => {
                 let text = read_text(path, "--gpu-file")?;
-                let g: GpuSpec = toml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("--gpu-file {}: {}", path.display(), e.message())
-                })?;
+                let g: GpuSpec = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--gpu-file {}: {e}", path.display()))?;
                 validate_gpu(&g).with_context(|| format!("--gpu-file {}", path.display()))?;
                 Ok(g)
             }

@@ -192,6 +192,7 @@ pub struct Eval {
 #[allow(clippy::too_many_arguments)]
 fn matmul_secs(
     c: &Calibration,
+    scale: f64,
     peak: f64,
     bw: f64,
     e: f64,
@@ -201,7 +202,7 @@ fn matmul_secs(
     k: f64,
 ) -> f64 {
     let knee = c.matmul_knee;
-    let eff = c.matmul_eff * (m / (m + knee)) * (n / (n + knee)) * (k / (k + knee));
+    let eff = c.matmul_eff * scale * (m / (m + knee)) * (n / (n + knee)) * (k / (k + knee));
     let compute = 2.0 * batch * m * n * k / (peak * eff);
     let memory = e * batch * (m * k + k * n + m * n) / (bw * c.mem_eff);
     compute.max(memory)
@@ -317,8 +318,9 @@ impl Context {
         );
         let tok = b * s;
         let mats = m.mlp_matrices() as f64;
-        let mm =
-            |batch: f64, mm_: f64, n: f64, k: f64| matmul_secs(c, peak, bw, e, batch, mm_, n, k);
+        let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
+            matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
+        };
         // Forward matmuls of one layer on one tp rank.
         let proj = mm(1.0, tok, (h + 2.0 * kv) / t, h)
             + mm(1.0, tok, h, h / t)
@@ -738,8 +740,9 @@ impl Context {
         let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
         let t = l.tp as f64;
         let tok = b * s;
-        let mm =
-            |batch: f64, mm_: f64, n: f64, k: f64| matmul_secs(c, peak, bw, e, batch, mm_, n, k);
+        let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
+            matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
+        };
         let gpn = self.cluster.gpus_per_node;
         let tp_alpha = if l.tp <= gpn {
             g.intra_node_latency

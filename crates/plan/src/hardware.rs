@@ -4,7 +4,10 @@
 //! Link bandwidths are **per direction, per GPU**: NVIDIA quotes NVLink totals as bidirectional
 //! (A100: 600 GB/s = 300 GB/s each way). Network bandwidth is per GPU (one NIC per GPU in DGX/HGX
 //! nodes). Prices are *assumptions* (typical 2026 on-demand cloud rates), not quotes: set
-//! `--price-per-gpu-hour` for your contract.
+//! `--price-per-gpu-hour` for your contract. `matmul_scale` (large-GEMM efficiency relative to
+//! the A100 fit) is 1.0 for A100s, where it is validated; 0.85 for H100/H200 (large bf16 GEMMs
+//! reach roughly 75% of the 989 TFLOP/s peak against roughly 88% of 312 on A100), 0.8 for B200
+//! and 0.7 for MI300X are assumptions, not fits.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +40,12 @@ pub struct GpuSpec {
     pub gpus_per_node: u64,
     /// Assumed price per GPU-hour, USD.
     pub price_per_gpu_hour: f64,
+    /// Large-matmul efficiency relative to the A100 fit of the time model (1.0 = as efficient as
+    /// an A100 with Megatron-LM in Korthikanti et al. 2022). Without published iteration times to
+    /// fit on, newer GPUs carry an assumption: large bf16 GEMMs reach a smaller fraction of their
+    /// (much higher) peak; set it from your own `nvidia-smi`/cuBLAS measurements.
+    #[serde(default = "one")]
+    pub matmul_scale: f64,
     /// Citation for the numbers above.
     pub source: String,
 }
@@ -102,6 +111,10 @@ impl ClusterSpec {
     }
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 const GB: f64 = 1e9;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const T: f64 = 1e12;
@@ -133,6 +146,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             network_latency: 15e-6,
             gpus_per_node: 8,
             price_per_gpu_hour: 1.6,
+            matmul_scale: 1.0,
             source: format!("{nv_a100}; 40 GB HBM2 at 1,555 GB/s"),
         },
         "a100-80gb" => GpuSpec {
@@ -147,6 +161,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             network_latency: 15e-6,
             gpus_per_node: 8,
             price_per_gpu_hour: 2.0,
+            matmul_scale: 1.0,
             source: format!("{nv_a100}; 80 GB HBM2e at 2,039 GB/s (SXM)"),
         },
         "h100-sxm" => GpuSpec {
@@ -161,6 +176,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             network_latency: 12e-6,
             gpus_per_node: 8,
             price_per_gpu_hour: 3.0,
+            matmul_scale: 0.85,
             source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "h200" => GpuSpec {
@@ -175,6 +191,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             network_latency: 12e-6,
             gpus_per_node: 8,
             price_per_gpu_hour: 3.5,
+            matmul_scale: 0.85,
             source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "b200" => GpuSpec {
@@ -189,6 +206,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             network_latency: 12e-6,
             gpus_per_node: 8,
             price_per_gpu_hour: 5.0,
+            matmul_scale: 0.8,
             source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
         },
         "mi300x" => GpuSpec {
@@ -203,6 +221,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             network_latency: 15e-6,
             gpus_per_node: 8,
             price_per_gpu_hour: 2.5,
+            matmul_scale: 0.7,
             source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
         },
         _ => {
@@ -248,6 +267,15 @@ pub fn validate_gpu(g: &GpuSpec) -> Result<()> {
         return Err(invalid(
             "network_latency",
             "latency above 1 s; the unit is seconds",
+        ));
+    }
+    if !(0.05..=2.0).contains(&g.matmul_scale) {
+        return Err(invalid(
+            "matmul_scale",
+            format!(
+                "{} must be within 0.05..2 (1.0 = A100-like efficiency)",
+                g.matmul_scale
+            ),
         ));
     }
     if g.gpus_per_node == 0 {
