@@ -209,9 +209,15 @@ pub fn search(
     let m = &base.model;
     let gb = base.recipe.global_batch;
     let mut k: u64 = 0;
+    // With flash attention the attention core is already recomputed inside its backward, so
+    // selective recompute equals none: search it once.
+    let flash = base.recipe.flash_attention;
     let ctxs: Vec<(Recompute, Vec<Context>)> = space
         .recompute
         .iter()
+        .filter(|&&rc| {
+            !(flash && rc == Recompute::Selective && space.recompute.contains(&Recompute::None))
+        })
         .map(|&rc| {
             let per_size = space
                 .gpus

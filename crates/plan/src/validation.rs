@@ -642,3 +642,18 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    #[test]
+    fn docs_validation_is_current() {
+        let doc = include_str!("../../../docs/validation.md");
+        let tables = markdown(&all_tables(&Calibration::default()));
+        assert!(
+            doc.contains(&tables),
+            "docs/validation.md is stale: regenerate it with `scaletrain validate`"
+        );
+    }
+}
