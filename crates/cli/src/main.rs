@@ -68,7 +68,10 @@ struct PlanArgs {
     /// Cheapest layout (over cluster sizes) that trains within this many days.
     #[arg(long)]
     deadline_days: Option<f64>,
-    /// Largest cluster to consider with --deadline-days and no --gpus.
+    /// Fastest layout (over cluster sizes, unless --gpus) whose training costs at most this many USD.
+    #[arg(long)]
+    budget_usd: Option<f64>,
+    /// Largest cluster to consider with --deadline-days or --budget-usd and no --gpus.
     #[arg(long, default_value_t = 4096)]
     max_gpus: u64,
     /// Layouts to show.
@@ -120,8 +123,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--gpus`, else dp·tp·pp when --dp is given, else 64.
 fn default_gpus(spec: &SpecArgs) -> u64 {
-    spec.gpus.unwrap_or(64)
+    match (spec.gpus, spec.dp) {
+        (Some(g), _) => g,
+        (None, Some(dp)) => dp * spec.tp.unwrap_or(1) * spec.pp.unwrap_or(1),
+        (None, None) => 64,
+    }
 }
 
 fn run_estimate(a: EstimateArgs) -> Result<()> {
@@ -142,11 +150,19 @@ fn run_estimate(a: EstimateArgs) -> Result<()> {
                 }
                 c.layout
             }
-            None => spec.layout_request().resolve(
-                &ctx.model,
-                ctx.cluster.gpus,
-                ctx.recipe.global_batch,
-            )?,
+            None => {
+                if !a.json {
+                    println!(
+                        "note: no layout fits on {} x {}; showing the default layout. Try `scaletrain plan` with --recompute full, more GPUs or a larger GPU.",
+                        ctx.cluster.gpus, ctx.cluster.gpu.name
+                    );
+                }
+                spec.layout_request().resolve(
+                    &ctx.model,
+                    ctx.cluster.gpus,
+                    ctx.recipe.global_batch,
+                )?
+            }
         }
     };
     let est = plan::estimate(&ctx, &layout, a.explain);
@@ -194,6 +210,16 @@ fn parallel_search(
 fn run_plan(a: PlanArgs) -> Result<()> {
     let spec = a.spec.with_config_file()?;
     let obj = match (a.deadline_days, a.objective.as_str()) {
+        (Some(_), _) if a.budget_usd.is_some() => {
+            bail!("give either --deadline-days or --budget-usd, not both")
+        }
+        (None, _) if a.budget_usd.is_some() => {
+            let b = a.budget_usd.unwrap_or_default();
+            if !b.is_finite() || b <= 0.0 {
+                bail!("--budget-usd must be a positive number of US dollars");
+            }
+            Objective::Budget(b)
+        }
         (Some(d), _) => {
             if !d.is_finite() || d <= 0.0 {
                 bail!("--deadline-days must be a positive number of days");
@@ -210,7 +236,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     let (ctx, note) = spec.context(default_gpus(&spec))?;
     let gpn = ctx.cluster.gpus_per_node;
     let sizes = match (spec.gpus, obj) {
-        (None, Objective::Deadline(_)) => {
+        (None, Objective::Deadline(_) | Objective::Budget(_)) => {
             let mut v = Vec::new();
             let mut n = gpn;
             while n <= a.max_gpus {

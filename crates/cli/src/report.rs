@@ -178,9 +178,9 @@ fn candidate_row(i: usize, c: &Candidate) -> String {
     let l = &c.layout;
     let t = &c.eval.time;
     format!(
-        "{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>10} {:>9} {:>6} {:>8} {:>12}",
+        "{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}",
         i + 1, l.world(), l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, format!("{:?}", c.recompute).to_lowercase(),
-        gib(c.eval.memory.total).replace(" GiB", ""), duration(t.total), pct(c.eval.mfu), format!("{:.1}", c.days), format!("${:.0}", c.cost_usd)
+        format!("{:.1}", c.eval.memory.total / plan::units::GIB), duration(t.total), duration(t.compute), duration(t.communication), duration(t.bubble), pct(c.eval.mfu), format!("{:.1}", c.days), format!("${:.0}", c.cost_usd)
     )
 }
 
@@ -206,7 +206,7 @@ pub fn plan_table(r: &SearchResult, secs: f64, breakdown_of_best: Option<String>
     if r.top.is_empty() {
         let _ = writeln!(s, "\nNo layout fits. Try more GPUs, a GPU with more memory, ZeRO-3, recompute, or a smaller micro-batch.");
     } else {
-        let _ = writeln!(s, "\n{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>10} {:>9} {:>6} {:>8} {:>12}", "#", "gpus", "dp", "tp", "pp", "vpp", "sp", "zero", "mb", "recompute", "GiB/GPU", "step", "MFU", "days", "cost");
+        let _ = writeln!(s, "\n{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}", "#", "gpus", "dp", "tp", "pp", "vpp", "sp", "zero", "mb", "recompute", "GiB/GPU", "step", "compute", "comm", "bubble", "MFU", "days", "cost");
         for (i, c) in r.top.iter().enumerate() {
             let _ = writeln!(s, "{}", candidate_row(i, c));
         }

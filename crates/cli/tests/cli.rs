@@ -202,6 +202,56 @@ fn plan_ranks_and_counts_rejections() {
 }
 
 #[test]
+fn budget_and_inferred_cluster_size() {
+    let (code, out, err) = run(&[
+        "plan",
+        "--model",
+        "gpt2-1.5b",
+        "--tokens",
+        "30B",
+        "--gpu",
+        "a100-80gb",
+        "--budget-usd",
+        "20000",
+        "--json",
+        "--top",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let top = v["top"].as_array().unwrap();
+    assert!(!top.is_empty());
+    assert!(top
+        .iter()
+        .all(|t| t["cost_usd"].as_f64().unwrap() <= 20000.0));
+    let days: Vec<f64> = top
+        .iter()
+        .map(|t| t["training_days"].as_f64().unwrap())
+        .collect();
+    assert!(days.windows(2).all(|w| w[0] <= w[1]), "{days:?}");
+    // --dp 2 --tp 4 --pp 2 without --gpus means a 16-GPU cluster.
+    let (code, out, err) = run(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--dp",
+        "2",
+        "--tp",
+        "4",
+        "--pp",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["gpus"], 16);
+    fails_with(
+        &["plan", "--budget-usd", "5", "--deadline-days", "3"],
+        &["either --deadline-days or --budget-usd"],
+    );
+}
+
+#[test]
 fn validate_prints_the_table() {
     let (code, out, _) = run(&["validate"]);
     assert_eq!(code, 0);

@@ -3,7 +3,8 @@
 //! Every preset number cites its datasheet. "Dense" means without 2:4 structured sparsity.
 //! Link bandwidths are **per direction, per GPU**: NVIDIA quotes NVLink totals as bidirectional
 //! (A100: 600 GB/s = 300 GB/s each way). Network bandwidth is per GPU (one NIC per GPU in DGX/HGX
-//! nodes). Prices are *assumptions* (typical 2026 on-demand cloud rates), not quotes: set
+//! nodes). Latencies (α) are not datasheet figures: they are assumed from the small-message
+//! times nccl-tests reports (a few µs over NVLink, ~10–15 µs across InfiniBand). Prices are *assumptions* (typical 2026 on-demand cloud rates), not quotes: set
 //! `--price-per-gpu-hour` for your contract. `matmul_scale` (large-GEMM efficiency relative to
 //! the A100 fit) is 1.0 for A100s, where it is validated; 0.85 for H100/H200 (large bf16 GEMMs
 //! reach roughly 75% of the 989 TFLOP/s peak against roughly 88% of 312 on A100), 0.8 for B200

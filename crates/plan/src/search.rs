@@ -25,6 +25,8 @@ pub enum Objective {
     Cost,
     /// Cheapest layout whose training finishes within this many days.
     Deadline(f64),
+    /// Fastest layout whose training costs at most this many USD.
+    Budget(f64),
 }
 
 /// Why a candidate was rejected.
@@ -40,6 +42,8 @@ pub enum Reject {
     OomLastStage,
     /// Fits but misses the deadline.
     MissesDeadline,
+    /// Fits but costs more than the budget.
+    OverBudget,
 }
 
 impl Reject {
@@ -64,6 +68,7 @@ impl Reject {
                 "out of memory on the last pipeline stage (LM head and logits)".into()
             }
             Reject::MissesDeadline => "fits, but training would miss the deadline".into(),
+            Reject::OverBudget => "fits, but training would cost more than the budget".into(),
         }
     }
 }
@@ -140,6 +145,7 @@ fn key(obj: Objective, c: &Candidate) -> (f64, f64) {
     match obj {
         Objective::Time => (c.eval.time.total, c.layout.world() as f64),
         Objective::Cost | Objective::Deadline(_) => (c.cost_usd, c.days),
+        Objective::Budget(_) => (c.days, c.cost_usd),
     }
 }
 
@@ -301,11 +307,16 @@ pub fn search(
                                     let eval = ctx.evaluate_with_memory(&layout, mem, &mut NoTrace);
                                     let t = totals(ctx, &layout, &eval);
                                     let days = t.secs / 86400.0;
-                                    if let Objective::Deadline(d) = obj {
-                                        if days > d {
+                                    match obj {
+                                        Objective::Deadline(d) if days > d => {
                                             res.bump(Reject::MissesDeadline);
                                             continue;
                                         }
+                                        Objective::Budget(b) if t.cost > b => {
+                                            res.bump(Reject::OverBudget);
+                                            continue;
+                                        }
+                                        _ => {}
                                     }
                                     res.accepted += 1;
                                     insert_top(
