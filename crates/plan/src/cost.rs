@@ -252,8 +252,8 @@ fn stage_params(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
     }
 }
 
-/// Activation bytes of one layer for one micro-batch, by policy (Korthikanti et al. 2022, §4,
-/// generalised). Returns (stored, working set while the layer's backward runs).
+/// Activation bytes one layer keeps for one micro-batch until its backward, by recompute policy
+/// (Korthikanti et al. 2022, §4, generalised term by term; see docs/estimator.md).
 pub fn layer_activation_bytes(m: &ModelSpec, r: &Recipe, l: &Layout, policy: Recompute) -> f64 {
     let e = r.precision.compute_bytes();
     let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
@@ -786,16 +786,9 @@ impl Context {
         } else {
             (first_c, body_comm)
         };
-        let mb_comm = mb_comm + p2p;
         let mbs = l.grad_accum as f64;
         let compute = mbs * mb_compute;
-        let tp_comm = mbs
-            * (layer_comm * layers_dev
-                + if l.pp == 1 || mb_comm > body_comm + p2p {
-                    head_comm
-                } else {
-                    0.0
-                });
+        let tp_comm = mbs * mb_comm;
         let pp_comm = mbs * p2p;
         // Bubble: (Σ_i t_i − t_max)/v, stages uniform except first/last.
         let p = l.pp as f64;
