@@ -15,7 +15,8 @@ fn pct(x: f64) -> String {
 pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
     let mut s = String::new();
     let l = &e.layout;
-    let m = &e.memory_per_device_bytes;
+    let m = &e.memory_per_device_bytes.memory;
+    let headroom = e.memory_per_device_bytes.headroom;
     let p = &e.parameter_breakdown;
     let _ = writeln!(
         s,
@@ -104,9 +105,9 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         "assumed".into(),
     );
     let verdict = if e.fits {
-        format!("fits, headroom {}", gib(m.headroom))
+        format!("fits, headroom {}", gib(headroom))
     } else {
-        format!("DOES NOT FIT: {} over", gib(-m.headroom))
+        format!("DOES NOT FIT: {} over", gib(-headroom))
     };
     let _ = writeln!(
         s,

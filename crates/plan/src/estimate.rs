@@ -2,41 +2,21 @@
 
 use serde::Serialize;
 
-use crate::cost::{Context, Eval, Flops, Memory, StepTime};
+use crate::cost::{Context, Eval, Memory, StepTime};
 use crate::explain::{line, Explain, Line, NoTrace, Trace};
 use crate::layout::Layout;
 use crate::model::ParamCount;
 use crate::units::{count, duration};
 
-/// Memory per device, the JSON `memory_per_device_bytes` object.
+/// Memory per device, the JSON `memory_per_device_bytes` object: every field of [`Memory`]
+/// plus the headroom.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryReport {
-    /// Working weights.
-    pub weights: f64,
-    /// Gradients.
-    pub gradients: f64,
-    /// Optimizer states.
-    pub optimizer_states: f64,
-    /// fp32 master weights.
-    pub master_weights: f64,
-    /// Activations (all micro-batches in flight).
-    pub activations: f64,
-    /// Activations of one micro-batch.
-    pub activations_per_microbatch: f64,
-    /// Micro-batches in flight at the peak.
-    pub microbatches_in_flight: f64,
-    /// Communication buffers.
-    pub comm_buffers: f64,
-    /// Runtime overhead.
-    pub runtime_overhead: f64,
-    /// Sum.
-    pub total: f64,
-    /// Device capacity.
-    pub capacity: f64,
+    /// The itemised bytes.
+    #[serde(flatten)]
+    pub memory: Memory,
     /// capacity − total (negative when it does not fit).
     pub headroom: f64,
-    /// Pipeline stage the numbers describe (the worst one).
-    pub worst_stage: u64,
 }
 
 /// The full answer for one layout. Field names are the stable `--json` schema.
@@ -163,26 +143,6 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
             )
         });
     }
-    let Memory {
-        weights,
-        gradients,
-        optimizer_states,
-        master_weights,
-        activations,
-        activations_per_microbatch,
-        microbatches_in_flight,
-        comm_buffers,
-        runtime_overhead,
-        total,
-        capacity,
-        worst_stage,
-        ..
-    } = eval.memory;
-    let Flops {
-        model_per_step,
-        hardware_per_step,
-        per_token,
-    } = eval.flops;
     Estimate {
         schema_version: SCHEMA_VERSION,
         model: ctx.model.clone(),
@@ -193,25 +153,14 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
         gpus_per_node: ctx.cluster.gpus_per_node,
         layout: *layout,
         memory_per_device_bytes: MemoryReport {
-            weights,
-            gradients,
-            optimizer_states,
-            master_weights,
-            activations,
-            activations_per_microbatch,
-            microbatches_in_flight,
-            comm_buffers,
-            runtime_overhead,
-            total,
-            capacity,
-            headroom: capacity - total,
-            worst_stage,
+            memory: eval.memory,
+            headroom: eval.memory.capacity - eval.memory.total,
         },
         fits: eval.fits,
-        flops_per_step: model_per_step,
-        hardware_flops_per_step: hardware_per_step,
-        flops_per_token: per_token,
-        total_flops: per_token * ctx.recipe.tokens,
+        flops_per_step: eval.flops.model_per_step,
+        hardware_flops_per_step: eval.flops.hardware_per_step,
+        flops_per_token: eval.flops.per_token,
+        total_flops: eval.flops.per_token * ctx.recipe.tokens,
         step_time_secs: eval.time,
         mfu: eval.mfu,
         hfu: eval.hfu,
