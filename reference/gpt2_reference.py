@@ -34,8 +34,9 @@ LR, BETAS, EPS, WD, CLIP = 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, C, HEADS):
         super().__init__()
+        self.C, self.HEADS = C, HEADS
         self.ln_1 = nn.LayerNorm(C)
         self.attn = nn.Module()
         self.attn.c_attn = nn.Linear(C, 3 * C)
@@ -48,8 +49,8 @@ class Block(nn.Module):
     def attention(self, x):
         b, t, c = x.shape
         q, k, v = self.attn.c_attn(x).split(c, dim=2)
-        hs = c // HEADS
-        q, k, v = (z.view(b, t, HEADS, hs).transpose(1, 2) for z in (q, k, v))
+        hs = c // self.HEADS
+        q, k, v = (z.view(b, t, self.HEADS, hs).transpose(1, 2) for z in (q, k, v))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
         mask = torch.tril(torch.ones(t, t, dtype=torch.bool))
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
@@ -63,11 +64,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self):
+    """GPT-2 with the given dims; `bench/torch_train_bench.py` imports it too."""
+
+    def __init__(self, VOCAB=VOCAB, MAX_T=MAX_T, LAYERS=LAYERS, HEADS=HEADS, C=C):
         super().__init__()
+        self.VOCAB = VOCAB
         self.wte = nn.Embedding(VOCAB, C)
         self.wpe = nn.Embedding(MAX_T, C)
-        self.h = nn.ModuleList([Block() for _ in range(LAYERS)])
+        self.h = nn.ModuleList([Block(C, HEADS) for _ in range(LAYERS)])
         self.ln_f = nn.LayerNorm(C)
         # GPT-2 init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), biases 0.
         for name, p in self.named_parameters():
@@ -86,7 +90,7 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         logits = self.ln_f(x) @ self.wte.weight.T  # tied LM head
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, self.VOCAB), targets.reshape(-1))
         return logits, loss
 
 

@@ -10,6 +10,7 @@
 //! full t×t square and masked (2× the causal FLOPs in the score/value products, which are a
 //! small share of the model at our sequence lengths). Threads split the batch.
 
+use crate::fastmath::exp;
 use crate::matmul::{gemm, View};
 use crate::{check_len, par_rows2, Par};
 
@@ -58,7 +59,7 @@ pub fn attention_forward(
                     let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0f32;
                     for s in row[..=i].iter_mut() {
-                        *s = (*s - max).exp();
+                        *s = exp(*s - max);
                         sum += *s;
                     }
                     let inv = 1.0 / sum;

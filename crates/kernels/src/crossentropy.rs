@@ -9,6 +9,7 @@
 //! logits into `softmax − one_hot` in place with a single `exp` per element and no buffer of
 //! probabilities.
 
+use crate::fastmath::exp;
 use crate::{check_len, par_rows, par_rows2, Par};
 
 /// Forward: `losses[i] = lse_i − logits[i, targets[i]]` with `lse_i = log Σ_{j<v} exp(logits[i,j])`.
@@ -38,7 +39,7 @@ pub fn crossentropy_forward(
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
             for &x in row {
-                sum += (x - max).exp();
+                sum += exp(x - max);
             }
             let l = max + sum.ln();
             let tgt = targets[i] as usize;
@@ -82,7 +83,7 @@ pub fn crossentropy_softmax_backward_inplace(
             let row = &mut chunk[local * vp..(local + 1) * vp];
             let l = lse[i];
             for x in row[..v].iter_mut() {
-                *x = d_loss * (*x - l).exp();
+                *x = d_loss * exp(*x - l);
             }
             row[targets[i] as usize] -= d_loss;
             row[v..].fill(0.0);

@@ -3,6 +3,7 @@
 //!
 //! Shapes: `inp`, `out`, `d_inp`, `d_out` all (n) — any flat tensor, e.g. (b*t, 4c).
 
+use crate::fastmath::tanh;
 use crate::{check_len, par_rows, Par};
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6; // √(2/π)
@@ -20,7 +21,7 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32], par: Par) {
         for (j, y) in o.iter_mut().enumerate() {
             let x = inp[start + j];
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-            *y = 0.5 * x * (1.0 + u.tanh());
+            *y = 0.5 * x * (1.0 + tanh(u));
         }
     };
     par_rows(par, body, CHUNK, 4, |rows, o| run(rows.start * CHUNK, o));
@@ -38,7 +39,7 @@ pub fn gelu_backward(d_inp: &mut [f32], inp: &[f32], d_out: &[f32], par: Par) {
         for (j, dx) in d.iter_mut().enumerate() {
             let x = inp[start + j];
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-            let th = u.tanh();
+            let th = tanh(u);
             let sech2 = 1.0 - th * th;
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
             *dx = d_out[start + j] * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);

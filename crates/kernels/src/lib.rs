@@ -25,6 +25,7 @@ pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
 pub mod encoder;
+pub mod fastmath;
 pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
