@@ -1,7 +1,9 @@
 //! `scaletrain bench train`: tokens per second of a full training step (forward, backward,
 //! clip + AdamW) of the CPU runtime for one GPT-2 config, plus the matmul kernel's GFLOP/s on
 //! the model's own shapes. With `--torch PYTHON` it also runs `bench/torch_train_bench.py` (the
-//! same model in PyTorch eager, same threads) in the same run and reports the ratio.
+//! same model in PyTorch eager, same threads) in the same run, alternating round by round
+//! (`--rounds`), and reports the median per-round ratio: this machine is shared, so only
+//! measurements taken side by side are comparable.
 //! The JSON output feeds the estimator's calibration.
 
 use anyhow::{bail, Context};
@@ -52,6 +54,10 @@ pub struct BenchTrainArgs {
     /// Also run the PyTorch peer with this Python interpreter (needs torch installed).
     #[arg(long)]
     pub torch: Option<PathBuf>,
+    /// Measurement rounds; with --torch each round runs scaletrain then PyTorch, so both see
+    /// the same machine load. Medians over rounds are reported.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -141,59 +147,89 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         .collect();
     let d_loss = 1.0 / (b * t) as f32;
 
-    let (mut step_secs, mut fwd_secs, mut bwd_secs, mut opt_secs) =
-        (vec![], vec![], vec![], vec![]);
+    let mm_gflops = matmul_gflops(&cfg, b, t, par);
+    let mut rounds: Vec<([f64; 4], Option<serde_json::Value>)> = Vec::new();
     let mut last_loss = f32::NAN;
-    for i in 0..args.warmup + args.steps {
-        let t0 = Instant::now();
-        grads.fill(0.0);
-        let loss = forward(
-            &layout,
-            &params,
-            &mut acts,
-            StageInput::Tokens(&tokens),
-            Some(&targets),
-            par,
-            &mut NoTp,
-        )?;
-        let t1 = Instant::now();
-        let gi = GradInput::Loss {
-            targets: &targets,
-            d_loss,
-        };
-        backward(
-            &layout,
-            &params,
-            &mut grads,
-            &mut acts,
-            StageInput::Tokens(&tokens),
-            gi,
-            par,
-            &mut NoTp,
-        )?;
-        let t2 = Instant::now();
-        opt.step(&layout, &mut params, &mut grads, &opt_cfg, par);
-        let t3 = Instant::now();
-        last_loss = loss.unwrap_or(f32::NAN);
-        if i >= args.warmup {
-            step_secs.push((t3 - t0).as_secs_f64());
-            fwd_secs.push((t1 - t0).as_secs_f64());
-            bwd_secs.push((t2 - t1).as_secs_f64());
-            opt_secs.push((t3 - t2).as_secs_f64());
+    for _ in 0..args.rounds.max(1) {
+        let (mut step_secs, mut fwd_secs, mut bwd_secs, mut opt_secs) =
+            (vec![], vec![], vec![], vec![]);
+        for i in 0..args.warmup + args.steps {
+            let t0 = Instant::now();
+            grads.fill(0.0);
+            let loss = forward(
+                &layout,
+                &params,
+                &mut acts,
+                StageInput::Tokens(&tokens),
+                Some(&targets),
+                par,
+                &mut NoTp,
+            )?;
+            let t1 = Instant::now();
+            let gi = GradInput::Loss {
+                targets: &targets,
+                d_loss,
+            };
+            backward(
+                &layout,
+                &params,
+                &mut grads,
+                &mut acts,
+                StageInput::Tokens(&tokens),
+                gi,
+                par,
+                &mut NoTp,
+            )?;
+            let t2 = Instant::now();
+            opt.step(&layout, &mut params, &mut grads, &opt_cfg, par);
+            let t3 = Instant::now();
+            last_loss = loss.unwrap_or(f32::NAN);
+            if i >= args.warmup {
+                step_secs.push((t3 - t0).as_secs_f64());
+                fwd_secs.push((t1 - t0).as_secs_f64());
+                bwd_secs.push((t2 - t1).as_secs_f64());
+                opt_secs.push((t3 - t2).as_secs_f64());
+            }
         }
+        let phases = [
+            median(&mut step_secs),
+            median(&mut fwd_secs),
+            median(&mut bwd_secs),
+            median(&mut opt_secs),
+        ];
+        let torch = match &args.torch {
+            Some(python) => Some(run_torch(python, args)?),
+            None => None,
+        };
+        rounds.push((phases, torch));
     }
-    let step = median(&mut step_secs);
+    let phase = |k: usize| median(&mut rounds.iter().map(|r| r.0[k]).collect::<Vec<_>>());
+    let step = phase(0);
     let tokens_per_sec = (b * t) as f64 / step;
     let step_flops = matmul_flops_per_step(&cfg, b, t);
-    let mm_gflops = matmul_gflops(&cfg, b, t, par);
     let peak = args.peak_gflops_per_core * args.threads as f64;
-
-    let torch = match &args.torch {
-        Some(python) => Some(run_torch(python, args)?),
-        None => None,
-    };
-    let torch_tps = torch.as_ref().and_then(|v| v["tokens_per_sec"].as_f64());
-    let ratio = torch_tps.map(|x| tokens_per_sec / x);
+    let round_ratios: Vec<f64> = rounds
+        .iter()
+        .filter_map(|(p, tv)| {
+            tv.as_ref()?["tokens_per_sec"]
+                .as_f64()
+                .map(|x| (b * t) as f64 / p[0] / x)
+        })
+        .collect();
+    let torch_tps: Vec<f64> = rounds
+        .iter()
+        .filter_map(|(_, tv)| tv.as_ref()?["tokens_per_sec"].as_f64())
+        .collect();
+    let torch_median = (!torch_tps.is_empty()).then(|| median(&mut torch_tps.clone()));
+    let ratio = (!round_ratios.is_empty()).then(|| median(&mut round_ratios.clone()));
+    let torch = torch_median.map(|tps| {
+        serde_json::json!({
+            "tokens_per_sec": tps,
+            "rounds_tokens_per_sec": torch_tps,
+            "torch_version": rounds[0].1.as_ref().map(|v| v["torch_version"].clone()),
+        })
+    });
+    let torch_tps = torch_median;
 
     let report = serde_json::json!({
         "config": {
@@ -203,15 +239,18 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         },
         "tokens_per_sec": tokens_per_sec,
         "step_secs": step,
-        "forward_secs": median(&mut fwd_secs),
-        "backward_secs": median(&mut bwd_secs),
-        "optimizer_secs": median(&mut opt_secs),
+        "forward_secs": phase(1),
+        "backward_secs": phase(2),
+        "optimizer_secs": phase(3),
+        "rounds": rounds.len(),
+        "rounds_tokens_per_sec": rounds.iter().map(|r| (b * t) as f64 / r.0[0]).collect::<Vec<_>>(),
         "matmul_gflops": mm_gflops,
         "matmul_peak_fraction": mm_gflops / peak,
         "step_matmul_gflops": step_flops / step / 1e9,
         "final_loss": last_loss,
         "torch": torch,
         "ratio_vs_torch": ratio,
+        "rounds_ratio_vs_torch": round_ratios,
     });
     if args.json {
         println!("{report}");
@@ -221,12 +260,13 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             args.layers, args.heads, args.channels, t, b, args.vocab, cfg.padded_vocab(), layout.len(), args.threads
         );
         println!(
-            "step {:.1} ms (forward {:.1}, backward {:.1}, AdamW {:.1}), median of {}: {:.0} tokens/s",
+            "step {:.1} ms (forward {:.1}, backward {:.1}, AdamW {:.1}), median of {} steps x {} rounds: {:.0} tokens/s",
             1e3 * step,
             1e3 * report["forward_secs"].as_f64().unwrap_or(0.0),
             1e3 * report["backward_secs"].as_f64().unwrap_or(0.0),
             1e3 * report["optimizer_secs"].as_f64().unwrap_or(0.0),
             args.steps,
+            rounds.len(),
             tokens_per_sec
         );
         println!(
@@ -238,7 +278,8 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         );
         if let (Some(tt), Some(r)) = (torch_tps, ratio) {
             println!(
-                "PyTorch eager, same run: {tt:.0} tokens/s; ratio scaletrain / PyTorch = {r:.2}"
+                "PyTorch eager, same run: {tt:.0} tokens/s; ratio scaletrain / PyTorch = {r:.2} \
+                 (median of per-round ratios {round_ratios:.2?})"
             );
         }
     }
