@@ -10,7 +10,7 @@
 //! full t×t square and masked (2× the causal FLOPs in the score/value products, which are a
 //! small share of the model at our sequence lengths). Threads split the batch.
 
-use crate::fastmath::exp;
+use crate::fastmath::{self, exp, vectorized};
 use crate::matmul::{gemm, View};
 use crate::{check_len, par_rows2, Par};
 
@@ -56,12 +56,13 @@ pub fn attention_forward(
                 );
                 for i in 0..t {
                     let row = &mut a[i * t..(i + 1) * t];
-                    let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0f32;
-                    for s in row[..=i].iter_mut() {
-                        *s = exp(*s - max);
-                        sum += *s;
-                    }
+                    let max = fastmath::max(&row[..=i]);
+                    vectorized(|| {
+                        for s in row[..=i].iter_mut() {
+                            *s = exp(*s - max);
+                        }
+                    });
+                    let sum: f32 = row[..=i].iter().sum();
                     let inv = 1.0 / sum;
                     for s in row[..=i].iter_mut() {
                         *s *= inv;

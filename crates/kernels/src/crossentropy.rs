@@ -9,7 +9,7 @@
 //! logits into `softmax − one_hot` in place with a single `exp` per element and no buffer of
 //! probabilities.
 
-use crate::fastmath::exp;
+use crate::fastmath::{self, exp, vectorized};
 use crate::{check_len, par_rows, par_rows2, Par};
 
 /// Forward: `losses[i] = lse_i − logits[i, targets[i]]` with `lse_i = log Σ_{j<v} exp(logits[i,j])`.
@@ -36,11 +36,8 @@ pub fn crossentropy_forward(
     par_rows2(par, n, 16, losses, 1, lse, 1, |rows, losses, lse| {
         for (local, i) in rows.enumerate() {
             let row = &logits[i * vp..i * vp + v];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for &x in row {
-                sum += exp(x - max);
-            }
+            let max = fastmath::max(row);
+            let sum = fastmath::exp_sum(row, max);
             let l = max + sum.ln();
             let tgt = targets[i] as usize;
             assert!(
@@ -82,9 +79,11 @@ pub fn crossentropy_softmax_backward_inplace(
         for (local, i) in rows.enumerate() {
             let row = &mut chunk[local * vp..(local + 1) * vp];
             let l = lse[i];
-            for x in row[..v].iter_mut() {
-                *x = d_loss * exp(*x - l);
-            }
+            vectorized(|| {
+                for x in row[..v].iter_mut() {
+                    *x = d_loss * exp(*x - l);
+                }
+            });
             row[targets[i] as usize] -= d_loss;
             row[v..].fill(0.0);
         }

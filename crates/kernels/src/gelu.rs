@@ -3,7 +3,7 @@
 //!
 //! Shapes: `inp`, `out`, `d_inp`, `d_out` all (n) — any flat tensor, e.g. (b*t, 4c).
 
-use crate::fastmath::tanh;
+use crate::fastmath::{tanh, vectorized};
 use crate::{check_len, par_rows, Par};
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6; // √(2/π)
@@ -24,8 +24,10 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32], par: Par) {
             *y = 0.5 * x * (1.0 + tanh(u));
         }
     };
-    par_rows(par, body, CHUNK, 4, |rows, o| run(rows.start * CHUNK, o));
-    run(n - n % CHUNK, tail);
+    par_rows(par, body, CHUNK, 4, |rows, o| {
+        vectorized(|| run(rows.start * CHUNK, o))
+    });
+    vectorized(|| run(n - n % CHUNK, tail));
 }
 
 /// Backward: `d_inp[i] = d_out[i] · gelu'(inp[i])`. Overwrites `d_inp`.
@@ -45,8 +47,10 @@ pub fn gelu_backward(d_inp: &mut [f32], inp: &[f32], d_out: &[f32], par: Par) {
             *dx = d_out[start + j] * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);
         }
     };
-    par_rows(par, body, CHUNK, 4, |rows, d| run(rows.start * CHUNK, d));
-    run(n - n % CHUNK, tail);
+    par_rows(par, body, CHUNK, 4, |rows, d| {
+        vectorized(|| run(rows.start * CHUNK, d))
+    });
+    vectorized(|| run(n - n % CHUNK, tail));
 }
 
 #[cfg(test)]

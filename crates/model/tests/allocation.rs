@@ -134,9 +134,13 @@ fn allocations_match_the_plan_prediction() {
             let targets: Vec<u32> = (0..b * t)
                 .map(|i| (i * 13 % cfg.vocab_size) as u32)
                 .collect();
-            let steady = live();
-            PEAK.store(steady, SeqCst);
-            for _ in 0..2 {
+            // Step 0 warms one-time lazy state (CPU feature detection, thread-local setup).
+            let mut steady = live();
+            for i in 0..3 {
+                if i == 1 {
+                    steady = live();
+                    PEAK.store(steady, SeqCst);
+                }
                 forward(
                     &layout,
                     &params,
@@ -170,7 +174,10 @@ fn allocations_match_the_plan_prediction() {
                     Par::Threads(2),
                 );
             }
-            assert_eq!(live(), steady, "a training step leaked or kept memory");
+            // A scoped thread frees its last bookkeeping (~100 B) as it exits, which can land just
+            // after the join returns; anything model-sized would be kilobytes.
+            let kept = live() - steady;
+            assert!(kept.abs() <= 1024, "a training step kept {kept} B");
             let transient = PEAK.load(SeqCst) - steady;
             eprintln!("{tag}: step transient peak {transient} B");
             assert!(
