@@ -18,8 +18,8 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32], par: Par) {
     let n = inp.len();
     let (body, tail) = out.split_at_mut(n - n % CHUNK);
     let run = |start: usize, o: &mut [f32]| {
-        for (j, y) in o.iter_mut().enumerate() {
-            let x = inp[start + j];
+        let x_in = &inp[start..start + o.len()];
+        for (y, &x) in o.iter_mut().zip(x_in) {
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
             *y = 0.5 * x * (1.0 + tanh(u));
         }
@@ -38,13 +38,14 @@ pub fn gelu_backward(d_inp: &mut [f32], inp: &[f32], d_out: &[f32], par: Par) {
     let n = inp.len();
     let (body, tail) = d_inp.split_at_mut(n - n % CHUNK);
     let run = |start: usize, d: &mut [f32]| {
-        for (j, dx) in d.iter_mut().enumerate() {
-            let x = inp[start + j];
+        // Iterators, not indices: no bounds checks, so the loop vectorises.
+        let (x_in, g_in) = (&inp[start..start + d.len()], &d_out[start..start + d.len()]);
+        for ((dx, &x), &g) in d.iter_mut().zip(x_in).zip(g_in) {
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
             let th = tanh(u);
             let sech2 = 1.0 - th * th;
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
-            *dx = d_out[start + j] * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);
+            *dx = g * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);
         }
     };
     par_rows(par, body, CHUNK, 4, |rows, d| {
