@@ -4,6 +4,7 @@
 //! prints. Errors print with their whole chain (`{:#}`) and exit with status 2.
 
 mod bench_plan;
+mod bench_train;
 mod report;
 mod spec;
 
@@ -43,7 +44,9 @@ enum Cmd {
 #[derive(Debug, Subcommand)]
 enum BenchCmd {
     /// Planner speed: candidate layouts evaluated per second.
-    Plan(bench_plan::BenchPlanArgs),
+    Plan(Box<bench_plan::BenchPlanArgs>),
+    /// Tokens/s of a full CPU training step (forward, backward, AdamW) for one GPT-2 config.
+    Train(bench_train::BenchTrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -112,7 +115,8 @@ fn main() -> ExitCode {
         Cmd::Plan(a) => run_plan(a),
         Cmd::Validate(a) => run_validate(a),
         Cmd::Presets(a) => run_presets(a),
-        Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(a),
+        Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(*a),
+        Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

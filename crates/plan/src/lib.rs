@@ -6,6 +6,7 @@
 //! explained (see [`explain`]).
 
 pub mod cost;
+pub mod cpu_runtime;
 pub mod error;
 pub mod estimate;
 pub mod explain;
