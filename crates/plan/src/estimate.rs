@@ -87,6 +87,7 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
     };
     let totals = totals(ctx, layout, &eval);
     if explain {
+        pipeline_cross_check(ctx, layout, &eval, &mut ex);
         let (steps, secs, gpu_hours, cost) =
             (totals.steps, totals.secs, totals.gpu_hours, totals.cost);
         let r = &ctx.recipe;
@@ -243,4 +244,41 @@ fn parameter_lines(ctx: &Context, ex: &mut Explain) {
         "{} params x ({} weights + {} grads + {} master + {} optimizer = {} B/param) = {:.1} GB (weights alone {:.1} GB, gradients {:.1} GB)",
         count(n), sb.weight, sb.grad, sb.master, sb.optimizer, sb.total(), n * sb.total() / 1e9, n * sb.weight / 1e9, n * sb.grad / 1e9),
         n * sb.total(), "bytes", "ZeRO paper counts 16 B/param for mixed-precision Adam; Megatron 18 (fp32 grads)"));
+}
+
+/// Simulates the schedule lists the runtime executes (crate::schedule) and reports their bubble
+/// and activation count beside the closed forms the cost model and planner use.
+fn pipeline_cross_check(ctx: &Context, layout: &Layout, eval: &Eval, ex: &mut Explain) {
+    let (p, m, v) = (
+        layout.pp as u32,
+        layout.grad_accum as u32,
+        layout.vpp as u32,
+    );
+    if p < 2 || (p as u64) * (m as u64) * (v as u64) > 2_000_000 {
+        return;
+    }
+    let kind = match ctx.recipe.schedule {
+        crate::recipe::Schedule::Gpipe => crate::schedule::Kind::Gpipe,
+        crate::recipe::Schedule::OneFOneB => crate::schedule::Kind::OneFOneB,
+    };
+    let lt = ctx.layer_times(layout);
+    let layers = (ctx.model.layers / layout.pp) as f64;
+    let fwd = layers * (lt.fwd + lt.tp_fwd) / v as f64;
+    let bwd = layers * (lt.bwd + lt.recompute + lt.tp_bwd + lt.tp_recompute) / v as f64;
+    let ops = crate::schedule::build(kind, p, m, v);
+    let sim = crate::schedule::simulate(&ops, m, v, fwd, bwd, 0.0);
+    let peak = sim.peak_in_flight.first().copied().unwrap_or(0) as f64 / v as f64;
+    ex.line(|| {
+        line(
+            "time",
+            "pipeline schedule simulation (cross-check)",
+            format!(
+                "{:?} lists for p={p}, m={m}, v={v} with uniform stages: bubble {:.4} s (cost model {:.4} s, which also counts uneven first/last stages and sends); stage 0 holds {:.2} micro-batches (cost model {:.2})",
+                kind, sim.bubble, eval.time.bubble, peak, eval.memory.microbatches_in_flight
+            ),
+            sim.bubble,
+            "s",
+            "event simulation of the per-device instruction lists (crates/plan/src/schedule.rs)",
+        )
+    });
 }

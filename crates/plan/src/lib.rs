@@ -14,6 +14,7 @@ pub mod hardware;
 pub mod layout;
 pub mod model;
 pub mod recipe;
+pub mod schedule;
 pub mod search;
 pub mod units;
 pub mod validation;
