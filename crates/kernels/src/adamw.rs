@@ -1,0 +1,184 @@
+//! AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization", Alg. 2) and
+//! global gradient-norm clipping (Pascanu et al. 2013), matching PyTorch's `torch.optim.AdamW`
+//! and `torch.nn.utils.clip_grad_norm_`.
+//!
+//! Shapes: `params`, `grads`, `m`, `v` (n) — any contiguous range of the flat buffers. The
+//! caller applies `weight_decay = 0` to ranges that must not decay (biases, norm weights).
+
+use crate::{check_len, par_rows, Par};
+
+/// AdamW hyper-parameters for one update. `step` counts from 1.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay (PyTorch default 0.9).
+    pub beta1: f32,
+    /// Second-moment decay (PyTorch default 0.999).
+    pub beta2: f32,
+    /// Denominator epsilon (PyTorch default 1e-8).
+    pub eps: f32,
+    /// Decoupled weight decay for this range (0 for biases and norm weights).
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u32,
+}
+
+/// One AdamW update, in place on `params`, `m`, `v`; reads `grads`. In PyTorch's order:
+/// `p ← p·(1 − lr·wd)`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + eps)`.
+#[track_caller]
+pub fn adamw_update(
+    params: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grads: &[f32],
+    hp: AdamWStep,
+    par: Par,
+) {
+    let n = params.len();
+    check_len("adamw_update m", m.len(), n);
+    check_len("adamw_update v", v.len(), n);
+    check_len("adamw_update grads", grads.len(), n);
+    assert!(hp.step >= 1, "adamw_update: step counts from 1");
+    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
+    let bc2_sqrt = (1.0 - (hp.beta2 as f64).powi(hp.step as i32)).sqrt();
+    let step_size = (hp.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2_sqrt as f32;
+    let decay = 1.0 - hp.lr * hp.weight_decay;
+    // Split params; m and v follow by offset. A chunk of 8192 keeps thread overhead small.
+    const CHUNK: usize = 8192;
+    let mv = MV {
+        m: m.as_mut_ptr(),
+        v: v.as_mut_ptr(),
+        n,
+    };
+    let body = n - n % CHUNK;
+    let run = |start: usize, p: &mut [f32], m: &mut [f32], v: &mut [f32]| {
+        for j in 0..p.len() {
+            let g = grads[start + j];
+            let mj = hp.beta1 * m[j] + (1.0 - hp.beta1) * g;
+            let vj = hp.beta2 * v[j] + (1.0 - hp.beta2) * g * g;
+            m[j] = mj;
+            v[j] = vj;
+            let denom = vj.sqrt() / bc2_sqrt + hp.eps;
+            p[j] = p[j] * decay - step_size * mj / denom;
+        }
+    };
+    let (p_body, p_tail) = params.split_at_mut(body);
+    par_rows(par, p_body, CHUNK, 4, |rows, p| {
+        let start = rows.start * CHUNK;
+        // SAFETY: row ranges from `par_rows` are disjoint, so each thread touches its own
+        // `start..start + p.len()` of `m` and `v`, and `m`, `v` outlive this scoped call.
+        let (m, v) = unsafe { mv.range(start, p.len()) };
+        run(start, p, m, v);
+    });
+    let (m_tail, v_tail) = (&mut m[body..], &mut v[body..]);
+    run(body, p_tail, m_tail, v_tail);
+}
+
+/// Raw pointers to the moment buffers so threads can take disjoint sub-ranges.
+#[derive(Clone, Copy)]
+struct MV {
+    m: *mut f32,
+    v: *mut f32,
+    n: usize,
+}
+unsafe impl Send for MV {}
+unsafe impl Sync for MV {}
+impl MV {
+    /// # Safety
+    /// Ranges handed to concurrent callers must be disjoint.
+    unsafe fn range<'a>(self, start: usize, len: usize) -> (&'a mut [f32], &'a mut [f32]) {
+        assert!(start + len <= self.n, "adamw range out of bounds");
+        (
+            std::slice::from_raw_parts_mut(self.m.add(start), len),
+            std::slice::from_raw_parts_mut(self.v.add(start), len),
+        )
+    }
+}
+
+/// Σ g² over `grads`, accumulated in f64 (so the norm does not depend on the thread split).
+pub fn sum_squares(grads: &[f32]) -> f64 {
+    grads.iter().map(|&g| g as f64 * g as f64).sum()
+}
+
+/// PyTorch's clip factor: `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_factor(total_norm: f64, max_norm: f32) -> f32 {
+    let c = max_norm as f64 / (total_norm + 1e-6);
+    c.min(1.0) as f32
+}
+
+/// `grads *= factor` in place.
+pub fn scale_inplace(grads: &mut [f32], factor: f32) {
+    for g in grads {
+        *g *= factor;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::testutil::{assert_close, randn};
+
+    #[test]
+    fn update_matches_naive_f64_over_steps() {
+        let n = 3 * 8192 + 100;
+        let mut rng = Rng::new(15);
+        let p0 = randn(&mut rng, n, 1.0);
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut pw, mut mw, mut vw) = (
+            p0.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            vec![0.0f64; n],
+            vec![0.0f64; n],
+        );
+        for step in 1..=3u32 {
+            let g = randn(&mut rng, n, 0.1);
+            let hp = AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step,
+            };
+            adamw_update(&mut p, &mut m, &mut v, &g, hp, Par::Threads(2));
+            for i in 0..n {
+                let gi = g[i] as f64;
+                pw[i] *= 1.0 - 1e-2 * 0.1;
+                mw[i] = 0.9 * mw[i] + 0.1 * gi;
+                vw[i] = 0.95 * vw[i] + 0.05 * gi * gi;
+                let mh = mw[i] / (1.0 - 0.9f64.powi(step as i32));
+                let vh = vw[i] / (1.0 - 0.95f64.powi(step as i32));
+                pw[i] -= 1e-2 * mh / (vh.sqrt() + 1e-8);
+            }
+        }
+        let want: Vec<f32> = pw.iter().map(|&x| x as f32).collect();
+        assert_close("params", &p, &want, 1e-5, 1e-6);
+        // no decay: a zero gradient leaves the parameter alone
+        let mut q = vec![2.0f32; 10];
+        let (mut m, mut v) = (vec![0.0; 10], vec![0.0; 10]);
+        let hp = AdamWStep {
+            lr: 0.5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        };
+        adamw_update(&mut q, &mut m, &mut v, &[0.0; 10], hp, Par::Seq);
+        assert!(q.iter().all(|&x| x == 2.0));
+    }
+
+    #[test]
+    fn clipping_rescales_to_max_norm() {
+        let mut g = vec![3.0f32, 4.0];
+        let norm = sum_squares(&g).sqrt();
+        assert!((norm - 5.0).abs() < 1e-12);
+        let f = clip_factor(norm, 1.0);
+        scale_inplace(&mut g, f);
+        assert!((sum_squares(&g).sqrt() - 1.0).abs() < 1e-5);
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+    }
+}

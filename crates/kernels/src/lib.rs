@@ -1,0 +1,200 @@
+//! scaletrain-kernels: CPU kernels over flat `f32` slices.
+//!
+//! Shape legend used throughout (llm.c's): `b` = batch, `t` = sequence, `c` = channels,
+//! `nh` = heads, `hs` = head size (`c / nh`), `v` = vocabulary, `vp` = padded vocabulary,
+//! `m, k, n` = matmul dims.
+//!
+//! Every op is a pair of free functions, outputs first. Conventions, stated once:
+//! - forward functions overwrite their outputs;
+//! - backward functions **accumulate** (`+=`) into parameter gradients (so gradient
+//!   accumulation needs no extra buffer) and **overwrite** activation gradients;
+//! - mismatched slice lengths are bugs and panic with a message naming the slice.
+//!
+//! Parallelism is always an explicit [`Par`] argument; there is no global pool. Threads are
+//! scoped (`std::thread::scope`) per call, which costs tens of microseconds per call; see
+//! `docs/runtime.md`.
+//!
+//! This crate knows nothing about layers, ranks or models. It has no error enum: nothing a user
+//! supplies reaches these functions unchecked (the `model` crate validates), so every failure
+//! here is a bug and panics.
+
+// Kernels take many slices by design (outputs first, then inputs, then dims), as llm.c does.
+#![allow(clippy::too_many_arguments)]
+
+pub mod adamw;
+pub mod attention;
+pub mod crossentropy;
+pub mod encoder;
+pub mod fastmath;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+pub mod residual;
+pub mod rng;
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+use std::ops::Range;
+
+/// How many threads a kernel may use. Always passed explicitly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Par {
+    /// Run on the calling thread only.
+    Seq,
+    /// Split the work over this many threads (the caller's thread counts as one); must be ≥ 1.
+    Threads(usize),
+}
+
+impl Par {
+    /// The number of threads this value allows (≥ 1).
+    pub fn threads(self) -> usize {
+        match self {
+            Par::Seq => 1,
+            Par::Threads(n) => {
+                assert!(n >= 1, "Par::Threads(n) needs n >= 1, got {n}");
+                n
+            }
+        }
+    }
+}
+
+/// Panics with a clear message when `slice_len != expected`.
+#[track_caller]
+pub(crate) fn check_len(name: &str, slice_len: usize, expected: usize) {
+    assert!(
+        slice_len == expected,
+        "{name}: length {slice_len}, expected {expected}"
+    );
+}
+
+/// Splits `rows` rows into at most `parts` contiguous ranges of near-equal size.
+pub(crate) fn split_rows(rows: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, rows.max(1));
+    let base = rows / parts;
+    let extra = rows % parts;
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for p in 0..parts {
+        let len = base + usize::from(p < extra);
+        out.push(start..start + len);
+        start += len;
+    }
+    out
+}
+
+/// Runs `f(row_range, out_rows)` over disjoint row chunks of `out` (row length `row_len`), on up
+/// to `par.threads()` threads, but only as many as keep each chunk at least `min_rows` rows.
+pub(crate) fn par_rows<F>(par: Par, out: &mut [f32], row_len: usize, min_rows: usize, f: F)
+where
+    F: Fn(Range<usize>, &mut [f32]) + Sync,
+{
+    let rows = out.len().checked_div(row_len).unwrap_or(0);
+    let threads = par.threads().min(rows / min_rows.max(1)).max(1);
+    if threads == 1 {
+        f(0..rows, out);
+        return;
+    }
+    let ranges = split_rows(rows, threads);
+    std::thread::scope(|s| {
+        let mut rest = out;
+        let mut jobs = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            let (head, tail) = rest.split_at_mut(r.len() * row_len);
+            rest = tail;
+            jobs.push((r.clone(), head));
+        }
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next();
+        for (r, chunk) in jobs {
+            let f = &f;
+            s.spawn(move || f(r, chunk));
+        }
+        if let Some((r, chunk)) = first {
+            f(r, chunk);
+        }
+    });
+}
+
+/// Like [`par_rows`], but over two outputs split by the same row ranges (row lengths `len_a`
+/// and `len_b`).
+pub(crate) fn par_rows2<F>(
+    par: Par,
+    rows: usize,
+    min_rows: usize,
+    a: &mut [f32],
+    len_a: usize,
+    b: &mut [f32],
+    len_b: usize,
+    f: F,
+) where
+    F: Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync,
+{
+    let threads = par.threads().min(rows / min_rows.max(1)).max(1);
+    if threads == 1 {
+        f(0..rows, a, b);
+        return;
+    }
+    let ranges = split_rows(rows, threads);
+    std::thread::scope(|s| {
+        let (mut rest_a, mut rest_b) = (a, b);
+        let mut jobs = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            let (ha, ta) = rest_a.split_at_mut(r.len() * len_a);
+            let (hb, tb) = rest_b.split_at_mut(r.len() * len_b);
+            rest_a = ta;
+            rest_b = tb;
+            jobs.push((r.clone(), ha, hb));
+        }
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next();
+        for (r, ca, cb) in jobs {
+            let f = &f;
+            s.spawn(move || f(r, ca, cb));
+        }
+        if let Some((r, ca, cb)) = first {
+            f(r, ca, cb);
+        }
+    });
+}
+
+/// Like [`par_rows2`], with three outputs, each given as `(slice, row_len)`.
+pub(crate) fn par_rows3<F>(
+    par: Par,
+    rows: usize,
+    min_rows: usize,
+    a: (&mut [f32], usize),
+    b: (&mut [f32], usize),
+    c: (&mut [f32], usize),
+    f: F,
+) where
+    F: Fn(Range<usize>, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+{
+    let threads = par.threads().min(rows / min_rows.max(1)).max(1);
+    let ((a, la), (b, lb), (c, lc)) = (a, b, c);
+    if threads == 1 {
+        f(0..rows, a, b, c);
+        return;
+    }
+    let ranges = split_rows(rows, threads);
+    std::thread::scope(|s| {
+        let (mut ra, mut rb, mut rc) = (a, b, c);
+        let mut jobs = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            let (ha, ta) = ra.split_at_mut(r.len() * la);
+            let (hb, tb) = rb.split_at_mut(r.len() * lb);
+            let (hc, tc) = rc.split_at_mut(r.len() * lc);
+            (ra, rb, rc) = (ta, tb, tc);
+            jobs.push((r.clone(), ha, hb, hc));
+        }
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next();
+        for (r, ja, jb, jc) in jobs {
+            let f = &f;
+            s.spawn(move || f(r, ja, jb, jc));
+        }
+        if let Some((r, ja, jb, jc)) = first {
+            f(r, ja, jb, jc);
+        }
+    });
+}

@@ -1,0 +1,348 @@
+//! Matmul forward/backward for a linear layer `out = inp · wᵀ + bias` (PyTorch's `nn.Linear`
+//! weight layout: `w` is (n, k), row-major).
+//!
+//! Shapes: `inp` (m, k), `w` (n, k), `bias` (n), `out` (m, n); `m` is usually `b*t`.
+//!
+//! The inner product is `matrixmultiply::sgemm` (single-threaded, arbitrary strides, so the
+//! transposes of backward cost nothing). We split the *output rows* across `Par` threads
+//! ourselves; every thread packs its own panels, which for our shapes (m = b*t ≥ 256) costs a few
+//! percent at most. See `docs/runtime.md` for why this library.
+
+use crate::{check_len, par_rows, par_rows2, Par};
+
+/// A strided matrix view: `rows × cols`, element (i, j) at `i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    /// A row-major (rows, cols) matrix with row stride `rs`.
+    pub fn rm(rows: usize, cols: usize, rs: usize) -> View {
+        View {
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+    /// The transpose of this view.
+    pub fn t(self) -> View {
+        View {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    /// One past the largest index touched (0 for an empty view).
+    fn extent(self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        }
+    }
+}
+
+/// `c = alpha · a · b + beta · c` on strided views, single-threaded. Panics when any view
+/// reaches past its slice or shapes disagree.
+#[track_caller]
+pub(crate) fn gemm(
+    c: &mut [f32],
+    cv: View,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    alpha: f32,
+    beta: f32,
+) {
+    assert!(
+        av.rows == cv.rows && bv.cols == cv.cols && av.cols == bv.rows,
+        "gemm: shapes ({}x{}) · ({}x{}) -> ({}x{})",
+        av.rows,
+        av.cols,
+        bv.rows,
+        bv.cols,
+        cv.rows,
+        cv.cols
+    );
+    assert!(av.extent() <= a.len(), "gemm: a view exceeds its slice");
+    assert!(bv.extent() <= b.len(), "gemm: b view exceeds its slice");
+    assert!(cv.extent() <= c.len(), "gemm: c view exceeds its slice");
+    if cv.rows == 0 || cv.cols == 0 {
+        return;
+    }
+    // SAFETY: the asserts above guarantee every index the views describe lies inside its slice,
+    // and `c` is borrowed mutably, so it cannot alias `a` or `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            cv.rows,
+            av.cols,
+            cv.cols,
+            alpha,
+            a.as_ptr(),
+            av.rs as isize,
+            av.cs as isize,
+            b.as_ptr(),
+            bv.rs as isize,
+            bv.cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            cv.rs as isize,
+            cv.cs as isize,
+        );
+    }
+}
+
+/// Minimum output rows per thread before we bother splitting.
+const MIN_ROWS: usize = 16;
+
+/// Forward: `out (m, n) = inp (m, k) · w (n, k)ᵀ + bias (n)`. Overwrites `out`.
+#[track_caller]
+pub fn matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    par: Par,
+) {
+    check_len("matmul_forward out", out.len(), m * n);
+    check_len("matmul_forward inp", inp.len(), m * k);
+    check_len("matmul_forward w", w.len(), n * k);
+    if let Some(b) = bias {
+        check_len("matmul_forward bias", b.len(), n);
+    }
+    par_rows(par, out, n, MIN_ROWS, |rows, out_rows| {
+        let beta = match bias {
+            Some(b) => {
+                for row in out_rows.chunks_exact_mut(n) {
+                    row.copy_from_slice(b);
+                }
+                1.0
+            }
+            None => 0.0,
+        };
+        let inp_rows = &inp[rows.start * k..rows.end * k];
+        gemm(
+            out_rows,
+            View::rm(rows.len(), n, n),
+            inp_rows,
+            View::rm(rows.len(), k, k),
+            w,
+            View::rm(n, k, k).t(),
+            1.0,
+            beta,
+        );
+    });
+}
+
+/// Backward of [`matmul_forward`]. Overwrites `d_inp (m, k) = d_out · w`; **accumulates**
+/// `d_w (n, k) += d_outᵀ · inp` and `d_bias (n) += Σ_rows d_out`.
+#[track_caller]
+pub fn matmul_backward(
+    d_inp: &mut [f32],
+    d_w: &mut [f32],
+    d_bias: Option<&mut [f32]>,
+    d_out: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    par: Par,
+) {
+    check_len("matmul_backward d_inp", d_inp.len(), m * k);
+    check_len("matmul_backward d_w", d_w.len(), n * k);
+    check_len("matmul_backward d_out", d_out.len(), m * n);
+    check_len("matmul_backward inp", inp.len(), m * k);
+    check_len("matmul_backward w", w.len(), n * k);
+    // d_inp rows split across threads: (m, n) · (n, k).
+    par_rows(par, d_inp, k, MIN_ROWS, |rows, d_rows| {
+        gemm(
+            d_rows,
+            View::rm(rows.len(), k, k),
+            &d_out[rows.start * n..rows.end * n],
+            View::rm(rows.len(), n, n),
+            w,
+            View::rm(n, k, k),
+            1.0,
+            0.0,
+        );
+    });
+    // d_w rows (output features) split across threads: (n, m) · (m, k), beta = 1 accumulates.
+    let dw_rows = |rows: std::ops::Range<usize>, dw: &mut [f32]| {
+        gemm(
+            dw,
+            View::rm(rows.len(), k, k),
+            &d_out[rows.start..],
+            View::rm(m, rows.len(), n).t(),
+            inp,
+            View::rm(m, k, k),
+            1.0,
+            1.0,
+        );
+    };
+    match d_bias {
+        Some(db) => {
+            check_len("matmul_backward d_bias", db.len(), n);
+            par_rows2(par, n, MIN_ROWS, d_w, k, db, 1, |rows, dw, db| {
+                dw_rows(rows.clone(), dw);
+                for row in d_out.chunks_exact(n) {
+                    for (acc, &g) in db.iter_mut().zip(&row[rows.clone()]) {
+                        *acc += g;
+                    }
+                }
+            });
+        }
+        None => par_rows(par, d_w, k, MIN_ROWS, dw_rows),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::testutil::{assert_close, check_grad, dot, randn};
+
+    fn naive_forward(
+        inp: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = bias.map_or(0.0f64, |b| b[j] as f64);
+                for p in 0..k {
+                    acc += inp[i * k + p] as f64 * w[j * k + p] as f64;
+                }
+                out[i * n + j] = acc as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn forward_matches_naive_for_all_thread_counts() {
+        let (m, k, n) = (67, 33, 45);
+        let mut rng = Rng::new(1);
+        let inp = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, 1.0);
+        let b = randn(&mut rng, n, 1.0);
+        let want = naive_forward(&inp, &w, Some(&b), m, k, n);
+        for par in [Par::Seq, Par::Threads(2), Par::Threads(3)] {
+            let mut out = vec![f32::NAN; m * n];
+            matmul_forward(&mut out, &inp, &w, Some(&b), m, k, n, par);
+            assert_close("matmul out", &out, &want, 1e-5, 1e-5);
+        }
+        let mut out = vec![f32::NAN; m * n];
+        matmul_forward(&mut out, &inp, &w, None, m, k, n, Par::Threads(2));
+        assert_close(
+            "matmul out (no bias)",
+            &out,
+            &naive_forward(&inp, &w, None, m, k, n),
+            1e-5,
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn backward_matches_naive_and_accumulates() {
+        let (m, k, n) = (40, 19, 37);
+        let mut rng = Rng::new(2);
+        let inp = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, 1.0);
+        let d_out = randn(&mut rng, m * n, 1.0);
+        let prior_dw = randn(&mut rng, n * k, 1.0);
+        let prior_db = randn(&mut rng, n, 1.0);
+        for par in [Par::Seq, Par::Threads(2), Par::Threads(4)] {
+            let mut d_inp = vec![f32::NAN; m * k];
+            let mut d_w = prior_dw.clone();
+            let mut d_b = prior_db.clone();
+            matmul_backward(
+                &mut d_inp,
+                &mut d_w,
+                Some(&mut d_b),
+                &d_out,
+                &inp,
+                &w,
+                m,
+                k,
+                n,
+                par,
+            );
+            let mut want_inp = vec![0.0; m * k];
+            let mut want_w = prior_dw.clone();
+            let mut want_b = prior_db.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    let g = d_out[i * n + j];
+                    want_b[j] += g;
+                    for p in 0..k {
+                        want_inp[i * k + p] += g * w[j * k + p];
+                        want_w[j * k + p] += g * inp[i * k + p];
+                    }
+                }
+            }
+            assert_close("d_inp", &d_inp, &want_inp, 1e-4, 1e-4);
+            assert_close("d_w", &d_w, &want_w, 1e-4, 1e-4);
+            assert_close("d_b", &d_b, &want_b, 1e-4, 1e-4);
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (m, k, n) = (5, 4, 3);
+        let mut rng = Rng::new(3);
+        let mut inp = randn(&mut rng, m * k, 1.0);
+        let mut w = randn(&mut rng, n * k, 1.0);
+        let mut b = randn(&mut rng, n, 1.0);
+        let r = randn(&mut rng, m * n, 1.0);
+        let mut d_inp = vec![0.0; m * k];
+        let mut d_w = vec![0.0; n * k];
+        let mut d_b = vec![0.0; n];
+        matmul_backward(
+            &mut d_inp,
+            &mut d_w,
+            Some(&mut d_b),
+            &r,
+            &inp,
+            &w,
+            m,
+            k,
+            n,
+            Par::Seq,
+        );
+        let f = |inp: &[f32], w: &[f32], b: &[f32]| {
+            let mut out = vec![0.0; m * n];
+            matmul_forward(&mut out, inp, w, Some(b), m, k, n, Par::Seq);
+            dot(&out, &r)
+        };
+        let (w0, b0) = (w.clone(), b.clone());
+        check_grad("d_inp", &mut inp, &d_inp, 100, 1e-2, 1e-3, |x| {
+            f(x, &w0, &b0)
+        });
+        let (i0, b0) = (inp.clone(), b.clone());
+        check_grad("d_w", &mut w, &d_w, 100, 1e-2, 1e-3, |x| f(&i0, x, &b0));
+        let (i0, w0) = (inp.clone(), w.clone());
+        check_grad("d_b", &mut b, &d_b, 100, 1e-2, 1e-3, |x| f(&i0, &w0, x));
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul_forward w: length")]
+    fn mismatched_sizes_panic_with_name() {
+        let mut out = vec![0.0; 4];
+        matmul_forward(&mut out, &[0.0; 4], &[0.0; 3], None, 2, 2, 2, Par::Seq);
+    }
+}

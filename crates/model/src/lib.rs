@@ -1,0 +1,28 @@
+//! scaletrain-model: GPT-2 (Radford et al. 2019) on flat `f32` buffers.
+//!
+//! - [`ModelConfig`] is validated user input; [`Shard`] says which part of the model one process
+//!   holds (a pipeline stage's layer range, a tensor-parallel rank).
+//! - [`ParamLayout`] maps names to `(offset, shape)` in one flat buffer, **contiguous per
+//!   layer** (embeddings, layer 0 … layer L-1, final norm), shared by parameters, gradients and
+//!   both AdamW moments.
+//! - [`forward`] / [`backward`] run over the shard's layer range, with the embedding on the first
+//!   stage and head + loss on the last. Backward accumulates into the gradient buffer.
+//! - [`Activations`] are allocated once per (micro-batch, sequence) shape; their size is
+//!   `plan::cpu_runtime::activation_bytes`, checked by a counting-allocator test.
+//!
+//! This crate never talks to the network: the tensor-parallel all-reduce is a [`TpReduce`]
+//! argument supplied by the caller ([`NoTp`] for a single rank).
+
+mod activations;
+mod config;
+mod error;
+mod layout;
+mod optim;
+mod step;
+
+pub use activations::Activations;
+pub use config::{ModelConfig, Shard};
+pub use error::ModelError;
+pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
+pub use optim::{AdamW, AdamWConfig};
+pub use step::{backward, forward, GradInput, NoTp, StageInput, TpReduce};

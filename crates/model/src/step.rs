@@ -1,0 +1,492 @@
+//! Forward and backward over a shard's layer range, read top to bottom (llm.c style).
+//!
+//! Legend: b = batch, t = sequence, bt = b*t, c = channels, cl = c / tp, nhl = heads / tp,
+//! v = vocabulary, vp = padded vocabulary.
+//!
+//! One block (pre-norm GPT-2), with Megatron's tensor-parallel operators (Shoeybi et al. 2019,
+//! §3): `f` = identity forward / all-reduce backward at the input of the column-parallel
+//! matmuls, `g` = all-reduce forward / identity backward after the row-parallel ones.
+//!
+//! ```text
+//! x ─► ln_1 ─f─► c_attn (cols) ─► attention ─► c_proj (rows, no bias) ─g─► + bias + x ─► res2
+//! res2 ─► ln_2 ─f─► c_fc (cols) ─► GELU ─► c_proj (rows, no bias) ─g─► + bias + res2 ─► res3
+//! ```
+
+use crate::activations::LayerActs;
+use crate::{Activations, ModelError, ParamLayout};
+use kernels::attention::{attention_backward, attention_forward};
+use kernels::crossentropy::{crossentropy_forward, crossentropy_softmax_backward_inplace};
+use kernels::encoder::{encoder_backward, encoder_forward};
+use kernels::gelu::{gelu_backward, gelu_forward};
+use kernels::layernorm::{layernorm_backward, layernorm_forward};
+use kernels::matmul::{matmul_backward, matmul_forward};
+use kernels::residual::{add_inplace, bias_residual_backward, bias_residual_forward};
+use kernels::Par;
+use std::ops::Range;
+
+/// The tensor-parallel all-reduce (sum) over this rank's group. Supplied by the caller so this
+/// crate never talks to the network.
+pub trait TpReduce {
+    /// Replaces `buf` with the elementwise sum of every rank's `buf`.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]);
+}
+
+/// A single tensor-parallel rank: the all-reduce is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoTp;
+
+impl TpReduce for NoTp {
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) {}
+}
+
+/// What a stage starts from.
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'a> {
+    /// Token ids (b, t), for the first stage.
+    Tokens(&'a [u32]),
+    /// Hidden state (b, t, c) from the previous stage.
+    Hidden(&'a [f32]),
+}
+
+/// Where a stage's backward starts.
+#[derive(Clone, Copy, Debug)]
+pub enum GradInput<'a> {
+    /// Last stage: targets (b, t) and the gradient of the objective w.r.t. each token's loss
+    /// (`1/(b·t)` for the mean over this micro-batch; divide further for accumulation).
+    Loss { targets: &'a [u32], d_loss: f32 },
+    /// Gradient (b, t, c) w.r.t. this stage's output, from the next stage.
+    Hidden(&'a [f32]),
+}
+
+fn check_tokens(
+    what: &'static str,
+    ids: &[u32],
+    acts: &Activations,
+    vocab: usize,
+) -> Result<(), ModelError> {
+    let expected = acts.b * acts.t;
+    if ids.len() != expected {
+        return Err(ModelError::InputShape {
+            what,
+            got: ids.len(),
+            expected,
+            b: acts.b,
+            t: acts.t,
+        });
+    }
+    match ids.iter().position(|&x| x as usize >= vocab) {
+        Some(index) => Err(ModelError::TokenOutOfRange {
+            what,
+            index,
+            token: ids[index],
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_hidden(
+    what: &'static str,
+    x: &[f32],
+    acts: &Activations,
+    c: usize,
+) -> Result<(), ModelError> {
+    let expected = acts.b * acts.t * c;
+    if x.len() != expected {
+        return Err(ModelError::InputShape {
+            what,
+            got: x.len(),
+            expected,
+            b: acts.b,
+            t: acts.t,
+        });
+    }
+    Ok(())
+}
+
+/// Forward over the shard. Fills `acts`; on the last stage computes the loss for `targets` and
+/// returns the mean over the b·t tokens. Panics on a caller bug (wrong buffer sizes, a hidden
+/// input on the first stage, missing targets on the last); returns an error for bad data.
+pub fn forward(
+    layout: &ParamLayout,
+    params: &[f32],
+    acts: &mut Activations,
+    input: StageInput<'_>,
+    targets: Option<&[u32]>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<Option<f32>, ModelError> {
+    assert_eq!(
+        params.len(),
+        layout.len(),
+        "forward: params length vs layout"
+    );
+    let cfg = &layout.cfg;
+    let (b, t, c) = (acts.b, acts.t, cfg.channels);
+    let (bt, tpn) = (b * t, layout.shard.tp_size);
+    let (cl, nhl, v, vp) = (
+        c / tpn,
+        cfg.n_head / tpn,
+        cfg.vocab_size,
+        cfg.padded_vocab(),
+    );
+    let p = |r: &Range<usize>| &params[r.clone()];
+    // Stage input.
+    match (input, &layout.embed) {
+        (StageInput::Tokens(tokens), Some(e)) => {
+            check_tokens("tokens", tokens, acts, v)?;
+            encoder_forward(&mut acts.input, tokens, p(&e.wte), p(&e.wpe), b, t, c);
+        }
+        (StageInput::Hidden(x), None) => {
+            check_hidden("hidden input", x, acts, c)?;
+            acts.input.copy_from_slice(x);
+        }
+        (StageInput::Tokens(_), None) => {
+            panic!("forward: tokens given to a stage without the embedding")
+        }
+        (StageInput::Hidden(_), Some(_)) => {
+            panic!("forward: hidden input given to the first stage")
+        }
+    }
+    if let Some(tg) = targets {
+        check_tokens("targets", tg, acts, v)?;
+    }
+    // Blocks.
+    for (i, lp) in layout.layers.iter().enumerate() {
+        let (done, rest) = acts.layers.split_at_mut(i);
+        let x: &[f32] = done.last().map_or(&acts.input, |prev| &prev.res3);
+        let a: &mut LayerActs = &mut rest[0];
+        let tmp = &mut acts.tmp;
+        layernorm_forward(
+            &mut a.ln1,
+            &mut a.ln1_mean,
+            &mut a.ln1_rstd,
+            x,
+            p(&lp.ln1_w),
+            p(&lp.ln1_b),
+            bt,
+            c,
+            par,
+        );
+        matmul_forward(
+            &mut a.qkv,
+            &a.ln1,
+            p(&lp.qkv_w),
+            Some(p(&lp.qkv_b)),
+            bt,
+            c,
+            3 * cl,
+            par,
+        );
+        attention_forward(&mut a.atty, &mut a.att, &a.qkv, b, t, cl, nhl, par);
+        matmul_forward(tmp, &a.atty, p(&lp.proj_w), None, bt, cl, c, par);
+        tp.all_reduce_sum(tmp); // g
+        bias_residual_forward(&mut a.res2, x, tmp, p(&lp.proj_b), bt, c, par);
+        layernorm_forward(
+            &mut a.ln2,
+            &mut a.ln2_mean,
+            &mut a.ln2_rstd,
+            &a.res2,
+            p(&lp.ln2_w),
+            p(&lp.ln2_b),
+            bt,
+            c,
+            par,
+        );
+        matmul_forward(
+            &mut a.fch,
+            &a.ln2,
+            p(&lp.fc_w),
+            Some(p(&lp.fc_b)),
+            bt,
+            c,
+            4 * cl,
+            par,
+        );
+        gelu_forward(&mut a.fch_gelu, &a.fch, par);
+        matmul_forward(tmp, &a.fch_gelu, p(&lp.fcproj_w), None, bt, 4 * cl, c, par);
+        tp.all_reduce_sum(tmp); // g
+        bias_residual_forward(&mut a.res3, &a.res2, tmp, p(&lp.fcproj_b), bt, c, par);
+    }
+    // Head and loss.
+    let Some(hp) = &layout.head else {
+        assert!(
+            targets.is_none(),
+            "forward: targets given to a stage without the head"
+        );
+        return Ok(None);
+    };
+    let targets = targets.expect("forward: the last stage needs targets");
+    let x: &[f32] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
+    let h = acts.head.as_mut().expect("activations built for a head");
+    layernorm_forward(
+        &mut h.lnf,
+        &mut h.lnf_mean,
+        &mut h.lnf_rstd,
+        x,
+        p(&hp.lnf_w),
+        p(&hp.lnf_b),
+        bt,
+        c,
+        par,
+    );
+    matmul_forward(&mut h.logits, &h.lnf, p(&hp.wte), None, bt, c, vp, par);
+    crossentropy_forward(
+        &mut h.losses,
+        &mut h.lse,
+        &h.logits,
+        targets,
+        bt,
+        v,
+        vp,
+        par,
+    );
+    let mean = h.losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64;
+    Ok(Some(mean as f32))
+}
+
+/// Backward over the shard, after [`forward`] on the same `acts`. **Accumulates** (`+=`) into
+/// `grads` (laid out like `params`), so micro-batches accumulate without an extra buffer; zero
+/// `grads` yourself between optimizer steps. Overwrites the activation gradients in `acts` (and
+/// the logits). On a non-first stage, [`Activations::d_input`] then holds the gradient to send
+/// back. `input` must be the forward's input (the first stage needs the tokens again).
+// Outputs first, then inputs, then execution settings: the llm.c shape, kept on purpose.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    layout: &ParamLayout,
+    params: &[f32],
+    grads: &mut [f32],
+    acts: &mut Activations,
+    input: StageInput<'_>,
+    grad_in: GradInput<'_>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<(), ModelError> {
+    assert_eq!(
+        params.len(),
+        layout.len(),
+        "backward: params length vs layout"
+    );
+    assert_eq!(
+        grads.len(),
+        layout.len(),
+        "backward: grads length vs layout"
+    );
+    let cfg = &layout.cfg;
+    let (b, t, c) = (acts.b, acts.t, cfg.channels);
+    let (bt, tpn) = (b * t, layout.shard.tp_size);
+    let (cl, nhl, v, vp) = (
+        c / tpn,
+        cfg.n_head / tpn,
+        cfg.vocab_size,
+        cfg.padded_vocab(),
+    );
+    let p = |r: &Range<usize>| &params[r.clone()];
+    let nl = layout.layers.len();
+    // Head: d_res ← ∂loss/∂(last block output).
+    match (grad_in, &layout.head) {
+        (GradInput::Loss { targets, d_loss }, Some(hp)) => {
+            check_tokens("targets", targets, acts, v)?;
+            let x: &[f32] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
+            let h = acts.head.as_mut().expect("activations built for a head");
+            crossentropy_softmax_backward_inplace(
+                &mut h.logits,
+                &h.lse,
+                targets,
+                d_loss,
+                bt,
+                v,
+                vp,
+                par,
+            );
+            matmul_backward(
+                &mut acts.d_ln,
+                &mut grads[hp.wte.clone()],
+                None,
+                &h.logits,
+                &h.lnf,
+                p(&hp.wte),
+                bt,
+                c,
+                vp,
+                par,
+            );
+            let [d_w, d_b] = disjoint_mut(grads, [hp.lnf_w.clone(), hp.lnf_b.clone()]);
+            layernorm_backward(
+                &mut acts.d_res,
+                d_w,
+                d_b,
+                &acts.d_ln,
+                x,
+                p(&hp.lnf_w),
+                &h.lnf_mean,
+                &h.lnf_rstd,
+                bt,
+                c,
+            );
+        }
+        (GradInput::Hidden(d_out), None) => {
+            check_hidden("output gradient", d_out, acts, c)?;
+            acts.d_res.copy_from_slice(d_out);
+        }
+        (GradInput::Loss { .. }, None) => {
+            panic!("backward: loss gradient given to a stage without the head")
+        }
+        (GradInput::Hidden(_), Some(_)) => {
+            panic!("backward: hidden gradient given to the last stage")
+        }
+    }
+    // Blocks, last to first. d_res holds ∂loss/∂(block output) on entry, ∂loss/∂(block input) on exit.
+    for i in (0..nl).rev() {
+        let lp = &layout.layers[i];
+        let (done, rest) = acts.layers.split_at_mut(i);
+        let x: &[f32] = done.last().map_or(&acts.input, |prev| &prev.res3);
+        let a = &rest[0];
+        let [g_ln1_w, g_ln1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_ln2_w, g_ln2_b, g_fc_w, g_fc_b, g_fcproj_w, g_fcproj_b] =
+            disjoint_mut(
+                grads,
+                [
+                    lp.ln1_w.clone(),
+                    lp.ln1_b.clone(),
+                    lp.qkv_w.clone(),
+                    lp.qkv_b.clone(),
+                    lp.proj_w.clone(),
+                    lp.proj_b.clone(),
+                    lp.ln2_w.clone(),
+                    lp.ln2_b.clone(),
+                    lp.fc_w.clone(),
+                    lp.fc_b.clone(),
+                    lp.fcproj_w.clone(),
+                    lp.fcproj_b.clone(),
+                ],
+            );
+        let d_fch_gelu = &mut acts.d_big1[..bt * 4 * cl];
+        let d_fch = &mut acts.d_big2[..bt * 4 * cl];
+        // MLP: res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))) + bias
+        bias_residual_backward(g_fcproj_b, &acts.d_res, bt, c);
+        matmul_backward(
+            d_fch_gelu,
+            g_fcproj_w,
+            None,
+            &acts.d_res,
+            &a.fch_gelu,
+            p(&lp.fcproj_w),
+            bt,
+            4 * cl,
+            c,
+            par,
+        );
+        gelu_backward(d_fch, &a.fch, d_fch_gelu, par);
+        matmul_backward(
+            &mut acts.d_ln,
+            g_fc_w,
+            Some(g_fc_b),
+            d_fch,
+            &a.ln2,
+            p(&lp.fc_w),
+            bt,
+            c,
+            4 * cl,
+            par,
+        );
+        tp.all_reduce_sum(&mut acts.d_ln); // f
+        layernorm_backward(
+            &mut acts.tmp,
+            g_ln2_w,
+            g_ln2_b,
+            &acts.d_ln,
+            &a.res2,
+            p(&lp.ln2_w),
+            &a.ln2_mean,
+            &a.ln2_rstd,
+            bt,
+            c,
+        );
+        add_inplace(&mut acts.d_res, &acts.tmp, par);
+        // Attention: res2 = x + c_proj(attention(c_attn(ln_1(x)))) + bias
+        let d_atty = &mut acts.d_big1[..bt * cl];
+        let d_qkv = &mut acts.d_big2[..bt * 3 * cl];
+        bias_residual_backward(g_proj_b, &acts.d_res, bt, c);
+        matmul_backward(
+            d_atty,
+            g_proj_w,
+            None,
+            &acts.d_res,
+            &a.atty,
+            p(&lp.proj_w),
+            bt,
+            cl,
+            c,
+            par,
+        );
+        attention_backward(
+            d_qkv,
+            &mut acts.d_att,
+            d_atty,
+            &a.qkv,
+            &a.att,
+            b,
+            t,
+            cl,
+            nhl,
+            par,
+        );
+        matmul_backward(
+            &mut acts.d_ln,
+            g_qkv_w,
+            Some(g_qkv_b),
+            d_qkv,
+            &a.ln1,
+            p(&lp.qkv_w),
+            bt,
+            c,
+            3 * cl,
+            par,
+        );
+        tp.all_reduce_sum(&mut acts.d_ln); // f
+        layernorm_backward(
+            &mut acts.tmp,
+            g_ln1_w,
+            g_ln1_b,
+            &acts.d_ln,
+            x,
+            p(&lp.ln1_w),
+            &a.ln1_mean,
+            &a.ln1_rstd,
+            bt,
+            c,
+        );
+        add_inplace(&mut acts.d_res, &acts.tmp, par);
+    }
+    // Embedding.
+    match (input, &layout.embed) {
+        (StageInput::Tokens(tokens), Some(e)) => {
+            check_tokens("tokens", tokens, acts, v)?;
+            let [d_wte, d_wpe] = disjoint_mut(grads, [e.wte.clone(), e.wpe.clone()]);
+            encoder_backward(d_wte, d_wpe, &acts.d_res, tokens, b, t, c);
+        }
+        (StageInput::Hidden(_), None) => {} // d_res is the gradient to send back
+        _ => panic!("backward: stage input kind does not match the layout"),
+    }
+    Ok(())
+}
+
+/// Disjoint mutable sub-slices of `buf` for ranges given in increasing, non-overlapping order.
+#[track_caller]
+fn disjoint_mut<const N: usize>(buf: &mut [f32], ranges: [Range<usize>; N]) -> [&mut [f32]; N] {
+    let mut rest = buf;
+    let mut consumed = 0;
+    let mut out: [&mut [f32]; N] = std::array::from_fn(|_| Default::default());
+    for (slot, r) in out.iter_mut().zip(ranges) {
+        assert!(
+            r.start >= consumed && r.start <= r.end,
+            "disjoint_mut: ranges must increase"
+        );
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - consumed);
+        let (mid, tail) = tail.split_at_mut(r.len());
+        *slot = mid;
+        rest = tail;
+        consumed = r.end;
+    }
+    out
+}

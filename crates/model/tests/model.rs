@@ -1,0 +1,404 @@
+//! Whole-model checks: finite differences through forward/backward, tensor-parallel shards
+//! reproduce the full model, pipeline stages compose to the full model, backward accumulates.
+
+use kernels::rng::Rng;
+use kernels::Par;
+use model::{
+    backward, forward, Activations, GradInput, ModelConfig, NoTp, ParamLayout, Shard, StageInput,
+    TpReduce,
+};
+use std::sync::{Arc, Barrier, Mutex};
+
+fn tiny() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 50,
+        max_seq_len: 8,
+        n_layer: 3,
+        n_head: 4,
+        channels: 16,
+    }
+}
+
+fn data(cfg: &ModelConfig, n: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = Rng::new(seed);
+    let v = cfg.vocab_size as u64;
+    (
+        (0..n).map(|_| rng.below(v) as u32).collect(),
+        (0..n).map(|_| rng.below(v) as u32).collect(),
+    )
+}
+
+/// Parameters with larger values than GPT-2's init, so gradients are well above f32 noise.
+fn big_params(layout: &ParamLayout, seed: u64) -> Vec<f32> {
+    let mut p = layout.init_params(seed);
+    let mut rng = Rng::new(seed + 1);
+    for x in p.iter_mut() {
+        *x += 0.3 * rng.normal() as f32;
+    }
+    p
+}
+
+fn loss_and_grads(
+    layout: &ParamLayout,
+    params: &[f32],
+    b: usize,
+    t: usize,
+    tokens: &[u32],
+    targets: &[u32],
+) -> (f32, Vec<f32>) {
+    let mut acts = Activations::new(layout, b, t);
+    let loss = forward(
+        layout,
+        params,
+        &mut acts,
+        StageInput::Tokens(tokens),
+        Some(targets),
+        Par::Threads(2),
+        &mut NoTp,
+    )
+    .unwrap()
+    .unwrap();
+    let mut grads = vec![0.0; layout.len()];
+    let d_loss = 1.0 / (b * t) as f32;
+    backward(
+        layout,
+        params,
+        &mut grads,
+        &mut acts,
+        StageInput::Tokens(tokens),
+        GradInput::Loss { targets, d_loss },
+        Par::Threads(2),
+        &mut NoTp,
+    )
+    .unwrap();
+    (loss, grads)
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences() {
+    let cfg = tiny();
+    let layout = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (b, t) = (2, 5);
+    let (tokens, targets) = data(&cfg, b * t, 1);
+    let mut params = big_params(&layout, 3);
+    // padded vocabulary rows stay zero (they carry no loss)
+    let wte = layout.embed.as_ref().unwrap().wte.clone();
+    params[wte.start + 50 * 16..wte.end].fill(0.0);
+    let (_, grads) = loss_and_grads(&layout, &params, b, t, &tokens, &targets);
+    assert!(
+        grads[wte.start + 50 * 16..wte.end]
+            .iter()
+            .all(|&g| g == 0.0),
+        "padded rows got gradient"
+    );
+    let mut rng = Rng::new(9);
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    for tensor in &layout.tensors {
+        let r = tensor.range();
+        for _ in 0..4 {
+            let i = r.start + rng.below(r.len() as u64) as usize;
+            if i >= wte.start + 50 * 16 && i < wte.end {
+                continue;
+            }
+            let orig = params[i];
+            let mut eval = |x: f32| {
+                params[i] = x;
+                let mut acts = Activations::new(&layout, b, t);
+                let l = forward(
+                    &layout,
+                    &params,
+                    &mut acts,
+                    StageInput::Tokens(&tokens),
+                    Some(&targets),
+                    Par::Seq,
+                    &mut NoTp,
+                );
+                l.unwrap().unwrap() as f64
+            };
+            let numeric = (eval(orig + eps) - eval(orig - eps)) / (2.0 * eps as f64);
+            params[i] = orig;
+            let analytic = grads[i] as f64;
+            assert!(
+                (analytic - numeric).abs() <= 2e-3 + 2e-2 * numeric.abs(),
+                "{}[{}]: analytic {analytic}, finite-difference {numeric}",
+                tensor.name,
+                i - r.start
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 100);
+}
+
+/// An all-reduce among threads for the test (the real one lives in `comm`).
+struct ThreadSum {
+    shared: Arc<(Mutex<Vec<f32>>, Barrier)>,
+    rank: usize,
+}
+
+impl TpReduce for ThreadSum {
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) {
+        let (sum, barrier) = &*self.shared;
+        if self.rank == 0 {
+            let mut s = sum.lock().unwrap();
+            s.clear();
+            s.resize(buf.len(), 0.0);
+        }
+        barrier.wait();
+        {
+            let mut s = sum.lock().unwrap();
+            for (a, &x) in s.iter_mut().zip(buf.iter()) {
+                *a += x;
+            }
+        }
+        barrier.wait();
+        buf.copy_from_slice(&sum.lock().unwrap());
+        barrier.wait();
+    }
+}
+
+#[test]
+fn tensor_parallel_shards_sum_to_the_full_model() {
+    let cfg = tiny();
+    let full = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (b, t) = (2, 6);
+    let (tokens, targets) = data(&cfg, b * t, 2);
+    let params = full.init_params(5);
+    let (loss, grads) = loss_and_grads(&full, &params, b, t, &tokens, &targets);
+    for tp in [2, 4] {
+        let shared = Arc::new((Mutex::new(Vec::new()), Barrier::new(tp)));
+        let results: Vec<(usize, f32, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..tp)
+                .map(|rank| {
+                    let (full, params, grads, tokens, targets, cfg) =
+                        (&full, &params, &grads, &tokens, &targets, &cfg);
+                    let mut reduce = ThreadSum {
+                        shared: shared.clone(),
+                        rank,
+                    };
+                    s.spawn(move || {
+                        let shard = Shard {
+                            tp_rank: rank,
+                            tp_size: tp,
+                            ..Shard::full(cfg)
+                        };
+                        let layout = ParamLayout::new(cfg, &shard).unwrap();
+                        let mut p = vec![0.0; layout.len()];
+                        layout.shard_from_full(&mut p, full, params);
+                        let mut want = vec![0.0; layout.len()];
+                        layout.shard_from_full(&mut want, full, grads);
+                        let mut acts = Activations::new(&layout, b, t);
+                        let l = forward(
+                            &layout,
+                            &p,
+                            &mut acts,
+                            StageInput::Tokens(tokens),
+                            Some(targets),
+                            Par::Seq,
+                            &mut reduce,
+                        )
+                        .unwrap()
+                        .unwrap();
+                        let mut g = vec![0.0; layout.len()];
+                        let gi = GradInput::Loss {
+                            targets,
+                            d_loss: 1.0 / (b * t) as f32,
+                        };
+                        backward(
+                            &layout,
+                            &p,
+                            &mut g,
+                            &mut acts,
+                            StageInput::Tokens(tokens),
+                            gi,
+                            Par::Seq,
+                            &mut reduce,
+                        )
+                        .unwrap();
+                        (rank, l, g, want)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, l, g, want) in results {
+            assert!(
+                (l - loss).abs() < 1e-5,
+                "tp {tp} rank {rank}: loss {l} vs full {loss}"
+            );
+            for (i, (&a, &w)) in g.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - w).abs() <= 1e-5 + 1e-3 * w.abs(),
+                    "tp {tp} rank {rank}: grad[{i}] {a} vs full {w}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pipeline_stages_compose_to_the_full_model() {
+    let cfg = tiny();
+    let full = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (b, t) = (2, 7);
+    let (tokens, targets) = data(&cfg, b * t, 3);
+    let params = full.init_params(6);
+    let (loss, grads) = loss_and_grads(&full, &params, b, t, &tokens, &targets);
+    let s0 = Shard {
+        layers: 0..1,
+        has_head: false,
+        ..Shard::full(&cfg)
+    };
+    let s1 = Shard {
+        layers: 1..3,
+        has_embedding: false,
+        ..Shard::full(&cfg)
+    };
+    let (l0, l1) = (
+        ParamLayout::new(&cfg, &s0).unwrap(),
+        ParamLayout::new(&cfg, &s1).unwrap(),
+    );
+    // stage 0's buffer is a prefix of the full buffer: contiguity per layer
+    assert_eq!(l0.len(), full.layer_range(0).end);
+    let (mut p0, mut p1) = (vec![0.0; l0.len()], vec![0.0; l1.len()]);
+    l0.shard_from_full(&mut p0, &full, &params);
+    l1.shard_from_full(&mut p1, &full, &params);
+    let (mut a0, mut a1) = (Activations::new(&l0, b, t), Activations::new(&l1, b, t));
+    let none = forward(
+        &l0,
+        &p0,
+        &mut a0,
+        StageInput::Tokens(&tokens),
+        None,
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap();
+    assert!(none.is_none());
+    let hidden = a0.output().to_vec();
+    let l = forward(
+        &l1,
+        &p1,
+        &mut a1,
+        StageInput::Hidden(&hidden),
+        Some(&targets),
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        l, loss,
+        "pipeline loss must be bitwise equal to the full model's"
+    );
+    let (mut g0, mut g1) = (vec![0.0; l0.len()], vec![0.0; l1.len()]);
+    let gi = GradInput::Loss {
+        targets: &targets,
+        d_loss: 1.0 / (b * t) as f32,
+    };
+    backward(
+        &l1,
+        &p1,
+        &mut g1,
+        &mut a1,
+        StageInput::Hidden(&hidden),
+        gi,
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap();
+    let d_hidden = a1.d_input().to_vec();
+    backward(
+        &l0,
+        &p0,
+        &mut g0,
+        &mut a0,
+        StageInput::Tokens(&tokens),
+        GradInput::Hidden(&d_hidden),
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap();
+    // Tied embedding: the full wte gradient is stage 0's plus stage 1's lm_head copy.
+    let wte_full = full.tensor("wte").unwrap().range();
+    let head = l1.tensor("lm_head.weight").unwrap().range();
+    for (k, i) in wte_full.enumerate() {
+        let sum = g0[i] + g1[head.start + k];
+        assert!(
+            (sum - grads[i]).abs() <= 1e-6 + 1e-4 * grads[i].abs(),
+            "wte[{k}]: {sum} vs {}",
+            grads[i]
+        );
+    }
+    for tensor in l1.tensors.iter().filter(|t| t.name != "lm_head.weight") {
+        let src = full.tensor(&tensor.name).unwrap().range();
+        assert_eq!(&g1[tensor.range()], &grads[src], "{}", tensor.name);
+    }
+}
+
+#[test]
+fn backward_accumulates_and_bad_tokens_are_errors() {
+    let cfg = tiny();
+    let layout = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (b, t) = (1, 4);
+    let (tokens, targets) = data(&cfg, b * t, 4);
+    let params = layout.init_params(7);
+    let (_, g1) = loss_and_grads(&layout, &params, b, t, &tokens, &targets);
+    let mut acts = Activations::new(&layout, b, t);
+    let mut g = g1.clone();
+    forward(
+        &layout,
+        &params,
+        &mut acts,
+        StageInput::Tokens(&tokens),
+        Some(&targets),
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap();
+    let gi = GradInput::Loss {
+        targets: &targets,
+        d_loss: 0.25,
+    };
+    backward(
+        &layout,
+        &params,
+        &mut g,
+        &mut acts,
+        StageInput::Tokens(&tokens),
+        gi,
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap();
+    for (a, w) in g.iter().zip(&g1) {
+        assert!((a - 2.0 * w).abs() <= 1e-6 + 1e-5 * w.abs());
+    }
+    let bad = [1u32, 2, 50, 3];
+    let err = forward(
+        &layout,
+        &params,
+        &mut acts,
+        StageInput::Tokens(&bad),
+        Some(&targets),
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "tokens[2] = 50 is not below the vocabulary size 50"
+    );
+    let err = forward(
+        &layout,
+        &params,
+        &mut acts,
+        StageInput::Tokens(&bad[..3]),
+        Some(&targets),
+        Par::Seq,
+        &mut NoTp,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("tokens has 3 elements"), "{err}");
+}

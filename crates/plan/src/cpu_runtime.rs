@@ -1,0 +1,190 @@
+//! Memory profile of the scaletrain CPU runtime (`crates/model`): exactly the `f32` buffers it
+//! allocates, as pure functions over plain numbers. `crates/model` sizes its buffers from its
+//! own layout walk and a test (`model/tests/allocation.rs`, counting global allocator) checks
+//! real allocations against these formulas within 1%.
+//!
+//! Legend: b = micro-batch, t = sequence, c = channels, cl = c / tp (local channels),
+//! nhl = heads / tp, vp = vocabulary padded to a multiple of 64, L = layers held by this stage.
+//!
+//! What the runtime stores (GPT-2, pre-norm, tied LM head; Radford et al. 2019):
+//! - parameters, gradients: one `f32` each per parameter; AdamW moments: two (Loshchilov &
+//!   Hutter 2019). No master copies: the runtime trains in f32.
+//! - activations saved for backward, per layer (cf. Korthikanti et al. 2022, §4.1, which counts
+//!   the same tensors for half precision; we keep f32 and store the softmax probabilities but
+//!   not the pre-softmax scores, and no dropout masks):
+//!   `ln1, res2, ln2, res3` (4·btc) + `ln1/ln2 mean, rstd` (4·bt) + `qkv` (3·bt·cl) +
+//!   `atty` (bt·cl) + `att` (b·nhl·t²) + `fch, fch_gelu` (8·bt·cl).
+//! - the stage input (btc); on the last stage `lnf` (btc), its mean/rstd (2·bt), `logits`
+//!   (bt·vp, turned into their gradient in place), per-token `losses` and `lse` (2·bt).
+//! - scratch shared by all layers: `tmp` (btc, the row-parallel partial in forward, the
+//!   layernorm input gradient in backward), `d_res`, `d_ln` (2·btc), two (bt·4cl) buffers for
+//!   MLP/attention gradients and `d_att` (b·t²).
+
+/// Model dimensions as the CPU runtime sees them for one pipeline stage and one
+/// tensor-parallel rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuRuntimeDims {
+    /// Vocabulary padded to a multiple of 64 (`vp`).
+    pub padded_vocab: u64,
+    /// Maximum sequence length (rows of the position embedding).
+    pub max_seq_len: u64,
+    /// Model width `c`.
+    pub channels: u64,
+    /// Attention heads in the whole model.
+    pub heads: u64,
+    /// Transformer layers held by this stage.
+    pub layers: u64,
+    /// Whether this stage holds the token/position embeddings (first stage).
+    pub has_embedding: bool,
+    /// Whether this stage holds the final norm, LM head and loss (last stage). When it does not
+    /// also hold the embedding, it keeps its own copy of the tied `wte` for the head.
+    pub has_head: bool,
+    /// Tensor-parallel degree `tp` (heads and MLP columns split `tp` ways).
+    pub tp: u64,
+}
+
+/// Bytes per stored element (`f32`).
+pub const F32_BYTES: u64 = 4;
+
+/// `vocab` rounded up to a multiple of 64, as the runtime pads it.
+pub fn padded_vocab(vocab: u64) -> u64 {
+    vocab.div_ceil(64) * 64
+}
+
+/// Parameters held by this stage/rank (elements).
+pub fn param_count(d: &CpuRuntimeDims) -> u64 {
+    let (c, cl) = (d.channels, d.channels / d.tp);
+    let embedding = d.padded_vocab * c + d.max_seq_len * c;
+    let per_layer = 2 * c          // ln_1 weight, bias
+        + 3 * cl * c + 3 * cl      // c_attn weight (3cl, c), bias
+        + c * cl + c               // attn c_proj weight (c, cl), bias (replicated)
+        + 2 * c                    // ln_2
+        + 4 * cl * c + 4 * cl      // c_fc weight (4cl, c), bias
+        + c * 4 * cl + c; // mlp c_proj weight (c, 4cl), bias (replicated)
+    let mut n = d.layers * per_layer;
+    if d.has_embedding {
+        n += embedding;
+    }
+    if d.has_head {
+        n += 2 * c; // ln_f
+        if !d.has_embedding {
+            n += d.padded_vocab * c; // own copy of the tied wte
+        }
+    }
+    n
+}
+
+/// Bytes of the parameter buffer.
+pub fn param_bytes(d: &CpuRuntimeDims) -> u64 {
+    F32_BYTES * param_count(d)
+}
+
+/// Bytes of the gradient buffer (same layout as the parameters).
+pub fn grad_bytes(d: &CpuRuntimeDims) -> u64 {
+    F32_BYTES * param_count(d)
+}
+
+/// Bytes of the AdamW state (`m` and `v`).
+pub fn optimizer_bytes(d: &CpuRuntimeDims) -> u64 {
+    2 * F32_BYTES * param_count(d)
+}
+
+/// Elements of the activation buffers saved between forward and backward.
+pub fn saved_activation_count(d: &CpuRuntimeDims, batch: u64, seq: u64) -> u64 {
+    let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
+    let bt = batch * seq;
+    let per_layer =
+        4 * bt * c + 4 * bt + 3 * bt * cl + bt * cl + batch * nhl * seq * seq + 8 * bt * cl;
+    let mut n = bt * c + d.layers * per_layer;
+    if d.has_head {
+        n += bt * c + 2 * bt + bt * d.padded_vocab + 2 * bt;
+    }
+    n
+}
+
+/// Elements of the scratch buffers shared across layers (forward partials, backward gradients).
+pub fn scratch_activation_count(d: &CpuRuntimeDims, batch: u64, seq: u64) -> u64 {
+    let (c, cl) = (d.channels, d.channels / d.tp);
+    let bt = batch * seq;
+    3 * bt * c + 2 * bt * 4 * cl + batch * seq * seq
+}
+
+/// Bytes of all activation buffers for one (micro-batch, sequence) shape: saved + scratch.
+pub fn activation_bytes(d: &CpuRuntimeDims, batch: u64, seq: u64) -> u64 {
+    F32_BYTES * (saved_activation_count(d, batch, seq) + scratch_activation_count(d, batch, seq))
+}
+
+/// The CPU runtime's memory for one stage/rank, by category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuRuntimeMemory {
+    /// Parameter buffer.
+    pub param_bytes: u64,
+    /// Gradient buffer.
+    pub grad_bytes: u64,
+    /// AdamW `m` and `v`.
+    pub optimizer_bytes: u64,
+    /// Activations for one micro-batch shape (saved + scratch).
+    pub activation_bytes: u64,
+}
+
+impl CpuRuntimeMemory {
+    /// Sum of all categories.
+    pub fn total_bytes(&self) -> u64 {
+        self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+    }
+}
+
+/// The "scaletrain CPU runtime" memory profile for one stage/rank and micro-batch shape.
+pub fn memory(d: &CpuRuntimeDims, batch: u64, seq: u64) -> CpuRuntimeMemory {
+    CpuRuntimeMemory {
+        param_bytes: param_bytes(d),
+        grad_bytes: grad_bytes(d),
+        optimizer_bytes: optimizer_bytes(d),
+        activation_bytes: activation_bytes(d, batch, seq),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpt2_small() -> CpuRuntimeDims {
+        CpuRuntimeDims {
+            padded_vocab: padded_vocab(50257),
+            max_seq_len: 1024,
+            channels: 768,
+            heads: 12,
+            layers: 12,
+            has_embedding: true,
+            has_head: true,
+            tp: 1,
+        }
+    }
+
+    #[test]
+    fn gpt2_small_has_124m_parameters_plus_padding() {
+        // GPT-2 small: 124,439,808 parameters with vocab 50257 (nanoGPT); padding to 50304
+        // adds 47 · 768 = 36,096.
+        assert_eq!(padded_vocab(50257), 50304);
+        assert_eq!(param_count(&gpt2_small()), 124_439_808 + 47 * 768);
+    }
+
+    #[test]
+    fn tensor_parallel_shards_split_the_layer_matrices() {
+        let full = gpt2_small();
+        let shard = CpuRuntimeDims { tp: 4, ..full };
+        let c = 768;
+        let per_layer_split = 12 * c * c + 3 * c + 4 * c; // matrices + column-split biases
+                                                          // norms and row-parallel biases stay replicated, so only the split part shrinks.
+        let expected = param_count(&full) - 12 * per_layer_split * 3 / 4;
+        assert_eq!(param_count(&shard), expected);
+    }
+
+    #[test]
+    fn activations_grow_linearly_in_batch() {
+        let d = gpt2_small();
+        let a1 = activation_bytes(&d, 1, 256);
+        let a2 = activation_bytes(&d, 2, 256);
+        assert_eq!(a2, 2 * a1);
+    }
+}
