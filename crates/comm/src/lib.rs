@@ -6,7 +6,7 @@
 //! This crate knows nothing about models: buffers are flat `f32` slices and offset ranges.
 //!
 //! Guarantees on the built-in transports:
-//! - results are bitwise identical on every rank and equal to [`reference`] (a fixed order of
+//! - results are bitwise identical on every rank and equal to [`mod@reference`] (a fixed order of
 //!   summation per algorithm);
 //! - every frame carries magic, version, op, sequence number, sender rank and a bounded length;
 //! - every blocking call gives up after [`Config::timeout`] without progress; the first error is
