@@ -17,8 +17,7 @@ pub struct BenchCommArgs {
     /// Ranks (workers; parameter servers come on top with --algo ps).
     #[arg(long, default_value_t = 2)]
     pub nproc: usize,
-    /// threads, tcp or shm. MPI (build with `--features mpi`): run
-    /// `SCALETRAIN_TRANSPORT=mpi mpirun -n N scaletrain bench comm --transport mpi --worker`.
+    /// threads, tcp, shm, or mpi (runs the ranks under `mpirun`; needs a `--features mpi` build).
     #[arg(long, default_value = "tcp")]
     pub transport: String,
     /// ring, tree, auto or ps (parameter server, synchronous).
@@ -81,7 +80,7 @@ fn iters_for(bytes: usize, fixed: Option<usize>) -> usize {
 }
 
 /// One row of the results.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub bytes: usize,
     pub algo: String,
@@ -220,7 +219,8 @@ pub fn run(a: &BenchCommArgs) -> Result<()> {
             rows
         }
         "tcp" | "shm" => spawn_ranks(a, world)?,
-        other => bail!("--transport {other:?}: expected threads, tcp or shm"),
+        "mpi" => spawn_mpi(a)?,
+        other => bail!("--transport {other:?}: expected threads, tcp, shm or mpi"),
     };
     print(&rows, a.json)
 }
@@ -280,13 +280,7 @@ fn spawn_ranks(a: &BenchCommArgs, world: usize) -> Result<Vec<Row>> {
         );
     }
     let out = children[0].stdout.take().context("rank 0 output")?;
-    let mut rows = None;
-    for line in BufReader::new(out).lines() {
-        let line = line?;
-        if line.starts_with('[') {
-            rows = Some(serde_json::from_str::<Vec<serde_json::Value>>(&line)?);
-        }
-    }
+    let rows = read_rows(out);
     let mut failed = Vec::new();
     for (r, c) in children.iter_mut().enumerate() {
         let s = c.wait()?;
@@ -297,27 +291,45 @@ fn spawn_ranks(a: &BenchCommArgs, world: usize) -> Result<Vec<Row>> {
     if !failed.is_empty() {
         bail!("benchmark ranks failed: {}", failed.join(", "));
     }
-    let rows = rows.context("rank 0 printed no results")?;
-    rows.into_iter()
-        .map(|v| {
-            let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
-            Ok(Row {
-                bytes: f("bytes") as usize,
-                algo: v
-                    .get("algo")
-                    .and_then(|x| x.as_str())
-                    .unwrap_or_default()
-                    .into(),
-                transport: v
-                    .get("transport")
-                    .and_then(|x| x.as_str())
-                    .unwrap_or_default()
-                    .into(),
-                nproc: f("nproc") as usize,
-                latency_us: f("latency_us"),
-                algbw_gbps: f("algbw_gbps"),
-                busbw_gbps: f("busbw_gbps"),
-            })
-        })
-        .collect()
+    rows
+}
+
+/// The rows rank 0 prints (one JSON array on one line).
+fn read_rows(out: impl std::io::Read) -> Result<Vec<Row>> {
+    let mut rows = None;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        if line.starts_with("[{") || line == "[]" {
+            rows = Some(serde_json::from_str::<Vec<Row>>(&line)?);
+        }
+    }
+    rows.context("rank 0 printed no results")
+}
+
+/// `--transport mpi`: run this program's ranks under `mpirun` (needs a `--features mpi` build).
+fn spawn_mpi(a: &BenchCommArgs) -> Result<Vec<Row>> {
+    let exe = std::env::current_exe().context("locating this program")?;
+    let mut args: Vec<String> = vec![
+        "--oversubscribe".into(),
+        "-n".into(),
+        a.nproc.to_string(),
+        exe.display().to_string(),
+    ];
+    args.extend(std::env::args().skip(1));
+    args.push("--worker".into());
+    let mut child = Command::new("mpirun")
+        .args(&args)
+        .env("SCALETRAIN_TRANSPORT", "mpi")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting mpirun (apt-get install openmpi-bin)")?;
+    let rows = read_rows(child.stdout.take().context("mpirun output")?);
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("mpirun failed: {status}");
+    }
+    rows
 }
