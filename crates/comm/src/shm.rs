@@ -69,6 +69,9 @@ fn map(file: &std::fs::File, len: usize, rank: usize) -> Result<Region> {
 /// Join the job through shared memory (all ranks on this host).
 pub fn connect(env: &JobEnv) -> Result<Comm> {
     let (me, n) = (env.rank, env.world_size);
+    if env.local_world_size != n {
+        return Err(rdv(me, format!("the shm transport needs every rank on one host, but LOCAL_WORLD_SIZE is {} and WORLD_SIZE {n} (use tcp across hosts)", env.local_world_size)));
+    }
     let cfg = env.cfg.clone();
     let cap = crate::ring::ring_capacity(cfg.ring_bytes, n);
     let len = Region::bytes(n, cap);
