@@ -26,6 +26,10 @@ pub struct BenchCommArgs {
     /// Parameter servers for --algo ps.
     #[arg(long, default_value_t = 1)]
     pub servers: usize,
+    /// With --algo ps: asynchronous mode, a worker may run this many steps ahead of the slowest
+    /// (bounded staleness; workers then pull parameters, not a reduction). Default: synchronous.
+    #[arg(long)]
+    pub staleness: Option<usize>,
     /// Message sizes: `LO..HI` (multiplying by --factor) or a comma list; suffixes K, M, G (powers of 2).
     #[arg(long, default_value = "1K..256M")]
     pub sizes: String,
@@ -97,20 +101,16 @@ fn run_sizes<C: Communicator>(
     a: &BenchCommArgs,
     sizes: &[usize],
     workers: usize,
-    mut step: impl FnMut(&mut C, &mut [f32]) -> Result<()>,
+    mut step: impl FnMut(&mut C, &mut [f32], usize) -> Result<()>,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &bytes in sizes {
         let iters = iters_for(bytes, a.iters);
         let mut buf = vec![(c.rank() + 1) as f32; bytes / 4];
-        for _ in 0..2.min(iters) {
-            step(c, &mut buf)?;
-        }
+        step(c, &mut buf, 2.min(iters))?;
         c.barrier()?;
         let t0 = Instant::now();
-        for _ in 0..iters {
-            step(c, &mut buf)?;
-        }
+        step(c, &mut buf, iters)?;
         let mut secs = [t0.elapsed().as_secs_f64() as f32 / iters as f32];
         c.all_reduce(&mut secs, ReduceOp::Max)?;
         let t = secs[0] as f64;
@@ -132,19 +132,27 @@ fn run_sizes<C: Communicator>(
 fn measure(c: &mut Comm, a: &BenchCommArgs, sizes: &[usize]) -> Result<Vec<Row>> {
     if a.algo == "ps" {
         let layout = PsLayout::new(c.size(), a.servers)?;
-        return run_sizes(c, a, sizes, layout.workers, |c, buf| {
+        let mode = a
+            .staleness
+            .map_or(PsMode::Sync, |staleness| PsMode::Async { staleness });
+        return run_sizes(c, a, sizes, layout.workers, |c, buf, iters| {
             if layout.is_server(c.rank()) {
-                serve(c, &layout, PsMode::Sync, ReduceOp::Sum, buf.len(), 1)?;
+                serve(c, &layout, mode, ReduceOp::Sum, buf.len(), iters)?;
             } else {
-                worker_step(c, &layout, buf)?;
+                for _ in 0..iters {
+                    worker_step(c, &layout, buf)?;
+                }
             }
             Ok(())
         });
     }
     c.set_algorithm(a.algo.parse::<Algorithm>().map_err(anyhow::Error::msg)?);
     let n = c.size();
-    run_sizes(c, a, sizes, n, |c, buf| {
-        Ok(c.all_reduce(buf, ReduceOp::Sum)?)
+    run_sizes(c, a, sizes, n, |c, buf, iters| {
+        for _ in 0..iters {
+            c.all_reduce(buf, ReduceOp::Sum)?;
+        }
+        Ok(())
     })
 }
 
@@ -232,8 +240,11 @@ fn run_mpi(a: &BenchCommArgs, sizes: &[usize]) -> Result<()> {
     }
     let mut c = comm::mpi_comm::MpiComm::init()?;
     let n = c.size();
-    let rows = run_sizes(&mut c, a, sizes, n, |c, buf| {
-        Ok(c.all_reduce(buf, ReduceOp::Sum)?)
+    let rows = run_sizes(&mut c, a, sizes, n, |c, buf, iters| {
+        for _ in 0..iters {
+            c.all_reduce(buf, ReduceOp::Sum)?;
+        }
+        Ok(())
     })?;
     if c.rank() == 0 {
         println!("{}", serde_json::to_string(&rows)?);

@@ -227,3 +227,32 @@ fn launch_runs_a_communicating_job_with_servers() {
         "{so}"
     );
 }
+
+#[test]
+fn bench_comm_async_parameter_server() {
+    let (out, _) = run(&[
+        "bench",
+        "comm",
+        "--transport",
+        "shm",
+        "--algo",
+        "ps",
+        "--servers",
+        "2",
+        "--nproc",
+        "2",
+        "--staleness",
+        "1",
+        "--sizes",
+        "4K,256K",
+        "--iters",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = results(&text(&out.stdout));
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["algo"] == "ps"
+        && r["nproc"] == 2
+        && r["latency_us"].as_f64().is_some_and(|x| x > 0.0)));
+}
