@@ -5,8 +5,11 @@
 
 mod bench_plan;
 mod bench_train;
+mod data;
 mod report;
+mod sample;
 mod spec;
+mod train;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -39,6 +42,19 @@ enum Cmd {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Train a GPT on the CPU (default: a small model on the built-in synthetic corpus).
+    Train(Box<train::TrainArgs>),
+    /// Generate text from a checkpoint.
+    Sample(sample::SampleArgs),
+    /// Data preparation.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCmd {
+    /// Train (or load) a byte-level BPE tokenizer and write train/validation token files.
+    Prepare(data::PrepareArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +133,9 @@ fn main() -> ExitCode {
         Cmd::Presets(a) => run_presets(a),
         Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(*a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
+        Cmd::Train(a) => train::run(&a),
+        Cmd::Sample(a) => sample::run(&a),
+        Cmd::Data(DataCmd::Prepare(a)) => data::prepare(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
