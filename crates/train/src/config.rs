@@ -131,7 +131,7 @@ impl Default for OptimSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoopSection {
-    /// Optimizer steps in the whole run (default 600).
+    /// Optimizer steps in the whole run (default 2000).
     pub steps: u64,
     /// Sequences per micro-batch (default 16).
     pub batch_size: usize,
@@ -141,11 +141,11 @@ pub struct LoopSection {
     pub seed: u64,
     /// Kernel threads; 0 = all cores (default 0).
     pub threads: usize,
-    /// Validation loss every this many steps, and at the end; 0 = only at the end (default 100).
+    /// Validation loss every this many steps, and at the end; 0 = only at the end (default 250).
     pub eval_every: u64,
     /// Validation batches per evaluation (default 16).
     pub eval_batches: usize,
-    /// Checkpoint every this many steps, and at the end; 0 = only at the end (default 200).
+    /// Checkpoint every this many steps, and at the end; 0 = only at the end (default 500).
     pub checkpoint_every: u64,
     /// Newest checkpoints kept in the run folder; older ones are deleted (default 2).
     pub keep_checkpoints: usize,
@@ -159,14 +159,14 @@ pub struct LoopSection {
 impl Default for LoopSection {
     fn default() -> Self {
         LoopSection {
-            steps: 600,
+            steps: 2000,
             batch_size: 16,
             grad_accum: 1,
             seed: 1337,
             threads: 0,
-            eval_every: 100,
+            eval_every: 250,
             eval_batches: 16,
-            checkpoint_every: 200,
+            checkpoint_every: 500,
             keep_checkpoints: 2,
             patience: 0,
             min_delta: 1e-3,
