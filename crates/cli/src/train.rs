@@ -149,12 +149,13 @@ fn print_start(info: &StartInfo) {
     let p = &info.predicted;
     let t = &info.predicted_step;
     println!(
-        "predicted (plan::cpu_runtime): {} = weights {} + gradients {} + AdamW {} + activations {}",
+        "predicted (plan::cpu_runtime): {} = weights {} + gradients {} + AdamW {} + activations {}; allocated: {}",
         mib(p.total_bytes()),
         mib(p.param_bytes),
         mib(p.grad_bytes),
         mib(p.optimizer_bytes),
-        mib(p.activation_bytes)
+        mib(p.activation_bytes),
+        mib(info.allocated_bytes)
     );
     println!(
         "predicted (plan::cpu_time):    {:.1} ms/step = matmul {:.1} + elementwise {:.1} + AdamW {:.1} + threads {:.1}",

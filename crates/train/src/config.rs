@@ -90,9 +90,9 @@ pub struct DataSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimSection {
-    /// Peak learning rate, reached after warmup (default 3e-3).
+    /// Peak learning rate, reached after warmup (default 5e-3).
     pub lr: f32,
-    /// Final learning rate of the cosine decay (default 3e-4).
+    /// Final learning rate of the cosine decay (default 5e-4).
     pub min_lr: f32,
     /// Linear warmup steps from lr/warmup to lr (default 50).
     pub warmup_steps: u64,
@@ -114,8 +114,8 @@ pub struct OptimSection {
 impl Default for OptimSection {
     fn default() -> Self {
         OptimSection {
-            lr: 3e-3,
-            min_lr: 3e-4,
+            lr: 5e-3,
+            min_lr: 5e-4,
             warmup_steps: 50,
             decay_steps: None,
             weight_decay: 0.1,
@@ -131,7 +131,7 @@ impl Default for OptimSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoopSection {
-    /// Optimizer steps in the whole run (default 2000).
+    /// Optimizer steps in the whole run (default 1200).
     pub steps: u64,
     /// Sequences per micro-batch (default 16).
     pub batch_size: usize,
@@ -141,11 +141,11 @@ pub struct LoopSection {
     pub seed: u64,
     /// Kernel threads; 0 = all cores (default 0).
     pub threads: usize,
-    /// Validation loss every this many steps, and at the end; 0 = only at the end (default 250).
+    /// Validation loss every this many steps, and at the end; 0 = only at the end (default 200).
     pub eval_every: u64,
     /// Validation batches per evaluation (default 16).
     pub eval_batches: usize,
-    /// Checkpoint every this many steps, and at the end; 0 = only at the end (default 500).
+    /// Checkpoint every this many steps, and at the end; 0 = only at the end (default 400).
     pub checkpoint_every: u64,
     /// Newest checkpoints kept in the run folder; older ones are deleted (default 2).
     pub keep_checkpoints: usize,
@@ -159,14 +159,14 @@ pub struct LoopSection {
 impl Default for LoopSection {
     fn default() -> Self {
         LoopSection {
-            steps: 2000,
+            steps: 1200,
             batch_size: 16,
             grad_accum: 1,
             seed: 1337,
             threads: 0,
-            eval_every: 250,
+            eval_every: 200,
             eval_batches: 16,
-            checkpoint_every: 500,
+            checkpoint_every: 400,
             keep_checkpoints: 2,
             patience: 0,
             min_delta: 1e-3,

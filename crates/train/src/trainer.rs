@@ -227,9 +227,9 @@ pub fn run(
     ensure_writable_dir(out)?;
     let existing = checkpoint::list(out);
     if !opts.resume && !existing.is_empty() {
-        if opts.overwrite {
-            checkpoint::prune(out, 0);
-        } else {
+        // With --overwrite the old checkpoints are deleted only once everything is validated
+        // (below), so a bad config never costs an earlier run.
+        if !opts.overwrite {
             return Err(TrainError::Data(format!(
                 "{} already holds checkpoints (newest: step {}); pass --resume to continue that run, \
                  --overwrite to start afresh, or choose another --out",
@@ -284,6 +284,7 @@ pub fn run(
             }
             None => layout.init_params(cfg.train.seed),
         };
+        checkpoint::prune(out, 0);
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));
         TrainState {
             step: 0,
