@@ -234,11 +234,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let st = &s.start;
     println!("predicted vs measured:");
     println!(
-        "  memory: predicted buffers {} | allocated buffers {} | process peak RSS {} ({} before the model and data buffers)",
+        "  memory: predicted buffers {} | allocated buffers {} | process peak RSS {} = {} before the model (program + token streams) + {} after",
         mib(st.predicted.total_bytes()),
         mib(st.allocated_bytes),
         mib(s.peak_rss_bytes),
-        mib(st.rss_before_model_bytes)
+        mib(st.rss_before_model_bytes),
+        mib(s.peak_rss_bytes.saturating_sub(st.rss_before_model_bytes))
     );
     println!(
         "  step time: predicted {:.1} ms | measured {:.1} ms (median over {} steps), ratio measured/predicted {:.2}",

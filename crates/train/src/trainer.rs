@@ -99,7 +99,8 @@ pub struct StartInfo {
     pub predicted_step: plan::cpu_time::CpuStepTime,
     /// Bytes actually allocated for parameters, gradients, AdamW and activations.
     pub allocated_bytes: u64,
-    /// Resident memory before the model was allocated, bytes (Linux; 0 elsewhere).
+    /// Resident memory after the data was loaded, before the model was allocated, bytes
+    /// (Linux; 0 elsewhere).
     pub rss_before_model_bytes: u64,
     /// Checkpoints skipped while resuming, with the reason.
     pub warnings: Vec<String>,
@@ -140,8 +141,8 @@ pub struct RunSummary {
     pub early_stopped: bool,
     /// Wall time of this invocation's loop.
     pub wall_secs: f64,
-    /// Training tokens per second over the loop (all steps, including evaluation pauses? no:
-    /// step time only).
+    /// Training tokens per second: tokens trained / summed step wall time (evaluation and
+    /// checkpoint pauses excluded).
     pub tokens_per_sec: f64,
     /// Median step wall time.
     pub median_step_secs: f64,
