@@ -34,12 +34,14 @@
 use crate::config::{TrainConfig, RESUME_MAY_CHANGE};
 use crate::data::DataPosition;
 use crate::error::{io, TrainError};
-use crate::fsutil::{sha256_hex, write_atomic};
+use crate::fsutil::{sha256_hex, write_atomic, write_atomic_stream};
 use model::ParamLayout;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Manifest `format` value.
@@ -139,62 +141,94 @@ fn hf_name(name: &str) -> String {
     }
 }
 
-/// The HF tensors (name, shape, values) of a full-model layout.
-pub fn hf_tensors(layout: &ParamLayout, params: &[f32]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+/// The HF name and shape of each runtime tensor of a full-model layout, in buffer order.
+pub fn hf_names(layout: &ParamLayout) -> Vec<(String, Vec<usize>)> {
     layout
         .tensors
         .iter()
-        .map(|t| {
-            let x = &params[t.range()];
-            match hf_map(layout, &t.name) {
-                Map::Same => (hf_name(&t.name), t.shape.clone(), x.to_vec()),
-                Map::DropPadding(v) => {
-                    let c = t.shape[1];
-                    (hf_name(&t.name), vec![v, c], x[..v * c].to_vec())
-                }
-                Map::Transpose => {
-                    let (r, c) = (t.shape[0], t.shape[1]);
-                    let mut out = vec![0.0f32; r * c];
-                    for i in 0..r {
-                        for j in 0..c {
-                            out[j * r + i] = x[i * c + j];
-                        }
-                    }
-                    (hf_name(&t.name), vec![c, r], out)
-                }
-            }
+        .map(|t| match hf_map(layout, &t.name) {
+            Map::Same => (hf_name(&t.name), t.shape.clone()),
+            Map::DropPadding(v) => (hf_name(&t.name), vec![v, t.shape[1]]),
+            Map::Transpose => (hf_name(&t.name), vec![t.shape[1], t.shape[0]]),
         })
         .collect()
 }
 
-fn f32_bytes(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// The values of runtime tensor `i` in HF layout: borrowed unless it must be transposed.
+fn hf_values<'a>(layout: &ParamLayout, params: &'a [f32], i: usize) -> Cow<'a, [f32]> {
+    let t = &layout.tensors[i];
+    let x = &params[t.range()];
+    match hf_map(layout, &t.name) {
+        Map::Same => Cow::Borrowed(x),
+        Map::DropPadding(v) => Cow::Borrowed(&x[..v * t.shape[1]]),
+        Map::Transpose => {
+            let (r, c) = (t.shape[0], t.shape[1]);
+            let mut out = vec![0.0f32; r * c];
+            for i in 0..r {
+                for j in 0..c {
+                    out[j * r + i] = x[i * c + j];
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
 }
 
-fn serialize(
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    metadata: HashMap<String, String>,
-) -> Vec<u8> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, s, x)| (n.clone(), s.clone(), f32_bytes(x)))
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            let v = TensorView::new(Dtype::F32, s.clone(), b)
-                .expect("shape and byte length agree by construction");
-            (n.clone(), v)
-        })
-        .collect();
-    safetensors::serialize(views, &Some(metadata)).expect("serialising in-memory f32 tensors")
+/// Streams a safetensors file (F32 tensors only): an 8-byte little-endian header length, the
+/// JSON header (names, shapes, byte offsets, metadata) padded with spaces to a multiple of 8,
+/// then each tensor's little-endian bytes, in order. Tensor `i`'s values come from `values(i)`
+/// one at a time, so no copy of the whole file is ever held in memory.
+fn write_safetensors<'a>(
+    w: &mut dyn Write,
+    names: &[(String, Vec<usize>)],
+    metadata: &HashMap<String, String>,
+    values: impl Fn(usize) -> Cow<'a, [f32]>,
+) -> std::io::Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in names {
+        let bytes = 4 * shape.iter().product::<usize>();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut text = serde_json::Value::Object(header).to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    w.write_all(&(text.len() as u64).to_le_bytes())?;
+    w.write_all(text.as_bytes())?;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    for (i, (_, shape)) in names.iter().enumerate() {
+        let v = values(i);
+        assert_eq!(
+            v.len(),
+            shape.iter().product::<usize>(),
+            "write_safetensors: tensor {i} length"
+        );
+        for chunk in v.chunks(16 * 1024) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+            w.write_all(&buf)?;
+        }
+    }
+    Ok(())
 }
 
-/// The weights of `layout` as an HF GPT-2 safetensors file.
-pub fn hf_safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Vec<u8> {
+/// The weights of `layout` as an HF GPT-2 safetensors file, streamed into `w`.
+pub fn write_hf_safetensors(
+    w: &mut dyn Write,
+    layout: &ParamLayout,
+    params: &[f32],
+) -> std::io::Result<()> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    serialize(&hf_tensors(layout, params), meta)
+    write_safetensors(w, &hf_names(layout), &meta, |i| {
+        hf_values(layout, params, i)
+    })
 }
 
 /// A Hugging Face `GPT2Config` (as JSON) describing `layout`'s model.
@@ -247,8 +281,8 @@ pub fn load_hf_weights(
         }
     }
     let mut params = vec![0.0f32; layout.len()];
-    let expected = hf_tensors(layout, &params);
-    for (t, (hname, hshape, _)) in layout.tensors.iter().zip(&expected) {
+    let expected = hf_names(layout);
+    for (t, (hname, hshape)) in layout.tensors.iter().zip(&expected) {
         let view = by_name.remove(hname).ok_or_else(|| {
             bad(format!("has no tensor {hname} (the config describes {} layers, channels {}, vocabulary {})",
                 layout.cfg.n_layer, layout.cfg.channels, layout.cfg.vocab_size))
@@ -330,24 +364,26 @@ pub fn save(
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
     let stem = format!("step-{:08}", state.step);
-    let model_bytes = hf_safetensors_bytes(layout, &state.params);
     let n = layout.len();
+    let model_name = format!("{stem}.safetensors");
+    let state_name = format!("{stem}.state.safetensors");
+    let (model_len, model_sha) = write_atomic_stream(&dir.join(&model_name), |w| {
+        write_hf_safetensors(w, layout, &state.params)
+    })?;
     let mut meta = HashMap::new();
     meta.insert(
         "layout".to_string(),
         "scaletrain flat ParamLayout order".to_string(),
     );
-    let state_bytes = serialize(
-        &[
-            ("adamw.m".to_string(), vec![n], state.m.clone()),
-            ("adamw.v".to_string(), vec![n], state.v.clone()),
-        ],
-        meta,
-    );
-    let model_name = format!("{stem}.safetensors");
-    let state_name = format!("{stem}.state.safetensors");
-    write_atomic(&dir.join(&model_name), &model_bytes)?;
-    write_atomic(&dir.join(&state_name), &state_bytes)?;
+    let state_names = [
+        ("adamw.m".to_string(), vec![n]),
+        ("adamw.v".to_string(), vec![n]),
+    ];
+    let (state_len, state_sha) = write_atomic_stream(&dir.join(&state_name), |w| {
+        write_safetensors(w, &state_names, &meta, |i| {
+            Cow::Borrowed(if i == 0 { &state.m[..] } else { &state.v[..] })
+        })
+    })?;
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
@@ -355,13 +391,13 @@ pub fn save(
         config: cfg.clone(),
         model_file: FileEntry {
             name: model_name,
-            bytes: model_bytes.len() as u64,
-            sha256: sha256_hex(&model_bytes),
+            bytes: model_len,
+            sha256: model_sha,
         },
         state_file: FileEntry {
             name: state_name,
-            bytes: state_bytes.len() as u64,
-            sha256: sha256_hex(&state_bytes),
+            bytes: state_len,
+            sha256: state_sha,
         },
         data_position: state.data_position,
         adam_step: state.adam_step,
