@@ -4,6 +4,8 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use train::{Observer, RunOptions, StartInfo, StepRecord, TrainConfig};
 
 /// Arguments of `scaletrain train`.
@@ -167,6 +169,20 @@ fn print_start(info: &StartInfo) {
     );
 }
 
+/// A flag set by the first Ctrl-C (the run then checkpoints and stops); a second Ctrl-C exits
+/// at once. If the handler cannot be installed, Ctrl-C keeps its default meaning.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing this step and writing a checkpoint (Ctrl-C again to quit now)");
+    });
+    flag
+}
+
 /// Runs `scaletrain train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
     let mut overrides = Vec::new();
@@ -187,6 +203,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         init_from: a.init_from.clone(),
         stop_after: a.stop_after,
         overwrite: a.overwrite,
+        stop: Some(stop_on_ctrl_c()),
     };
     let bar = (!a.no_progress).then(|| {
         let bar = ProgressBar::new(cfg.train.steps);
@@ -213,6 +230,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         s.tokens_per_sec,
         if s.early_stopped {
             " - stopped early: validation loss stopped improving"
+        } else if s.interrupted {
+            " - interrupted; continue with --resume"
         } else {
             ""
         }

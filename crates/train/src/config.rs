@@ -268,7 +268,10 @@ impl TrainConfig {
     pub fn from_table(table: toml::Table, origin: &str) -> Result<TrainConfig, TrainError> {
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let path = e.path().to_string();
-            config_err(origin, path, e.into_inner().to_string())
+            // toml appends "in `section`" on later lines; the dotted path already says it.
+            let msg = e.into_inner().to_string();
+            let first = msg.lines().next().unwrap_or_default().to_string();
+            config_err(origin, path, first)
         })
     }
 

@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Allow starting afresh in a folder that already holds checkpoints (they are deleted).
     pub overwrite: bool,
+    /// Checked after every step: when set (e.g. by a Ctrl-C handler), the run writes a
+    /// checkpoint and returns, so `--resume` loses nothing.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// One optimizer step's numbers (a `metrics.jsonl` line).
@@ -139,6 +142,8 @@ pub struct RunSummary {
     pub loss_floor: Option<f64>,
     /// Stopped by early stopping.
     pub early_stopped: bool,
+    /// Stopped by [`RunOptions::stop`].
+    pub interrupted: bool,
     /// Wall time of this invocation's loop.
     pub wall_secs: f64,
     /// Training tokens per second: tokens trained / summed step wall time (evaluation and
@@ -358,6 +363,7 @@ pub fn run(
     let mut records = Vec::new();
     let mut val_losses = Vec::new();
     let mut early_stopped = false;
+    let mut interrupted = false;
     let mut last_checkpoint = None;
     let loop_start = Instant::now();
     let d_loss = 1.0 / (b * t * accum) as f32;
@@ -460,8 +466,14 @@ pub fn run(
                 early_stopped = true;
             }
         }
+        let interrupted_now = opts
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        interrupted |= interrupted_now;
         let ckpt_due = last
             || early_stopped
+            || interrupted
             || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
         if ckpt_due {
             metrics.flush().map_err(io(&metrics_path))?;
@@ -477,7 +489,7 @@ pub fn run(
             obs.on_checkpoint(state.step, &path);
             last_checkpoint = Some(path);
         }
-        if early_stopped {
+        if early_stopped || interrupted {
             break;
         }
     }
@@ -505,6 +517,7 @@ pub fn run(
         params: state.params,
         loss_floor: start.loss_floor,
         early_stopped,
+        interrupted,
         wall_secs,
         tokens_per_sec,
         median_step_secs,

@@ -411,3 +411,34 @@ fn data_prepare_then_train_then_sample_with_a_tokenizer() {
         "{e}"
     );
 }
+
+#[test]
+fn a_stop_request_checkpoints_and_resume_continues() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let cfg = tiny(10);
+    let dir = tmp("stop");
+    let flag = Arc::new(AtomicBool::new(true));
+    let s = run(
+        &cfg,
+        &RunOptions {
+            stop: Some(flag),
+            ..opts(&dir)
+        },
+        &mut Quiet,
+    )
+    .unwrap();
+    assert!(s.interrupted);
+    assert_eq!(s.steps_done, 1);
+    assert!(checkpoint::manifest_path(&dir, 1).exists());
+    let s = run(
+        &cfg,
+        &RunOptions {
+            resume: true,
+            ..opts(&dir)
+        },
+        &mut Quiet,
+    )
+    .unwrap();
+    assert_eq!((s.start.start_step, s.steps_done), (1, 10));
+}
