@@ -12,6 +12,7 @@ mod report;
 mod sample;
 mod spec;
 mod train;
+mod train_dp;
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -46,6 +46,9 @@ pub struct TrainArgs {
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Data parallelism: --dp, --grad-sync, --servers, --zero, --global-batch.
+    #[command(flatten)]
+    pub dp: crate::train_dp::DpArgs,
 }
 
 struct Progress {
@@ -196,7 +199,38 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         overrides.push(format!("train.seed={s}"));
     }
     overrides.extend(a.set.iter().cloned());
-    let cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
+    let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
+    crate::train_dp::check_layout(&a.dp, &mut cfg)?;
+    let dp = match crate::train_dp::setup(&a.dp)? {
+        crate::train_dp::Setup::Launch => return crate::train_dp::launch_self(&a.dp),
+        crate::train_dp::Setup::Server(mut s) => {
+            let steps = s.serve().context("parameter server failed")?;
+            println!("parameter server: served {steps} steps");
+            return Ok(());
+        }
+        crate::train_dp::Setup::Worker(d) => Some(d),
+        crate::train_dp::Setup::Single => None,
+    };
+    let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()));
+    if rank > 0 {
+        // Rank 0 reports for the job; the others train silently and print one line at the end.
+        let opts = RunOptions {
+            out_dir: a.out.clone(),
+            resume: a.resume,
+            init_from: a.init_from.clone(),
+            stop_after: a.stop_after,
+            overwrite: a.overwrite,
+            stop: Some(stop_on_ctrl_c()),
+            dp,
+        };
+        let s = train::run(&cfg, &opts, &mut train::Quiet).context("training failed")?;
+        println!(
+            "done: {} steps, final train loss {:.4}",
+            s.steps_done,
+            s.records.last().map_or(f32::NAN, |r| r.loss)
+        );
+        return Ok(());
+    }
     let opts = RunOptions {
         out_dir: a.out.clone(),
         resume: a.resume,
@@ -204,6 +238,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         stop_after: a.stop_after,
         overwrite: a.overwrite,
         stop: Some(stop_on_ctrl_c()),
+        dp,
     };
     let bar = (!a.no_progress).then(|| {
         let bar = ProgressBar::new(cfg.train.steps);
@@ -267,6 +302,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         s.records.len(),
         s.median_step_secs / st.predicted_step.total_secs
     );
+    if let Some((_, n, zero)) = st.dp {
+        let mut comm: Vec<f64> = s.records.iter().filter_map(|r| r.comm_secs).collect();
+        comm.sort_by(f64::total_cmp);
+        let med = comm.get(comm.len() / 2).copied().unwrap_or(0.0);
+        println!(
+            "  data parallel: {n} ranks, ZeRO {zero}; per step (median): compute {:.1} ms | communication {:.1} ms | exposed communication {:.1} ms (no overlap: all of it)",
+            1e3 * (s.median_step_secs - med).max(0.0),
+            1e3 * med,
+            1e3 * med
+        );
+    }
     println!(
         "run folder: {} (metrics.jsonl, loss.svg, config.toml{})",
         a.out.display(),

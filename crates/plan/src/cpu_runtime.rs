@@ -144,6 +144,37 @@ pub fn memory(d: &CpuRuntimeDims, batch: u64, seq: u64) -> CpuRuntimeMemory {
     }
 }
 
+/// Elements of rank `rank`'s shard when a `len`-element flat buffer is split over `dp` ranks by
+/// contiguous offset ranges, the first `len % dp` shards one element longer (the split
+/// `comm::shard_range` and the trainer's ZeRO use).
+pub fn shard_len(len: u64, dp: u64, rank: u64) -> u64 {
+    len / dp + u64::from(rank < len % dp)
+}
+
+/// The CPU runtime's memory of data-parallel rank `rank` of `dp` under ZeRO `stage` (0, 1 or 2;
+/// Rajbhandari et al. 2020, §5): stage 1 keeps only this rank's offset range of AdamW `m` and
+/// `v`; stage 2 also keeps only its range of the *reduced* gradients, but the runtime's backward
+/// still writes every layer's gradients into one full-size buffer (no bucketed backward), so the
+/// gradient bytes are the full buffer plus the shard accumulator. Parameters stay replicated.
+pub fn zero_memory(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    stage: u8,
+    dp: u64,
+    rank: u64,
+) -> CpuRuntimeMemory {
+    let mut m = memory(d, batch, seq);
+    let shard = shard_len(param_count(d), dp.max(1), rank);
+    if stage >= 1 {
+        m.optimizer_bytes = 2 * F32_BYTES * shard;
+    }
+    if stage >= 2 {
+        m.grad_bytes += F32_BYTES * shard;
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,9 @@ pub enum TrainError {
         /// Why (no checkpoint, or why each was refused).
         reason: String,
     },
+    /// A data-parallel peer failed, disagreed (config, data, weights) or could not be reached.
+    #[error("data parallel: {0}")]
+    Dist(String),
     /// The model rejected its configuration or input.
     #[error(transparent)]
     Model(#[from] model::ModelError),

@@ -9,6 +9,8 @@
 //!   metrics JSONL), with an [`trainer::Observer`] for progress display.
 //! - [`checkpoint`]: atomic, checksummed checkpoints with Hugging Face GPT-2 tensor names;
 //!   bit-exact resume.
+//! - [`dp`]: data parallelism (ring or parameter-server gradient sync, ZeRO-1/2), hooked
+//!   into the trainer through [`RunOptions::dp`].
 //! - [`sample`]: text generation from a checkpoint (temperature, top-k).
 //! - [`tokenizer`]: byte-level BPE (the `tokenizers` crate) and `data prepare`.
 //! - [`plot`]: the loss curve as SVG.
@@ -19,6 +21,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dp;
 mod error;
 pub mod fsutil;
 pub mod plot;

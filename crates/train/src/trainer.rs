@@ -64,6 +64,9 @@ pub struct RunOptions {
     /// Checked after every step: when set (e.g. by a Ctrl-C handler), the run writes a
     /// checkpoint and returns, so `--resume` loses nothing.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Data parallelism (`crate::dp`): this rank's connection to its peers. `None` = one rank.
+    /// Only data-parallel rank 0 writes into `out_dir`.
+    pub dp: Option<std::sync::Arc<std::sync::Mutex<crate::dp::Dp>>>,
 }
 
 /// One optimizer step's numbers (a `metrics.jsonl` line).
@@ -81,6 +84,9 @@ pub struct StepRecord {
     pub tokens_per_sec: f64,
     /// Wall time of the step.
     pub step_secs: f64,
+    /// Data parallel: seconds of this step spent in gradient communication (0 for one rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_secs: Option<f64>,
 }
 
 /// What the run knows before its first step.
@@ -107,6 +113,8 @@ pub struct StartInfo {
     pub rss_before_model_bytes: u64,
     /// Checkpoints skipped while resuming, with the reason.
     pub warnings: Vec<String>,
+    /// Data parallel: (rank, ranks, ZeRO stage); `None` for one rank.
+    pub dp: Option<(usize, usize, u8)>,
 }
 
 /// Receives progress; every method has a no-op default.
@@ -259,6 +267,15 @@ pub fn run(
     }
     let mut rcfg = cfg.clone();
     rcfg.model.vocab_size = Some(data.vocab_size);
+    let mut dp = opts
+        .dp
+        .as_ref()
+        .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(d) = dp.as_mut() {
+        d.check_fingerprint(&crate::dp::fingerprint(&rcfg, &data.train, &data.val))?;
+    }
+    let writer = dp.as_ref().is_none_or(|d| d.rank() == 0);
+    let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
     let accum = cfg.train.grad_accum;
     if window_count(data.val.len(), t) < b {
@@ -280,7 +297,9 @@ pub fn run(
     let mut state = if opts.resume {
         let (_m, _l, st, w) = checkpoint::find_resume(out, &rcfg)?;
         warnings = w;
-        truncate_metrics(&out.join("metrics.jsonl"), st.step)?;
+        if writer {
+            truncate_metrics(&out.join("metrics.jsonl"), st.step)?;
+        }
         st
     } else {
         let params = match &opts.init_from {
@@ -290,8 +309,10 @@ pub fn run(
             }
             None => layout.init_params(cfg.train.seed),
         };
-        checkpoint::prune(out, 0);
-        let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+        if writer {
+            checkpoint::prune(out, 0);
+            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+        }
         TrainState {
             step: 0,
             params,
@@ -304,8 +325,10 @@ pub fn run(
             evals_without_improvement: 0,
         }
     };
-    write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
-    if let Some(tp) = &cfg.data.tokenizer {
+    if writer {
+        write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
+    }
+    if let (Some(tp), true) = (&cfg.data.tokenizer, writer) {
         let bytes = std::fs::read(tp).map_err(io(tp))?;
         write_atomic(&out.join("tokenizer.json"), &bytes)?;
     }
@@ -316,6 +339,14 @@ pub fn run(
         v: std::mem::take(&mut state.v),
         step: state.adam_step,
     };
+    if let Some(d) = dp.as_mut() {
+        d.sync_params(&mut state.params)?;
+        d.shard_optimizer(&mut opt);
+        let end = opts
+            .stop_after
+            .map_or(cfg.train.steps, |s| s.min(cfg.train.steps));
+        d.announce(layout.len(), end.saturating_sub(state.step))?;
+    }
     let mut acts = Activations::new(&layout, b, t);
     let mut batcher = Batcher::new(
         data.train.len(),
@@ -332,7 +363,17 @@ pub fn run(
         start_step: state.step,
         loss_floor: data.loss_floor(t),
         threads,
-        predicted: plan::cpu_runtime::memory(&dims, b as u64, t as u64),
+        predicted: match &dp {
+            Some(d) => plan::cpu_runtime::zero_memory(
+                &dims,
+                b as u64,
+                t as u64,
+                d.zero().number(),
+                dp_size as u64,
+                dp_rank as u64,
+            ),
+            None => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
+        },
         predicted_step: plan::cpu_time::step_time(
             &dims,
             b as u64,
@@ -342,20 +383,26 @@ pub fn run(
             &plan::cpu_time::CpuCalibration::default(),
         ),
         allocated_bytes: 4
-            * (state.params.len() + grads.len() + opt.m.len() + opt.v.len() + acts.len()) as u64,
+            * (state.params.len() + grads.len() + opt.m.len() + opt.v.len() + acts.len()) as u64
+            + dp.as_ref().map_or(0, |d| d.extra_bytes()),
         rss_before_model_bytes,
         warnings,
+        dp: dp.as_ref().map(|d| (d.rank(), d.size(), d.zero().number())),
     };
     obs.on_start(&start);
 
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::io::BufWriter::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(io(&metrics_path))?,
-    );
+    let mut metrics: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(if writer {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(io(&metrics_path))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    });
     let total = cfg.train.steps;
     let end = opts.stop_after.map_or(total, |s| s.min(total));
     let decay = cfg.decay_steps();
@@ -366,15 +413,22 @@ pub fn run(
     let mut interrupted = false;
     let mut last_checkpoint = None;
     let loop_start = Instant::now();
-    let d_loss = 1.0 / (b * t * accum) as f32;
+    // Data parallel: the global step is `dp_size × accum` micro-batches of the 1-rank order;
+    // this rank trains its `accum` consecutive ones (crate::dp).
+    let d_loss = 1.0 / (b * t * accum * dp_size) as f32;
+    let mut micro_losses = Vec::with_capacity(accum);
     while state.step < end {
         let step = state.step;
         let t0 = Instant::now();
         let lr = lr_at(&cfg.optim, step, decay);
         grads.fill(0.0);
         let mut loss_sum = 0.0f64;
-        for _ in 0..accum {
+        micro_losses.clear();
+        for j in 0..accum * dp_size {
             batcher.next_batch(&data.train, &mut x, &mut y);
+            if j / accum != dp_rank {
+                continue;
+            }
             let loss = forward(
                 &layout,
                 &state.params,
@@ -399,8 +453,21 @@ pub fn run(
                 &mut NoTp,
             )?;
             loss_sum += loss as f64;
+            micro_losses.push(loss);
+            if let Some(d) = dp.as_mut() {
+                d.after_micro_step(&mut grads, j % accum == accum - 1)?;
+            }
         }
-        let loss = (loss_sum / accum as f64) as f32;
+        let comm_before = dp.as_ref().map(|d| d.comm_secs);
+        if let Some(d) = dp.as_mut() {
+            // Same f64 summation order as one rank with grad_accum = dp × accum.
+            loss_sum = d
+                .gather_losses(&micro_losses)?
+                .iter()
+                .map(|&l| l as f64)
+                .sum();
+        }
+        let loss = (loss_sum / (accum * dp_size) as f64) as f32;
         if !loss.is_finite() {
             return Err(TrainError::Data(format!(
                 "the training loss became {loss} at step {}; lower optim.lr or raise optim.warmup_steps \
@@ -416,17 +483,24 @@ pub fn run(
             weight_decay: cfg.optim.weight_decay,
             grad_clip: (cfg.optim.grad_clip > 0.0).then_some(cfg.optim.grad_clip),
         };
-        let grad_norm = opt.step(&layout, &mut state.params, &mut grads, &ocfg, par);
+        let grad_norm = match dp.as_mut() {
+            Some(d) => d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par)?,
+            None => opt.step(&layout, &mut state.params, &mut grads, &ocfg, par),
+        };
+        let comm_secs = comm_before
+            .zip(dp.as_ref())
+            .map(|(before, d)| d.comm_secs - before);
         state.step += 1;
-        state.tokens_seen += (b * t * accum) as u64;
+        state.tokens_seen += (b * t * accum * dp_size) as u64;
         let step_secs = t0.elapsed().as_secs_f64();
         let rec = StepRecord {
             step: state.step,
             loss,
             lr,
             grad_norm,
-            tokens_per_sec: (b * t * accum) as f64 / step_secs,
+            tokens_per_sec: (b * t * accum * dp_size) as f64 / step_secs,
             step_secs,
+            comm_secs,
         };
         let line = serde_json::to_string(&rec).expect("record serialises");
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -477,17 +551,40 @@ pub fn run(
             || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
         if ckpt_due {
             metrics.flush().map_err(io(&metrics_path))?;
-            state.m = std::mem::take(&mut opt.m);
-            state.v = std::mem::take(&mut opt.v);
+            if let Some(d) = dp
+                .as_mut()
+                .filter(|d| d.zero() != crate::dp::ZeroStage::Off)
+            {
+                // ZeRO: the checkpoint holds the full state (gathered), as a 1-rank run writes it.
+                let (m, v) = d.full_optimizer(&opt, layout.len())?;
+                state.m = m;
+                state.v = v;
+            } else {
+                state.m = std::mem::take(&mut opt.m);
+                state.v = std::mem::take(&mut opt.v);
+            }
             state.adam_step = opt.step;
             state.data_position = batcher.position();
-            let saved = checkpoint::save(out, &rcfg, &layout, &state);
-            opt.m = std::mem::take(&mut state.m);
-            opt.v = std::mem::take(&mut state.v);
-            let path = saved?;
-            checkpoint::prune(out, cfg.train.keep_checkpoints);
-            obs.on_checkpoint(state.step, &path);
-            last_checkpoint = Some(path);
+            let saved = if writer {
+                checkpoint::save(out, &rcfg, &layout, &state).map(Some)
+            } else {
+                Ok(None)
+            };
+            if dp
+                .as_ref()
+                .is_some_and(|d| d.zero() != crate::dp::ZeroStage::Off)
+            {
+                state.m = Vec::new();
+                state.v = Vec::new();
+            } else {
+                opt.m = std::mem::take(&mut state.m);
+                opt.v = std::mem::take(&mut state.v);
+            }
+            if let Some(path) = saved? {
+                checkpoint::prune(out, cfg.train.keep_checkpoints);
+                obs.on_checkpoint(state.step, &path);
+                last_checkpoint = Some(path);
+            }
         }
         if early_stopped || interrupted {
             break;
@@ -501,11 +598,11 @@ pub fn run(
     let median_step_secs = secs.get(secs.len() / 2).copied().unwrap_or(0.0);
     let step_total: f64 = secs.iter().sum();
     let tokens_per_sec = if step_total > 0.0 {
-        (records.len() * b * t * accum) as f64 / step_total
+        (records.len() * b * t * accum * dp_size) as f64 / step_total
     } else {
         0.0
     };
-    if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+    if let (true, Ok(text)) = (writer, std::fs::read_to_string(&metrics_path)) {
         let svg = crate::plot::loss_svg(&text, start.loss_floor);
         write_atomic(&out.join("loss.svg"), svg.as_bytes())?;
     }

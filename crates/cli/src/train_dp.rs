@@ -1,0 +1,145 @@
+//! `scaletrain train --dp N …`: the data-parallel flags, the layout check, joining the job
+//! (torchrun's environment, set by `scaletrain launch`, torchrun or mpirun), and self-launching
+//! when started without a job environment. The training itself is `train::run` with
+//! `train::dp` hooks.
+
+use anyhow::{bail, Context, Result};
+use std::sync::{Arc, Mutex};
+use train::dp::{Dp, Role, ZeroStage};
+use train::TrainConfig;
+
+/// Data-parallel flags of `scaletrain train`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DpArgs {
+    /// Data-parallel ranks (each trains the whole model on its share of every global batch).
+    /// Without a job environment (RANK unset), `train` launches the ranks itself on this host.
+    #[arg(long, default_value_t = 1)]
+    pub dp: usize,
+    /// How gradients are combined: ring (all-reduce), ps (parameter servers, synchronous), mpi
+    /// (all-reduce by the MPI library; needs a build with --features mpi and mpirun).
+    #[arg(long, default_value = "ring")]
+    pub grad_sync: String,
+    /// Parameter-server processes with --grad-sync ps.
+    #[arg(long, default_value_t = 1)]
+    pub servers: usize,
+    /// ZeRO stage: 0 = replicated optimizer state, 1 = AdamW state sharded, 2 = AdamW state and
+    /// reduced gradients sharded (ring only).
+    #[arg(long, default_value_t = 0)]
+    pub zero: u8,
+    /// Global batch in sequences = dp × batch_size × grad_accum; sets train.grad_accum (must divide).
+    #[arg(long)]
+    pub global_batch: Option<usize>,
+}
+
+/// What this process does.
+pub enum Setup {
+    /// One process, no peers.
+    Single,
+    /// A data-parallel training rank.
+    Worker(Arc<Mutex<Dp>>),
+    /// A parameter server (trains nothing).
+    Server(train::dp::PsServer),
+    /// No job environment: start the ranks (this program, same arguments) and supervise them.
+    Launch,
+}
+
+/// Checks the layout against the config (and sets `grad_accum` from `--global-batch`).
+pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
+    if a.dp == 0 {
+        bail!("--dp must be at least 1");
+    }
+    let zero = ZeroStage::from_number(a.zero)
+        .with_context(|| format!("--zero {}: expected 0, 1 or 2", a.zero))?;
+    match a.grad_sync.as_str() {
+        "ring" | "mpi" => {}
+        "ps" if zero != ZeroStage::Off => {
+            bail!(
+                "--zero {} needs --grad-sync ring (the parameter server keeps whole gradients)",
+                a.zero
+            )
+        }
+        "ps" if a.servers == 0 => bail!("--grad-sync ps needs --servers ≥ 1"),
+        "ps" if cfg.train.patience > 0 => {
+            bail!("--grad-sync ps cannot stop early (train.patience > 0): the servers serve a fixed number of steps")
+        }
+        "ps" => {}
+        s => bail!("--grad-sync {s:?}: expected ring, ps or mpi"),
+    }
+    if let Some(g) = a.global_batch {
+        let per = a.dp * cfg.train.batch_size;
+        if g == 0 || g % per != 0 {
+            bail!(
+                "--global-batch {g} is not a multiple of dp({}) × batch_size({}) = {per}",
+                a.dp,
+                cfg.train.batch_size
+            );
+        }
+        cfg.train.grad_accum = g / per;
+    }
+    Ok(())
+}
+
+/// Joins the job the environment describes, or asks for a launch.
+pub fn setup(a: &DpArgs) -> Result<Setup> {
+    let zero = ZeroStage::from_number(a.zero).unwrap_or_default();
+    let in_job = std::env::var("RANK").is_ok_and(|v| !v.is_empty())
+        || std::env::var("OMPI_COMM_WORLD_RANK").is_ok();
+    if !in_job {
+        return Ok(if a.dp > 1 {
+            Setup::Launch
+        } else {
+            Setup::Single
+        });
+    }
+    let servers = if a.grad_sync == "ps" { a.servers } else { 0 };
+    if a.grad_sync == "ps" {
+        let env = comm::JobEnv::from_env().context("joining the job")?;
+        if env.world_size != a.dp + servers {
+            bail!(
+                "dp({}) + servers({servers}) = {}, but WORLD_SIZE is {}",
+                a.dp,
+                a.dp + servers,
+                env.world_size
+            );
+        }
+        let world = match env.transport {
+            comm::Transport::Shm => comm::shm::connect(&env),
+            _ => comm::tcp::connect(&env),
+        }
+        .context("joining the job")?;
+        return Ok(match Dp::parameter_server(world, servers)? {
+            Role::Worker(d) => Setup::Worker(Arc::new(Mutex::new(d))),
+            Role::Server(s) => Setup::Server(s),
+        });
+    }
+    let c = comm::init_from_env().context("joining the job")?;
+    if c.size() != a.dp {
+        bail!(
+            "--dp {} but the job has {} ranks (WORLD_SIZE)",
+            a.dp,
+            c.size()
+        );
+    }
+    Ok(Setup::Worker(Arc::new(Mutex::new(Dp::ring(c, zero)))))
+}
+
+/// Starts `dp` (+ servers) copies of this program with the same arguments under
+/// `scaletrain launch` and waits for them.
+pub fn launch_self(a: &DpArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut command = vec![exe.display().to_string()];
+    command.extend(std::env::args().skip(1));
+    let la = crate::launch::LaunchArgs {
+        nproc_per_node: a.dp,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: None,
+        servers: if a.grad_sync == "ps" { a.servers } else { 0 },
+        transport: None,
+        token: None,
+        grace_secs: 3.0,
+        command,
+    };
+    crate::launch::run(&la)
+}
