@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Args, Clone)]
 pub struct LaunchArgs {
     /// Worker processes on this node.
-    #[arg(long)]
+    #[arg(long, default_value_t = 2)]
     pub nproc_per_node: usize,
     /// Nodes in the job.
     #[arg(long, default_value_t = 1)]
@@ -39,8 +39,10 @@ pub struct LaunchArgs {
     /// Seconds to wait after SIGTERM before SIGKILL when stopping the job.
     #[arg(long, default_value_t = 3.0)]
     pub grace_secs: f64,
-    /// The command to run in every process (after `--`).
-    #[arg(last = true, required = true)]
+    /// The command to run in every process (after `--`). Default: data-parallel training,
+    /// `scaletrain train --dp <workers> --set train.batch_size=8` (ring all-reduce; with --servers,
+    /// the parameter server), the single-process default's global batch of 16 sequences.
+    #[arg(last = true)]
     pub command: Vec<String>,
 }
 
@@ -292,6 +294,21 @@ pub fn install_signal_handlers() {
 
 /// `scaletrain launch`.
 pub fn run(a: &LaunchArgs) -> Result<()> {
+    let mut a = a.clone();
+    if a.command.is_empty() {
+        let exe = std::env::current_exe().context("finding this program")?;
+        a.command = vec![exe.display().to_string(), "train".into()];
+        a.command
+            .extend(["--dp", &(a.nnodes * a.nproc_per_node).to_string()].map(String::from));
+        if a.servers > 0 {
+            a.command.extend(
+                ["--grad-sync", "ps", "--servers", &a.servers.to_string()].map(String::from),
+            );
+        }
+        a.command
+            .extend(["--set", "train.batch_size=8"].map(String::from));
+    }
+    let a = &a;
     let plan = plan(a)?;
     let (program, args) = a
         .command

@@ -201,7 +201,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     overrides.extend(a.set.iter().cloned());
     let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
     crate::train_dp::check_layout(&a.dp, &mut cfg)?;
-    let dp = match crate::train_dp::setup(&a.dp)? {
+    let dp = match crate::train_dp::setup(&a.dp, &mut cfg)? {
         crate::train_dp::Setup::Launch => return crate::train_dp::launch_self(&a.dp),
         crate::train_dp::Setup::Server(mut s) => {
             let steps = s.serve().context("parameter server failed")?;

@@ -80,7 +80,7 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
 }
 
 /// Joins the job the environment describes, or asks for a launch.
-pub fn setup(a: &DpArgs) -> Result<Setup> {
+pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     let zero = ZeroStage::from_number(a.zero).unwrap_or_default();
     let in_job = std::env::var("RANK").is_ok_and(|v| !v.is_empty())
         || std::env::var("OMPI_COMM_WORLD_RANK").is_ok();
@@ -92,6 +92,15 @@ pub fn setup(a: &DpArgs) -> Result<Setup> {
         });
     }
     let servers = if a.grad_sync == "ps" { a.servers } else { 0 };
+    if cfg.train.threads == 0 {
+        // The ranks of this host share its cores.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let local: usize = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        cfg.train.threads = (cores / local.max(1)).max(1);
+    }
     if a.grad_sync == "ps" {
         let env = comm::JobEnv::from_env().context("joining the job")?;
         if env.world_size != a.dp + servers {

@@ -1,0 +1,160 @@
+//! Data-parallel training as real processes over loopback TCP: `scaletrain launch -- scaletrain
+//! train --dp 2`, the self-launching `train --dp 2 --grad-sync ps`, a killed rank, bad layouts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_scaletrain");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("SCALETRAIN_COMM_TIMEOUT_SECS", "10")
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("st-cli-dp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const TINY: &[&str] = &[
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.channels=32",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.seq_len=16",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_every=5",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "data.synthetic.train_tokens=20000",
+    "--set",
+    "data.synthetic.val_tokens=1000",
+    "--threads",
+    "1",
+    "--no-progress",
+];
+
+fn losses(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v.get("loss").map(|x| x.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn launch_dp2_ring_and_self_launched_ps_train_the_same_model() {
+    let d = tmp("ring");
+    let ring = d.join("ring");
+    let mut args = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        BIN,
+        "train",
+        "--dp",
+        "2",
+    ];
+    args.extend_from_slice(&["--out", ring.to_str().unwrap(), "--steps", "10"]);
+    args.extend_from_slice(TINY);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("[rank 0] done: 10 steps"), "{out}");
+    assert!(out.contains("[rank 1] done: 10 steps"), "{out}");
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    assert!(ring.join("step-00000010.json").exists());
+
+    let ps = d.join("ps");
+    let mut args = vec!["train", "--dp", "2", "--grad-sync", "ps", "--servers", "1"];
+    args.extend_from_slice(&["--out", ps.to_str().unwrap(), "--steps", "10"]);
+    args.extend_from_slice(TINY);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("parameter server: served 10 steps"), "{out}");
+    let (lr, lp) = (losses(&ring), losses(&ps));
+    assert_eq!(lr.len(), 10);
+    assert_eq!(
+        lr, lp,
+        "synchronous PS must reproduce the ring run bit for bit"
+    );
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_with_a_clear_error_and_the_checkpoint_survives() {
+    let d = tmp("kill");
+    let out_dir = d.join("run");
+    let o = out_dir.to_str().unwrap().to_string();
+    let tiny = TINY.join(" ");
+    let script = format!(
+        "if [ \"$RANK\" = 1 ]; then exec timeout -s KILL 3 {BIN} train --dp 2 --out {o} --steps 1000000 --set train.checkpoint_every=20 {tiny}; \
+         else exec {BIN} train --dp 2 --out {o} --steps 1000000 --set train.checkpoint_every=20 {tiny}; fi"
+    );
+    let (code, out, err) = run(&["launch", "--nproc-per-node", "2", "--", "sh", "-c", &script]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("rank 1"), "{err}");
+    let ckpts = train::checkpoint::list(&out_dir);
+    assert!(
+        !ckpts.is_empty(),
+        "no checkpoint was written before the kill"
+    );
+    train::checkpoint::load(&ckpts[0].1).expect("the newest checkpoint is intact");
+}
+
+#[test]
+fn bad_layouts_are_refused_with_the_arithmetic() {
+    let d = tmp("layout");
+    let o = d.join("x");
+    let mut args = vec!["train", "--dp", "2", "--global-batch", "10"];
+    args.extend_from_slice(&["--out", o.to_str().unwrap()]);
+    args.extend_from_slice(TINY);
+    let (code, _, err) = run(&args);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--global-batch 10 is not a multiple of dp(2) × batch_size(4) = 8"),
+        "{err}"
+    );
+    let (code, _, err) = run(&[
+        "train",
+        "--dp",
+        "2",
+        "--zero",
+        "3",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--zero 3"), "{err}");
+    let (code, _, err) = run(&[
+        "train",
+        "--dp",
+        "2",
+        "--grad-sync",
+        "ps",
+        "--zero",
+        "1",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs --grad-sync ring"), "{err}");
+}
