@@ -22,6 +22,10 @@ pub struct DpArgs {
     /// Parameter-server processes with --grad-sync ps.
     #[arg(long, default_value_t = 1)]
     pub servers: usize,
+    /// With --grad-sync ps: asynchronous parameter server, a worker may run this many steps
+    /// ahead of the slowest (unset = synchronous).
+    #[arg(long)]
+    pub staleness: Option<usize>,
     /// ZeRO stage: 0 = replicated optimizer state, 1 = AdamW state sharded, 2 = AdamW state and
     /// reduced gradients sharded (ring only).
     #[arg(long, default_value_t = 0)]
@@ -50,6 +54,9 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     let zero = ZeroStage::from_number(a.zero)
         .with_context(|| format!("--zero {}: expected 0, 1 or 2", a.zero))?;
+    if a.staleness.is_some() && a.grad_sync != "ps" {
+        bail!("--staleness needs --grad-sync ps");
+    }
     match a.grad_sync.as_str() {
         "ring" | "mpi" => {}
         "ps" if zero != ZeroStage::Off => {
@@ -116,7 +123,11 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
             _ => comm::tcp::connect(&env),
         }
         .context("joining the job")?;
-        return Ok(match Dp::parameter_server(world, servers)? {
+        let mode = match a.staleness {
+            Some(s) => comm::ps::PsMode::Async { staleness: s },
+            None => comm::ps::PsMode::Sync,
+        };
+        return Ok(match Dp::parameter_server(world, servers, mode)? {
             Role::Worker(d) => Setup::Worker(Arc::new(Mutex::new(d))),
             Role::Server(s) => Setup::Server(s),
         });

@@ -95,6 +95,8 @@ pub struct Dp {
     zero: ZeroStage,
     /// ZeRO-2: this rank's range of the reduced gradient (accumulated over micro-steps).
     grad_shard: Vec<f32>,
+    /// Asynchronous parameter server: the weights every rank started from (θ is added to them).
+    async_base: Option<Vec<f32>>,
     /// Seconds spent in gradient communication so far.
     pub comm_secs: f64,
 }
@@ -124,6 +126,7 @@ pub enum Role {
 pub struct PsServer {
     world: Comm,
     layout: PsLayout,
+    mode: PsMode,
 }
 
 fn dist(what: &str) -> impl FnOnce(comm::CommError) -> TrainError + '_ {
@@ -150,13 +153,24 @@ impl Dp {
             ps: None,
             zero,
             grad_shard: Vec::new(),
+            async_base: None,
             comm_secs: 0.0,
         }
     }
 
     /// Parameter-server data parallelism over the world `comm`: the last `servers` ranks serve
     /// (collective over the world: every rank calls it).
-    pub fn parameter_server(mut world: Comm, servers: usize) -> Result<Role, TrainError> {
+    ///
+    /// `PsMode::Async { staleness }`: stale-synchronous training (Ho et al. 2013). Each worker
+    /// runs AdamW locally on its own gradients, pushes its weight change divided by the number of
+    /// workers, and pulls θ, the servers' running sum of every pushed change; its weights become
+    /// `w0 + θ`. A worker may run `staleness` steps ahead of the slowest. Not reproducible run
+    /// to run, the workers' weights differ, and the reported loss is rank 0's own micro-batches.
+    pub fn parameter_server(
+        mut world: Comm,
+        servers: usize,
+        mode: PsMode,
+    ) -> Result<Role, TrainError> {
         let layout = PsLayout::new(world.size(), servers).map_err(dist("parameter server"))?;
         let me = world.rank();
         let server = layout.is_server(me);
@@ -165,13 +179,18 @@ impl Dp {
             .map_err(dist("parameter server split"))?;
         if server {
             drop(group);
-            return Ok(Role::Server(PsServer { world, layout }));
+            return Ok(Role::Server(PsServer {
+                world,
+                layout,
+                mode,
+            }));
         }
         Ok(Role::Worker(Dp {
             group,
             ps: Some((world, layout)),
             zero: ZeroStage::Off,
             grad_shard: Vec::new(),
+            async_base: matches!(mode, PsMode::Async { .. }).then(Vec::new),
             comm_secs: 0.0,
         }))
     }
@@ -236,6 +255,9 @@ impl Dp {
                 "rank(s) {bad:?} hold different initial weights than rank 0 after the broadcast"
             )));
         }
+        if let Some(base) = &mut self.async_base {
+            *base = params.to_vec();
+        }
         Ok(())
     }
 
@@ -260,6 +282,10 @@ impl Dp {
     /// Every rank's per-micro-batch losses, in global micro-batch order (rank 0's first).
     pub fn gather_losses(&mut self, mine: &[f32]) -> Result<Vec<f32>, TrainError> {
         let n = self.size();
+        if self.async_base.is_some() {
+            // Asynchronous workers do not wait for each other: this rank's losses stand for all.
+            return Ok(mine.repeat(n));
+        }
         let mut all = vec![0.0f32; mine.len() * n];
         let r = shard_range(all.len(), n, self.rank());
         all[r].copy_from_slice(mine);
@@ -343,6 +369,24 @@ impl Dp {
         par: Par,
     ) -> Result<f64, TrainError> {
         let t0 = Instant::now();
+        if let (Some(base), Some((world, ps))) = (&self.async_base, &mut self.ps) {
+            let w = ps.workers as f32;
+            // grads were scaled for a sum over workers: this rank's own mean is w times them.
+            scale_inplace(grads, w);
+            let before = params.to_vec();
+            let norm = opt.step(layout, params, grads, cfg, par);
+            let t1 = Instant::now();
+            for (g, (p, b)) in grads.iter_mut().zip(params.iter().zip(&before)) {
+                *g = (p - b) / w;
+            }
+            comm::ps::worker_step(world, ps, grads)
+                .map_err(dist("asynchronous parameter-server push/pull"))?;
+            for (p, (b, theta)) in params.iter_mut().zip(base.iter().zip(grads.iter())) {
+                *p = b + theta;
+            }
+            self.comm_secs += t1.elapsed().as_secs_f64();
+            return Ok(norm);
+        }
         if self.zero == ZeroStage::Off {
             match &mut self.ps {
                 Some((world, ps)) => comm::ps::worker_step(world, ps, grads)
@@ -474,7 +518,7 @@ impl PsServer {
         comm::ps::serve(
             &mut self.world,
             &self.layout,
-            PsMode::Sync,
+            self.mode,
             ReduceOp::Sum,
             len,
             steps as usize,

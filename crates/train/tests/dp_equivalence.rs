@@ -106,6 +106,16 @@ fn ring(n: usize, zero: ZeroStage, cfg: &TrainConfig, name: &str) -> Vec<RunSumm
 }
 
 fn ps(workers: usize, servers: usize, cfg: &TrainConfig, name: &str) -> Vec<RunSummary> {
+    ps_mode(workers, servers, comm::ps::PsMode::Sync, cfg, name)
+}
+
+fn ps_mode(
+    workers: usize,
+    servers: usize,
+    mode: comm::ps::PsMode,
+    cfg: &TrainConfig,
+    name: &str,
+) -> Vec<RunSummary> {
     let dir = tmp(name);
     let comms = comm::threads(workers + servers, comm_cfg());
     std::thread::scope(|s| {
@@ -113,13 +123,17 @@ fn ps(workers: usize, servers: usize, cfg: &TrainConfig, name: &str) -> Vec<RunS
             .into_iter()
             .map(|c| {
                 let (cfg, dir) = (cfg.clone(), &dir);
-                s.spawn(move || match Dp::parameter_server(c, servers).unwrap() {
-                    Role::Worker(d) => Some(run(&cfg, &opts(dir, Some(d)), &mut Quiet).unwrap()),
-                    Role::Server(mut srv) => {
-                        assert_eq!(srv.serve().unwrap(), cfg.train.steps);
-                        None
-                    }
-                })
+                s.spawn(
+                    move || match Dp::parameter_server(c, servers, mode).unwrap() {
+                        Role::Worker(d) => {
+                            Some(run(&cfg, &opts(dir, Some(d)), &mut Quiet).unwrap())
+                        }
+                        Role::Server(mut srv) => {
+                            assert_eq!(srv.serve().unwrap(), cfg.train.steps);
+                            None
+                        }
+                    },
+                )
             })
             .collect();
         hs.into_iter().filter_map(|h| h.join().unwrap()).collect()
@@ -328,4 +342,24 @@ fn dp_resume_is_bit_exact_and_resharding_zero_state_works() {
         .map(|(p, q)| (p - q).abs())
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-5, "re-sharded resume differs by {worst}");
+}
+
+#[test]
+fn asynchronous_parameter_server_trains_about_as_well_as_synchronous() {
+    let cfg = tiny(60);
+    let sync = ps(2, 1, &cfg, "ps-sync60");
+    let asy = ps_mode(
+        2,
+        1,
+        comm::ps::PsMode::Async { staleness: 2 },
+        &cfg,
+        "ps-async60",
+    );
+    let (vs, va) = (
+        sync[0].val_losses.last().unwrap().1,
+        asy[0].val_losses.last().unwrap().1,
+    );
+    let start = asy[0].records[0].loss as f64;
+    assert!(va < start - 0.5, "async did not learn: {start} -> {va}");
+    assert!((va - vs).abs() < 0.15, "async {va} vs sync {vs}");
 }
