@@ -279,20 +279,33 @@ impl Dp {
         Ok(())
     }
 
-    /// Every rank's per-micro-batch losses, in global micro-batch order (rank 0's first).
-    pub fn gather_losses(&mut self, mine: &[f32]) -> Result<Vec<f32>, TrainError> {
+    /// Every rank's per-micro-batch losses, in global micro-batch order (rank 0's first), and
+    /// whether any rank was asked to stop (Ctrl-C): the ranks agree on the step they stop at,
+    /// so they checkpoint together. (Asynchronous workers do not wait for each other: their own
+    /// losses stand for all, and the stop request is local.)
+    pub fn gather_losses(
+        &mut self,
+        mine: &[f32],
+        stop: bool,
+    ) -> Result<(Vec<f32>, bool), TrainError> {
         let n = self.size();
         if self.async_base.is_some() {
-            // Asynchronous workers do not wait for each other: this rank's losses stand for all.
-            return Ok(mine.repeat(n));
+            return Ok((mine.repeat(n), stop));
         }
-        let mut all = vec![0.0f32; mine.len() * n];
+        let k = mine.len() + 1;
+        let mut all = vec![0.0f32; k * n];
         let r = shard_range(all.len(), n, self.rank());
-        all[r].copy_from_slice(mine);
+        all[r.start..r.end - 1].copy_from_slice(mine);
+        all[r.end - 1] = if stop { 1.0 } else { 0.0 };
         self.group
             .all_gather(&mut all)
             .map_err(dist("gathering the losses"))?;
-        Ok(all)
+        let any_stop = all.chunks(k).any(|c| c[k - 1] != 0.0);
+        let losses = all
+            .chunks(k)
+            .flat_map(|c| c[..k - 1].iter().copied())
+            .collect();
+        Ok((losses, any_stop))
     }
 
     /// Drops the optimizer state outside this rank's range (ZeRO), e.g. after loading a

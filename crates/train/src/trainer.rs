@@ -459,13 +459,16 @@ pub fn run(
             }
         }
         let comm_before = dp.as_ref().map(|d| d.comm_secs);
+        let mut dp_stop = None;
         if let Some(d) = dp.as_mut() {
+            let stop = opts
+                .stop
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+            let (all, any_stop) = d.gather_losses(&micro_losses, stop)?;
+            dp_stop = Some(any_stop);
             // Same f64 summation order as one rank with grad_accum = dp × accum.
-            loss_sum = d
-                .gather_losses(&micro_losses)?
-                .iter()
-                .map(|&l| l as f64)
-                .sum();
+            loss_sum = all.iter().map(|&l| l as f64).sum();
         }
         let loss = (loss_sum / (accum * dp_size) as f64) as f32;
         if !loss.is_finite() {
@@ -540,10 +543,11 @@ pub fn run(
                 early_stopped = true;
             }
         }
-        let interrupted_now = opts
-            .stop
-            .as_ref()
-            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        let interrupted_now = dp_stop.unwrap_or_else(|| {
+            opts.stop
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        });
         interrupted |= interrupted_now;
         let ckpt_due = last
             || early_stopped

@@ -363,3 +363,26 @@ fn asynchronous_parameter_server_trains_about_as_well_as_synchronous() {
     assert!(va < start - 0.5, "async did not learn: {start} -> {va}");
     assert!((va - vs).abs() < 0.15, "async {va} vs sync {vs}");
 }
+
+#[test]
+fn a_stop_request_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
+    let mut cfg = tiny(50);
+    cfg.optim.grad_clip = 1.0;
+    let dir = tmp("stop");
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let out: Vec<_> = ring_ranks(2, ZeroStage::One, &cfg, &dir, |r, _, o| {
+        if r == 1 {
+            o.stop = Some(flag.clone()); // Ctrl-C reached rank 1 only
+        }
+    })
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    for s in &out {
+        assert!(s.interrupted);
+        assert_eq!(s.steps_done, 1);
+    }
+    assert_eq!(train::checkpoint::list(&dir)[0].0, 1);
+    let resumed = resume_on(2, ZeroStage::One, &cfg, &dir, Some(3));
+    assert_eq!(resumed[0].steps_done, 3);
+}
