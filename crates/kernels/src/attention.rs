@@ -6,7 +6,7 @@
 //! `att` (b, nh, t, t) softmax probabilities (zero above the diagonal); `cl = nh·hs` is the
 //! *local* channel count (all heads, or one tensor-parallel rank's heads).
 //!
-//! Each (batch, head) pair uses two or three strided `sgemm`s; the scores are computed for the
+//! Each (batch, head) pair uses two (forward) or four (backward) strided GEMMs; the scores are computed for the
 //! full t×t square and masked (2× the causal FLOPs in the score/value products, which are a
 //! small share of the model at our sequence lengths). Threads split the batch.
 
