@@ -6,9 +6,12 @@
 mod bench_comm;
 mod bench_plan;
 mod bench_train;
+mod data;
 mod launch;
 mod report;
+mod sample;
 mod spec;
+mod train;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -43,6 +46,19 @@ enum Cmd {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Train a GPT on the CPU (default: a small model on the built-in synthetic corpus).
+    Train(Box<train::TrainArgs>),
+    /// Generate text from a checkpoint.
+    Sample(sample::SampleArgs),
+    /// Data preparation.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCmd {
+    /// Train (or load) a byte-level BPE tokenizer and write train/validation token files.
+    Prepare(data::PrepareArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +141,9 @@ fn main() -> ExitCode {
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
         Cmd::Launch(a) => launch::run(&a),
         Cmd::Bench(BenchCmd::Comm(a)) => bench_comm::run(&a),
+        Cmd::Train(a) => train::run(&a),
+        Cmd::Sample(a) => sample::run(&a),
+        Cmd::Data(DataCmd::Prepare(a)) => data::prepare(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 
 pub mod cost;
 pub mod cpu_runtime;
+pub mod cpu_time;
 pub mod error;
 pub mod estimate;
 pub mod explain;
