@@ -1,42 +1,393 @@
-//! The `scaletrain` binary.
+//! The `scaletrain` binary: `estimate`, `plan`, `validate`, `presets`, `launch`, `bench`.
+//!
+//! Logic a library user would need lives in the crates; this file parses flags, reads files and
+//! prints. Errors print with their whole chain (`{:#}`) and exit with status 2.
 
+mod bench_comm;
+mod bench_plan;
 mod bench_train;
+mod data;
+mod launch;
+mod report;
+mod sample;
+mod spec;
+mod train;
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Instant;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "scaletrain",
-    about = "Estimate and run distributed LLM training."
-)]
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use plan::search::{search, Objective, SearchResult, SearchSpace};
+use plan::Context;
+
+use crate::spec::SpecArgs;
+
+/// Plan and run LLM training: how much it takes, and the layout that does it fastest.
+#[derive(Debug, Parser)]
+#[command(name = "scaletrain", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    cmd: Cmd,
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Measure this machine.
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Memory per device, FLOPs, step time, days, GPU-hours and cost for one layout.
+    Estimate(EstimateArgs),
+    /// Search every valid layout; rank those that fit by time, cost or deadline.
+    Plan(PlanArgs),
+    /// Compare the estimator with published measurements (prints docs/validation.md's table).
+    Validate(ValidateArgs),
+    /// List model and GPU presets.
+    Presets(PresetArgs),
+    /// Start a multi-process job on this node (torchrun-style environment); see docs/comm.md.
+    Launch(launch::LaunchArgs),
+    /// Benchmarks that print figures.
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(BenchCmd),
+    /// Train a GPT on the CPU (default: a small model on the built-in synthetic corpus).
+    Train(Box<train::TrainArgs>),
+    /// Generate text from a checkpoint.
+    Sample(sample::SampleArgs),
+    /// Data preparation.
+    #[command(subcommand)]
+    Data(DataCmd),
 }
 
-#[derive(Subcommand, Debug)]
-enum BenchCommand {
+#[derive(Debug, Subcommand)]
+enum DataCmd {
+    /// Train (or load) a byte-level BPE tokenizer and write train/validation token files.
+    Prepare(data::PrepareArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Planner speed: candidate layouts evaluated per second.
+    Plan(Box<bench_plan::BenchPlanArgs>),
     /// Tokens/s of a full CPU training step (forward, backward, AdamW) for one GPT-2 config.
     Train(bench_train::BenchTrainArgs),
+    /// All-reduce latency, algorithm and bus bandwidth per message size (nccl-tests definitions).
+    Comm(bench_comm::BenchCommArgs),
 }
 
-fn main() -> std::process::ExitCode {
+#[derive(Debug, Args)]
+struct EstimateArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Print the stable JSON schema instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Print every formula with its numbers substituted and its source.
+    #[arg(long)]
+    explain: bool,
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Rank by: time (default) or cost.
+    #[arg(long, default_value = "time")]
+    objective: String,
+    /// Cheapest layout (over cluster sizes) that trains within this many days.
+    #[arg(long)]
+    deadline_days: Option<f64>,
+    /// Fastest layout (over cluster sizes, unless --gpus) whose training costs at most this many USD.
+    #[arg(long)]
+    budget_usd: Option<f64>,
+    /// Largest cluster to consider with --deadline-days or --budget-usd and no --gpus.
+    #[arg(long, default_value_t = 4096)]
+    max_gpus: u64,
+    /// Layouts to show.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Search threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// Explain the best layout formula by formula.
+    #[arg(long)]
+    explain: bool,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// Rerun the fit of the matmul efficiency constants and print it.
+    #[arg(long)]
+    fit: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PresetArgs {
+    /// Print one GPU preset as a TOML file to start a custom `--gpu-file` from.
+    #[arg(long)]
+    gpu: Option<String>,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
+    let result = match cli.cmd {
+        Cmd::Estimate(a) => run_estimate(a),
+        Cmd::Plan(a) => run_plan(a),
+        Cmd::Validate(a) => run_validate(a),
+        Cmd::Presets(a) => run_presets(a),
+        Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(*a),
+        Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
+        Cmd::Launch(a) => launch::run(&a),
+        Cmd::Bench(BenchCmd::Comm(a)) => bench_comm::run(&a),
+        Cmd::Train(a) => train::run(&a),
+        Cmd::Sample(a) => sample::run(&a),
+        Cmd::Data(DataCmd::Prepare(a)) => data::prepare(&a),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
+}
+
+/// `--gpus`, else dp·tp·pp when --dp is given, else 64.
+fn default_gpus(spec: &SpecArgs) -> u64 {
+    match (spec.gpus, spec.dp) {
+        (Some(g), _) => g,
+        (None, Some(dp)) => dp * spec.tp.unwrap_or(1) * spec.pp.unwrap_or(1),
+        (None, None) => 64,
+    }
+}
+
+fn run_estimate(a: EstimateArgs) -> Result<()> {
+    let spec = a.spec.with_config_file()?;
+    let (ctx, note) = spec.context(default_gpus(&spec))?;
+    let layout = if spec.has_layout() {
+        spec.layout_request()
+            .resolve(&ctx.model, ctx.cluster.gpus, ctx.recipe.global_batch)?
+    } else {
+        // No layout flags: take the fastest layout that fits, as `plan` would (recompute as given).
+        let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node);
+        space.recompute = vec![ctx.recipe.recompute];
+        let r = parallel_search(&ctx, &space, Objective::Time, 1, None);
+        match r.top.first() {
+            Some(c) => {
+                if !a.json {
+                    println!("note: no layout flags given; using the fastest layout that fits (what `scaletrain plan` ranks first).");
+                }
+                c.layout
+            }
+            None => {
+                if !a.json {
+                    println!(
+                        "note: no layout fits on {} x {}; showing the default layout. Try `scaletrain plan` with --recompute full, more GPUs or a larger GPU.",
+                        ctx.cluster.gpus, ctx.cluster.gpu.name
+                    );
+                }
+                spec.layout_request().resolve(
+                    &ctx.model,
+                    ctx.cluster.gpus,
+                    ctx.recipe.global_batch,
+                )?
+            }
+        }
+    };
+    let est = plan::estimate(&ctx, &layout, a.explain);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&est)?);
+        return Ok(());
+    }
+    if let Some(n) = note {
+        println!("note: {n}");
+    }
+    print!("{}", report::estimate_table(&est, &ctx.recipe));
+    if a.explain {
+        print!("{}", report::explain(&est.explain));
+    }
+    Ok(())
+}
+
+/// Splits the search across threads (the plan crate itself spawns none).
+fn parallel_search(
+    ctx: &Context,
+    space: &SearchSpace,
+    obj: Objective,
+    top: usize,
+    threads: Option<usize>,
+) -> SearchResult {
+    let n = threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|x| x.get())
+                .unwrap_or(1)
+        })
+        .max(1) as u64;
+    let parts: Vec<SearchResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| s.spawn(move || search(ctx, space, obj, top, (i, n))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("search thread panicked"))
+            .collect()
+    });
+    SearchResult::merge(parts, obj, top)
+}
+
+fn run_plan(a: PlanArgs) -> Result<()> {
+    let spec = a.spec.with_config_file()?;
+    let obj = match (a.deadline_days, a.objective.as_str()) {
+        (Some(_), _) if a.budget_usd.is_some() => {
+            bail!("give either --deadline-days or --budget-usd, not both")
+        }
+        (None, _) if a.budget_usd.is_some() => {
+            let b = a.budget_usd.unwrap_or_default();
+            if !b.is_finite() || b <= 0.0 {
+                bail!("--budget-usd must be a positive number of US dollars");
+            }
+            Objective::Budget(b)
+        }
+        (Some(d), _) => {
+            if !d.is_finite() || d <= 0.0 {
+                bail!("--deadline-days must be a positive number of days");
+            }
+            Objective::Deadline(d)
+        }
+        (None, "time") => Objective::Time,
+        (None, "cost") => Objective::Cost,
+        (None, o) => bail!("--objective '{o}' is not one of time, cost"),
+    };
+    if a.top == 0 {
+        bail!("--top must be at least 1");
+    }
+    let (ctx, note) = spec.context(default_gpus(&spec))?;
+    let gpn = ctx.cluster.gpus_per_node;
+    let sizes = match (spec.gpus, obj) {
+        (None, Objective::Deadline(_) | Objective::Budget(_)) => {
+            let mut v = Vec::new();
+            let mut n = gpn;
+            while n <= a.max_gpus {
+                v.push(n);
+                n *= 2;
+            }
+            v
+        }
+        _ => vec![ctx.cluster.gpus],
+    };
+    let mut space = SearchSpace::for_gpus(sizes, gpn);
+    if let Some(mb) = spec.micro_batch {
+        space.micro_batches = vec![mb];
+    }
+    if let Some(z) = spec.zero {
+        space.zero = vec![z];
+    }
+    if let Some(v) = spec.vpp {
+        space.vpp = vec![v];
+    }
+    if spec.recompute.is_some() {
+        space.recompute = vec![ctx.recipe.recompute];
+    }
+    let start = Instant::now();
+    let r = parallel_search(&ctx, &space, obj, a.top, a.threads);
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        let out = serde_json::json!({
+            "candidates": r.candidates, "evaluated": r.evaluated, "accepted": r.accepted, "search_secs": secs,
+            "rejected": r.rejected.iter().map(|(k, n)| serde_json::json!({"reason": k.describe(), "count": n})).collect::<Vec<_>>(),
+            "top": r.top.iter().map(|c| {
+                let mut cc = ctx.clone();
+                cc.recipe.recompute = c.recompute;
+                cc.cluster.gpus = c.layout.world();
+                plan::estimate(&cc, &c.layout, false)
+            }).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if let Some(n) = note {
+        println!("note: {n}");
+    }
+    println!(
+        "Plan for {} on {} ({} per node), global batch {} x {} tokens, {} tokens, objective {:?}",
+        ctx.model.name,
+        if space.gpus.len() == 1 {
+            format!("{} x {}", space.gpus[0], ctx.cluster.gpu.name)
+        } else {
+            format!(
+                "{}..{} x {}",
+                space.gpus[0],
+                space.gpus[space.gpus.len() - 1],
+                ctx.cluster.gpu.name
+            )
+        },
+        gpn,
+        ctx.recipe.global_batch,
+        ctx.model.seq_len,
+        plan::units::count(ctx.recipe.tokens),
+        obj
+    );
+    let detail = r.top.first().map(|c| {
+        let mut cc = ctx.clone();
+        cc.recipe.recompute = c.recompute;
+        cc.cluster.gpus = c.layout.world();
+        let est = plan::estimate(&cc, &c.layout, a.explain);
+        let mut s = report::estimate_table(&est, &cc.recipe);
+        if a.explain {
+            s.push_str(&report::explain(&est.explain));
+        }
+        s
+    });
+    print!("{}", report::plan_table(&r, secs, detail));
+    Ok(())
+}
+
+fn run_validate(a: ValidateArgs) -> Result<()> {
+    let c = plan::Calibration::default();
+    if a.fit {
+        let (fit, err) = plan::validation::fit_matmul();
+        println!("fit over Korthikanti Tables 4+5: matmul_eff = {}, matmul_knee = {} (mean abs error {:.2}%); defaults: {} / {}",
+            fit.matmul_eff, fit.matmul_knee, err * 100.0, c.matmul_eff, c.matmul_knee);
+    }
+    let tables = plan::validation::all_tables(&c);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&tables)?);
+        return Ok(());
+    }
+    print!("{}", plan::validation::markdown(&tables));
+    Ok(())
+}
+
+fn run_presets(a: PresetArgs) -> Result<()> {
+    if let Some(g) = a.gpu {
+        let gpu = plan::gpu_preset(&g)?;
+        print!("{}", toml::to_string(&gpu)?);
+        return Ok(());
+    }
+    println!("Models:");
+    for name in plan::model::MODEL_PRESETS {
+        let m = plan::preset(name)?;
+        println!(
+            "  {name:<18} {:>16} params  l={:<4} h={:<6} a={:<4} kv={:<4} f={:<6} V={:<7} s={}",
+            m.params().total,
+            m.layers,
+            m.hidden,
+            m.heads,
+            m.kv_heads,
+            m.ffn_hidden,
+            m.vocab,
+            m.seq_len
+        );
+    }
+    println!("GPUs:");
+    for name in plan::hardware::GPU_PRESETS {
+        let g = plan::gpu_preset(name)?;
+        println!("  {name:<10} {:>7.0} TFLOP/s bf16, {:>6.1} GiB, {:>5.0} GB/s HBM, {:>4.0} GB/s link, {:>3.0} GB/s net, ${:.2}/h (assumed)",
+            g.peak_bf16_flops / 1e12, g.memory_bytes / plan::units::GIB, g.memory_bw / 1e9, g.intra_node_bw / 1e9, g.network_bw / 1e9, g.price_per_gpu_hour);
+        println!("             source: {}", g.source);
+    }
+    Ok(())
 }

@@ -1,0 +1,311 @@
+//! `scaletrain launch`: start the processes of a job on this host with torchrun's environment,
+//! prefix their output with their rank, and stop everything when one fails or on Ctrl-C.
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Flags of `scaletrain launch`.
+#[derive(Debug, Args, Clone)]
+pub struct LaunchArgs {
+    /// Worker processes on this node.
+    #[arg(long)]
+    pub nproc_per_node: usize,
+    /// Nodes in the job.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes (node 0 runs rank 0 and the servers).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Host of rank 0 (node 0).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of rank 0. Default: a free port on one node; required with --nnodes > 1.
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Parameter-server processes, started on node 0 after the workers (ranks world-K..world-1).
+    #[arg(long, default_value_t = 0)]
+    pub servers: usize,
+    /// Transport for the children (tcp or shm); sets SCALETRAIN_TRANSPORT.
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// Job token shared by every process. Default: SCALETRAIN_JOB_TOKEN, else a random one
+    /// (one node only: several nodes must be given the same token).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Seconds to wait after SIGTERM before SIGKILL when stopping the job.
+    #[arg(long, default_value_t = 3.0)]
+    pub grace_secs: f64,
+    /// The command to run in every process (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// One process to start.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    /// World rank.
+    pub rank: usize,
+    /// Environment variables to set.
+    pub env: Vec<(String, String)>,
+}
+
+/// The validated job: who runs here and with which environment.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// World size (workers + servers).
+    pub world: usize,
+    /// Processes of this node.
+    pub procs: Vec<Proc>,
+}
+
+fn random_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("reading /dev/urandom for a job token")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Check the flags and work out every local process's environment.
+pub fn plan(a: &LaunchArgs) -> Result<Plan> {
+    if a.nproc_per_node == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    if a.nnodes == 0 || a.node_rank >= a.nnodes {
+        bail!(
+            "--node-rank {} is not in 0..{} (--nnodes)",
+            a.node_rank,
+            a.nnodes
+        );
+    }
+    let workers = a.nnodes * a.nproc_per_node;
+    let world = workers + a.servers;
+    let token = match (
+        &a.token,
+        std::env::var("SCALETRAIN_JOB_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    ) {
+        (Some(t), _) => t.clone(),
+        (None, Some(t)) => t,
+        (None, None) if a.nnodes == 1 => random_token()?,
+        (None, None) => bail!(
+            "--nnodes {} needs the same --token (or SCALETRAIN_JOB_TOKEN) on every node",
+            a.nnodes
+        ),
+    };
+    let port = match a.master_port {
+        Some(p) => p,
+        None if a.nnodes == 1 => free_port()?,
+        None => bail!(
+            "--nnodes {} needs --master-port (the same on every node)",
+            a.nnodes
+        ),
+    };
+    let local_servers = if a.node_rank == 0 { a.servers } else { 0 };
+    let local_world = a.nproc_per_node + local_servers;
+    let mut procs = Vec::new();
+    for local in 0..local_world {
+        let (rank, role) = if local < a.nproc_per_node {
+            (a.node_rank * a.nproc_per_node + local, "worker")
+        } else {
+            (workers + local - a.nproc_per_node, "server")
+        };
+        let mut env = vec![
+            ("RANK".to_string(), rank.to_string()),
+            ("LOCAL_RANK".into(), local.to_string()),
+            ("WORLD_SIZE".into(), world.to_string()),
+            ("LOCAL_WORLD_SIZE".into(), local_world.to_string()),
+            ("GROUP_RANK".into(), a.node_rank.to_string()),
+            ("MASTER_ADDR".into(), a.master_addr.clone()),
+            ("MASTER_PORT".into(), port.to_string()),
+            ("SCALETRAIN_JOB_TOKEN".into(), token.clone()),
+            ("SCALETRAIN_ROLE".into(), role.into()),
+            ("SCALETRAIN_NUM_SERVERS".into(), a.servers.to_string()),
+        ];
+        if let Some(t) = &a.transport {
+            env.push(("SCALETRAIN_TRANSPORT".into(), t.clone()));
+        }
+        procs.push(Proc { rank, env });
+    }
+    Ok(Plan { world, procs })
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Threads copying children's output; join them (bounded) before exiting so no line is lost.
+pub type Pumps = Vec<std::thread::JoinHandle<()>>;
+
+/// Start `program args…` once per process of `plan`, prefixing output lines with `[rank r]`.
+pub fn spawn(plan: &Plan, program: &str, args: &[String]) -> Result<(Vec<(usize, Child)>, Pumps)> {
+    let mut children = Vec::new();
+    let mut pumps = Vec::new();
+    for p in &plan.procs {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .envs(p.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; the child dies with the launcher even on SIGKILL.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut children, Duration::ZERO);
+                return Err(e).with_context(|| format!("starting rank {}: {program}", p.rank));
+            }
+        };
+        let rank = p.rank;
+        if let Some(out) = child.stdout.take() {
+            pumps.push(std::thread::spawn(move || pump(out, rank, false)));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(std::thread::spawn(move || pump(err, rank, true)));
+        }
+        children.push((p.rank, child));
+    }
+    Ok((children, pumps))
+}
+
+/// Wait up to `limit` for the output threads (a grandchild may hold a pipe open forever).
+pub fn drain(pumps: Pumps, limit: Duration) {
+    let t = Instant::now();
+    for p in pumps {
+        while !p.is_finished() && t.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if p.is_finished() {
+            let _ = p.join();
+        }
+    }
+}
+
+fn pump(r: impl std::io::Read, rank: usize, is_err: bool) {
+    for line in BufReader::new(r).split(b'\n').map_while(Result::ok) {
+        let text = String::from_utf8_lossy(&line);
+        if is_err {
+            let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {text}");
+        } else {
+            let _ = writeln!(std::io::stdout().lock(), "[rank {rank}] {text}");
+        }
+    }
+}
+
+fn describe(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(sig)) => format!(
+            "was killed by signal {sig}{}",
+            if sig == libc::SIGKILL {
+                " (SIGKILL)"
+            } else if sig == libc::SIGSEGV {
+                " (SIGSEGV)"
+            } else {
+                ""
+            }
+        ),
+        _ => "ended".into(),
+    }
+}
+
+/// SIGTERM everyone still running, then SIGKILL after `grace`.
+fn stop_all(children: &mut [(usize, Child)], grace: Duration) {
+    for (_, c) in children.iter_mut() {
+        if let Ok(None) = c.try_wait() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    let t = Instant::now();
+    while t.elapsed() < grace
+        && children
+            .iter_mut()
+            .any(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (_, c) in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Wait for the job: Ok when every process exits 0; otherwise stop the rest and say who failed.
+pub fn supervise(mut children: Vec<(usize, Child)>, grace: Duration) -> Result<()> {
+    let mut running: Vec<bool> = vec![true; children.len()];
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            stop_all(&mut children, grace);
+            bail!("interrupted: stopped all {} processes", children.len());
+        }
+        for (i, (rank, c)) in children.iter_mut().enumerate() {
+            if !running[i] {
+                continue;
+            }
+            if let Some(status) = c.try_wait().context("waiting for a child")? {
+                running[i] = false;
+                if !status.success() {
+                    let rank = *rank;
+                    let others = running.iter().filter(|r| **r).count();
+                    stop_all(&mut children, grace);
+                    bail!(
+                        "rank {rank} {}; stopped the other {others} running process(es)",
+                        describe(status)
+                    );
+                }
+            }
+        }
+        if running.iter().all(|r| !r) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Install the Ctrl-C / SIGTERM handler that stops the whole job.
+pub fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// `scaletrain launch`.
+pub fn run(a: &LaunchArgs) -> Result<()> {
+    let plan = plan(a)?;
+    let (program, args) = a
+        .command
+        .split_first()
+        .context("no command given after --")?;
+    install_signal_handlers();
+    eprintln!(
+        "scaletrain launch: starting {} of {} process(es): {}",
+        plan.procs.len(),
+        plan.world,
+        a.command.join(" ")
+    );
+    let (children, pumps) = spawn(&plan, program, args)?;
+    let out = supervise(children, Duration::from_secs_f64(a.grace_secs.max(0.0)));
+    drain(pumps, Duration::from_secs(2));
+    out
+}

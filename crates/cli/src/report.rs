@@ -1,0 +1,227 @@
+//! Human-readable rendering of estimates, plans and explanations.
+
+use std::fmt::Write as _;
+
+use plan::estimate::Estimate;
+use plan::explain::Line;
+use plan::search::{Candidate, Reject, SearchResult};
+use plan::units::{count, duration, gib};
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+/// The default table for `scaletrain estimate`.
+pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
+    let mut s = String::new();
+    let l = &e.layout;
+    let m = &e.memory_per_device_bytes.memory;
+    let headroom = e.memory_per_device_bytes.headroom;
+    let p = &e.parameter_breakdown;
+    let _ = writeln!(
+        s,
+        "Model       {} — {} layers, hidden {}, {} heads ({} KV), ffn {}, vocab {}, seq {}",
+        e.model.name,
+        e.model.layers,
+        e.model.hidden,
+        e.model.heads,
+        e.model.kv_heads,
+        e.model.ffn_hidden,
+        e.model.vocab,
+        e.model.seq_len
+    );
+    let _ = writeln!(
+        s,
+        "Parameters  {} ({}) = embedding {} + {} layers x {} + final norm {} + head {}",
+        count(e.parameters as f64),
+        e.parameters,
+        count(p.embedding as f64),
+        e.model.layers,
+        count(p.per_layer as f64),
+        p.final_norm,
+        count(p.head as f64)
+    );
+    let _ = writeln!(
+        s,
+        "Cluster     {} x {} ({} per node), ${:.2}/GPU-hour",
+        e.gpus, e.gpu, e.gpus_per_node, e.price_per_gpu_hour
+    );
+    let _ = writeln!(s, "Recipe      {:?}, {:?}, {} tokens, global batch {} x {} tokens, recompute {:?}, flash attention {}", recipe.precision, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
+    let _ = writeln!(s, "Layout      dp {} x tp {} x pp {} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
+    let sb = recipe.state_bytes;
+    let _ = writeln!(
+        s,
+        "\nMemory per device (worst: pipeline stage {}), model states {} B/param before sharding",
+        m.worst_stage,
+        sb.total()
+    );
+    let row = |s: &mut String, name: &str, v: f64, note: String| {
+        let _ = writeln!(s, "  {name:<24}{:>12}  {note}", gib(v));
+    };
+    row(
+        &mut s,
+        "weights",
+        m.weights,
+        format!("{} B/param", sb.weight),
+    );
+    row(
+        &mut s,
+        "gradients",
+        m.gradients,
+        format!("{} B/param", sb.grad),
+    );
+    row(
+        &mut s,
+        "master weights",
+        m.master_weights,
+        format!("{} B/param", sb.master),
+    );
+    row(
+        &mut s,
+        "optimizer states",
+        m.optimizer_states,
+        format!("{} B/param", sb.optimizer),
+    );
+    row(
+        &mut s,
+        "activations",
+        m.activations,
+        format!(
+            "{} per micro-batch x {:.2} in flight (+ embedding/logits)",
+            gib(m.activations_per_microbatch),
+            m.microbatches_in_flight
+        ),
+    );
+    row(
+        &mut s,
+        "communication buffers",
+        m.comm_buffers,
+        String::new(),
+    );
+    row(
+        &mut s,
+        "runtime overhead",
+        m.runtime_overhead,
+        "assumed".into(),
+    );
+    let verdict = if e.fits {
+        format!("fits, headroom {}", gib(headroom))
+    } else {
+        format!("DOES NOT FIT: {} over", gib(-headroom))
+    };
+    let _ = writeln!(
+        s,
+        "  {:<24}{:>12}  of {} -> {verdict}",
+        "total",
+        gib(m.total),
+        gib(m.capacity)
+    );
+    let _ = writeln!(s, "\nFLOPs       {:.3e} per token (model), {:.3e} per step (model), {:.3e} per step (hardware, with recompute), {:.3e} total", e.flops_per_token, e.flops_per_step, e.hardware_flops_per_step, e.total_flops);
+    let t = &e.step_time_secs;
+    let _ = writeln!(
+        s,
+        "Step time   {} = compute {} + communication {} + bubble {} + optimizer {}",
+        duration(t.total),
+        duration(t.compute),
+        duration(t.communication),
+        duration(t.bubble),
+        duration(t.optimizer)
+    );
+    let _ = writeln!(s, "            communication: tensor-parallel {}, pipeline {}, data-parallel {} exposed of {}", duration(t.tp_comm), duration(t.pp_comm), duration(t.dp_exposed), duration(t.dp_comm));
+    let _ = writeln!(
+        s,
+        "            MFU {}, HFU {}, {:.0} tokens/s",
+        pct(e.mfu),
+        pct(e.hfu),
+        e.tokens_per_sec
+    );
+    let _ = writeln!(
+        s,
+        "Training    {:.0} steps, {:.1} days, {:.0} GPU-hours, ${:.0}",
+        e.steps, e.training_days, e.gpu_hours, e.cost_usd
+    );
+    s
+}
+
+/// `--explain`: every formula with its numbers and source, by section.
+pub fn explain(lines: &[Line]) -> String {
+    let mut s = String::from("\nHow each number was computed\n");
+    let mut section = "";
+    for l in lines {
+        if l.section != section {
+            section = l.section;
+            let _ = writeln!(s, "\n[{section}]");
+        }
+        let value = match l.unit {
+            "bytes" => gib(l.value),
+            "s" => duration(l.value),
+            "ratio" => pct(l.value),
+            "params" => count(l.value),
+            u => format!(
+                "{} {u}",
+                if l.value.abs() >= 1e6 {
+                    format!("{:.4e}", l.value)
+                } else {
+                    format!("{:.4}", l.value)
+                }
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "  {} = {value}\n      = {}\n      source: {}",
+            l.quantity, l.formula, l.source
+        );
+    }
+    s
+}
+
+fn candidate_row(i: usize, c: &Candidate) -> String {
+    let l = &c.layout;
+    let t = &c.eval.time;
+    format!(
+        "{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}",
+        i + 1, l.world(), l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, format!("{:?}", c.recompute).to_lowercase(),
+        format!("{:.1}", c.eval.memory.total / plan::units::GIB), duration(t.total), duration(t.compute), duration(t.communication), duration(t.bubble), pct(c.eval.mfu), format!("{:.1}", c.days), format!("${:.0}", c.cost_usd)
+    )
+}
+
+/// The planner's report.
+pub fn plan_table(r: &SearchResult, secs: f64, breakdown_of_best: Option<String>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Searched {} candidate layouts ({} costed) in {:.3} s: {} fit{}",
+        r.candidates,
+        r.evaluated,
+        secs,
+        r.accepted,
+        if r.candidates > 0 {
+            format!(
+                " ({:.2} M layouts/s)",
+                r.candidates as f64 / secs.max(1e-9) / 1e6
+            )
+        } else {
+            String::new()
+        }
+    );
+    if r.top.is_empty() {
+        let _ = writeln!(s, "\nNo layout fits. Try more GPUs, a GPU with more memory, ZeRO-3, recompute, or a smaller micro-batch.");
+    } else {
+        let _ = writeln!(s, "\n{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}", "#", "gpus", "dp", "tp", "pp", "vpp", "sp", "zero", "mb", "recompute", "GiB/GPU", "step", "compute", "comm", "bubble", "MFU", "days", "cost");
+        for (i, c) in r.top.iter().enumerate() {
+            let _ = writeln!(s, "{}", candidate_row(i, c));
+        }
+    }
+    if !r.rejected.is_empty() {
+        let _ = writeln!(s, "\nRejected:");
+        for reason in Reject::ALL {
+            if let Some((_, n)) = r.rejected.iter().find(|(x, _)| *x == reason) {
+                let _ = writeln!(s, "  {n:>10} layouts: {}", reason.describe());
+            }
+        }
+    }
+    if let Some(b) = breakdown_of_best {
+        let _ = writeln!(s, "\nBest layout in detail:\n{b}");
+    }
+    s
+}

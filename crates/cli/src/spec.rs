@@ -1,0 +1,509 @@
+//! The flags shared by `estimate` and `plan`, the TOML file that may set any of them, and the
+//! step from raw input (`SpecArgs`) to checked specs (`Question`): model, cluster, recipe and
+//! layout request. All parse errors name the flag or key and the fix.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use plan::hardware::{gpu_preset, validate_gpu, ClusterSpec, GpuSpec};
+use plan::layout::LayoutRequest;
+use plan::model::{self, ModelSpec};
+use plan::recipe::{
+    CausalFlops, GradSync, Optimizer, Precision, Recipe, Recompute, Schedule, StateBytes,
+};
+use plan::units::{parse_count, parse_int};
+use plan::{Calibration, Context};
+use serde::Deserialize;
+
+/// Model, recipe, layout and hardware flags (every one may also be set in `--config FILE`).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SpecArgs {
+    /// TOML file setting any of these flags (keys are the flag names, e.g. `micro-batch = 2`);
+    /// command-line flags override it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    // ---- model ----
+    /// Model preset (see `scaletrain presets`), e.g. llama3-8b, gpt3-175b, megatron-1t.
+    #[arg(long, help_heading = "Model")]
+    pub model: Option<String>,
+    /// Target parameter count (e.g. 10B): picks a standard GPT shape and prints it.
+    #[arg(long, help_heading = "Model")]
+    pub params: Option<String>,
+    /// Hugging Face config.json (gpt2, llama, mistral, qwen2).
+    #[arg(long, value_name = "FILE", help_heading = "Model")]
+    pub hf_config: Option<PathBuf>,
+    /// Transformer layers (overrides the preset).
+    #[arg(long, help_heading = "Model")]
+    pub layers: Option<u64>,
+    /// Hidden size.
+    #[arg(long, help_heading = "Model")]
+    pub hidden: Option<u64>,
+    /// Attention heads.
+    #[arg(long, help_heading = "Model")]
+    pub heads: Option<u64>,
+    /// Key/value heads (GQA); default = heads.
+    #[arg(long, help_heading = "Model")]
+    pub kv_heads: Option<u64>,
+    /// MLP hidden size; default 4 x hidden.
+    #[arg(long, help_heading = "Model")]
+    pub ffn_hidden: Option<u64>,
+    /// Vocabulary size.
+    #[arg(long, help_heading = "Model")]
+    pub vocab: Option<u64>,
+    /// Sequence length.
+    #[arg(long, help_heading = "Model")]
+    pub seq_len: Option<u64>,
+    /// Tie the LM head to the embedding (true/false).
+    #[arg(long, help_heading = "Model")]
+    pub tied_embeddings: Option<bool>,
+    /// MLP form: gelu or gated (SwiGLU).
+    #[arg(long, help_heading = "Model")]
+    pub mlp: Option<String>,
+    /// Norm: layernorm or rmsnorm.
+    #[arg(long, help_heading = "Model")]
+    pub norm: Option<String>,
+
+    // ---- recipe ----
+    /// Training tokens (e.g. 300B). Default: 20 tokens per parameter (Hoffmann et al. 2022).
+    #[arg(long, help_heading = "Recipe")]
+    pub tokens: Option<String>,
+    /// Global batch in sequences (e.g. 1024), or in tokens with a `tok` suffix (e.g. 4Mtok).
+    /// Default 1024 sequences.
+    #[arg(long, help_heading = "Recipe")]
+    pub global_batch: Option<String>,
+    /// Sequences per micro-batch (default 1 for estimate; searched by plan).
+    #[arg(long, help_heading = "Recipe")]
+    pub micro_batch: Option<u64>,
+    /// fp32, bf16-mixed (default) or fp16-mixed.
+    #[arg(long, help_heading = "Recipe")]
+    pub precision: Option<String>,
+    /// adamw (default), sgd, sgd-momentum, adafactor.
+    #[arg(long, help_heading = "Recipe")]
+    pub optimizer: Option<String>,
+    /// Activation recompute: none (default for estimate), selective, full.
+    #[arg(long, help_heading = "Recipe")]
+    pub recompute: Option<String>,
+    /// Fused (flash) attention: true (default) or false.
+    #[arg(long, help_heading = "Recipe")]
+    pub flash_attention: Option<bool>,
+    /// Dropout masks in activations: false (default) or true.
+    #[arg(long, help_heading = "Recipe")]
+    pub dropout: Option<bool>,
+    /// Causal attention FLOPs: full (default, Megatron/PaLM convention) or half.
+    #[arg(long, help_heading = "Recipe")]
+    pub causal_flops: Option<String>,
+    /// Bytes per weight (default 2 mixed, 4 fp32).
+    #[arg(long, help_heading = "Recipe")]
+    pub weight_bytes: Option<f64>,
+    /// Bytes per gradient (default 2 mixed = ZeRO's 16 B/param; 4 = Megatron's 18 B/param).
+    #[arg(long, help_heading = "Recipe")]
+    pub grad_bytes: Option<f64>,
+    /// Bytes per fp32 master weight (default 4 mixed, 0 fp32).
+    #[arg(long, help_heading = "Recipe")]
+    pub master_bytes: Option<f64>,
+    /// Optimizer-state bytes per parameter (default by optimizer: adamw 8, sgd-momentum 4, sgd 0).
+    #[arg(long, help_heading = "Recipe")]
+    pub optimizer_bytes: Option<f64>,
+    /// Data-parallel gradient sync: ring (default), tree, ps.
+    #[arg(long, help_heading = "Recipe")]
+    pub grad_sync: Option<String>,
+    /// Parameter servers for --grad-sync ps (default 1).
+    #[arg(long, help_heading = "Recipe")]
+    pub ps_servers: Option<u64>,
+    /// Do not overlap gradient sync with backward.
+    #[arg(long, help_heading = "Recipe")]
+    #[serde(default)]
+    pub no_overlap: bool,
+    /// Pipeline schedule: 1f1b (default) or gpipe.
+    #[arg(long, help_heading = "Recipe")]
+    pub schedule: Option<String>,
+
+    // ---- layout ----
+    /// Data-parallel degree (default: inferred from --gpus).
+    #[arg(long, help_heading = "Layout")]
+    pub dp: Option<u64>,
+    /// Tensor-parallel degree (default 1).
+    #[arg(long, help_heading = "Layout")]
+    pub tp: Option<u64>,
+    /// Pipeline-parallel degree (default 1).
+    #[arg(long, help_heading = "Layout")]
+    pub pp: Option<u64>,
+    /// Virtual pipeline stages per device (default 1).
+    #[arg(long, help_heading = "Layout")]
+    pub vpp: Option<u64>,
+    /// Sequence parallelism (needs --tp > 1).
+    #[arg(long, help_heading = "Layout")]
+    #[serde(default)]
+    pub sequence_parallel: bool,
+    /// ZeRO stage 0-3 (default 0).
+    #[arg(long, help_heading = "Layout")]
+    pub zero: Option<u8>,
+    /// Gradient-accumulation steps (default: global batch / (dp x micro-batch)).
+    #[arg(long, help_heading = "Layout")]
+    pub grad_accum: Option<u64>,
+
+    // ---- hardware ----
+    /// GPU preset: a100-40gb, a100-80gb, h100-sxm (default), h200, b200, mi300x.
+    #[arg(long, help_heading = "Hardware")]
+    pub gpu: Option<String>,
+    /// TOML file describing a custom GPU (fields of `scaletrain presets --gpu h100-sxm --toml`).
+    #[arg(long, value_name = "FILE", help_heading = "Hardware")]
+    pub gpu_file: Option<PathBuf>,
+    /// Number of GPUs (default 64).
+    #[arg(long, help_heading = "Hardware")]
+    pub gpus: Option<u64>,
+    /// GPUs per node (default 8).
+    #[arg(long, help_heading = "Hardware")]
+    pub gpus_per_node: Option<u64>,
+    /// USD per GPU-hour (default: the preset's assumed cloud rate).
+    #[arg(long, help_heading = "Hardware")]
+    pub price_per_gpu_hour: Option<f64>,
+}
+
+macro_rules! take {
+    ($cli:ident, $file:ident, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.clone(); } )* };
+}
+
+impl SpecArgs {
+    /// Merges `--config FILE` under the command-line flags.
+    pub fn with_config_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let file: SpecArgs = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {e}keys are the flag names without the leading dashes, e.g. `micro-batch = 2`, `model = \"llama3-8b\"`",
+                path.display()
+            )
+        })?;
+        take!(
+            self,
+            file,
+            model,
+            params,
+            hf_config,
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            ffn_hidden,
+            vocab,
+            seq_len,
+            tied_embeddings,
+            mlp,
+            norm,
+            tokens,
+            global_batch,
+            micro_batch,
+            precision,
+            optimizer,
+            recompute,
+            flash_attention,
+            dropout,
+            causal_flops,
+            weight_bytes,
+            grad_bytes,
+            master_bytes,
+            optimizer_bytes,
+            grad_sync,
+            ps_servers,
+            schedule,
+            dp,
+            tp,
+            pp,
+            vpp,
+            zero,
+            grad_accum,
+            gpu,
+            gpu_file,
+            gpus,
+            gpus_per_node,
+            price_per_gpu_hour
+        );
+        self.no_overlap |= file.no_overlap;
+        self.sequence_parallel |= file.sequence_parallel;
+        Ok(self)
+    }
+
+    /// True when the user set any layout flag.
+    pub fn has_layout(&self) -> bool {
+        self.dp.is_some()
+            || self.tp.is_some()
+            || self.pp.is_some()
+            || self.vpp.is_some()
+            || self.sequence_parallel
+            || self.zero.is_some()
+            || self.micro_batch.is_some()
+            || self.grad_accum.is_some()
+    }
+
+    /// The model: preset, --params, --hf-config, then explicit dimensions on top.
+    pub fn model(&self) -> Result<(ModelSpec, Option<String>)> {
+        let sources = [
+            self.model.is_some(),
+            self.params.is_some(),
+            self.hf_config.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if sources > 1 {
+            bail!("give only one of --model, --params and --hf-config");
+        }
+        let explicit = self.layers.is_some() || self.hidden.is_some() || self.heads.is_some();
+        let mut note = None;
+        let mut m = if let Some(name) = &self.model {
+            model::preset(name)?
+        } else if let Some(p) = &self.params {
+            let m = model::from_params(parse_count("--params", p)?)?;
+            note = Some(format!(
+                "--params {p}: chose a GPT shape of {} layers x {} hidden, {} heads (head dim 128), ffn {}, vocab {}, seq {} -> {} parameters (rule: h = 128 l, docs/estimator.md)",
+                m.layers, m.hidden, m.heads, m.ffn_hidden, m.vocab, m.seq_len, plan::units::count(m.params().total as f64)
+            ));
+            m
+        } else if let Some(path) = &self.hf_config {
+            let text = read_text(path, "--hf-config")?;
+            model::from_hf_config(&text)
+                .with_context(|| format!("--hf-config {}", path.display()))?
+        } else if explicit {
+            let (Some(layers), Some(hidden), Some(heads)) = (self.layers, self.hidden, self.heads)
+            else {
+                bail!("explicit dimensions need at least --layers, --hidden and --heads (or start from --model PRESET)");
+            };
+            let mut m = model::preset("gpt2-124m")?;
+            m.name = "custom".into();
+            m.layers = layers;
+            m.hidden = hidden;
+            m.heads = heads;
+            m.kv_heads = heads;
+            m.ffn_hidden = 4 * hidden;
+            m.vocab = 50304;
+            m.seq_len = 2048;
+            m.learned_positions = 2048;
+            m
+        } else {
+            let m = model::from_params(10e9)?;
+            note = Some(format!(
+                "no model given: using --params 10B -> GPT shape {} layers x {} hidden, {} heads ({} parameters)",
+                m.layers, m.hidden, m.heads, plan::units::count(m.params().total as f64)
+            ));
+            m
+        };
+        if explicit && (self.model.is_some() || self.params.is_some() || self.hf_config.is_some()) {
+            m.name = format!("{} (modified)", m.name);
+        }
+        if let Some(v) = self.layers {
+            m.layers = v;
+        }
+        if let Some(v) = self.hidden {
+            m.hidden = v;
+        }
+        if let Some(v) = self.heads {
+            m.heads = v;
+            if self.kv_heads.is_none() && m.kv_heads > v {
+                m.kv_heads = v;
+            }
+        }
+        if let Some(v) = self.kv_heads {
+            m.kv_heads = v;
+        }
+        if let Some(v) = self.ffn_hidden {
+            m.ffn_hidden = v;
+        }
+        if let Some(v) = self.vocab {
+            m.vocab = v;
+        }
+        if let Some(v) = self.seq_len {
+            m.seq_len = v;
+            if m.learned_positions > 0
+                && v > m.learned_positions
+                && (self.model.is_none() || explicit)
+            {
+                m.learned_positions = v;
+            }
+        }
+        if let Some(v) = self.tied_embeddings {
+            m.tied_embeddings = v;
+        }
+        if let Some(v) = &self.mlp {
+            m.mlp = match v.as_str() {
+                "gelu" => model::Mlp::Gelu,
+                "gated" | "swiglu" => model::Mlp::Gated,
+                _ => bail!("--mlp '{v}' is not one of gelu, gated"),
+            };
+        }
+        if let Some(v) = &self.norm {
+            m.norm = match v.as_str() {
+                "layernorm" => model::Norm::LayerNorm,
+                "rmsnorm" => model::Norm::RmsNorm,
+                _ => bail!("--norm '{v}' is not one of layernorm, rmsnorm"),
+            };
+        }
+        m.validate()?;
+        Ok((m, note))
+    }
+
+    /// The GPU: preset or TOML file.
+    pub fn gpu(&self) -> Result<GpuSpec> {
+        match (&self.gpu, &self.gpu_file) {
+            (Some(_), Some(_)) => bail!("give either --gpu or --gpu-file, not both"),
+            (_, Some(path)) => {
+                let text = read_text(path, "--gpu-file")?;
+                let g: GpuSpec = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--gpu-file {}: {e}", path.display()))?;
+                validate_gpu(&g).with_context(|| format!("--gpu-file {}", path.display()))?;
+                Ok(g)
+            }
+            (Some(name), None) => Ok(gpu_preset(name)?),
+            (None, None) => Ok(gpu_preset("h100-sxm")?),
+        }
+    }
+
+    /// The recipe with defaults and overrides.
+    pub fn recipe(&self, m: &ModelSpec) -> Result<Recipe> {
+        let precision = self
+            .precision
+            .as_deref()
+            .map(Precision::parse)
+            .transpose()?
+            .unwrap_or(Precision::Bf16Mixed);
+        let optimizer = self
+            .optimizer
+            .as_deref()
+            .map(Optimizer::parse)
+            .transpose()?
+            .unwrap_or(Optimizer::Adamw);
+        let tokens = match &self.tokens {
+            Some(t) => parse_count("--tokens", t)?,
+            None => 20.0 * m.params().total as f64,
+        };
+        let global_batch = match &self.global_batch {
+            None => 1024,
+            Some(g) => {
+                let lower = g.trim().to_ascii_lowercase();
+                if let Some(num) = lower
+                    .strip_suffix("tokens")
+                    .or_else(|| lower.strip_suffix("tok"))
+                {
+                    let toks = parse_int("--global-batch", num)?;
+                    if toks % m.seq_len != 0 {
+                        bail!("--global-batch {g}: {toks} tokens is not a whole number of {}-token sequences", m.seq_len);
+                    }
+                    toks / m.seq_len
+                } else {
+                    parse_int("--global-batch", g)?
+                }
+            }
+        };
+        let mut r = Recipe::new(tokens, global_batch, precision, optimizer);
+        if optimizer == Optimizer::Adafactor {
+            // Factored second moment: rows + columns per matrix, fp32 (Shazeer & Stern 2018).
+            let (h, f, l) = (m.hidden as f64, m.ffn_hidden as f64, m.layers as f64);
+            let per_layer = 4.0
+                * ((h + h + 2.0 * m.kv_dim() as f64) + (h + h) + m.mlp_matrices() as f64 * (h + f));
+            let emb = 4.0 * (m.vocab as f64 + h);
+            r.state_bytes = StateBytes::defaults(
+                precision,
+                optimizer,
+                (l * per_layer + emb) / m.params().total as f64,
+            );
+        }
+        if let Some(v) = self.weight_bytes {
+            r.state_bytes.weight = v;
+        }
+        if let Some(v) = self.grad_bytes {
+            r.state_bytes.grad = v;
+        }
+        if let Some(v) = self.master_bytes {
+            r.state_bytes.master = v;
+        }
+        if let Some(v) = self.optimizer_bytes {
+            r.state_bytes.optimizer = v;
+        }
+        r.grad_comm_bytes = r.state_bytes.grad;
+        if let Some(v) = &self.recompute {
+            r.recompute = Recompute::parse(v)?;
+        }
+        if let Some(v) = self.flash_attention {
+            r.flash_attention = v;
+        }
+        if let Some(v) = self.dropout {
+            r.dropout = v;
+        }
+        if let Some(v) = &self.causal_flops {
+            r.causal_flops = match v.as_str() {
+                "full" => CausalFlops::Full,
+                "half" => CausalFlops::Half,
+                _ => bail!("--causal-flops '{v}' is not one of full, half"),
+            };
+        }
+        if let Some(v) = &self.grad_sync {
+            r.grad_sync = GradSync::parse(v)?;
+        }
+        if let Some(v) = self.ps_servers {
+            r.ps_servers = v;
+        }
+        if let Some(v) = &self.schedule {
+            r.schedule = Schedule::parse(v)?;
+        }
+        r.overlap_grad_reduce = !self.no_overlap;
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// The requested layout (unset degrees inferred later).
+    pub fn layout_request(&self) -> LayoutRequest {
+        LayoutRequest {
+            dp: self.dp,
+            tp: self.tp,
+            pp: self.pp,
+            vpp: self.vpp,
+            sp: self.sequence_parallel,
+            zero: self.zero,
+            micro_batch: self.micro_batch,
+            grad_accum: self.grad_accum,
+        }
+    }
+
+    /// Everything checked, for a cluster of `gpus` GPUs.
+    pub fn context(&self, gpus: u64) -> Result<(Context, Option<String>)> {
+        let (m, note) = self.model()?;
+        let recipe = self.recipe(&m)?;
+        let cluster = ClusterSpec::new(
+            self.gpu()?,
+            gpus,
+            self.gpus_per_node,
+            self.price_per_gpu_hour,
+        )?;
+        Ok((
+            Context {
+                model: m,
+                cluster,
+                recipe,
+                calib: Calibration::default(),
+            },
+            note,
+        ))
+    }
+}
+
+/// Reads a small text file, naming the flag on failure.
+pub fn read_text(path: &Path, flag: &str) -> Result<String> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{flag} {}: cannot open", path.display()))?;
+    if meta.len() > 16 << 20 {
+        bail!(
+            "{flag} {}: {} bytes is too large for a config file",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read_to_string(path)
+        .with_context(|| format!("{flag} {}: cannot read as UTF-8 text", path.display()))
+}

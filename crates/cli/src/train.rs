@@ -1,0 +1,278 @@
+//! `scaletrain train`: flags → config, a progress bar, and the predicted-versus-measured report.
+//! The loop itself is `train::run`.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use train::{Observer, RunOptions, StartInfo, StepRecord, TrainConfig};
+
+/// Arguments of `scaletrain train`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// TOML config (sections [model], [data], [optim], [train]; see docs/training.md). Without
+    /// it, every field takes its default: a small GPT on the built-in synthetic corpus.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run folder: checkpoints, metrics.jsonl, loss.svg, config.toml.
+    #[arg(long, default_value = "runs/default")]
+    pub out: PathBuf,
+    /// Total optimizer steps (train.steps).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Continue from the newest valid checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from Hugging Face GPT-2 safetensors weights of the shape the config describes.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Stop after this many steps in total (with a checkpoint), as an interruption would;
+    /// continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Start afresh even if --out holds checkpoints (they are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Override any config field: --set optim.lr=1e-3 --set model.n_layer=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Kernel threads (train.threads; 0 = all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seed of weights and batch order (train.seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// No progress bar (it is hidden anyway when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_val: Option<f64>,
+}
+
+impl Observer for Progress {
+    fn on_start(&mut self, info: &StartInfo) {
+        print_start(info);
+        if let Some(bar) = &self.bar {
+            bar.set_length(info.config.train.steps);
+            bar.set_position(info.start_step);
+            bar.reset_eta();
+        }
+    }
+    fn on_step(&mut self, r: &StepRecord, _total: u64) {
+        if let Some(bar) = &self.bar {
+            let val = self
+                .last_val
+                .map_or(String::new(), |v| format!(" val {v:.4}"));
+            bar.set_message(format!(
+                "loss {:.4}{val} | {:.0} tok/s",
+                r.loss, r.tokens_per_sec
+            ));
+            bar.set_position(r.step);
+        }
+    }
+    fn on_eval(&mut self, step: u64, val_loss: f64) {
+        self.last_val = Some(val_loss);
+        let line = format!("step {step:>6}: val_loss {val_loss:.4}");
+        match &self.bar {
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => println!("{line}"),
+        }
+    }
+    fn on_checkpoint(&mut self, step: u64, manifest: &Path) {
+        let line = format!("step {step:>6}: checkpoint {}", manifest.display());
+        match &self.bar {
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => println!("{line}"),
+        }
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn print_start(info: &StartInfo) {
+    let c = &info.config;
+    let m = &c.model;
+    println!(
+        "model: GPT-2, {} layers, {} heads, {} channels, seq {}, vocab {} -> {} parameters",
+        m.n_layer,
+        m.n_head,
+        m.channels,
+        m.seq_len,
+        m.vocab_size.unwrap_or(0),
+        info.params
+    );
+    match c.data.source {
+        train::config::DataSource::Synthetic => {
+            let s = &c.data.synthetic;
+            println!(
+                "data: synthetic Markov corpus (vocab {}, order {}, branching {}, smoothing {}, seed {}), {} train / {} validation tokens",
+                s.vocab_size, s.order, s.branching, s.smoothing, s.seed, s.train_tokens, s.val_tokens
+            );
+        }
+        train::config::DataSource::Files => println!(
+            "data: {} / {}",
+            c.data
+                .train_file
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display(),
+            c.data
+                .val_file
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display()
+        ),
+    }
+    if let Some(f) = info.loss_floor {
+        println!("best achievable loss (the corpus's floor): {f:.4} nats/token");
+    }
+    println!(
+        "run: {} steps x {} sequences x {} tokens (x{} accumulation), {} threads{}",
+        c.train.steps,
+        c.train.batch_size,
+        m.seq_len,
+        c.train.grad_accum,
+        info.threads,
+        if info.start_step > 0 {
+            format!(", resuming at step {}", info.start_step)
+        } else {
+            String::new()
+        }
+    );
+    for w in &info.warnings {
+        println!("warning: {w}");
+    }
+    let p = &info.predicted;
+    let t = &info.predicted_step;
+    println!(
+        "predicted (plan::cpu_runtime): {} = weights {} + gradients {} + AdamW {} + activations {}; allocated: {}",
+        mib(p.total_bytes()),
+        mib(p.param_bytes),
+        mib(p.grad_bytes),
+        mib(p.optimizer_bytes),
+        mib(p.activation_bytes),
+        mib(info.allocated_bytes)
+    );
+    println!(
+        "predicted (plan::cpu_time):    {:.1} ms/step = matmul {:.1} + elementwise {:.1} + AdamW {:.1} + threads {:.1}",
+        1e3 * t.total_secs,
+        1e3 * t.matmul_secs,
+        1e3 * t.memory_secs,
+        1e3 * t.optimizer_secs,
+        1e3 * t.overhead_secs
+    );
+}
+
+/// A flag set by the first Ctrl-C (the run then checkpoints and stops); a second Ctrl-C exits
+/// at once. If the handler cannot be installed, Ctrl-C keeps its default meaning.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing this step and writing a checkpoint (Ctrl-C again to quit now)");
+    });
+    flag
+}
+
+/// Runs `scaletrain train`.
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let mut overrides = Vec::new();
+    if let Some(s) = a.steps {
+        overrides.push(format!("train.steps={s}"));
+    }
+    if let Some(t) = a.threads {
+        overrides.push(format!("train.threads={t}"));
+    }
+    if let Some(s) = a.seed {
+        overrides.push(format!("train.seed={s}"));
+    }
+    overrides.extend(a.set.iter().cloned());
+    let cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
+    let opts = RunOptions {
+        out_dir: a.out.clone(),
+        resume: a.resume,
+        init_from: a.init_from.clone(),
+        stop_after: a.stop_after,
+        overwrite: a.overwrite,
+        stop: Some(stop_on_ctrl_c()),
+    };
+    let bar = (!a.no_progress).then(|| {
+        let bar = ProgressBar::new(cfg.train.steps);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} | ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut obs = Progress {
+        bar: bar.clone(),
+        last_val: None,
+    };
+    let s = train::run(&cfg, &opts, &mut obs).context("training failed")?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let last = s.records.last();
+    let val = s.val_losses.last().map(|v| v.1);
+    println!(
+        "done: {} steps in {:.1} s ({:.0} tokens/s){}",
+        s.steps_done,
+        s.wall_secs,
+        s.tokens_per_sec,
+        if s.early_stopped {
+            " - stopped early: validation loss stopped improving"
+        } else if s.interrupted {
+            " - interrupted; continue with --resume"
+        } else {
+            ""
+        }
+    );
+    if let Some(r) = last {
+        print!("final train loss {:.4}", r.loss);
+    }
+    if let Some(v) = val {
+        print!(", validation loss {v:.4}");
+    }
+    if let (Some(f), Some(v)) = (s.loss_floor, val) {
+        print!(
+            ", floor {f:.4} (gap {:.4} nats, {:.1}%)",
+            v - f,
+            100.0 * (v - f) / f
+        );
+    }
+    println!();
+    let st = &s.start;
+    println!("predicted vs measured:");
+    println!(
+        "  memory: predicted buffers {} | allocated buffers {} | process peak RSS {} = {} before the model (program + token streams) + {} after",
+        mib(st.predicted.total_bytes()),
+        mib(st.allocated_bytes),
+        mib(s.peak_rss_bytes),
+        mib(st.rss_before_model_bytes),
+        mib(s.peak_rss_bytes.saturating_sub(st.rss_before_model_bytes))
+    );
+    println!(
+        "  step time: predicted {:.1} ms | measured {:.1} ms (median over {} steps), ratio measured/predicted {:.2}",
+        1e3 * st.predicted_step.total_secs,
+        1e3 * s.median_step_secs,
+        s.records.len(),
+        s.median_step_secs / st.predicted_step.total_secs
+    );
+    println!(
+        "run folder: {} (metrics.jsonl, loss.svg, config.toml{})",
+        a.out.display(),
+        s.last_checkpoint
+            .as_ref()
+            .map_or(String::new(), |p| format!(", {}", p.display()))
+    );
+    Ok(())
+}

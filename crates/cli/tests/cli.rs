@@ -1,0 +1,387 @@
+//! The `scaletrain` binary end to end: default run, JSON schema, and clear errors on bad input.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_scaletrain"))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let (code, out, err) = run(args);
+    assert_eq!(
+        code, 2,
+        "{args:?} should fail with status 2; stdout {out} stderr {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks '{n}':\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn tmp(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("scaletrain-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn default_estimate_is_a_10b_breakdown() {
+    let (code, out, err) = run(&["estimate"]);
+    assert_eq!(code, 0, "{err}");
+    for s in [
+        "--params 10B",
+        "Memory per device",
+        "weights",
+        "optimizer states",
+        "activations",
+        "Step time",
+        "MFU",
+        "days",
+        "GPU-hours",
+    ] {
+        assert!(out.contains(s), "missing {s}:\n{out}");
+    }
+}
+
+#[test]
+fn json_schema_has_the_documented_fields() {
+    let (code, out, err) = run(&[
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpus",
+        "16",
+        "--zero",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert_eq!(v["parameters"], 8_030_261_248u64);
+    for k in [
+        "weights",
+        "gradients",
+        "optimizer_states",
+        "master_weights",
+        "activations",
+        "total",
+    ] {
+        assert!(
+            v["memory_per_device_bytes"][k].as_f64().unwrap() >= 0.0,
+            "{k}"
+        );
+    }
+    for k in ["compute", "communication", "bubble", "total"] {
+        assert!(v["step_time_secs"][k].as_f64().is_some(), "{k}");
+    }
+    for k in [
+        "fits",
+        "flops_per_step",
+        "mfu",
+        "training_days",
+        "gpu_hours",
+        "cost_usd",
+    ] {
+        assert!(!v[k].is_null(), "{k}");
+    }
+    let m = &v["memory_per_device_bytes"];
+    let sum: f64 = [
+        "weights",
+        "gradients",
+        "optimizer_states",
+        "master_weights",
+        "activations",
+        "comm_buffers",
+        "runtime_overhead",
+    ]
+    .iter()
+    .map(|k| m[*k].as_f64().unwrap())
+    .sum();
+    assert!((sum - m["total"].as_f64().unwrap()).abs() < 1.0);
+}
+
+#[test]
+fn fp32_10b_needs_40gb_weights_and_40gb_gradients() {
+    let (code, out, err) = run(&[
+        "estimate",
+        "--layers",
+        "40",
+        "--hidden",
+        "4096",
+        "--heads",
+        "32",
+        "--vocab",
+        "32000",
+        "--precision",
+        "fp32",
+        "--gpus",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let p = v["parameters"].as_f64().unwrap();
+    assert_eq!(
+        v["memory_per_device_bytes"]["weights"].as_f64().unwrap(),
+        4.0 * p
+    );
+    assert_eq!(
+        v["memory_per_device_bytes"]["gradients"].as_f64().unwrap(),
+        4.0 * p
+    );
+}
+
+#[test]
+fn explain_prints_formulas_and_sources() {
+    let (code, out, _) = run(&[
+        "estimate",
+        "--model",
+        "gpt2-124m",
+        "--gpus",
+        "1",
+        "--explain",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("[memory]")
+            && out.contains("[flops]")
+            && out.contains("[time]")
+            && out.contains("[cost]")
+    );
+    assert!(out.contains("Korthikanti") && out.contains("source:"));
+}
+
+#[test]
+fn plan_ranks_and_counts_rejections() {
+    let (code, out, err) = run(&[
+        "plan",
+        "--model",
+        "llama2-70b",
+        "--gpus",
+        "64",
+        "--gpu",
+        "a100-40gb",
+        "--global-batch",
+        "512",
+        "--top",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Searched")
+            && out.contains("Rejected:")
+            && out.contains("out of memory on pipeline stage 0"),
+        "{out}"
+    );
+    assert!(out.contains("Best layout in detail"));
+    let (code, out, _) = run(&[
+        "plan",
+        "--model",
+        "gpt2-350m",
+        "--deadline-days",
+        "2",
+        "--tokens",
+        "10B",
+        "--gpu",
+        "a100-80gb",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["top"][0]["training_days"].as_f64().unwrap() <= 2.0);
+}
+
+#[test]
+fn budget_and_inferred_cluster_size() {
+    let (code, out, err) = run(&[
+        "plan",
+        "--model",
+        "gpt2-1.5b",
+        "--tokens",
+        "30B",
+        "--gpu",
+        "a100-80gb",
+        "--budget-usd",
+        "20000",
+        "--json",
+        "--top",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let top = v["top"].as_array().unwrap();
+    assert!(!top.is_empty());
+    assert!(top
+        .iter()
+        .all(|t| t["cost_usd"].as_f64().unwrap() <= 20000.0));
+    let days: Vec<f64> = top
+        .iter()
+        .map(|t| t["training_days"].as_f64().unwrap())
+        .collect();
+    assert!(days.windows(2).all(|w| w[0] <= w[1]), "{days:?}");
+    // --dp 2 --tp 4 --pp 2 without --gpus means a 16-GPU cluster.
+    let (code, out, err) = run(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--dp",
+        "2",
+        "--tp",
+        "4",
+        "--pp",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["gpus"], 16);
+    fails_with(
+        &["plan", "--budget-usd", "5", "--deadline-days", "3"],
+        &["either --deadline-days or --budget-usd"],
+    );
+}
+
+#[test]
+fn validate_prints_the_table() {
+    let (code, out, _) = run(&["validate"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Korthikanti") && out.contains("Narayanan") && out.contains("ZeRO"));
+}
+
+#[test]
+fn config_file_sets_flags_and_rejects_unknown_keys() {
+    let good = tmp(
+        "good.toml",
+        "model = \"llama2-7b\"\ngpus = 8\nzero = 1\nmicro-batch = 2\n",
+    );
+    let (code, out, err) = run(&["estimate", "--config", good.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layout"]["micro_batch"], 2);
+    assert_eq!(v["layout"]["zero"], 1);
+    let bad = tmp("bad.toml", "model = \"llama2-7b\"\nmicro_bach = 2\n");
+    fails_with(
+        &["estimate", "--config", bad.to_str().unwrap()],
+        &["micro_bach"],
+    );
+    let wrong_type = tmp("wrong.toml", "gpus = \"eight\"\n");
+    fails_with(
+        &["estimate", "--config", wrong_type.to_str().unwrap()],
+        &["gpus"],
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    fails_with(
+        &["estimate", "--model", "gpt5"],
+        &["unknown model preset 'gpt5'", "llama3-8b"],
+    );
+    fails_with(
+        &["estimate", "--gpu", "v100"],
+        &["unknown GPU preset", "h100-sxm"],
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "llama2-7b",
+            "--gpus",
+            "8",
+            "--dp",
+            "2",
+            "--tp",
+            "4",
+            "--pp",
+            "2",
+        ],
+        &["dp(2) * tp(4) * pp(2) = 16, but the cluster has 8 GPUs"],
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "gpt2-1.5b",
+            "--gpus",
+            "8",
+            "--tp",
+            "2",
+        ],
+        &["heads (25) is not divisible by tp (2)"],
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "llama2-7b",
+            "--gpus",
+            "8",
+            "--micro-batch",
+            "3",
+        ],
+        &["not divisible by dp(8) * micro-batch(3)"],
+    );
+    fails_with(
+        &["estimate", "--params", "ten"],
+        &["--params", "not a number"],
+    );
+    fails_with(&["estimate", "--tokens=-5B"], &["--tokens"]);
+    fails_with(
+        &["estimate", "--precision", "fp8"],
+        &["--precision", "fp32, bf16-mixed, fp16-mixed"],
+    );
+    fails_with(&["estimate", "--gpus", "12"], &["whole nodes of 8"]);
+    fails_with(
+        &[
+            "estimate", "--layers", "0", "--hidden", "64", "--heads", "4",
+        ],
+        &["layers"],
+    );
+    let hf = tmp(
+        "config.json",
+        "{\"model_type\": \"llama\", \"hidden_size\": 4096",
+    );
+    fails_with(
+        &["estimate", "--hf-config", hf.to_str().unwrap()],
+        &["--hf-config", "not JSON"],
+    );
+    fails_with(
+        &["estimate", "--hf-config", "/nonexistent/config.json"],
+        &["--hf-config", "cannot open"],
+    );
+    let gpu = tmp("gpu.toml", "name = \"x\"\npeak_bf16_flops = -1.0\n");
+    fails_with(
+        &["estimate", "--gpu-file", gpu.to_str().unwrap()],
+        &["--gpu-file"],
+    );
+}
+
+#[test]
+fn custom_gpu_file_round_trips_from_presets() {
+    let (code, toml_text, _) = run(&["presets", "--gpu", "h100-sxm"]);
+    assert_eq!(code, 0);
+    let edited = toml_text.replace("name = \"h100-sxm\"", "name = \"my-gpu\"");
+    let p = tmp("mygpu.toml", &edited);
+    let (code, out, err) = run(&[
+        "estimate",
+        "--model",
+        "gpt2-124m",
+        "--gpus",
+        "8",
+        "--gpu-file",
+        p.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("my-gpu"));
+}

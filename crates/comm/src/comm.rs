@@ -1,0 +1,318 @@
+//! [`Comm`]: the communicator of the built-in transports (threads, TCP, shared memory).
+use crate::algo;
+use crate::engine::{Combine, Core, Ctx, Dest};
+use crate::error::{CommError, Result};
+use crate::frame::Op;
+use crate::ring::{Liveness, Region, RingLink};
+use crate::{shard_range, Algorithm, Communicator, Config, ReduceOp};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// A group of ranks over one of the built-in transports. Splits share the parent's links.
+pub struct Comm {
+    core: Arc<Mutex<Core>>,
+    gid: u32,
+    /// Group rank → world rank.
+    ranks: Vec<usize>,
+    me: usize,
+    algo: Algorithm,
+    splits: u32,
+}
+
+/// `n` communicators connected through memory, one per thread: move each into its own thread.
+pub fn threads(n: usize, cfg: Config) -> Vec<Comm> {
+    assert!(n >= 1, "need at least one rank");
+    let cap = crate::ring::ring_capacity(cfg.ring_bytes, n);
+    let region = Arc::new(Region::heap(Region::bytes(n, cap)));
+    (0..n)
+        .map(|r| {
+            Comm::new(
+                Box::new(RingLink::new(
+                    region.clone(),
+                    r,
+                    n,
+                    cap,
+                    "threads",
+                    Liveness::Flags,
+                )),
+                cfg.clone(),
+            )
+        })
+        .collect()
+}
+
+impl Comm {
+    pub(crate) fn new(link: Box<dyn crate::link::Link>, cfg: Config) -> Comm {
+        let (me, n) = (link.rank(), link.size());
+        Comm {
+            core: Arc::new(Mutex::new(Core::new(link, cfg))),
+            gid: 0,
+            ranks: (0..n).collect(),
+            me,
+            algo: Algorithm::Auto,
+            splits: 0,
+        }
+    }
+
+    /// The transport's name ("threads", "tcp", "shm").
+    pub fn transport(&self) -> &'static str {
+        self.lock().link.name()
+    }
+
+    /// This process's rank in the world (the group of all ranks).
+    pub fn world_rank(&self) -> usize {
+        self.ranks[self.me]
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pick(&self, bytes: usize) -> Algorithm {
+        match self.algo {
+            Algorithm::Auto if bytes <= self.lock().cfg.auto_threshold_bytes => Algorithm::Tree,
+            Algorithm::Auto => Algorithm::Ring,
+            a => a,
+        }
+    }
+
+    /// Run one call: refuse if an error is latched, count the call, latch the first error.
+    fn run<T>(
+        &mut self,
+        op: Op,
+        algo: Algorithm,
+        collective: bool,
+        f: impl FnOnce(&mut Ctx) -> Result<T>,
+    ) -> Result<T> {
+        let gid = self.gid;
+        self.run_in(gid, op, algo, collective, f)
+    }
+
+    /// `run` on the frame stream of communicator id `gid` (the parameter server uses its own).
+    pub(crate) fn run_in<T>(
+        &mut self,
+        gid: u32,
+        op: Op,
+        algo: Algorithm,
+        collective: bool,
+        f: impl FnOnce(&mut Ctx) -> Result<T>,
+    ) -> Result<T> {
+        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(first) = &core.failed {
+            return Err(CommError::Latched {
+                rank: self.ranks[self.me],
+                op: op.name(),
+                first: first.clone(),
+            });
+        }
+        core.used = true;
+        if collective {
+            core.counters(gid).call += 1;
+        }
+        let mut ctx = Ctx {
+            core: &mut core,
+            gid,
+            ranks: &self.ranks,
+            me: self.me,
+            op,
+            algo: algo.code(),
+        };
+        let out = f(&mut ctx);
+        if let Err(e) = &out {
+            // Latch, but keep the links open until this communicator is dropped: a survivor that
+            // closed at once could be blamed by its neighbours for the failure it only observed.
+            core.failed = Some(e.to_string());
+            core.failed_root = root_of(e);
+        }
+        out
+    }
+
+    /// Whether this is the world communicator (not a split).
+    pub(crate) fn is_world(&self) -> bool {
+        self.gid == 0
+    }
+
+    pub(crate) fn invalid(&self, op: Op, detail: String) -> CommError {
+        CommError::InvalidArgument {
+            rank: self.ranks[self.me],
+            op: op.name(),
+            detail,
+        }
+    }
+}
+
+/// The rank an error blames: a lost peer, or the one a peer's abort reason names.
+fn root_of(e: &CommError) -> Option<usize> {
+    match e {
+        CommError::PeerLost { peer, .. } => Some(*peer),
+        CommError::PeerAborted { reason, .. } => {
+            let (_, after) = reason.split_once("peer rank ")?;
+            let digits: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
+            after[digits.len()..]
+                .starts_with(" is gone")
+                .then(|| digits.parse().ok())
+                .flatten()
+        }
+        _ => None,
+    }
+}
+
+fn combine_of(op: ReduceOp) -> Combine {
+    match op {
+        ReduceOp::Sum | ReduceOp::Average => Combine::Sum,
+        ReduceOp::Max => Combine::Max,
+    }
+}
+
+fn divide(op: ReduceOp, xs: &mut [f32], n: usize) {
+    if op == ReduceOp::Average {
+        xs.iter_mut().for_each(|x| *x /= n as f32);
+    }
+}
+
+impl Communicator for Comm {
+    fn rank(&self) -> usize {
+        self.me
+    }
+
+    fn size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn set_algorithm(&mut self, algo: Algorithm) {
+        self.algo = algo;
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let algo = self.pick(buf.len() * 4);
+        let n = self.size();
+        self.run(Op::AllReduce, algo, true, |ctx| match algo {
+            Algorithm::Ring => {
+                algo::ring_reduce_scatter(ctx, buf, combine_of(op))?;
+                let mine = shard_range(buf.len(), n, ctx.me);
+                divide(op, &mut buf[mine], n);
+                algo::ring_all_gather(ctx, buf)
+            }
+            _ => {
+                algo::tree_all_reduce(ctx, buf, combine_of(op))?;
+                divide(op, buf, n);
+                Ok(())
+            }
+        })
+    }
+
+    fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<Range<usize>> {
+        let algo = self.pick(buf.len() * 4);
+        let n = self.size();
+        let mine = shard_range(buf.len(), n, self.me);
+        self.run(Op::ReduceScatter, algo, true, |ctx| match algo {
+            Algorithm::Ring => algo::ring_reduce_scatter(ctx, buf, combine_of(op)),
+            _ => algo::tree_all_reduce(ctx, buf, combine_of(op)),
+        })?;
+        divide(op, &mut buf[mine.clone()], n);
+        Ok(mine)
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        let algo = self.pick(buf.len() * 4);
+        let n = self.size();
+        let mine = shard_range(buf.len(), n, self.me);
+        self.run(Op::AllGather, algo, true, |ctx| match algo {
+            Algorithm::Ring => algo::ring_all_gather(ctx, buf),
+            _ => {
+                // Zeros everywhere but our shard, then a bitwise-OR all-reduce assembles the shards exactly.
+                buf[..mine.start].fill(0.0);
+                buf[mine.end..].fill(0.0);
+                algo::tree_all_reduce(ctx, buf, Combine::BitOr)
+            }
+        })
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.size() {
+            return Err(self.invalid(
+                Op::Broadcast,
+                format!("root {root} is not a rank of a group of {}", self.size()),
+            ));
+        }
+        let algo = self.pick(buf.len() * 4);
+        self.run(Op::Broadcast, algo, true, |ctx| match algo {
+            Algorithm::Ring => algo::ring_broadcast(ctx, buf, root),
+            _ => algo::tree_broadcast(ctx, buf, root),
+        })
+    }
+
+    fn send(&mut self, dst: usize, data: &[u8]) -> Result<()> {
+        if dst >= self.size() || dst == self.me {
+            return Err(self.invalid(
+                Op::P2p,
+                format!(
+                    "cannot send to rank {dst} from rank {} of {}",
+                    self.me,
+                    self.size()
+                ),
+            ));
+        }
+        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+            ctx.sendrecv(Some((dst, data)), None)
+        })
+    }
+
+    fn recv(&mut self, src: usize, buf: &mut [u8]) -> Result<()> {
+        if src >= self.size() || src == self.me {
+            return Err(self.invalid(
+                Op::P2p,
+                format!(
+                    "cannot receive from rank {src} on rank {} of {}",
+                    self.me,
+                    self.size()
+                ),
+            ));
+        }
+        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+            ctx.sendrecv(None, Some((src, Dest::Bytes(buf))))
+        })
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.run(Op::Barrier, Algorithm::Tree, true, |ctx| {
+            algo::tree_all_reduce(ctx, &mut [], Combine::BitOr)
+        })
+    }
+
+    fn split(&mut self, color: u32, key: u32) -> Result<Box<dyn Communicator>> {
+        let n = self.size();
+        let mut table = vec![0.0f32; 2 * n];
+        table[2 * self.me] = f32::from_bits(color);
+        table[2 * self.me + 1] = f32::from_bits(key);
+        self.run(Op::Split, Algorithm::Tree, true, |ctx| {
+            algo::tree_all_reduce(ctx, &mut table, Combine::BitOr)
+        })?;
+        let mut members: Vec<(u32, usize)> = (0..n)
+            .filter(|&r| table[2 * r].to_bits() == color)
+            .map(|r| (table[2 * r + 1].to_bits(), r))
+            .collect();
+        members.sort_unstable();
+        let me = members
+            .iter()
+            .position(|&(_, r)| r == self.me)
+            .ok_or_else(|| {
+                self.invalid(Op::Split, "this rank is missing from its own color".into())
+            })?;
+        self.splits += 1;
+        // Same on every member: derived from the parent id, the split count and the color.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in [self.gid as u64, self.splits as u64, color as u64] {
+            h = (h ^ x).wrapping_mul(0x0100_0000_01b3);
+        }
+        let gid = ((h >> 32) as u32 ^ h as u32) | 1;
+        Ok(Box::new(Comm {
+            core: self.core.clone(),
+            gid,
+            ranks: members.iter().map(|&(_, r)| self.ranks[r]).collect(),
+            me,
+            algo: self.algo,
+            splits: 0,
+        }))
+    }
+}

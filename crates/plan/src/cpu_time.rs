@@ -1,0 +1,202 @@
+//! Step time of the scaletrain CPU runtime (`crates/model` on `crates/kernels`): a roofline-style
+//! sum of four parts, pure functions over plain numbers, with constants measured on the
+//! development machine (2-core AMD EPYC, AVX2 + FMA) by `scaletrain bench train --json` and
+//! `scaletrain train` runs (see `docs/training.md`, "Predicted versus measured").
+//!
+//! Legend: b = micro-batch, t = sequence, c = channels, L = layers, vp = padded vocabulary,
+//! bt = b·t, P = parameters, n = threads, a = micro-batches per optimizer step.
+//!
+//! ```text
+//! matmul    = a · (3 · (L · 24·bt·c² + 2·bt·c·vp) + L · 12·b·t²·c) / (n · matmul_flops_per_thread)
+//!             (linear layers: forward 2·m·k·n, backward twice that; attention's score and value
+//!              products on the full t×t square, forward 2 gemms, backward 4: Kaplan et al. 2020
+//!              count the same terms)
+//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c + 16·bt·vp) / (n · bandwidth)
+//!             (layernorm, GELU, residuals, softmax: streamed f32 passes; cross-entropy reads and
+//!              writes the logits twice)
+//! optimizer = 36·P / (n · bandwidth)
+//!             (AdamW reads p, g, m, v and writes p, m, v = 28 bytes, the gradient norm reads g
+//!              and zeroing writes it: 8 more)
+//! overhead  = a · (L · 22 + 12) · n · spawn_secs      (scoped threads per kernel call)
+//! ```
+//!
+//! The constants are per-thread so the model extrapolates to other thread counts. They were
+//! fitted (least squares on log time, grid search) to the median step time of 120-step
+//! `scaletrain train` runs of six configs on the shared 2-core development machine (load
+//! average about 3 from other builds), 2 threads, vocabulary 32:
+//!
+//! ```text
+//! L  c    t    b   measured ms  predicted ms
+//! 2  128  64   16      26.1         36.9
+//! 2  64   64   16      12.1         11.8
+//! 1  32   16   8        1.6          1.6
+//! 4  256  128  8      313.3        276.7
+//! 3  192  64   16     138.7        115.8
+//! 4  128  128  8       75.3         77.6
+//! ```
+//!
+//! RMS error of log time 17 %; the elementwise term is not separable from the matmul term in
+//! these data (its constant is a nominal ~12 f32 passes). On a quiet machine the matmul kernel
+//! alone reaches ~75 GFLOP/s per thread on large shapes (`docs/runtime.md`), so expect faster
+//! steps than predicted there.
+
+use crate::cpu_runtime::CpuRuntimeDims;
+
+/// Measured constants of the CPU runtime on one machine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuCalibration {
+    /// Sustained matmul FLOP/s per thread on transformer shapes (`bench train`'s
+    /// `matmul_gflops` / threads, reduced for the smaller shapes of small models).
+    pub matmul_flops_per_thread: f64,
+    /// Streamed bytes per second per thread for the elementwise kernels and AdamW.
+    pub bandwidth_bytes_per_thread: f64,
+    /// f32 bytes moved per (token, channel) per layer by the elementwise kernels, forward and
+    /// backward (layernorm ×2, GELU, residual adds, bias gradients, attention softmax rows).
+    pub elementwise_bytes_per_token_channel: f64,
+    /// Cost of starting one scoped thread for one kernel call.
+    pub spawn_secs: f64,
+}
+
+impl Default for CpuCalibration {
+    fn default() -> Self {
+        CpuCalibration {
+            matmul_flops_per_thread: 40e9,
+            bandwidth_bytes_per_thread: 6e9,
+            elementwise_bytes_per_token_channel: 50.0,
+            spawn_secs: 20e-6,
+        }
+    }
+}
+
+/// Predicted step time, by part.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct CpuStepTime {
+    /// Matrix products (linear layers, LM head, attention scores and values).
+    pub matmul_secs: f64,
+    /// Elementwise kernels (memory-bound).
+    pub memory_secs: f64,
+    /// AdamW, gradient norm and zeroing.
+    pub optimizer_secs: f64,
+    /// Thread start-up per kernel call.
+    pub overhead_secs: f64,
+    /// Sum of the parts.
+    pub total_secs: f64,
+    /// Matmul FLOPs of the step.
+    pub matmul_flops: f64,
+}
+
+/// Matmul FLOPs of one micro-batch, forward + backward (see the module formula).
+pub fn matmul_flops(d: &CpuRuntimeDims, batch: u64, seq: u64) -> f64 {
+    let (c, vp, l) = (d.channels as f64, d.padded_vocab as f64, d.layers as f64);
+    let (b, t) = (batch as f64, seq as f64);
+    let bt = b * t;
+    let linear_fwd = l * 24.0 * bt * c * c / d.tp as f64 + 2.0 * bt * c * vp;
+    let attention = l * 12.0 * b * t * t * c / d.tp as f64;
+    3.0 * linear_fwd + attention
+}
+
+/// Predicted time of one optimizer step of `accum` micro-batches of (`batch`, `seq`) on
+/// `threads` threads.
+pub fn step_time(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    accum: u64,
+    threads: u64,
+    k: &CpuCalibration,
+) -> CpuStepTime {
+    let n = threads.max(1) as f64;
+    let a = accum.max(1) as f64;
+    let (c, vp, l) = (d.channels as f64, d.padded_vocab as f64, d.layers as f64);
+    let bt = (batch * seq) as f64;
+    let flops = a * matmul_flops(d, batch, seq);
+    let matmul_secs = flops / (n * k.matmul_flops_per_thread);
+    let mem_bytes = a * (l * k.elementwise_bytes_per_token_channel * bt * c + 16.0 * bt * vp);
+    let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
+    let p = crate::cpu_runtime::param_count(d) as f64;
+    let optimizer_secs = 36.0 * p / (n * k.bandwidth_bytes_per_thread);
+    let overhead_secs = a * (l * 22.0 + 12.0) * n * k.spawn_secs;
+    CpuStepTime {
+        matmul_secs,
+        memory_secs,
+        optimizer_secs,
+        overhead_secs,
+        total_secs: matmul_secs + memory_secs + optimizer_secs + overhead_secs,
+        matmul_flops: flops,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(layers: u64) -> CpuRuntimeDims {
+        CpuRuntimeDims {
+            padded_vocab: 8192,
+            max_seq_len: 128,
+            channels: 256,
+            heads: 4,
+            layers,
+            has_embedding: true,
+            has_head: true,
+            tp: 1,
+        }
+    }
+
+    #[test]
+    fn time_grows_with_work_and_shrinks_with_threads() {
+        let k = CpuCalibration::default();
+        let one = step_time(&dims(4), 8, 128, 1, 1, &k);
+        let two = step_time(&dims(4), 8, 128, 1, 2, &k);
+        assert!(two.total_secs < one.total_secs);
+        let deeper = step_time(&dims(8), 8, 128, 1, 2, &k);
+        assert!(deeper.total_secs > two.total_secs);
+        let accum = step_time(&dims(4), 8, 128, 2, 2, &k);
+        assert!((accum.matmul_secs - 2.0 * two.matmul_secs).abs() < 1e-12);
+        assert!((accum.optimizer_secs - two.optimizer_secs).abs() < 1e-12);
+        // The bench config's matmul work: 3·(4·24·1024·256² + 2·1024·256·8192) + 4·12·8·128²·256.
+        let f = matmul_flops(&dims(4), 8, 128);
+        let expected = 3.0 * (4.0 * 24.0 * 1024.0 * 65536.0 + 2.0 * 1024.0 * 256.0 * 8192.0)
+            + 4.0 * 12.0 * 8.0 * 16384.0 * 256.0;
+        assert_eq!(f, expected);
+    }
+
+    #[test]
+    fn default_constants_reproduce_the_calibration_table() {
+        // (L, c, t, b, measured ms) from the module docs; vocabulary 32 → padded 64.
+        let table = [
+            (2, 128, 64, 16, 26.1),
+            (2, 64, 64, 16, 12.1),
+            (1, 32, 16, 8, 1.6),
+            (4, 256, 128, 8, 313.3),
+            (3, 192, 64, 16, 138.7),
+            (4, 128, 128, 8, 75.3),
+        ];
+        let k = CpuCalibration::default();
+        let mut sq = 0.0;
+        for (l, c, t, b, ms) in table {
+            let d = CpuRuntimeDims {
+                padded_vocab: 64,
+                max_seq_len: t,
+                channels: c,
+                heads: 4,
+                layers: l,
+                has_embedding: true,
+                has_head: true,
+                tp: 1,
+            };
+            let p = 1e3 * step_time(&d, b, t, 1, 2, &k).total_secs;
+            let r = (p / ms).ln();
+            assert!(
+                r.abs() < 0.4,
+                "L={l} c={c}: predicted {p:.1} ms, measured {ms} ms"
+            );
+            sq += r * r;
+        }
+        assert!(
+            (sq / 6.0f64).sqrt() < 0.2,
+            "RMS log error {}",
+            (sq / 6.0f64).sqrt()
+        );
+    }
+}

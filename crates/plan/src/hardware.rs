@@ -1,0 +1,319 @@
+//! Accelerators and clusters: peak FLOP/s, memory, links, price.
+//!
+//! Every preset number cites its datasheet. "Dense" means without 2:4 structured sparsity.
+//! Link bandwidths are **per direction, per GPU**: NVIDIA quotes NVLink totals as bidirectional
+//! (A100: 600 GB/s = 300 GB/s each way). Network bandwidth is per GPU (one NIC per GPU in DGX/HGX
+//! nodes). Latencies (α) are not datasheet figures: they are assumed from the small-message
+//! times nccl-tests reports (a few µs over NVLink, ~10–15 µs across InfiniBand). Prices are *assumptions* (typical 2026 on-demand cloud rates), not quotes: set
+//! `--price-per-gpu-hour` for your contract. `matmul_scale` (large-GEMM efficiency relative to
+//! the A100 fit) is 1.0 for A100s, where it is validated; 0.85 for H100/H200 (large bf16 GEMMs
+//! reach roughly 75% of the 989 TFLOP/s peak against roughly 88% of 312 on A100), 0.8 for B200
+//! and 0.7 for MI300X are assumptions, not fits.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, PlanError, Result};
+
+/// One accelerator type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSpec {
+    /// Preset or custom name.
+    pub name: String,
+    /// Peak dense bf16/fp16 tensor FLOP/s.
+    pub peak_bf16_flops: f64,
+    /// Peak fp32 FLOP/s used for fp32 training (TF32 tensor cores where the framework allows
+    /// them is a user choice: set this field to the TF32 figure to model it).
+    pub peak_fp32_flops: f64,
+    /// Device memory in bytes.
+    pub memory_bytes: f64,
+    /// Device memory bandwidth, bytes/s.
+    pub memory_bw: f64,
+    /// Intra-node link (NVLink / Infinity Fabric) bandwidth per GPU, per direction, bytes/s.
+    pub intra_node_bw: f64,
+    /// Network bandwidth per GPU, per direction, bytes/s.
+    pub network_bw: f64,
+    /// Latency of one intra-node message (α), seconds.
+    pub intra_node_latency: f64,
+    /// Latency of one inter-node message (α), seconds.
+    pub network_latency: f64,
+    /// Default GPUs per node.
+    pub gpus_per_node: u64,
+    /// Assumed price per GPU-hour, USD.
+    pub price_per_gpu_hour: f64,
+    /// Large-matmul efficiency relative to the A100 fit of the time model (1.0 = as efficient as
+    /// an A100 with Megatron-LM in Korthikanti et al. 2022). Without published iteration times to
+    /// fit on, newer GPUs carry an assumption: large bf16 GEMMs reach a smaller fraction of their
+    /// (much higher) peak; set it from your own `nvidia-smi`/cuBLAS measurements.
+    #[serde(default = "one")]
+    pub matmul_scale: f64,
+    /// Citation for the numbers above.
+    pub source: String,
+}
+
+/// A cluster: a GPU type, how many, and how they are grouped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterSpec {
+    /// The accelerator.
+    pub gpu: GpuSpec,
+    /// Total GPUs.
+    pub gpus: u64,
+    /// GPUs per node (NVLink domain).
+    pub gpus_per_node: u64,
+    /// USD per GPU-hour.
+    pub price_per_gpu_hour: f64,
+}
+
+impl ClusterSpec {
+    /// Builds and checks a cluster.
+    pub fn new(
+        gpu: GpuSpec,
+        gpus: u64,
+        gpus_per_node: Option<u64>,
+        price: Option<f64>,
+    ) -> Result<Self> {
+        let gpn = gpus_per_node.unwrap_or(gpu.gpus_per_node);
+        if gpus == 0 {
+            return Err(invalid("--gpus", "must be at least 1"));
+        }
+        if gpn == 0 {
+            return Err(invalid("--gpus-per-node", "must be at least 1"));
+        }
+        if gpus > 1_000_000 {
+            return Err(invalid(
+                "--gpus",
+                format!("{gpus} GPUs is beyond any cluster; check the value"),
+            ));
+        }
+        if gpus > gpn && gpus % gpn != 0 {
+            return Err(invalid(
+                "--gpus",
+                format!("{gpus} GPUs do not fill whole nodes of {gpn}; use a multiple of {gpn} or set --gpus-per-node"),
+            ));
+        }
+        let price = price.unwrap_or(gpu.price_per_gpu_hour);
+        if !price.is_finite() || price < 0.0 {
+            return Err(invalid(
+                "--price-per-gpu-hour",
+                "must be a non-negative number of USD",
+            ));
+        }
+        Ok(ClusterSpec {
+            gpu,
+            gpus,
+            gpus_per_node: gpn.min(gpus),
+            price_per_gpu_hour: price,
+        })
+    }
+
+    /// Number of nodes (rounded up).
+    pub fn nodes(&self) -> u64 {
+        self.gpus.div_ceil(self.gpus_per_node)
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+const GB: f64 = 1e9;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+const T: f64 = 1e12;
+
+/// Every GPU preset name.
+pub const GPU_PRESETS: &[&str] = &[
+    "a100-40gb",
+    "a100-80gb",
+    "h100-sxm",
+    "h200",
+    "b200",
+    "mi300x",
+];
+
+/// Looks up a GPU preset.
+pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
+    let n = name.trim().to_ascii_lowercase();
+    let nv_a100 = "NVIDIA A100 Tensor Core GPU datasheet (2021): 312 TFLOP/s bf16 dense, 19.5 TFLOP/s fp32, NVLink 600 GB/s bidirectional; DGX A100 datasheet: 8x 200 Gb/s HDR InfiniBand per node";
+    let g = match n.as_str() {
+        "a100-40gb" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 312.0 * T,
+            peak_fp32_flops: 19.5 * T,
+            memory_bytes: 40.0 * GIB,
+            memory_bw: 1555.0 * GB,
+            intra_node_bw: 300.0 * GB,
+            network_bw: 25.0 * GB,
+            intra_node_latency: 8e-6,
+            network_latency: 15e-6,
+            gpus_per_node: 8,
+            price_per_gpu_hour: 1.6,
+            matmul_scale: 1.0,
+            source: format!("{nv_a100}; 40 GB HBM2 at 1,555 GB/s"),
+        },
+        "a100-80gb" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 312.0 * T,
+            peak_fp32_flops: 19.5 * T,
+            memory_bytes: 80.0 * GIB,
+            memory_bw: 2039.0 * GB,
+            intra_node_bw: 300.0 * GB,
+            network_bw: 25.0 * GB,
+            intra_node_latency: 8e-6,
+            network_latency: 15e-6,
+            gpus_per_node: 8,
+            price_per_gpu_hour: 2.0,
+            matmul_scale: 1.0,
+            source: format!("{nv_a100}; 80 GB HBM2e at 2,039 GB/s (SXM)"),
+        },
+        "h100-sxm" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 989.0 * T,
+            peak_fp32_flops: 67.0 * T,
+            memory_bytes: 80.0 * GIB,
+            memory_bw: 3350.0 * GB,
+            intra_node_bw: 450.0 * GB,
+            network_bw: 50.0 * GB,
+            intra_node_latency: 6e-6,
+            network_latency: 12e-6,
+            gpus_per_node: 8,
+            price_per_gpu_hour: 3.0,
+            matmul_scale: 0.85,
+            source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
+        },
+        "h200" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 989.0 * T,
+            peak_fp32_flops: 67.0 * T,
+            memory_bytes: 141.0 * GB,
+            memory_bw: 4800.0 * GB,
+            intra_node_bw: 450.0 * GB,
+            network_bw: 50.0 * GB,
+            intra_node_latency: 6e-6,
+            network_latency: 12e-6,
+            gpus_per_node: 8,
+            price_per_gpu_hour: 3.5,
+            matmul_scale: 0.85,
+            source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
+        },
+        "b200" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 2250.0 * T,
+            peak_fp32_flops: 75.0 * T,
+            memory_bytes: 180.0 * GB,
+            memory_bw: 8000.0 * GB,
+            intra_node_bw: 900.0 * GB,
+            network_bw: 50.0 * GB,
+            intra_node_latency: 5e-6,
+            network_latency: 12e-6,
+            gpus_per_node: 8,
+            price_per_gpu_hour: 5.0,
+            matmul_scale: 0.8,
+            source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
+        },
+        "mi300x" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 1307.4 * T,
+            peak_fp32_flops: 163.4 * T,
+            memory_bytes: 192.0 * GB,
+            memory_bw: 5300.0 * GB,
+            intra_node_bw: 448.0 * GB,
+            network_bw: 50.0 * GB,
+            intra_node_latency: 8e-6,
+            network_latency: 15e-6,
+            gpus_per_node: 8,
+            price_per_gpu_hour: 2.5,
+            matmul_scale: 0.7,
+            source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
+        },
+        _ => {
+            return Err(PlanError::UnknownPreset {
+                kind: "GPU",
+                name: name.to_string(),
+                valid: GPU_PRESETS.join(", "),
+            })
+        }
+    };
+    Ok(g)
+}
+
+/// Parses a custom GPU from TOML-decoded fields, checking every number.
+pub fn validate_gpu(g: &GpuSpec) -> Result<()> {
+    let checks: [(&'static str, f64); 8] = [
+        ("peak_bf16_flops", g.peak_bf16_flops),
+        ("peak_fp32_flops", g.peak_fp32_flops),
+        ("memory_bytes", g.memory_bytes),
+        ("memory_bw", g.memory_bw),
+        ("intra_node_bw", g.intra_node_bw),
+        ("network_bw", g.network_bw),
+        ("intra_node_latency", g.intra_node_latency),
+        ("network_latency", g.network_latency),
+    ];
+    for (field, v) in checks {
+        if !v.is_finite() || v <= 0.0 {
+            return Err(invalid(
+                field,
+                format!(
+                    "{v} must be a positive number (SI units: FLOP/s, bytes, bytes/s, seconds)"
+                ),
+            ));
+        }
+    }
+    if g.peak_bf16_flops > 1e18 {
+        return Err(invalid(
+            "peak_bf16_flops",
+            "above 1 EFLOP/s per GPU; the unit is FLOP/s, not TFLOP/s",
+        ));
+    }
+    if g.network_latency > 1.0 || g.intra_node_latency > 1.0 {
+        return Err(invalid(
+            "network_latency",
+            "latency above 1 s; the unit is seconds",
+        ));
+    }
+    if !(0.05..=2.0).contains(&g.matmul_scale) {
+        return Err(invalid(
+            "matmul_scale",
+            format!(
+                "{} must be within 0.05..2 (1.0 = A100-like efficiency)",
+                g.matmul_scale
+            ),
+        ));
+    }
+    if g.gpus_per_node == 0 {
+        return Err(invalid("gpus_per_node", "must be at least 1"));
+    }
+    if !g.price_per_gpu_hour.is_finite() || g.price_per_gpu_hour < 0.0 {
+        return Err(invalid(
+            "price_per_gpu_hour",
+            "must be a non-negative number of USD",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_presets_resolve_and_validate() {
+        for name in GPU_PRESETS {
+            let g = gpu_preset(name).unwrap();
+            validate_gpu(&g).unwrap();
+            assert!(!g.source.is_empty());
+        }
+        let e = gpu_preset("v100").unwrap_err().to_string();
+        assert!(e.contains("v100") && e.contains("h100-sxm"), "{e}");
+    }
+
+    #[test]
+    fn cluster_rejects_partial_nodes() {
+        let g = gpu_preset("h100-sxm").unwrap();
+        assert!(ClusterSpec::new(g.clone(), 12, None, None).is_err());
+        assert_eq!(
+            ClusterSpec::new(g.clone(), 16, None, None).unwrap().nodes(),
+            2
+        );
+        assert_eq!(ClusterSpec::new(g, 4, None, None).unwrap().nodes(), 1);
+    }
+}

@@ -1,0 +1,260 @@
+//! The parallel layout and the one place that validates it, showing the arithmetic
+//! (torchtitan's habit): `dp(2) * tp(4) * pp(2) = 16, but the cluster has 8 GPUs`.
+
+use serde::Serialize;
+
+use crate::error::{PlanError, Result};
+use crate::model::ModelSpec;
+
+/// Degrees and knobs of one parallel layout. Axes in Megatron's order: tp (inside a node),
+/// then pp, then dp (outermost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    /// Data-parallel degree.
+    pub dp: u64,
+    /// Tensor-parallel degree (Megatron column/row split).
+    pub tp: u64,
+    /// Pipeline-parallel degree.
+    pub pp: u64,
+    /// Virtual pipeline stages per device (interleaved 1F1B when > 1).
+    pub vpp: u64,
+    /// Sequence parallelism for norms/dropout across the tp group (Korthikanti et al. 2022).
+    pub sp: bool,
+    /// ZeRO stage 0..=3 (Rajbhandari et al. 2019).
+    pub zero: u8,
+    /// Sequences per micro-batch.
+    pub micro_batch: u64,
+    /// Micro-batches per step per data-parallel rank (gradient accumulation).
+    pub grad_accum: u64,
+}
+
+/// A layout as the user gave it: any degree may be left to inference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayoutRequest {
+    /// `--dp`.
+    pub dp: Option<u64>,
+    /// `--tp`.
+    pub tp: Option<u64>,
+    /// `--pp`.
+    pub pp: Option<u64>,
+    /// `--vpp`.
+    pub vpp: Option<u64>,
+    /// `--sequence-parallel`.
+    pub sp: bool,
+    /// `--zero`.
+    pub zero: Option<u8>,
+    /// `--micro-batch`.
+    pub micro_batch: Option<u64>,
+    /// `--grad-accum`.
+    pub grad_accum: Option<u64>,
+}
+
+impl LayoutRequest {
+    /// Fills in unset degrees where unambiguous (tp = pp = 1 by default, dp = gpus / (tp·pp),
+    /// micro-batch 1, grad-accum = global batch ÷ (dp × micro-batch)) and validates.
+    pub fn resolve(&self, model: &ModelSpec, gpus: u64, global_batch: u64) -> Result<Layout> {
+        let tp = self.tp.unwrap_or(1);
+        let pp = self.pp.unwrap_or(1);
+        for (name, v) in [("tp", tp), ("pp", pp)] {
+            if v == 0 {
+                return Err(PlanError::Layout(format!("{name} must be at least 1")));
+            }
+        }
+        let dp = match self.dp {
+            Some(d) => d,
+            None => {
+                if gpus % (tp * pp) != 0 {
+                    return Err(PlanError::Layout(format!(
+                        "cannot infer dp: {gpus} GPUs is not divisible by tp({tp}) * pp({pp}) = {}",
+                        tp * pp
+                    )));
+                }
+                gpus / (tp * pp)
+            }
+        };
+        let micro_batch = self.micro_batch.unwrap_or(1);
+        if dp == 0 || micro_batch == 0 {
+            return Err(PlanError::Layout(
+                "dp and micro-batch must be at least 1".into(),
+            ));
+        }
+        let grad_accum = match self.grad_accum {
+            Some(g) => g,
+            None => {
+                let per = dp * micro_batch;
+                if global_batch % per != 0 {
+                    return Err(PlanError::Layout(format!(
+                        "global batch {global_batch} is not divisible by dp({dp}) * micro-batch({micro_batch}) = {per}; \
+                         change --global-batch, --dp or --micro-batch"
+                    )));
+                }
+                global_batch / per
+            }
+        };
+        let l = Layout {
+            dp,
+            tp,
+            pp,
+            vpp: self.vpp.unwrap_or(1),
+            sp: self.sp,
+            zero: self.zero.unwrap_or(0),
+            micro_batch,
+            grad_accum,
+        };
+        l.validate(model, gpus, global_batch)?;
+        Ok(l)
+    }
+}
+
+impl Layout {
+    /// Total devices.
+    pub fn world(&self) -> u64 {
+        self.dp * self.tp * self.pp
+    }
+
+    /// The checks every layout passes; errors show the arithmetic.
+    pub fn validate(&self, m: &ModelSpec, gpus: u64, global_batch: u64) -> Result<()> {
+        let Layout {
+            dp,
+            tp,
+            pp,
+            vpp,
+            sp,
+            zero,
+            micro_batch,
+            grad_accum,
+        } = *self;
+        let err = |s: String| Err(PlanError::Layout(s));
+        if dp == 0 || tp == 0 || pp == 0 || vpp == 0 || micro_batch == 0 || grad_accum == 0 {
+            return err(
+                "every degree (dp, tp, pp, vpp, micro-batch, grad-accum) must be at least 1".into(),
+            );
+        }
+        if dp * tp * pp != gpus {
+            return err(format!(
+                "dp({dp}) * tp({tp}) * pp({pp}) = {}, but the cluster has {gpus} GPUs",
+                dp * tp * pp
+            ));
+        }
+        if m.heads % tp != 0 {
+            return err(format!(
+                "heads ({}) is not divisible by tp ({tp}); pick tp dividing {}",
+                m.heads, m.heads
+            ));
+        }
+        if m.kv_heads % tp != 0 {
+            return err(format!(
+                "kv heads ({}) is not divisible by tp ({tp}); pick tp dividing {}",
+                m.kv_heads, m.kv_heads
+            ));
+        }
+        if m.ffn_hidden % tp != 0 {
+            return err(format!(
+                "ffn hidden ({}) is not divisible by tp ({tp})",
+                m.ffn_hidden
+            ));
+        }
+        if m.layers % (pp * vpp) != 0 {
+            return err(format!(
+                "layers ({}) is not divisible by pp({pp}) * vpp({vpp}) = {}; each stage needs a whole number of layers",
+                m.layers,
+                pp * vpp
+            ));
+        }
+        if vpp > 1 && pp == 1 {
+            return err(format!(
+                "vpp({vpp}) > 1 needs pipeline parallelism (pp > 1)"
+            ));
+        }
+        if vpp > 1 && grad_accum % pp != 0 {
+            return err(format!(
+                "the interleaved schedule needs micro-batches ({grad_accum}) divisible by pp ({pp})"
+            ));
+        }
+        if sp && tp == 1 {
+            return err(
+                "sequence parallel splits activations across the tp group, so it needs tp > 1"
+                    .into(),
+            );
+        }
+        if zero > 3 {
+            return err(format!(
+                "ZeRO stage {zero} does not exist; use 0, 1, 2 or 3"
+            ));
+        }
+        if zero >= 2 && pp > 1 {
+            return err(format!(
+                "ZeRO-{zero} with pp({pp}) > 1: sharded gradients would be reduce-scattered on every micro-batch \
+                 of the pipeline (DeepSpeed rejects this too); use ZeRO-1 (the distributed optimizer) with pipelines"
+            ));
+        }
+        if dp * micro_batch * grad_accum != global_batch {
+            return err(format!(
+                "dp({dp}) * micro-batch({micro_batch}) * grad-accum({grad_accum}) = {}, but the global batch is {global_batch}",
+                dp * micro_batch * grad_accum
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::preset;
+
+    #[test]
+    fn errors_show_the_arithmetic() {
+        let m = preset("llama2-7b").unwrap();
+        let req = LayoutRequest {
+            dp: Some(2),
+            tp: Some(4),
+            pp: Some(2),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 8, 64).unwrap_err().to_string();
+        assert!(
+            e.contains("dp(2) * tp(4) * pp(2) = 16, but the cluster has 8 GPUs"),
+            "{e}"
+        );
+        let req = LayoutRequest {
+            tp: Some(3),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 6, 64).unwrap_err().to_string();
+        assert!(e.contains("heads (32) is not divisible by tp (3)"), "{e}");
+        let req = LayoutRequest {
+            micro_batch: Some(3),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 8, 64).unwrap_err().to_string();
+        assert!(
+            e.contains("not divisible by dp(8) * micro-batch(3) = 24"),
+            "{e}"
+        );
+        let req = LayoutRequest {
+            pp: Some(3),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 3, 63).unwrap_err().to_string();
+        assert!(e.contains("layers (32) is not divisible by pp(3)"), "{e}");
+        let req = LayoutRequest {
+            grad_accum: Some(3),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 8, 64).unwrap_err().to_string();
+        assert!(e.contains("= 24, but the global batch is 64"), "{e}");
+    }
+
+    #[test]
+    fn infers_dp_and_accumulation() {
+        let m = preset("llama2-7b").unwrap();
+        let req = LayoutRequest {
+            tp: Some(2),
+            micro_batch: Some(2),
+            ..Default::default()
+        };
+        let l = req.resolve(&m, 16, 256).unwrap();
+        assert_eq!((l.dp, l.grad_accum), (8, 16));
+    }
+}

@@ -1,0 +1,313 @@
+//! The training recipe: tokens, batch, precision and the bytes of every state, optimizer,
+//! activation recompute, attention kernel.
+//!
+//! Bytes per parameter are explicit because published tools disagree: the ZeRO paper counts
+//! 2 (fp16 weights) + 2 (fp16 gradients) + 12 (fp32 master, momentum, variance) = 16 B/param
+//! (Rajbhandari et al. 2019, Section 3.1, K = 12); Megatron-LM keeps fp32 gradient buffers, so
+//! 2 + 4 + 12 = 18 B/param (Korthikanti et al. 2022 text; `--grad-bytes 4`). Our default is 16.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// Numeric precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// Everything in fp32: 4-byte weights, gradients, activations; no master copy.
+    Fp32,
+    /// bf16 compute and activations, fp32 master weights and optimizer states.
+    Bf16Mixed,
+    /// fp16 compute with loss scaling; same bytes as bf16-mixed.
+    Fp16Mixed,
+}
+
+impl Precision {
+    /// Parses `fp32`, `bf16-mixed`, `fp16-mixed`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" => Ok(Self::Fp32),
+            "bf16-mixed" | "bf16" => Ok(Self::Bf16Mixed),
+            "fp16-mixed" | "fp16" => Ok(Self::Fp16Mixed),
+            _ => Err(invalid(
+                "--precision",
+                format!("'{s}' is not one of fp32, bf16-mixed, fp16-mixed"),
+            )),
+        }
+    }
+    /// Bytes of one activation / compute element.
+    pub fn compute_bytes(self) -> f64 {
+        match self {
+            Self::Fp32 => 4.0,
+            _ => 2.0,
+        }
+    }
+}
+
+/// Optimizer family (decides the optimizer-state bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// Adam with decoupled weight decay: two fp32 moments (8 B/param).
+    Adamw,
+    /// Plain SGD: no state.
+    Sgd,
+    /// SGD with momentum: one fp32 buffer (4 B/param).
+    SgdMomentum,
+    /// Adafactor without momentum: factored second moment, rows + columns per matrix
+    /// (Shazeer & Stern 2018) — about 4·(r + c) bytes per r×c matrix.
+    Adafactor,
+}
+
+impl Optimizer {
+    /// Parses `adamw`, `sgd`, `sgd-momentum`, `adafactor`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "adamw" | "adam" => Ok(Self::Adamw),
+            "sgd" => Ok(Self::Sgd),
+            "sgd-momentum" | "momentum" => Ok(Self::SgdMomentum),
+            "adafactor" => Ok(Self::Adafactor),
+            _ => Err(invalid(
+                "--optimizer",
+                format!("'{s}' is not one of adamw, sgd, sgd-momentum, adafactor"),
+            )),
+        }
+    }
+}
+
+/// Activation recomputation (checkpointing) policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recompute {
+    /// Keep every activation.
+    None,
+    /// Recompute only the attention core (QKᵀ, softmax, dropout, ·V) (Korthikanti et al. 2022, §4.3).
+    Selective,
+    /// Keep only each layer's input; recompute the whole layer forward in backward.
+    Full,
+}
+
+impl Recompute {
+    /// Parses `none`, `selective`, `full`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Self::None),
+            "selective" => Ok(Self::Selective),
+            "full" => Ok(Self::Full),
+            _ => Err(invalid(
+                "--recompute",
+                format!("'{s}' is not one of none, selective, full"),
+            )),
+        }
+    }
+}
+
+/// How attention FLOPs are counted for causal masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CausalFlops {
+    /// Count the full s×s score matrix (Megatron / Narayanan et al. 2021 / PaLM MFU convention).
+    Full,
+    /// Count half of it (what a causal flash-attention kernel actually computes).
+    Half,
+}
+
+/// How data-parallel gradients are summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GradSync {
+    /// Ring all-reduce: reduce-scatter then all-gather, 2(n−1)/n of the data per link.
+    Ring,
+    /// Double binary tree (NCCL): same bandwidth term as ring, log₂(n) latency.
+    Tree,
+    /// Parameter server: every worker pushes and pulls its full gradient; K servers share the load.
+    ParameterServer,
+}
+
+impl GradSync {
+    /// Parses `ring`, `tree`, `ps`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ring" => Ok(Self::Ring),
+            "tree" => Ok(Self::Tree),
+            "ps" | "parameter-server" => Ok(Self::ParameterServer),
+            _ => Err(invalid(
+                "--grad-sync",
+                format!("'{s}' is not one of ring, tree, ps"),
+            )),
+        }
+    }
+}
+
+/// Pipeline schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// All forwards, then all backwards (Huang et al. 2019): m micro-batches in flight.
+    Gpipe,
+    /// One-forward-one-backward (Narayanan et al. 2021, PipeDream-flush); interleaved when vpp > 1.
+    OneFOneB,
+}
+
+impl Schedule {
+    /// Parses `gpipe`, `1f1b`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "gpipe" => Ok(Self::Gpipe),
+            "1f1b" => Ok(Self::OneFOneB),
+            _ => Err(invalid(
+                "--schedule",
+                format!("'{s}' is not one of gpipe, 1f1b"),
+            )),
+        }
+    }
+}
+
+/// Bytes stored per parameter for each model state.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StateBytes {
+    /// Working weights (2 for bf16/fp16, 4 for fp32).
+    pub weight: f64,
+    /// Gradients (2 ZeRO convention, 4 Megatron's fp32 grad buffers, 4 for fp32).
+    pub grad: f64,
+    /// fp32 master weights (4 for mixed precision, 0 for fp32).
+    pub master: f64,
+    /// Optimizer state bytes per parameter (AdamW 8, SGD momentum 4, SGD 0; Adafactor computed).
+    pub optimizer: f64,
+}
+
+impl StateBytes {
+    /// Defaults for a precision and optimizer (16 B/param for mixed-precision AdamW).
+    pub fn defaults(p: Precision, o: Optimizer, adafactor_bytes_per_param: f64) -> Self {
+        let (weight, grad, master) = match p {
+            Precision::Fp32 => (4.0, 4.0, 0.0),
+            _ => (2.0, 2.0, 4.0),
+        };
+        let optimizer = match o {
+            Optimizer::Adamw => 8.0,
+            Optimizer::Sgd => 0.0,
+            Optimizer::SgdMomentum => 4.0,
+            Optimizer::Adafactor => adafactor_bytes_per_param,
+        };
+        StateBytes {
+            weight,
+            grad,
+            master,
+            optimizer,
+        }
+    }
+
+    /// Total model-state bytes per parameter.
+    pub fn total(&self) -> f64 {
+        self.weight + self.grad + self.master + self.optimizer
+    }
+}
+
+/// Everything about *how* we train, apart from the parallel layout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recipe {
+    /// Total training tokens.
+    pub tokens: f64,
+    /// Global batch in sequences.
+    pub global_batch: u64,
+    /// Precision.
+    pub precision: Precision,
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// Bytes per parameter for each state.
+    pub state_bytes: StateBytes,
+    /// Bytes per gradient element on the wire for data-parallel sync (= grad bytes by default).
+    pub grad_comm_bytes: f64,
+    /// Recompute policy.
+    pub recompute: Recompute,
+    /// Fused (flash) attention: no s×s matrices stored or moved through memory.
+    pub flash_attention: bool,
+    /// Dropout on (adds 1-byte masks to activations).
+    pub dropout: bool,
+    /// Causal attention FLOP convention.
+    pub causal_flops: CausalFlops,
+    /// Gradient all-reduce overlapped with backward.
+    pub overlap_grad_reduce: bool,
+    /// Data-parallel gradient algorithm.
+    pub grad_sync: GradSync,
+    /// Parameter servers (for `GradSync::ParameterServer`).
+    pub ps_servers: u64,
+    /// Pipeline schedule.
+    pub schedule: Schedule,
+    /// Fixed per-device overhead: CUDA context, library workspaces, allocator slack, bytes.
+    pub runtime_overhead_bytes: f64,
+    /// Data-parallel gradient bucket size, bytes (PyTorch DDP's default 25 MB).
+    pub bucket_bytes: f64,
+}
+
+impl Recipe {
+    /// A recipe with the documented defaults.
+    pub fn new(tokens: f64, global_batch: u64, precision: Precision, optimizer: Optimizer) -> Self {
+        let sb = StateBytes::defaults(precision, optimizer, 0.0);
+        Recipe {
+            tokens,
+            global_batch,
+            precision,
+            optimizer,
+            state_bytes: sb,
+            grad_comm_bytes: sb.grad,
+            recompute: Recompute::None,
+            flash_attention: true,
+            dropout: false,
+            causal_flops: CausalFlops::Full,
+            overlap_grad_reduce: true,
+            grad_sync: GradSync::Ring,
+            ps_servers: 1,
+            schedule: Schedule::OneFOneB,
+            runtime_overhead_bytes: 1.0 * 1024.0 * 1024.0 * 1024.0,
+            bucket_bytes: 25e6,
+        }
+    }
+
+    /// Checks ranges; names the field.
+    pub fn validate(&self) -> Result<()> {
+        if !self.tokens.is_finite() || self.tokens <= 0.0 {
+            return Err(invalid(
+                "--tokens",
+                "must be a positive token count, e.g. 300B",
+            ));
+        }
+        if self.tokens > 1e16 {
+            return Err(invalid(
+                "--tokens",
+                format!(
+                    "{:.2e} tokens is beyond any corpus; check the suffix",
+                    self.tokens
+                ),
+            ));
+        }
+        if self.global_batch == 0 {
+            return Err(invalid("--global-batch", "must be at least 1 sequence"));
+        }
+        let sb = &self.state_bytes;
+        for (f, v) in [
+            ("--weight-bytes", sb.weight),
+            ("--grad-bytes", sb.grad),
+            ("--master-bytes", sb.master),
+            ("--optimizer-bytes", sb.optimizer),
+            ("--grad-comm-bytes", self.grad_comm_bytes),
+        ] {
+            if !v.is_finite() || !(0.0..=64.0).contains(&v) {
+                return Err(invalid(
+                    f,
+                    format!("{v} bytes per parameter must be within 0..64"),
+                ));
+            }
+        }
+        if sb.weight == 0.0 {
+            return Err(invalid(
+                "--weight-bytes",
+                "weights need at least some bytes",
+            ));
+        }
+        if self.ps_servers == 0 {
+            return Err(invalid("--ps-servers", "must be at least 1"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,344 @@
+//! The planner: enumerate every valid layout, keep those that fit, rank them.
+//!
+//! For each cluster size N the search walks tp | N (tp dividing heads, KV heads and the FFN),
+//! pp | N/tp (pp·vpp dividing layers), dp = N/(tp·pp), then virtual stages, micro-batch, ZeRO
+//! stage, recompute policy and sequence parallelism. Rejections are counted by reason with a
+//! cheap code (no strings in the loop); [`Reject::describe`] names them for the report.
+//! The search is single-threaded and pure; `shard = (i, n)` lets a caller split it across
+//! threads (candidate k belongs to shard k mod n) and [`SearchResult::merge`] the parts.
+
+use serde::Serialize;
+
+use crate::cost::{Context, Eval};
+use crate::estimate::totals;
+use crate::explain::NoTrace;
+use crate::layout::Layout;
+use crate::model::ModelSpec;
+use crate::recipe::Recompute;
+
+/// What to optimise.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Objective {
+    /// Shortest step time (then fewest GPUs).
+    Time,
+    /// Lowest total cost for the token budget.
+    Cost,
+    /// Cheapest layout whose training finishes within this many days.
+    Deadline(f64),
+    /// Fastest layout whose training costs at most this many USD.
+    Budget(f64),
+}
+
+/// Why a candidate was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Reject {
+    /// Global batch not divisible by dp × micro-batch.
+    BatchNotDivisible,
+    /// Interleaving needs micro-batches divisible by pp.
+    InterleaveMicroBatches,
+    /// Out of memory on the first pipeline stage.
+    OomFirstStage,
+    /// Out of memory on the last pipeline stage.
+    OomLastStage,
+    /// Fits but misses the deadline.
+    MissesDeadline,
+    /// Fits but costs more than the budget.
+    OverBudget,
+}
+
+impl Reject {
+    /// All reasons, in report order.
+    pub const ALL: [Reject; 5] = [
+        Reject::OomFirstStage,
+        Reject::OomLastStage,
+        Reject::BatchNotDivisible,
+        Reject::InterleaveMicroBatches,
+        Reject::MissesDeadline,
+    ];
+
+    /// Human text for the report.
+    pub fn describe(self) -> String {
+        match self {
+            Reject::BatchNotDivisible => "global batch not divisible by dp x micro-batch".into(),
+            Reject::InterleaveMicroBatches => {
+                "interleaved schedule needs micro-batches divisible by pp".into()
+            }
+            Reject::OomFirstStage => "out of memory on pipeline stage 0".into(),
+            Reject::OomLastStage => {
+                "out of memory on the last pipeline stage (LM head and logits)".into()
+            }
+            Reject::MissesDeadline => "fits, but training would miss the deadline".into(),
+            Reject::OverBudget => "fits, but training would cost more than the budget".into(),
+        }
+    }
+}
+
+/// The knobs the search may turn.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchSpace {
+    /// Cluster sizes to consider (one entry for a fixed cluster).
+    pub gpus: Vec<u64>,
+    /// Micro-batch sizes to try.
+    pub micro_batches: Vec<u64>,
+    /// ZeRO stages to try.
+    pub zero: Vec<u8>,
+    /// Recompute policies to try.
+    pub recompute: Vec<Recompute>,
+    /// Virtual pipeline stages to try.
+    pub vpp: Vec<u64>,
+    /// Try sequence parallelism (when tp > 1).
+    pub sequence_parallel: bool,
+    /// Largest tensor-parallel degree (default: one node).
+    pub max_tp: u64,
+    /// Cost the step time even of layouts that do not fit (benchmarks use it to time full
+    /// evaluations; the planner leaves it off).
+    pub cost_all: bool,
+}
+
+impl SearchSpace {
+    /// The default space for a fixed cluster.
+    pub fn for_gpus(gpus: Vec<u64>, max_tp: u64) -> Self {
+        SearchSpace {
+            gpus,
+            micro_batches: vec![1, 2, 4, 8, 16, 32],
+            zero: vec![0, 1, 2, 3],
+            recompute: vec![Recompute::None, Recompute::Selective, Recompute::Full],
+            vpp: vec![1, 2, 3, 4],
+            sequence_parallel: true,
+            max_tp,
+            cost_all: false,
+        }
+    }
+}
+
+/// One ranked layout.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Candidate {
+    /// The layout.
+    pub layout: Layout,
+    /// Recompute policy.
+    pub recompute: Recompute,
+    /// Everything the cost model said.
+    pub eval: Eval,
+    /// Training days for the token budget.
+    pub days: f64,
+    /// USD for the token budget.
+    pub cost_usd: f64,
+}
+
+/// The outcome of a search (or of one shard of it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SearchResult {
+    /// Candidate layouts looked at (structurally valid degrees × knobs).
+    pub candidates: u64,
+    /// Candidates fully costed (memory and time).
+    pub evaluated: u64,
+    /// Candidates that fit (and meet the deadline, if any).
+    pub accepted: u64,
+    /// Rejections by reason.
+    pub rejected: Vec<(Reject, u64)>,
+    /// Best first.
+    pub top: Vec<Candidate>,
+}
+
+fn key(obj: Objective, c: &Candidate) -> (f64, f64) {
+    match obj {
+        Objective::Time => (c.eval.time.total, c.layout.world() as f64),
+        Objective::Cost | Objective::Deadline(_) => (c.cost_usd, c.days),
+        Objective::Budget(_) => (c.days, c.cost_usd),
+    }
+}
+
+fn insert_top(top: &mut Vec<Candidate>, n: usize, obj: Objective, c: Candidate) {
+    let k = key(obj, &c);
+    if top.len() == n && top.last().is_some_and(|l| key(obj, l) <= k) {
+        return;
+    }
+    let pos = top.partition_point(|x| key(obj, x) <= k);
+    top.insert(pos, c);
+    top.truncate(n);
+}
+
+impl SearchResult {
+    fn bump(&mut self, r: Reject) {
+        match self.rejected.iter_mut().find(|(x, _)| *x == r) {
+            Some((_, n)) => *n += 1,
+            None => self.rejected.push((r, 1)),
+        }
+    }
+
+    /// Combines shard results.
+    pub fn merge(parts: Vec<SearchResult>, obj: Objective, top_n: usize) -> SearchResult {
+        let mut out = SearchResult::default();
+        for p in parts {
+            out.candidates += p.candidates;
+            out.evaluated += p.evaluated;
+            out.accepted += p.accepted;
+            for (r, n) in p.rejected {
+                match out.rejected.iter_mut().find(|(x, _)| *x == r) {
+                    Some((_, m)) => *m += n,
+                    None => out.rejected.push((r, n)),
+                }
+            }
+            for c in p.top {
+                insert_top(&mut out.top, top_n, obj, c);
+            }
+        }
+        out.rejected.sort();
+        out
+    }
+}
+
+fn divisors(n: u64) -> Vec<u64> {
+    (1..=n).filter(|d| n % d == 0).collect()
+}
+
+/// Structural constraints on (tp, pp, vpp) that do not depend on the batch.
+fn degrees_ok(m: &ModelSpec, tp: u64, pp: u64, vpp: u64) -> bool {
+    m.heads % tp == 0
+        && m.kv_heads % tp == 0
+        && m.ffn_hidden % tp == 0
+        && m.layers % (pp * vpp) == 0
+        && (vpp == 1 || pp > 1)
+}
+
+/// Runs the search. `base` supplies model, recipe (its recompute is overridden by the space),
+/// calibration and GPU; the cluster size comes from `space.gpus`.
+pub fn search(
+    base: &Context,
+    space: &SearchSpace,
+    obj: Objective,
+    top_n: usize,
+    shard: (u64, u64),
+) -> SearchResult {
+    let mut res = SearchResult::default();
+    let m = &base.model;
+    let gb = base.recipe.global_batch;
+    let mut k: u64 = 0;
+    // With flash attention the attention core is already recomputed inside its backward, so
+    // selective recompute equals none: search it once.
+    let flash = base.recipe.flash_attention;
+    let ctxs: Vec<(Recompute, Vec<Context>)> = space
+        .recompute
+        .iter()
+        .filter(|&&rc| {
+            !(flash && rc == Recompute::Selective && space.recompute.contains(&Recompute::None))
+        })
+        .map(|&rc| {
+            let per_size = space
+                .gpus
+                .iter()
+                .map(|&n| {
+                    let mut c = base.clone();
+                    c.recipe.recompute = rc;
+                    c.cluster.gpus = n;
+                    c
+                })
+                .collect();
+            (rc, per_size)
+        })
+        .collect();
+    for (gi, &n) in space.gpus.iter().enumerate() {
+        for tp in divisors(n) {
+            if tp > space.max_tp {
+                continue;
+            }
+            for pp in divisors(n / tp) {
+                let dp = n / (tp * pp);
+                for &vpp in &space.vpp {
+                    if !degrees_ok(m, tp, pp, vpp) {
+                        continue;
+                    }
+                    for &mb in &space.micro_batches {
+                        for &zero in &space.zero {
+                            if zero >= 2 && pp > 1 {
+                                continue;
+                            }
+                            if zero > 0 && dp == 1 {
+                                continue;
+                            }
+                            for (rc, per_size) in &ctxs {
+                                let sps: &[bool] = if tp > 1 && space.sequence_parallel {
+                                    &[false, true]
+                                } else {
+                                    &[false]
+                                };
+                                for &sp in sps {
+                                    k += 1;
+                                    if k % shard.1 != shard.0 {
+                                        continue;
+                                    }
+                                    res.candidates += 1;
+                                    if gb % (dp * mb) != 0 {
+                                        res.bump(Reject::BatchNotDivisible);
+                                        continue;
+                                    }
+                                    let ga = gb / (dp * mb);
+                                    if vpp > 1 && ga % pp != 0 {
+                                        res.bump(Reject::InterleaveMicroBatches);
+                                        continue;
+                                    }
+                                    let layout = Layout {
+                                        dp,
+                                        tp,
+                                        pp,
+                                        vpp,
+                                        sp,
+                                        zero,
+                                        micro_batch: mb,
+                                        grad_accum: ga,
+                                    };
+                                    let ctx = &per_size[gi];
+                                    let mem = ctx.memory(&layout, &mut NoTrace);
+                                    res.evaluated += 1;
+                                    if space.cost_all {
+                                        let eval =
+                                            ctx.evaluate_with_memory(&layout, mem, &mut NoTrace);
+                                        std::hint::black_box(eval);
+                                    }
+                                    if mem.total > mem.capacity {
+                                        res.bump(if mem.worst_stage == 0 {
+                                            Reject::OomFirstStage
+                                        } else {
+                                            Reject::OomLastStage
+                                        });
+                                        continue;
+                                    }
+                                    let eval = ctx.evaluate_with_memory(&layout, mem, &mut NoTrace);
+                                    let t = totals(ctx, &layout, &eval);
+                                    let days = t.secs / 86400.0;
+                                    match obj {
+                                        Objective::Deadline(d) if days > d => {
+                                            res.bump(Reject::MissesDeadline);
+                                            continue;
+                                        }
+                                        Objective::Budget(b) if t.cost > b => {
+                                            res.bump(Reject::OverBudget);
+                                            continue;
+                                        }
+                                        _ => {}
+                                    }
+                                    res.accepted += 1;
+                                    insert_top(
+                                        &mut res.top,
+                                        top_n,
+                                        obj,
+                                        Candidate {
+                                            layout,
+                                            recompute: *rc,
+                                            eval,
+                                            days,
+                                            cost_usd: t.cost,
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    res.rejected.sort();
+    res
+}

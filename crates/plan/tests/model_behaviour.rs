@@ -1,0 +1,157 @@
+//! Behavioural checks of the cost model and the search: directions that must hold whatever the
+//! calibration (more sharding → less memory, recompute → less activation memory and more FLOPs,
+//! every planner answer is a layout `Layout::validate` accepts).
+
+use plan::explain::NoTrace;
+use plan::recipe::{Optimizer, Precision, Recompute};
+use plan::search::{search, Objective, SearchSpace};
+use plan::{gpu_preset, preset, Calibration, ClusterSpec, Context, Layout, Recipe};
+
+fn ctx(model: &str, gpus: u64, precision: Precision) -> Context {
+    let m = preset(model).unwrap();
+    let cluster = ClusterSpec::new(gpu_preset("a100-80gb").unwrap(), gpus, None, None).unwrap();
+    Context {
+        model: m,
+        cluster,
+        recipe: Recipe::new(1e11, 64, precision, Optimizer::Adamw),
+        calib: Calibration::default(),
+    }
+}
+
+fn layout(dp: u64, tp: u64, pp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
+    Layout {
+        dp,
+        tp,
+        pp,
+        vpp: 1,
+        sp: false,
+        zero,
+        micro_batch: mb,
+        grad_accum: gb / (dp * mb),
+    }
+}
+
+#[test]
+fn classic_answers_fp32_and_mixed() {
+    // Any model: fp32 weights are 4 B/param and gradients 4 B/param; mixed-precision Adam is
+    // 16 B/param of model states (ZeRO paper's K = 12 plus 2 + 2).
+    let c = ctx("llama2-7b", 1, Precision::Fp32);
+    let p = c.model.params().total as f64;
+    let m = c.memory(&layout(1, 1, 1, 0, 1, 64), &mut NoTrace);
+    assert_eq!(m.weights, 4.0 * p);
+    assert_eq!(m.gradients, 4.0 * p);
+    assert_eq!(m.master_weights, 0.0);
+    let c = ctx("llama2-7b", 1, Precision::Bf16Mixed);
+    let m = c.memory(&layout(1, 1, 1, 0, 1, 64), &mut NoTrace);
+    assert_eq!(
+        m.weights + m.gradients + m.master_weights + m.optimizer_states,
+        16.0 * p
+    );
+}
+
+#[test]
+fn zero_stages_shrink_memory_monotonically() {
+    let c = ctx("llama2-13b", 64, Precision::Bf16Mixed);
+    let totals: Vec<f64> = (0..=3)
+        .map(|z| c.memory(&layout(64, 1, 1, z, 1, 64), &mut NoTrace))
+        .map(|m| m.weights + m.gradients + m.master_weights + m.optimizer_states)
+        .collect();
+    assert!(totals.windows(2).all(|w| w[1] < w[0]), "{totals:?}");
+}
+
+#[test]
+fn recompute_trades_memory_for_flops() {
+    let mut c = ctx("megatron-22b", 8, Precision::Bf16Mixed);
+    c.recipe.flash_attention = false;
+    let l = layout(1, 8, 1, 0, 4, 64);
+    let mut acts = Vec::new();
+    let mut flops = Vec::new();
+    for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
+        c.recipe.recompute = r;
+        let e = c.evaluate(&l, &mut NoTrace);
+        acts.push(e.memory.activations);
+        flops.push(e.flops.hardware_per_step);
+    }
+    assert!(acts[0] > acts[1] && acts[1] > acts[2], "{acts:?}");
+    assert!(flops[0] < flops[1] && flops[1] < flops[2], "{flops:?}");
+    // Korthikanti et al. 2022 eq. (no recompute, no SP, tp t): sbh(10 + 24/t + 5as/(ht)) bytes.
+    c.recipe.recompute = Recompute::None;
+    c.recipe.dropout = true;
+    let (s, b, h, a, t) = (2048.0, 4.0, 6144.0, 64.0, 8.0);
+    let paper = s * b * h * (10.0 + 24.0 / t + 5.0 * a * s / (h * t));
+    let ours = plan::cost::layer_activation_bytes(&c.model, &c.recipe, &l, Recompute::None);
+    assert!((ours - paper).abs() / paper < 1e-9, "{ours} vs {paper}");
+    // With SP and selective recompute: 34 sbh / t.
+    let l_sp = Layout { sp: true, ..l };
+    let ours = plan::cost::layer_activation_bytes(&c.model, &c.recipe, &l_sp, Recompute::Selective);
+    assert!((ours - 34.0 * s * b * h / t).abs() < 1.0, "{ours}");
+}
+
+#[test]
+fn tensor_and_pipeline_parallel_shard_weights() {
+    let c = ctx("llama2-70b", 64, Precision::Bf16Mixed);
+    let w = |l: Layout| c.memory(&l, &mut NoTrace).weights;
+    let base = w(layout(64, 1, 1, 0, 1, 64));
+    assert!(w(layout(8, 8, 1, 0, 1, 64)) < base / 7.0);
+    assert!(w(layout(8, 1, 8, 0, 1, 64)) < base / 7.0);
+}
+
+#[test]
+fn more_gpus_train_faster_but_not_cheaper_per_token() {
+    let a = ctx("megatron-7.5b", 8, Precision::Bf16Mixed);
+    let b = ctx("megatron-7.5b", 64, Precision::Bf16Mixed);
+    let ta = a
+        .evaluate(&layout(8, 1, 1, 1, 1, 64), &mut NoTrace)
+        .time
+        .total;
+    let tb = b
+        .evaluate(&layout(64, 1, 1, 1, 1, 64), &mut NoTrace)
+        .time
+        .total;
+    assert!(tb < ta, "{tb} vs {ta}");
+    assert!(
+        tb * 64.0 >= ta * 8.0 * 0.999,
+        "scaling cannot be superlinear: {tb} x 64 vs {ta} x 8"
+    );
+}
+
+#[test]
+fn every_planner_answer_is_a_valid_layout_and_sorted() {
+    let c = ctx("llama2-13b", 32, Precision::Bf16Mixed);
+    let space = SearchSpace::for_gpus(vec![32], 8);
+    let r = search(&c, &space, Objective::Time, 50, (0, 1));
+    assert!(r.accepted > 0 && r.candidates > r.accepted);
+    for cand in &r.top {
+        cand.layout.validate(&c.model, 32, 64).unwrap();
+        assert!(cand.eval.fits);
+    }
+    assert!(r
+        .top
+        .windows(2)
+        .all(|w| w[0].eval.time.total <= w[1].eval.time.total));
+    // Sharding the search changes nothing.
+    let parts = (0..3)
+        .map(|i| search(&c, &space, Objective::Time, 50, (i, 3)))
+        .collect();
+    let merged = plan::search::SearchResult::merge(parts, Objective::Time, 50);
+    assert_eq!(
+        (merged.candidates, merged.accepted),
+        (r.candidates, r.accepted)
+    );
+    assert_eq!(
+        merged.top.first().map(|c| c.layout),
+        r.top.first().map(|c| c.layout)
+    );
+    let rejected: u64 = r.rejected.iter().map(|(_, n)| n).sum();
+    assert_eq!(rejected + r.accepted, r.candidates);
+}
+
+#[test]
+fn deadline_objective_returns_the_cheapest_on_time() {
+    let c = ctx("megatron-7.5b", 8, Precision::Bf16Mixed);
+    let space = SearchSpace::for_gpus(vec![8, 16, 32, 64, 128], 8);
+    let r = search(&c, &space, Objective::Deadline(30.0), 5, (0, 1));
+    assert!(!r.top.is_empty());
+    assert!(r.top.iter().all(|x| x.days <= 30.0));
+    assert!(r.top.windows(2).all(|w| w[0].cost_usd <= w[1].cost_usd));
+}

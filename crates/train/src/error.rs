@@ -1,0 +1,89 @@
+//! Errors a user, a file or the file system can cause; bugs panic instead.
+
+use std::path::PathBuf;
+
+/// What went wrong while preparing data, training, checkpointing or sampling.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// A file or folder could not be read, written or created.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A token file is missing pieces, has the wrong magic or version, or fails its checksum.
+    #[error("token file {}: {reason}", path.display())]
+    TokenFile {
+        /// The token file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The training configuration has a bad field (unknown key, wrong type, out of range).
+    #[error("config {origin}: {field}: {reason}")]
+    Config {
+        /// Where the config came from (a file path, or `command line`).
+        origin: String,
+        /// The offending field, dotted (`optim.lr`).
+        field: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A checkpoint is truncated, tampered with, or unreadable.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint's manifest or data file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A checkpoint was written by a run with a different configuration.
+    #[error("checkpoint {} was written with a different config: {}", path.display(), diffs.join("; "))]
+    ConfigMismatch {
+        /// The checkpoint's manifest.
+        path: PathBuf,
+        /// One line per differing field: `model.channels: checkpoint 64, now 128`.
+        diffs: Vec<String>,
+    },
+    /// A weights file does not match the shapes the config describes.
+    #[error("weights {}: {reason}", path.display())]
+    Weights {
+        /// The safetensors file.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// The data does not fit the model or the batch shape.
+    #[error("data: {0}")]
+    Data(String),
+    /// Tokenizer training, loading or a vocabulary mismatch.
+    #[error("tokenizer {}: {reason}", path.display())]
+    Tokenizer {
+        /// The tokenizer file (or the text files it was trained on).
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No usable checkpoint to resume from.
+    #[error("cannot resume from {}: {reason}", dir.display())]
+    NoCheckpoint {
+        /// The run folder.
+        dir: PathBuf,
+        /// Why (no checkpoint, or why each was refused).
+        reason: String,
+    },
+    /// The model rejected its configuration or input.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+}
+
+/// Shorthand for an [`TrainError::Io`] mapper: `.map_err(io(path))`.
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

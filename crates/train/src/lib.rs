@@ -1,0 +1,33 @@
+//! scaletrain-train: the single-process trainer.
+//!
+//! - [`tokens`]: the binary token-file format (magic, version, dtype, vocabulary, count,
+//!   SHA-256), validated on load.
+//! - [`synthetic`]: the built-in Markov corpus with an exactly known loss floor.
+//! - [`data`]: deterministic, per-epoch reshuffled batches; the data position is `(epoch, cursor)`.
+//! - [`config`]: the TOML training config (every field defaulted and documented), overrides.
+//! - [`trainer`]: the loop (AdamW, warmup + cosine, clipping, validation, early stopping,
+//!   metrics JSONL), with an [`trainer::Observer`] for progress display.
+//! - [`checkpoint`]: atomic, checksummed checkpoints with Hugging Face GPT-2 tensor names;
+//!   bit-exact resume.
+//! - [`sample`]: text generation from a checkpoint (temperature, top-k).
+//! - [`tokenizer`]: byte-level BPE (the `tokenizers` crate) and `data prepare`.
+//! - [`plot`]: the loss curve as SVG.
+//!
+//! Memory and step-time predictions come from `plan::cpu_runtime` and `plan::cpu_time`; this
+//! crate re-derives no formula.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+mod error;
+pub mod fsutil;
+pub mod plot;
+pub mod sample;
+pub mod synthetic;
+pub mod tokenizer;
+pub mod tokens;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use error::TrainError;
+pub use trainer::{run, Observer, Quiet, RunOptions, RunSummary, StartInfo, StepRecord};

@@ -1,0 +1,595 @@
+//! The training loop: one process, the whole model, f32 (`crates/model` does the maths).
+//!
+//! Per optimizer step, in this order: learning rate from the schedule → `grad_accum`
+//! micro-batches of forward + backward (gradients accumulate; each micro-batch's loss gradient
+//! is `1 / (b·t·grad_accum)`) → global-norm clipping and AdamW → metrics line → validation (every
+//! `eval_every`) → early stopping → checkpoint (every `checkpoint_every`, at the end, and when
+//! stopping). Nothing random happens outside the data order, so a run is a pure function of its
+//! config, and a resumed run repeats the uninterrupted one bit for bit.
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{OptimSection, TrainConfig};
+use crate::data::{val_batch, window_count, Batcher, DataPosition, Dataset};
+use crate::error::{io, TrainError};
+use crate::fsutil::{ensure_writable_dir, write_atomic};
+use kernels::Par;
+use model::{
+    backward, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
+    Shard, StageInput,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Learning rate at (0-based) `step`: linear warmup to `lr` over `warmup_steps`, then a cosine
+/// from `lr` down to `min_lr` at `decay_steps`, then `min_lr` (Loshchilov & Hutter 2017's
+/// cosine, without restarts, as nanoGPT uses it).
+pub fn lr_at(o: &OptimSection, step: u64, decay_steps: u64) -> f32 {
+    let (lr, min_lr) = (o.lr as f64, o.min_lr as f64);
+    if step < o.warmup_steps {
+        return (lr * (step + 1) as f64 / o.warmup_steps as f64) as f32;
+    }
+    if step >= decay_steps || decay_steps <= o.warmup_steps {
+        return min_lr as f32;
+    }
+    let ratio = (step - o.warmup_steps) as f64 / (decay_steps - o.warmup_steps) as f64;
+    let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
+    (min_lr + coeff * (lr - min_lr)) as f32
+}
+
+/// The runtime's model config for `cfg` with vocabulary `vocab`.
+pub fn model_config(cfg: &TrainConfig, vocab: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        max_seq_len: cfg.model.seq_len,
+        n_layer: cfg.model.n_layer,
+        n_head: cfg.model.n_head,
+        channels: cfg.model.channels,
+    }
+}
+
+/// How to run (beyond the config).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Run folder: checkpoints, `metrics.jsonl`, `loss.svg`, `config.toml`.
+    pub out_dir: PathBuf,
+    /// Continue from the newest valid checkpoint in `out_dir`.
+    pub resume: bool,
+    /// Start from these HF GPT-2 safetensors weights instead of a fresh initialisation.
+    pub init_from: Option<PathBuf>,
+    /// Stop (with a checkpoint) after this many steps in total, as an interruption would.
+    pub stop_after: Option<u64>,
+    /// Allow starting afresh in a folder that already holds checkpoints (they are deleted).
+    pub overwrite: bool,
+    /// Checked after every step: when set (e.g. by a Ctrl-C handler), the run writes a
+    /// checkpoint and returns, so `--resume` loses nothing.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// One optimizer step's numbers (a `metrics.jsonl` line).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StepRecord {
+    /// Steps completed (1-based).
+    pub step: u64,
+    /// Mean training loss of the step's micro-batches (nats/token).
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens per second of this step.
+    pub tokens_per_sec: f64,
+    /// Wall time of the step.
+    pub step_secs: f64,
+}
+
+/// What the run knows before its first step.
+#[derive(Clone, Debug)]
+pub struct StartInfo {
+    /// The resolved config.
+    pub config: TrainConfig,
+    /// Parameters.
+    pub params: usize,
+    /// Step the loop starts at (0, or the checkpoint's).
+    pub start_step: u64,
+    /// Loss floor of the synthetic corpus, if known.
+    pub loss_floor: Option<f64>,
+    /// Threads.
+    pub threads: usize,
+    /// Predicted memory of the runtime's buffers (plan's CPU profile).
+    pub predicted: plan::cpu_runtime::CpuRuntimeMemory,
+    /// Predicted step time (plan's CPU time model).
+    pub predicted_step: plan::cpu_time::CpuStepTime,
+    /// Bytes actually allocated for parameters, gradients, AdamW and activations.
+    pub allocated_bytes: u64,
+    /// Resident memory after the data was loaded, before the model was allocated, bytes
+    /// (Linux; 0 elsewhere).
+    pub rss_before_model_bytes: u64,
+    /// Checkpoints skipped while resuming, with the reason.
+    pub warnings: Vec<String>,
+}
+
+/// Receives progress; every method has a no-op default.
+pub trait Observer {
+    /// Before the first step.
+    fn on_start(&mut self, _info: &StartInfo) {}
+    /// After each optimizer step.
+    fn on_step(&mut self, _r: &StepRecord, _total_steps: u64) {}
+    /// After each validation.
+    fn on_eval(&mut self, _step: u64, _val_loss: f64) {}
+    /// After each checkpoint.
+    fn on_checkpoint(&mut self, _step: u64, _manifest: &Path) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// The resolved config.
+    pub config: TrainConfig,
+    /// Steps completed in total (including those before a resume).
+    pub steps_done: u64,
+    /// Every step of this invocation.
+    pub records: Vec<StepRecord>,
+    /// Every validation of this invocation: (step, loss).
+    pub val_losses: Vec<(u64, f64)>,
+    /// Final parameters.
+    pub params: Vec<f32>,
+    /// Loss floor of the synthetic corpus, if known.
+    pub loss_floor: Option<f64>,
+    /// Stopped by early stopping.
+    pub early_stopped: bool,
+    /// Stopped by [`RunOptions::stop`].
+    pub interrupted: bool,
+    /// Wall time of this invocation's loop.
+    pub wall_secs: f64,
+    /// Training tokens per second: tokens trained / summed step wall time (evaluation and
+    /// checkpoint pauses excluded).
+    pub tokens_per_sec: f64,
+    /// Median step wall time.
+    pub median_step_secs: f64,
+    /// Peak resident memory of the process, bytes (Linux; 0 elsewhere).
+    pub peak_rss_bytes: u64,
+    /// What `on_start` reported.
+    pub start: StartInfo,
+    /// The newest checkpoint's manifest.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// `VmHWM` / `VmRSS` from /proc/self/status in bytes (0 when unavailable).
+pub fn proc_status_bytes(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn mean_val_loss(
+    layout: &ParamLayout,
+    params: &[f32],
+    acts: &mut Activations,
+    val: &[u32],
+    (b, t, batches): (usize, usize, usize),
+    par: Par,
+) -> Result<f64, TrainError> {
+    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for k in 0..batches {
+        if !val_batch(val, t, b, k, &mut x, &mut y) {
+            break;
+        }
+        let loss = forward(
+            layout,
+            params,
+            acts,
+            StageInput::Tokens(&x),
+            Some(&y),
+            par,
+            &mut NoTp,
+        )?;
+        sum += loss.unwrap_or(f32::NAN) as f64;
+        n += 1;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its
+/// checkpoint).
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(_) => return Ok(()),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+/// Everything validated and loaded before the first step.
+struct Setup {
+    /// The config with the data's vocabulary filled in.
+    rcfg: TrainConfig,
+    data: Dataset,
+    layout: ParamLayout,
+    state: TrainState,
+    warnings: Vec<String>,
+    threads: usize,
+    rss_before_model_bytes: u64,
+}
+
+/// Validates the config and the run folder, loads the data, and builds the starting state
+/// (fresh, `--init-from`, or the newest valid checkpoint). Writes nothing into the run folder
+/// until every check has passed.
+fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
+    let origin = "config";
+    cfg.check(origin)?;
+    let out = &opts.out_dir;
+    ensure_writable_dir(out)?;
+    let existing = checkpoint::list(out);
+    if !opts.resume && !existing.is_empty() {
+        // With --overwrite the old checkpoints are deleted only once everything is validated
+        // (below), so a bad config never costs an earlier run.
+        if !opts.overwrite {
+            return Err(TrainError::Data(format!(
+                "{} already holds checkpoints (newest: step {}); pass --resume to continue that run, \
+                 --overwrite to start afresh, or choose another --out",
+                out.display(),
+                existing[0].0
+            )));
+        }
+    }
+    let data = Dataset::load(cfg)?;
+    if let Some(v) = cfg.model.vocab_size {
+        if v != data.vocab_size {
+            return Err(TrainError::Config {
+                origin: origin.into(),
+                field: "model.vocab_size".into(),
+                reason: format!("{v}, but the data's vocabulary is {}", data.vocab_size),
+            });
+        }
+    }
+    if let Some(tp) = &cfg.data.tokenizer {
+        crate::tokenizer::check_vocab(tp, data.vocab_size)?;
+    }
+    let mut rcfg = cfg.clone();
+    rcfg.model.vocab_size = Some(data.vocab_size);
+    let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
+    if window_count(data.val.len(), t) < b {
+        return Err(TrainError::Data(format!(
+            "the validation stream has {} tokens, fewer than one batch of {b} × ({t} + 1)",
+            data.val.len()
+        )));
+    }
+    let threads = match cfg.train.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let rss_before_model_bytes = proc_status_bytes("VmRSS:");
+
+    let mcfg = model_config(&rcfg, data.vocab_size);
+    let layout = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
+    let mut warnings = Vec::new();
+    let state = if opts.resume {
+        let (_m, _l, st, w) = checkpoint::find_resume(out, &rcfg)?;
+        warnings = w;
+        truncate_metrics(&out.join("metrics.jsonl"), st.step)?;
+        st
+    } else {
+        let params = match &opts.init_from {
+            Some(p) => {
+                let bytes = std::fs::read(p).map_err(io(p))?;
+                checkpoint::load_hf_weights(p, &bytes, &layout)?
+            }
+            None => layout.init_params(cfg.train.seed),
+        };
+        checkpoint::prune(out, 0);
+        let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+        TrainState {
+            step: 0,
+            params,
+            m: vec![0.0; layout.len()],
+            v: vec![0.0; layout.len()],
+            adam_step: 0,
+            data_position: DataPosition::default(),
+            tokens_seen: 0,
+            best_val_loss: None,
+            evals_without_improvement: 0,
+        }
+    };
+    write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
+    if let Some(tp) = &cfg.data.tokenizer {
+        let bytes = std::fs::read(tp).map_err(io(tp))?;
+        write_atomic(&out.join("tokenizer.json"), &bytes)?;
+    }
+
+    Ok(Setup {
+        rcfg,
+        data,
+        layout,
+        state,
+        warnings,
+        threads,
+        rss_before_model_bytes,
+    })
+}
+
+/// Runs (or resumes) training as `cfg` and `opts` say.
+pub fn run(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    obs: &mut dyn Observer,
+) -> Result<RunSummary, TrainError> {
+    let Setup {
+        rcfg,
+        data,
+        layout,
+        mut state,
+        warnings,
+        threads,
+        rss_before_model_bytes,
+    } = setup(cfg, opts)?;
+    let out = &opts.out_dir;
+    let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
+    let accum = cfg.train.grad_accum;
+    let par = Par::Threads(threads);
+    let mcfg = layout.cfg.clone();
+
+    let mut grads = vec![0.0f32; layout.len()];
+    let mut opt = AdamW {
+        m: std::mem::take(&mut state.m),
+        v: std::mem::take(&mut state.v),
+        step: state.adam_step,
+    };
+    let mut acts = Activations::new(&layout, b, t);
+    let mut batcher = Batcher::new(
+        data.train.len(),
+        t,
+        b,
+        cfg.train.seed,
+        state.data_position,
+        "the training stream",
+    )?;
+    let dims = Shard::full(&mcfg).dims(&mcfg);
+    let start = StartInfo {
+        config: rcfg.clone(),
+        params: layout.len(),
+        start_step: state.step,
+        loss_floor: data.loss_floor(t),
+        threads,
+        predicted: plan::cpu_runtime::memory(&dims, b as u64, t as u64),
+        predicted_step: plan::cpu_time::step_time(
+            &dims,
+            b as u64,
+            t as u64,
+            accum as u64,
+            threads as u64,
+            &plan::cpu_time::CpuCalibration::default(),
+        ),
+        allocated_bytes: 4
+            * (state.params.len() + grads.len() + opt.m.len() + opt.v.len() + acts.len()) as u64,
+        rss_before_model_bytes,
+        warnings,
+    };
+    obs.on_start(&start);
+
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io(&metrics_path))?,
+    );
+    let total = cfg.train.steps;
+    let end = opts.stop_after.map_or(total, |s| s.min(total));
+    let decay = cfg.decay_steps();
+    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let mut records = Vec::new();
+    let mut val_losses = Vec::new();
+    let mut early_stopped = false;
+    let mut interrupted = false;
+    let mut last_checkpoint = None;
+    let loop_start = Instant::now();
+    let d_loss = 1.0 / (b * t * accum) as f32;
+    while state.step < end {
+        let step = state.step;
+        let t0 = Instant::now();
+        let lr = lr_at(&cfg.optim, step, decay);
+        grads.fill(0.0);
+        let mut loss_sum = 0.0f64;
+        for _ in 0..accum {
+            batcher.next_batch(&data.train, &mut x, &mut y);
+            let loss = forward(
+                &layout,
+                &state.params,
+                &mut acts,
+                StageInput::Tokens(&x),
+                Some(&y),
+                par,
+                &mut NoTp,
+            )?
+            .unwrap_or(f32::NAN);
+            backward(
+                &layout,
+                &state.params,
+                &mut grads,
+                &mut acts,
+                StageInput::Tokens(&x),
+                GradInput::Loss {
+                    targets: &y,
+                    d_loss,
+                },
+                par,
+                &mut NoTp,
+            )?;
+            loss_sum += loss as f64;
+        }
+        let loss = (loss_sum / accum as f64) as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::Data(format!(
+                "the training loss became {loss} at step {}; lower optim.lr or raise optim.warmup_steps \
+                 (the last checkpoint is untouched)",
+                step + 1
+            )));
+        }
+        let ocfg = AdamWConfig {
+            lr,
+            beta1: cfg.optim.beta1,
+            beta2: cfg.optim.beta2,
+            eps: cfg.optim.eps,
+            weight_decay: cfg.optim.weight_decay,
+            grad_clip: (cfg.optim.grad_clip > 0.0).then_some(cfg.optim.grad_clip),
+        };
+        let grad_norm = opt.step(&layout, &mut state.params, &mut grads, &ocfg, par);
+        state.step += 1;
+        state.tokens_seen += (b * t * accum) as u64;
+        let step_secs = t0.elapsed().as_secs_f64();
+        let rec = StepRecord {
+            step: state.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_sec: (b * t * accum) as f64 / step_secs,
+            step_secs,
+        };
+        let line = serde_json::to_string(&rec).expect("record serialises");
+        writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+        obs.on_step(&rec, total);
+        records.push(rec);
+
+        let last = state.step == end;
+        let eval_due = last || (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0);
+        if eval_due {
+            let vl = mean_val_loss(
+                &layout,
+                &state.params,
+                &mut acts,
+                &data.val,
+                (b, t, cfg.train.eval_batches),
+                par,
+            )?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": state.step, "val_loss": vl})
+            )
+            .map_err(io(&metrics_path))?;
+            metrics.flush().map_err(io(&metrics_path))?;
+            obs.on_eval(state.step, vl);
+            val_losses.push((state.step, vl));
+            match state.best_val_loss {
+                Some(best) if vl > best - cfg.train.min_delta => {
+                    state.evals_without_improvement += 1
+                }
+                _ => {
+                    state.best_val_loss = Some(vl);
+                    state.evals_without_improvement = 0;
+                }
+            }
+            if cfg.train.patience > 0 && state.evals_without_improvement >= cfg.train.patience {
+                early_stopped = true;
+            }
+        }
+        let interrupted_now = opts
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        interrupted |= interrupted_now;
+        let ckpt_due = last
+            || early_stopped
+            || interrupted
+            || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
+        if ckpt_due {
+            metrics.flush().map_err(io(&metrics_path))?;
+            state.m = std::mem::take(&mut opt.m);
+            state.v = std::mem::take(&mut opt.v);
+            state.adam_step = opt.step;
+            state.data_position = batcher.position();
+            let saved = checkpoint::save(out, &rcfg, &layout, &state);
+            opt.m = std::mem::take(&mut state.m);
+            opt.v = std::mem::take(&mut state.v);
+            let path = saved?;
+            checkpoint::prune(out, cfg.train.keep_checkpoints);
+            obs.on_checkpoint(state.step, &path);
+            last_checkpoint = Some(path);
+        }
+        if early_stopped || interrupted {
+            break;
+        }
+    }
+    metrics.flush().map_err(io(&metrics_path))?;
+    drop(metrics);
+    let wall_secs = loop_start.elapsed().as_secs_f64();
+    let mut secs: Vec<f64> = records.iter().map(|r| r.step_secs).collect();
+    secs.sort_by(f64::total_cmp);
+    let median_step_secs = secs.get(secs.len() / 2).copied().unwrap_or(0.0);
+    let step_total: f64 = secs.iter().sum();
+    let tokens_per_sec = if step_total > 0.0 {
+        (records.len() * b * t * accum) as f64 / step_total
+    } else {
+        0.0
+    };
+    if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+        let svg = crate::plot::loss_svg(&text, start.loss_floor);
+        write_atomic(&out.join("loss.svg"), svg.as_bytes())?;
+    }
+    Ok(RunSummary {
+        config: rcfg,
+        steps_done: state.step,
+        records,
+        val_losses,
+        params: state.params,
+        loss_floor: start.loss_floor,
+        early_stopped,
+        interrupted,
+        wall_secs,
+        tokens_per_sec,
+        median_step_secs,
+        peak_rss_bytes: proc_status_bytes("VmHWM:"),
+        start,
+        last_checkpoint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_follows_a_cosine_to_min_lr() {
+        let o = OptimSection {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 10,
+            ..Default::default()
+        };
+        assert!((lr_at(&o, 0, 110) - 0.1).abs() < 1e-6);
+        assert!((lr_at(&o, 9, 110) - 1.0).abs() < 1e-6);
+        assert!((lr_at(&o, 10, 110) - 1.0).abs() < 1e-6);
+        assert!((lr_at(&o, 60, 110) - 0.55).abs() < 1e-6);
+        assert!((lr_at(&o, 110, 110) - 0.1).abs() < 1e-6);
+        assert!((lr_at(&o, 500, 110) - 0.1).abs() < 1e-6);
+        let mut prev = f32::INFINITY;
+        for s in 10..110 {
+            let l = lr_at(&o, s, 110);
+            assert!(l <= prev);
+            prev = l;
+        }
+    }
+}
