@@ -75,8 +75,8 @@ fn median(xs: &mut [f64]) -> f64 {
 }
 
 /// Matmul FLOPs of one training step (forward + backward = 3× forward for the linear layers;
-/// attention's two products per head are computed on the full t×t square, forward 2 and
-/// backward 4 gemms).
+/// attention's products run over causal blocks: forward 2 and backward 4 GEMMs per head, each
+/// `causal_work_fraction(t)` of the t×t square).
 fn matmul_flops_per_step(cfg: &ModelConfig, b: usize, t: usize) -> f64 {
     let (c, vp, l) = (
         cfg.channels as f64,
@@ -85,7 +85,8 @@ fn matmul_flops_per_step(cfg: &ModelConfig, b: usize, t: usize) -> f64 {
     );
     let bt = (b * t) as f64;
     let linear_fwd = l * 2.0 * bt * 12.0 * c * c + 2.0 * bt * c * vp;
-    let attention = l * 6.0 * 2.0 * b as f64 * (t * t) as f64 * c;
+    let attention =
+        l * 6.0 * 2.0 * b as f64 * (t * t) as f64 * c * kernels::attention::causal_work_fraction(t);
     3.0 * linear_fwd + attention
 }
 

@@ -26,7 +26,12 @@ use crate::spec::SpecArgs;
 
 /// Plan and run LLM training: how much it takes, and the layout that does it fastest.
 #[derive(Debug, Parser)]
-#[command(name = "scaletrain", version, about, long_about = None)]
+#[command(
+    name = "scaletrain",
+    version,
+    about = "Plan LLM training (memory, FLOPs, time, cost, the best parallel layout) and run it on CPUs across processes",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

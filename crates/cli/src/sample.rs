@@ -111,6 +111,8 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         a.temperature,
         a.top_k
     );
-    println!("{}{}", render(&prompt)?, render(&out)?);
+    // Decode prompt and continuation together: BPE pieces may only form text jointly.
+    let all: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+    println!("{}", render(&all)?);
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The collective algorithms, written once over [`Ctx`] so every transport runs the same code.
 //! n = ranks in the group, r = this rank, S = message bytes; `shard(c)` = [`crate::shard_range`].
-use crate::engine::{Combine, Ctx, Dest};
+use crate::engine::{Combine, Ctx, Dest, RecvOp, SendOp};
 use crate::error::Result;
 use crate::shard_range;
 use std::ops::Range;
@@ -33,31 +33,45 @@ fn split_pair(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mu
 ///         A = (A1+A2)+A0  B = (B2+B0)+B1  C = (C0+C1)+C2   rank r owns shard r, fully reduced
 /// ```
 /// Shard c is folded left to right starting at rank c+1: ((x[c+1] ⊕ x[c+2]) ⊕ …) ⊕ x[c].
-/// Each rank sends and receives (n-1)/n · S; within a step, sending and folding stream together.
+/// Each rank sends and receives (n-1)/n · S. Chunked and pipelined: shards travel as frames, and
+/// the steps overlap, since the shard a rank forwards at step s+1 is the one it folds at step s,
+/// each frame leaves as soon as it is folded (`Ctx::exchange_chain`):
+///
+/// ```text
+///  rank r:  recv+fold shard rc(s)  ██████████░░░░░░          (frames arriving from r-1)
+///           send shard rc(s)       ░░░░██████████░░          (to r+1, trailing the fold)
+/// ```
 pub(crate) fn ring_reduce_scatter(ctx: &mut Ctx, buf: &mut [f32], combine: Combine) -> Result<()> {
     let (n, r) = (ctx.n(), ctx.me);
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+    let len = buf.len();
+    let base = buf.as_mut_ptr();
+    let (mut sends, mut recvs) = (Vec::new(), Vec::new());
     for s in 0..n.saturating_sub(1) {
-        let sc = (r + 2 * n - s - 1) % n;
-        let rc = (r + 2 * n - s - 2) % n;
-        let (send, recv) = split_pair(
-            buf,
-            shard_range(buf.len(), n, sc),
-            shard_range(buf.len(), n, rc),
-        );
-        ctx.sendrecv(
-            Some((right, as_bytes(send))),
-            Some((
+        let sc = shard_range(len, n, (r + 2 * n - s - 1) % n);
+        let rc = shard_range(len, n, (r + 2 * n - s - 2) % n);
+        // SAFETY: every shard lies inside `buf`, which is not touched otherwise while the ops live.
+        // Step s folds into shard rc(s) and step s+1 sends shard sc(s+1) = rc(s): the chain lets
+        // that send read only the prefix the fold has finished. Step 0 sends shard r-1, which no
+        // step folds into, and every other shard is folded by exactly one step.
+        unsafe {
+            let avail = if s == 0 { sc.len() * 4 } else { 0 };
+            sends.push(SendOp::raw(
+                right,
+                base.add(sc.start) as *const u8,
+                sc.len() * 4,
+                avail,
+            ));
+            recvs.push(RecvOp::raw_reduce(
                 left,
-                Dest::Reduce {
-                    dst: recv,
-                    combine,
-                    recv_first: true,
-                },
-            )),
-        )?;
+                base.add(rc.start),
+                rc.len(),
+                combine,
+                true,
+            ));
+        }
     }
-    Ok(())
+    ctx.exchange_chain(&mut sends, &mut recvs)
 }
 
 /// Ring all-gather: rank r starts with shard r and ends with all of them.
@@ -68,23 +82,34 @@ pub(crate) fn ring_reduce_scatter(ctx: &mut Ctx, buf: &mut [f32], combine: Combi
 ///  s=0:   A ──►1        B ──►2        C ──►0
 ///  s=1:   C ──►1        A ──►2        B ──►0       every rank holds A B C
 /// ```
+/// Pipelined like the reduce-scatter: the shard received at step s is forwarded frame by frame.
 pub(crate) fn ring_all_gather(ctx: &mut Ctx, buf: &mut [f32]) -> Result<()> {
     let (n, r) = (ctx.n(), ctx.me);
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+    let len = buf.len();
+    let base = buf.as_mut_ptr();
+    let (mut sends, mut recvs) = (Vec::new(), Vec::new());
     for s in 0..n.saturating_sub(1) {
-        let sc = (r + n - s) % n;
-        let rc = (r + 2 * n - s - 1) % n;
-        let (send, recv) = split_pair(
-            buf,
-            shard_range(buf.len(), n, sc),
-            shard_range(buf.len(), n, rc),
-        );
-        ctx.sendrecv(
-            Some((right, as_bytes(send))),
-            Some((left, Dest::Bytes(bytemuck::cast_slice_mut(recv)))),
-        )?;
+        let sc = shard_range(len, n, (r + n - s) % n);
+        let rc = shard_range(len, n, (r + 2 * n - s - 1) % n);
+        // SAFETY: as in `ring_reduce_scatter`: step s+1 forwards shard rc(s) as it arrives; step 0
+        // sends our own shard r, which no step receives into.
+        unsafe {
+            let avail = if s == 0 { sc.len() * 4 } else { 0 };
+            sends.push(SendOp::raw(
+                right,
+                base.add(sc.start) as *const u8,
+                sc.len() * 4,
+                avail,
+            ));
+            recvs.push(RecvOp::raw_bytes(
+                left,
+                base.add(rc.start) as *mut u8,
+                rc.len() * 4,
+            ));
+        }
     }
-    Ok(())
+    ctx.exchange_chain(&mut sends, &mut recvs)
 }
 
 /// Largest power of two ≤ n (n ≥ 1).

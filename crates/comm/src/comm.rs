@@ -122,6 +122,7 @@ impl Comm {
             // Latch, but keep the links open until this communicator is dropped: a survivor that
             // closed at once could be blamed by its neighbours for the failure it only observed.
             core.failed = Some(e.to_string());
+            core.failed_root = root_of(e);
         }
         out
     }
@@ -137,6 +138,22 @@ impl Comm {
             op: op.name(),
             detail,
         }
+    }
+}
+
+/// The rank an error blames: a lost peer, or the one a peer's abort reason names.
+fn root_of(e: &CommError) -> Option<usize> {
+    match e {
+        CommError::PeerLost { peer, .. } => Some(*peer),
+        CommError::PeerAborted { reason, .. } => {
+            let (_, after) = reason.split_once("peer rank ")?;
+            let digits: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
+            after[digits.len()..]
+                .starts_with(" is gone")
+                .then(|| digits.parse().ok())
+                .flatten()
+        }
+        _ => None,
     }
 }
 

@@ -6,6 +6,7 @@ use crate::frame::{Header, Op, HEADER_BYTES};
 use crate::link::{Link, LinkError};
 use crate::Config;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 /// How a received f32 stream is folded into the destination.
@@ -59,6 +60,8 @@ pub(crate) struct Core {
     counters: HashMap<u32, Counters>,
     /// The first error, latched: every later call reports it.
     pub(crate) failed: Option<String>,
+    /// The rank the first error blames, if any (a lost peer).
+    pub(crate) failed_root: Option<usize>,
     /// Whether any call was made: a rank that never communicated skips the final barrier (no
     /// peer can be waiting for it in a correct program, and dropping unused communicators one by
     /// one from a single thread must not stall).
@@ -78,6 +81,7 @@ impl Core {
             cfg,
             counters: HashMap::new(),
             failed: None,
+            failed_root: None,
             used: false,
             staging: vec![0.0; STAGING_FLOATS],
             mid_frame: vec![false; n],
@@ -147,16 +151,25 @@ impl Drop for Core {
             let _ = crate::algo::tree_all_reduce(&mut ctx, &mut [], Combine::BitOr);
         }
         if let Some(reason) = self.failed.clone() {
+            let root = self.failed_root;
+            self.link.announce_failure(root);
             self.send_aborts(&reason);
         }
         self.link.shutdown();
     }
 }
 
-/// One outgoing transfer: `data` to group rank `peer`, cut into frames of at most `max_frame_bytes`.
+/// One outgoing transfer to group rank `peer`, cut into frames of at most `max_frame_bytes`.
+///
+/// The bytes are held as a pointer so that a chained transfer (see [`Ctx::exchange_chain`]) can send
+/// the prefix of a chunk that an earlier receive of the same call has finished writing, while that
+/// receive still writes the rest: the two never touch the same bytes (`avail` ≤ bytes completed).
 pub(crate) struct SendOp<'a> {
     peer: usize,
-    data: &'a [u8],
+    ptr: *const u8,
+    len: usize,
+    /// Bytes that may be sent so far (`len` unless chained).
+    avail: usize,
     sent: usize,
     hdr: [u8; HEADER_BYTES],
     hdr_off: usize,
@@ -164,13 +177,31 @@ pub(crate) struct SendOp<'a> {
     frame_off: usize,
     in_frame: bool,
     done: bool,
+    _data: PhantomData<&'a [u8]>,
+}
+
+impl SendOp<'_> {
+    /// Whether the link is what holds this send back (not bytes still to be received).
+    fn can_write(&self) -> bool {
+        !self.in_frame || self.hdr_off < HEADER_BYTES || self.sent + self.frame_off < self.avail
+    }
 }
 
 impl<'a> SendOp<'a> {
     pub(crate) fn new(peer: usize, data: &'a [u8]) -> Self {
+        // SAFETY: the whole slice is readable for 'a.
+        unsafe { Self::raw(peer, data.as_ptr(), data.len(), data.len()) }
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` must stay allocated for 'a, and bytes below `avail` (as raised by the chain)
+    /// must not be written while this operation lives.
+    pub(crate) unsafe fn raw(peer: usize, ptr: *const u8, len: usize, avail: usize) -> Self {
         SendOp {
             peer,
-            data,
+            ptr,
+            len,
+            avail,
             sent: 0,
             hdr: [0; HEADER_BYTES],
             hdr_off: 0,
@@ -178,6 +209,7 @@ impl<'a> SendOp<'a> {
             frame_off: 0,
             in_frame: false,
             done: false,
+            _data: PhantomData,
         }
     }
 }
@@ -196,10 +228,34 @@ pub(crate) enum Dest<'a> {
     },
 }
 
+/// A destination as pointers: only the range being written is ever turned into a slice.
+enum Target {
+    Bytes {
+        ptr: *mut u8,
+    },
+    Owned(Vec<f32>),
+    Reduce {
+        ptr: *mut f32,
+        combine: Combine,
+        recv_first: bool,
+    },
+}
+
+/// How `exchange_inner` drives its operations.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// All at once, each independent.
+    All,
+    /// Until the first receive completes.
+    Any,
+    /// One ordered stream each way, `sends[k + 1]` fed by `recvs[k]`.
+    Chain,
+}
+
 /// One incoming transfer from group rank `peer`.
 pub(crate) struct RecvOp<'a> {
     peer: usize,
-    dest: Dest<'a>,
+    target: Target,
     total: usize,
     got: usize,
     hdr: [u8; HEADER_BYTES],
@@ -211,28 +267,89 @@ pub(crate) struct RecvOp<'a> {
     /// Bytes held in the staging buffer (Reduce only), and floats already folded into `dst`.
     fill: usize,
     folded: usize,
+    _dest: PhantomData<&'a mut [u8]>,
 }
 
 impl RecvOp<'_> {
     /// The buffer of a completed `Dest::Owned` transfer.
     pub(crate) fn take_owned(&mut self) -> Vec<f32> {
-        match &mut self.dest {
-            Dest::Owned(v) => std::mem::take(v),
+        match &mut self.target {
+            Target::Owned(v) => std::mem::take(v),
             _ => Vec::new(),
+        }
+    }
+
+    /// Bytes of the destination that hold their final value (copied, or folded).
+    fn completed(&self) -> usize {
+        match self.target {
+            Target::Reduce { .. } => self.folded * 4,
+            _ => self.got + if self.in_frame { self.frame_got } else { 0 },
         }
     }
 }
 
 impl<'a> RecvOp<'a> {
     pub(crate) fn new(peer: usize, dest: Dest<'a>) -> Self {
-        let total = match &dest {
-            Dest::Bytes(b) => b.len(),
-            Dest::Owned(v) => v.len() * 4,
-            Dest::Reduce { dst, .. } => dst.len() * 4,
+        let (target, total) = match dest {
+            Dest::Bytes(b) => (
+                Target::Bytes {
+                    ptr: b.as_mut_ptr(),
+                },
+                b.len(),
+            ),
+            Dest::Owned(v) => {
+                let n = v.len() * 4;
+                (Target::Owned(v), n)
+            }
+            Dest::Reduce {
+                dst,
+                combine,
+                recv_first,
+            } => (
+                Target::Reduce {
+                    ptr: dst.as_mut_ptr(),
+                    combine,
+                    recv_first,
+                },
+                dst.len() * 4,
+            ),
         };
+        // SAFETY: built from a borrow that lives for 'a.
+        unsafe { Self::with_target(peer, target, total) }
+    }
+
+    /// A receive folding into `len` floats at `ptr`.
+    ///
+    /// # Safety
+    /// The floats must stay allocated for 'a and be written by nothing else while this lives,
+    /// except that a chained send may read the prefix this operation has completed.
+    pub(crate) unsafe fn raw_reduce(
+        peer: usize,
+        ptr: *mut f32,
+        len: usize,
+        combine: Combine,
+        recv_first: bool,
+    ) -> Self {
+        Self::with_target(
+            peer,
+            Target::Reduce {
+                ptr,
+                combine,
+                recv_first,
+            },
+            len * 4,
+        )
+    }
+
+    /// A receive copying `len` bytes to `ptr` (same contract as `raw_reduce`).
+    pub(crate) unsafe fn raw_bytes(peer: usize, ptr: *mut u8, len: usize) -> Self {
+        Self::with_target(peer, Target::Bytes { ptr }, len)
+    }
+
+    unsafe fn with_target(peer: usize, target: Target, total: usize) -> Self {
         RecvOp {
             peer,
-            dest,
+            target,
             total,
             got: 0,
             hdr: [0; HEADER_BYTES],
@@ -243,6 +360,7 @@ impl<'a> RecvOp<'a> {
             done: false,
             fill: 0,
             folded: 0,
+            _dest: PhantomData,
         }
     }
 }
@@ -318,10 +436,19 @@ impl Ctx<'_> {
     /// on full buffers. Errors on a bad or unexpected frame, on a lost peer, and after
     /// `cfg.timeout` without progress.
     pub(crate) fn exchange(&mut self, sends: &mut [SendOp], recvs: &mut [RecvOp]) -> Result<()> {
-        let mut staging = std::mem::take(&mut self.core.staging);
-        let out = self.exchange_inner(sends, recvs, &mut staging, false);
-        self.core.staging = staging;
-        out.map(|_| ())
+        self.run_exchange(sends, recvs, Mode::All).map(|_| ())
+    }
+
+    /// A pipeline along one link each way: `sends` go out in order (all to one peer), `recvs`
+    /// come in in order (all from one peer), and `sends[k + 1]` carries the bytes that `recvs[k]`
+    /// produces, each as soon as it has been received (and folded). This is how the ring's steps
+    /// overlap: a rank forwards the first frames of a chunk while the rest is still arriving.
+    pub(crate) fn exchange_chain(
+        &mut self,
+        sends: &mut [SendOp],
+        recvs: &mut [RecvOp],
+    ) -> Result<()> {
+        self.run_exchange(sends, recvs, Mode::Chain).map(|_| ())
     }
 
     /// Progress the receives until the first of them completes (unfinished ones keep their
@@ -330,10 +457,20 @@ impl Ctx<'_> {
         if let Some(i) = recvs.iter().position(|r| r.done) {
             return Ok(i);
         }
+        self.run_exchange(&mut [], recvs, Mode::Any)
+            .map(|i| i.unwrap_or(0))
+    }
+
+    fn run_exchange(
+        &mut self,
+        sends: &mut [SendOp],
+        recvs: &mut [RecvOp],
+        mode: Mode,
+    ) -> Result<Option<usize>> {
         let mut staging = std::mem::take(&mut self.core.staging);
-        let out = self.exchange_inner(&mut [], recvs, &mut staging, true);
+        let out = self.exchange_inner(sends, recvs, &mut staging, mode);
         self.core.staging = staging;
-        out.map(|i| i.unwrap_or(0))
+        out
     }
 
     fn exchange_inner(
@@ -341,26 +478,46 @@ impl Ctx<'_> {
         sends: &mut [SendOp],
         recvs: &mut [RecvOp],
         staging: &mut [f32],
-        any: bool,
+        mode: Mode,
     ) -> Result<Option<usize>> {
         let timeout = self.core.cfg.timeout;
         let spin = self.core.cfg.spin;
+        let chain = mode == Mode::Chain;
         let mut last_progress = Instant::now();
         loop {
             let mut progressed = false;
-            let mut all_done = true;
-            for s in sends.iter_mut() {
-                progressed |= self.progress_send(s)?;
-                all_done &= s.done;
-            }
             for (i, r) in recvs.iter_mut().enumerate() {
+                if r.done {
+                    continue;
+                }
                 progressed |= self.progress_recv(r, staging)?;
-                all_done &= r.done;
-                if any && r.done {
+                if mode == Mode::Any && r.done {
                     return Ok(Some(i));
                 }
+                if chain {
+                    break; // one stream: only the oldest unfinished receive may read
+                }
             }
-            if all_done {
+            if chain {
+                for k in 0..recvs.len().min(sends.len().saturating_sub(1)) {
+                    let ready = if recvs[k].done {
+                        sends[k + 1].len
+                    } else {
+                        recvs[k].completed()
+                    };
+                    sends[k + 1].avail = ready.min(sends[k + 1].len);
+                }
+            }
+            for s in sends.iter_mut() {
+                if s.done {
+                    continue;
+                }
+                progressed |= self.progress_send(s)?;
+                if chain {
+                    break;
+                }
+            }
+            if sends.iter().all(|s| s.done) && recvs.iter().all(|r| r.done) {
                 return Ok(None);
             }
             if progressed {
@@ -379,11 +536,15 @@ impl Ctx<'_> {
             let readers: Vec<usize> = recvs
                 .iter()
                 .filter(|r| !r.done)
+                .take(if chain { 1 } else { usize::MAX })
                 .map(|r| self.ranks[r.peer])
                 .collect();
+            // A chained send that waits for its bytes is not waiting on the link.
             let writers: Vec<usize> = sends
                 .iter()
                 .filter(|s| !s.done)
+                .take(if chain { 1 } else { usize::MAX })
+                .filter(|s| s.can_write())
                 .map(|s| self.ranks[s.peer])
                 .collect();
             if idle >= timeout {
@@ -411,7 +572,7 @@ impl Ctx<'_> {
         while !s.done {
             if !s.in_frame {
                 let max = self.core.cfg.max_frame_bytes as usize;
-                s.frame_len = (s.data.len() - s.sent).min(max);
+                s.frame_len = (s.len - s.sent).min(max);
                 let me = self.world_rank() as u32;
                 let (gid, op, algo) = (self.gid, self.op, self.algo);
                 let c = self.core.counters(gid);
@@ -448,10 +609,16 @@ impl Ctx<'_> {
             }
             if s.frame_off < s.frame_len {
                 let at = s.sent + s.frame_off;
+                let end = (s.sent + s.frame_len).min(s.avail);
+                if at >= end {
+                    break; // a chained send waiting for its bytes to be received
+                }
+                // SAFETY: [at, end) lies in the source and below `avail`, so nothing writes it now.
+                let bytes = unsafe { std::slice::from_raw_parts(s.ptr.add(at), end - at) };
                 let k = self
                     .core
                     .link
-                    .try_write(world_peer, &s.data[at..s.sent + s.frame_len])
+                    .try_write(world_peer, bytes)
                     .map_err(|e| self.lost(e))?;
                 if k == 0 {
                     break;
@@ -463,7 +630,7 @@ impl Ctx<'_> {
             s.sent += s.frame_len;
             s.in_frame = false;
             self.core.mid_frame[world_peer] = false;
-            s.done = s.sent == s.data.len();
+            s.done = s.sent == s.len;
         }
         Ok(progressed)
     }
@@ -576,33 +743,44 @@ impl Ctx<'_> {
             }
             if r.frame_got < r.frame_len {
                 let want = r.frame_len - r.frame_got;
-                let k = match &mut r.dest {
-                    Dest::Bytes(b) => {
-                        let at = r.got + r.frame_got;
+                let at = r.got + r.frame_got;
+                let k = match &mut r.target {
+                    Target::Bytes { ptr } => {
+                        // SAFETY: [at, at+want) lies in the destination; only this op writes it.
+                        let b = unsafe { std::slice::from_raw_parts_mut(ptr.add(at), want) };
                         self.core
                             .link
-                            .try_read(world_peer, &mut b[at..at + want])
+                            .try_read(world_peer, b)
                             .map_err(|e| self.lost(e))?
                     }
-                    Dest::Owned(v) => {
-                        let at = r.got + r.frame_got;
+                    Target::Owned(v) => {
                         let b: &mut [u8] = bytemuck::cast_slice_mut(v);
                         self.core
                             .link
                             .try_read(world_peer, &mut b[at..at + want])
                             .map_err(|e| self.lost(e))?
                     }
-                    Dest::Reduce {
-                        dst,
+                    Target::Reduce {
+                        ptr,
                         combine,
                         recv_first,
                     } => {
+                        let (dst, c, first) = (*ptr, *combine, *recv_first);
+                        // SAFETY (both folds): floats [folded, folded + n) lie in the destination,
+                        // at or above what a chained send may read, and only this op writes them.
+                        let fold_at = |folded: usize, x: &[f32]| {
+                            c.apply(
+                                unsafe { std::slice::from_raw_parts_mut(dst.add(folded), x.len()) },
+                                x,
+                                first,
+                            )
+                        };
                         // Fold straight out of transport memory when it allows (shared memory):
                         // one pass over the bytes instead of a copy then a fold.
                         if r.fill == 0 {
-                            let (c, first, folded) = (*combine, *recv_first, &mut r.folded);
+                            let folded = &mut r.folded;
                             let mut fold = |x: &[f32]| {
-                                c.apply(&mut dst[*folded..*folded + x.len()], x, first);
+                                fold_at(*folded, x);
                                 *folded += x.len();
                             };
                             let direct = self
@@ -629,11 +807,7 @@ impl Ctx<'_> {
                         r.fill += k;
                         let whole = r.fill / 4;
                         if whole > 0 {
-                            combine.apply(
-                                &mut dst[r.folded..r.folded + whole],
-                                &staging[..whole],
-                                *recv_first,
-                            );
+                            fold_at(r.folded, &staging[..whole]);
                             r.folded += whole;
                             let bytes: &mut [u8] = bytemuck::cast_slice_mut(staging);
                             bytes.copy_within(whole * 4..r.fill, 0);

@@ -49,6 +49,9 @@ pub(crate) trait Link: Send {
     ) -> Result<(), LinkError>;
     /// Enter the final barrier: from now on only involved peers' closes are errors.
     fn set_closing(&mut self);
+    /// This rank is failing (`root`: the rank it blames, if any): tell peers by a means that does
+    /// not depend on frame boundaries, where the transport has one.
+    fn announce_failure(&mut self, _root: Option<usize>) {}
     /// Close our ends so that peers see us gone promptly.
     fn shutdown(&mut self);
 }

@@ -412,23 +412,37 @@ impl TcpLink {
                 ));
             }
         }
-        let mut raw: Vec<libc::pollfd> = fds.iter().map(|x| x.1).collect();
-        // SAFETY: valid pollfd array; zero timeout.
-        let rc = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, 0) };
-        if rc > 0 {
-            for (i, fd) in raw.iter().enumerate() {
-                if fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                    let q = fds[i].0;
-                    if crate::link::find_abort(&self.drain(q)).is_none() {
-                        return LinkError::Closed {
-                            peer: q,
-                            detail: "connection closed without a word".into(),
-                        };
+        // The peer that died closed all its connections at once; the ones that left because of it
+        // did so later and, where they could, with an Abort frame. Give a death elsewhere a short
+        // moment to show before blaming `peer` (this path only runs on failure).
+        let grace = Instant::now() + Duration::from_millis(100);
+        let mut seen = vec![false; fds.len()];
+        loop {
+            let mut raw: Vec<libc::pollfd> = fds.iter().map(|x| x.1).collect();
+            // SAFETY: valid pollfd array; zero timeout.
+            let rc = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, 0) };
+            if rc > 0 {
+                for (i, fd) in raw.iter().enumerate() {
+                    if !seen[i]
+                        && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+                    {
+                        let q = fds[i].0;
+                        if self.how_left(q).is_none() {
+                            return LinkError::Closed {
+                                peer: q,
+                                detail: "connection closed without a word".into(),
+                            };
+                        }
+                        seen[i] = true; // it left with an Abort frame: not the root cause
                     }
                 }
             }
+            if Instant::now() >= grace {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        match crate::link::find_abort(&self.drain(peer)) {
+        match self.how_left(peer) {
             Some(reason) => LinkError::Aborted { peer, reason },
             None => LinkError::Closed { peer, detail },
         }
@@ -454,6 +468,35 @@ impl TcpLink {
             }
             Err(e) => Err(classify(peer, e)),
         }
+    }
+
+    /// Why a hung-up peer left: `None` if it said nothing (it died), else what it said: the reason
+    /// in its Abort frame, or the root cause in its out-of-band mark (see `announce_failure`).
+    fn how_left(&mut self, q: usize) -> Option<String> {
+        let mark = self.oob_mark(q);
+        if let Some(reason) = crate::link::find_abort(&self.drain(q)) {
+            return Some(reason);
+        }
+        mark.map(|root| match root {
+            Some(r) => format!("it gave up because peer rank {r} is gone"),
+            None => "it gave up after an error".into(),
+        })
+    }
+
+    /// The out-of-band byte a failing peer sends before closing: `Some(root)` if present.
+    fn oob_mark(&mut self, q: usize) -> Option<Option<usize>> {
+        let s = self.streams.get(q)?.as_ref()?;
+        let mut b = [0u8; 1];
+        // SAFETY: reading at most one byte into a live buffer from our own socket.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                b.as_mut_ptr() as *mut libc::c_void,
+                1,
+                libc::MSG_OOB | libc::MSG_DONTWAIT,
+            )
+        };
+        (n == 1).then(|| (b[0] > 0 && b[0] < 255).then(|| b[0] as usize - 1))
     }
 
     /// Everything a hung-up peer left unread (bounded).
@@ -564,7 +607,7 @@ impl Link for TcpLink {
         for (fd, &p) in fds.iter().zip(&peers) {
             let involved = readers.contains(&p) || writers.contains(&p);
             if !involved && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                match crate::link::find_abort(&self.drain(p)) {
+                match self.how_left(p) {
                     Some(reason) => {
                         aborted = aborted.or(Some(LinkError::Aborted { peer: p, reason }))
                     }
@@ -582,6 +625,23 @@ impl Link for TcpLink {
 
     fn set_closing(&mut self) {
         self.closing = true;
+    }
+
+    /// One out-of-band byte to every peer (root rank + 1, 0 if unknown): it overtakes any half-sent
+    /// frame, so peers can tell this orderly failure from a death even when no Abort frame fits.
+    fn announce_failure(&mut self, root: Option<usize>) {
+        let b = [root.map_or(0, |r| if r < 254 { r as u8 + 1 } else { 255 })];
+        for s in self.streams.iter().flatten() {
+            // SAFETY: sending one byte from a live buffer on our own socket; errors are ignored.
+            unsafe {
+                libc::send(
+                    s.as_raw_fd(),
+                    b.as_ptr() as *const libc::c_void,
+                    1,
+                    libc::MSG_OOB | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+        }
     }
 
     fn shutdown(&mut self) {

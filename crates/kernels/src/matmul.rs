@@ -3,10 +3,10 @@
 //!
 //! Shapes: `inp` (m, k), `w` (n, k), `bias` (n), `out` (m, n); `m` is usually `b*t`.
 //!
-//! The inner product is `matrixmultiply::sgemm` (single-threaded, arbitrary strides, so the
-//! transposes of backward cost nothing). We split the *output rows* across `Par` threads
-//! ourselves; every thread packs its own panels, which for our shapes (m = b*t ≥ 256) costs a few
-//! percent at most. See `docs/runtime.md` for why this library.
+//! The inner product is the `gemm` crate's f32 kernel, single-threaded (`Parallelism::None`,
+//! arbitrary strides, so the transposes of backward cost nothing). We split the *output rows*
+//! across `Par` threads ourselves; every thread packs its own panels, which for our shapes
+//! (m = b*t ≥ 256) costs a few percent at most. See `docs/runtime.md` for why this library.
 
 use crate::{check_len, par_rows, par_rows2, Par};
 
@@ -78,23 +78,30 @@ pub(crate) fn gemm(
         return;
     }
     // SAFETY: the asserts above guarantee every index the views describe lies inside its slice,
-    // and `c` is borrowed mutably, so it cannot alias `a` or `b`.
+    // and `c` is borrowed mutably, so it cannot alias `a` or `b`. `Parallelism::None` runs on
+    // this thread only. gemm computes `dst = alpha·dst + beta·lhs·rhs` (its names are the
+    // reverse of BLAS's), reading `dst` only when `read_dst`.
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             cv.rows,
-            av.cols,
             cv.cols,
-            alpha,
-            a.as_ptr(),
-            av.rs as isize,
-            av.cs as isize,
-            b.as_ptr(),
-            bv.rs as isize,
-            bv.cs as isize,
-            beta,
+            av.cols,
             c.as_mut_ptr(),
-            cv.rs as isize,
             cv.cs as isize,
+            cv.rs as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            av.cs as isize,
+            av.rs as isize,
+            b.as_ptr(),
+            bv.cs as isize,
+            bv.rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }

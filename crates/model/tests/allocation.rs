@@ -125,8 +125,8 @@ fn allocations_match_the_plan_prediction() {
         );
 
         // A full step allocates nothing that outlives it. Its transient peak is thread spawns and
-        // matrixmultiply's per-call packing buffers (at most (mc·kc + kc·nc)·4 ≈ 1.1 MB per
-        // thread for sgemm); we bound it by 2 MiB per thread, independent of the model size.
+        // the gemm crate's per-call packing buffers, sized by the CPU caches, not the model
+        // (~1 MB per thread measured); we bound it by 2 MiB per thread.
         if shard.tp_size == 1 && shard.has_embedding && shard.has_head {
             let tokens: Vec<u32> = (0..b * t)
                 .map(|i| (i * 7 % cfg.vocab_size) as u32)

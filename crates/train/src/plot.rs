@@ -90,3 +90,37 @@ fn draw(
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svg_has_both_curves_the_floor_and_the_legend() {
+        let mut m = String::new();
+        for s in 1..=50 {
+            m.push_str(&format!(
+                "{{\"step\":{s},\"loss\":{}}}\n",
+                3.0 / s as f64 + 1.0
+            ));
+            if s % 10 == 0 {
+                m.push_str(&format!(
+                    "{{\"step\":{s},\"val_loss\":{}}}\n",
+                    3.0 / s as f64 + 1.1
+                ));
+            }
+        }
+        m.push_str("not json\n");
+        let (train, val) = parse_metrics(&m);
+        assert_eq!((train.len(), val.len()), (50, 5));
+        let svg = loss_svg(&m, Some(0.9));
+        assert!(svg.starts_with("<svg"), "{}", &svg[..50]);
+        assert!(
+            svg.matches("<polyline").count() >= 3,
+            "train, validation and floor lines"
+        );
+        for s in ["train", "validation", "floor 0.900", "step"] {
+            assert!(svg.contains(s), "missing {s}");
+        }
+    }
+}

@@ -229,12 +229,22 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
     write_atomic(path, kept.as_bytes())
 }
 
-/// Runs (or resumes) training as `cfg` and `opts` say.
-pub fn run(
-    cfg: &TrainConfig,
-    opts: &RunOptions,
-    obs: &mut dyn Observer,
-) -> Result<RunSummary, TrainError> {
+/// Everything validated and loaded before the first step.
+struct Setup {
+    /// The config with the data's vocabulary filled in.
+    rcfg: TrainConfig,
+    data: Dataset,
+    layout: ParamLayout,
+    state: TrainState,
+    warnings: Vec<String>,
+    threads: usize,
+    rss_before_model_bytes: u64,
+}
+
+/// Validates the config and the run folder, loads the data, and builds the starting state
+/// (fresh, `--init-from`, or the newest valid checkpoint). Writes nothing into the run folder
+/// until every check has passed.
+fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
     let origin = "config";
     cfg.check(origin)?;
     let out = &opts.out_dir;
@@ -275,9 +285,8 @@ pub fn run(
         d.check_fingerprint(&crate::dp::fingerprint(&rcfg, &data.train, &data.val))?;
     }
     let writer = dp.as_ref().is_none_or(|d| d.rank() == 0);
-    let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+    drop(dp);
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
-    let accum = cfg.train.grad_accum;
     if window_count(data.val.len(), t) < b {
         return Err(TrainError::Data(format!(
             "the validation stream has {} tokens, fewer than one batch of {b} × ({t} + 1)",
@@ -288,13 +297,12 @@ pub fn run(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let par = Par::Threads(threads);
     let rss_before_model_bytes = proc_status_bytes("VmRSS:");
 
     let mcfg = model_config(&rcfg, data.vocab_size);
     let layout = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
     let mut warnings = Vec::new();
-    let mut state = if opts.resume {
+    let state = if opts.resume {
         let (_m, _l, st, w) = checkpoint::find_resume(out, &rcfg)?;
         warnings = w;
         if writer {
@@ -332,6 +340,45 @@ pub fn run(
         let bytes = std::fs::read(tp).map_err(io(tp))?;
         write_atomic(&out.join("tokenizer.json"), &bytes)?;
     }
+
+    Ok(Setup {
+        rcfg,
+        data,
+        layout,
+        state,
+        warnings,
+        threads,
+        rss_before_model_bytes,
+    })
+}
+
+/// Runs (or resumes) training as `cfg` and `opts` say.
+pub fn run(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    obs: &mut dyn Observer,
+) -> Result<RunSummary, TrainError> {
+    let Setup {
+        rcfg,
+        data,
+        layout,
+        mut state,
+        warnings,
+        threads,
+        rss_before_model_bytes,
+    } = setup(cfg, opts)?;
+    // Data parallel (crate::dp): this rank's peers; only rank 0 writes into the run folder.
+    let mut dp = opts
+        .dp
+        .as_ref()
+        .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
+    let writer = dp.as_ref().is_none_or(|d| d.rank() == 0);
+    let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+    let out = &opts.out_dir;
+    let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
+    let accum = cfg.train.grad_accum;
+    let par = Par::Threads(threads);
+    let mcfg = layout.cfg.clone();
 
     let mut grads = vec![0.0f32; layout.len()];
     let mut opt = AdamW {
