@@ -1,0 +1,376 @@
+//! Bytes per device (model states, activations, buffers) and FLOPs per step.
+
+use crate::explain::{line, Trace};
+use crate::layout::Layout;
+use crate::model::ModelSpec;
+use crate::recipe::{CausalFlops, Recipe, Recompute, Schedule};
+use crate::units::{count, gib};
+
+use super::{Context, Flops, Memory};
+
+/// Per-device parameter counts of the first and last pipeline stage (before ZeRO).
+pub(super) fn stage_params(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
+    let t = l.tp as f64;
+    let (sharded, replicated) = m.layer_params_split();
+    let per_layer = sharded as f64 / t + replicated as f64;
+    let layers_dev = (m.layers / l.pp) as f64;
+    let h = m.hidden as f64;
+    let vocab_shard = (m.vocab as f64 / t).ceil() * h;
+    let first_extra = vocab_shard + (m.learned_positions as f64) * h;
+    // The last stage holds the final norm and the LM head; with tied embeddings across stages it
+    // keeps its own copy of the embedding (Megatron's shared word embeddings).
+    let head = if !m.tied_embeddings || l.pp > 1 {
+        vocab_shard
+    } else {
+        0.0
+    };
+    let last_extra = m.norm_params() as f64 + head;
+    let body = per_layer * layers_dev;
+    if l.pp == 1 {
+        let all = body + first_extra + last_extra;
+        (all, all, per_layer)
+    } else {
+        (body + first_extra, body + last_extra, per_layer)
+    }
+}
+
+/// Activation bytes one layer keeps for one micro-batch until its backward, by recompute policy
+/// (Korthikanti et al. 2022, §4, generalised term by term; see docs/estimator.md).
+pub fn layer_activation_bytes(m: &ModelSpec, r: &Recipe, l: &Layout, policy: Recompute) -> f64 {
+    let e = r.precision.compute_bytes();
+    let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+    let t = l.tp as f64;
+    let a = m.heads as f64;
+    let f = m.ffn_hidden as f64;
+    let kv = m.kv_dim() as f64;
+    let sbh = s * b * h;
+    let mask = if r.dropout { 1.0 } else { 0.0 };
+    // Tensors outside the tp-sharded regions: replicated without SP, split across tp with SP.
+    let rep = if l.sp { 1.0 / t } else { 1.0 };
+    if policy == Recompute::Full {
+        // Only the layer input survives (2sbh for fp16 in Korthikanti's notation).
+        return e * sbh * rep;
+    }
+    // Norm inputs (2 norms), QKV input, MLP input, two dropout masks.
+    let replicated = (2.0 * e + e + e + 2.0 * mask) * sbh;
+    // Q, K, V; attention output (input to proj); MLP up output(s) and activation output.
+    let q_k_v = e * s * b * (h + 2.0 * kv);
+    let attn_out = e * sbh;
+    let mlp = e * s * b * f * (m.mlp_matrices() as f64 - 1.0) + e * s * b * f;
+    let sharded = q_k_v + attn_out + mlp;
+    // Softmax output, dropout mask and dropout output: a·s²·b each (absent with flash attention,
+    // which keeps only the row statistics, 4 bytes per row, and with selective recompute).
+    let core = if r.flash_attention {
+        4.0 * a * s * b
+    } else if policy == Recompute::Selective {
+        0.0
+    } else {
+        (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s * b
+    };
+    replicated * rep + (sharded + core) / t
+}
+
+impl Context {
+    /// Bytes per device for the worst stage.
+    pub fn memory<T: Trace>(&self, l: &Layout, tr: &mut T) -> Memory {
+        let m = &self.model;
+        let r = &self.recipe;
+        let sb = &r.state_bytes;
+        let n = l.dp as f64;
+        let (first, last, per_layer_dev) = stage_params(m, l);
+        let zero = l.zero;
+        let states = |p: f64| {
+            let w = if zero >= 3 {
+                p * sb.weight / n
+            } else {
+                p * sb.weight
+            };
+            let g = if zero >= 2 {
+                p * sb.grad / n
+            } else {
+                p * sb.grad
+            };
+            let o = if zero >= 1 {
+                p * sb.optimizer / n
+            } else {
+                p * sb.optimizer
+            };
+            let ms = if zero >= 1 {
+                p * sb.master / n
+            } else {
+                p * sb.master
+            };
+            (w, g, o, ms)
+        };
+        // Activations.
+        let layers_dev = (m.layers / l.pp) as f64;
+        let per_layer = layer_activation_bytes(m, r, l, r.recompute);
+        let working = if r.recompute == Recompute::Full {
+            layer_activation_bytes(m, r, l, Recompute::None)
+        } else {
+            0.0
+        };
+        let e = r.precision.compute_bytes();
+        let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+        let t = l.tp as f64;
+        let p = l.pp as f64;
+        let mb = l.grad_accum as f64;
+        let in_flight = if l.pp == 1 {
+            1.0
+        } else {
+            match r.schedule {
+                Schedule::Gpipe => mb,
+                Schedule::OneFOneB if l.vpp > 1 => (p + (p - 1.0) / l.vpp as f64).min(mb),
+                Schedule::OneFOneB => p.min(mb),
+            }
+        };
+        let per_mb = per_layer * layers_dev;
+        let emb_out =
+            (e + if r.dropout { 1.0 } else { 0.0 }) * s * b * h / if l.sp { t } else { 1.0 };
+        let logits = 4.0 * s * b * (m.vocab as f64 / t).ceil() + e * s * b * h;
+        let act_first = per_mb * in_flight + emb_out * in_flight + working;
+        let last_in_flight = if l.pp == 1 {
+            1.0
+        } else if r.schedule == Schedule::Gpipe {
+            mb
+        } else {
+            1.0
+        };
+        let act_last = per_mb * last_in_flight + logits + working;
+        // Communication buffers.
+        let comm = if l.dp > 1 {
+            match zero {
+                0 => r.bucket_bytes,
+                1 | 2 => 2.0 * r.bucket_bytes,
+                _ => 2.0 * per_layer_dev * sb.weight,
+            }
+        } else {
+            0.0
+        };
+        let cap = self.cluster.gpu.memory_bytes;
+        let total_for = |params: f64, act: f64| {
+            let (w, g, o, ms) = states(params);
+            w + g + o + ms + act + comm + r.runtime_overhead_bytes
+        };
+        let t_first = total_for(first, act_first);
+        let t_last = total_for(last, act_last);
+        let (worst_stage, params, act) = if t_last > t_first && l.pp > 1 {
+            (l.pp - 1, last, act_last)
+        } else if l.pp == 1 {
+            (0, first, act_first.max(act_last))
+        } else {
+            (0, first, act_first)
+        };
+        let (w, g, o, ms) = states(params);
+        let total = w + g + o + ms + act + comm + r.runtime_overhead_bytes;
+        tr.line(|| {
+            line("memory", "parameters on the worst device", format!(
+                "stage {worst_stage} of {}: {} layers x {} params/layer (tp {}) + embedding/head shards", l.pp, layers_dev, count(per_layer_dev), l.tp),
+                params, "params", "Shoeybi et al. 2019 (Megatron column/row split)")
+        });
+        let zdiv = |on: bool| {
+            if on {
+                format!(" / dp({})", l.dp)
+            } else {
+                String::new()
+            }
+        };
+        tr.line(|| {
+            line(
+                "memory",
+                "weights",
+                format!(
+                    "{} params x {} B{} = {}",
+                    count(params),
+                    sb.weight,
+                    zdiv(zero >= 3),
+                    gib(w)
+                ),
+                w,
+                "bytes",
+                "ZeRO stage 3 shards weights (Rajbhandari et al. 2019)",
+            )
+        });
+        tr.line(|| {
+            line(
+                "memory",
+                "gradients",
+                format!(
+                    "{} params x {} B{} = {}",
+                    count(params),
+                    sb.grad,
+                    zdiv(zero >= 2),
+                    gib(g)
+                ),
+                g,
+                "bytes",
+                "ZeRO stage 2 shards gradients",
+            )
+        });
+        tr.line(|| {
+            line(
+                "memory",
+                "master weights",
+                format!(
+                    "{} params x {} B{} = {}",
+                    count(params),
+                    sb.master,
+                    zdiv(zero >= 1),
+                    gib(ms)
+                ),
+                ms,
+                "bytes",
+                "mixed precision keeps fp32 masters (Micikevicius et al. 2018)",
+            )
+        });
+        tr.line(|| {
+            line(
+                "memory",
+                "optimizer states",
+                format!(
+                    "{} params x {} B{} = {}",
+                    count(params),
+                    sb.optimizer,
+                    zdiv(zero >= 1),
+                    gib(o)
+                ),
+                o,
+                "bytes",
+                "Adam: 2 fp32 moments; ZeRO stage 1 shards them",
+            )
+        });
+        tr.line(|| line("memory", "activations per layer per micro-batch", format!(
+            "recompute {:?}, b={}, s={}, h={}, t={}, sp={}, flash={}: {}", r.recompute, l.micro_batch, m.seq_len, m.hidden, l.tp, l.sp, r.flash_attention, gib(per_layer)),
+            per_layer, "bytes", "Korthikanti et al. 2022 §4: sbh(10 + 24/t + 5as/(ht)) for fp16 MHA with dropout, generalised"));
+        tr.line(|| line("memory", "activations in flight", format!(
+            "{} layers x {} x {:.2} micro-batches in flight ({:?}, p={}, v={}, m={}) + embedding/logits + one recompute working set {}",
+            layers_dev, gib(per_layer), in_flight, r.schedule, l.pp, l.vpp, l.grad_accum, gib(working)),
+            act, "bytes", "1F1B keeps p micro-batches on stage 0; interleaving multiplies by 1+(p-1)/(pv) (Korthikanti et al. 2022 §4.2.3)"));
+        tr.line(|| {
+            line(
+                "memory",
+                "communication buffers",
+                format!("ZeRO-{zero}, dp {}: {}", l.dp, gib(comm)),
+                comm,
+                "bytes",
+                "DDP 25 MB buckets; ZeRO-3 prefetches 2 layers of full weights",
+            )
+        });
+        tr.line(|| {
+            line(
+                "memory",
+                "runtime overhead",
+                gib(r.runtime_overhead_bytes),
+                r.runtime_overhead_bytes,
+                "bytes",
+                "assumed CUDA context + workspaces (setting runtime_overhead_bytes)",
+            )
+        });
+        tr.line(|| {
+            line(
+                "memory",
+                "total per device",
+                format!(
+                    "{} of {} ({})",
+                    gib(total),
+                    gib(cap),
+                    if total <= cap { "fits" } else { "does NOT fit" }
+                ),
+                total,
+                "bytes",
+                "sum of the above",
+            )
+        });
+        Memory {
+            weights: w,
+            gradients: g,
+            optimizer_states: o,
+            master_weights: ms,
+            activations: act,
+            activations_per_microbatch: per_mb,
+            microbatches_in_flight: in_flight,
+            comm_buffers: comm,
+            runtime_overhead: r.runtime_overhead_bytes,
+            total,
+            capacity: cap,
+            worst_stage,
+            params_on_device: params,
+        }
+    }
+
+    /// Model and hardware FLOPs of one step (global batch), whole cluster.
+    pub fn flops<T: Trace>(&self, tr: &mut T) -> Flops {
+        let m = &self.model;
+        let r = &self.recipe;
+        let (s, h, f, kv, v) = (
+            m.seq_len as f64,
+            m.hidden as f64,
+            m.ffn_hidden as f64,
+            m.kv_dim() as f64,
+            m.vocab as f64,
+        );
+        let tokens = r.global_batch as f64 * s;
+        let causal = match r.causal_flops {
+            CausalFlops::Full => 1.0,
+            CausalFlops::Half => 0.5,
+        };
+        // Forward FLOPs per token of one layer: projections 2h(h+2kv) + 2h², MLP 2·mats·h·f,
+        // attention scores and ·V 4·s·h (×causal).
+        let proj = 2.0 * h * (h + 2.0 * kv) + 2.0 * h * h;
+        let mlp = 2.0 * m.mlp_matrices() as f64 * h * f;
+        let attn = 4.0 * s * h * causal;
+        let layer_fwd = proj + mlp + attn;
+        let head_fwd = 2.0 * h * v;
+        let l = m.layers as f64;
+        let fwd_per_token = l * layer_fwd + head_fwd;
+        let model_per_token = 3.0 * fwd_per_token;
+        let recompute_per_token = match r.recompute {
+            Recompute::None => 0.0,
+            Recompute::Selective => {
+                if r.flash_attention {
+                    0.0
+                } else {
+                    l * attn
+                }
+            }
+            Recompute::Full => l * layer_fwd,
+        };
+        let model = model_per_token * tokens;
+        let hw = (model_per_token + recompute_per_token) * tokens;
+        let n_params = m.params().total as f64;
+        tr.line(|| line("flops", "forward FLOPs per token per layer", format!(
+            "2h(h+2kv)+2h^2 + 2*{}*h*f + 4*s*h*{causal} = {:.4e} (h={h}, kv={kv}, f={f}, s={s})", m.mlp_matrices(), layer_fwd), layer_fwd, "FLOP",
+            "Narayanan et al. 2021 eq. 3 (24h^2 + 4sh per token for GPT)"));
+        tr.line(|| line("flops", "model FLOPs per token", format!(
+            "3 x (l({l}) x {layer_fwd:.4e} + 2hV {head_fwd:.4e}) = {model_per_token:.4e}; the 6N rule gives 6 x {} = {:.4e}", count(n_params), 6.0 * n_params),
+            model_per_token, "FLOP", "backward = 2x forward (Kaplan et al. 2020)"));
+        tr.line(|| {
+            line(
+                "flops",
+                "model FLOPs per step",
+                format!("{model_per_token:.4e} x {tokens} tokens = {model:.4e}"),
+                model,
+                "FLOP",
+                "global batch x sequence",
+            )
+        });
+        tr.line(|| {
+            line(
+                "flops",
+                "hardware FLOPs per step",
+                format!(
+                    "model + recompute ({:?}) {:.4e}/token = {hw:.4e}",
+                    r.recompute, recompute_per_token
+                ),
+                hw,
+                "FLOP",
+                "Korthikanti et al. 2022 §6 (HFU counts the recomputed forward)",
+            )
+        });
+        Flops {
+            model_per_step: model,
+            hardware_per_step: hw,
+            per_token: model_per_token,
+        }
+    }
+}

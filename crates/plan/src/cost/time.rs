@@ -1,0 +1,447 @@
+//! Seconds per step: per-op roofline for compute, α-β collectives, pipeline bubble, optimizer.
+
+use crate::explain::{line, Trace};
+use crate::layout::Layout;
+use crate::recipe::{GradSync, Precision, Recompute};
+use crate::units::count;
+
+use super::{Calibration, Context, LayerTimes, Memory, StepTime};
+
+/// Time of one (batched) matmul: roofline of FLOPs at a shape-dependent efficiency and the bytes
+/// of its operands at memory bandwidth.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn matmul_secs(
+    c: &Calibration,
+    scale: f64,
+    peak: f64,
+    bw: f64,
+    e: f64,
+    batch: f64,
+    m: f64,
+    n: f64,
+    k: f64,
+) -> f64 {
+    let knee = c.matmul_knee;
+    let eff = c.matmul_eff * scale * (m / (m + knee)) * (n / (n + knee)) * (k / (k + knee));
+    let compute = 2.0 * batch * m * n * k / (peak * eff);
+    let memory = e * batch * (m * k + k * n + m * n) / (bw * c.mem_eff);
+    compute.max(memory)
+}
+
+/// Ring all-reduce: 2(n−1)/n·bytes at the link's bus bandwidth plus 2(n−1) latencies.
+#[inline]
+fn all_reduce_secs(n: f64, bytes: f64, bw: f64, alpha: f64) -> f64 {
+    if n <= 1.0 {
+        return 0.0;
+    }
+    2.0 * (n - 1.0) / n * bytes / bw + 2.0 * (n - 1.0) * alpha
+}
+
+/// Ring all-gather or reduce-scatter of a `bytes`-sized (gathered) buffer.
+#[inline]
+fn gather_secs(n: f64, bytes: f64, bw: f64, alpha: f64) -> f64 {
+    if n <= 1.0 {
+        return 0.0;
+    }
+    (n - 1.0) / n * bytes / bw + (n - 1.0) * alpha
+}
+
+impl Context {
+    /// Times of one transformer layer for one micro-batch on one device (Korthikanti et al. 2022
+    /// Table 4 measures exactly this).
+    pub fn layer_times(&self, l: &Layout) -> LayerTimes {
+        let m = &self.model;
+        let r = &self.recipe;
+        let c = &self.calib;
+        let g = &self.cluster.gpu;
+        let e = r.precision.compute_bytes();
+        let peak = if r.precision == Precision::Fp32 {
+            g.peak_fp32_flops
+        } else {
+            g.peak_bf16_flops
+        };
+        let bw = g.memory_bw;
+        let membw = bw * c.mem_eff;
+        let (b, s, h, f) = (
+            l.micro_batch as f64,
+            m.seq_len as f64,
+            m.hidden as f64,
+            m.ffn_hidden as f64,
+        );
+        let (t, kv, a, d) = (
+            l.tp as f64,
+            m.kv_dim() as f64,
+            m.heads as f64,
+            m.head_dim() as f64,
+        );
+        let tok = b * s;
+        let mats = m.mlp_matrices() as f64;
+        let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
+            matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
+        };
+        // Forward matmuls of one layer on one tp rank.
+        let proj = mm(1.0, tok, (h + 2.0 * kv) / t, h)
+            + mm(1.0, tok, h, h / t)
+            + mm(1.0, tok, (mats - 1.0) * f / t, h)
+            + mm(1.0, tok, h, f / t);
+        let heads_dev = b * a / t;
+        // Attention core: QKᵀ and ·V. Flash kernels skip masked blocks (half the work, causal).
+        let core_scale = if r.flash_attention { 0.5 } else { 1.0 };
+        let core_mm = core_scale * (mm(heads_dev, s, s, d) + mm(heads_dev, s, d, s));
+        // Memory-bound kernels of one layer, forward (bytes moved).
+        let rows = if l.sp { tok / t } else { tok };
+        let mask = if r.dropout { 1.0 } else { 0.0 };
+        let norms = 2.0 * 2.0 * e * rows * h;
+        let residual = 2.0 * (3.0 * e + mask) * rows * h;
+        let act_fn = e * tok * f * mats / t;
+        let rotary = if m.learned_positions == 0 {
+            2.0 * e * tok * (h + kv) / t
+        } else {
+            0.0
+        };
+        let softmax = if r.flash_attention {
+            0.0
+        } else {
+            (2.0 * e + if r.dropout { 2.0 * e + 1.0 } else { 0.0 }) * heads_dev * s * s
+        };
+        let mem_fwd = (norms + residual + act_fn + rotary) / membw;
+        let core_mem = softmax / membw;
+        // Backward: matmuls twice the forward (data and weight gradients; flash backward does
+        // 2.5x its forward), element-wise kernels read input and output gradient and write one (1.5x).
+        let core_bwd_factor = if r.flash_attention { 2.5 } else { 2.0 };
+        let fwd = proj + core_mm + mem_fwd + core_mem;
+        let bwd = 2.0 * proj + core_bwd_factor * core_mm + 1.5 * (mem_fwd + core_mem);
+        let recompute = match r.recompute {
+            Recompute::None => 0.0,
+            Recompute::Selective => {
+                if r.flash_attention {
+                    0.0
+                } else {
+                    core_mm + core_mem
+                }
+            }
+            Recompute::Full => fwd,
+        };
+        // Tensor-parallel collectives of one layer (activation T·h·e bytes).
+        let gpn = self.cluster.gpus_per_node;
+        let (tp_bw, tp_alpha) = if l.tp <= gpn {
+            (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
+        } else {
+            (g.network_bw * c.net_eff, g.network_latency)
+        };
+        let act_bytes = tok * h * e;
+        let (tp_fwd, tp_bwd) = if l.tp == 1 {
+            (0.0, 0.0)
+        } else if l.sp {
+            let ag = gather_secs(t, act_bytes, tp_bw, tp_alpha);
+            // fwd: 2 all-gathers + 2 reduce-scatters; bwd: the same plus 2 re-gathers for weight
+            // gradients (Korthikanti et al. 2022 §4.2.2).
+            (4.0 * ag, 6.0 * ag)
+        } else {
+            let ar = all_reduce_secs(t, act_bytes, tp_bw, tp_alpha);
+            (2.0 * ar, 2.0 * ar)
+        };
+        let tp_recompute = if r.recompute == Recompute::Full {
+            tp_fwd
+        } else {
+            0.0
+        };
+        LayerTimes {
+            fwd,
+            bwd,
+            recompute,
+            tp_fwd,
+            tp_bwd,
+            tp_recompute,
+            proj,
+            core_mm,
+            mem_fwd,
+            core_mem,
+            norms_bytes: norms + residual + act_fn + rotary,
+            softmax_bytes: softmax,
+            act_bytes,
+            tp_bw,
+            peak,
+        }
+    }
+
+    /// Seconds per step, split into compute, exposed communication, bubble and optimizer.
+    pub fn step_time<T: Trace>(&self, l: &Layout, mem: &Memory, tr: &mut T) -> StepTime {
+        let m = &self.model;
+        let r = &self.recipe;
+        let c = &self.calib;
+        let g = &self.cluster.gpu;
+        let LayerTimes {
+            fwd,
+            bwd,
+            recompute,
+            tp_fwd,
+            tp_bwd,
+            tp_recompute,
+            proj,
+            core_mm,
+            mem_fwd,
+            core_mem,
+            norms_bytes,
+            softmax_bytes,
+            act_bytes,
+            tp_bw,
+            peak,
+            ..
+        } = self.layer_times(l);
+        let e = r.precision.compute_bytes();
+        let bw = g.memory_bw;
+        let membw = bw * c.mem_eff;
+        let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+        let t = l.tp as f64;
+        let tok = b * s;
+        let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
+            matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
+        };
+        let gpn = self.cluster.gpus_per_node;
+        let tp_alpha = if l.tp <= gpn {
+            g.intra_node_latency
+        } else {
+            g.network_latency
+        };
+        let layers_dev = (m.layers / l.pp) as f64;
+        let layer_compute = fwd + bwd + recompute;
+        let layer_comm = tp_fwd + tp_bwd + tp_recompute;
+        // Head and loss on the last stage; embedding on the first.
+        let vshard = (m.vocab as f64 / t).ceil();
+        let head = 3.0 * mm(1.0, tok, vshard, h) + tok * vshard * (2.0 * e + 8.0) / membw;
+        let head_comm = if l.tp > 1 {
+            3.0 * all_reduce_secs(t, tok * 4.0, tp_bw, tp_alpha)
+        } else {
+            0.0
+        };
+        let embed = tok * h * (e + 4.0 + 2.0 * e) / membw;
+        // Pipeline sends of one micro-batch: activation forward, gradient backward, scattered
+        // across the tp group (Narayanan et al. 2021 §4.1 scatter/gather).
+        let pp_link_intra = l.tp * l.pp <= gpn;
+        let (pp_bw, pp_alpha) = if pp_link_intra {
+            (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
+        } else {
+            (g.network_bw * c.net_eff, g.network_latency)
+        };
+        let p2p = if l.pp > 1 {
+            2.0 * l.vpp as f64 * (pp_alpha + act_bytes / t / pp_bw)
+        } else {
+            0.0
+        };
+        let body = layers_dev * layer_compute;
+        let body_comm = layers_dev * layer_comm;
+        let first_c = body + embed;
+        let last_c = body + head;
+        let last_k = body_comm + head_comm;
+        let (mb_compute, mb_comm) = if l.pp == 1 {
+            (body + embed + head, last_k)
+        } else if last_c + last_k >= first_c + body_comm {
+            (last_c, last_k)
+        } else {
+            (first_c, body_comm)
+        };
+        let mbs = l.grad_accum as f64;
+        let compute = mbs * mb_compute;
+        let tp_comm = mbs * mb_comm;
+        let pp_comm = mbs * p2p;
+        // Bubble: (Σ_i t_i − t_max)/v, stages uniform except first/last.
+        let p = l.pp as f64;
+        let v = l.vpp as f64;
+        let t_mid = body + body_comm + p2p;
+        let t_first = first_c + body_comm + p2p;
+        let t_last = last_c + last_k + p2p;
+        let t_max = t_first.max(t_last).max(t_mid);
+        let bubble = if l.pp > 1 {
+            ((p - 2.0) * t_mid + t_first + t_last - t_max) / v
+        } else {
+            0.0
+        };
+        // Data-parallel gradient sync of the worst device's parameters.
+        let n = l.dp as f64;
+        let pdev = mem.params_on_device;
+        let sb = &r.state_bytes;
+        let world = l.dp * l.tp * l.pp;
+        let dp_intra = world <= gpn;
+        let (dp_bw, dp_alpha) = if dp_intra {
+            (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
+        } else {
+            (g.network_bw * c.net_eff, g.network_latency)
+        };
+        let gbytes = pdev * r.grad_comm_bytes;
+        let wbytes = pdev * sb.weight;
+        let dp_comm = if l.dp == 1 {
+            0.0
+        } else {
+            match r.grad_sync {
+                GradSync::Ring | GradSync::Tree => {
+                    let alpha_count = if r.grad_sync == GradSync::Ring {
+                        2.0 * (n - 1.0)
+                    } else {
+                        2.0 * n.log2().ceil()
+                    };
+                    let lat = alpha_count * dp_alpha;
+                    match l.zero {
+                        0 => all_reduce_secs(n, gbytes, dp_bw, 0.0) + lat,
+                        1 | 2 => {
+                            gather_secs(n, gbytes, dp_bw, 0.0)
+                                + gather_secs(n, wbytes, dp_bw, 0.0)
+                                + lat
+                        }
+                        _ => {
+                            gather_secs(n, gbytes, dp_bw, 0.0)
+                                + 2.0 * gather_secs(n, wbytes, dp_bw, 0.0)
+                                + 1.5 * lat
+                        }
+                    }
+                }
+                GradSync::ParameterServer => {
+                    // Each worker pushes its gradient and pulls the result; K servers, each with a
+                    // node's worth of network bandwidth, receive and send n·bytes/K.
+                    let k = r.ps_servers as f64;
+                    let worker = (gbytes + wbytes) / dp_bw;
+                    let server = n * (gbytes + wbytes) / (k * dp_bw * gpn as f64);
+                    worker.max(server) + 2.0 * dp_alpha
+                }
+            }
+        };
+        let bwd_window = if r.overlap_grad_reduce {
+            layers_dev * (bwd + recompute + tp_bwd + tp_recompute)
+        } else {
+            0.0
+        };
+        let bucket_floor = if gbytes > 0.0 {
+            dp_comm * (r.bucket_bytes / gbytes).min(1.0)
+        } else {
+            0.0
+        };
+        let dp_exposed = if r.overlap_grad_reduce {
+            (dp_comm - bwd_window).max(bucket_floor)
+        } else {
+            dp_comm
+        };
+        // Optimizer step, memory-bound, per parameter (sharded by ZeRO): gradient norm (read g),
+        // clipping (read + write g), fp16 unscale and overflow check (read + write g), the fused
+        // Adam update (read g, master, moments; write master, moments), the copy of the masters
+        // into the working weights (read master, write weights) and zeroing the gradients.
+        let opt_params = if l.zero >= 1 { pdev / n } else { pdev };
+        let unscale = if r.precision == Precision::Fp16Mixed {
+            2.0 * sb.grad
+        } else {
+            0.0
+        };
+        let per_param = sb.grad
+            + 2.0 * sb.grad
+            + unscale
+            + (sb.grad + 2.0 * sb.master + 2.0 * sb.optimizer)
+            + (sb.master + sb.weight)
+            + sb.grad;
+        let opt_bytes = opt_params * per_param;
+        let optimizer = opt_bytes / membw + c.step_overhead_secs;
+        let communication = tp_comm + pp_comm + dp_exposed;
+        let total = compute + communication + bubble + optimizer;
+        tr.line(|| line("time", "forward matmuls per layer per micro-batch", format!(
+            "QKV, out, MLP on T={tok} tokens / tp {}: {:.3} ms; attention core {:.3} ms (eff = {} x x/(x+{}) per dim, peak {:.0} TFLOP/s)",
+            l.tp, proj * 1e3, core_mm * 1e3, c.matmul_eff, c.matmul_knee, peak / 1e12), proj + core_mm, "s", "roofline with shape-dependent efficiency (fitted to Korthikanti et al. 2022 Table 4)"));
+        tr.line(|| line("time", "memory-bound kernels per layer (forward)", format!(
+            "norms+residual+activation {:.1} MB + softmax {:.1} MB at {:.0} GB/s x {} = {:.3} ms",
+            norms_bytes / 1e6, softmax_bytes / 1e6, bw / 1e9, c.mem_eff, (mem_fwd + core_mem) * 1e3), mem_fwd + core_mem, "s", "bytes / achieved bandwidth"));
+        tr.line(|| {
+            line(
+                "time",
+                "layer compute per micro-batch",
+                format!(
+                    "fwd {:.3} + bwd {:.3} + recompute {:.3} ms",
+                    fwd * 1e3,
+                    bwd * 1e3,
+                    recompute * 1e3
+                ),
+                layer_compute,
+                "s",
+                "backward = 2x forward matmuls, 1.5x element-wise bytes",
+            )
+        });
+        tr.line(|| line("time", "tensor-parallel communication per layer", format!(
+            "{} on {} bytes over {} at {:.0} GB/s: fwd {:.3} + bwd {:.3} + recompute {:.3} ms",
+            if l.sp { "all-gather/reduce-scatter" } else { "all-reduce" }, act_bytes, if l.tp <= gpn { "intra-node links" } else { "network" }, tp_bw / 1e9, tp_fwd * 1e3, tp_bwd * 1e3, tp_recompute * 1e3),
+            layer_comm, "s", "alpha-beta ring: 2(n-1)/n bytes/bw + 2(n-1) alpha (nccl-tests bus bandwidth)"));
+        tr.line(|| {
+            line(
+                "time",
+                "compute per step",
+                format!(
+                    "{} micro-batches x {:.4} s (worst stage, {} layers + embedding/head)",
+                    l.grad_accum, mb_compute, layers_dev
+                ),
+                compute,
+                "s",
+                "sum of per-op times",
+            )
+        });
+        tr.line(|| {
+            line(
+                "time",
+                "pipeline bubble",
+                format!(
+                    "((p-2) t_mid + t_first + t_last - t_max) / v with p={}, v={}: {:.4} s",
+                    l.pp, l.vpp, bubble
+                ),
+                bubble,
+                "s",
+                "1F1B / interleaved bubble (p-1)/(v m) (Narayanan et al. 2021 §2.2)",
+            )
+        });
+        tr.line(|| {
+            line(
+                "time",
+                "pipeline sends",
+                format!(
+                    "{} micro-batches x 2 x v({}) x {:.1} MB over {}",
+                    l.grad_accum,
+                    l.vpp,
+                    act_bytes / t / 1e6,
+                    if pp_link_intra {
+                        "intra-node links"
+                    } else {
+                        "network"
+                    }
+                ),
+                pp_comm,
+                "s",
+                "scatter/gather across tp (Narayanan et al. 2021 §4.1)",
+            )
+        });
+        tr.line(|| line("time", "data-parallel gradient sync", format!(
+            "{:?}, ZeRO-{}, dp {}: {} grads x {} B over {} at {:.0} GB/s = {:.4} s; exposed {:.4} s (overlap {})",
+            r.grad_sync, l.zero, l.dp, count(pdev), r.grad_comm_bytes, if dp_intra { "intra-node links" } else { "network" }, dp_bw / 1e9, dp_comm, dp_exposed, r.overlap_grad_reduce),
+            dp_exposed, "s", "ring 2(n-1)/n; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 1.5x (Rajbhandari et al. 2019 §7)"));
+        tr.line(|| {
+            line(
+                "time",
+                "optimizer step",
+                format!(
+                    "{} params x {:.0} B moved at {:.0} GB/s",
+                    count(opt_params),
+                    opt_bytes / opt_params.max(1.0),
+                    membw / 1e9
+                ),
+                optimizer,
+                "s",
+                "memory-bound fused Adam",
+            )
+        });
+        tr.line(|| line("time", "step total", format!("compute {compute:.4} + communication {communication:.4} + bubble {bubble:.4} + optimizer {optimizer:.4}"), total, "s", "sum"));
+        StepTime {
+            compute,
+            communication,
+            bubble,
+            optimizer,
+            total,
+            tp_comm,
+            pp_comm,
+            dp_comm,
+            dp_exposed,
+        }
+    }
+}
