@@ -1,18 +1,8 @@
 //! The `scaletrain` binary end to end: default run, JSON schema, and clear errors on bad input.
 
-use std::process::Command;
+mod common;
 
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_scaletrain"))
-        .args(args)
-        .output()
-        .expect("binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run;
 
 fn fails_with(args: &[&str], needles: &[&str]) {
     let (code, out, err) = run(args);

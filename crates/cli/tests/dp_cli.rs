@@ -2,28 +2,17 @@
 //! train --dp 2`, the self-launching `train --dp 2 --grad-sync ps`, a killed rank, bad layouts.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_scaletrain");
 
+mod common;
+
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("SCALETRAIN_COMM_TIMEOUT_SECS", "10")
-        .output()
-        .expect("binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_env(args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "10")])
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("st-cli-dp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp_dir("dp", name)
 }
 
 const TINY: &[&str] = &[

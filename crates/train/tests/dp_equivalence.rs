@@ -23,33 +23,18 @@ use std::sync::{Arc, Mutex};
 use train::dp::{Dp, Role, ZeroStage};
 use train::{run, Quiet, RunOptions, RunSummary, TrainConfig, TrainError};
 
+mod common;
+
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("st-dp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp("dp", name)
 }
 
+/// The trainer tests' tiny model with 4 sequences per rank, 1 thread per rank.
 fn tiny(steps: u64) -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.model.n_layer = 1;
-    c.model.n_head = 2;
-    c.model.channels = 32;
-    c.model.seq_len = 16;
-    c.data.synthetic.vocab_size = 16;
-    c.data.synthetic.order = 1;
-    c.data.synthetic.branching = 2;
-    c.data.synthetic.train_tokens = 50_000;
-    c.data.synthetic.val_tokens = 4_000;
-    c.train.steps = steps;
+    let mut c = common::tiny(steps);
     c.train.batch_size = 4;
     c.train.threads = 1;
     c.train.eval_every = 10;
-    c.train.eval_batches = 4;
-    c.train.checkpoint_every = 0;
-    c.optim.warmup_steps = 5;
-    c.optim.lr = 1e-2;
-    c.optim.min_lr = 1e-3;
     c
 }
 

@@ -1,0 +1,32 @@
+//! Helpers shared by the CLI's end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs `scaletrain ARGS` with extra environment variables; returns (status, stdout, stderr).
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_scaletrain"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `scaletrain ARGS`; returns (status, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    run_env(args, &[])
+}
+
+/// A fresh, empty temporary folder named after the test file (`prefix`) and the test.
+pub fn tmp_dir(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("st-cli-{prefix}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
