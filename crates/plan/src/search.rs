@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use crate::cost::{Context, Eval};
+use crate::cost::{Context, Eval, Flops};
 use crate::estimate::totals;
 use crate::explain::NoTrace;
 use crate::layout::Layout;
@@ -218,7 +218,7 @@ pub fn search(
     // With flash attention the attention core is already recomputed inside its backward, so
     // selective recompute equals none: search it once.
     let flash = base.recipe.flash_attention;
-    let ctxs: Vec<(Recompute, Vec<Context>)> = space
+    let ctxs: Vec<(Recompute, Vec<(Context, Flops)>)> = space
         .recompute
         .iter()
         .filter(|&&rc| {
@@ -232,7 +232,8 @@ pub fn search(
                     let mut c = base.clone();
                     c.recipe.recompute = rc;
                     c.cluster.gpus = n;
-                    c
+                    let flops = c.flops(&mut NoTrace);
+                    (c, flops)
                 })
                 .collect();
             (rc, per_size)
@@ -288,12 +289,12 @@ pub fn search(
                                         micro_batch: mb,
                                         grad_accum: ga,
                                     };
-                                    let ctx = &per_size[gi];
+                                    let (ctx, flops) = &per_size[gi];
                                     let mem = ctx.memory(&layout, &mut NoTrace);
                                     res.evaluated += 1;
                                     if space.cost_all {
                                         let eval =
-                                            ctx.evaluate_with_memory(&layout, mem, &mut NoTrace);
+                                            ctx.evaluate_parts(&layout, mem, *flops, &mut NoTrace);
                                         std::hint::black_box(eval);
                                     }
                                     if mem.total > mem.capacity {
@@ -304,7 +305,8 @@ pub fn search(
                                         });
                                         continue;
                                     }
-                                    let eval = ctx.evaluate_with_memory(&layout, mem, &mut NoTrace);
+                                    let eval =
+                                        ctx.evaluate_parts(&layout, mem, *flops, &mut NoTrace);
                                     let t = totals(ctx, &layout, &eval);
                                     let days = t.secs / 86400.0;
                                     match obj {

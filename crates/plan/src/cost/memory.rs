@@ -337,12 +337,11 @@ impl Context {
         };
         let model = model_per_token * tokens;
         let hw = (model_per_token + recompute_per_token) * tokens;
-        let n_params = m.params().total as f64;
         tr.line(|| line("flops", "forward FLOPs per token per layer", format!(
             "2h(h+2kv)+2h^2 + 2*{}*h*f + 4*s*h*{causal} = {:.4e} (h={h}, kv={kv}, f={f}, s={s})", m.mlp_matrices(), layer_fwd), layer_fwd, "FLOP",
             "Narayanan et al. 2021 eq. 3 (24h^2 + 4sh per token for GPT)"));
         tr.line(|| line("flops", "model FLOPs per token", format!(
-            "3 x (l({l}) x {layer_fwd:.4e} + 2hV {head_fwd:.4e}) = {model_per_token:.4e}; the 6N rule gives 6 x {} = {:.4e}", count(n_params), 6.0 * n_params),
+            "3 x (l({l}) x {layer_fwd:.4e} + 2hV {head_fwd:.4e}) = {model_per_token:.4e}; the 6N rule gives 6 x {} = {:.4e}", count(m.params().total as f64), 6.0 * m.params().total as f64),
             model_per_token, "FLOP", "backward = 2x forward (Kaplan et al. 2020)"));
         tr.line(|| {
             line(

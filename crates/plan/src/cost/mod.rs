@@ -203,8 +203,20 @@ impl Context {
     /// [`Context::evaluate`] when the memory part is already known (the planner checks memory
     /// first and costs time only for layouts that fit).
     pub fn evaluate_with_memory<T: Trace>(&self, l: &Layout, memory: Memory, tr: &mut T) -> Eval {
-        let fits = memory.total <= memory.capacity;
         let flops = self.flops(tr);
+        self.evaluate_parts(l, memory, flops, tr)
+    }
+
+    /// [`Context::evaluate`] from known memory and FLOPs (FLOPs depend only on the context, so
+    /// the planner computes them once per context rather than once per layout).
+    pub fn evaluate_parts<T: Trace>(
+        &self,
+        l: &Layout,
+        memory: Memory,
+        flops: Flops,
+        tr: &mut T,
+    ) -> Eval {
+        let fits = memory.total <= memory.capacity;
         let time = self.step_time(l, &memory, tr);
         let g = &self.cluster.gpu;
         let peak = if self.recipe.precision == Precision::Fp32 {
