@@ -215,6 +215,16 @@ impl Dp {
         shard_range(len, self.size(), self.rank())
     }
 
+    /// The offset ranges of the flat buffer whose optimizer state (`m`, `v`) this rank holds,
+    /// in order: `opt.m` / `opt.v` are these ranges concatenated. The whole buffer without
+    /// ZeRO; this rank's shard under ZeRO-1/2.
+    pub fn owned_ranges(&self, len: usize) -> Vec<Range<usize>> {
+        match self.zero {
+            ZeroStage::Off => vec![0..len],
+            _ => vec![self.shard(len)],
+        }
+    }
+
     /// All-gathers a 32-byte digest from every rank; returns the ranks whose digest differs
     /// from rank 0's.
     fn differing_ranks(&mut self, digest: &[u8; 32], what: &str) -> Result<Vec<usize>, TrainError> {
