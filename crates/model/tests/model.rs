@@ -513,7 +513,10 @@ fn backward_reports_final_gradients_in_layout_order_for_every_stage_shape() {
             &mut NoTp,
         )
         .unwrap();
-        assert!(rec.ready.windows(2).all(|w| w[1] <= w[0]), "points never increase");
+        assert!(
+            rec.ready.windows(2).all(|w| w[1] <= w[0]),
+            "points never increase"
+        );
         let mut points = rec.ready.clone();
         points.dedup();
         assert_eq!(points, layout.ready_points(), "{shard:?}");
