@@ -151,11 +151,72 @@ pub fn shard_len(len: u64, dp: u64, rank: u64) -> u64 {
     len / dp + u64::from(rank < len % dp)
 }
 
+/// Rotating gradient buffers ZeRO-2 keeps in place of a full-size gradient buffer (besides one
+/// for the last bucket, which holds the tied embedding: the LM head writes it first and it is
+/// final only after the embedding): one that backward fills while the other is reduced on the
+/// communication thread.
+pub const ZERO2_GRAD_BUFFERS: u64 = 2;
+
+/// Elements of the runtime's gradient buckets for `d`, in the order backward finishes them:
+/// the flat buffer's regions (head: `ln_f` plus, without the embedding, the LM head's own
+/// `wte`; then each layer, last to first; then the embedding) are grouped, each bucket closing
+/// at the first region boundary where it holds at least `bucket_elems`. The runtime's
+/// `train::dp::buckets` computes the same split from the parameter layout (a test compares them).
+pub fn grad_bucket_lens(d: &CpuRuntimeDims, bucket_elems: u64) -> Vec<u64> {
+    let per_layer = CpuRuntimeDims {
+        layers: 1,
+        has_embedding: false,
+        has_head: false,
+        ..*d
+    };
+    let mut regions = Vec::new();
+    if d.has_head {
+        regions.push(
+            2 * d.channels
+                + if d.has_embedding {
+                    0
+                } else {
+                    d.padded_vocab * d.channels
+                },
+        );
+    }
+    regions.extend((0..d.layers).map(|_| param_count(&per_layer)));
+    if d.has_embedding {
+        regions.push(d.padded_vocab * d.channels + d.max_seq_len * d.channels);
+    }
+    let mut out = Vec::new();
+    let mut acc = 0;
+    for r in regions {
+        acc += r;
+        if acc > 0 && acc >= bucket_elems.max(1) {
+            out.push(acc);
+            acc = 0;
+        }
+    }
+    if acc > 0 {
+        out.push(acc);
+    }
+    out
+}
+
+/// Elements of ZeRO-2's gradient buffers for buckets `lens` (in backward's order): the last
+/// bucket's own buffer plus [`ZERO2_GRAD_BUFFERS`] rotating buffers as large as the largest
+/// other bucket.
+pub fn zero2_buffer_elems(lens: &[u64]) -> u64 {
+    let Some((last, others)) = lens.split_last() else {
+        return 0;
+    };
+    let largest = others.iter().copied().max().unwrap_or(0);
+    last + ZERO2_GRAD_BUFFERS.min(others.len() as u64) * largest
+}
+
 /// The CPU runtime's memory of data-parallel rank `rank` of `dp` under ZeRO `stage` (0, 1 or 2;
-/// Rajbhandari et al. 2020, §5): stage 1 keeps only this rank's offset range of AdamW `m` and
-/// `v`; stage 2 also keeps only its range of the *reduced* gradients, but the runtime's backward
-/// still writes every layer's gradients into one full-size buffer (no bucketed backward), so the
-/// gradient bytes are the full buffer plus the shard accumulator. Parameters stay replicated.
+/// Rajbhandari et al. 2020, §5) with gradient buckets of `bucket_bytes`. A rank owns the piece
+/// `shard_len(bucket, dp, rank)` of every bucket. Stage 1 keeps only those pieces of AdamW `m`
+/// and `v`; stage 2 also keeps only its pieces of the *reduced* gradient, and backward writes
+/// into one buffer for the last bucket plus [`ZERO2_GRAD_BUFFERS`] buffers the size of the
+/// largest other bucket (fewer when there are fewer buckets) instead of a full-size gradient
+/// buffer. Parameters stay replicated.
 pub fn zero_memory(
     d: &CpuRuntimeDims,
     batch: u64,
@@ -163,14 +224,16 @@ pub fn zero_memory(
     stage: u8,
     dp: u64,
     rank: u64,
+    bucket_bytes: u64,
 ) -> CpuRuntimeMemory {
     let mut m = memory(d, batch, seq);
-    let shard = shard_len(param_count(d), dp.max(1), rank);
+    let buckets = grad_bucket_lens(d, bucket_bytes / F32_BYTES);
+    let owned: u64 = buckets.iter().map(|&b| shard_len(b, dp.max(1), rank)).sum();
     if stage >= 1 {
-        m.optimizer_bytes = 2 * F32_BYTES * shard;
+        m.optimizer_bytes = 2 * F32_BYTES * owned;
     }
     if stage >= 2 {
-        m.grad_bytes += F32_BYTES * shard;
+        m.grad_bytes = F32_BYTES * (zero2_buffer_elems(&buckets) + owned);
     }
     m
 }
@@ -217,5 +280,29 @@ mod tests {
         let a1 = activation_bytes(&d, 1, 256);
         let a2 = activation_bytes(&d, 2, 256);
         assert_eq!(a2, 2 * a1);
+    }
+
+    #[test]
+    fn buckets_cover_the_parameters_and_zero2_keeps_three_buckets_plus_a_shard() {
+        let d = CpuRuntimeDims {
+            layers: 8,
+            ..gpt2_small()
+        };
+        let per_layer = (param_count(&d) - param_count(&CpuRuntimeDims { layers: 0, ..d })) / 8;
+        for elems in [1, per_layer, 3 * per_layer, u64::MAX] {
+            let b = grad_bucket_lens(&d, elems);
+            assert_eq!(b.iter().sum::<u64>(), param_count(&d), "{elems}");
+        }
+        // One bucket per region: head, 8 layers, embedding.
+        assert_eq!(grad_bucket_lens(&d, 1).len(), 10);
+        let z0 = zero_memory(&d, 1, 64, 0, 4, 0, 4 * per_layer);
+        let z2 = zero_memory(&d, 1, 64, 2, 4, 0, 4 * per_layer);
+        // Buckets: ln_f + layer 8, then layers one by one, then the embedding.
+        let embedding = d.padded_vocab * d.channels + d.max_seq_len * d.channels;
+        let owned = z2.optimizer_bytes / 8;
+        let buffers = embedding + 2 * (per_layer + 2 * d.channels);
+        assert_eq!(z2.grad_bytes, 4 * (buffers + owned));
+        assert!(z2.grad_bytes < z0.grad_bytes);
+        assert!(owned.abs_diff(param_count(&d) / 4) <= 10);
     }
 }

@@ -52,6 +52,7 @@ use kernels::Par;
 use model::{AdamW, AdamWConfig, GradSink, ModelError, ParamLayout};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver};
 use std::time::Instant;
 
 /// How gradients are combined across data-parallel ranks.
@@ -117,6 +118,10 @@ pub struct Dp {
     bucket_bytes: usize,
     /// Reduce buckets on a communication thread while backward goes on.
     overlap: bool,
+    /// Elements of the flat buffer (set by [`Dp::attach`]).
+    len: usize,
+    /// ZeRO-2: the gradient buffers backward writes into instead of a full-size buffer.
+    pool: Zero2Pool,
     /// Seconds spent in gradient communication so far (on any thread).
     pub comm_secs: f64,
     /// Seconds the training thread waited for gradient communication so far (the part of
@@ -204,6 +209,8 @@ impl Dp {
             buckets: Vec::new(),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             overlap: true,
+            len: 0,
+            pool: Zero2Pool::default(),
             comm_secs: 0.0,
             exposed_secs: 0.0,
         }
@@ -232,6 +239,20 @@ impl Dp {
     /// the optimizer state is sharded or loaded.
     pub fn attach(&mut self, layout: &ParamLayout) {
         self.buckets = buckets(layout, self.bucket_bytes / 4);
+        self.len = layout.len();
+        if self.zero == ZeroStage::Two {
+            self.pool = Zero2Pool::new(&self.buckets);
+        }
+    }
+
+    /// Whether backward needs the trainer's full-size gradient buffer (not under ZeRO-2).
+    pub fn needs_full_grads(&self) -> bool {
+        self.zero != ZeroStage::Two
+    }
+
+    /// The gradient bucket size in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        self.bucket_bytes
     }
 
     /// Parameter-server data parallelism over the world `comm`: the last `servers` ranks serve
@@ -270,6 +291,8 @@ impl Dp {
             buckets: Vec::new(),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             overlap: true,
+            len: 0,
+            pool: Zero2Pool::default(),
             comm_secs: 0.0,
             exposed_secs: 0.0,
         }))
@@ -428,11 +451,14 @@ impl Dp {
             return;
         }
         let owned = self.owned_ranges(opt.m.len());
+        let total = owned.iter().map(|r| r.len()).sum();
+        // Exact capacity: a collected iterator would grow by doubling and keep up to 2x.
         let pick = |full: &[f32]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(total);
             owned
                 .iter()
-                .flat_map(|r| full[r.clone()].iter().copied())
-                .collect()
+                .for_each(|r| out.extend_from_slice(&full[r.clone()]));
+            out
         };
         opt.m = pick(&opt.m);
         opt.v = pick(&opt.v);
@@ -441,9 +467,10 @@ impl Dp {
         }
     }
 
-    /// Bytes this module holds beyond the trainer's buffers (the ZeRO-2 gradient shard).
+    /// Bytes this module holds beyond the trainer's buffers (ZeRO-2: the reduced gradient shard
+    /// and the bucket buffers).
     pub fn extra_bytes(&self) -> u64 {
-        4 * self.grad_shard.len() as u64
+        4 * (self.grad_shard.len() + self.pool.elems()) as u64
     }
 
     /// The full `m` and `v` (all-gathered under ZeRO; copies otherwise), for a checkpoint.
@@ -486,13 +513,19 @@ impl Dp {
         }
     }
 
-    /// Runs one micro-step's backward (`f`, e.g. `model::backward_into`) into `grads` and
-    /// reduces the gradients if this micro-step communicates: the last micro-step of a step
-    /// (ring, ZeRO-1), or every micro-step (ZeRO-2, whose reduced pieces accumulate in the
-    /// shard). Each bucket is reduced as soon as backward reports it final — on a
-    /// communication thread while backward goes on (overlap), or after backward. Parameter
-    /// servers reduce in [`Dp::step`] instead.
-    pub fn backward<F>(&mut self, last: bool, grads: &mut [f32], f: F) -> Result<(), TrainError>
+    /// Runs one micro-step's backward (`f`, e.g. `model::backward_into`) and reduces the
+    /// gradients if this micro-step communicates: the last micro-step of a step (ring, ZeRO-1),
+    /// or every micro-step (ZeRO-2, whose reduced pieces accumulate in the shard). Each bucket is
+    /// reduced as soon as backward reports it final — on a communication thread while backward
+    /// goes on (overlap), or right then on this thread. Parameter servers reduce in
+    /// [`Dp::step`] instead. Backward writes into `grads` (full size), except under ZeRO-2,
+    /// which writes into this rank's bucket buffers and ignores `grads` (pass an empty one).
+    pub fn backward<'g, F>(
+        &mut self,
+        last: bool,
+        grads: &'g mut [f32],
+        f: F,
+    ) -> Result<(), TrainError>
     where
         F: FnOnce(&mut dyn GradSink) -> Result<(), ModelError>,
     {
@@ -500,13 +533,20 @@ impl Dp {
         if !communicate {
             return Ok(f(&mut Flat(grads))?);
         }
-        let buckets = self.bucket_list(grads.len());
-        let owned = self.owned_ranges(grads.len());
+        let zero2 = self.zero == ZeroStage::Two;
+        assert!(
+            !zero2 || !self.buckets.is_empty(),
+            "ZeRO-2 needs Dp::attach before backward"
+        );
+        let len = if zero2 { self.len } else { grads.len() };
+        let buckets = self.bucket_list(len);
+        let owned = self.owned_ranges(len);
         // Where each bucket's piece starts in the concatenated ZeRO-2 shard.
         let piece_at = piece_offsets(&buckets, &owned);
         let zero = self.zero;
         let group = &mut self.group;
         let shard = &mut self.grad_shard;
+        let mut pool = std::mem::take(&mut self.pool);
         let reduce = |group: &mut Box<dyn Communicator>,
                       shard: &mut Vec<f32>,
                       k: usize,
@@ -530,31 +570,48 @@ impl Dp {
                     for (a, g) in shard[at..at + p.len()].iter_mut().zip(&buf[p]) {
                         *a += *g;
                     }
-                    // The next micro-step's backward accumulates from zero.
-                    buf.fill(0.0);
                 }
             }
             Ok(t0.elapsed().as_secs_f64())
         };
         let (comm, exposed) = if self.overlap {
             std::thread::scope(|s| -> Result<(f64, f64), TrainError> {
-                let (tx, rx) = std::sync::mpsc::channel::<(usize, &mut [f32])>();
+                let (tx, rx) = channel::<(usize, Piece<'_>)>();
+                let (back_tx, back_rx) = channel::<(usize, Vec<f32>)>();
                 let worker = s.spawn(move || -> Result<f64, TrainError> {
                     let mut secs = 0.0;
-                    for (k, buf) in rx {
-                        secs += reduce(group, shard, k, buf)?;
+                    for (k, mut piece) in rx {
+                        secs += reduce(group, shard, k, piece.buf())?;
+                        if let Piece::Owned(v) = piece {
+                            // The training thread may be gone after an error; nothing to return to.
+                            let _ = back_tx.send((k, v));
+                        }
                     }
                     Ok(secs)
                 });
-                let mut sink = BucketSink::new(grads, &buckets, Some(tx));
-                let computed = f(&mut sink);
-                let handed = sink.next;
-                drop(sink); // closes the channel: the worker ends after the last bucket
+                let mut handoff = move |k: usize, piece: Piece<'g>| {
+                    // A send fails only when the thread stopped on an error, which it reports.
+                    let _ = tx.send((k, piece));
+                    None
+                };
+                let (computed, handed) = run_backward(
+                    f,
+                    zero2,
+                    grads,
+                    &buckets,
+                    &mut pool,
+                    Some(&back_rx),
+                    &mut handoff,
+                );
+                drop(handoff); // closes the channel: the worker ends after the last bucket
                 let t_wait = Instant::now();
                 let comm = worker.join().map_err(|_| {
                     TrainError::Dist("the gradient communication thread panicked".into())
                 })?;
                 let exposed = t_wait.elapsed().as_secs_f64();
+                for (k, v) in back_rx.try_iter() {
+                    pool.put_back(k, v);
+                }
                 computed?;
                 assert_eq!(
                     handed,
@@ -564,19 +621,34 @@ impl Dp {
                 Ok((comm?, exposed))
             })?
         } else {
-            let mut sink = BucketSink::new(grads, &buckets, None);
-            f(&mut sink)?;
+            let mut secs = 0.0;
+            let mut failed = None;
+            let mut handoff = |k: usize, mut piece: Piece<'_>| {
+                if failed.is_none() {
+                    match reduce(group, shard, k, piece.buf()) {
+                        Ok(t) => secs += t,
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                match piece {
+                    Piece::Owned(v) => Some((k, v)),
+                    Piece::Slice(_) => None,
+                }
+            };
+            let (computed, handed) =
+                run_backward(f, zero2, grads, &buckets, &mut pool, None, &mut handoff);
+            computed?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
             assert_eq!(
-                sink.next,
+                handed,
                 buckets.len(),
                 "backward reported every bucket final"
             );
-            let mut secs = 0.0;
-            for (k, buf) in std::mem::take(&mut sink.held) {
-                secs += reduce(group, shard, k, buf)?;
-            }
             (secs, secs)
         };
+        self.pool = pool;
         self.comm_secs += comm;
         self.exposed_secs += exposed;
         Ok(())
@@ -625,17 +697,22 @@ impl Dp {
             // Ring: the buckets were all-reduced in `backward`.
             return Ok(opt.step(layout, params, grads, cfg, par));
         }
-        // ZeRO: this rank's pieces of the reduced gradient (reduce-scattered in `backward`).
-        let owned = self.owned_ranges(params.len());
-        let mut g: Vec<f32> = match self.zero {
-            ZeroStage::Two => std::mem::take(&mut self.grad_shard),
-            _ => owned
-                .iter()
-                .flat_map(|r| grads[r.clone()].iter().copied())
-                .collect(),
+        // ZeRO: this rank's pieces of the reduced gradient, reduce-scattered in `backward`:
+        // in place in `grads` (stage 1) or accumulated in the shard (stage 2).
+        let len = if self.zero == ZeroStage::Two {
+            self.len
+        } else {
+            grads.len()
+        };
+        let owned = self.owned_ranges(len);
+        let zero2 = self.zero == ZeroStage::Two;
+        let mut shard = std::mem::take(&mut self.grad_shard);
+        let partial: f64 = if zero2 {
+            sum_squares(&shard)
+        } else {
+            owned.iter().map(|r| sum_squares(&grads[r.clone()])).sum()
         };
         // Global norm: each rank's f64 sum of squares, combined in rank order on every rank.
-        let partial: f64 = sum_squares(&g);
         let n = self.size();
         let bits = partial.to_bits();
         let mut all = vec![0.0f32; 2 * n];
@@ -660,7 +737,14 @@ impl Dp {
         self.exposed_secs += secs;
         let norm = total.sqrt();
         if let Some(max_norm) = cfg.grad_clip {
-            scale_inplace(&mut g, clip_factor(norm, max_norm));
+            let factor = clip_factor(norm, max_norm);
+            if zero2 {
+                scale_inplace(&mut shard, factor);
+            } else {
+                owned
+                    .iter()
+                    .for_each(|r| scale_inplace(&mut grads[r.clone()], factor));
+            }
         }
         opt.step += 1;
         let mut at = 0;
@@ -671,7 +755,11 @@ impl Dp {
                 &mut params[r.clone()],
                 &mut opt.m[at..at + k],
                 &mut opt.v[at..at + k],
-                &g[at..at + k],
+                if zero2 {
+                    &shard[at..at + k]
+                } else {
+                    &grads[r.clone()]
+                },
                 r.start,
                 cfg,
                 opt.step,
@@ -679,12 +767,10 @@ impl Dp {
             );
             at += k;
         }
-        if self.zero == ZeroStage::Two {
-            g.fill(0.0);
-            self.grad_shard = g;
-        }
+        shard.fill(0.0);
+        self.grad_shard = shard;
         let t2 = Instant::now();
-        for b in self.bucket_list(params.len()) {
+        for b in self.bucket_list(len) {
             self.group
                 .all_gather(&mut params[b])
                 .map_err(dist("ZeRO parameter all-gather"))?;
@@ -693,6 +779,31 @@ impl Dp {
         self.comm_secs += secs;
         self.exposed_secs += secs;
         Ok(norm)
+    }
+}
+
+/// Runs backward (`f`) with the sink for the ZeRO stage; returns backward's result and how many
+/// buckets it handed off.
+fn run_backward<'g, F>(
+    f: F,
+    zero2: bool,
+    grads: &'g mut [f32],
+    buckets: &[Range<usize>],
+    pool: &mut Zero2Pool,
+    back: Option<&Receiver<(usize, Vec<f32>)>>,
+    handoff: &mut Handoff<'g, '_>,
+) -> (Result<(), ModelError>, usize)
+where
+    F: FnOnce(&mut dyn GradSink) -> Result<(), ModelError>,
+{
+    if zero2 {
+        let mut sink = Zero2Sink::new(buckets, pool, back, handoff);
+        let r = f(&mut sink);
+        (r, sink.next)
+    } else {
+        let mut sink = BucketSink::new(grads, buckets, handoff);
+        let r = f(&mut sink);
+        (r, sink.next)
     }
 }
 
@@ -726,37 +837,54 @@ impl GradSink for Flat<'_> {
     fn ready(&mut self, _from: usize) {}
 }
 
+/// A finished gradient bucket on its way to be reduced: a piece of the flat buffer, or (ZeRO-2)
+/// a pool buffer, which comes back after the reduction.
+enum Piece<'g> {
+    Slice(&'g mut [f32]),
+    Owned(Vec<f32>),
+}
+
+impl Piece<'_> {
+    fn buf(&mut self) -> &mut [f32] {
+        match self {
+            Piece::Slice(s) => s,
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
+/// Where a finished bucket goes: to the communication thread (returns `None`), or reduced on
+/// the spot (returns a pool buffer for reuse).
+type Handoff<'g, 'h> = dyn FnMut(usize, Piece<'g>) -> Option<(usize, Vec<f32>)> + 'h;
+
 /// Hands each bucket of the flat gradient buffer off as soon as backward reports it final:
-/// the buffer is split at the bucket's start and the finished tail is sent to the
-/// communication thread (or held until backward ends). Backward keeps writing the head.
-struct BucketSink<'g, 'b> {
+/// the buffer is split at the bucket's start and the finished tail handed off. Backward keeps
+/// writing the part below.
+struct BucketSink<'g, 'b, 'h> {
     /// The part of the buffer backward may still write: `0..rest.len()`.
     rest: &'g mut [f32],
     buckets: &'b [Range<usize>],
     /// Buckets handed off so far.
     next: usize,
-    out: Option<std::sync::mpsc::Sender<(usize, &'g mut [f32])>>,
-    /// Without a thread: the handed-off buckets, in order.
-    held: Vec<(usize, &'g mut [f32])>,
+    handoff: &'h mut Handoff<'g, 'h>,
 }
 
-impl<'g, 'b> BucketSink<'g, 'b> {
+impl<'g, 'b, 'h> BucketSink<'g, 'b, 'h> {
     fn new(
         grads: &'g mut [f32],
         buckets: &'b [Range<usize>],
-        out: Option<std::sync::mpsc::Sender<(usize, &'g mut [f32])>>,
+        handoff: &'h mut Handoff<'g, 'h>,
     ) -> Self {
         BucketSink {
             rest: grads,
             buckets,
             next: 0,
-            out,
-            held: Vec::new(),
+            handoff,
         }
     }
 }
 
-impl GradSink for BucketSink<'_, '_> {
+impl GradSink for BucketSink<'_, '_, '_> {
     fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
         assert!(
             r.end <= self.rest.len(),
@@ -768,14 +896,141 @@ impl GradSink for BucketSink<'_, '_> {
     fn ready(&mut self, from: usize) {
         while let Some(b) = self.buckets.get(self.next).filter(|b| b.start >= from) {
             debug_assert_eq!(b.end, self.rest.len(), "buckets tile the buffer top down");
-            let (head, tail) = std::mem::take(&mut self.rest).split_at_mut(b.start);
-            self.rest = head;
-            match &self.out {
-                // A send fails only when the thread stopped on an error, which it reports.
-                Some(tx) => {
-                    let _ = tx.send((self.next, tail));
+            let (below, tail) = std::mem::take(&mut self.rest).split_at_mut(b.start);
+            self.rest = below;
+            (self.handoff)(self.next, Piece::Slice(tail));
+            self.next += 1;
+        }
+    }
+}
+
+/// ZeRO-2's gradient buffers (`plan::cpu_runtime::zero2_buffer_elems`): one for the last
+/// bucket (the tied embedding's, written by the LM head first and final only at the end), and
+/// rotating buffers as large as the largest other bucket.
+#[derive(Default)]
+struct Zero2Pool {
+    /// Index of the last bucket.
+    last_index: usize,
+    last: Option<Vec<f32>>,
+    free: Vec<Vec<f32>>,
+    /// Capacity of a rotating buffer.
+    cap: usize,
+}
+
+impl Zero2Pool {
+    fn new(buckets: &[Range<usize>]) -> Zero2Pool {
+        let Some((last, others)) = buckets.split_last() else {
+            return Zero2Pool::default();
+        };
+        let cap = others.iter().map(|b| b.len()).max().unwrap_or(0);
+        let n = (plan::cpu_runtime::ZERO2_GRAD_BUFFERS as usize).min(others.len());
+        Zero2Pool {
+            last_index: buckets.len() - 1,
+            last: Some(Vec::with_capacity(last.len())),
+            free: (0..n).map(|_| Vec::with_capacity(cap)).collect(),
+            cap,
+        }
+    }
+
+    fn elems(&self) -> usize {
+        self.last.as_ref().map_or(0, |v| v.capacity())
+            + self.free.iter().map(|v| v.capacity()).sum::<usize>()
+    }
+
+    fn put_back(&mut self, k: usize, v: Vec<f32>) {
+        if k == self.last_index {
+            self.last = Some(v);
+        } else {
+            self.free.push(v);
+        }
+    }
+
+    /// A zeroed buffer of `len` for bucket `k`, waiting for one to come back from the
+    /// communication thread if all are in flight.
+    fn take(
+        &mut self,
+        k: usize,
+        len: usize,
+        back: Option<&Receiver<(usize, Vec<f32>)>>,
+    ) -> Vec<f32> {
+        let mut buf = loop {
+            if k == self.last_index {
+                if let Some(v) = self.last.take() {
+                    break v;
                 }
-                None => self.held.push((self.next, tail)),
+            } else if let Some(v) = self.free.pop() {
+                break v;
+            }
+            match back.map(|r| r.recv()) {
+                Some(Ok((j, v))) => self.put_back(j, v),
+                // No buffer can come back (no thread, or it stopped on an error it reports):
+                // a fresh one keeps backward going.
+                _ => break Vec::with_capacity(len.max(self.cap)),
+            }
+        };
+        buf.clear();
+        buf.resize(len, 0.0);
+        buf
+    }
+}
+
+/// ZeRO-2's sink: each bucket's gradient goes into a pool buffer while backward writes it, and
+/// the buffer is handed off (reduce-scattered into the rank's shard, then reused) once final.
+struct Zero2Sink<'a, 'g, 'h> {
+    buckets: &'a [Range<usize>],
+    open: Vec<Option<Vec<f32>>>,
+    next: usize,
+    pool: &'a mut Zero2Pool,
+    back: Option<&'a Receiver<(usize, Vec<f32>)>>,
+    handoff: &'h mut Handoff<'g, 'h>,
+}
+
+impl<'a, 'g, 'h> Zero2Sink<'a, 'g, 'h> {
+    fn new(
+        buckets: &'a [Range<usize>],
+        pool: &'a mut Zero2Pool,
+        back: Option<&'a Receiver<(usize, Vec<f32>)>>,
+        handoff: &'h mut Handoff<'g, 'h>,
+    ) -> Self {
+        Zero2Sink {
+            buckets,
+            open: vec![None; buckets.len()],
+            next: 0,
+            pool,
+            back,
+            handoff,
+        }
+    }
+}
+
+impl GradSink for Zero2Sink<'_, '_, '_> {
+    fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
+        let k = self
+            .buckets
+            .iter()
+            .position(|b| b.contains(&r.start))
+            .expect("a gradient range inside the buffer");
+        let b = &self.buckets[k];
+        assert!(
+            k >= self.next && r.end <= b.end,
+            "backward wrote gradients {r:?} after reporting them final"
+        );
+        if self.open[k].is_none() {
+            self.open[k] = Some(self.pool.take(k, b.len(), self.back));
+        }
+        let buf = self.open[k].as_mut().expect("opened above");
+        &mut buf[r.start - b.start..r.end - b.start]
+    }
+
+    fn ready(&mut self, from: usize) {
+        while let Some(b) = self.buckets.get(self.next).filter(|b| b.start >= from) {
+            let k = self.next;
+            let buf = match self.open[k].take() {
+                Some(v) => v,
+                None => self.pool.take(k, b.len(), self.back),
+            };
+            if let Some((j, v)) = (self.handoff)(k, Piece::Owned(buf)) {
+                self.pool.put_back(j, v);
             }
             self.next += 1;
         }

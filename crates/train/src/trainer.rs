@@ -385,7 +385,9 @@ pub fn run(
     let par = Par::Threads(threads);
     let mcfg = layout.cfg.clone();
 
-    let mut grads = vec![0.0f32; layout.len()];
+    // ZeRO-2 writes gradients into the data-parallel bucket buffers instead (crate::dp).
+    let full_grads = dp.as_ref().is_none_or(|d| d.needs_full_grads());
+    let mut grads = vec![0.0f32; if full_grads { layout.len() } else { 0 }];
     let mut opt = AdamW {
         m: std::mem::take(&mut state.m),
         v: std::mem::take(&mut state.v),
@@ -424,6 +426,7 @@ pub fn run(
                 d.zero().number(),
                 dp_size as u64,
                 dp_rank as u64,
+                d.bucket_bytes() as u64,
             ),
             None => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
         },
