@@ -35,7 +35,7 @@ pub struct DpArgs {
     pub global_batch: Option<usize>,
     /// Gradient bucket size in MiB: a bucket (a range of whole layers) is reduced as soon as
     /// backward has finished it, while backward goes on with earlier layers.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = train::dp::DEFAULT_BUCKET_BYTES as f64 / 1048576.0)]
     pub bucket_mb: f64,
     /// Reduce the gradient buckets after backward instead of during it (for measuring what
     /// overlap hides). Always the case with --grad-sync mpi (MPI is called from one thread).

@@ -129,10 +129,10 @@ pub struct Dp {
     pub exposed_secs: f64,
 }
 
-/// Default gradient bucket size: 2 MiB, about one layer of the default model, so backward's
+/// Default gradient bucket size: 512 KiB, under one layer of the default model, so backward's
 /// later layers overlap the earlier layers' reduction (PyTorch DDP's default is 25 MiB, sized
 /// for GPUs and far larger models).
-pub const DEFAULT_BUCKET_BYTES: usize = 2 << 20;
+pub const DEFAULT_BUCKET_BYTES: usize = 512 << 10;
 
 /// Gradient buckets of `layout`: contiguous ranges between the points where backward reports
 /// gradients final ([`ParamLayout::ready_points`]), each closed at the first point at least
