@@ -1160,6 +1160,45 @@ mod tests {
     }
 
     #[test]
+    fn plan_predicts_the_same_buckets_for_every_stage_shape() {
+        let cfg = ModelConfig {
+            vocab_size: 50,
+            max_seq_len: 8,
+            n_layer: 5,
+            n_head: 2,
+            channels: 16,
+        };
+        let full = Shard::full(&cfg);
+        let shards = [
+            full.clone(),
+            Shard {
+                layers: 0..2,
+                has_head: false,
+                ..full.clone()
+            },
+            Shard {
+                layers: 2..5,
+                has_embedding: false,
+                ..full.clone()
+            },
+            Shard {
+                layers: 1..3,
+                has_embedding: false,
+                has_head: false,
+                ..full.clone()
+            },
+        ];
+        for shard in shards {
+            let l = ParamLayout::new(&cfg, &shard).unwrap();
+            for elems in [1, 500, 3000, 7000, usize::MAX] {
+                let ours: Vec<u64> = buckets(&l, elems).iter().map(|b| b.len() as u64).collect();
+                let plan = plan::cpu_runtime::grad_bucket_lens(&shard.dims(&cfg), elems as u64);
+                assert_eq!(ours, plan, "{shard:?}, {elems} elements");
+            }
+        }
+    }
+
+    #[test]
     fn zero_pieces_cover_every_element_once_across_ranks() {
         let l = layout(3);
         for n in 1..=4 {
