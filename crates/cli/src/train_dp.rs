@@ -33,6 +33,24 @@ pub struct DpArgs {
     /// Global batch in sequences = dp × batch_size × grad_accum; sets train.grad_accum (must divide).
     #[arg(long)]
     pub global_batch: Option<usize>,
+    /// Gradient bucket size in MiB: a bucket (a range of whole layers) is reduced as soon as
+    /// backward has finished it, while backward goes on with earlier layers.
+    #[arg(long, default_value_t = 2.0)]
+    pub bucket_mb: f64,
+    /// Reduce the gradient buckets after backward instead of during it (for measuring what
+    /// overlap hides). Always the case with --grad-sync mpi (MPI is called from one thread).
+    #[arg(long)]
+    pub no_overlap: bool,
+}
+
+impl DpArgs {
+    /// (bucket bytes, overlap) for `Dp::with_buckets`.
+    fn buckets(&self) -> (usize, bool) {
+        (
+            (self.bucket_mb * 1048576.0) as usize,
+            !self.no_overlap && self.grad_sync != "mpi",
+        )
+    }
 }
 
 /// What this process does.
@@ -54,6 +72,12 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     let zero = ZeroStage::from_number(a.zero)
         .with_context(|| format!("--zero {}: expected 0, 1 or 2", a.zero))?;
+    if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0) {
+        bail!(
+            "--bucket-mb {}: expected a positive size in MiB (e.g. 2; larger than the model = one bucket)",
+            a.bucket_mb
+        );
+    }
     if a.staleness.is_some() && a.grad_sync != "ps" {
         bail!("--staleness needs --grad-sync ps");
     }
@@ -158,7 +182,10 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
             None => comm::ps::PsMode::Sync,
         };
         return Ok(match Dp::parameter_server(world, servers, mode)? {
-            Role::Worker(d) => Setup::Worker(Arc::new(Mutex::new(d))),
+            Role::Worker(d) => {
+                let (bytes, overlap) = a.buckets();
+                Setup::Worker(Arc::new(Mutex::new(d.with_buckets(bytes, overlap))))
+            }
             Role::Server(s) => Setup::Server(s),
         });
     }
@@ -170,7 +197,10 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
             c.size()
         );
     }
-    Ok(Setup::Worker(Arc::new(Mutex::new(Dp::ring(c, zero)))))
+    let (bytes, overlap) = a.buckets();
+    Ok(Setup::Worker(Arc::new(Mutex::new(
+        Dp::ring(c, zero).with_buckets(bytes, overlap),
+    ))))
 }
 
 /// Starts `dp` (+ servers) copies of this program with the same arguments under

@@ -209,6 +209,31 @@ impl ParamLayout {
         l.ln1_w.start..l.fcproj_b.end
     }
 
+    /// Where this shard's head region starts (`ln_f`, and `lm_head` on a stage without the
+    /// embedding): the end of the last held layer, or of the embedding, or 0.
+    pub fn head_start(&self) -> usize {
+        match self.layers.len() {
+            0 => self.embed.as_ref().map_or(0, |e| e.wpe.end),
+            n => self.layer_range(n - 1).end,
+        }
+    }
+
+    /// The offsets at which [`crate::backward_into`] reports gradients final, in the order it
+    /// reports them: after the head `head_start()`, after each layer (last to first) its start,
+    /// after the embedding 0. `grads[p..]` is final at point `p`, so a gradient bucket is a
+    /// range between two of these points.
+    pub fn ready_points(&self) -> Vec<usize> {
+        let mut pts = vec![self.head_start()];
+        pts.extend(
+            (0..self.layers.len())
+                .rev()
+                .map(|i| self.layer_range(i).start),
+        );
+        pts.push(0);
+        pts.dedup();
+        pts
+    }
+
     /// GPT-2 initialisation from `seed` (Radford et al. 2019 §2.3, as nanoGPT does it):
     /// weights N(0, 0.02), residual projections (`c_proj`) N(0, 0.02/√(2·n_layer)), biases 0,
     /// norm weights 1, padded vocabulary rows 0. Each tensor draws from its own stream seeded by

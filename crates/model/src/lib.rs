@@ -25,4 +25,4 @@ pub use config::{ModelConfig, Shard};
 pub use error::ModelError;
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
 pub use optim::{AdamW, AdamWConfig};
-pub use step::{backward, forward, GradInput, NoTp, StageInput, TpReduce};
+pub use step::{backward, backward_into, forward, GradInput, GradSink, NoTp, StageInput, TpReduce};

@@ -39,6 +39,28 @@ impl TpReduce for NoTp {
     fn all_reduce_sum(&mut self, _buf: &mut [f32]) {}
 }
 
+/// Where [`backward_into`] accumulates parameter gradients, and who hears when a region of them
+/// is final. Offsets are the [`ParamLayout`]'s. Backward asks for one layer's range, the
+/// embedding's (`wte..wpe`), the head's norm (`ln_f.w..ln_f.b`) or the LM head at a time, and
+/// after [`GradSink::ready`]`(p)` never touches offsets `≥ p` again in that call: a data-parallel
+/// caller can reduce `[p, previous p)` while backward goes on (the points are
+/// [`ParamLayout::ready_points`]).
+pub trait GradSink {
+    /// Storage for the gradient of the flat range `r`; backward adds (`+=`) into it.
+    fn slice(&mut self, r: Range<usize>) -> &mut [f32];
+    /// The gradients at offsets `≥ from` are final for this backward call. Successive points
+    /// never increase; one may repeat (a stage without layers reports its head start and 0).
+    fn ready(&mut self, from: usize);
+}
+
+/// A flat gradient buffer laid out like the parameters.
+impl GradSink for [f32] {
+    fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
+        &mut self[r]
+    }
+    fn ready(&mut self, _from: usize) {}
+}
+
 /// What a stage starts from.
 #[derive(Clone, Copy, Debug)]
 pub enum StageInput<'a> {
@@ -263,14 +285,31 @@ pub fn backward(
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
     assert_eq!(
-        params.len(),
-        layout.len(),
-        "backward: params length vs layout"
-    );
-    assert_eq!(
         grads.len(),
         layout.len(),
         "backward: grads length vs layout"
+    );
+    backward_into(layout, params, grads, acts, input, grad_in, par, tp)
+}
+
+/// [`backward`] into any [`GradSink`]: the same arithmetic in the same order, with the sink told
+/// after the head, each layer and the embedding which gradients are final (for overlapping
+/// their reduction with the rest of backward).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<G: GradSink + ?Sized>(
+    layout: &ParamLayout,
+    params: &[f32],
+    grads: &mut G,
+    acts: &mut Activations,
+    input: StageInput<'_>,
+    grad_in: GradInput<'_>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<(), ModelError> {
+    assert_eq!(
+        params.len(),
+        layout.len(),
+        "backward: params length vs layout"
     );
     let cfg = &layout.cfg;
     let (b, t, c) = (acts.b, acts.t, cfg.channels);
@@ -301,7 +340,7 @@ pub fn backward(
             );
             matmul_backward(
                 &mut acts.d_ln,
-                &mut grads[hp.wte.clone()],
+                grads.slice(hp.wte.clone()),
                 None,
                 &h.logits,
                 &h.lnf,
@@ -311,7 +350,9 @@ pub fn backward(
                 vp,
                 par,
             );
-            let [d_w, d_b] = disjoint_mut(grads, [hp.lnf_w.clone(), hp.lnf_b.clone()]);
+            let (d_w, d_b) = grads
+                .slice(hp.lnf_w.start..hp.lnf_b.end)
+                .split_at_mut(hp.lnf_w.len());
             layernorm_backward(
                 &mut acts.d_res,
                 d_w,
@@ -336,28 +377,32 @@ pub fn backward(
             panic!("backward: hidden gradient given to the last stage")
         }
     }
+    grads.ready(layout.head_start());
     // Blocks, last to first. d_res holds ∂loss/∂(block output) on entry, ∂loss/∂(block input) on exit.
     for i in (0..nl).rev() {
         let lp = &layout.layers[i];
         let (done, rest) = acts.layers.split_at_mut(i);
         let x: &[f32] = done.last().map_or(&acts.input, |prev| &prev.res3);
         let a = &rest[0];
+        let lr = layout.layer_range(i);
+        let base = lr.start;
+        let at = |r: &Range<usize>| r.start - base..r.end - base;
         let [g_ln1_w, g_ln1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_ln2_w, g_ln2_b, g_fc_w, g_fc_b, g_fcproj_w, g_fcproj_b] =
             disjoint_mut(
-                grads,
+                grads.slice(lr),
                 [
-                    lp.ln1_w.clone(),
-                    lp.ln1_b.clone(),
-                    lp.qkv_w.clone(),
-                    lp.qkv_b.clone(),
-                    lp.proj_w.clone(),
-                    lp.proj_b.clone(),
-                    lp.ln2_w.clone(),
-                    lp.ln2_b.clone(),
-                    lp.fc_w.clone(),
-                    lp.fc_b.clone(),
-                    lp.fcproj_w.clone(),
-                    lp.fcproj_b.clone(),
+                    at(&lp.ln1_w),
+                    at(&lp.ln1_b),
+                    at(&lp.qkv_w),
+                    at(&lp.qkv_b),
+                    at(&lp.proj_w),
+                    at(&lp.proj_b),
+                    at(&lp.ln2_w),
+                    at(&lp.ln2_b),
+                    at(&lp.fc_w),
+                    at(&lp.fc_b),
+                    at(&lp.fcproj_w),
+                    at(&lp.fcproj_b),
                 ],
             );
         let d_fch_gelu = &mut acts.d_big1[..bt * 4 * cl];
@@ -457,17 +502,21 @@ pub fn backward(
             c,
         );
         add_inplace(&mut acts.d_res, &acts.tmp, par);
+        grads.ready(base);
     }
     // Embedding.
     match (input, &layout.embed) {
         (StageInput::Tokens(tokens), Some(e)) => {
             check_tokens("tokens", tokens, acts, v)?;
-            let [d_wte, d_wpe] = disjoint_mut(grads, [e.wte.clone(), e.wpe.clone()]);
+            let (d_wte, d_wpe) = grads
+                .slice(e.wte.start..e.wpe.end)
+                .split_at_mut(e.wte.len());
             encoder_backward(d_wte, d_wpe, &acts.d_res, tokens, b, t, c);
         }
         (StageInput::Hidden(_), None) => {} // d_res is the gradient to send back
         _ => panic!("backward: stage input kind does not match the layout"),
     }
+    grads.ready(0);
     Ok(())
 }
 

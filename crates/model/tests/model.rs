@@ -4,8 +4,8 @@
 use kernels::rng::Rng;
 use kernels::Par;
 use model::{
-    backward, forward, Activations, GradInput, ModelConfig, NoTp, ParamLayout, Shard, StageInput,
-    TpReduce,
+    backward, backward_into, forward, Activations, GradInput, GradSink, ModelConfig, NoTp,
+    ParamLayout, Shard, StageInput, TpReduce,
 };
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -401,4 +401,136 @@ fn backward_accumulates_and_bad_tokens_are_errors() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("tokens has 3 elements"), "{err}");
+}
+
+/// Records what backward asks of its gradient sink, and checks the sink contract: no range at or
+/// above a reported ready point is touched afterwards.
+struct Recording {
+    buf: Vec<f32>,
+    ready: Vec<usize>,
+    /// Snapshot of `buf[p..]` when `p` was reported.
+    snapshots: Vec<Vec<f32>>,
+}
+
+impl GradSink for Recording {
+    fn slice(&mut self, r: std::ops::Range<usize>) -> &mut [f32] {
+        if let Some(&p) = self.ready.last() {
+            assert!(
+                r.end <= p,
+                "backward asked for {r:?} after reporting {p} ready"
+            );
+        }
+        &mut self.buf[r]
+    }
+    fn ready(&mut self, from: usize) {
+        self.ready.push(from);
+        self.snapshots.push(self.buf[from..].to_vec());
+    }
+}
+
+#[test]
+fn backward_reports_final_gradients_in_layout_order_for_every_stage_shape() {
+    let cfg = tiny();
+    let (b, t) = (2, 8);
+    let (x, y) = data(&cfg, b * t, 3);
+    for shard in [
+        Shard::full(&cfg),
+        Shard {
+            layers: 0..2,
+            has_head: false,
+            ..Shard::full(&cfg)
+        },
+        Shard {
+            layers: 2..3,
+            has_embedding: false,
+            ..Shard::full(&cfg)
+        },
+    ] {
+        let layout = ParamLayout::new(&cfg, &shard).unwrap();
+        let params = big_params(&layout, 5);
+        let mut acts = Activations::new(&layout, b, t);
+        let hidden = vec![0.01f32; b * t * cfg.channels];
+        let input = if shard.has_embedding {
+            StageInput::Tokens(&x)
+        } else {
+            StageInput::Hidden(&hidden)
+        };
+        let targets = shard.has_head.then_some(&y[..]);
+        forward(
+            &layout,
+            &params,
+            &mut acts,
+            input,
+            targets,
+            Par::Seq,
+            &mut NoTp,
+        )
+        .unwrap();
+        let grad_in = if shard.has_head {
+            GradInput::Loss {
+                targets: &y,
+                d_loss: 1.0 / (b * t) as f32,
+            }
+        } else {
+            GradInput::Hidden(&hidden)
+        };
+        let mut flat = vec![0.0f32; layout.len()];
+        let mut rec = Recording {
+            buf: vec![0.0f32; layout.len()],
+            ready: Vec::new(),
+            snapshots: Vec::new(),
+        };
+        let mut acts2 = Activations::new(&layout, b, t);
+        forward(
+            &layout,
+            &params,
+            &mut acts2,
+            input,
+            targets,
+            Par::Seq,
+            &mut NoTp,
+        )
+        .unwrap();
+        backward(
+            &layout,
+            &params,
+            &mut flat,
+            &mut acts,
+            input,
+            grad_in,
+            Par::Seq,
+            &mut NoTp,
+        )
+        .unwrap();
+        backward_into(
+            &layout,
+            &params,
+            &mut rec,
+            &mut acts2,
+            input,
+            grad_in,
+            Par::Seq,
+            &mut NoTp,
+        )
+        .unwrap();
+        assert!(
+            rec.ready.windows(2).all(|w| w[1] <= w[0]),
+            "points never increase"
+        );
+        let mut points = rec.ready.clone();
+        points.dedup();
+        assert_eq!(points, layout.ready_points(), "{shard:?}");
+        assert_eq!(
+            rec.buf, flat,
+            "the sink path computes the same bits ({shard:?})"
+        );
+        for (p, snap) in rec.ready.iter().zip(&rec.snapshots) {
+            assert_eq!(
+                snap[..],
+                flat[*p..],
+                "gradients at {p}.. changed after being reported final"
+            );
+        }
+        assert!(flat.iter().any(|&g| g != 0.0));
+    }
 }

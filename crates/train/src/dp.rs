@@ -10,21 +10,30 @@
 //!    batch order; rank `r` trains micro-batches `r·K .. (r+1)·K` (K = `grad_accum`). Every rank
 //!    advances the same batcher, so the data position (and a checkpoint) is rank-independent
 //!    and the same as a 1-rank run with `grad_accum = dp × K`.
-//! 4. **Gradient sync** ([`Dp::step`]), once per optimizer step, after the last micro-batch
-//!    (micro-steps never communicate): each rank's loss gradient is scaled by
-//!    `1/(b·t·K·dp)`, so a *sum* reduction gives the global mean gradient.
-//!    - `ring`: ring all-reduce (sum), then every rank runs the same AdamW on the same bits.
-//!    - `ps`: push to / pull from the parameter servers (`comm::ps`, synchronous: the servers fold
-//!      workers 0, 1, … in order), then as `ring`.
-//!    - ZeRO-1/2: reduce-scatter; rank `r` owns `shard_range(len, dp, r)` of `m`, `v` (and, stage
-//!      2, of the reduced gradient); the global gradient norm is the rank-ordered f64 sum of the
-//!      shards' sums of squares; AdamW runs on the shard; an all-gather rebuilds the parameters.
+//! 4. **Gradient sync** in gradient **buckets** ([`buckets`]): contiguous ranges of whole layers
+//!    of the flat buffer, closed at the first layer boundary past `--bucket-mb`. Backward
+//!    reports each region final as it finishes it (`model::GradSink`; head first, the embedding
+//!    — tied to the LM head, so final only at the very end — last), and [`Dp::backward`] hands
+//!    the bucket to a **communication thread** that reduces it while backward goes on with
+//!    earlier layers (`--no-overlap`: after backward, same buckets, same bits). Only the last
+//!    micro-step of a step communicates (ZeRO-2: every micro-step). Each rank's loss gradient is
+//!    scaled by `1/(b·t·K·dp)`, so a *sum* reduction gives the global mean gradient.
+//!    - `ring`: all-reduce (sum) per bucket, then every rank runs the same AdamW on the same bits.
+//!    - `ps`: after backward, push to / pull from the parameter servers (`comm::ps`,
+//!      synchronous: the servers fold workers 0, 1, … in order), then as `ring`. No overlap.
+//!    - ZeRO-1/2: reduce-scatter per bucket; rank `r` owns the piece `shard_range(bucket, dp, r)`
+//!      of every bucket ([`Dp::owned_ranges`]) in `m`, `v` (and, stage 2, the reduced gradient,
+//!      accumulated over micro-steps); the global gradient norm is the rank-ordered f64 sum of
+//!      the pieces' sums of squares; AdamW runs on the pieces; an all-gather per bucket rebuilds
+//!      the parameters.
+//!
+//!    The step report splits the step into compute, communication (on any thread) and
+//!    *exposed* communication (what the training thread waited for).
 //!
 //! ```text
-//!   rank 0: fwd/bwd mb 0..K ─┐                         ┌─ AdamW(all) ── same params
-//!                            ├─ all-reduce(sum) ───────┤
-//!   rank 1: fwd/bwd mb K..2K ┘                         └─ AdamW(all) ── same params
-//!   ZeRO:                      reduce-scatter ─ AdamW(own range) ─ all-gather(params)
+//!   backward:   head+L3 ─ L2 ─ L1 ─ L0 ─ embedding ┐
+//!   comm thread:   all-reduce(b0) ─ all-reduce(b1) ─ … all-reduce(b_embed) ┤─ AdamW ─ same params
+//!   ZeRO:          reduce-scatter(b_k) … ─ AdamW(own pieces) ─ all-gather(params, per bucket)
 //! ```
 //! Checkpoints (`checkpoint::save_rank`): rank 0 writes the weights once. Under ZeRO every rank
 //! writes the ranges of `m`, `v` it holds ([`Dp::owned_ranges`]) to its own file, the ranks
@@ -36,12 +45,15 @@
 //!
 //! This module never touches files; it only talks to the other ranks.
 
+// One-element lists of offset ranges (the whole buffer as one bucket / one piece) are meant.
+#![allow(clippy::single_range_in_vec_init)]
+
 use crate::error::TrainError;
 use comm::ps::{PsLayout, PsMode};
 use comm::{shard_range, Comm, Communicator, ReduceOp};
 use kernels::adamw::{adamw_update, clip_factor, scale_inplace, sum_squares, AdamWStep};
 use kernels::Par;
-use model::{AdamW, AdamWConfig, ParamLayout};
+use model::{AdamW, AdamWConfig, GradSink, ModelError, ParamLayout};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
 use std::time::Instant;
@@ -97,12 +109,47 @@ pub struct Dp {
     /// Parameter-server mode: the world communicator and who serves.
     ps: Option<(Comm, PsLayout)>,
     zero: ZeroStage,
-    /// ZeRO-2: this rank's range of the reduced gradient (accumulated over micro-steps).
+    /// ZeRO-2: this rank's pieces of the reduced gradient (accumulated over micro-steps),
+    /// concatenated like [`Dp::owned_ranges`].
     grad_shard: Vec<f32>,
     /// Asynchronous parameter server: the weights every rank started from (θ is added to them).
     async_base: Option<Vec<f32>>,
-    /// Seconds spent in gradient communication so far.
+    /// Gradient buckets in the order backward finishes them (highest offsets first); set by
+    /// [`Dp::attach`]. Empty = one bucket, the whole buffer.
+    buckets: Vec<Range<usize>>,
+    /// Target bucket size in bytes (a bucket closes at the first layer boundary past it).
+    bucket_bytes: usize,
+    /// Reduce buckets on a communication thread while backward goes on.
+    overlap: bool,
+    /// Seconds spent in gradient communication so far (on any thread).
     pub comm_secs: f64,
+    /// Seconds the training thread waited for gradient communication so far (the part of
+    /// `comm_secs` not hidden behind backward).
+    pub exposed_secs: f64,
+}
+
+/// Default gradient bucket size: 2 MiB, about one layer of the default model, so backward's
+/// later layers overlap the earlier layers' reduction (PyTorch DDP's default is 25 MiB, sized
+/// for GPUs and far larger models).
+pub const DEFAULT_BUCKET_BYTES: usize = 2 << 20;
+
+/// Gradient buckets of `layout`: contiguous ranges between the points where backward reports
+/// gradients final ([`ParamLayout::ready_points`]), each closed at the first point at least
+/// `bucket_elems` below its top, in the order backward finishes them (highest offsets first).
+/// They tile `0..layout.len()`.
+pub fn buckets(layout: &ParamLayout, bucket_elems: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut hi = layout.len();
+    for p in layout.ready_points() {
+        if p < hi && hi - p >= bucket_elems.max(1) {
+            out.push(p..hi);
+            hi = p;
+        }
+    }
+    if hi > 0 {
+        out.push(0..hi);
+    }
+    out
 }
 
 impl std::fmt::Debug for Dp {
@@ -158,8 +205,37 @@ impl Dp {
             zero,
             grad_shard: Vec::new(),
             async_base: None,
+            buckets: Vec::new(),
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            overlap: true,
             comm_secs: 0.0,
+            exposed_secs: 0.0,
         }
+    }
+
+    /// Sets the gradient bucket size and whether buckets are reduced during backward (on a
+    /// communication thread) or after it. Every rank must use the same values (they are part
+    /// of the fingerprint). Call before [`Dp::attach`].
+    pub fn with_buckets(mut self, bucket_bytes: usize, overlap: bool) -> Dp {
+        self.bucket_bytes = bucket_bytes.max(4);
+        self.overlap = overlap;
+        self
+    }
+
+    /// Whether buckets are reduced during backward.
+    pub fn overlap(&self) -> bool {
+        self.overlap
+    }
+
+    /// The gradient buckets ([`buckets`]) once attached.
+    pub fn bucket_ranges(&self) -> &[Range<usize>] {
+        &self.buckets
+    }
+
+    /// Lays the gradient buckets (and so the ZeRO pieces) out over `layout`. Call once, before
+    /// the optimizer state is sharded or loaded.
+    pub fn attach(&mut self, layout: &ParamLayout) {
+        self.buckets = buckets(layout, self.bucket_bytes / 4);
     }
 
     /// Parameter-server data parallelism over the world `comm`: the last `servers` ranks serve
@@ -195,7 +271,11 @@ impl Dp {
             zero: ZeroStage::Off,
             grad_shard: Vec::new(),
             async_base: matches!(mode, PsMode::Async { .. }).then(Vec::new),
+            buckets: Vec::new(),
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            overlap: true,
             comm_secs: 0.0,
+            exposed_secs: 0.0,
         }))
     }
 
@@ -214,19 +294,36 @@ impl Dp {
         self.zero
     }
 
-    /// This rank's offset range of a `len`-element flat buffer (ZeRO shards).
-    pub fn shard(&self, len: usize) -> Range<usize> {
-        shard_range(len, self.size(), self.rank())
-    }
-
     /// The offset ranges of the flat buffer whose optimizer state (`m`, `v`) this rank holds,
-    /// in order: `opt.m` / `opt.v` are these ranges concatenated. The whole buffer without
-    /// ZeRO; this rank's shard under ZeRO-1/2.
+    /// in increasing order: `opt.m` / `opt.v` are these ranges concatenated. The whole buffer
+    /// without ZeRO; under ZeRO-1/2 this rank's piece `shard_range(bucket, dp, rank)` of every
+    /// gradient bucket (so each bucket is reduce-scattered as soon as backward finishes it).
     pub fn owned_ranges(&self, len: usize) -> Vec<Range<usize>> {
-        match self.zero {
-            ZeroStage::Off => vec![0..len],
-            _ => vec![self.shard(len)],
+        if self.zero == ZeroStage::Off {
+            return vec![0..len];
         }
+        let whole = [0..len];
+        let buckets: &[Range<usize>] = if self.buckets.is_empty() {
+            &whole
+        } else {
+            assert_eq!(
+                self.buckets.iter().map(|b| b.len()).sum::<usize>(),
+                len,
+                "owned_ranges: length vs the attached layout"
+            );
+            &self.buckets
+        };
+        let (n, r) = (self.size(), self.rank());
+        let mut out: Vec<Range<usize>> = buckets
+            .iter()
+            .map(|b| {
+                let p = shard_range(b.len(), n, r);
+                b.start + p.start..b.start + p.end
+            })
+            .filter(|p| !p.is_empty())
+            .collect();
+        out.sort_by_key(|p| p.start);
+        out
     }
 
     /// All-gathers a 32-byte digest from every rank; returns the ranks whose digest differs
@@ -246,12 +343,18 @@ impl Dp {
 
     /// Start of a run: every rank must have the same config and data (see the module docs).
     pub fn check_fingerprint(&mut self, fingerprint: &[u8; 32]) -> Result<(), TrainError> {
-        let bad = self.differing_ranks(fingerprint, "exchanging the config/data fingerprint")?;
+        // The data-parallel settings that shape the collectives join the config's fingerprint.
+        let mut h = Sha256::new();
+        h.update(fingerprint);
+        h.update([self.zero.number(), u8::from(self.overlap)]);
+        h.update((self.bucket_bytes as u64).to_le_bytes());
+        let fingerprint: [u8; 32] = h.finalize().into();
+        let bad = self.differing_ranks(&fingerprint, "exchanging the config/data fingerprint")?;
         if !bad.is_empty() {
             return Err(TrainError::Dist(format!(
                 "rank(s) {bad:?} started with a different config or data than rank 0 (fingerprint of \
-                 the resolved config and the token streams differs); start every rank with the same \
-                 --config, --set flags and data files"
+                 the resolved config, the token streams and the data-parallel flags differs); start every \
+                 rank with the same --config, --set, --zero, --bucket-mb and --no-overlap flags and data files"
             )));
         }
         Ok(())
@@ -338,7 +441,7 @@ impl Dp {
             "shard_optimizer: v is not this rank's ranges"
         );
         if self.zero == ZeroStage::Two {
-            self.grad_shard = vec![0.0; self.shard(len).len()];
+            self.grad_shard = vec![0.0; opt.m.len()];
         }
     }
 
@@ -422,22 +525,108 @@ impl Dp {
         Ok(())
     }
 
-    /// ZeRO-2 with gradient accumulation: after a micro-step that is not the last, reduce this
-    /// micro-step's gradients into the shard accumulator and clear the full buffer.
-    pub fn after_micro_step(&mut self, grads: &mut [f32], last: bool) -> Result<(), TrainError> {
-        if self.zero != ZeroStage::Two || last {
-            return Ok(());
+    /// The attached buckets, or the whole buffer as one.
+    fn bucket_list(&self, len: usize) -> Vec<Range<usize>> {
+        if self.buckets.is_empty() {
+            vec![0..len]
+        } else {
+            self.buckets.clone()
         }
-        let t0 = Instant::now();
-        let r = self
-            .group
-            .reduce_scatter(grads, ReduceOp::Sum)
-            .map_err(dist("ZeRO-2 gradient reduce-scatter"))?;
-        for (a, g) in self.grad_shard.iter_mut().zip(&grads[r]) {
-            *a += *g;
+    }
+
+    /// Runs one micro-step's backward (`f`, e.g. `model::backward_into`) into `grads` and
+    /// reduces the gradients if this micro-step communicates: the last micro-step of a step
+    /// (ring, ZeRO-1), or every micro-step (ZeRO-2, whose reduced pieces accumulate in the
+    /// shard). Each bucket is reduced as soon as backward reports it final — on a
+    /// communication thread while backward goes on (overlap), or after backward. Parameter
+    /// servers reduce in [`Dp::step`] instead.
+    pub fn backward<F>(&mut self, last: bool, grads: &mut [f32], f: F) -> Result<(), TrainError>
+    where
+        F: FnOnce(&mut dyn GradSink) -> Result<(), ModelError>,
+    {
+        let communicate = self.ps.is_none() && (last || self.zero == ZeroStage::Two);
+        if !communicate {
+            return Ok(f(&mut Flat(grads))?);
         }
-        grads.fill(0.0);
-        self.comm_secs += t0.elapsed().as_secs_f64();
+        let buckets = self.bucket_list(grads.len());
+        let owned = self.owned_ranges(grads.len());
+        // Where each bucket's piece starts in the concatenated ZeRO-2 shard.
+        let piece_at = piece_offsets(&buckets, &owned);
+        let zero = self.zero;
+        let group = &mut self.group;
+        let shard = &mut self.grad_shard;
+        let reduce = |group: &mut Box<dyn Communicator>,
+                      shard: &mut Vec<f32>,
+                      k: usize,
+                      buf: &mut [f32]|
+         -> Result<f64, TrainError> {
+            let t0 = Instant::now();
+            match zero {
+                ZeroStage::Off => group
+                    .all_reduce(buf, ReduceOp::Sum)
+                    .map_err(dist("gradient all-reduce"))?,
+                ZeroStage::One => {
+                    group
+                        .reduce_scatter(buf, ReduceOp::Sum)
+                        .map_err(dist("ZeRO-1 gradient reduce-scatter"))?;
+                }
+                ZeroStage::Two => {
+                    let p = group
+                        .reduce_scatter(buf, ReduceOp::Sum)
+                        .map_err(dist("ZeRO-2 gradient reduce-scatter"))?;
+                    let at = piece_at[k];
+                    for (a, g) in shard[at..at + p.len()].iter_mut().zip(&buf[p]) {
+                        *a += *g;
+                    }
+                    // The next micro-step's backward accumulates from zero.
+                    buf.fill(0.0);
+                }
+            }
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        let (comm, exposed) = if self.overlap {
+            std::thread::scope(|s| -> Result<(f64, f64), TrainError> {
+                let (tx, rx) = std::sync::mpsc::channel::<(usize, &mut [f32])>();
+                let worker = s.spawn(move || -> Result<f64, TrainError> {
+                    let mut secs = 0.0;
+                    for (k, buf) in rx {
+                        secs += reduce(group, shard, k, buf)?;
+                    }
+                    Ok(secs)
+                });
+                let mut sink = BucketSink::new(grads, &buckets, Some(tx));
+                let computed = f(&mut sink);
+                let handed = sink.next;
+                drop(sink); // closes the channel: the worker ends after the last bucket
+                let t_wait = Instant::now();
+                let comm = worker.join().map_err(|_| {
+                    TrainError::Dist("the gradient communication thread panicked".into())
+                })?;
+                let exposed = t_wait.elapsed().as_secs_f64();
+                computed?;
+                assert_eq!(
+                    handed,
+                    buckets.len(),
+                    "backward reported every bucket final"
+                );
+                Ok((comm?, exposed))
+            })?
+        } else {
+            let mut sink = BucketSink::new(grads, &buckets, None);
+            f(&mut sink)?;
+            assert_eq!(
+                sink.next,
+                buckets.len(),
+                "backward reported every bucket final"
+            );
+            let mut secs = 0.0;
+            for (k, buf) in std::mem::take(&mut sink.held) {
+                secs += reduce(group, shard, k, buf)?;
+            }
+            (secs, secs)
+        };
+        self.comm_secs += comm;
+        self.exposed_secs += exposed;
         Ok(())
     }
 
@@ -468,36 +657,33 @@ impl Dp {
             for (p, (b, theta)) in params.iter_mut().zip(base.iter().zip(grads.iter())) {
                 *p = b + theta;
             }
-            self.comm_secs += t1.elapsed().as_secs_f64();
+            let secs = t1.elapsed().as_secs_f64();
+            self.comm_secs += secs;
+            self.exposed_secs += secs;
             return Ok(norm);
         }
         if self.zero == ZeroStage::Off {
-            match &mut self.ps {
-                Some((world, ps)) => comm::ps::worker_step(world, ps, grads)
-                    .map_err(dist("parameter-server gradient push/pull"))?,
-                None => self
-                    .group
-                    .all_reduce(grads, ReduceOp::Sum)
-                    .map_err(dist("gradient all-reduce"))?,
+            if let Some((world, ps)) = &mut self.ps {
+                comm::ps::worker_step(world, ps, grads)
+                    .map_err(dist("parameter-server gradient push/pull"))?;
+                let secs = t0.elapsed().as_secs_f64();
+                self.comm_secs += secs;
+                self.exposed_secs += secs;
             }
-            self.comm_secs += t0.elapsed().as_secs_f64();
+            // Ring: the buckets were all-reduced in `backward`.
             return Ok(opt.step(layout, params, grads, cfg, par));
         }
-        let r = self
-            .group
-            .reduce_scatter(grads, ReduceOp::Sum)
-            .map_err(dist("ZeRO gradient reduce-scatter"))?;
-        if self.zero == ZeroStage::Two {
-            // Earlier micro-steps' reduced gradients, then this one's (the sum order of a
-            // 1-rank run's accumulation is not kept: a tolerance, see the tests).
-            for (g, a) in grads[r.clone()].iter_mut().zip(&mut self.grad_shard) {
-                *g += *a;
-                *a = 0.0;
-            }
-        }
-        self.comm_secs += t0.elapsed().as_secs_f64();
+        // ZeRO: this rank's pieces of the reduced gradient (reduce-scattered in `backward`).
+        let owned = self.owned_ranges(params.len());
+        let mut g: Vec<f32> = match self.zero {
+            ZeroStage::Two => std::mem::take(&mut self.grad_shard),
+            _ => owned
+                .iter()
+                .flat_map(|r| grads[r.clone()].iter().copied())
+                .collect(),
+        };
         // Global norm: each rank's f64 sum of squares, combined in rank order on every rank.
-        let partial = sum_squares(&grads[r.clone()]);
+        let partial: f64 = sum_squares(&g);
         let n = self.size();
         let bits = partial.to_bits();
         let mut all = vec![0.0f32; 2 * n];
@@ -517,29 +703,130 @@ impl Dp {
                 )
             })
             .sum();
-        self.comm_secs += t1.elapsed().as_secs_f64();
+        let secs = t1.elapsed().as_secs_f64();
+        self.comm_secs += secs;
+        self.exposed_secs += secs;
         let norm = total.sqrt();
         if let Some(max_norm) = cfg.grad_clip {
-            scale_inplace(&mut grads[r.clone()], clip_factor(norm, max_norm));
+            scale_inplace(&mut g, clip_factor(norm, max_norm));
         }
         opt.step += 1;
-        adamw_range(
-            layout,
-            &mut params[r.clone()],
-            &mut opt.m,
-            &mut opt.v,
-            &grads[r.clone()],
-            r.start,
-            cfg,
-            opt.step,
-            par,
-        );
+        let mut at = 0;
+        for r in &owned {
+            let k = r.len();
+            adamw_range(
+                layout,
+                &mut params[r.clone()],
+                &mut opt.m[at..at + k],
+                &mut opt.v[at..at + k],
+                &g[at..at + k],
+                r.start,
+                cfg,
+                opt.step,
+                par,
+            );
+            at += k;
+        }
+        if self.zero == ZeroStage::Two {
+            g.fill(0.0);
+            self.grad_shard = g;
+        }
         let t2 = Instant::now();
-        self.group
-            .all_gather(params)
-            .map_err(dist("ZeRO parameter all-gather"))?;
-        self.comm_secs += t2.elapsed().as_secs_f64();
+        for b in self.bucket_list(params.len()) {
+            self.group
+                .all_gather(&mut params[b])
+                .map_err(dist("ZeRO parameter all-gather"))?;
+        }
+        let secs = t2.elapsed().as_secs_f64();
+        self.comm_secs += secs;
+        self.exposed_secs += secs;
         Ok(norm)
+    }
+}
+
+/// For each bucket, where its piece (its overlap with `owned`) starts in the concatenation of
+/// `owned` (0 for buckets without one).
+fn piece_offsets(buckets: &[Range<usize>], owned: &[Range<usize>]) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(owned.len());
+    let mut at = 0;
+    for r in owned {
+        starts.push((r.start, at));
+        at += r.len();
+    }
+    buckets
+        .iter()
+        .map(|b| {
+            starts
+                .iter()
+                .find(|(s, _)| b.contains(s))
+                .map_or(0, |&(_, at)| at)
+        })
+        .collect()
+}
+
+/// A flat gradient buffer as a [`GradSink`] (no communication).
+struct Flat<'g>(&'g mut [f32]);
+
+impl GradSink for Flat<'_> {
+    fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
+        &mut self.0[r]
+    }
+    fn ready(&mut self, _from: usize) {}
+}
+
+/// Hands each bucket of the flat gradient buffer off as soon as backward reports it final:
+/// the buffer is split at the bucket's start and the finished tail is sent to the
+/// communication thread (or held until backward ends). Backward keeps writing the head.
+struct BucketSink<'g, 'b> {
+    /// The part of the buffer backward may still write: `0..rest.len()`.
+    rest: &'g mut [f32],
+    buckets: &'b [Range<usize>],
+    /// Buckets handed off so far.
+    next: usize,
+    out: Option<std::sync::mpsc::Sender<(usize, &'g mut [f32])>>,
+    /// Without a thread: the handed-off buckets, in order.
+    held: Vec<(usize, &'g mut [f32])>,
+}
+
+impl<'g, 'b> BucketSink<'g, 'b> {
+    fn new(
+        grads: &'g mut [f32],
+        buckets: &'b [Range<usize>],
+        out: Option<std::sync::mpsc::Sender<(usize, &'g mut [f32])>>,
+    ) -> Self {
+        BucketSink {
+            rest: grads,
+            buckets,
+            next: 0,
+            out,
+            held: Vec::new(),
+        }
+    }
+}
+
+impl GradSink for BucketSink<'_, '_> {
+    fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
+        assert!(
+            r.end <= self.rest.len(),
+            "backward wrote gradients {r:?} after reporting them final"
+        );
+        &mut self.rest[r]
+    }
+
+    fn ready(&mut self, from: usize) {
+        while let Some(b) = self.buckets.get(self.next).filter(|b| b.start >= from) {
+            debug_assert_eq!(b.end, self.rest.len(), "buckets tile the buffer top down");
+            let (head, tail) = std::mem::take(&mut self.rest).split_at_mut(b.start);
+            self.rest = head;
+            match &self.out {
+                // A send fails only when the thread stopped on an error, which it reports.
+                Some(tx) => {
+                    let _ = tx.send((self.next, tail));
+                }
+                None => self.held.push((self.next, tail)),
+            }
+            self.next += 1;
+        }
     }
 }
 
@@ -627,4 +914,60 @@ pub fn fingerprint(cfg: &crate::TrainConfig, train: &[u32], val: &[u32]) -> [u8;
         }
     }
     h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{ModelConfig, Shard};
+
+    fn layout(n_layer: usize) -> ParamLayout {
+        let cfg = ModelConfig {
+            vocab_size: 50,
+            max_seq_len: 8,
+            n_layer,
+            n_head: 2,
+            channels: 16,
+        };
+        ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap()
+    }
+
+    #[test]
+    fn buckets_tile_the_buffer_top_down_on_layer_boundaries() {
+        let l = layout(4);
+        let per_layer = l.layer_range(0).len();
+        for elems in [1, per_layer, 2 * per_layer + 1, usize::MAX] {
+            let bs = buckets(&l, elems);
+            assert_eq!(bs.first().unwrap().end, l.len());
+            assert_eq!(bs.last().unwrap().start, 0);
+            assert!(bs.windows(2).all(|w| w[1].end == w[0].start), "{bs:?}");
+            let points = l.ready_points();
+            assert!(bs.iter().all(|b| points.contains(&b.start)), "{bs:?}");
+        }
+        // Tiny buckets: one per ready point (head, 4 layers, embedding).
+        assert_eq!(buckets(&l, 1).len(), 6);
+        assert_eq!(buckets(&l, usize::MAX), vec![0..l.len()]);
+        // Two layers' worth: the head joins the last layer, then pairs of layers.
+        let bs = buckets(&l, 2 * per_layer);
+        assert_eq!(bs[0], l.layer_range(2).start..l.len());
+    }
+
+    #[test]
+    fn zero_pieces_cover_every_element_once_across_ranks() {
+        let l = layout(3);
+        for n in 1..=4 {
+            let comms = comm::threads(n, comm::Config::default());
+            let mut seen = vec![0u8; l.len()];
+            for c in comms {
+                let mut d = Dp::ring(Box::new(c), ZeroStage::One).with_buckets(256, true);
+                d.attach(&l);
+                let owned = d.owned_ranges(l.len());
+                assert!(owned.windows(2).all(|w| w[0].end <= w[1].start));
+                for r in owned {
+                    seen[r].iter_mut().for_each(|x| *x += 1);
+                }
+            }
+            assert!(seen.iter().all(|&x| x == 1), "{n} ranks");
+        }
+    }
 }

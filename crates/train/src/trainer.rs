@@ -14,8 +14,8 @@ use crate::error::{io, TrainError};
 use crate::fsutil::{ensure_writable_dir, write_atomic};
 use kernels::Par;
 use model::{
-    backward, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
-    Shard, StageInput,
+    backward, backward_into, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig,
+    NoTp, ParamLayout, Shard, StageInput,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,9 +84,14 @@ pub struct StepRecord {
     pub tokens_per_sec: f64,
     /// Wall time of the step.
     pub step_secs: f64,
-    /// Data parallel: seconds of this step spent in gradient communication (0 for one rank).
+    /// Data parallel: seconds of this step spent in gradient communication, on any thread
+    /// (`None` for one rank).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm_secs: Option<f64>,
+    /// Data parallel: seconds of this step the training thread waited for communication (the
+    /// part of `comm_secs` that overlap did not hide); compute = `step_secs` minus this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposed_comm_secs: Option<f64>,
 }
 
 /// What the run knows before its first step.
@@ -301,10 +306,12 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
 
     let mcfg = model_config(&rcfg, data.vocab_size);
     let layout = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
-    // Data parallel: the optimizer ranges this rank holds (the whole buffer without ZeRO).
+    // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
+    // optimizer ranges this rank holds (the whole buffer without ZeRO).
     let (dp_size, owned) = match &opts.dp {
         Some(d) => {
-            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.attach(&layout);
             (d.size(), d.owned_ranges(layout.len()))
         }
         None => (1, vec![0..layout.len()]),
@@ -482,6 +489,7 @@ pub fn run(
     let mut micro_losses = Vec::with_capacity(accum);
     while state.step < end {
         let step = state.step;
+        let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
         let t0 = Instant::now();
         let lr = lr_at(&cfg.optim, step, decay);
         grads.fill(0.0);
@@ -502,26 +510,39 @@ pub fn run(
                 &mut NoTp,
             )?
             .unwrap_or(f32::NAN);
-            backward(
-                &layout,
-                &state.params,
-                &mut grads,
-                &mut acts,
-                StageInput::Tokens(&x),
-                GradInput::Loss {
-                    targets: &y,
-                    d_loss,
-                },
-                par,
-                &mut NoTp,
-            )?;
+            let grad_in = GradInput::Loss {
+                targets: &y,
+                d_loss,
+            };
+            let input = StageInput::Tokens(&x);
+            match dp.as_mut() {
+                // Data parallel: gradient buckets are reduced as backward finishes them.
+                Some(d) => d.backward(j % accum == accum - 1, &mut grads, |g| {
+                    backward_into(
+                        &layout,
+                        &state.params,
+                        g,
+                        &mut acts,
+                        input,
+                        grad_in,
+                        par,
+                        &mut NoTp,
+                    )
+                })?,
+                None => backward(
+                    &layout,
+                    &state.params,
+                    &mut grads,
+                    &mut acts,
+                    input,
+                    grad_in,
+                    par,
+                    &mut NoTp,
+                )?,
+            }
             loss_sum += loss as f64;
             micro_losses.push(loss);
-            if let Some(d) = dp.as_mut() {
-                d.after_micro_step(&mut grads, j % accum == accum - 1)?;
-            }
         }
-        let comm_before = dp.as_ref().map(|d| d.comm_secs);
         let mut dp_stop = None;
         if let Some(d) = dp.as_mut() {
             let stop = opts
@@ -553,9 +574,9 @@ pub fn run(
             Some(d) => d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par)?,
             None => opt.step(&layout, &mut state.params, &mut grads, &ocfg, par),
         };
-        let comm_secs = comm_before
+        let comm = comm_at_start
             .zip(dp.as_ref())
-            .map(|(before, d)| d.comm_secs - before);
+            .map(|((c, e), d)| (d.comm_secs - c, d.exposed_secs - e));
         state.step += 1;
         state.tokens_seen += (b * t * accum * dp_size) as u64;
         let step_secs = t0.elapsed().as_secs_f64();
@@ -566,7 +587,8 @@ pub fn run(
             grad_norm,
             tokens_per_sec: (b * t * accum * dp_size) as f64 / step_secs,
             step_secs,
-            comm_secs,
+            comm_secs: comm.map(|c| c.0),
+            exposed_comm_secs: comm.map(|c| c.1),
         };
         let line = serde_json::to_string(&rec).expect("record serialises");
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
