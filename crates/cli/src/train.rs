@@ -21,7 +21,8 @@ pub struct TrainArgs {
     /// Total optimizer steps (train.steps).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Continue from the newest valid checkpoint in --out.
+    /// Continue from the newest valid checkpoint in --out. At another --dp, train.grad_accum is
+    /// set to keep the checkpoint's global batch unless --global-batch or train.grad_accum is given.
     #[arg(long)]
     pub resume: bool,
     /// Start from Hugging Face GPT-2 safetensors weights of the shape the config describes.
@@ -186,6 +187,21 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
     flag
 }
 
+/// Whether `train.grad_accum` was set by a `--set` or the `--config` file (not defaulted).
+fn grad_accum_given(a: &TrainArgs) -> bool {
+    let by_flag = a
+        .set
+        .iter()
+        .any(|s| s.split('=').next().map(str::trim) == Some("train.grad_accum"));
+    let by_file = a.config.as_ref().is_some_and(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .is_some_and(|t| t.get("train").and_then(|s| s.get("grad_accum")).is_some())
+    });
+    by_flag || by_file
+}
+
 /// Runs `scaletrain train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
     let mut overrides = Vec::new();
@@ -201,6 +217,11 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     overrides.extend(a.set.iter().cloned());
     let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
     crate::train_dp::check_layout(&a.dp, &mut cfg)?;
+    let kept = if a.resume {
+        crate::train_dp::keep_global_batch(&a.dp, grad_accum_given(a), &a.out, &mut cfg)
+    } else {
+        None
+    };
     let dp = match crate::train_dp::setup(&a.dp, &mut cfg)? {
         crate::train_dp::Setup::Launch => return crate::train_dp::launch_self(&a.dp),
         crate::train_dp::Setup::Server(mut s) => {
@@ -212,6 +233,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         crate::train_dp::Setup::Single => None,
     };
     let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()));
+    if let (Some(note), 0) = (&kept, rank) {
+        println!("{note}");
+    }
     if rank > 0 {
         // Rank 0 reports for the job; the others train silently and print one line at the end.
         let opts = RunOptions {

@@ -110,6 +110,36 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// `--resume` with neither `--global-batch` nor an explicit `train.grad_accum` (`accum_given`):
+/// sets `grad_accum` so that dp × grad_accum micro-batches equal the global batch of the newest
+/// checkpoint in `out`, so another `--dp` keeps the global batch. Returns what it did, to print.
+/// When no grad_accum can keep it (dp does not divide it), leaves the config as it is and the
+/// resume is refused with the reason (`train::checkpoint::find_resume`).
+pub fn keep_global_batch(
+    a: &DpArgs,
+    accum_given: bool,
+    out: &std::path::Path,
+    cfg: &mut TrainConfig,
+) -> Option<String> {
+    if a.global_batch.is_some() || accum_given {
+        return None;
+    }
+    let g = train::checkpoint::list(out)
+        .iter()
+        .find_map(|(_, p)| train::checkpoint::read_manifest(p).ok())?
+        .global_micro_batches;
+    let dp = a.dp as u64;
+    if g % dp != 0 || g / dp == cfg.train.grad_accum as u64 {
+        return None;
+    }
+    cfg.train.grad_accum = (g / dp) as usize;
+    Some(format!(
+        "resume: train.grad_accum = {} keeps the checkpoint's global batch of {g} micro-batches at \
+         dp {dp} (--global-batch or --set train.grad_accum overrides)",
+        g / dp
+    ))
+}
+
 /// Joins the job the environment describes, or asks for a launch.
 pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     let zero = ZeroStage::from_number(a.zero).unwrap_or_default();

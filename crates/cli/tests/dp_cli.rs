@@ -147,3 +147,40 @@ fn bad_layouts_are_refused_with_the_arithmetic() {
     assert_ne!(code, 0);
     assert!(err.contains("needs --grad-sync ring"), "{err}");
 }
+
+#[test]
+fn zero_checkpoints_are_sharded_and_resume_at_another_dp_keeps_the_global_batch() {
+    let d = tmp("reshard");
+    let out = d.join("run");
+    let o = out.to_str().unwrap();
+    let mut args = vec!["train", "--dp", "2", "--zero", "1", "--out", o];
+    args.extend_from_slice(&["--steps", "6", "--stop-after", "3"]);
+    args.extend_from_slice(TINY);
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    for r in 0..2 {
+        let f = format!("step-00000003.optim-rank-{r}-of-2.safetensors");
+        assert!(out.join(&f).exists(), "{f} missing");
+    }
+    // One rank keeping grad_accum 1 would halve the global batch: refused, with the fix.
+    let mut args = vec!["train", "--out", o, "--steps", "6", "--resume"];
+    args.extend_from_slice(&["--set", "train.grad_accum=1"]);
+    args.extend_from_slice(TINY);
+    let (code, _, err) = run(&args);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("global batch") && err.contains("--global-batch 8"),
+        "{err}"
+    );
+    // Without an explicit grad_accum, the global batch is kept: grad_accum 2 at dp 1.
+    let mut args = vec!["train", "--out", o, "--steps", "6", "--resume"];
+    args.extend_from_slice(TINY);
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(
+        stdout.contains("train.grad_accum = 2 keeps") && stdout.contains("resuming at step 3"),
+        "{stdout}"
+    );
+    assert_eq!(losses(&out).len(), 6);
+    assert!(out.join("step-00000006.state.safetensors").exists());
+}

@@ -1,20 +1,30 @@
-//! Checkpoints: weights in safetensors with Hugging Face GPT-2 names, the optimizer state in a
-//! second safetensors file, and a JSON manifest that commits them.
+//! Checkpoints: weights in safetensors with Hugging Face GPT-2 names, the optimizer state in
+//! one or more safetensors files, and a JSON manifest that commits them.
 //!
-//! A checkpoint at step s is three files in the run folder:
+//! A checkpoint at step s is these files in the run folder:
 //!
 //! ```text
-//! step-0000000s.safetensors        weights, HF GPT-2 names/shapes (transformers can load it)
-//! step-0000000s.state.safetensors  AdamW m and v (flat, the runtime's ParamLayout order)
-//! step-0000000s.json               manifest: step, resolved config, data position, AdamW step,
-//!                                  early-stopping state, and the size + SHA-256 of both files
+//! step-0000000s.safetensors                   weights, HF GPT-2 names/shapes (transformers loads it)
+//! step-0000000s.state.safetensors             AdamW m and v, whole (one process, or data parallel
+//!                                             without ZeRO: rank 0 writes it)
+//!   or step-0000000s.optim-rank-R-of-D.safetensors   ZeRO-1/2: each of the D ranks writes the
+//!                                             ranges of m and v it holds (`Dp::owned_ranges`)
+//! step-0000000s.json                          manifest: step, resolved config, data position, AdamW
+//!                                             step, global batch, early-stopping state, and the
+//!                                             size + SHA-256 of every file (and each optimizer
+//!                                             file's offset ranges)
 //! ```
 //!
 //! Each file is written atomically (temporary file, fsync, rename); the manifest is written
-//! last, so a checkpoint exists only once its data is durable. Loading checks the manifest's
-//! sizes and SHA-256 sums before parsing anything, so a truncated or modified file is refused
-//! with the reason. There is no RNG state beyond the data position: the batch order is a pure
-//! function of (seed, epoch) and training draws no other random numbers.
+//! last, by rank 0, and only after every rank has reported its optimizer file written
+//! ([`save_rank`]), so a checkpoint exists (for [`list`], [`find_resume`]) only once all its
+//! data is durable. Loading checks the manifest's sizes and SHA-256 sums before parsing
+//! anything, and that the optimizer files' ranges cover every element of `m` and `v` exactly
+//! once, so a truncated, modified or missing file is refused with the reason. A loader takes
+//! any list of ranges out of whichever files hold them ([`load_ranges`]): resume at another
+//! data-parallel size or ZeRO stage re-shards. There is no RNG state beyond the data position:
+//! the batch order is a pure function of (seed, epoch) and training draws no other random
+//! numbers.
 //!
 //! **Name mapping** (GPT-2's `Conv1D` stores weights as (in, out); the runtime, like
 //! `nn.Linear`, as (out, in), so the four block matrices are transposed; the runtime's padded
@@ -42,12 +52,17 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+mod shards;
+use shards::{check_optimizer_files, copy_overlap, optimizer_file_name};
+pub use shards::{OptimizerFiles, OptimizerShard};
 
 /// Manifest `format` value.
 pub const FORMAT: &str = "scaletrain-checkpoint";
-/// Manifest version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// Manifest version this code writes and reads (1 had a single `state_file` and no global batch).
+pub const VERSION: u32 = 2;
 
 /// One data file of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,12 +88,15 @@ pub struct Manifest {
     pub config: TrainConfig,
     /// Weights (HF GPT-2 names).
     pub model_file: FileEntry,
-    /// AdamW moments.
-    pub state_file: FileEntry,
+    /// AdamW moments: which files hold which offset ranges.
+    pub optimizer: OptimizerFiles,
     /// Where the next training batch starts.
     pub data_position: DataPosition,
     /// AdamW's step counter (bias correction).
     pub adam_step: u32,
+    /// Micro-batches (of `train.batch_size` sequences) per optimizer step over all ranks:
+    /// `dp × grad_accum`. A resumed run must keep it ([`find_resume`]).
+    pub global_micro_batches: u64,
     /// Training tokens consumed so far.
     pub tokens_seen: u64,
     /// Best validation loss seen (early stopping).
@@ -97,9 +115,10 @@ pub struct TrainState {
     pub step: u64,
     /// Parameters (the runtime's flat layout).
     pub params: Vec<f32>,
-    /// AdamW first moments.
+    /// AdamW first moments: the whole buffer, or the ranges a data-parallel rank holds
+    /// concatenated ([`load_ranges`], [`save_rank`]).
     pub m: Vec<f32>,
-    /// AdamW second moments.
+    /// AdamW second moments (ranges as `m`).
     pub v: Vec<f32>,
     /// AdamW step counter.
     pub adam_step: u32,
@@ -356,60 +375,236 @@ pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// Writes a checkpoint of `state` (full-model `layout`) into `dir`; returns the manifest path.
+/// This rank's part in writing a checkpoint ([`save_rank`]).
+#[derive(Clone, Debug)]
+pub struct RankPart<'a> {
+    /// Data-parallel rank (0 for one process).
+    pub rank: usize,
+    /// Data-parallel ranks (1 for one process).
+    pub dp_size: usize,
+    /// ZeRO stage (0, 1, 2): above 0 every rank writes its own optimizer file.
+    pub zero_stage: u8,
+    /// Offset ranges of `m`, `v` this rank holds (`Dp::owned_ranges`); the state's `m` and
+    /// `v` are these ranges concatenated. Any list of disjoint ranges.
+    pub ranges: &'a [Range<usize>],
+}
+
+/// Sends this rank's bytes to every rank and returns every rank's, in rank order
+/// (`Dp::all_gather_bytes`).
+pub type Gather<'a> = &'a mut dyn FnMut(&[u8]) -> Result<Vec<Vec<u8>>, TrainError>;
+
+/// What one rank wrote (or why it could not), as the ranks tell each other.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    model_file: Option<FileEntry>,
+    shard: Option<OptimizerShard>,
+    error: Option<String>,
+}
+
+/// Writes a checkpoint of `state` (full-model `layout`) into `dir` from one process; returns
+/// the manifest path.
 pub fn save(
     dir: &Path,
     cfg: &TrainConfig,
     layout: &ParamLayout,
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
-    let stem = format!("step-{:08}", state.step);
-    let n = layout.len();
-    let model_name = format!("{stem}.safetensors");
-    let state_name = format!("{stem}.state.safetensors");
-    let (model_len, model_sha) = write_atomic_stream(&dir.join(&model_name), |w| {
-        write_hf_safetensors(w, layout, &state.params)
+    let all = [0..layout.len()];
+    let part = RankPart {
+        rank: 0,
+        dp_size: 1,
+        zero_stage: 0,
+        ranges: &all,
+    };
+    let path = save_rank(dir, cfg, layout, state, &part, &mut |b| {
+        Ok(vec![b.to_vec()])
     })?;
-    let mut meta = HashMap::new();
-    meta.insert(
-        "layout".to_string(),
-        "scaletrain flat ParamLayout order".to_string(),
+    Ok(path.expect("rank 0 publishes the manifest"))
+}
+
+/// One rank's share of writing a checkpoint; every rank of the job calls it at the same step.
+///
+/// Rank 0 writes the weights. Under ZeRO (`part.zero_stage > 0`) every rank writes the ranges
+/// of `m`, `v` it holds (`state.m`, `state.v`) to its own file, then the ranks all-gather what
+/// they wrote (`gather`); only when every rank has succeeded does rank 0 check that the files
+/// cover every element once and publish the manifest. Without ZeRO every rank holds the whole
+/// state and rank 0 alone writes it (no collective: asynchronous parameter-server workers are
+/// not in step). Returns the manifest path on rank 0, `None` on the others. If any rank fails,
+/// every rank returns an error naming it and no manifest is written (the previous checkpoint
+/// stays the newest).
+pub fn save_rank(
+    dir: &Path,
+    cfg: &TrainConfig,
+    layout: &ParamLayout,
+    state: &TrainState,
+    part: &RankPart<'_>,
+    gather: Gather<'_>,
+) -> Result<Option<PathBuf>, TrainError> {
+    let sharded = part.zero_stage > 0;
+    if !sharded && part.rank != 0 {
+        return Ok(None);
+    }
+    let held: usize = part.ranges.iter().map(|r| r.len()).sum();
+    assert_eq!(
+        state.m.len(),
+        held,
+        "save_rank: m is not the ranges' length"
     );
-    let state_names = [
-        ("adamw.m".to_string(), vec![n]),
-        ("adamw.v".to_string(), vec![n]),
-    ];
-    let (state_len, state_sha) = write_atomic_stream(&dir.join(&state_name), |w| {
-        write_safetensors(w, &state_names, &meta, |i| {
-            Cow::Borrowed(if i == 0 { &state.m[..] } else { &state.v[..] })
-        })
-    })?;
+    assert_eq!(
+        state.v.len(),
+        held,
+        "save_rank: v is not the ranges' length"
+    );
+    let step = state.step;
+    let stem = format!("step-{step:08}");
+    // 1. This rank's files.
+    let mine = (|| -> Result<(Option<FileEntry>, OptimizerShard), TrainError> {
+        let model_file = if part.rank == 0 {
+            let name = format!("{stem}.safetensors");
+            let (bytes, sha256) = write_atomic_stream(&dir.join(&name), |w| {
+                write_hf_safetensors(w, layout, &state.params)
+            })?;
+            Some(FileEntry {
+                name,
+                bytes,
+                sha256,
+            })
+        } else {
+            None
+        };
+        let name = optimizer_file_name(step, part.rank, part.dp_size, sharded);
+        let ranges: Vec<[usize; 2]> = part.ranges.iter().map(|r| [r.start, r.end]).collect();
+        let mut meta = HashMap::new();
+        meta.insert(
+            "layout".to_string(),
+            "scaletrain flat ParamLayout order: the ranges concatenated".to_string(),
+        );
+        meta.insert(
+            "ranges".to_string(),
+            serde_json::to_string(&ranges).expect("ranges serialise"),
+        );
+        let names = [
+            ("adamw.m".to_string(), vec![held]),
+            ("adamw.v".to_string(), vec![held]),
+        ];
+        let (bytes, sha256) = write_atomic_stream(&dir.join(&name), |w| {
+            write_safetensors(w, &names, &meta, |i| {
+                Cow::Borrowed(if i == 0 { &state.m[..] } else { &state.v[..] })
+            })
+        })?;
+        let shard = OptimizerShard {
+            rank: part.rank,
+            file: FileEntry {
+                name,
+                bytes,
+                sha256,
+            },
+            ranges: part.ranges.to_vec(),
+        };
+        Ok((model_file, shard))
+    })();
+    // 2. Every rank learns what every other wrote: no manifest names a file that is not there.
+    let report = match &mine {
+        Ok((model_file, shard)) => Report {
+            model_file: model_file.clone(),
+            shard: Some(shard.clone()),
+            error: None,
+        },
+        Err(e) => Report {
+            model_file: None,
+            shard: None,
+            error: Some(e.to_string()),
+        },
+    };
+    let reports: Vec<Report> = if sharded && part.dp_size > 1 {
+        let bytes = serde_json::to_vec(&report).expect("report serialises");
+        let all = gather(&bytes)?;
+        if all.len() != part.dp_size {
+            return Err(TrainError::Dist(format!(
+                "checkpoint step {step}: {} reports from {} ranks",
+                all.len(),
+                part.dp_size
+            )));
+        }
+        all.iter()
+            .enumerate()
+            .map(|(r, b)| {
+                serde_json::from_slice(b).map_err(|e| {
+                    TrainError::Dist(format!(
+                        "checkpoint step {step}: rank {r} sent an unreadable report: {e}"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![report]
+    };
+    let (_, own_shard) = mine?;
+    if let Some((r, e)) = reports
+        .iter()
+        .enumerate()
+        .find_map(|(r, rep)| rep.error.as_ref().map(|e| (r, e)))
+    {
+        return Err(TrainError::Checkpoint {
+            path: dir.join(optimizer_file_name(step, r, part.dp_size, sharded)),
+            reason: format!(
+                "rank {r} could not write its part of the checkpoint at step {step}, so it was not \
+                 published: {e}"
+            ),
+        });
+    }
+    if part.rank != 0 {
+        return Ok(None);
+    }
+    // 3. Rank 0 publishes.
+    let path = manifest_path(dir, step);
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: path.clone(),
+        reason,
+    };
+    let model_file = reports[0]
+        .model_file
+        .clone()
+        .ok_or_else(|| bad("rank 0's report has no weights file".into()))?;
+    let mut shards = Vec::with_capacity(reports.len());
+    for (r, rep) in reports.into_iter().enumerate() {
+        let shard = rep
+            .shard
+            .ok_or_else(|| bad(format!("rank {r}'s report has no optimizer file")))?;
+        if shard.rank != r {
+            return Err(bad(format!(
+                "rank {r} reported a file of rank {}",
+                shard.rank
+            )));
+        }
+        shards.push(shard);
+    }
+    debug_assert_eq!(shards[part.rank], own_shard);
+    let optimizer = OptimizerFiles {
+        dp_size: part.dp_size,
+        zero_stage: part.zero_stage,
+        len: layout.len(),
+        shards,
+    };
+    check_optimizer_files(&optimizer).map_err(bad)?;
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
-        step: state.step,
+        step,
         config: cfg.clone(),
-        model_file: FileEntry {
-            name: model_name,
-            bytes: model_len,
-            sha256: model_sha,
-        },
-        state_file: FileEntry {
-            name: state_name,
-            bytes: state_len,
-            sha256: state_sha,
-        },
+        model_file,
+        optimizer,
         data_position: state.data_position,
         adam_step: state.adam_step,
+        global_micro_batches: (part.dp_size * cfg.train.grad_accum) as u64,
         tokens_seen: state.tokens_seen,
         best_val_loss: state.best_val_loss,
         evals_without_improvement: state.evals_without_improvement,
         hf_config: hf_config(layout),
     };
-    let path = manifest_path(dir, state.step);
     let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
     write_atomic(&path, text.as_bytes())?;
-    Ok(path)
+    Ok(Some(path))
 }
 
 /// Deletes all but the newest `keep` checkpoints (manifest first, so a half-deleted one is
@@ -420,7 +615,9 @@ pub fn prune(dir: &Path, keep: usize) {
         let _ = std::fs::remove_file(&manifest);
         if let Some(m) = m {
             let _ = std::fs::remove_file(dir.join(&m.model_file.name));
-            let _ = std::fs::remove_file(dir.join(&m.state_file.name));
+            for s in &m.optimizer.shards {
+                let _ = std::fs::remove_file(dir.join(&s.file.name));
+            }
         }
     }
 }
@@ -432,24 +629,51 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let m: Manifest =
+    let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("manifest is not valid: {e}")))?;
-    if m.format != FORMAT || m.version != VERSION {
+    // Format and version first: an older manifest fails with that, not with a missing field.
+    let (format, version) = (value["format"].as_str(), value["version"].as_u64());
+    if format != Some(FORMAT) || version != Some(VERSION.into()) {
         return Err(bad(format!(
-            "format {} version {}, expected {FORMAT} version {VERSION}",
-            m.format, m.version
+            "format {} version {}, expected {FORMAT} version {VERSION}{}",
+            format.unwrap_or("(none)"),
+            version.map_or("(none)".into(), |v| v.to_string()),
+            if version.is_some_and(|v| v < VERSION.into()) {
+                " (written by an older scaletrain; continue that run with the version that wrote it)"
+            } else {
+                ""
+            }
         )));
+    }
+    let m: Manifest =
+        serde_json::from_value(value).map_err(|e| bad(format!("manifest is not valid: {e}")))?;
+    // The manifest names files that loading reads and pruning deletes: only plain names in
+    // its own folder.
+    let names =
+        std::iter::once(&m.model_file.name).chain(m.optimizer.shards.iter().map(|s| &s.file.name));
+    for name in names {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(bad(format!(
+                "manifest is not valid: file name {name:?} is not a plain file name"
+            )));
+        }
     }
     Ok(m)
 }
 
 /// Reads a checkpoint file and checks its size and SHA-256 against the manifest.
-fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>, TrainError> {
+fn read_verified(dir: &Path, entry: &FileEntry, what: &str) -> Result<Vec<u8>, TrainError> {
     let path = dir.join(&entry.name);
-    let bytes = std::fs::read(&path).map_err(io(&path))?;
     let bad = |reason: String| TrainError::Checkpoint {
         path: path.clone(),
         reason,
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad(format!("missing ({what}, listed in the manifest)")))
+        }
+        Err(e) => return Err(io(&path)(e)),
     };
     if bytes.len() as u64 != entry.bytes {
         return Err(bad(format!(
@@ -471,50 +695,85 @@ fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>, TrainError> {
     Ok(bytes)
 }
 
-/// Loads and verifies the checkpoint whose manifest is `path`.
+/// Loads and verifies the checkpoint whose manifest is `path`, with the whole optimizer state.
 pub fn load(path: &Path) -> Result<(Manifest, ParamLayout, TrainState), TrainError> {
+    load_ranges(path, &|len| vec![0..len])
+}
+
+/// Loads and verifies the checkpoint whose manifest is `path`; the state's `m` and `v` are the
+/// ranges `want(len)` returns (any list of ranges inside `0..len`, e.g. `Dp::owned_ranges`),
+/// concatenated, taken from whichever optimizer files hold them. Every file is verified (size,
+/// SHA-256), not only those read from, so every rank of a job judges a checkpoint alike.
+pub fn load_ranges(
+    path: &Path,
+    want: &dyn Fn(usize) -> Vec<Range<usize>>,
+) -> Result<(Manifest, ParamLayout, TrainState), TrainError> {
     let m = read_manifest(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let model_bytes = read_verified(dir, &m.model_file)?;
-    let state_bytes = read_verified(dir, &m.state_file)?;
+    let bad_manifest = |reason: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let model_bytes = read_verified(dir, &m.model_file, "the weights")?;
     let vocab = m
         .config
         .model
         .vocab_size
-        .ok_or_else(|| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: "the manifest's config has no model.vocab_size".into(),
-        })?;
+        .ok_or_else(|| bad_manifest("the manifest's config has no model.vocab_size".into()))?;
     let mcfg = crate::trainer::model_config(&m.config, vocab);
     let layout = ParamLayout::new(&mcfg, &model::Shard::full(&mcfg))?;
     let params = load_hf_weights(&dir.join(&m.model_file.name), &model_bytes, &layout)?;
-    let state_path = dir.join(&m.state_file.name);
-    let bad = |reason: String| TrainError::Checkpoint {
-        path: state_path.clone(),
-        reason,
-    };
-    let st = SafeTensors::deserialize(&state_bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let get = |name: &str| -> Result<Vec<f32>, TrainError> {
-        let v = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
-        if v.dtype() != Dtype::F32 || v.shape() != [layout.len()] {
-            return Err(bad(format!(
-                "{name} is {:?} {:?}, expected F32 [{}]",
-                v.dtype(),
-                v.shape(),
-                layout.len()
-            )));
-        }
-        Ok(v.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    };
+    drop(model_bytes);
+    let n = layout.len();
+    if m.optimizer.len != n {
+        return Err(bad_manifest(format!(
+            "the optimizer state has {} elements, the model {n}",
+            m.optimizer.len
+        )));
+    }
+    check_optimizer_files(&m.optimizer).map_err(bad_manifest)?;
+    let want = want(n);
+    for w in &want {
+        assert!(
+            w.start <= w.end && w.end <= n,
+            "load_ranges: {w:?} is not inside 0..{n}"
+        );
+    }
+    let held: usize = want.iter().map(|w| w.len()).sum();
+    let (mut mv, mut vv) = (vec![0.0f32; held], vec![0.0f32; held]);
+    for s in &m.optimizer.shards {
+        let what = format!("AdamW state of rank {} of {}", s.rank, m.optimizer.dp_size);
+        let bytes = read_verified(dir, &s.file, &what)?;
+        let file_path = dir.join(&s.file.name);
+        let bad = |reason: String| TrainError::Checkpoint {
+            path: file_path.clone(),
+            reason,
+        };
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let k: usize = s.ranges.iter().map(|r| r.len()).sum();
+        let get = |name: &str| -> Result<Vec<f32>, TrainError> {
+            let v = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            if v.dtype() != Dtype::F32 || v.shape() != [k] {
+                return Err(bad(format!(
+                    "{name} is {:?} {:?}, expected F32 [{k}] (the manifest's ranges)",
+                    v.dtype(),
+                    v.shape()
+                )));
+            }
+            Ok(v.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        copy_overlap(&mut mv, &want, &get("adamw.m")?, &s.ranges);
+        copy_overlap(&mut vv, &want, &get("adamw.v")?, &s.ranges);
+    }
     let state = TrainState {
         step: m.step,
         params,
-        m: get("adamw.m")?,
-        v: get("adamw.v")?,
+        m: mv,
+        v: vv,
         adam_step: m.adam_step,
         data_position: m.data_position,
         tokens_seen: m.tokens_seen,
@@ -524,18 +783,63 @@ pub fn load(path: &Path) -> Result<(Manifest, ParamLayout, TrainState), TrainErr
     Ok((m, layout, state))
 }
 
-/// The newest valid checkpoint in `dir` for `cfg`. Invalid (truncated, modified) checkpoints are
-/// skipped with a warning; the newest valid one must have been written with the same config
-/// (except [`RESUME_MAY_CHANGE`]), else the run is refused with the differing fields.
+/// Why resuming `m` as `dp_size` ranks of `cfg` would change the global batch, with the fix.
+fn global_batch_change(m: &Manifest, dp_size: usize, cfg: &TrainConfig) -> Option<String> {
+    let g = m.global_micro_batches;
+    let (d, k) = (dp_size as u64, cfg.train.grad_accum as u64);
+    if g == d * k {
+        return None;
+    }
+    let b = cfg.train.batch_size as u64;
+    let fix = if g % d == 0 {
+        format!(
+            "to keep it, resume with --global-batch {} (train.grad_accum = {} at dp {d})",
+            g * b,
+            g / d
+        )
+    } else {
+        format!("no train.grad_accum keeps it at dp {d} ({g} is not a multiple of {d}); resume with a dp that divides {g}")
+    };
+    Some(format!(
+        "global batch: the checkpoint's run took {g} micro-batches of {b} sequences per step (dp {} × \
+         grad_accum {}), this run takes {} (dp {d} × grad_accum {k}); {fix}",
+        m.optimizer.dp_size,
+        m.config.train.grad_accum,
+        d * k
+    ))
+}
+
+/// The newest valid checkpoint in `dir` for `cfg` run as `dp_size` data-parallel ranks, with
+/// the optimizer ranges `want(len)` of this rank (see [`load_ranges`]). Invalid (truncated,
+/// modified, missing a file) checkpoints are skipped with a warning; the newest valid one must
+/// have been written with the same config (except [`RESUME_MAY_CHANGE`] and
+/// `train.grad_accum`) and the same global batch (`dp × grad_accum` micro-batches), else the
+/// run is refused with the differing fields and, for the batch, the fix.
 pub fn find_resume(
     dir: &Path,
     cfg: &TrainConfig,
+    dp_size: usize,
+    want: &dyn Fn(usize) -> Vec<Range<usize>>,
 ) -> Result<(Manifest, ParamLayout, TrainState, Vec<String>), TrainError> {
     let mut warnings = Vec::new();
+    let mut allowed = RESUME_MAY_CHANGE.to_vec();
+    // grad_accum may change with the data-parallel size, as long as the product does not.
+    allowed.push("train.grad_accum");
+    // A checkpoint of another model has another length: read none of its optimizer state, the
+    // config check below refuses it.
+    let want = |len: usize| {
+        let w = want(len);
+        if w.iter().all(|r| r.start <= r.end && r.end <= len) {
+            w
+        } else {
+            Vec::new()
+        }
+    };
     for (_, path) in list(dir) {
-        match load(&path) {
+        match load_ranges(&path, &want) {
             Ok((m, layout, state)) => {
-                let diffs = m.config.differences(cfg, RESUME_MAY_CHANGE);
+                let mut diffs = m.config.differences(cfg, &allowed);
+                diffs.extend(global_batch_change(&m, dp_size, cfg));
                 if !diffs.is_empty() {
                     return Err(TrainError::ConfigMismatch { path, diffs });
                 }

@@ -35,14 +35,15 @@
 //!   comm thread:   all-reduce(b0) ─ all-reduce(b1) ─ … all-reduce(b_embed) ┤─ AdamW ─ same params
 //!   ZeRO:          reduce-scatter(b_k) … ─ AdamW(own pieces) ─ all-gather(params, per bucket)
 //! ```
-//! Checkpoints: rank 0 writes them. ZeRO shards of `m`, `v` are all-gathered for the
-//! checkpoint, which is therefore the same file a 1-rank run writes: resume at any `dp`
-//! re-shards by taking the new rank's range.
+//! Checkpoints (`checkpoint::save_rank`): rank 0 writes the weights once. Under ZeRO every rank
+//! writes the ranges of `m`, `v` it holds ([`Dp::owned_ranges`]) to its own file, the ranks
+//! all-gather what they wrote ([`Dp::all_gather_bytes`]), and only then does rank 0 publish the
+//! manifest, which lists every file with its ranges; without ZeRO rank 0 writes the whole state.
+//! On resume ([`Dp::agree_on_start`] checks that every rank loaded the same step) each rank
+//! takes its own ranges out of whichever files hold them, so another `dp` or ZeRO stage
+//! re-shards; the global batch (`dp × grad_accum` micro-batches) must stay the same.
 //!
 //! This module never touches files; it only talks to the other ranks.
-
-// One-element lists of offset ranges (the whole buffer as one bucket / one piece) are meant.
-#![allow(clippy::single_range_in_vec_init)]
 
 use crate::error::TrainError;
 use comm::ps::{PsLayout, PsMode};
@@ -444,24 +445,21 @@ impl Dp {
         Ok((losses, any_stop))
     }
 
-    /// Drops the optimizer state outside this rank's range (ZeRO), e.g. after loading a
-    /// checkpoint's full state.
-    pub fn shard_optimizer(&mut self, opt: &mut AdamW) {
-        if self.zero == ZeroStage::Off {
-            return;
-        }
-        let owned = self.owned_ranges(opt.m.len());
-        let total = owned.iter().map(|r| r.len()).sum();
-        // Exact capacity: a collected iterator would grow by doubling and keep up to 2x.
-        let pick = |full: &[f32]| -> Vec<f32> {
-            let mut out = Vec::with_capacity(total);
-            owned
-                .iter()
-                .for_each(|r| out.extend_from_slice(&full[r.clone()]));
-            out
-        };
-        opt.m = pick(&opt.m);
-        opt.v = pick(&opt.v);
+    /// Takes this rank's optimizer state for a `len`-element model: `opt.m` and `opt.v` must
+    /// already be [`Dp::owned_ranges`]`(len)` concatenated (a fresh zero state, or
+    /// `checkpoint::load_ranges`); ZeRO-2 also allocates its gradient shard.
+    pub fn shard_optimizer(&mut self, opt: &AdamW, len: usize) {
+        let held: usize = self.owned_ranges(len).iter().map(|r| r.len()).sum();
+        assert_eq!(
+            opt.m.len(),
+            held,
+            "shard_optimizer: m is not this rank's ranges"
+        );
+        assert_eq!(
+            opt.v.len(),
+            held,
+            "shard_optimizer: v is not this rank's ranges"
+        );
         if self.zero == ZeroStage::Two {
             self.grad_shard = vec![0.0; opt.m.len()];
         }
@@ -473,35 +471,79 @@ impl Dp {
         4 * (self.grad_shard.len() + self.pool.elems()) as u64
     }
 
-    /// The full `m` and `v` (all-gathered under ZeRO; copies otherwise), for a checkpoint.
-    pub fn full_optimizer(
+    /// All-gathers a byte string of any length from every rank; returns them in rank order
+    /// (e.g. what each rank wrote into a checkpoint).
+    pub fn all_gather_bytes(
         &mut self,
-        opt: &AdamW,
-        len: usize,
-    ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
-        if self.zero == ZeroStage::Off {
-            return Ok((opt.m.clone(), opt.v.clone()));
+        mine: &[u8],
+        what: &str,
+    ) -> Result<Vec<Vec<u8>>, TrainError> {
+        let (n, me) = (self.size(), self.rank());
+        let len = u32::try_from(mine.len())
+            .map_err(|_| TrainError::Dist(format!("{what}: {} bytes is too many", mine.len())))?;
+        let mut lens = vec![0.0f32; n];
+        lens[me] = f32::from_bits(len);
+        self.group.all_gather(&mut lens).map_err(dist(what))?;
+        let lens: Vec<usize> = lens.iter().map(|x| x.to_bits() as usize).collect();
+        const MAX_BYTES: usize = 64 << 20;
+        if let Some(r) = lens.iter().position(|&l| l > MAX_BYTES) {
+            return Err(TrainError::Dist(format!(
+                "{what}: rank {r} announced {} bytes (more than {MAX_BYTES})",
+                lens[r]
+            )));
         }
-        let owned = self.owned_ranges(len);
-        let buckets = self.bucket_list(len);
-        let mut out = Vec::new();
-        for part in [&opt.m, &opt.v] {
-            let mut full = vec![0.0f32; len];
-            let mut at = 0;
-            for r in &owned {
-                full[r.clone()].copy_from_slice(&part[at..at + r.len()]);
-                at += r.len();
-            }
-            for b in &buckets {
-                self.group
-                    .all_gather(&mut full[b.clone()])
-                    .map_err(dist("gathering the ZeRO optimizer shards for a checkpoint"))?;
-            }
-            out.push(full);
+        let words = lens.iter().max().map_or(0, |m| m.div_ceil(4)).max(1);
+        let mut all = vec![0.0f32; words * n];
+        let mut own = bytes_to_words(mine);
+        own.resize(words, 0.0);
+        all[shard_range(words * n, n, me)].copy_from_slice(&own);
+        self.group.all_gather(&mut all).map_err(dist(what))?;
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &l)| {
+                let bytes = bytemuck_bytes(&all[shard_range(words * n, n, r)]);
+                bytes[..l.min(bytes.len())].to_vec()
+            })
+            .collect())
+    }
+
+    /// Start of a run: every rank must start at the same step (resumed from the same
+    /// checkpoint, or all fresh). `mine` is this rank's start step, or why it could not load
+    /// one; a rank that failed makes every rank fail, naming it.
+    pub fn agree_on_start(&mut self, mine: Result<u64, String>) -> Result<(), TrainError> {
+        let text = match &mine {
+            Ok(step) => format!("ok {step}"),
+            Err(e) => format!("error {e}"),
+        };
+        let all = self.all_gather_bytes(text.as_bytes(), "agreeing on the start step")?;
+        let all: Vec<String> = all
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        if mine.is_err() {
+            return Ok(()); // the caller returns its own error
         }
-        let v = out.pop().expect("two buffers");
-        let m = out.pop().expect("two buffers");
-        Ok((m, v))
+        if let Some((r, e)) = all
+            .iter()
+            .enumerate()
+            .find_map(|(r, t)| t.strip_prefix("error ").map(|e| (r, e)))
+        {
+            return Err(TrainError::Dist(format!("rank {r} could not start: {e}")));
+        }
+        let differ: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
+        if !differ.is_empty() {
+            return Err(TrainError::Dist(format!(
+                "rank(s) {differ:?} start at another step than rank 0 ({}); every rank must resume \
+                 from the same checkpoint (or none)",
+                all.iter()
+                    .enumerate()
+                    .map(|(r, t)| format!("rank {r}: step {}", t.trim_start_matches("ok ")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
     }
 
     /// The attached buckets, or the whole buffer as one.

@@ -7,8 +7,8 @@
 //! - [`config`]: the TOML training config (every field defaulted and documented), overrides.
 //! - [`trainer`]: the loop (AdamW, warmup + cosine, clipping, validation, early stopping,
 //!   metrics JSONL), with an [`trainer::Observer`] for progress display.
-//! - [`checkpoint`]: atomic, checksummed checkpoints with Hugging Face GPT-2 tensor names;
-//!   bit-exact resume.
+//! - [`checkpoint`]: atomic, checksummed checkpoints with Hugging Face GPT-2 tensor names,
+//!   optimizer state per data-parallel rank under ZeRO; bit-exact resume, re-sharding resume.
 //! - [`dp`]: data parallelism (ring or parameter-server gradient sync, ZeRO-1/2), hooked
 //!   into the trainer through [`RunOptions::dp`].
 //! - [`sample`]: text generation from a checkpoint (temperature, top-k).
@@ -17,6 +17,9 @@
 //!
 //! Memory and step-time predictions come from `plan::cpu_runtime` and `plan::cpu_time`; this
 //! crate re-derives no formula.
+
+// A list of offset ranges that holds one range (the whole buffer) is what we mean, not a range.
+#![allow(clippy::single_range_in_vec_init)]
 
 pub mod checkpoint;
 pub mod config;

@@ -306,38 +306,56 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
 
     let mcfg = model_config(&rcfg, data.vocab_size);
     let layout = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
-    let mut warnings = Vec::new();
-    let state = if opts.resume {
-        let (_m, _l, st, w) = checkpoint::find_resume(out, &rcfg)?;
-        warnings = w;
-        if writer {
-            truncate_metrics(&out.join("metrics.jsonl"), st.step)?;
+    // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
+    // optimizer ranges this rank holds (the whole buffer without ZeRO).
+    let (dp_size, owned) = match &opts.dp {
+        Some(d) => {
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.attach(&layout);
+            (d.size(), d.owned_ranges(layout.len()))
         }
-        st
+        None => (1, vec![0..layout.len()]),
+    };
+    let mut warnings = Vec::new();
+    let loaded = if opts.resume {
+        checkpoint::find_resume(out, &rcfg, dp_size, &|_| owned.clone()).map(|(_m, _l, st, w)| {
+            warnings = w;
+            st
+        })
     } else {
         let params = match &opts.init_from {
-            Some(p) => {
-                let bytes = std::fs::read(p).map_err(io(p))?;
-                checkpoint::load_hf_weights(p, &bytes, &layout)?
-            }
-            None => layout.init_params(cfg.train.seed),
+            Some(p) => std::fs::read(p)
+                .map_err(io(p))
+                .and_then(|bytes| checkpoint::load_hf_weights(p, &bytes, &layout)),
+            None => Ok(layout.init_params(cfg.train.seed)),
         };
-        if writer {
-            checkpoint::prune(out, 0);
-            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-        }
-        TrainState {
+        let held = owned.iter().map(|r| r.len()).sum();
+        params.map(|params| TrainState {
             step: 0,
             params,
-            m: vec![0.0; layout.len()],
-            v: vec![0.0; layout.len()],
+            m: vec![0.0; held],
+            v: vec![0.0; held],
             adam_step: 0,
             data_position: DataPosition::default(),
             tokens_seen: 0,
             best_val_loss: None,
             evals_without_improvement: 0,
-        }
+        })
     };
+    if let Some(d) = &opts.dp {
+        // Every rank starts at the same step, or every rank stops.
+        let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+        d.agree_on_start(loaded.as_ref().map(|s| s.step).map_err(|e| e.to_string()))?;
+    }
+    let state = loaded?;
+    if writer {
+        if opts.resume {
+            truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
+        } else {
+            checkpoint::prune(out, 0);
+            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+        }
+    }
     if writer {
         write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
     }
@@ -394,9 +412,8 @@ pub fn run(
         step: state.adam_step,
     };
     if let Some(d) = dp.as_mut() {
-        d.attach(&layout);
         d.sync_params(&mut state.params)?;
-        d.shard_optimizer(&mut opt);
+        d.shard_optimizer(&opt, layout.len());
         let end = opts
             .stop_after
             .map_or(cfg.train.steps, |s| s.min(cfg.train.steps));
@@ -626,35 +643,29 @@ pub fn run(
             || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
         if ckpt_due {
             metrics.flush().map_err(io(&metrics_path))?;
-            if let Some(d) = dp
-                .as_mut()
-                .filter(|d| d.zero() != crate::dp::ZeroStage::Off)
-            {
-                // ZeRO: the checkpoint holds the full state (gathered), as a 1-rank run writes it.
-                let (m, v) = d.full_optimizer(&opt, layout.len())?;
-                state.m = m;
-                state.v = v;
-            } else {
-                state.m = std::mem::take(&mut opt.m);
-                state.v = std::mem::take(&mut opt.v);
-            }
+            // Rank 0 writes the weights; under ZeRO every rank writes the optimizer ranges it
+            // holds and rank 0 publishes the manifest once all have (checkpoint::save_rank).
+            state.m = std::mem::take(&mut opt.m);
+            state.v = std::mem::take(&mut opt.v);
             state.adam_step = opt.step;
             state.data_position = batcher.position();
-            let saved = if writer {
-                checkpoint::save(out, &rcfg, &layout, &state).map(Some)
-            } else {
-                Ok(None)
-            };
-            if dp
+            let owned = dp
                 .as_ref()
-                .is_some_and(|d| d.zero() != crate::dp::ZeroStage::Off)
-            {
-                state.m = Vec::new();
-                state.v = Vec::new();
-            } else {
-                opt.m = std::mem::take(&mut state.m);
-                opt.v = std::mem::take(&mut state.v);
-            }
+                .map_or_else(|| vec![0..layout.len()], |d| d.owned_ranges(layout.len()));
+            let part = checkpoint::RankPart {
+                rank: dp_rank,
+                dp_size,
+                zero_stage: dp.as_ref().map_or(0, |d| d.zero().number()),
+                ranges: &owned,
+            };
+            let saved = match dp.as_mut() {
+                Some(d) => checkpoint::save_rank(out, &rcfg, &layout, &state, &part, &mut |b| {
+                    d.all_gather_bytes(b, "checkpoint: telling the ranks what each wrote")
+                }),
+                None => checkpoint::save(out, &rcfg, &layout, &state).map(Some),
+            };
+            opt.m = std::mem::take(&mut state.m);
+            opt.v = std::mem::take(&mut state.v);
             if let Some(path) = saved? {
                 checkpoint::prune(out, cfg.train.keep_checkpoints);
                 obs.on_checkpoint(state.step, &path);

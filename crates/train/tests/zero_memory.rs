@@ -80,8 +80,14 @@ fn measure(
                         0
                     }
                 ];
-                let mut opt = AdamW::new(layout);
-                d.shard_optimizer(&mut opt);
+                // A fresh ZeRO state: zeros for exactly the ranges this rank holds.
+                let held = d.owned_ranges(layout.len()).iter().map(|r| r.len()).sum();
+                let mut opt = AdamW {
+                    m: vec![0.0; held],
+                    v: vec![0.0; held],
+                    step: 0,
+                };
+                d.shard_optimizer(&opt, layout.len());
                 let mut acts = Activations::new(layout, b, t);
                 let ocfg = AdamWConfig {
                     lr: 1e-3,
