@@ -171,6 +171,14 @@ fn print_start(info: &StartInfo) {
         1e3 * t.optimizer_secs,
         1e3 * t.overhead_secs
     );
+    if let Some(c) = &info.predicted_comm {
+        println!(
+            "predicted (plan::cpu_comm):    {:.1} ms/step in collectives over {} gradient buckets, {:.1} ms of it exposed",
+            1e3 * c.comm_secs,
+            c.buckets,
+            1e3 * c.exposed_secs
+        );
+    }
 }
 
 /// A flag set by the first Ctrl-C (the run then checkpoints and stops); a second Ctrl-C exits
@@ -319,12 +327,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         mib(st.rss_before_model_bytes),
         mib(s.peak_rss_bytes.saturating_sub(st.rss_before_model_bytes))
     );
+    // Compute plus the communication the training thread waits for.
+    let predicted_step =
+        st.predicted_step.total_secs + st.predicted_comm.map_or(0.0, |c| c.exposed_secs);
     println!(
         "  step time: predicted {:.1} ms | measured {:.1} ms (median over {} steps), ratio measured/predicted {:.2}",
-        1e3 * st.predicted_step.total_secs,
+        1e3 * predicted_step,
         1e3 * s.median_step_secs,
         s.records.len(),
-        s.median_step_secs / st.predicted_step.total_secs
+        s.median_step_secs / predicted_step
     );
     if let Some((_, n, zero)) = st.dp {
         let median = |f: &dyn Fn(&train::StepRecord) -> Option<f64>| {
@@ -342,6 +353,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             1e3 * exposed,
             if comm > 0.0 { 100.0 * (1.0 - exposed / comm).max(0.0) } else { 0.0 }
         );
+        if let Some(p) = st.predicted_comm {
+            println!(
+                "  communication: predicted {:.1} ms, exposed {:.1} ms ({} buckets) | measured {:.1} ms, exposed {:.1} ms",
+                1e3 * p.comm_secs,
+                1e3 * p.exposed_secs,
+                p.buckets,
+                1e3 * comm,
+                1e3 * exposed
+            );
+        }
     }
     println!(
         "run folder: {} (metrics.jsonl, loss.svg, config.toml{})",

@@ -171,6 +171,9 @@ fn divide(op: ReduceOp, xs: &mut [f32], n: usize) {
 }
 
 impl Communicator for Comm {
+    fn transport_name(&self) -> &'static str {
+        self.transport()
+    }
     fn rank(&self) -> usize {
         self.me
     }

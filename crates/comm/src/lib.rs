@@ -178,6 +178,10 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<()>;
     /// Collective: ranks with the same `color` form a new group, ordered by `(key, old rank)`.
     fn split(&mut self, color: u32, key: u32) -> Result<Box<dyn Communicator>>;
+    /// The transport's name ("threads", "tcp", "shm", "mpi"), for reports and cost models.
+    fn transport_name(&self) -> &'static str {
+        "unknown"
+    }
 }
 
 pub use rendezvous::{init_from_env, JobEnv, Transport};

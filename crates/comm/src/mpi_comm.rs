@@ -62,6 +62,9 @@ impl MpiComm {
 }
 
 impl Communicator for MpiComm {
+    fn transport_name(&self) -> &'static str {
+        "mpi"
+    }
     fn rank(&self) -> usize {
         self.comm.rank() as usize
     }

@@ -6,6 +6,7 @@
 //! explained (see [`explain`]).
 
 pub mod cost;
+pub mod cpu_comm;
 pub mod cpu_runtime;
 pub mod cpu_time;
 pub mod error;

@@ -256,6 +256,41 @@ impl Dp {
         self.bucket_bytes
     }
 
+    /// The data-parallel group's transport ("tcp", "shm", "threads", "mpi").
+    pub fn transport(&self) -> &'static str {
+        self.group.transport_name()
+    }
+
+    /// Predicted gradient communication of one step (`plan::cpu_comm`), given the predicted
+    /// compute of one step of `accum` micro-steps. Parameter servers are not modelled (`None`).
+    pub fn predict_comm(
+        &self,
+        dims: &plan::cpu_runtime::CpuRuntimeDims,
+        accum: u64,
+        compute: &plan::cpu_time::CpuStepTime,
+    ) -> Option<plan::cpu_comm::DpCommTime> {
+        if self.ps.is_some() {
+            return None;
+        }
+        let setup = plan::cpu_comm::DpCommSetup {
+            dp: self.size() as u64,
+            zero: self.zero.number(),
+            accum,
+            bucket_bytes: self.bucket_bytes as u64,
+            overlap: self.overlap,
+        };
+        // Backward is about two thirds of a micro-step's forward + backward.
+        let micro = (compute.matmul_secs + compute.memory_secs + compute.overhead_secs)
+            / accum.max(1) as f64;
+        let k = plan::cpu_comm::CommCalibration::for_transport(self.transport());
+        Some(plan::cpu_comm::dp_comm_time(
+            dims,
+            &setup,
+            micro * 2.0 / 3.0,
+            &k,
+        ))
+    }
+
     /// Parameter-server data parallelism over the world `comm`: the last `servers` ranks serve
     /// (collective over the world: every rank calls it).
     ///

@@ -109,8 +109,10 @@ pub struct StartInfo {
     pub threads: usize,
     /// Predicted memory of the runtime's buffers (plan's CPU profile).
     pub predicted: plan::cpu_runtime::CpuRuntimeMemory,
-    /// Predicted step time (plan's CPU time model).
+    /// Predicted step time (plan's CPU time model), communication excluded.
     pub predicted_step: plan::cpu_time::CpuStepTime,
+    /// Data parallel (ring/MPI): predicted gradient communication per step (plan's model).
+    pub predicted_comm: Option<plan::cpu_comm::DpCommTime>,
     /// Bytes actually allocated for parameters, gradients, AdamW and activations.
     pub allocated_bytes: u64,
     /// Resident memory after the data was loaded, before the model was allocated, bytes
@@ -429,6 +431,14 @@ pub fn run(
         "the training stream",
     )?;
     let dims = Shard::full(&mcfg).dims(&mcfg);
+    let predicted_step = plan::cpu_time::step_time(
+        &dims,
+        b as u64,
+        t as u64,
+        accum as u64,
+        threads as u64,
+        &plan::cpu_time::CpuCalibration::default(),
+    );
     let start = StartInfo {
         config: rcfg.clone(),
         params: layout.len(),
@@ -447,14 +457,10 @@ pub fn run(
             ),
             None => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
         },
-        predicted_step: plan::cpu_time::step_time(
-            &dims,
-            b as u64,
-            t as u64,
-            accum as u64,
-            threads as u64,
-            &plan::cpu_time::CpuCalibration::default(),
-        ),
+        predicted_step,
+        predicted_comm: dp
+            .as_ref()
+            .and_then(|d| d.predict_comm(&dims, accum as u64, &predicted_step)),
         allocated_bytes: 4
             * (state.params.len() + grads.len() + opt.m.len() + opt.v.len() + acts.len()) as u64
             + dp.as_ref().map_or(0, |d| d.extra_bytes()),

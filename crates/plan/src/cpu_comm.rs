@@ -1,0 +1,225 @@
+//! Gradient communication of the CPU runtime's data parallelism (`train::dp`): how long the
+//! collectives of one optimizer step take, and how much of that the training thread waits for
+//! (*exposed*) when buckets are reduced on a communication thread while backward goes on.
+//!
+//! Legend: n = data-parallel ranks, B_k = bytes of gradient bucket k (in the order backward
+//! finishes them, `cpu_runtime::grad_bucket_lens`), α = per-message latency, β = bus bandwidth
+//! (nccl-tests' definition: algorithm bandwidth × 2(n−1)/n for an all-reduce), a = micro-steps.
+//!
+//! ```text
+//! ring all-reduce(B)      = 2(n−1)·α + 2(n−1)/n · B / β        (Patarasuk & Yuan 2009; Thakur et al. 2005)
+//! reduce-scatter(B)       = all-gather(B) = (n−1)·α + (n−1)/n · B / β
+//! ZeRO-0 step comm        = Σ_k all-reduce(B_k)
+//! ZeRO-1 step comm        = Σ_k reduce-scatter(B_k) + Σ_k all-gather(B_k) + norm all-gather
+//! ZeRO-2 step comm        = a · Σ_k reduce-scatter(B_k) + Σ_k all-gather(B_k) + norm all-gather
+//! exposed (overlap)       = end of the last bucket's reduction − end of backward, where bucket k
+//!                           is ready when backward has covered its share of the parameters and
+//!                           the communication thread reduces buckets one after another
+//!                           + the all-gathers and the norm (after backward, never hidden)
+//! exposed (no overlap)    = all of it
+//! ```
+//!
+//! Backward time is spread over the buckets in proportion to their parameters, a simplification
+//! (the LM head's matmul sits in the embedding's bucket's tensor but runs first). On a machine
+//! with fewer cores than ranks × threads + communication threads, the communication thread
+//! competes with compute for cores; the constants below are the *effective* α and β measured in
+//! training runs on the 2-core development machine, not a free link's.
+
+use crate::cpu_runtime::{grad_bucket_lens, F32_BYTES};
+
+/// Effective link constants of one transport.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CommCalibration {
+    /// Seconds per message (one ring step).
+    pub latency_secs: f64,
+    /// Bus bandwidth, bytes per second.
+    pub bus_bytes_per_sec: f64,
+}
+
+impl CommCalibration {
+    /// Loopback TCP on the development machine, fitted to `scaletrain train --dp 2 --no-overlap`
+    /// runs (see `docs/performance.md`, "Overlap").
+    pub fn tcp() -> CommCalibration {
+        CommCalibration {
+            latency_secs: 40e-6,
+            bus_bytes_per_sec: 1.0e9,
+        }
+    }
+
+    /// Shared memory on the development machine (same fit).
+    pub fn shm() -> CommCalibration {
+        CommCalibration {
+            latency_secs: 5e-6,
+            bus_bytes_per_sec: 1.5e9,
+        }
+    }
+
+    /// The calibration for a transport name ("tcp", "shm", "threads", "mpi"; others as TCP).
+    pub fn for_transport(name: &str) -> CommCalibration {
+        match name {
+            "shm" | "threads" | "mpi" => CommCalibration::shm(),
+            _ => CommCalibration::tcp(),
+        }
+    }
+
+    /// A ring all-reduce of `bytes` over `n` ranks.
+    pub fn all_reduce_secs(&self, bytes: f64, n: u64) -> f64 {
+        2.0 * self.half_secs(bytes, n)
+    }
+
+    /// A ring reduce-scatter (or all-gather) of `bytes` over `n` ranks.
+    pub fn half_secs(&self, bytes: f64, n: u64) -> f64 {
+        if n <= 1 {
+            return 0.0;
+        }
+        let steps = (n - 1) as f64;
+        steps * self.latency_secs + steps / n as f64 * bytes / self.bus_bytes_per_sec
+    }
+}
+
+/// Predicted gradient communication of one optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct DpCommTime {
+    /// Time inside collectives, on any thread.
+    pub comm_secs: f64,
+    /// Time the training thread waits for them.
+    pub exposed_secs: f64,
+    /// Gradient buckets.
+    pub buckets: usize,
+}
+
+/// What a data-parallel step communicates (see the module formulas).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpCommSetup {
+    /// Data-parallel ranks.
+    pub dp: u64,
+    /// ZeRO stage 0, 1 or 2.
+    pub zero: u8,
+    /// Micro-steps per optimizer step (ZeRO-2 communicates in each).
+    pub accum: u64,
+    /// Gradient bucket size in bytes.
+    pub bucket_bytes: u64,
+    /// Buckets reduced on a communication thread during backward.
+    pub overlap: bool,
+}
+
+/// Communication of one step for model `d`, given the backward time of one micro-step.
+pub fn dp_comm_time(
+    d: &crate::cpu_runtime::CpuRuntimeDims,
+    s: &DpCommSetup,
+    backward_secs: f64,
+    k: &CommCalibration,
+) -> DpCommTime {
+    let lens = grad_bucket_lens(d, s.bucket_bytes / F32_BYTES);
+    let n = s.dp;
+    let per_bucket: Vec<f64> = lens
+        .iter()
+        .map(|&e| {
+            let bytes = (e * F32_BYTES) as f64;
+            match s.zero {
+                0 => k.all_reduce_secs(bytes, n),
+                _ => k.half_secs(bytes, n),
+            }
+        })
+        .collect();
+    // After backward, never hidden: ZeRO's parameter all-gathers and the norm exchange.
+    let after: f64 = if s.zero == 0 {
+        0.0
+    } else {
+        let gathers: f64 = lens
+            .iter()
+            .map(|&e| k.half_secs((e * F32_BYTES) as f64, n))
+            .sum();
+        gathers + k.half_secs((2 * F32_BYTES * n) as f64, n)
+    };
+    let during: f64 = per_bucket.iter().sum();
+    // Micro-steps that communicate during their backward.
+    let communicating = if s.zero == 2 { s.accum.max(1) } else { 1 } as f64;
+    let exposed_one = if s.overlap {
+        let total: u64 = lens.iter().sum();
+        let (mut ready, mut end) = (0.0f64, 0.0f64);
+        for (&e, &t) in lens.iter().zip(&per_bucket) {
+            ready += backward_secs * e as f64 / total.max(1) as f64;
+            end = end.max(ready) + t;
+        }
+        (end - backward_secs).max(0.0)
+    } else {
+        during
+    };
+    DpCommTime {
+        comm_secs: communicating * during + after,
+        exposed_secs: communicating * exposed_one + after,
+        buckets: lens.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_runtime::CpuRuntimeDims;
+
+    fn dims() -> CpuRuntimeDims {
+        CpuRuntimeDims {
+            padded_vocab: 64,
+            max_seq_len: 64,
+            channels: 256,
+            heads: 4,
+            layers: 8,
+            has_embedding: true,
+            has_head: true,
+            tp: 1,
+        }
+    }
+
+    #[test]
+    fn ring_formulas_and_overlap_hide_all_but_the_last_bucket() {
+        let k = CommCalibration {
+            latency_secs: 1e-5,
+            bus_bytes_per_sec: 1e9,
+        };
+        // 2 ranks: all-reduce = 2α + B/β.
+        assert!((k.all_reduce_secs(1e6, 2) - (2e-5 + 1e-3)).abs() < 1e-12);
+        assert_eq!(k.all_reduce_secs(1e6, 1), 0.0);
+        let s = DpCommSetup {
+            dp: 2,
+            zero: 0,
+            accum: 1,
+            bucket_bytes: 1 << 20,
+            overlap: false,
+        };
+        let after = dp_comm_time(&dims(), &s, 0.5, &k);
+        assert_eq!(after.exposed_secs, after.comm_secs);
+        let over = dp_comm_time(&dims(), &DpCommSetup { overlap: true, ..s }, 0.5, &k);
+        assert_eq!(over.comm_secs, after.comm_secs);
+        // A long backward hides every layer's bucket but the first layer's, which becomes ready
+        // just before the (small) embedding's: both are reduced after backward's end.
+        let lens = grad_bucket_lens(&dims(), (1 << 20) / 4);
+        let total: u64 = lens.iter().sum();
+        let nb = lens.len();
+        let (l0, emb) = (lens[nb - 2], lens[nb - 1]);
+        let t = |e: u64| k.all_reduce_secs((e * 4) as f64, 2);
+        let l0_ready = 0.5 * (1.0 - emb as f64 / total as f64);
+        let expected = l0_ready + t(l0) + t(emb) - 0.5;
+        assert!(
+            (over.exposed_secs - expected).abs() < 1e-9,
+            "{over:?} vs {expected}"
+        );
+        assert!(over.exposed_secs < 0.1 * over.comm_secs);
+        // A backward shorter than the communication hides less.
+        let short = dp_comm_time(&dims(), &DpCommSetup { overlap: true, ..s }, 1e-4, &k);
+        assert!(short.exposed_secs > over.exposed_secs);
+        // ZeRO-2 with 4 micro-steps reduce-scatters 4 times, all-gathers once.
+        let z1 = dp_comm_time(&dims(), &DpCommSetup { zero: 1, ..s }, 0.5, &k);
+        let z2 = dp_comm_time(
+            &dims(),
+            &DpCommSetup {
+                zero: 2,
+                accum: 4,
+                ..s
+            },
+            0.5,
+            &k,
+        );
+        assert!(z2.comm_secs > 2.0 * z1.comm_secs);
+    }
+}
