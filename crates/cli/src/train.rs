@@ -220,10 +220,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     overrides.extend(a.set.iter().cloned());
     let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
     crate::train_dp::check_layout(&a.dp, &mut cfg)?;
-    let dp = match crate::train_dp::setup(&a.dp, &mut cfg)? {
+    let dp = match crate::train_dp::setup(&a.dp, &mut cfg).map_err(crate::train_dp::fail)? {
         crate::train_dp::Setup::Launch => return crate::train_dp::launch_self(&a.dp),
         crate::train_dp::Setup::Server(mut s) => {
-            let steps = s.serve().context("parameter server failed")?;
+            let steps = s
+                .serve()
+                .context("parameter server failed")
+                .map_err(crate::train_dp::fail)?;
             println!("parameter server: served {steps} steps");
             return Ok(());
         }
@@ -244,7 +247,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         };
         let s = train::run(&cfg, &opts, &mut train::Quiet)
             .map_err(|e| hint(e, a.via_launch))
-            .context("training failed")?;
+            .context("training failed")
+            .map_err(crate::train_dp::fail)?;
         println!(
             "done: {} steps, final train loss {:.4}",
             s.steps_done,
@@ -275,7 +279,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     };
     let s = train::run(&cfg, &opts, &mut obs)
         .map_err(|e| hint(e, a.via_launch))
-        .context("training failed")?;
+        .context("training failed")
+        .map_err(crate::train_dp::fail)?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
