@@ -45,7 +45,8 @@ ST=target/mpi/release/scaletrain
 TINY=(--steps 20 --set model.n_layer=1 --set model.channels=32 --set model.n_head=2
   --set model.seq_len=16 --set train.batch_size=4 --set train.eval_every=10 --set train.eval_batches=2
   --set optim.warmup_steps=1 --set optim.lr=1e-2
-  --set data.synthetic.train_tokens=20000 --set data.synthetic.val_tokens=1000 --threads 1 --no-progress)
+  --set data.synthetic.train_tokens=20000 --set data.synthetic.val_tokens=1000 --threads 1 --no-progress
+  --bucket-mb 0.01) # several gradient buckets, reduced on the communication thread during backward
 compare() { # compare RUN_A RUN_B TOLERANCE (0 = bitwise)
   python3 - "$@" <<'PY'
 import json, sys
@@ -84,6 +85,9 @@ compare "$TMP/mpi3" "$TMP/ring3" 1e-5
 timeout 300 mpirun -n 2 "$ST" train --dp 2 --grad-sync mpi --zero 1 --out "$TMP/mpi2z1" "${TINY[@]}" >"$TMP/mpi2z1.log"
 timeout 300 "$ST" train --dp 2 --zero 1 --out "$TMP/ring2z1" "${TINY[@]}" >"$TMP/ring2z1.log"
 compare "$TMP/mpi2z1" "$TMP/ring2z1" 0
+# The same buckets reduced after backward on the training thread: the same bits.
+timeout 300 mpirun -n 2 "$ST" train --dp 2 --grad-sync mpi --no-overlap --out "$TMP/mpi2seq" "${TINY[@]}" >"$TMP/mpi2seq.log"
+compare "$TMP/mpi2seq" "$TMP/ring2" 0
 # Bad input is an error, not a hang: a rank count that is not --dp.
 if timeout 120 mpirun -n 2 "$ST" train --dp 3 --grad-sync mpi --out "$TMP/bad" "${TINY[@]}" 2>"$TMP/bad.err"; then
   echo "mpirun -n 2 with --dp 3 succeeded"; exit 1

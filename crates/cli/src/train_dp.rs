@@ -38,7 +38,9 @@ pub struct DpArgs {
     #[arg(long, default_value_t = 2.0)]
     pub bucket_mb: f64,
     /// Reduce the gradient buckets after backward instead of during it (for measuring what
-    /// overlap hides). Always the case with --grad-sync mpi (MPI is called from one thread).
+    /// overlap hides). With --grad-sync mpi the buckets are reduced on the communication thread
+    /// too: MPI is initialised with MPI_THREAD_SERIALIZED, and the training thread makes no MPI
+    /// call while that thread runs.
     #[arg(long)]
     pub no_overlap: bool,
 }
@@ -46,10 +48,7 @@ pub struct DpArgs {
 impl DpArgs {
     /// (bucket bytes, overlap) for `Dp::with_buckets`.
     fn buckets(&self) -> (usize, bool) {
-        (
-            (self.bucket_mb * 1048576.0) as usize,
-            !self.no_overlap && self.grad_sync != "mpi",
-        )
+        ((self.bucket_mb * 1048576.0) as usize, !self.no_overlap)
     }
 }
 
