@@ -192,4 +192,20 @@ fn bad_layouts_are_refused_with_the_arithmetic() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("needs --grad-sync ring"), "{err}");
+    // MPI's ranks come from mpirun; train does not start them itself.
+    let (code, _, err) = run(&[
+        "train",
+        "--dp",
+        "2",
+        "--grad-sync",
+        "mpi",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--grad-sync mpi: start the ranks with mpirun (mpirun -n 2 scaletrain train"),
+        "{err}"
+    );
+    assert!(!o.exists(), "nothing was written");
 }
