@@ -41,7 +41,9 @@ pub struct LaunchArgs {
     pub grace_secs: f64,
     /// The command to run in every process (after `--`). Default: data-parallel training,
     /// `scaletrain train --dp <workers> --set train.batch_size=8` (ring all-reduce; with --servers,
-    /// the parameter server), the single-process default's global batch of 16 sequences.
+    /// the parameter server), the single-process default's global batch of 16 sequences. Flags
+    /// instead of a command are added to that default: `scaletrain launch -- --resume`,
+    /// `-- --out runs/x --steps 100`.
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -295,6 +297,22 @@ pub fn install_signal_handlers() {
 /// `scaletrain launch`.
 pub fn run(a: &LaunchArgs) -> Result<()> {
     let mut a = a.clone();
+    // `launch -- --resume --out runs/x`: flags (not a program) after `--` go to the default
+    // training command.
+    let train_flags = if a.command.first().is_some_and(|w| w.starts_with('-')) {
+        std::mem::take(&mut a.command)
+    } else {
+        Vec::new()
+    };
+    if let Some(f) = train_flags
+        .iter()
+        .find(|f| ["--dp", "--grad-sync", "--servers"].contains(&f.split('=').next().unwrap_or(f)))
+    {
+        bail!(
+            "{f} after `--`: launch sets it for its training command (--nproc-per-node, --servers); \
+             to choose it yourself give the whole command: scaletrain launch -- scaletrain train --dp N …"
+        );
+    }
     if a.command.is_empty() {
         let exe = std::env::current_exe().context("finding this program")?;
         a.command = vec![exe.display().to_string(), "train".into()];
@@ -306,7 +324,8 @@ pub fn run(a: &LaunchArgs) -> Result<()> {
             );
         }
         a.command
-            .extend(["--set", "train.batch_size=8"].map(String::from));
+            .extend(["--set", "train.batch_size=8", "--via-launch"].map(String::from));
+        a.command.extend(train_flags);
     }
     let a = &a;
     let plan = plan(a)?;

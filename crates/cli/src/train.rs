@@ -1,12 +1,12 @@
 //! `scaletrain train`: flags → config, a progress bar, and the predicted-versus-measured report.
 //! The loop itself is `train::run`.
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use train::{Observer, RunOptions, StartInfo, StepRecord, TrainConfig};
+use train::{Observer, RunOptions, StartInfo, StepRecord, TrainConfig, TrainError};
 
 /// Arguments of `scaletrain train`.
 #[derive(clap::Args, Debug, Clone)]
@@ -47,6 +47,10 @@ pub struct TrainArgs {
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Set by `scaletrain launch` on its default command, so that hints name launch's way of
+    /// passing these flags (`scaletrain launch -- --resume`).
+    #[arg(long, hide = true)]
+    pub via_launch: bool,
     /// Data parallelism: --dp, --grad-sync, --servers, --zero, --global-batch.
     #[command(flatten)]
     pub dp: crate::train_dp::DpArgs,
@@ -210,6 +214,21 @@ fn grad_accum_given(a: &TrainArgs) -> bool {
     by_flag || by_file
 }
 
+/// Rephrases the library's hints, which name `scaletrain train`'s flags, for a run started by
+/// `scaletrain launch` without a command (it passes the flags after `--` on to train).
+fn hint(e: TrainError, via_launch: bool) -> anyhow::Error {
+    match e {
+        TrainError::RunFolderInUse { dir, newest_step } if via_launch => anyhow!(
+            "{} already holds checkpoints (newest: step {newest_step}); add --resume after `--` to \
+             continue that run (scaletrain launch -- --resume), --overwrite to start afresh \
+             (scaletrain launch -- --overwrite), or --out DIR for another folder \
+             (scaletrain launch -- --out DIR); flags after `--` go to scaletrain train",
+            dir.display()
+        ),
+        e => e.into(),
+    }
+}
+
 /// Runs `scaletrain train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
     let mut overrides = Vec::new();
@@ -230,10 +249,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     } else {
         None
     };
-    let dp = match crate::train_dp::setup(&a.dp, &mut cfg)? {
+    let dp = match crate::train_dp::setup(&a.dp, &mut cfg).map_err(crate::train_dp::fail)? {
         crate::train_dp::Setup::Launch => return crate::train_dp::launch_self(&a.dp),
         crate::train_dp::Setup::Server(mut s) => {
-            let steps = s.serve().context("parameter server failed")?;
+            let steps = s
+                .serve()
+                .context("parameter server failed")
+                .map_err(crate::train_dp::fail)?;
             println!("parameter server: served {steps} steps");
             return Ok(());
         }
@@ -255,7 +277,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             stop: Some(stop_on_ctrl_c()),
             dp,
         };
-        let s = train::run(&cfg, &opts, &mut train::Quiet).context("training failed")?;
+        let s = train::run(&cfg, &opts, &mut train::Quiet)
+            .map_err(|e| hint(e, a.via_launch))
+            .context("training failed")
+            .map_err(crate::train_dp::fail)?;
         println!(
             "done: {} steps, final train loss {:.4}",
             s.steps_done,
@@ -284,7 +309,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         bar: bar.clone(),
         last_val: None,
     };
-    let s = train::run(&cfg, &opts, &mut obs).context("training failed")?;
+    let s = train::run(&cfg, &opts, &mut obs)
+        .map_err(|e| hint(e, a.via_launch))
+        .context("training failed")
+        .map_err(crate::train_dp::fail)?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

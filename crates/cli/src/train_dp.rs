@@ -38,7 +38,9 @@ pub struct DpArgs {
     #[arg(long, default_value_t = train::dp::DEFAULT_BUCKET_BYTES as f64 / 1048576.0)]
     pub bucket_mb: f64,
     /// Reduce the gradient buckets after backward instead of during it (for measuring what
-    /// overlap hides). Always the case with --grad-sync mpi (MPI is called from one thread).
+    /// overlap hides). With --grad-sync mpi the buckets are reduced on the communication thread
+    /// too: MPI is initialised with MPI_THREAD_SERIALIZED, and the training thread makes no MPI
+    /// call while that thread runs.
     #[arg(long)]
     pub no_overlap: bool,
 }
@@ -46,10 +48,7 @@ pub struct DpArgs {
 impl DpArgs {
     /// (bucket bytes, overlap) for `Dp::with_buckets`.
     fn buckets(&self) -> (usize, bool) {
-        (
-            (self.bucket_mb * 1048576.0) as usize,
-            !self.no_overlap && self.grad_sync != "mpi",
-        )
+        ((self.bucket_mb * 1048576.0) as usize, !self.no_overlap)
     }
 }
 
@@ -140,11 +139,51 @@ pub fn keep_global_batch(
     ))
 }
 
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty())
+}
+
+/// Whether `mpirun` (Open MPI) started this process: it sets `OMPI_COMM_WORLD_RANK`, not torchrun's
+/// `RANK`.
+fn under_mpirun() -> bool {
+    env_set("OMPI_COMM_WORLD_RANK")
+}
+
+/// Processes of the job on this host: torchrun's `LOCAL_WORLD_SIZE`, else Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_SIZE`, else 1.
+fn local_world_size() -> usize {
+    ["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+        .unwrap_or(1)
+}
+
+/// The MPI world (`--grad-sync mpi`): rank and size come from MPI, not from the environment.
+#[cfg(feature = "mpi")]
+fn mpi_world() -> Result<Box<dyn comm::Communicator>> {
+    Ok(Box::new(
+        comm::mpi_comm::MpiComm::init().context("initialising MPI")?,
+    ))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world() -> Result<Box<dyn comm::Communicator>> {
+    bail!("--grad-sync mpi needs a build with `--features mpi` (cargo build --release -p scaletrain-cli --features mpi)")
+}
+
 /// Joins the job the environment describes, or asks for a launch.
 pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     let zero = ZeroStage::from_number(a.zero).unwrap_or_default();
-    let in_job = std::env::var("RANK").is_ok_and(|v| !v.is_empty())
-        || std::env::var("OMPI_COMM_WORLD_RANK").is_ok();
+    let mpirun = under_mpirun();
+    let in_job = env_set("RANK") || mpirun;
+    let mpi = a.grad_sync == "mpi";
+    if mpi && !mpirun && (in_job || a.dp > 1) {
+        bail!(
+            "--grad-sync mpi: start the ranks with mpirun (mpirun -n {0} scaletrain train --dp {0} --grad-sync mpi …); \
+             OMPI_COMM_WORLD_RANK is not set, so this process was not started by Open MPI's mpirun",
+            a.dp
+        );
+    }
     if !in_job {
         return Ok(if a.dp > 1 {
             Setup::Launch
@@ -152,15 +191,22 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
             Setup::Single
         });
     }
+    if mpirun
+        && !mpi
+        && !env_set("RANK")
+        && std::env::var("SCALETRAIN_TRANSPORT").as_deref() != Ok("mpi")
+    {
+        bail!(
+            "started by mpirun, but --grad-sync {} needs torchrun's variables (RANK, WORLD_SIZE, MASTER_PORT; \
+             scaletrain launch or torchrun set them): under mpirun pass --grad-sync mpi",
+            a.grad_sync
+        );
+    }
     let servers = if a.grad_sync == "ps" { a.servers } else { 0 };
     if cfg.train.threads == 0 {
         // The ranks of this host share its cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let local: usize = std::env::var("LOCAL_WORLD_SIZE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        cfg.train.threads = (cores / local.max(1)).max(1);
+        cfg.train.threads = (cores / local_world_size().max(1)).max(1);
     }
     if a.grad_sync == "ps" {
         let env = comm::JobEnv::from_env().context("joining the job")?;
@@ -189,12 +235,17 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
             Role::Server(s) => Setup::Server(s),
         });
     }
-    let c = comm::init_from_env().context("joining the job")?;
+    let c = if mpi {
+        mpi_world()?
+    } else {
+        comm::init_from_env().context("joining the job")?
+    };
     if c.size() != a.dp {
         bail!(
-            "--dp {} but the job has {} ranks (WORLD_SIZE)",
+            "--dp {} but the job has {} ranks ({})",
             a.dp,
-            c.size()
+            c.size(),
+            if mpirun { "mpirun -n" } else { "WORLD_SIZE" }
         );
     }
     let (bytes, overlap) = a.buckets();
@@ -222,4 +273,16 @@ pub fn launch_self(a: &DpArgs) -> Result<()> {
         command,
     };
     crate::launch::run(&la)
+}
+
+/// Passes on an error of a rank whose job has formed. Under MPI it first prints the error and
+/// stops the whole job (`MPI_Abort`, exit status 2): MPI has no timeouts, so peers that did not
+/// fail would otherwise wait in their next collective forever.
+pub fn fail(e: anyhow::Error) -> anyhow::Error {
+    #[cfg(feature = "mpi")]
+    if comm::mpi_comm::is_running() {
+        eprintln!("error: {e:#}");
+        comm::mpi_comm::abort_job(2);
+    }
+    e
 }

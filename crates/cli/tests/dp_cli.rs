@@ -89,6 +89,52 @@ fn launch_dp2_ring_and_self_launched_ps_train_the_same_model() {
 }
 
 #[test]
+fn launch_passes_flags_to_train_and_its_hints_say_how() {
+    let d = tmp("launch-flags");
+    let out = d.join("run");
+    let o = out.to_str().unwrap();
+    let launch = ["launch", "--nproc-per-node", "2", "--"];
+    let mut args = launch.to_vec();
+    args.extend_from_slice(&["--out", o, "--steps", "2"]);
+    args.extend_from_slice(TINY);
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("[rank 0] done: 2 steps"), "{stdout}");
+    assert!(out.join("step-00000002.json").exists());
+
+    // The same launch again is refused, and the hint says how to pass train's flags via launch.
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 2, "{stdout}\n{err}");
+    assert!(
+        err.contains("already holds checkpoints (newest: step 2)"),
+        "{err}"
+    );
+    for s in [
+        "scaletrain launch -- --resume",
+        "scaletrain launch -- --overwrite",
+        "scaletrain launch -- --out DIR",
+    ] {
+        assert!(err.contains(s), "missing {s}:\n{err}");
+    }
+    assert!(!err.contains("pass --resume"), "train's phrasing: {err}");
+    assert!(!out.join("step-00000004.json").exists());
+
+    // Following the hint continues the run.
+    let mut resume = launch.to_vec();
+    resume.extend_from_slice(&["--resume", "--out", o, "--steps", "4"]);
+    resume.extend_from_slice(TINY);
+    let (code, stdout, err) = run(&resume);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("resuming at step 2"), "{stdout}");
+    assert!(out.join("step-00000004.json").exists());
+
+    // Launch sets --dp itself.
+    let (code, _, err) = run(&["launch", "--", "--dp", "3", "--out", o]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--dp after `--`"), "{err}");
+}
+
+#[test]
 fn a_killed_rank_stops_the_job_with_a_clear_error_and_the_checkpoint_survives() {
     let d = tmp("kill");
     let out_dir = d.join("run");
@@ -146,6 +192,22 @@ fn bad_layouts_are_refused_with_the_arithmetic() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("needs --grad-sync ring"), "{err}");
+    // MPI's ranks come from mpirun; train does not start them itself.
+    let (code, _, err) = run(&[
+        "train",
+        "--dp",
+        "2",
+        "--grad-sync",
+        "mpi",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--grad-sync mpi: start the ranks with mpirun (mpirun -n 2 scaletrain train"),
+        "{err}"
+    );
+    assert!(!o.exists(), "nothing was written");
 }
 
 #[test]

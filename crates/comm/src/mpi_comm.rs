@@ -18,13 +18,21 @@ pub struct MpiComm {
     _universe: Arc<::mpi::environment::Universe>,
 }
 
-// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED (checked in `init`), so any thread may
-// call MPI as long as calls do not overlap; `&mut self` on every call serialises them per
-// communicator, and communicators are not shared between threads.
+// SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`), so any
+// thread may call MPI as long as no two calls overlap in time: a communicator may move to another
+// thread (a communication thread, say) while the thread that initialised MPI makes no MPI calls.
+// `&mut self` on every call serialises the calls on one communicator; a program that uses two
+// communicators (or this one and `split` results) from two threads must serialise them itself.
 unsafe impl Send for MpiComm {}
 
 impl MpiComm {
     /// Initialise MPI (once per process) and return the world communicator.
+    ///
+    /// Requests `MPI_THREAD_SERIALIZED`: MPI calls may come from any thread, one at a time (what a
+    /// communication thread beside the training loop needs; `MPI_THREAD_FUNNELED` would allow only
+    /// the thread that called this). `MPI_Finalize` runs when the last communicator is dropped
+    /// and, by the MPI standard, must run on the thread that called `init`, so drop the last
+    /// communicator there.
     pub fn init() -> Result<MpiComm> {
         let (universe, level) = ::mpi::initialize_with_threading(::mpi::Threading::Serialized)
             .ok_or_else(|| CommError::Rendezvous {
@@ -34,7 +42,11 @@ impl MpiComm {
         if level < ::mpi::Threading::Serialized {
             return Err(CommError::Rendezvous {
                 rank: 0,
-                detail: format!("MPI provides thread level {level:?}, scaletrain needs Serialized"),
+                detail: format!(
+                    "the MPI library provides thread level {level:?}; scaletrain needs Serialized \
+                     (MPI_THREAD_SERIALIZED: calls from any thread, one at a time). Use an MPI \
+                     built with thread support (Open MPI: ompi_info | grep -i thread)"
+                ),
             });
         }
         let comm = universe.world();
@@ -57,6 +69,24 @@ impl MpiComm {
         if op == ReduceOp::Average {
             let n = self.comm.size() as f32;
             buf.iter_mut().for_each(|x| *x /= n);
+        }
+    }
+}
+
+/// Whether MPI is initialised and not yet finalised in this process.
+pub fn is_running() -> bool {
+    ::mpi::environment::is_initialized() && !::mpi::environment::is_finalized()
+}
+
+/// Stops every process of the MPI job with exit status `code` (`MPI_Abort` on the world), if MPI
+/// is running in this process; otherwise returns. For errors after the job has formed: MPI has
+/// no timeouts, so a peer that did not fail would wait in its next collective forever, and
+/// `MPI_Finalize` (run when the failing rank drops its communicator) may wait for them too.
+pub fn abort_job(code: i32) {
+    if is_running() {
+        // SAFETY: MPI is initialised and not finalised, and RSMPI_COMM_WORLD is a constant handle.
+        unsafe {
+            ::mpi::ffi::MPI_Abort(::mpi::ffi::RSMPI_COMM_WORLD, code);
         }
     }
 }

@@ -67,6 +67,19 @@ pub enum TrainError {
         /// What went wrong.
         reason: String,
     },
+    /// The run folder holds checkpoints, and neither resuming nor starting afresh was asked for.
+    /// (The hint names `scaletrain train`'s flags; other front ends rephrase it from the fields.)
+    #[error(
+        "{} already holds checkpoints (newest: step {newest_step}); pass --resume to continue that \
+         run, --overwrite to start afresh, or choose another --out",
+        dir.display()
+    )]
+    RunFolderInUse {
+        /// The run folder.
+        dir: PathBuf,
+        /// Step of its newest checkpoint.
+        newest_step: u64,
+    },
     /// No usable checkpoint to resume from.
     #[error("cannot resume from {}: {reason}", dir.display())]
     NoCheckpoint {

@@ -261,12 +261,10 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
         // With --overwrite the old checkpoints are deleted only once everything is validated
         // (below), so a bad config never costs an earlier run.
         if !opts.overwrite {
-            return Err(TrainError::Data(format!(
-                "{} already holds checkpoints (newest: step {}); pass --resume to continue that run, \
-                 --overwrite to start afresh, or choose another --out",
-                out.display(),
-                existing[0].0
-            )));
+            return Err(TrainError::RunFolderInUse {
+                dir: out.clone(),
+                newest_step: existing[0].0,
+            });
         }
     }
     let data = Dataset::load(cfg)?;
