@@ -366,16 +366,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         s.median_step_secs / predicted_step
     );
     if let Some((_, n, zero)) = st.dp {
-        let median = |f: &dyn Fn(&train::StepRecord) -> Option<f64>| {
-            let mut xs: Vec<f64> = s.records.iter().filter_map(f).collect();
-            xs.sort_by(f64::total_cmp);
-            xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+        // Means, not medians: the three must add up (a median of each does not), and the
+        // exposed part is often bimodal (a peer a little late or not).
+        let mean = |f: &dyn Fn(&train::StepRecord) -> Option<f64>| {
+            let xs: Vec<f64> = s.records.iter().filter_map(f).collect();
+            xs.iter().sum::<f64>() / xs.len().max(1) as f64
         };
-        let comm = median(&|r| r.comm_secs);
-        let exposed = median(&|r| r.exposed_comm_secs);
-        let compute = median(&|r| r.exposed_comm_secs.map(|e| r.step_secs - e));
+        let comm = mean(&|r| r.comm_secs);
+        let exposed = mean(&|r| r.exposed_comm_secs);
+        let compute = mean(&|r| r.exposed_comm_secs.map(|e| r.step_secs - e));
         println!(
-            "  data parallel: {n} ranks, ZeRO {zero}; per step (median): compute {:.1} ms | communication {:.1} ms | exposed communication {:.1} ms ({:.0}% hidden behind backward)",
+            "  data parallel: {n} ranks, ZeRO {zero}; per step (mean): compute {:.1} ms | communication {:.1} ms | exposed communication {:.1} ms ({:.0}% hidden behind backward)",
             1e3 * compute,
             1e3 * comm,
             1e3 * exposed,
