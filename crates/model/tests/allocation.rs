@@ -7,42 +7,10 @@ use model::{
     Shard, StageInput,
 };
 use plan::cpu_runtime;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
 
-struct Counting;
-static LIVE: AtomicI64 = AtomicI64::new(0);
-static PEAK: AtomicI64 = AtomicI64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size() as i64, SeqCst) + layout.size() as i64;
-            PEAK.fetch_max(now, SeqCst);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size() as i64, SeqCst) + layout.size() as i64;
-            PEAK.fetch_max(now, SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        System.dealloc(p, layout);
-        LIVE.fetch_sub(layout.size() as i64, SeqCst);
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> i64 {
-    LIVE.load(SeqCst)
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{live, peak, reset_peak};
 
 #[track_caller]
 fn within_1pct(what: String, measured: i64, predicted: u64) {
@@ -139,7 +107,7 @@ fn allocations_match_the_plan_prediction() {
             for i in 0..3 {
                 if i == 1 {
                     steady = live();
-                    PEAK.store(steady, SeqCst);
+                    reset_peak();
                 }
                 forward(
                     &layout,
@@ -178,7 +146,7 @@ fn allocations_match_the_plan_prediction() {
             // after the join returns; anything model-sized would be kilobytes.
             let kept = live() - steady;
             assert!(kept.abs() <= 1024, "a training step kept {kept} B");
-            let transient = PEAK.load(SeqCst) - steady;
+            let transient = peak() - steady;
             eprintln!("{tag}: step transient peak {transient} B");
             assert!(
                 transient <= 2 * 2 * 1024 * 1024,

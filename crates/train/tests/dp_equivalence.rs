@@ -65,15 +65,26 @@ fn ring_ranks(
     dir: &Path,
     per_rank: impl Fn(usize, &mut TrainConfig, &mut RunOptions) + Sync,
 ) -> Vec<Result<RunSummary, TrainError>> {
+    ranks_with(n, cfg, dir, |c| Dp::ring(Box::new(c), zero), per_rank)
+}
+
+/// `n` ranks as threads, each with the `Dp` that `make` builds on its communicator.
+fn ranks_with(
+    n: usize,
+    cfg: &TrainConfig,
+    dir: &Path,
+    make: impl Fn(comm::Comm) -> Dp + Sync,
+    per_rank: impl Fn(usize, &mut TrainConfig, &mut RunOptions) + Sync,
+) -> Vec<Result<RunSummary, TrainError>> {
     let comms = comm::threads(n, comm_cfg());
     std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .into_iter()
             .enumerate()
             .map(|(r, c)| {
-                let (mut cfg, per_rank) = (cfg.clone(), &per_rank);
+                let (mut cfg, per_rank, make) = (cfg.clone(), &per_rank, &make);
                 s.spawn(move || {
-                    let mut o = opts(dir, Some(Dp::ring(Box::new(c), zero)));
+                    let mut o = opts(dir, Some(make(c)));
                     per_rank(r, &mut cfg, &mut o);
                     run(&cfg, &o, &mut Quiet)
                 })
@@ -91,21 +102,11 @@ fn ring_buckets(
     cfg: &TrainConfig,
     name: &str,
 ) -> Vec<RunSummary> {
-    let comms = comm::threads(n, comm_cfg());
-    let dir = tmp(name);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                let (cfg, dir) = (cfg.clone(), &dir);
-                s.spawn(move || {
-                    let d = Dp::ring(Box::new(c), zero).with_buckets(bucket_bytes, overlap);
-                    run(&cfg, &opts(dir, Some(d)), &mut Quiet).unwrap()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    let make = |c| Dp::ring(Box::new(c), zero).with_buckets(bucket_bytes, overlap);
+    ranks_with(n, cfg, &tmp(name), make, |_, _, _| {})
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
 }
 
 fn ring(n: usize, zero: ZeroStage, cfg: &TrainConfig, name: &str) -> Vec<RunSummary> {

@@ -9,44 +9,12 @@ use model::{
     backward_into, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp,
     ParamLayout, Shard, StageInput,
 };
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
 
-struct Counting;
-static LIVE: AtomicI64 = AtomicI64::new(0);
-static PEAK: AtomicI64 = AtomicI64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size() as i64, SeqCst) + layout.size() as i64;
-            PEAK.fetch_max(now, SeqCst);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size() as i64, SeqCst) + layout.size() as i64;
-            PEAK.fetch_max(now, SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        System.dealloc(p, layout);
-        LIVE.fetch_sub(layout.size() as i64, SeqCst);
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> i64 {
-    LIVE.load(SeqCst)
-}
+#[path = "../../model/tests/common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{live, peak, reset_peak};
 
 /// (bytes of both ranks' training state before the first step, peak above it during three
 /// steps).
@@ -131,11 +99,11 @@ fn measure(
         }
         barrier.wait();
         steady = live() - base;
-        PEAK.store(live(), SeqCst);
+        reset_peak();
         let at_b = live();
         barrier.wait();
         barrier.wait();
-        peak_above = PEAK.load(SeqCst) - at_b;
+        peak_above = peak() - at_b;
         // Joined explicitly: the thread has fully exited (thread-local buffers freed) before
         // the next measurement starts, which the scope's own wait does not promise.
         for h in ranks {
