@@ -162,11 +162,15 @@ fn assert_ranks_equal(rs: &[RunSummary]) {
     }
 }
 
+/// `a`'s step records against `b` (the same steps) and its final weights against `b_params`:
+/// the first loss bitwise, every loss within 1e-4 relative, the learning rates equal, the
+/// weights within 1e-3.
 #[track_caller]
-fn assert_close(a: &RunSummary, b: &RunSummary, what: &str) {
-    assert_eq!(a.records.len(), b.records.len());
-    assert_eq!(a.records[0].loss, b.records[0].loss, "{what}: step-1 loss");
-    for (x, y) in a.records.iter().zip(&b.records) {
+fn assert_steps_close(a: &RunSummary, b: &[train::StepRecord], b_params: &[f32], what: &str) {
+    assert_eq!(a.records.len(), b.len(), "{what}: steps");
+    assert_eq!(a.records[0].step, b[0].step, "{what}: first step");
+    assert_eq!(a.records[0].loss, b[0].loss, "{what}: first loss");
+    for (x, y) in a.records.iter().zip(b) {
         assert!(
             ((x.loss - y.loss) / y.loss).abs() < 1e-4,
             "{what}: step {} loss {} vs {}",
@@ -179,10 +183,16 @@ fn assert_close(a: &RunSummary, b: &RunSummary, what: &str) {
     let worst = a
         .params
         .iter()
-        .zip(&b.params)
+        .zip(b_params)
         .map(|(p, q)| (p - q).abs())
         .fold(0.0f32, f32::max);
+    eprintln!("{what}: parameters differ by up to {worst}");
     assert!(worst < 1e-3, "{what}: parameters differ by up to {worst}");
+}
+
+#[track_caller]
+fn assert_close(a: &RunSummary, b: &RunSummary, what: &str) {
+    assert_steps_close(a, &b.records, &b.params, what);
     // Training moved the weights far more than the tolerance.
     assert!(losses(a)[19] < losses(a)[0] - 0.3, "{what}: did not learn");
 }
@@ -344,26 +354,7 @@ fn loss_lines(dir: &Path) -> Vec<(u64, Option<u64>, Option<u64>)> {
 #[track_caller]
 fn assert_resumed_close(resumed: &RunSummary, straight: &RunSummary, what: &str) {
     let tail = &straight.records[straight.records.len() - resumed.records.len()..];
-    assert_eq!(resumed.records[0].step, tail[0].step, "{what}: first step");
-    assert_eq!(resumed.records[0].loss, tail[0].loss, "{what}: first loss");
-    for (x, y) in resumed.records.iter().zip(tail) {
-        assert!(
-            ((x.loss - y.loss) / y.loss).abs() < 1e-4,
-            "{what}: step {} loss {} vs {}",
-            x.step,
-            x.loss,
-            y.loss
-        );
-        assert_eq!(x.lr, y.lr);
-    }
-    let worst = resumed
-        .params
-        .iter()
-        .zip(&straight.params)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0f32, f32::max);
-    eprintln!("{what}: parameters differ by up to {worst}");
-    assert!(worst < 1e-3, "{what}: parameters differ by up to {worst}");
+    assert_steps_close(resumed, tail, &straight.params, what);
 }
 
 fn resume_single(cfg: &TrainConfig, dir: &Path) -> Result<RunSummary, TrainError> {
