@@ -128,7 +128,8 @@ pub fn keep_global_batch(
         .find_map(|(_, p)| train::checkpoint::read_manifest(p).ok())?
         .global_micro_batches;
     let dp = a.dp as u64;
-    if g % dp != 0 || g / dp == cfg.train.grad_accum as u64 {
+    // 0: a version-1 checkpoint, which did not record its global batch.
+    if g == 0 || g % dp != 0 || g / dp == cfg.train.grad_accum as u64 {
         return None;
     }
     cfg.train.grad_accum = (g / dp) as usize;

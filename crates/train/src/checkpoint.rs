@@ -622,7 +622,40 @@ pub fn prune(dir: &Path, keep: usize) {
     }
 }
 
-/// Reads and parses a manifest (no data files).
+/// A version-1 manifest (one process's or rank 0's gathered state: `state_file` with the whole
+/// `m`, `v`; no data-parallel size or global batch) as version 2: one optimizer file covering
+/// the whole buffer, written by "rank 0 of 1", and `global_micro_batches` 0 = not recorded (a
+/// version-1 data-parallel run recorded only the per-rank `grad_accum`, so any global batch is
+/// accepted on resume, with a warning).
+fn upgrade_v1(mut value: serde_json::Value) -> Result<serde_json::Value, String> {
+    let cfg: TrainConfig =
+        serde_json::from_value(value["config"].clone()).map_err(|e| format!("config: {e}"))?;
+    let vocab = cfg
+        .model
+        .vocab_size
+        .ok_or("the config has no model.vocab_size")?;
+    let mcfg = crate::trainer::model_config(&cfg, vocab);
+    let len = ParamLayout::new(&mcfg, &model::Shard::full(&mcfg))
+        .map_err(|e| e.to_string())?
+        .len();
+    let obj = value.as_object_mut().ok_or("not a JSON object")?;
+    let state = obj.remove("state_file").ok_or("no state_file")?;
+    obj.insert(
+        "optimizer".into(),
+        serde_json::json!({
+            "dp_size": 1,
+            "zero_stage": 0,
+            "len": len,
+            "shards": [{"rank": 0, "file": state, "ranges": [{"start": 0, "end": len}]}],
+        }),
+    );
+    obj.insert("global_micro_batches".into(), 0.into());
+    obj.insert("version".into(), VERSION.into());
+    Ok(value)
+}
+
+/// Reads and parses a manifest (no data files); a version-1 manifest is read as version 2
+/// ([`upgrade_v1`]).
 pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
     let bad = |reason: String| TrainError::Checkpoint {
         path: path.to_path_buf(),
@@ -632,6 +665,13 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("manifest is not valid: {e}")))?;
     // Format and version first: an older manifest fails with that, not with a missing field.
+    let (format, version) = (value["format"].as_str(), value["version"].as_u64());
+    let value = match (format, version) {
+        (Some(FORMAT), Some(1)) => {
+            upgrade_v1(value).map_err(|e| bad(format!("version 1 manifest: {e}")))?
+        }
+        _ => value,
+    };
     let (format, version) = (value["format"].as_str(), value["version"].as_u64());
     if format != Some(FORMAT) || version != Some(VERSION.into()) {
         return Err(bad(format!(
@@ -787,7 +827,7 @@ pub fn load_ranges(
 fn global_batch_change(m: &Manifest, dp_size: usize, cfg: &TrainConfig) -> Option<String> {
     let g = m.global_micro_batches;
     let (d, k) = (dp_size as u64, cfg.train.grad_accum as u64);
-    if g == d * k {
+    if g == d * k || g == 0 {
         return None;
     }
     let b = cfg.train.batch_size as u64;
@@ -842,6 +882,16 @@ pub fn find_resume(
                 diffs.extend(global_batch_change(&m, dp_size, cfg));
                 if !diffs.is_empty() {
                     return Err(TrainError::ConfigMismatch { path, diffs });
+                }
+                if m.global_micro_batches == 0 {
+                    warnings.push(format!(
+                        "{} was written by an older scaletrain (manifest version 1), which did not \
+                         record the global batch; this run takes dp {dp_size} × grad_accum {} \
+                         micro-batches per step (if the old run was data-parallel with another \
+                         total, pass --global-batch to match it)",
+                        path.display(),
+                        cfg.train.grad_accum
+                    ));
                 }
                 return Ok((m, layout, state, warnings));
             }

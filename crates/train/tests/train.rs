@@ -455,3 +455,58 @@ fn gradient_accumulation_matches_one_big_batch() {
         .fold(0.0, f32::max);
     assert!(max_diff < 1e-4, "weights differ by {max_diff}");
 }
+
+/// A checkpoint in the previous manifest format (version 1: one `state_file` with the whole
+/// AdamW state, no optimizer file list or global batch), made by rewriting a fresh one's
+/// manifest the way version 1 wrote it, resumes bit for bit, with a warning about the
+/// unrecorded global batch.
+#[test]
+fn a_version_1_checkpoint_still_resumes_bit_for_bit() {
+    let cfg = tiny(12);
+    let straight = run(&cfg, &opts(&tmp("v1-straight")), &mut Quiet).unwrap();
+    let dir = tmp("v1");
+    let stop6 = RunOptions {
+        stop_after: Some(6),
+        ..opts(&dir)
+    };
+    run(&cfg, &stop6, &mut Quiet).unwrap();
+    let manifest = checkpoint::manifest_path(&dir, 6);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let obj = v.as_object_mut().unwrap();
+    let optimizer = obj.remove("optimizer").unwrap();
+    assert_eq!(optimizer["shards"].as_array().unwrap().len(), 1);
+    obj.insert("state_file".into(), optimizer["shards"][0]["file"].clone());
+    obj.remove("global_micro_batches").unwrap();
+    obj.insert("version".into(), 1.into());
+    std::fs::write(&manifest, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+
+    let resume = RunOptions {
+        resume: true,
+        ..opts(&dir)
+    };
+    let resumed = run(&cfg, &resume, &mut Quiet).unwrap();
+    assert_eq!(resumed.start.start_step, 6);
+    assert!(
+        resumed
+            .start
+            .warnings
+            .iter()
+            .any(|w| w.contains("manifest version 1")),
+        "{:?}",
+        resumed.start.warnings
+    );
+    assert_eq!(resumed.params, straight.params, "final weights");
+    let tail: Vec<f32> = straight.records[6..].iter().map(|r| r.loss).collect();
+    let got: Vec<f32> = resumed.records.iter().map(|r| r.loss).collect();
+    assert_eq!(got, tail);
+    // A manifest of an unknown version is still refused by name.
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    v["version"] = 9.into();
+    std::fs::write(&manifest, v.to_string()).unwrap();
+    let e = checkpoint::read_manifest(&manifest)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("version 9"), "{e}");
+}
