@@ -608,7 +608,8 @@ pub fn save_rank(
 }
 
 /// Deletes all but the newest `keep` checkpoints (manifest first, so a half-deleted one is
-/// never mistaken for a checkpoint).
+/// never mistaken for a checkpoint), and the data files of unpublished checkpoints older than
+/// the newest published one.
 pub fn prune(dir: &Path, keep: usize) {
     for (_, manifest) in list(dir).into_iter().skip(keep) {
         let m = read_manifest(&manifest).ok();
@@ -618,6 +619,30 @@ pub fn prune(dir: &Path, keep: usize) {
             for s in &m.optimizer.shards {
                 let _ = std::fs::remove_file(dir.join(&s.file.name));
             }
+        }
+    }
+    // Data files of a checkpoint that was never published (a rank died while the ranks wrote
+    // it): no manifest names them, and a later checkpoint has been published since (or, with
+    // `keep` 0, the run starts afresh), so no writer can still be working on them.
+    let published = list(dir);
+    let newest = match (keep, published.first()) {
+        (0, _) => u64::MAX,
+        (_, Some(&(n, _))) => n,
+        (_, None) => return,
+    };
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("step-") else {
+            continue;
+        };
+        let Some((digits, ext)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(step) = digits.parse::<u64>() else {
+            continue;
+        };
+        if ext.ends_with("safetensors") && step < newest && !published.iter().any(|p| p.0 == step) {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }

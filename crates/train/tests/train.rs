@@ -510,3 +510,42 @@ fn a_version_1_checkpoint_still_resumes_bit_for_bit() {
         .to_string();
     assert!(e.contains("version 9"), "{e}");
 }
+
+/// Pruning also removes the data files of a checkpoint that was never published (a rank died
+/// while the ranks wrote it) once a later checkpoint exists, and keeps everything else.
+#[test]
+fn prune_removes_unpublished_checkpoint_files() {
+    let mut cfg = tiny(8);
+    cfg.train.checkpoint_every = 4;
+    let dir = tmp("orphans");
+    run(&cfg, &opts(&dir), &mut Quiet).unwrap();
+    let orphan = dir.join("step-00000002.optim-rank-1-of-2.safetensors");
+    let later = dir.join("step-00000099.optim-rank-0-of-2.safetensors");
+    let other = dir.join("notes.txt");
+    for f in [&orphan, &later, &other] {
+        std::fs::write(f, b"x").unwrap();
+    }
+    checkpoint::prune(&dir, 2);
+    assert!(
+        !orphan.exists(),
+        "an unpublished checkpoint older than step 8 is removed"
+    );
+    assert!(
+        later.exists(),
+        "files of a step after the newest checkpoint may be in progress"
+    );
+    assert!(other.exists());
+    assert_eq!(checkpoint::list(&dir).len(), 2);
+    checkpoint::load(&checkpoint::manifest_path(&dir, 4)).unwrap();
+    // Starting afresh (keep 0) removes every checkpoint file.
+    checkpoint::prune(&dir, 0);
+    assert!(!later.exists());
+    assert!(checkpoint::list(&dir).is_empty());
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(other.exists());
+}
