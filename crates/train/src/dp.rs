@@ -651,7 +651,7 @@ impl Dp {
             }
             Ok(t0.elapsed().as_secs_f64())
         };
-        let (comm, exposed) = if self.overlap {
+        let result = if self.overlap {
             std::thread::scope(|s| -> Result<(f64, f64), TrainError> {
                 let (tx, rx) = channel::<(usize, Piece<'_>)>();
                 let (back_tx, back_rx) = channel::<(usize, Vec<f32>)>();
@@ -696,7 +696,7 @@ impl Dp {
                     "backward reported every bucket final"
                 );
                 Ok((comm?, exposed))
-            })?
+            })
         } else {
             let mut secs = 0.0;
             let mut failed = None;
@@ -714,21 +714,40 @@ impl Dp {
             };
             let (computed, handed) =
                 run_backward(f, zero2, grads, &buckets, &mut pool, None, &mut handoff);
-            computed?;
-            if let Some(e) = failed {
-                return Err(e);
+            match (computed, failed) {
+                (Err(e), _) => Err(e.into()),
+                (Ok(()), Some(e)) => Err(e),
+                (Ok(()), None) => {
+                    assert_eq!(
+                        handed,
+                        buckets.len(),
+                        "backward reported every bucket final"
+                    );
+                    Ok((secs, secs))
+                }
             }
-            assert_eq!(
-                handed,
-                buckets.len(),
-                "backward reported every bucket final"
-            );
-            (secs, secs)
         };
+        // Waiting for a free ZeRO-2 buffer (all in flight) is communication the training
+        // thread waited for, too.
+        let waited = std::mem::take(&mut pool.waited_secs);
+        if zero2 {
+            // A failed step may leave buffers with the thread: replace them, so a caller that
+            // goes on (e.g. after an error it handles) never waits for one that cannot come.
+            pool.refill(&buckets);
+        }
         self.pool = pool;
-        self.comm_secs += comm;
-        self.exposed_secs += exposed;
-        Ok(())
+        match result {
+            Ok((comm, exposed)) => {
+                self.comm_secs += comm;
+                self.exposed_secs += exposed + waited;
+                Ok(())
+            }
+            Err(e) => {
+                // The failed step's partial sums must not leak into the next one.
+                self.grad_shard.fill(0.0);
+                Err(e)
+            }
+        }
     }
 
     /// One optimizer step over the ranks' summed gradients; returns the global gradient norm
@@ -992,6 +1011,8 @@ struct Zero2Pool {
     free: Vec<Vec<f32>>,
     /// Capacity of a rotating buffer.
     cap: usize,
+    /// Seconds backward waited for a buffer to come back from the communication thread.
+    waited_secs: f64,
 }
 
 impl Zero2Pool {
@@ -1006,6 +1027,21 @@ impl Zero2Pool {
             last: Some(Vec::with_capacity(last.len())),
             free: (0..n).map(|_| Vec::with_capacity(cap)).collect(),
             cap,
+            waited_secs: 0.0,
+        }
+    }
+
+    /// Allocates the buffers a failed step did not return (nothing after a good step).
+    fn refill(&mut self, buckets: &[Range<usize>]) {
+        let Some((last, others)) = buckets.split_last() else {
+            return;
+        };
+        if self.last.is_none() {
+            self.last = Some(Vec::with_capacity(last.len()));
+        }
+        let n = (plan::cpu_runtime::ZERO2_GRAD_BUFFERS as usize).min(others.len());
+        while self.free.len() < n {
+            self.free.push(Vec::with_capacity(self.cap));
         }
     }
 
@@ -1038,7 +1074,10 @@ impl Zero2Pool {
             } else if let Some(v) = self.free.pop() {
                 break v;
             }
-            match back.map(|r| r.recv()) {
+            let t0 = Instant::now();
+            let got = back.map(|r| r.recv());
+            self.waited_secs += t0.elapsed().as_secs_f64();
+            match got {
                 Some(Ok((j, v))) => self.put_back(j, v),
                 // No buffer can come back (no thread, or it stopped on an error it reports):
                 // a fresh one keeps backward going.
@@ -1292,5 +1331,80 @@ mod tests {
             }
             assert!(seen.iter().all(|&x| x == 1), "{n} ranks");
         }
+    }
+
+    /// One ZeRO-2 step on both ranks (threads); `fail_first` makes each rank's first backward
+    /// take two buffers, hand one bucket off and then fail, as a bad batch would, before the
+    /// real step. Returns rank 0's parameters after the step.
+    fn zero2_step(fail_first: bool) -> Vec<f32> {
+        use model::{backward_into, forward, Activations, GradInput, NoTp, StageInput};
+        let l = layout(3);
+        let (b, t) = (2, 8);
+        let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % 50) as u32).collect();
+        let comms = comm::threads(2, comm::Config::default());
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    let (l, tokens) = (&l, &tokens);
+                    s.spawn(move || {
+                        let mut d = Dp::ring(Box::new(c), ZeroStage::Two).with_buckets(256, true);
+                        d.attach(l);
+                        let held = d.owned_ranges(l.len()).iter().map(|r| r.len()).sum();
+                        let mut opt = AdamW {
+                            m: vec![0.0; held],
+                            v: vec![0.0; held],
+                            step: 0,
+                        };
+                        d.shard_optimizer(&opt, l.len());
+                        let mut params = l.init_params(3);
+                        let mut acts = Activations::new(l, b, t);
+                        if fail_first {
+                            let head = d.bucket_ranges()[0].clone();
+                            let e = d.backward(true, &mut [], |g| {
+                                g.slice(0..4)[0] += 1.0; // the embedding's bucket (LM head)
+                                g.slice(head.start..head.start + 4)[0] += 1.0;
+                                g.ready(head.start);
+                                Err(ModelError::Config {
+                                    field: "test",
+                                    reason: "fails mid-backward".into(),
+                                })
+                            });
+                            assert!(e.is_err());
+                        }
+                        let x = StageInput::Tokens(tokens);
+                        forward(l, &params, &mut acts, x, Some(tokens), Par::Seq, &mut NoTp)
+                            .unwrap();
+                        let gi = GradInput::Loss {
+                            targets: tokens,
+                            d_loss: 1.0 / (2 * b * t) as f32,
+                        };
+                        d.backward(true, &mut [], |g| {
+                            backward_into(l, &params, g, &mut acts, x, gi, Par::Seq, &mut NoTp)
+                        })
+                        .unwrap();
+                        let cfg = AdamWConfig {
+                            lr: 1e-2,
+                            beta1: 0.9,
+                            beta2: 0.95,
+                            eps: 1e-8,
+                            weight_decay: 0.1,
+                            grad_clip: Some(1.0),
+                        };
+                        d.step(l, &mut params, &mut [], &mut opt, &cfg, Par::Seq)
+                            .unwrap();
+                        params
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).next().unwrap()
+        })
+    }
+
+    #[test]
+    fn a_failed_zero2_backward_leaves_the_next_step_exact() {
+        // Without the pool refilled and the shard cleared, the second backward would wait
+        // forever for a buffer or add the failed step's partial sums.
+        assert_eq!(zero2_step(true), zero2_step(false));
     }
 }
