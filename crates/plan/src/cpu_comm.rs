@@ -19,6 +19,10 @@
 //! exposed (no overlap)    = all of it
 //! ```
 //!
+//! The MPI transport builds reduce-scatter and all-gather from whole all-reduces, so there they
+//! cost an all-reduce each. Buckets under 64 KiB use the tree algorithm on the built-in
+//! transports (a whole all-reduce too); they are small enough to ignore here.
+//!
 //! Backward time is spread over the buckets in proportion to their parameters, a simplification
 //! (the LM head's matmul sits in the embedding's bucket's tensor but runs first). On a machine
 //! with fewer cores than ranks × threads + communication threads, the communication thread
@@ -34,6 +38,9 @@ pub struct CommCalibration {
     pub latency_secs: f64,
     /// Bus bandwidth, bytes per second.
     pub bus_bytes_per_sec: f64,
+    /// Reduce-scatter and all-gather cost a whole all-reduce (the MPI transport builds them
+    /// from `MPI_Allreduce`), not half of one.
+    pub halves_are_all_reduces: bool,
 }
 
 impl CommCalibration {
@@ -45,6 +52,7 @@ impl CommCalibration {
         CommCalibration {
             latency_secs: 30e-6,
             bus_bytes_per_sec: 2.8e9,
+            halves_are_all_reduces: false,
         }
     }
 
@@ -54,20 +62,34 @@ impl CommCalibration {
         CommCalibration {
             latency_secs: 5e-6,
             bus_bytes_per_sec: 2.2e9,
+            halves_are_all_reduces: false,
+        }
+    }
+
+    /// MPI (Open MPI over shared memory): the shared-memory constants, not fitted separately;
+    /// the ZeRO collectives are whole all-reduces in the MPI transport.
+    pub fn mpi() -> CommCalibration {
+        CommCalibration {
+            halves_are_all_reduces: true,
+            ..CommCalibration::shm()
         }
     }
 
     /// The calibration for a transport name ("tcp", "shm", "threads", "mpi"; others as TCP).
     pub fn for_transport(name: &str) -> CommCalibration {
         match name {
-            "shm" | "threads" | "mpi" => CommCalibration::shm(),
+            "mpi" => CommCalibration::mpi(),
+            "shm" | "threads" => CommCalibration::shm(),
             _ => CommCalibration::tcp(),
         }
     }
 
     /// A ring all-reduce of `bytes` over `n` ranks.
     pub fn all_reduce_secs(&self, bytes: f64, n: u64) -> f64 {
-        2.0 * self.half_secs(bytes, n)
+        if n <= 1 {
+            return 0.0;
+        }
+        2.0 * self.ring_half(bytes, n)
     }
 
     /// A ring reduce-scatter (or all-gather) of `bytes` over `n` ranks.
@@ -75,6 +97,13 @@ impl CommCalibration {
         if n <= 1 {
             return 0.0;
         }
+        if self.halves_are_all_reduces {
+            return self.ring_half(bytes, n) * 2.0;
+        }
+        self.ring_half(bytes, n)
+    }
+
+    fn ring_half(&self, bytes: f64, n: u64) -> f64 {
         let steps = (n - 1) as f64;
         steps * self.latency_secs + steps / n as f64 * bytes / self.bus_bytes_per_sec
     }
@@ -179,6 +208,7 @@ mod tests {
         let k = CommCalibration {
             latency_secs: 1e-5,
             bus_bytes_per_sec: 1e9,
+            halves_are_all_reduces: false,
         };
         // 2 ranks: all-reduce = 2α + B/β.
         assert!((k.all_reduce_secs(1e6, 2) - (2e-5 + 1e-3)).abs() < 1e-12);
@@ -224,5 +254,12 @@ mod tests {
             &k,
         );
         assert!(z2.comm_secs > 2.0 * z1.comm_secs);
+        // Over MPI the ZeRO collectives are whole all-reduces: twice the time.
+        let m = CommCalibration {
+            halves_are_all_reduces: true,
+            ..k
+        };
+        let z1m = dp_comm_time(&dims(), &DpCommSetup { zero: 1, ..s }, 0.5, &m);
+        assert!((z1m.comm_secs - 2.0 * z1.comm_secs).abs() < 1e-12);
     }
 }
