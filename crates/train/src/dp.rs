@@ -15,7 +15,8 @@
 //!    reports each region final as it finishes it (`model::GradSink`; head first, the embedding
 //!    — tied to the LM head, so final only at the very end — last), and [`Dp::backward`] hands
 //!    the bucket to a **communication thread** that reduces it while backward goes on with
-//!    earlier layers (`--no-overlap`: after backward, same buckets, same bits). Only the last
+//!    earlier layers (`--no-overlap`: on the training thread as each bucket becomes final, same
+//!    buckets, same bits). Only the last
 //!    micro-step of a step communicates (ZeRO-2: every micro-step). Each rank's loss gradient is
 //!    scaled by `1/(b·t·K·dp)`, so a *sum* reduction gives the global mean gradient.
 //!    - `ring`: all-reduce (sum) per bucket, then every rank runs the same AdamW on the same bits.
@@ -186,7 +187,7 @@ fn dist(what: &str) -> impl FnOnce(comm::CommError) -> TrainError + '_ {
     move |e| TrainError::Dist(format!("{what}: {e}"))
 }
 
-/// The first `len` bytes of `bytes` as `f32` bit patterns (4 bytes each).
+/// `bytes` as `f32` bit patterns, 4 bytes each (the last word zero-padded).
 fn bytes_to_words(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks(4)
