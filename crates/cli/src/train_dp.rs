@@ -123,9 +123,15 @@ pub fn keep_global_batch(
     if a.global_batch.is_some() || accum_given {
         return None;
     }
+    // The checkpoint resume will pick: the newest whose files are all there at their recorded
+    // sizes (resume also checks their SHA-256; a same-size corruption is rare enough to leave
+    // to its clear refusal).
     let g = train::checkpoint::list(out)
         .iter()
-        .find_map(|(_, p)| train::checkpoint::read_manifest(p).ok())?
+        .find_map(|(_, p)| {
+            let m = train::checkpoint::read_manifest(p).ok()?;
+            train::checkpoint::files_present(p, &m).then_some(m)
+        })?
         .global_micro_batches;
     let dp = a.dp as u64;
     // 0: a version-1 checkpoint, which did not record its global batch.

@@ -726,6 +726,15 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
     Ok(m)
 }
 
+/// Whether every file the manifest at `path` lists exists with its recorded size (a cheap
+/// check: loading also verifies the SHA-256).
+pub fn files_present(path: &Path, m: &Manifest) -> bool {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::iter::once(&m.model_file)
+        .chain(m.optimizer.shards.iter().map(|s| &s.file))
+        .all(|f| std::fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.len() == f.bytes))
+}
+
 /// Reads a checkpoint file and checks its size and SHA-256 against the manifest.
 fn read_verified(dir: &Path, entry: &FileEntry, what: &str) -> Result<Vec<u8>, TrainError> {
     let path = dir.join(&entry.name);
