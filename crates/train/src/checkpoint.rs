@@ -826,7 +826,8 @@ pub fn load_ranges(
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let k: usize = s.ranges.iter().map(|r| r.len()).sum();
-        let get = |name: &str| -> Result<Vec<f32>, TrainError> {
+        // The tensor's little-endian bytes; only the ranges this rank wants are decoded.
+        let get = |name: &str| -> Result<&[u8], TrainError> {
             let v = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
             if v.dtype() != Dtype::F32 || v.shape() != [k] {
                 return Err(bad(format!(
@@ -835,13 +836,10 @@ pub fn load_ranges(
                     v.shape()
                 )));
             }
-            Ok(v.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
+            Ok(v.data())
         };
-        copy_overlap(&mut mv, &want, &get("adamw.m")?, &s.ranges);
-        copy_overlap(&mut vv, &want, &get("adamw.v")?, &s.ranges);
+        copy_overlap(&mut mv, &want, get("adamw.m")?, &s.ranges);
+        copy_overlap(&mut vv, &want, get("adamw.v")?, &s.ranges);
     }
     let state = TrainState {
         step: m.step,

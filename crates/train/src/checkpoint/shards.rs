@@ -110,12 +110,14 @@ pub(super) fn check_optimizer_files(o: &OptimizerFiles) -> Result<(), String> {
     Ok(())
 }
 
-/// Copies the values of `src` (the ranges `have` concatenated) that fall inside `want` into
-/// `dst` (the ranges `want` concatenated).
+/// Copies the values of `src` (little-endian f32 bytes of the ranges `have` concatenated, as a
+/// safetensors file holds them) that fall inside `want` into `dst` (the ranges `want`
+/// concatenated). Reads only the overlapping bytes: a rank resuming under ZeRO never decodes
+/// the rest of a shard file.
 pub(super) fn copy_overlap(
     dst: &mut [f32],
     want: &[Range<usize>],
-    src: &[f32],
+    src: &[u8],
     have: &[Range<usize>],
 ) {
     let mut src_at = 0;
@@ -124,8 +126,11 @@ pub(super) fn copy_overlap(
         for w in want {
             let (lo, hi) = (h.start.max(w.start), h.end.min(w.end));
             if lo < hi {
-                dst[dst_at + lo - w.start..dst_at + hi - w.start]
-                    .copy_from_slice(&src[src_at + lo - h.start..src_at + hi - h.start]);
+                let bytes = &src[4 * (src_at + lo - h.start)..4 * (src_at + hi - h.start)];
+                let out = &mut dst[dst_at + lo - w.start..dst_at + hi - w.start];
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
             }
             dst_at += w.len();
         }
@@ -190,7 +195,11 @@ mod tests {
         let want = [9..10, 2..7, 0..1];
         let mut out = vec![-1.0f32; 7];
         for h in &have {
-            let src: Vec<f32> = h.iter().flat_map(|r| r.clone()).map(|i| i as f32).collect();
+            let src: Vec<u8> = h
+                .iter()
+                .flat_map(|r| r.clone())
+                .flat_map(|i| (i as f32).to_le_bytes())
+                .collect();
             copy_overlap(&mut out, &want, &src, h);
         }
         assert_eq!(out, [9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0]);
