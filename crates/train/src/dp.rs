@@ -1304,6 +1304,11 @@ mod tests {
                 has_head: false,
                 ..full.clone()
             },
+            Shard {
+                tp_rank: 1,
+                tp_size: 2,
+                ..full.clone()
+            },
         ];
         for shard in shards {
             let l = ParamLayout::new(&cfg, &shard).unwrap();
