@@ -177,10 +177,18 @@ fn print_start(info: &StartInfo) {
     );
     if let Some(c) = &info.predicted_comm {
         println!(
-            "predicted (plan::cpu_comm):    {:.1} ms/step in collectives over {} gradient buckets, {:.1} ms of it exposed",
+            "predicted (plan::cpu_comm):    {:.1} ms/step in collectives over {} gradient buckets, {:.1} ms of it exposed{}",
             1e3 * c.comm_secs,
             c.buckets,
-            1e3 * c.exposed_secs
+            1e3 * c.exposed_secs,
+            if c.contention_secs > 0.0 {
+                format!(
+                    ", {:.1} ms taken from compute (no core to spare for the communication thread)",
+                    1e3 * c.contention_secs
+                )
+            } else {
+                String::new()
+            }
         );
     }
 }
@@ -356,8 +364,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         mib(s.peak_rss_bytes.saturating_sub(st.rss_before_model_bytes))
     );
     // Compute plus the communication the training thread waits for.
-    let predicted_step =
-        st.predicted_step.total_secs + st.predicted_comm.map_or(0.0, |c| c.exposed_secs);
+    let predicted_step = st.predicted_step.total_secs
+        + st.predicted_comm
+            .map_or(0.0, |c| c.exposed_secs + c.contention_secs);
     println!(
         "  step time: predicted {:.1} ms | measured {:.1} ms (median over {} steps), ratio measured/predicted {:.2}",
         1e3 * predicted_step,

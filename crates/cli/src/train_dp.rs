@@ -210,11 +210,13 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
         );
     }
     let servers = if a.grad_sync == "ps" { a.servers } else { 0 };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cfg.train.threads == 0 {
         // The ranks of this host share its cores.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         cfg.train.threads = (cores / local_world_size().max(1)).max(1);
     }
+    // Whether a core is left for each rank's communication thread (for the step prediction).
+    let spare_core = cores > local_world_size().max(1) * cfg.train.threads;
     if a.grad_sync == "ps" {
         let env = comm::JobEnv::from_env().context("joining the job")?;
         if env.world_size != a.dp + servers {
@@ -257,7 +259,9 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     }
     let (bytes, overlap) = a.buckets();
     Ok(Setup::Worker(Arc::new(Mutex::new(
-        Dp::ring(c, zero).with_buckets(bytes, overlap),
+        Dp::ring(c, zero)
+            .with_buckets(bytes, overlap)
+            .with_spare_core(spare_core),
     ))))
 }
 

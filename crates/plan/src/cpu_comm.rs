@@ -17,6 +17,8 @@
 //!                           the communication thread reduces buckets one after another
 //!                           + the all-gathers and the norm (after backward, never hidden)
 //! exposed (no overlap)    = all of it
+//! contention              = the hidden part, when the host has no core beyond the training
+//!                           threads: the communication thread takes it from compute
 //! ```
 //!
 //! The MPI transport builds reduce-scatter and all-gather from whole all-reduces, so there they
@@ -116,6 +118,9 @@ pub struct DpCommTime {
     pub comm_secs: f64,
     /// Time the training thread waits for them.
     pub exposed_secs: f64,
+    /// Compute time lost to the communication thread when no core is spare for it (the
+    /// collectives' copying and summing run on the training threads' cores).
+    pub contention_secs: f64,
     /// Gradient buckets.
     pub buckets: usize,
 }
@@ -133,6 +138,8 @@ pub struct DpCommSetup {
     pub bucket_bytes: u64,
     /// Buckets reduced on a communication thread during backward.
     pub overlap: bool,
+    /// The host has a core for the communication thread beyond the training threads.
+    pub spare_core: bool,
 }
 
 /// Communication of one step for model `d`, given the backward time of one micro-step.
@@ -178,9 +185,17 @@ pub fn dp_comm_time(
     } else {
         during
     };
+    // Without a spare core, overlap moves the collectives' CPU time into compute instead of
+    // hiding it (measured: docs/performance.md, "Overlap").
+    let contention_secs = if s.overlap && !s.spare_core {
+        communicating * (during - exposed_one).max(0.0)
+    } else {
+        0.0
+    };
     DpCommTime {
         comm_secs: communicating * during + after,
         exposed_secs: communicating * exposed_one + after,
+        contention_secs,
         buckets: lens.len(),
     }
 }
@@ -219,6 +234,7 @@ mod tests {
             accum: 1,
             bucket_bytes: 1 << 20,
             overlap: false,
+            spare_core: true,
         };
         let after = dp_comm_time(&dims(), &s, 0.5, &k);
         assert_eq!(after.exposed_secs, after.comm_secs);
@@ -238,6 +254,19 @@ mod tests {
             "{over:?} vs {expected}"
         );
         assert!(over.exposed_secs < 0.1 * over.comm_secs);
+        assert_eq!(over.contention_secs, 0.0);
+        // Without a spare core the hidden part comes back as lost compute.
+        let busy = dp_comm_time(
+            &dims(),
+            &DpCommSetup {
+                overlap: true,
+                spare_core: false,
+                ..s
+            },
+            0.5,
+            &k,
+        );
+        assert!((busy.contention_secs + busy.exposed_secs - after.exposed_secs).abs() < 1e-12);
         // A backward shorter than the communication hides less.
         let short = dp_comm_time(&dims(), &DpCommSetup { overlap: true, ..s }, 1e-4, &k);
         assert!(short.exposed_secs > over.exposed_secs);

@@ -120,6 +120,9 @@ pub struct Dp {
     bucket_bytes: usize,
     /// Reduce buckets on a communication thread while backward goes on.
     overlap: bool,
+    /// The host has a core for the communication thread beyond the training threads (only the
+    /// step-time prediction uses it).
+    spare_core: bool,
     /// Elements of the flat buffer (set by [`Dp::attach`]).
     len: usize,
     /// ZeRO-2: the gradient buffers backward writes into instead of a full-size buffer.
@@ -211,6 +214,7 @@ impl Dp {
             buckets: Vec::new(),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             overlap: true,
+            spare_core: true,
             len: 0,
             pool: Zero2Pool::default(),
             comm_secs: 0.0,
@@ -224,6 +228,14 @@ impl Dp {
     pub fn with_buckets(mut self, bucket_bytes: usize, overlap: bool) -> Dp {
         self.bucket_bytes = bucket_bytes.max(4);
         self.overlap = overlap;
+        self
+    }
+
+    /// Tells the step-time prediction whether the host has a core for the communication thread
+    /// beyond the training threads (default yes). Without one, the collectives' CPU work comes
+    /// out of compute (`plan::cpu_comm`).
+    pub fn with_spare_core(mut self, spare: bool) -> Dp {
+        self.spare_core = spare;
         self
     }
 
@@ -279,6 +291,7 @@ impl Dp {
             accum,
             bucket_bytes: self.bucket_bytes as u64,
             overlap: self.overlap,
+            spare_core: self.spare_core,
         };
         // Backward is about two thirds of a micro-step's forward + backward.
         let micro = (compute.matmul_secs + compute.memory_secs + compute.overhead_secs)
@@ -328,6 +341,7 @@ impl Dp {
             buckets: Vec::new(),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             overlap: true,
+            spare_core: true,
             len: 0,
             pool: Zero2Pool::default(),
             comm_secs: 0.0,
