@@ -37,10 +37,10 @@ pub struct DpArgs {
     /// backward has finished it, while backward goes on with earlier layers.
     #[arg(long, default_value_t = train::dp::DEFAULT_BUCKET_BYTES as f64 / 1048576.0)]
     pub bucket_mb: f64,
-    /// Reduce the gradient buckets after backward instead of during it (for measuring what
-    /// overlap hides). With --grad-sync mpi the buckets are reduced on the communication thread
-    /// too: MPI is initialised with MPI_THREAD_SERIALIZED, and the training thread makes no MPI
-    /// call while that thread runs.
+    /// Reduce each gradient bucket on the training thread as backward finishes it, instead of
+    /// on a communication thread while backward goes on (same bits; for measuring what overlap
+    /// hides, or when the ranks' threads fill every core). Overlap works with --grad-sync mpi
+    /// too (MPI_THREAD_SERIALIZED).
     #[arg(long)]
     pub no_overlap: bool,
 }
