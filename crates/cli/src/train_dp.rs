@@ -27,7 +27,7 @@ pub struct DpArgs {
     #[arg(long)]
     pub staleness: Option<usize>,
     /// ZeRO stage: 0 = replicated optimizer state, 1 = AdamW state sharded, 2 = AdamW state and
-    /// reduced gradients sharded (ring only).
+    /// reduced gradients sharded (ring or mpi, not ps).
     #[arg(long, default_value_t = 0)]
     pub zero: u8,
     /// Global batch in sequences = dp × batch_size × grad_accum; sets train.grad_accum (must divide).
