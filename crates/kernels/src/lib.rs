@@ -10,9 +10,12 @@
 //!   accumulation needs no extra buffer) and **overwrite** activation gradients;
 //! - mismatched slice lengths are bugs and panic with a message naming the slice.
 //!
-//! Parallelism is always an explicit [`Par`] argument; there is no global pool. Threads are
-//! scoped (`std::thread::scope`) per call, which costs 75–165 µs per call on the development VM;
-//! kernels skip threading below a minimum amount of work. See `docs/runtime.md`.
+//! Parallelism is always an explicit [`Par`] argument; there is no process-wide pool. A
+//! `Par::Threads(n)` call splits its rows into `n` chunks (`split_rows`, the same split at every
+//! call), runs the first on the calling thread and hands the others to that thread's own
+//! persistent workers (`pool`: created on its first call, woken per call, parked when idle), so a
+//! call no longer pays a thread spawn + join (75–165 µs on the development VM). Kernels still
+//! skip threading below a minimum amount of work. See `docs/runtime.md`.
 //!
 //! This crate knows nothing about layers, ranks or models. It has no error enum: nothing a user
 //! supplies reaches these functions unchecked (the `model` crate validates), so every failure
@@ -31,6 +34,8 @@ pub mod layernorm;
 pub mod matmul;
 pub mod residual;
 pub mod rng;
+
+mod pool;
 
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -96,24 +101,14 @@ where
         return;
     }
     let ranges = split_rows(rows, threads);
-    std::thread::scope(|s| {
-        let mut rest = out;
-        let mut jobs = Vec::with_capacity(ranges.len());
-        for r in &ranges {
-            let (head, tail) = rest.split_at_mut(r.len() * row_len);
-            rest = tail;
-            jobs.push((r.clone(), head));
-        }
-        let mut jobs = jobs.into_iter();
-        let first = jobs.next();
-        for (r, chunk) in jobs {
-            let f = &f;
-            s.spawn(move || f(r, chunk));
-        }
-        if let Some((r, chunk)) = first {
-            f(r, chunk);
-        }
-    });
+    let mut rest = out;
+    let mut jobs = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (head, tail) = rest.split_at_mut(r.len() * row_len);
+        rest = tail;
+        jobs.push((r, head));
+    }
+    pool::run_jobs(jobs, |(r, chunk)| f(r, chunk));
 }
 
 /// Like [`par_rows`], but over two outputs split by the same row ranges (row lengths `len_a`
@@ -136,26 +131,16 @@ pub(crate) fn par_rows2<F>(
         return;
     }
     let ranges = split_rows(rows, threads);
-    std::thread::scope(|s| {
-        let (mut rest_a, mut rest_b) = (a, b);
-        let mut jobs = Vec::with_capacity(ranges.len());
-        for r in &ranges {
-            let (ha, ta) = rest_a.split_at_mut(r.len() * len_a);
-            let (hb, tb) = rest_b.split_at_mut(r.len() * len_b);
-            rest_a = ta;
-            rest_b = tb;
-            jobs.push((r.clone(), ha, hb));
-        }
-        let mut jobs = jobs.into_iter();
-        let first = jobs.next();
-        for (r, ca, cb) in jobs {
-            let f = &f;
-            s.spawn(move || f(r, ca, cb));
-        }
-        if let Some((r, ca, cb)) = first {
-            f(r, ca, cb);
-        }
-    });
+    let (mut rest_a, mut rest_b) = (a, b);
+    let mut jobs = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (ha, ta) = rest_a.split_at_mut(r.len() * len_a);
+        let (hb, tb) = rest_b.split_at_mut(r.len() * len_b);
+        rest_a = ta;
+        rest_b = tb;
+        jobs.push((r, ha, hb));
+    }
+    pool::run_jobs(jobs, |(r, ca, cb)| f(r, ca, cb));
 }
 
 /// Like [`par_rows2`], with three outputs, each given as `(slice, row_len)`.
@@ -177,24 +162,14 @@ pub(crate) fn par_rows3<F>(
         return;
     }
     let ranges = split_rows(rows, threads);
-    std::thread::scope(|s| {
-        let (mut ra, mut rb, mut rc) = (a, b, c);
-        let mut jobs = Vec::with_capacity(ranges.len());
-        for r in &ranges {
-            let (ha, ta) = ra.split_at_mut(r.len() * la);
-            let (hb, tb) = rb.split_at_mut(r.len() * lb);
-            let (hc, tc) = rc.split_at_mut(r.len() * lc);
-            (ra, rb, rc) = (ta, tb, tc);
-            jobs.push((r.clone(), ha, hb, hc));
-        }
-        let mut jobs = jobs.into_iter();
-        let first = jobs.next();
-        for (r, ja, jb, jc) in jobs {
-            let f = &f;
-            s.spawn(move || f(r, ja, jb, jc));
-        }
-        if let Some((r, ja, jb, jc)) = first {
-            f(r, ja, jb, jc);
-        }
-    });
+    let (mut ra, mut rb, mut rc) = (a, b, c);
+    let mut jobs = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (ha, ta) = ra.split_at_mut(r.len() * la);
+        let (hb, tb) = rb.split_at_mut(r.len() * lb);
+        let (hc, tc) = rc.split_at_mut(r.len() * lc);
+        (ra, rb, rc) = (ta, tb, tc);
+        jobs.push((r, ha, hb, hc));
+    }
+    pool::run_jobs(jobs, |(r, ja, jb, jc)| f(r, ja, jb, jc));
 }
