@@ -80,6 +80,41 @@ pub enum GradInput<'a> {
     Hidden(&'a [f32]),
 }
 
+/// The shapes a pass works with (legend at the top of this file), after checking that
+/// `params` fits the layout (a caller bug otherwise).
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    bt: usize,
+    cl: usize,
+    nhl: usize,
+    v: usize,
+    vp: usize,
+}
+
+impl Dims {
+    fn of(layout: &ParamLayout, params: &[f32], acts: &Activations, pass: &str) -> Dims {
+        assert_eq!(
+            params.len(),
+            layout.len(),
+            "{pass}: params length vs layout"
+        );
+        let cfg = &layout.cfg;
+        let (b, t, c, tpn) = (acts.b, acts.t, cfg.channels, layout.shard.tp_size);
+        Dims {
+            b,
+            t,
+            c,
+            bt: b * t,
+            cl: c / tpn,
+            nhl: cfg.n_head / tpn,
+            v: cfg.vocab_size,
+            vp: cfg.padded_vocab(),
+        }
+    }
+}
+
 fn check_tokens(
     what: &'static str,
     ids: &[u32],
@@ -138,20 +173,16 @@ pub fn forward(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
-    assert_eq!(
-        params.len(),
-        layout.len(),
-        "forward: params length vs layout"
-    );
-    let cfg = &layout.cfg;
-    let (b, t, c) = (acts.b, acts.t, cfg.channels);
-    let (bt, tpn) = (b * t, layout.shard.tp_size);
-    let (cl, nhl, v, vp) = (
-        c / tpn,
-        cfg.n_head / tpn,
-        cfg.vocab_size,
-        cfg.padded_vocab(),
-    );
+    let Dims {
+        b,
+        t,
+        c,
+        bt,
+        cl,
+        nhl,
+        v,
+        vp,
+    } = Dims::of(layout, params, acts, "forward");
     let p = |r: &Range<usize>| &params[r.clone()];
     // Stage input.
     match (input, &layout.embed) {
@@ -306,20 +337,16 @@ pub fn backward_into<G: GradSink + ?Sized>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
-    assert_eq!(
-        params.len(),
-        layout.len(),
-        "backward: params length vs layout"
-    );
-    let cfg = &layout.cfg;
-    let (b, t, c) = (acts.b, acts.t, cfg.channels);
-    let (bt, tpn) = (b * t, layout.shard.tp_size);
-    let (cl, nhl, v, vp) = (
-        c / tpn,
-        cfg.n_head / tpn,
-        cfg.vocab_size,
-        cfg.padded_vocab(),
-    );
+    let Dims {
+        b,
+        t,
+        c,
+        bt,
+        cl,
+        nhl,
+        v,
+        vp,
+    } = Dims::of(layout, params, acts, "backward");
     let p = |r: &Range<usize>| &params[r.clone()];
     let nl = layout.layers.len();
     // Head: d_res ← ∂loss/∂(last block output).
