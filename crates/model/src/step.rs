@@ -80,39 +80,26 @@ pub enum GradInput<'a> {
     Hidden(&'a [f32]),
 }
 
-/// The shapes a pass works with (legend at the top of this file), after checking that
-/// `params` fits the layout (a caller bug otherwise).
-struct Dims {
-    b: usize,
-    t: usize,
-    c: usize,
-    bt: usize,
-    cl: usize,
-    nhl: usize,
-    v: usize,
-    vp: usize,
-}
-
-impl Dims {
-    fn of(layout: &ParamLayout, params: &[f32], acts: &Activations, pass: &str) -> Dims {
-        assert_eq!(
-            params.len(),
-            layout.len(),
-            "{pass}: params length vs layout"
-        );
-        let cfg = &layout.cfg;
-        let (b, t, c, tpn) = (acts.b, acts.t, cfg.channels, layout.shard.tp_size);
-        Dims {
-            b,
-            t,
-            c,
-            bt: b * t,
-            cl: c / tpn,
-            nhl: cfg.n_head / tpn,
-            v: cfg.vocab_size,
-            vp: cfg.padded_vocab(),
-        }
-    }
+/// The shapes a pass works with, `[b, t, c, bt, cl, nhl, v, vp]` (legend at the top of this
+/// file), after checking that `params` fits the layout (a caller bug otherwise).
+fn shapes(layout: &ParamLayout, params: &[f32], acts: &Activations, pass: &str) -> [usize; 8] {
+    assert_eq!(
+        params.len(),
+        layout.len(),
+        "{pass}: params length vs layout"
+    );
+    let cfg = &layout.cfg;
+    let (b, t, c, tpn) = (acts.b, acts.t, cfg.channels, layout.shard.tp_size);
+    [
+        b,
+        t,
+        c,
+        b * t,
+        c / tpn,
+        cfg.n_head / tpn,
+        cfg.vocab_size,
+        cfg.padded_vocab(),
+    ]
 }
 
 fn check_tokens(
@@ -173,16 +160,7 @@ pub fn forward(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
-    let Dims {
-        b,
-        t,
-        c,
-        bt,
-        cl,
-        nhl,
-        v,
-        vp,
-    } = Dims::of(layout, params, acts, "forward");
+    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, acts, "forward");
     let p = |r: &Range<usize>| &params[r.clone()];
     // Stage input.
     match (input, &layout.embed) {
@@ -337,16 +315,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
-    let Dims {
-        b,
-        t,
-        c,
-        bt,
-        cl,
-        nhl,
-        v,
-        vp,
-    } = Dims::of(layout, params, acts, "backward");
+    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, acts, "backward");
     let p = |r: &Range<usize>| &params[r.clone()];
     let nl = layout.layers.len();
     // Head: d_res ← ∂loss/∂(last block output).

@@ -333,19 +333,9 @@ impl Dp {
             }));
         }
         Ok(Role::Worker(Dp {
-            group,
             ps: Some((world, layout)),
-            zero: ZeroStage::Off,
-            grad_shard: Vec::new(),
             async_base: matches!(mode, PsMode::Async { .. }).then(Vec::new),
-            buckets: Vec::new(),
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
-            overlap: true,
-            spare_core: true,
-            len: 0,
-            pool: Zero2Pool::default(),
-            comm_secs: 0.0,
-            exposed_secs: 0.0,
+            ..Dp::ring(group, ZeroStage::Off)
         }))
     }
 
