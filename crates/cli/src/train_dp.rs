@@ -84,7 +84,7 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         "ring" | "mpi" => {}
         "ps" if zero != ZeroStage::Off => {
             bail!(
-                "--zero {} needs --grad-sync ring (the parameter server keeps whole gradients)",
+                "--zero {} needs --grad-sync ring or mpi (the parameter server keeps whole gradients)",
                 a.zero
             )
         }
