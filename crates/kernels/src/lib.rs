@@ -37,6 +37,14 @@ pub mod rng;
 
 mod pool;
 
+/// Runs `f(job)` for every job in parallel, the first on the calling thread and the others on
+/// its persistent kernel workers (see `pool.rs`), and returns when all have finished; a panic
+/// in a job is re-raised here. For callers outside this crate that split their own work (e.g.
+/// an optimizer over a flat buffer); one job per thread.
+pub fn par_jobs<J: Send, F: Fn(J) + Sync>(jobs: Vec<J>, f: F) {
+    pool::run_jobs(jobs, f)
+}
+
 #[cfg(test)]
 pub(crate) mod testutil;
 

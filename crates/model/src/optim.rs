@@ -110,42 +110,39 @@ impl AdamW {
             step: self.step,
         };
         // One split of the whole buffer over the threads (each thread walks the decay runs in
-        // its part), rather than one threaded kernel call per run: a thread spawn costs
-        // ~0.1 ms on the development VM, and a step has dozens of runs.
+        // its part), rather than one threaded kernel call per run: a step has dozens of runs.
+        // The parts run on the kernels' persistent workers.
         let n = params.len();
         let threads = par.threads().min(n / 65_536).max(1);
         let parts = split_even(n, threads);
-        let (m, v) = (&mut self.m[..], &mut self.v[..]);
-        std::thread::scope(|s| {
-            let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) =
-                (&mut params[..], m, v, &grads[..]);
-            for (i, part) in parts.iter().enumerate() {
-                let (p, pt) = p_rest.split_at_mut(part.len());
-                let (mm, mt) = m_rest.split_at_mut(part.len());
-                let (vv, vt) = v_rest.split_at_mut(part.len());
-                let (g, gt) = g_rest.split_at(part.len());
-                (p_rest, m_rest, v_rest, g_rest) = (pt, mt, vt, gt);
-                let (runs, part, hp) = (&runs, part.clone(), &hp);
-                let mut work = move || {
-                    for (r, decay) in runs {
-                        let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
-                        if lo < hi {
-                            let l = (lo - part.start)..(hi - part.start);
-                            adamw_update(
-                                &mut p[l.clone()],
-                                &mut mm[l.clone()],
-                                &mut vv[l.clone()],
-                                &g[l],
-                                hp(*decay),
-                                Par::Seq,
-                            );
-                        }
-                    }
-                };
-                if i + 1 == parts.len() {
-                    work(); // the last part runs on the calling thread
-                } else {
-                    s.spawn(work);
+        let mut jobs = Vec::with_capacity(parts.len());
+        let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (
+            &mut params[..],
+            &mut self.m[..],
+            &mut self.v[..],
+            &grads[..],
+        );
+        for part in &parts {
+            let (p, pt) = p_rest.split_at_mut(part.len());
+            let (mm, mt) = m_rest.split_at_mut(part.len());
+            let (vv, vt) = v_rest.split_at_mut(part.len());
+            let (g, gt) = g_rest.split_at(part.len());
+            (p_rest, m_rest, v_rest, g_rest) = (pt, mt, vt, gt);
+            jobs.push((part.clone(), p, mm, vv, g));
+        }
+        kernels::par_jobs(jobs, |(part, p, mm, vv, g)| {
+            for (r, decay) in &runs {
+                let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
+                if lo < hi {
+                    let l = (lo - part.start)..(hi - part.start);
+                    adamw_update(
+                        &mut p[l.clone()],
+                        &mut mm[l.clone()],
+                        &mut vv[l.clone()],
+                        &g[l],
+                        hp(*decay),
+                        Par::Seq,
+                    );
                 }
             }
         });
