@@ -15,29 +15,17 @@ fn tmp(name: &str) -> PathBuf {
     common::tmp_dir("dp", name)
 }
 
-const TINY: &[&str] = &[
-    "--set",
-    "model.n_layer=1",
-    "--set",
-    "model.channels=32",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.seq_len=16",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.eval_every=5",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "data.synthetic.train_tokens=20000",
-    "--set",
-    "data.synthetic.val_tokens=1000",
-    "--threads",
-    "1",
-    "--no-progress",
-];
+/// The shared tiny model with this file's evaluation interval and corpus size.
+fn tiny() -> Vec<&'static str> {
+    common::tiny_with(&[
+        "--set",
+        "train.eval_every=5",
+        "--set",
+        "data.synthetic.train_tokens=20000",
+        "--threads",
+        "1",
+    ])
+}
 
 fn losses(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -65,7 +53,7 @@ fn launch_dp2_ring_and_self_launched_ps_train_the_same_model() {
         "2",
     ];
     args.extend_from_slice(&["--out", ring.to_str().unwrap(), "--steps", "10"]);
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("[rank 0] done: 10 steps"), "{out}");
@@ -76,7 +64,7 @@ fn launch_dp2_ring_and_self_launched_ps_train_the_same_model() {
     let ps = d.join("ps");
     let mut args = vec!["train", "--dp", "2", "--grad-sync", "ps", "--servers", "1"];
     args.extend_from_slice(&["--out", ps.to_str().unwrap(), "--steps", "10"]);
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("parameter server: served 10 steps"), "{out}");
@@ -96,7 +84,7 @@ fn launch_passes_flags_to_train_and_its_hints_say_how() {
     let launch = ["launch", "--nproc-per-node", "2", "--"];
     let mut args = launch.to_vec();
     args.extend_from_slice(&["--out", o, "--steps", "2"]);
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, stdout, err) = run(&args);
     assert_eq!(code, 0, "{stdout}\n{err}");
     assert!(stdout.contains("[rank 0] done: 2 steps"), "{stdout}");
@@ -122,7 +110,7 @@ fn launch_passes_flags_to_train_and_its_hints_say_how() {
     // Following the hint continues the run.
     let mut resume = launch.to_vec();
     resume.extend_from_slice(&["--resume", "--out", o, "--steps", "4"]);
-    resume.extend_from_slice(TINY);
+    resume.extend(tiny());
     let (code, stdout, err) = run(&resume);
     assert_eq!(code, 0, "{stdout}\n{err}");
     assert!(stdout.contains("resuming at step 2"), "{stdout}");
@@ -139,7 +127,7 @@ fn a_killed_rank_stops_the_job_with_a_clear_error_and_the_checkpoint_survives() 
     let d = tmp("kill");
     let out_dir = d.join("run");
     let o = out_dir.to_str().unwrap().to_string();
-    let tiny = TINY.join(" ");
+    let tiny = tiny().join(" ");
     let script = format!(
         "if [ \"$RANK\" = 1 ]; then exec timeout -s KILL 3 {BIN} train --dp 2 --out {o} --steps 1000000 --set train.checkpoint_every=20 {tiny}; \
          else exec {BIN} train --dp 2 --out {o} --steps 1000000 --set train.checkpoint_every=20 {tiny}; fi"
@@ -161,7 +149,7 @@ fn bad_layouts_are_refused_with_the_arithmetic() {
     let o = d.join("x");
     let mut args = vec!["train", "--dp", "2", "--global-batch", "10"];
     args.extend_from_slice(&["--out", o.to_str().unwrap()]);
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, _, err) = run(&args);
     assert_ne!(code, 0);
     assert!(
@@ -217,7 +205,7 @@ fn zero_checkpoints_are_sharded_and_resume_at_another_dp_keeps_the_global_batch(
     let o = out.to_str().unwrap();
     let mut args = vec!["train", "--dp", "2", "--zero", "1", "--out", o];
     args.extend_from_slice(&["--steps", "6", "--stop-after", "3"]);
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, stdout, err) = run(&args);
     assert_eq!(code, 0, "{stdout}\n{err}");
     for r in 0..2 {
@@ -227,7 +215,7 @@ fn zero_checkpoints_are_sharded_and_resume_at_another_dp_keeps_the_global_batch(
     // One rank keeping grad_accum 1 would halve the global batch: refused, with the fix.
     let mut args = vec!["train", "--out", o, "--steps", "6", "--resume"];
     args.extend_from_slice(&["--set", "train.grad_accum=1"]);
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, _, err) = run(&args);
     assert_ne!(code, 0);
     assert!(
@@ -236,7 +224,7 @@ fn zero_checkpoints_are_sharded_and_resume_at_another_dp_keeps_the_global_batch(
     );
     // Without an explicit grad_accum, the global batch is kept: grad_accum 2 at dp 1.
     let mut args = vec!["train", "--out", o, "--steps", "6", "--resume"];
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, stdout, err) = run(&args);
     assert_eq!(code, 0, "{stdout}\n{err}");
     assert!(

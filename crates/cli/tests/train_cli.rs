@@ -10,27 +10,15 @@ fn tmp(name: &str) -> PathBuf {
     common::tmp_dir("train", name)
 }
 
-const TINY: &[&str] = &[
-    "--set",
-    "model.n_layer=1",
-    "--set",
-    "model.channels=32",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.seq_len=16",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.eval_every=2",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "data.synthetic.train_tokens=5000",
-    "--set",
-    "data.synthetic.val_tokens=1000",
-    "--no-progress",
-];
+/// The shared tiny model with this file's evaluation interval and corpus size.
+fn tiny() -> Vec<&'static str> {
+    common::tiny_with(&[
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "data.synthetic.train_tokens=5000",
+    ])
+}
 
 #[test]
 fn train_resume_and_sample_from_the_command_line() {
@@ -38,7 +26,7 @@ fn train_resume_and_sample_from_the_command_line() {
     let out = d.join("run");
     let o = out.to_str().unwrap();
     let mut args = vec!["train", "--out", o, "--steps", "6", "--stop-after", "3"];
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let (code, stdout, err) = run(&args);
     assert_eq!(code, 0, "{stdout}\n{err}");
     for s in [
@@ -64,7 +52,7 @@ fn train_resume_and_sample_from_the_command_line() {
     assert_eq!(code, 2);
     assert!(err.contains("--resume"), "{err}");
     let mut resume = vec!["train", "--out", o, "--steps", "6", "--resume"];
-    resume.extend_from_slice(TINY);
+    resume.extend(tiny());
     let (code, stdout, err) = run(&resume);
     assert_eq!(code, 0, "{stdout}\n{err}");
     assert!(stdout.contains("resuming at step 3"), "{stdout}");

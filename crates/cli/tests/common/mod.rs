@@ -30,3 +30,29 @@ pub fn tmp_dir(prefix: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Flags for a model and corpus small enough for a training step to take about a millisecond
+/// (1 layer, 32 channels, sequence 16, batch 4, 1,000 validation tokens, no progress bar); each
+/// test file adds its own evaluation interval and corpus size.
+pub const TINY_MODEL: &[&str] = &[
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.channels=32",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.seq_len=16",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "data.synthetic.val_tokens=1000",
+    "--no-progress",
+];
+
+/// [`TINY_MODEL`] followed by `extra`.
+pub fn tiny_with(extra: &[&'static str]) -> Vec<&'static str> {
+    TINY_MODEL.iter().chain(extra).copied().collect()
+}
