@@ -173,8 +173,14 @@ fn run_estimate(a: EstimateArgs) -> Result<()> {
     let spec = a.spec.with_config_file()?;
     let (ctx, note) = spec.context(default_gpus(&spec))?;
     let layout = if spec.has_layout() {
-        spec.layout_request()
-            .resolve(&ctx.model, ctx.cluster.gpus, ctx.recipe.global_batch)?
+        let mut l = spec.layout_request()?.resolve(
+            &ctx.model,
+            ctx.cluster.gpus,
+            ctx.recipe.global_batch,
+        )?;
+        // Without --pp-layers the stages are balanced from their predicted times.
+        ctx.balance(&mut l);
+        l
     } else {
         // No layout flags: take the fastest layout that fits, as `plan` would (recompute as given).
         let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node);
@@ -194,11 +200,13 @@ fn run_estimate(a: EstimateArgs) -> Result<()> {
                         ctx.cluster.gpus, ctx.cluster.gpu.name
                     );
                 }
-                spec.layout_request().resolve(
+                let mut l = spec.layout_request()?.resolve(
                     &ctx.model,
                     ctx.cluster.gpus,
                     ctx.recipe.global_batch,
-                )?
+                )?;
+                ctx.balance(&mut l);
+                l
             }
         }
     };
@@ -284,6 +292,9 @@ fn run_plan(a: PlanArgs) -> Result<()> {
         }
         _ => vec![ctx.cluster.gpus],
     };
+    if spec.pp_layers.is_some() {
+        bail!("--pp-layers fixes one layout's stages; `plan` balances the stages of every layout it tries from their predicted times. Use --pp-layers with `scaletrain estimate`");
+    }
     let mut space = SearchSpace::for_gpus(sizes, gpn);
     if let Some(mb) = spec.micro_batch {
         space.micro_batches = vec![mb];
