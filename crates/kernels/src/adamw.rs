@@ -148,7 +148,10 @@ pub fn adamw_update_mixed<G: Elem, W: Elem>(
 pub fn sum_squares_of<G: Elem>(grads: &[G]) -> f64 {
     match G::f32s(grads) {
         Some(g) => sum_squares(g),
-        None => grads.iter().map(|g| g.to_f32() as f64 * g.to_f32() as f64).sum(),
+        None => grads
+            .iter()
+            .map(|g| g.to_f32() as f64 * g.to_f32() as f64)
+            .sum(),
     }
 }
 

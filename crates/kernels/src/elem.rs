@@ -48,7 +48,7 @@ impl Elem for f32 {
     const BYTES: usize = 4;
     const NAME: &'static str = "fp32";
     const UNIT_ROUNDOFF: f32 = f32::EPSILON / 2.0;
-    const SUBNORMAL_STEP: f32 = 1.401_298_5e-45; // 2^-149
+    const SUBNORMAL_STEP: f32 = f32::from_bits(1); // 2^-149
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -80,7 +80,7 @@ impl Elem for Bf16 {
     const BYTES: usize = 2;
     const NAME: &'static str = "bf16";
     const UNIT_ROUNDOFF: f32 = 1.0 / 256.0;
-    const SUBNORMAL_STEP: f32 = 9.183_549_6e-41; // 2^-133
+    const SUBNORMAL_STEP: f32 = f32::from_bits(0x0001_0000); // 2^-133
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
@@ -224,7 +224,7 @@ impl Elem for F16 {
     const BYTES: usize = 2;
     const NAME: &'static str = "fp16";
     const UNIT_ROUNDOFF: f32 = 1.0 / 2048.0;
-    const SUBNORMAL_STEP: f32 = 5.960_464_5e-8; // 2^-24
+    const SUBNORMAL_STEP: f32 = f32::from_bits(0x3380_0000); // 2^-24
     #[inline]
     fn to_f32(self) -> f32 {
         f16_to_f32_soft(self.0)

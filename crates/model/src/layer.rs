@@ -45,7 +45,7 @@ pub(crate) struct LayerRefs<'a, E> {
     pub res3: &'a mut [E],
 }
 
-fn pick<'a, T>(own: &'a mut Vec<T>, work: &'a mut Vec<T>) -> &'a mut [T] {
+fn pick<'a, T>(own: &'a mut [T], work: &'a mut [T]) -> &'a mut [T] {
     if own.is_empty() {
         work
     } else {
