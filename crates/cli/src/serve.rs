@@ -64,6 +64,7 @@ fn bad(message: impl Into<String>, field: Option<&str>) -> ApiError {
 }
 
 /// A temporary `config.json`, removed on drop.
+#[derive(Debug)]
 struct TempConfig(PathBuf);
 
 impl TempConfig {
