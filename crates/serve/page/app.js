@@ -149,11 +149,11 @@ function clearErrors() {
 }
 function showError(err) {
   const target = err.field && document.querySelector(`.err[data-for="${err.field}"]`);
-  const visible = target && target.offsetParent !== null;
-  if (visible) {
+  const f = err.field && field(err.field);
+  // Under its field when that field is on screen (not in a hidden model source or layout).
+  if (target && f && f.offsetParent !== null && !f.closest(".off")) {
     if (!target.textContent.includes(err.error)) target.textContent += (target.textContent ? "\n" : "") + err.error;
-    const f = field(err.field);
-    if (f) f.classList.add("invalid");
+    f.classList.add("invalid");
   } else {
     const g = $("#err-global");
     const text = (err.field ? `${err.field}: ` : "") + err.error;
