@@ -322,6 +322,12 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     let gpn = ctx.cluster.gpus_per_node;
     let sizes = match (spec.gpus, obj) {
         (None, Objective::Deadline(_) | Objective::Budget(_)) => {
+            if a.max_gpus > 1_000_000 {
+                bail!(
+                    "--max-gpus {}: beyond any cluster (at most 1,000,000); check the value",
+                    a.max_gpus
+                );
+            }
             let mut v = Vec::new();
             let mut n = gpn;
             while n <= a.max_gpus {
