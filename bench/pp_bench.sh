@@ -2,8 +2,10 @@
 # Pipeline parallelism against PyTorch, in one run (ratios only mean something within a run):
 # `scaletrain train --pp 2` (1F1B and GPipe) vs torch.distributed.pipelining (Schedule1F1B,
 # ScheduleGPipe) over Gloo, 2 processes x 1 thread each, and our one-process one-thread run of
-# the same global batch. GPT-2 L4 H4 C256 T128 (vocabulary 32, padded to 64), global batch 8 in 4
-# micro-batches of 2, AdamW. Each round runs every variant once; medians over rounds.
+# the same global batch, at once (ours_1x1, the run the targets name) and as the same 4
+# accumulated micro-batches (ours_1x1_mb). GPT-2 L4 H4 C256 T128 (vocabulary 32, padded to 64),
+# global batch 8 in 4 micro-batches of 2, AdamW. Each round runs every variant once; medians
+# over rounds.
 #
 # Usage: [TORCH_PYTHON=/path/to/venv/bin/python] bench/pp_bench.sh [ROUNDS] [STEPS]
 #        (defaults 5 rounds of 20 timed steps after WARMUP=2; INTERLEAVED=1 adds --schedule
@@ -34,15 +36,17 @@ ROUND=1
 while [ "$ROUND" -le "$ROUNDS" ]; do
   echo "== round $ROUND/$ROUNDS ($(load_note))"
   for s in $SCHEDULES; do
-    vpp=1; [ "$s" = interleaved ] && vpp=2
+    vpp=1; VPP=""
+    [ "$s" = interleaved ] && vpp=2 && VPP="--vpp 2"
     if [ "$PP_OK" = 1 ]; then
-      ours "ours_pp2_$s" "$TOKENS" train --pp 2 --schedule "$s" --vpp "$vpp" --microbatches "$MICRO" \
+      ours "ours_pp2_$s" "$TOKENS" train --pp 2 --schedule "$s" $VPP --microbatches "$MICRO" \
         $MODEL --set train.batch_size=$MB
     fi
     torch_peer "torch_pp2_$s" torch_pp_bench.py --nproc 2 --schedule "$s" --vpp "$vpp" \
       --microbatches "$MICRO" $TMODEL --port $((29600 + ROUND))
   done
   ours ours_1x1 "$TOKENS" train $MODEL --set train.batch_size=$GLOBAL
+  ours ours_1x1_mb "$TOKENS" train $MODEL --set train.batch_size=$MB --set train.grad_accum=$MICRO
   ROUND=$((ROUND + 1))
 done
 [ "$PP_OK" = 1 ] && grep -h "^run:\|bubble\|in flight" "$OUT"/ours_pp2_1f1b-r1.txt 2>/dev/null | sed 's/^/  ours 1f1b: /'
@@ -52,5 +56,6 @@ EXTRA=""
 # shellcheck disable=SC2086
 $SUMMARY report "$RESULTS" \
   "ours_pp2_1f1b/torch_pp2_1f1b>=1.25" "ours_pp2_1f1b/ours_1x1>=1.45" \
-  "ours_pp2_gpipe/torch_pp2_gpipe" "ours_pp2_gpipe/ours_1x1" "torch_pp2_1f1b/ours_1x1" $EXTRA
+  "ours_pp2_1f1b/ours_1x1_mb" "ours_pp2_gpipe/torch_pp2_gpipe" "ours_pp2_gpipe/ours_1x1" \
+  "ours_1x1/ours_1x1_mb" "torch_pp2_1f1b/ours_1x1" $EXTRA
 echo "$(load_note); logs in $OUT"

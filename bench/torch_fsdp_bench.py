@@ -35,9 +35,11 @@ def worker(rank, a):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (a.nproc,))
+        # PyTorch's defaults: blocks reshard after forward (gathered again for backward), the root
+        # keeps its parameters gathered from forward to backward.
         for block in model.h:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)  # a DTensor's numel is the global tensor's
     opt = common.adamw(params)
