@@ -404,7 +404,38 @@ fn the_planner_page_in_headless_chromium() {
         .js("return document.querySelector('#f-gpus').classList.contains('invalid');")
         .as_bool()
         .unwrap());
+    assert_eq!(
+        d.js("return document.querySelector('#cards').classList.contains('stale');"),
+        json!(true),
+        "the last numbers are greyed out"
+    );
     d.screenshot(&shots, "planner-page-error.png");
+    // Fixing it clears the error.
+    let seq: u64 = d
+        .js("return document.body.dataset.seq;")
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    d.type_into("#f-gpus", "32");
+    let t0 = Instant::now();
+    while d.js("return document.body.dataset.state;").as_str() != Some("ready") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "error not cleared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        d.js("return document.body.dataset.seq;")
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > seq
+    );
+    assert_eq!(d.text(".err[data-for='gpus']"), "");
+    assert_eq!(
+        d.js("return document.querySelectorAll('.stale, .invalid').length;"),
+        json!(0)
+    );
 
     // 5. A deadline search over cluster sizes (the scatter's points are clusters), for the
     // screenshots.

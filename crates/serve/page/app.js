@@ -193,6 +193,9 @@ async function update() {
   clearErrors();
   if (e.error) showError(e.error); else renderEstimate(e.json);
   if (p.error) showError(p.error); else renderPlan(p.json);
+  // Views whose inputs failed keep their last numbers, marked stale.
+  for (const id of ["#summary-line", "#cards", ".charts"]) $(id).classList.toggle("stale", !!e.error);
+  for (const id of [".plan", "#rejected"]) $(id).classList.toggle("stale", !!p.error);
   document.body.dataset.state = e.error || p.error ? "error" : "ready";
   document.body.dataset.seq = String(seq);
 }
