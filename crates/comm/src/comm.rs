@@ -1,16 +1,21 @@
 //! [`Comm`]: the communicator of the built-in transports (threads, TCP, shared memory).
 use crate::algo;
-use crate::engine::{Combine, Core, Ctx, Dest};
+use crate::engine::{Combine, Ctx, Dest, Shared};
 use crate::error::{CommError, Result};
 use crate::frame::Op;
 use crate::ring::{Liveness, Region, RingLink};
 use crate::{shard_range, Algorithm, Communicator, Config, ReduceOp};
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-/// A group of ranks over one of the built-in transports. Splits share the parent's links.
+/// A group of ranks over one of the built-in transports. Splits share the parent's links, and
+/// each group progresses on its own: a split may move to another thread and run its calls while
+/// the parent or a sibling runs theirs (see `engine` for how they share a link).
 pub struct Comm {
-    core: Arc<Mutex<Core>>,
+    shared: Arc<Shared>,
+    cfg: Config,
+    /// Scratch for reductions, reused from call to call.
+    staging: Vec<f32>,
     gid: u32,
     /// Group rank → world rank.
     ranks: Vec<usize>,
@@ -45,7 +50,9 @@ impl Comm {
     pub(crate) fn new(link: Box<dyn crate::link::Link>, cfg: Config) -> Comm {
         let (me, n) = (link.rank(), link.size());
         Comm {
-            core: Arc::new(Mutex::new(Core::new(link, cfg))),
+            shared: Arc::new(Shared::new(link, cfg.clone())),
+            cfg,
+            staging: Vec::new(),
             gid: 0,
             ranks: (0..n).collect(),
             me,
@@ -56,7 +63,7 @@ impl Comm {
 
     /// The transport's name ("threads", "tcp", "shm").
     pub fn transport(&self) -> &'static str {
-        self.lock().link.name()
+        self.shared.lock().link.name()
     }
 
     /// This process's rank in the world (the group of all ranks).
@@ -64,13 +71,9 @@ impl Comm {
         self.ranks[self.me]
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn pick(&self, bytes: usize) -> Algorithm {
         match self.algo {
-            Algorithm::Auto if bytes <= self.lock().cfg.auto_threshold_bytes => Algorithm::Tree,
+            Algorithm::Auto if bytes <= self.cfg.auto_threshold_bytes => Algorithm::Tree,
             Algorithm::Auto => Algorithm::Ring,
             a => a,
         }
@@ -97,32 +100,41 @@ impl Comm {
         collective: bool,
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
-        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(first) = &core.failed {
-            return Err(CommError::Latched {
-                rank: self.ranks[self.me],
-                op: op.name(),
-                first: first.clone(),
-            });
+        {
+            let mut core = self.shared.lock();
+            if let Some(first) = &core.failed {
+                return Err(CommError::Latched {
+                    rank: self.ranks[self.me],
+                    op: op.name(),
+                    first: first.clone(),
+                });
+            }
+            core.used = true;
+            if collective {
+                core.counters(gid).call += 1;
+            }
         }
-        core.used = true;
-        if collective {
-            core.counters(gid).call += 1;
-        }
-        let mut ctx = Ctx {
-            core: &mut core,
+        let staging = std::mem::take(&mut self.staging);
+        let mut ctx = self.shared.ctx(
+            &self.cfg,
             gid,
-            ranks: &self.ranks,
-            me: self.me,
+            &self.ranks,
+            self.me,
             op,
-            algo: algo.code(),
-        };
+            algo.code(),
+            staging,
+        );
         let out = f(&mut ctx);
+        self.staging = ctx.into_staging();
         if let Err(e) = &out {
-            // Latch, but keep the links open until this communicator is dropped: a survivor that
-            // closed at once could be blamed by its neighbours for the failure it only observed.
-            core.failed = Some(e.to_string());
-            core.failed_root = root_of(e);
+            // Latch the first error of any group, but keep the links open until this communicator
+            // is dropped: a survivor that closed at once could be blamed by its neighbours for the
+            // failure it only observed.
+            let mut core = self.shared.lock();
+            if core.failed.is_none() {
+                core.failed = Some(e.to_string());
+                core.failed_root = root_of(e);
+            }
         }
         out
     }
@@ -277,6 +289,22 @@ impl Communicator for Comm {
         })
     }
 
+    fn sendrecv(&mut self, dst: usize, data: &[u8], src: usize, buf: &mut [u8]) -> Result<()> {
+        let n = self.size();
+        if dst >= n || dst == self.me || src >= n || src == self.me {
+            return Err(self.invalid(
+                Op::P2p,
+                format!(
+                    "cannot send to rank {dst} and receive from rank {src} on rank {} of {n}",
+                    self.me
+                ),
+            ));
+        }
+        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+            ctx.sendrecv(Some((dst, data)), Some((src, Dest::Bytes(buf))))
+        })
+    }
+
     fn barrier(&mut self) -> Result<()> {
         self.run(Op::Barrier, Algorithm::Tree, true, |ctx| {
             algo::tree_all_reduce(ctx, &mut [], Combine::BitOr)
@@ -310,7 +338,9 @@ impl Communicator for Comm {
         }
         let gid = ((h >> 32) as u32 ^ h as u32) | 1;
         Ok(Box::new(Comm {
-            core: self.core.clone(),
+            shared: self.shared.clone(),
+            cfg: self.cfg.clone(),
+            staging: Vec::new(),
             gid,
             ranks: members.iter().map(|&(_, r)| self.ranks[r]).collect(),
             me,

@@ -51,6 +51,18 @@ fn worker_entry() {
                 i += 1;
             }
         }
+        "mesh" => match common::mesh_2x2(c.as_mut(), 3, 8 << 20) {
+            Ok(()) => println!("OK"),
+            Err(e) => println!("ERROR {e}"),
+        },
+        "shared_link" => match common::shared_link_2(c.as_mut(), 3) {
+            Ok(()) => println!("OK"),
+            Err(e) => println!("ERROR {e}"),
+        },
+        "sendrecv" => match common::sendrecv_ring(c.as_mut(), 8 << 20) {
+            Ok(()) => println!("OK"),
+            Err(e) => println!("ERROR {e}"),
+        },
         "desync" => {
             let mut b = vec![1.0f32; 1000];
             let r = if c.rank() == 0 {
@@ -468,4 +480,49 @@ fn tcp_parameter_server() {
 #[test]
 fn shm_parameter_server() {
     ps("shm");
+}
+
+/// Every rank of a `role` job prints `OK` (with the 5 s timeout, a hang fails fast).
+fn all_ok(role: &str, transport: &str, n: usize) {
+    let (job, port, _) = start(role, transport, n, "5");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for r in 0..n {
+        let lines = collect(&job.lines[r], deadline);
+        if lines != ["OK"] {
+            let errs: Vec<String> = (0..n)
+                .map(|k| format!("rank {k}: {}", stderr_of(port, k)))
+                .collect();
+            panic!(
+                "{role} over {transport}, rank {r}: {lines:?}\n{}",
+                errs.join("\n")
+            );
+        }
+    }
+}
+
+#[test]
+fn tcp_sendrecv_8mb_both_ways() {
+    all_ok("sendrecv", "tcp", 2);
+    all_ok("sendrecv", "tcp", 3);
+}
+#[test]
+fn shm_sendrecv_8mb_both_ways() {
+    all_ok("sendrecv", "shm", 2);
+    all_ok("sendrecv", "shm", 3);
+}
+#[test]
+fn tcp_groups_progress_independently_in_a_2x2_mesh() {
+    all_ok("mesh", "tcp", 4);
+}
+#[test]
+fn shm_groups_progress_independently_in_a_2x2_mesh() {
+    all_ok("mesh", "shm", 4);
+}
+#[test]
+fn tcp_two_groups_on_one_link() {
+    all_ok("shared_link", "tcp", 2);
+}
+#[test]
+fn shm_two_groups_on_one_link() {
+    all_ok("shared_link", "shm", 2);
 }
