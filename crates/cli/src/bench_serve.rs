@@ -1,6 +1,6 @@
 //! `scaletrain bench serve`: starts `scaletrain serve --port 0` as a child process, times the
-//! API over loopback (an estimate, an estimate that searches for its layout, and the plan for a
-//! 70B model on 1,024 GPUs), then sends a bounded mix of good and malformed requests and checks
+//! API over loopback (an estimate, an estimate that searches for its layout, the plan for a
+//! 70B model on 1,024 GPUs and a deadline search over cluster sizes), then sends a bounded mix of good and malformed requests and checks
 //! every answer's status class and that the server is still up afterwards.
 
 use std::io::{BufRead, BufReader};
@@ -65,7 +65,7 @@ fn ms(x: f64) -> String {
 pub fn run(a: &BenchServeArgs) -> Result<()> {
     let (mut proc, addr) = start_server()?;
     let mut c = Client::new(&addr, Duration::from_secs(60));
-    let timed: [(&str, &str); 3] = [
+    let timed: [(&str, &str); 4] = [
         (
             "estimate llama3-8b, 16 GPUs, layout given",
             "/api/estimate?model=llama3-8b&gpus=16&zero=1&micro-batch=2",
@@ -77,6 +77,10 @@ pub fn run(a: &BenchServeArgs) -> Result<()> {
         (
             "plan llama3-70b on 1024 GPUs (top 10)",
             "/api/plan?model=llama3-70b&gpus=1024&top=10",
+        ),
+        (
+            "plan llama3-70b, 30-day deadline, 8..4096 GPUs",
+            "/api/plan?model=llama3-70b&deadline-days=30&top=20",
         ),
     ];
     println!(

@@ -195,8 +195,14 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
     let (ctx, note) = spec.context(default_gpus(spec))?;
     let mut notes = Vec::new();
     let layout = if spec.has_layout() {
-        spec.layout_request()
-            .resolve(&ctx.model, ctx.cluster.gpus, ctx.recipe.global_batch)?
+        let mut l = spec.layout_request()?.resolve(
+            &ctx.model,
+            ctx.cluster.gpus,
+            ctx.recipe.global_batch,
+        )?;
+        // Without --pp-layers the stages are balanced from their predicted times.
+        ctx.balance(&mut l);
+        l
     } else {
         // No layout flags: take the fastest layout that fits, as `plan` would (recompute as given).
         let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node);
@@ -212,11 +218,13 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
                     "no layout fits on {} x {}; showing the default layout. Try `scaletrain plan` with --recompute full, more GPUs or a larger GPU.",
                     ctx.cluster.gpus, ctx.cluster.gpu.name
                 ));
-                spec.layout_request().resolve(
+                let mut l = spec.layout_request()?.resolve(
                     &ctx.model,
                     ctx.cluster.gpus,
                     ctx.recipe.global_batch,
-                )?
+                )?;
+                ctx.balance(&mut l);
+                l
             }
         }
     };
@@ -314,6 +322,12 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     let gpn = ctx.cluster.gpus_per_node;
     let sizes = match (spec.gpus, obj) {
         (None, Objective::Deadline(_) | Objective::Budget(_)) => {
+            if a.max_gpus > 1_000_000 {
+                bail!(
+                    "--max-gpus {}: beyond any cluster (at most 1,000,000); check the value",
+                    a.max_gpus
+                );
+            }
             let mut v = Vec::new();
             let mut n = gpn;
             while n <= a.max_gpus {
@@ -324,6 +338,9 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
         }
         _ => vec![ctx.cluster.gpus],
     };
+    if spec.pp_layers.is_some() {
+        bail!("--pp-layers fixes one layout's stages; `plan` balances the stages of every layout it tries from their predicted times. Use --pp-layers with `scaletrain estimate`");
+    }
     if sizes.is_empty() {
         bail!(
             "--max-gpus {} is smaller than one node ({gpn} GPUs); raise --max-gpus or lower --gpus-per-node",

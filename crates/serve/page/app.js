@@ -14,7 +14,7 @@ const MODEL_KEYS = {
 };
 const COMMON_KEYS = ["seq-len", "gpu", "gpus", "gpus-per-node", "price-per-gpu-hour",
   "tokens", "global-batch", "precision", "optimizer", "recompute"];
-const LAYOUT_KEYS = ["dp", "tp", "pp", "vpp", "micro-batch", "zero", "sequence-parallel"];
+const LAYOUT_KEYS = ["dp", "tp", "pp", "vpp", "micro-batch", "zero", "sequence-parallel", "pp-layers"];
 const PLAN_KEYS = ["objective", "top", "deadline-days", "budget-usd"];
 const DEFAULT_TOP = "20";
 
@@ -149,11 +149,11 @@ function clearErrors() {
 }
 function showError(err) {
   const target = err.field && document.querySelector(`.err[data-for="${err.field}"]`);
-  const visible = target && target.offsetParent !== null;
-  if (visible) {
+  const f = err.field && field(err.field);
+  // Under its field when that field is on screen (not in a hidden model source or layout).
+  if (target && f && f.offsetParent !== null && !f.closest(".off")) {
     if (!target.textContent.includes(err.error)) target.textContent += (target.textContent ? "\n" : "") + err.error;
-    const f = field(err.field);
-    if (f) f.classList.add("invalid");
+    f.classList.add("invalid");
   } else {
     const g = $("#err-global");
     const text = (err.field ? `${err.field}: ` : "") + err.error;
@@ -193,6 +193,9 @@ async function update() {
   clearErrors();
   if (e.error) showError(e.error); else renderEstimate(e.json);
   if (p.error) showError(p.error); else renderPlan(p.json);
+  // Views whose inputs failed keep their last numbers, marked stale.
+  for (const id of ["#summary-line", "#cards", ".charts"]) $(id).classList.toggle("stale", !!e.error);
+  for (const id of [".plan", "#rejected"]) $(id).classList.toggle("stale", !!p.error);
   document.body.dataset.state = e.error || p.error ? "error" : "ready";
   document.body.dataset.seq = String(seq);
 }
@@ -259,6 +262,7 @@ function renderEstimate(est) {
   $("#summary-line").textContent =
     `${est.model.name}: ${fmtCount(est.parameters)} parameters on ${est.gpus} x ${est.gpu} — dp ${l.dp} x tp ${l.tp} x pp ${l.pp}` +
     `${l.vpp > 1 ? ` (vpp ${l.vpp})` : ""}${l.sp ? ", sequence parallel" : ""}, ZeRO-${l.zero}, micro-batch ${l.micro_batch}, grad-accum ${l.grad_accum}` +
+    (Array.isArray(l.stage_layers) && l.stage_layers.length > 1 ? `, layers per stage ${l.stage_layers.join(",")}${l.partition ? ` (${l.partition})` : ""}` : "") +
     (auto() ? " (the fastest layout that fits, as `scaletrain plan` ranks first)" : "");
   const cards = $("#cards");
   cards.innerHTML = "";

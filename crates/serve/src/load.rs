@@ -85,6 +85,7 @@ pub const MIX: &[Kind] = &[
     get("bad-layout", "/api/estimate?model=llama3-8b&gpus=8&tp=3", 4),
     get("unknown-flag", "/api/estimate?modle=llama3-8b", 4),
     get("file-flag", "/api/estimate?hf-config=/etc/passwd", 4),
+    get("huge-sweep", "/api/plan?model=llama3-8b&deadline-days=30&max-gpus=18446744073709551615", 4),
     get("bad-escape", "/api/estimate?model=%zz", 4),
     post("unknown-preset", "/api/plan", r#"{"model":"llama9-1t"}"#, 4),
     get("not-found", "/api/nothing", 4),
@@ -174,7 +175,7 @@ pub fn run(addr: &str, total: usize, clients: usize, timeout: Duration) -> LoadR
                                     k.body.map(|b| ("application/json", b.as_bytes())),
                                 )
                                 .map(|r| r.status)
-                                .map_err(|e| e.to_string()),
+                                .map_err(|e| crate::error::chain(&e)),
                         };
                         let st = &mut stats[i % MIX.len()];
                         st.sent += 1;
