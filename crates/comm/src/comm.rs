@@ -22,6 +22,8 @@ pub struct Comm {
     me: usize,
     algo: Algorithm,
     splits: u32,
+    /// Point-to-point calls made on this group (the flight recorder's number for them).
+    p2p_calls: u64,
 }
 
 /// `n` communicators connected through memory, one per thread: move each into its own thread.
@@ -58,7 +60,13 @@ impl Comm {
             me,
             algo: Algorithm::Auto,
             splits: 0,
+            p2p_calls: 0,
         }
+    }
+
+    /// This rank's flight recorder (shared by the world and its splits; see [`crate::flight`]).
+    pub fn flight_recorder(&self) -> Arc<crate::flight::Recorder> {
+        self.shared.flight.clone()
     }
 
     /// The transport's name ("threads", "tcp", "shm").
@@ -79,16 +87,19 @@ impl Comm {
         }
     }
 
-    /// Run one call: refuse if an error is latched, count the call, latch the first error.
+    /// Run one call: refuse if an error is latched, count the call, record it in the flight
+    /// recorder (`bytes` of the caller's buffer, group ranks `peers` for point to point), latch
+    /// the first error.
     fn run<T>(
         &mut self,
         op: Op,
         algo: Algorithm,
         collective: bool,
+        (bytes, peers): (usize, &[usize]),
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
         let gid = self.gid;
-        self.run_in(gid, op, algo, collective, f)
+        self.run_in(gid, op, algo, collective, (bytes, peers), f)
     }
 
     /// `run` on the frame stream of communicator id `gid` (the parameter server uses its own).
@@ -98,9 +109,10 @@ impl Comm {
         op: Op,
         algo: Algorithm,
         collective: bool,
+        (bytes, peers): (usize, &[usize]),
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
-        {
+        let call = {
             let mut core = self.shared.lock();
             if let Some(first) = &core.failed {
                 return Err(CommError::Latched {
@@ -112,8 +124,21 @@ impl Comm {
             core.used = true;
             if collective {
                 core.counters(gid).call += 1;
+                core.counters(gid).call
+            } else {
+                self.p2p_calls += 1;
+                self.p2p_calls
             }
-        }
+        };
+        let seq = self.shared.flight.begin(crate::flight::CallInfo {
+            group: gid,
+            members: &self.ranks,
+            group_rank: self.me,
+            op: op.name(),
+            call,
+            bytes,
+            peers: peers.iter().map(|&p| self.ranks[p]).collect(),
+        });
         let staging = std::mem::take(&mut self.staging);
         let mut ctx = self.shared.ctx(
             &self.cfg,
@@ -126,14 +151,23 @@ impl Comm {
         );
         let out = f(&mut ctx);
         self.staging = ctx.into_staging();
+        let outcome = out.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        self.shared.flight.end(seq, outcome.clone());
         if let Err(e) = &out {
             // Latch the first error of any group, but keep the links open until this communicator
             // is dropped: a survivor that closed at once could be blamed by its neighbours for the
             // failure it only observed.
-            let mut core = self.shared.lock();
-            if core.failed.is_none() {
-                core.failed = Some(e.to_string());
-                core.failed_root = root_of(e);
+            let first = {
+                let mut core = self.shared.lock();
+                let first = core.failed.is_none();
+                if first {
+                    core.failed = Some(e.to_string());
+                    core.failed_root = root_of(e);
+                }
+                first
+            };
+            if first {
+                self.shared.flight.dump_on_error(&e.to_string());
             }
         }
         out
@@ -201,7 +235,8 @@ impl Communicator for Comm {
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let algo = self.pick(buf.len() * 4);
         let n = self.size();
-        self.run(Op::AllReduce, algo, true, |ctx| match algo {
+        let bytes = buf.len() * 4;
+        self.run(Op::AllReduce, algo, true, (bytes, &[]), |ctx| match algo {
             Algorithm::Ring => {
                 algo::ring_reduce_scatter(ctx, buf, combine_of(op))?;
                 let mine = shard_range(buf.len(), n, ctx.me);
@@ -220,10 +255,17 @@ impl Communicator for Comm {
         let algo = self.pick(buf.len() * 4);
         let n = self.size();
         let mine = shard_range(buf.len(), n, self.me);
-        self.run(Op::ReduceScatter, algo, true, |ctx| match algo {
-            Algorithm::Ring => algo::ring_reduce_scatter(ctx, buf, combine_of(op)),
-            _ => algo::tree_all_reduce(ctx, buf, combine_of(op)),
-        })?;
+        let bytes = buf.len() * 4;
+        self.run(
+            Op::ReduceScatter,
+            algo,
+            true,
+            (bytes, &[]),
+            |ctx| match algo {
+                Algorithm::Ring => algo::ring_reduce_scatter(ctx, buf, combine_of(op)),
+                _ => algo::tree_all_reduce(ctx, buf, combine_of(op)),
+            },
+        )?;
         divide(op, &mut buf[mine.clone()], n);
         Ok(mine)
     }
@@ -232,7 +274,8 @@ impl Communicator for Comm {
         let algo = self.pick(buf.len() * 4);
         let n = self.size();
         let mine = shard_range(buf.len(), n, self.me);
-        self.run(Op::AllGather, algo, true, |ctx| match algo {
+        let bytes = buf.len() * 4;
+        self.run(Op::AllGather, algo, true, (bytes, &[]), |ctx| match algo {
             Algorithm::Ring => algo::ring_all_gather(ctx, buf),
             _ => {
                 // Zeros everywhere but our shard, then a bitwise-OR all-reduce assembles the shards exactly.
@@ -251,7 +294,8 @@ impl Communicator for Comm {
             ));
         }
         let algo = self.pick(buf.len() * 4);
-        self.run(Op::Broadcast, algo, true, |ctx| match algo {
+        let bytes = buf.len() * 4;
+        self.run(Op::Broadcast, algo, true, (bytes, &[]), |ctx| match algo {
             Algorithm::Ring => algo::ring_broadcast(ctx, buf, root),
             _ => algo::tree_broadcast(ctx, buf, root),
         })
@@ -268,7 +312,8 @@ impl Communicator for Comm {
                 ),
             ));
         }
-        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+        let bytes = data.len();
+        self.run(Op::P2p, Algorithm::Auto, false, (bytes, &[dst]), |ctx| {
             ctx.sendrecv(Some((dst, data)), None)
         })
     }
@@ -284,7 +329,8 @@ impl Communicator for Comm {
                 ),
             ));
         }
-        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+        let bytes = buf.len();
+        self.run(Op::P2p, Algorithm::Auto, false, (bytes, &[src]), |ctx| {
             ctx.sendrecv(None, Some((src, Dest::Bytes(buf))))
         })
     }
@@ -300,13 +346,18 @@ impl Communicator for Comm {
                 ),
             ));
         }
-        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
-            ctx.sendrecv(Some((dst, data)), Some((src, Dest::Bytes(buf))))
-        })
+        let bytes = data.len() + buf.len();
+        self.run(
+            Op::P2p,
+            Algorithm::Auto,
+            false,
+            (bytes, &[dst, src]),
+            |ctx| ctx.sendrecv(Some((dst, data)), Some((src, Dest::Bytes(buf)))),
+        )
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.run(Op::Barrier, Algorithm::Tree, true, |ctx| {
+        self.run(Op::Barrier, Algorithm::Tree, true, (0, &[]), |ctx| {
             algo::tree_all_reduce(ctx, &mut [], Combine::BitOr)
         })
     }
@@ -316,7 +367,7 @@ impl Communicator for Comm {
         let mut table = vec![0.0f32; 2 * n];
         table[2 * self.me] = f32::from_bits(color);
         table[2 * self.me + 1] = f32::from_bits(key);
-        self.run(Op::Split, Algorithm::Tree, true, |ctx| {
+        self.run(Op::Split, Algorithm::Tree, true, (8 * n, &[]), |ctx| {
             algo::tree_all_reduce(ctx, &mut table, Combine::BitOr)
         })?;
         let mut members: Vec<(u32, usize)> = (0..n)
@@ -346,6 +397,7 @@ impl Communicator for Comm {
             me,
             algo: self.algo,
             splits: 0,
+            p2p_calls: 0,
         }))
     }
 }

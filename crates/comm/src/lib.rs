@@ -12,6 +12,7 @@
 //! - every blocking call gives up after [`Config::timeout`] without progress; the first error is
 //!   latched and every later call reports it, with the rank and the operation.
 pub mod error;
+pub mod flight;
 pub mod frame;
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;

@@ -13,6 +13,8 @@ pub(crate) enum LinkError {
     Aborted { peer: usize, reason: String },
     /// An operating-system error talking to the peer.
     Io { peer: usize, source: io::Error },
+    /// Shared state of the link (shared-memory ring counters) holds impossible values.
+    Corrupt { peer: usize, detail: String },
 }
 
 /// Non-blocking byte pipes to every peer of the world.

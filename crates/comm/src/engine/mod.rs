@@ -164,9 +164,11 @@ impl Core {
     }
 }
 
-/// The [`Core`] of one world, shared (through an `Arc`) by its communicators.
+/// The [`Core`] of one world, shared (through an `Arc`) by its communicators, and the rank's
+/// flight recorder.
 pub(crate) struct Shared {
     core: Mutex<Core>,
+    pub(crate) flight: std::sync::Arc<crate::flight::Recorder>,
 }
 
 /// Lock a core, ignoring poisoning: a panic in another thread's call is reported by that thread,
@@ -177,8 +179,14 @@ fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
 
 impl Shared {
     pub(crate) fn new(link: Box<dyn Link>, cfg: Config) -> Shared {
+        let flight = crate::flight::Recorder::new(link.rank());
+        if crate::flight::dump_dir().is_some() {
+            // Best effort: a job that asked for dumps also gets them on SIGUSR1.
+            let _ = crate::flight::install_signal_handler();
+        }
         Shared {
             core: Mutex::new(Core::new(link, cfg)),
+            flight,
         }
     }
 
@@ -580,6 +588,12 @@ fn lost_error(rank: usize, op: Op, e: LinkError) -> CommError {
             op,
             peer,
             detail: source.to_string(),
+        },
+        LinkError::Corrupt { peer, detail } => CommError::Corrupt {
+            rank,
+            op,
+            peer,
+            detail,
         },
     }
 }
