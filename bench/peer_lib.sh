@@ -15,6 +15,7 @@ WARMUP=${WARMUP:-2}
 SUMMARY="python3 bench/bench_summary.py"
 RUNS_TMP=$(mktemp -d "${TMPDIR:-/tmp}/scaletrain-bench.XXXXXX")
 trap 'rm -rf "$RUNS_TMP"' EXIT
+trap 'exit 130' INT TERM HUP PIPE   # a signal ends the script through the EXIT trap
 
 if [ ! -f Cargo.toml ] || [ ! -d bench ]; then
   echo "run this from the repository root (bench/$(basename "$0"))" >&2

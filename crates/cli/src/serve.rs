@@ -250,7 +250,11 @@ impl serve::Api for CliApi {
 }
 
 pub fn run(a: &ServeArgs) -> Result<()> {
-    let addr = format!("{}:{}", a.bind, a.port);
+    let addr = if a.bind.contains(':') {
+        format!("[{}]:{}", a.bind.trim_matches(['[', ']']), a.port) // IPv6
+    } else {
+        format!("{}:{}", a.bind, a.port)
+    };
     let server = serve::Server::bind(&addr)?;
     let local = server.local_addr()?;
     let url = if local.ip().is_loopback() {

@@ -133,7 +133,7 @@ fn bad_inputs_get_the_command_lines_error_next_to_their_field() {
     let s = Server::start();
     let mut c = s.client();
     // (query, the CLI's flags, the field the error must name)
-    let cases: [(&str, &[&str], Option<&str>); 6] = [
+    let cases: [(&str, &[&str], Option<&str>); 7] = [
         (
             "model=llama3-8b&gpus=abc",
             &["--model", "llama3-8b", "--gpus", "abc"],
@@ -159,6 +159,20 @@ fn bad_inputs_get_the_command_lines_error_next_to_their_field() {
             "model=llama3-8b&tokens=1e300",
             &["--model", "llama3-8b", "--tokens", "1e300"],
             Some("tokens"),
+        ),
+        (
+            "model=llama3-8b&gpus=8&pp=2&pp-layers=10,10",
+            &[
+                "--model",
+                "llama3-8b",
+                "--gpus",
+                "8",
+                "--pp",
+                "2",
+                "--pp-layers",
+                "10,10",
+            ],
+            Some("pp-layers"),
         ),
     ];
     for (q, args, field) in cases {

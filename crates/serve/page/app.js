@@ -14,7 +14,7 @@ const MODEL_KEYS = {
 };
 const COMMON_KEYS = ["seq-len", "gpu", "gpus", "gpus-per-node", "price-per-gpu-hour",
   "tokens", "global-batch", "precision", "optimizer", "recompute"];
-const LAYOUT_KEYS = ["dp", "tp", "pp", "vpp", "micro-batch", "zero", "sequence-parallel"];
+const LAYOUT_KEYS = ["dp", "tp", "pp", "vpp", "micro-batch", "zero", "sequence-parallel", "pp-layers"];
 const PLAN_KEYS = ["objective", "top", "deadline-days", "budget-usd"];
 const DEFAULT_TOP = "20";
 
@@ -262,6 +262,7 @@ function renderEstimate(est) {
   $("#summary-line").textContent =
     `${est.model.name}: ${fmtCount(est.parameters)} parameters on ${est.gpus} x ${est.gpu} — dp ${l.dp} x tp ${l.tp} x pp ${l.pp}` +
     `${l.vpp > 1 ? ` (vpp ${l.vpp})` : ""}${l.sp ? ", sequence parallel" : ""}, ZeRO-${l.zero}, micro-batch ${l.micro_batch}, grad-accum ${l.grad_accum}` +
+    (Array.isArray(l.stage_layers) && l.stage_layers.length > 1 ? `, layers per stage ${l.stage_layers.join(",")}${l.partition ? ` (${l.partition})` : ""}` : "") +
     (auto() ? " (the fastest layout that fits, as `scaletrain plan` ranks first)" : "");
   const cards = $("#cards");
   cards.innerHTML = "";

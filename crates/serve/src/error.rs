@@ -54,6 +54,17 @@ pub enum HttpError {
     Io(#[source] std::io::Error),
 }
 
+/// `error: cause: cause's cause…`, for reports outside `anyhow`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
+}
+
 impl HttpError {
     /// Maps an I/O error met while reading a request.
     pub fn from_io(e: std::io::Error) -> Self {
@@ -82,7 +93,9 @@ impl HttpError {
 #[non_exhaustive]
 pub enum ServeError {
     /// The listening socket could not be opened.
-    #[error("cannot listen on {addr}: {source} (is another server using the port? try --port 0 for a free one)")]
+    #[error(
+        "cannot listen on {addr} (is another server using the port? try --port 0 for a free one)"
+    )]
     Bind {
         /// The address asked for.
         addr: String,
@@ -91,7 +104,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// A client-side socket error.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,

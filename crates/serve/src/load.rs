@@ -175,7 +175,7 @@ pub fn run(addr: &str, total: usize, clients: usize, timeout: Duration) -> LoadR
                                     k.body.map(|b| ("application/json", b.as_bytes())),
                                 )
                                 .map(|r| r.status)
-                                .map_err(|e| e.to_string()),
+                                .map_err(|e| crate::error::chain(&e)),
                         };
                         let st = &mut stats[i % MIX.len()];
                         st.sent += 1;
