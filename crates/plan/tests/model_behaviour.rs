@@ -233,7 +233,7 @@ fn balanced_partition_reproduces_llama3_405b_pipeline() {
     let mut l = layout(64, 8, 16, 1, 1, 2048);
     l.partition = plan::Partition::Balanced;
     c.balance(&mut l);
-    let mut want = vec![8u16; 16];
+    let mut want = [8u16; 16];
     want[0] = 7;
     want[15] = 7;
     assert_eq!(l.stage_layers.as_slice(), &want[..]);
