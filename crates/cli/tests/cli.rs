@@ -470,3 +470,11 @@ fn uneven_pipeline_stages() {
         &["Use --pp-layers with `scaletrain estimate`"],
     );
 }
+
+#[test]
+fn more_tp_than_gpus_names_the_cause() {
+    fails_with(
+        &["estimate", "--tp", "16", "--gpus", "8"],
+        &["tp(16) * pp(1) = 16 needs more GPUs than the cluster's 8"],
+    );
+}
