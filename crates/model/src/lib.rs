@@ -24,5 +24,5 @@ pub use activations::Activations;
 pub use config::{ModelConfig, Shard};
 pub use error::ModelError;
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{update_range as adamw_update_range, AdamW, AdamWConfig};
 pub use step::{backward, backward_into, forward, GradInput, GradSink, NoTp, StageInput, TpReduce};
