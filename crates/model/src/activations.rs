@@ -36,16 +36,27 @@ pub(crate) struct HeadActs {
     pub lse: Vec<f32>,    // (bt) log-sum-exp per row
 }
 
-/// All activation buffers of one shard for one (b, t) shape.
+/// What backward needs from one micro-batch's forward on one shard, for one (b, t) shape: the
+/// stage input, every layer's saved tensors and, on the last stage, the head's (including the
+/// logits, per-token losses and log-sum-exps). A pipeline stage holds one per micro-batch in
+/// flight. Its element count is exactly `plan::cpu_runtime::saved_activation_count`.
 #[derive(Debug)]
-pub struct Activations {
+pub struct ActSaved {
     pub(crate) b: usize,
     pub(crate) t: usize,
     /// (bt, c) the stage input: the encoder output, or the hidden state received.
     pub(crate) input: Vec<f32>,
     pub(crate) layers: Vec<LayerActs>,
     pub(crate) head: Option<HeadActs>,
-    // Scratch shared by all layers (not saved between forward and backward).
+}
+
+/// Scratch shared by every layer and every micro-batch of one shard and (b, t) shape: nothing in
+/// it lives from a forward to its backward. Its element count is exactly
+/// `plan::cpu_runtime::scratch_activation_count`.
+#[derive(Debug)]
+pub struct ActScratch {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
     pub(crate) tmp: Vec<f32>, // (bt, c) row-parallel partial (fwd) / layernorm d_inp (bwd)
     pub(crate) d_res: Vec<f32>, // (bt, c) gradient of the residual stream
     pub(crate) d_ln: Vec<f32>, // (bt, c) gradient of a layernorm output
@@ -54,25 +65,30 @@ pub struct Activations {
     pub(crate) d_att: Vec<f32>, // (b, t, t) attention softmax gradient, one head at a time
 }
 
-impl Activations {
-    /// Allocates every buffer for micro-batch `b` and sequence `t` (zero-filled).
-    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug; user input is
-    /// validated before it reaches here).
-    pub fn new(layout: &ParamLayout, b: usize, t: usize) -> Activations {
+/// Checks a (b, t) shape against the config (a caller bug otherwise: user input is validated
+/// before it reaches here).
+fn check_shape(what: &str, layout: &ParamLayout, b: usize, t: usize) {
+    assert!(b >= 1 && t >= 1, "{what}: b ({b}) and t ({t}) must be >= 1");
+    assert!(
+        t <= layout.cfg.max_seq_len,
+        "{what}: t ({t}) > max_seq_len ({})",
+        layout.cfg.max_seq_len
+    );
+}
+
+fn z(n: usize) -> Vec<f32> {
+    vec![0.0f32; n]
+}
+
+impl ActSaved {
+    /// Allocates the saved buffers for micro-batch `b` and sequence `t` (zero-filled).
+    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug).
+    pub fn new(layout: &ParamLayout, b: usize, t: usize) -> ActSaved {
+        check_shape("ActSaved::new", layout, b, t);
         let cfg = &layout.cfg;
-        assert!(
-            b >= 1 && t >= 1,
-            "Activations::new: b ({b}) and t ({t}) must be >= 1"
-        );
-        assert!(
-            t <= cfg.max_seq_len,
-            "Activations::new: t ({t}) > max_seq_len ({})",
-            cfg.max_seq_len
-        );
         let tp = layout.shard.tp_size;
         let (c, vp, bt) = (cfg.channels, cfg.padded_vocab(), b * t);
         let (cl, nhl) = (c / tp, cfg.n_head / tp);
-        let z = |n: usize| vec![0.0f32; n];
         let layers = (0..layout.layers.len())
             .map(|_| LayerActs {
                 ln1: z(bt * c),
@@ -98,18 +114,12 @@ impl Activations {
             losses: z(bt),
             lse: z(bt),
         });
-        Activations {
+        ActSaved {
             b,
             t,
             input: z(bt * c),
             layers,
             head,
-            tmp: z(bt * c),
-            d_res: z(bt * c),
-            d_ln: z(bt * c),
-            d_big1: z(bt * 4 * cl),
-            d_big2: z(bt * 4 * cl),
-            d_att: z(b * t * t),
         }
     }
 
@@ -123,7 +133,7 @@ impl Activations {
         self.t
     }
 
-    /// Total `f32` elements held (saved + scratch).
+    /// Total `f32` elements held.
     pub fn len(&self) -> usize {
         let l: usize = self
             .layers
@@ -157,13 +167,7 @@ impl Activations {
                 + h.losses.len()
                 + h.lse.len()
         });
-        let scratch = self.tmp.len()
-            + self.d_res.len()
-            + self.d_ln.len()
-            + self.d_big1.len()
-            + self.d_big2.len()
-            + self.d_att.len();
-        self.input.len() + l + h + scratch
+        self.input.len() + l + h
     }
 
     /// True when nothing is held (never, for a valid shape).
@@ -171,16 +175,10 @@ impl Activations {
         self.len() == 0
     }
 
-    /// The stage output hidden state (bt, c) after [`crate::forward`] on a non-last stage: what
-    /// a pipeline sends to the next stage.
+    /// The stage output hidden state (bt, c) after a forward on a non-last stage: what a
+    /// pipeline sends to the next stage. (On a stage without layers, the input itself.)
     pub fn output(&self) -> &[f32] {
         self.layers.last().map_or(&self.input, |l| &l.res3)
-    }
-
-    /// The gradient w.r.t. the stage input (bt, c) after [`crate::backward`] on a non-first
-    /// stage: what a pipeline sends to the previous stage.
-    pub fn d_input(&self) -> &[f32] {
-        &self.d_res
     }
 
     /// Per-token losses (bt) after a last-stage forward.
@@ -191,5 +189,123 @@ impl Activations {
     /// Logits (bt, vp) after a last-stage forward (before backward overwrites them).
     pub fn logits(&self) -> Option<&[f32]> {
         self.head.as_ref().map(|h| h.logits.as_slice())
+    }
+}
+
+impl ActScratch {
+    /// Allocates the shared scratch for micro-batch `b` and sequence `t` (zero-filled).
+    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug).
+    pub fn new(layout: &ParamLayout, b: usize, t: usize) -> ActScratch {
+        check_shape("ActScratch::new", layout, b, t);
+        let c = layout.cfg.channels;
+        let cl = c / layout.shard.tp_size;
+        let bt = b * t;
+        ActScratch {
+            b,
+            t,
+            tmp: z(bt * c),
+            d_res: z(bt * c),
+            d_ln: z(bt * c),
+            d_big1: z(bt * 4 * cl),
+            d_big2: z(bt * 4 * cl),
+            d_att: z(b * t * t),
+        }
+    }
+
+    /// Micro-batch size.
+    pub fn batch(&self) -> usize {
+        self.b
+    }
+
+    /// Sequence length.
+    pub fn seq_len(&self) -> usize {
+        self.t
+    }
+
+    /// Total `f32` elements held.
+    pub fn len(&self) -> usize {
+        self.tmp.len()
+            + self.d_res.len()
+            + self.d_ln.len()
+            + self.d_big1.len()
+            + self.d_big2.len()
+            + self.d_att.len()
+    }
+
+    /// True when nothing is held (never, for a valid shape).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The gradient w.r.t. the stage input (bt, c) after a backward on a non-first stage: what
+    /// a pipeline sends to the previous stage. Valid until the next backward with this scratch
+    /// (a forward does not touch it).
+    pub fn d_input(&self) -> &[f32] {
+        &self.d_res
+    }
+}
+
+/// All activation buffers of one shard for one (b, t) shape: one [`ActSaved`] and one
+/// [`ActScratch`], for callers that run one micro-batch at a time.
+#[derive(Debug)]
+pub struct Activations {
+    /// What backward needs from forward.
+    pub saved: ActSaved,
+    /// Scratch shared by all layers.
+    pub scratch: ActScratch,
+}
+
+impl Activations {
+    /// Allocates every buffer for micro-batch `b` and sequence `t` (zero-filled).
+    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug; user input is
+    /// validated before it reaches here).
+    pub fn new(layout: &ParamLayout, b: usize, t: usize) -> Activations {
+        check_shape("Activations::new", layout, b, t);
+        Activations {
+            saved: ActSaved::new(layout, b, t),
+            scratch: ActScratch::new(layout, b, t),
+        }
+    }
+
+    /// Micro-batch size.
+    pub fn batch(&self) -> usize {
+        self.saved.b
+    }
+
+    /// Sequence length.
+    pub fn seq_len(&self) -> usize {
+        self.saved.t
+    }
+
+    /// Total `f32` elements held (saved + scratch).
+    pub fn len(&self) -> usize {
+        self.saved.len() + self.scratch.len()
+    }
+
+    /// True when nothing is held (never, for a valid shape).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stage output hidden state (bt, c) after [`crate::forward`] on a non-last stage: what
+    /// a pipeline sends to the next stage.
+    pub fn output(&self) -> &[f32] {
+        self.saved.output()
+    }
+
+    /// The gradient w.r.t. the stage input (bt, c) after [`crate::backward`] on a non-first
+    /// stage: what a pipeline sends to the previous stage.
+    pub fn d_input(&self) -> &[f32] {
+        self.scratch.d_input()
+    }
+
+    /// Per-token losses (bt) after a last-stage forward.
+    pub fn losses(&self) -> Option<&[f32]> {
+        self.saved.losses()
+    }
+
+    /// Logits (bt, vp) after a last-stage forward (before backward overwrites them).
+    pub fn logits(&self) -> Option<&[f32]> {
+        self.saved.logits()
     }
 }

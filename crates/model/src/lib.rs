@@ -7,7 +7,8 @@
 //!   both AdamW moments.
 //! - [`forward`] / [`backward`] run over the shard's layer range, with the embedding on the first
 //!   stage and head + loss on the last. Backward accumulates into the gradient buffer.
-//! - [`Activations`] are allocated once per (micro-batch, sequence) shape; their size is
+//! - [`Activations`] (one [`ActSaved`] per micro-batch in flight plus one shared [`ActScratch`])
+//!   are allocated once per (micro-batch, sequence) shape; their size is
 //!   `plan::cpu_runtime::activation_bytes`, checked by a counting-allocator test.
 //!
 //! This crate never talks to the network: the tensor-parallel all-reduce is a [`TpReduce`]
@@ -20,9 +21,12 @@ mod layout;
 mod optim;
 mod step;
 
-pub use activations::Activations;
+pub use activations::{ActSaved, ActScratch, Activations};
 pub use config::{ModelConfig, Shard};
 pub use error::ModelError;
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
 pub use optim::{update_range as adamw_update_range, AdamW, AdamWConfig};
-pub use step::{backward, backward_into, forward, GradInput, GradSink, NoTp, StageInput, TpReduce};
+pub use step::{
+    backward, backward_into, backward_with, forward, forward_with, GradInput, GradSink, NoTp,
+    StageInput, TpReduce,
+};

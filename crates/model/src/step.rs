@@ -13,7 +13,7 @@
 //! ```
 
 use crate::activations::LayerActs;
-use crate::{Activations, ModelError, ParamLayout};
+use crate::{ActSaved, ActScratch, Activations, ModelError, ParamLayout};
 use kernels::attention::{attention_backward, attention_forward};
 use kernels::crossentropy::{crossentropy_forward, crossentropy_softmax_backward_inplace};
 use kernels::encoder::{encoder_backward, encoder_forward};
@@ -82,14 +82,25 @@ pub enum GradInput<'a> {
 
 /// The shapes a pass works with, `[b, t, c, bt, cl, nhl, v, vp]` (legend at the top of this
 /// file), after checking that `params` fits the layout (a caller bug otherwise).
-fn shapes(layout: &ParamLayout, params: &[f32], acts: &Activations, pass: &str) -> [usize; 8] {
+fn shapes(
+    layout: &ParamLayout,
+    params: &[f32],
+    saved: &ActSaved,
+    scratch: &ActScratch,
+    pass: &str,
+) -> [usize; 8] {
     assert_eq!(
         params.len(),
         layout.len(),
         "{pass}: params length vs layout"
     );
+    assert_eq!(
+        (saved.b, saved.t),
+        (scratch.b, scratch.t),
+        "{pass}: saved activations and scratch built for different (b, t)"
+    );
     let cfg = &layout.cfg;
-    let (b, t, c, tpn) = (acts.b, acts.t, cfg.channels, layout.shard.tp_size);
+    let (b, t, c, tpn) = (saved.b, saved.t, cfg.channels, layout.shard.tp_size);
     [
         b,
         t,
@@ -105,7 +116,7 @@ fn shapes(layout: &ParamLayout, params: &[f32], acts: &Activations, pass: &str) 
 fn check_tokens(
     what: &'static str,
     ids: &[u32],
-    acts: &Activations,
+    acts: &ActSaved,
     vocab: usize,
 ) -> Result<(), ModelError> {
     let expected = acts.b * acts.t;
@@ -132,7 +143,7 @@ fn check_tokens(
 fn check_hidden(
     what: &'static str,
     x: &[f32],
-    acts: &Activations,
+    acts: &ActSaved,
     c: usize,
 ) -> Result<(), ModelError> {
     let expected = acts.b * acts.t * c;
@@ -160,7 +171,26 @@ pub fn forward(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
-    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, acts, "forward");
+    let Activations { saved, scratch } = acts;
+    forward_with(layout, params, saved, scratch, input, targets, par, tp)
+}
+
+/// [`forward`] with one micro-batch's saved activations and a scratch that other micro-batches
+/// share (a pipeline stage keeps one [`ActSaved`] per micro-batch in flight). Fills `saved`;
+/// uses `scratch` only while it runs. Both must be built for the same (b, t).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    layout: &ParamLayout,
+    params: &[f32],
+    saved: &mut ActSaved,
+    scratch: &mut ActScratch,
+    input: StageInput<'_>,
+    targets: Option<&[u32]>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<Option<f32>, ModelError> {
+    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "forward");
+    let acts = saved;
     let p = |r: &Range<usize>| &params[r.clone()];
     // Stage input.
     match (input, &layout.embed) {
@@ -187,7 +217,7 @@ pub fn forward(
         let (done, rest) = acts.layers.split_at_mut(i);
         let x: &[f32] = done.last().map_or(&acts.input, |prev| &prev.res3);
         let a: &mut LayerActs = &mut rest[0];
-        let tmp = &mut acts.tmp;
+        let tmp = &mut scratch.tmp;
         layernorm_forward(
             &mut a.ln1,
             &mut a.ln1_mean,
@@ -315,7 +345,30 @@ pub fn backward_into<G: GradSink + ?Sized>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
-    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, acts, "backward");
+    let Activations { saved, scratch } = acts;
+    backward_with(
+        layout, params, grads, saved, scratch, input, grad_in, par, tp,
+    )
+}
+
+/// [`backward_into`] for one micro-batch's saved activations (after [`forward_with`] on the same
+/// `saved`) and a shared scratch. Overwrites the logits in `saved` and all of `scratch`; on a
+/// non-first stage, [`ActScratch::d_input`] then holds the gradient to send back.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with<G: GradSink + ?Sized>(
+    layout: &ParamLayout,
+    params: &[f32],
+    grads: &mut G,
+    saved: &mut ActSaved,
+    scratch: &mut ActScratch,
+    input: StageInput<'_>,
+    grad_in: GradInput<'_>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<(), ModelError> {
+    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "backward");
+    let acts = saved;
+    let s = scratch;
     let p = |r: &Range<usize>| &params[r.clone()];
     let nl = layout.layers.len();
     // Head: d_res ← ∂loss/∂(last block output).
@@ -335,7 +388,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
                 par,
             );
             matmul_backward(
-                &mut acts.d_ln,
+                &mut s.d_ln,
                 grads.slice(hp.wte.clone()),
                 None,
                 &h.logits,
@@ -350,10 +403,10 @@ pub fn backward_into<G: GradSink + ?Sized>(
                 .slice(hp.lnf_w.start..hp.lnf_b.end)
                 .split_at_mut(hp.lnf_w.len());
             layernorm_backward(
-                &mut acts.d_res,
+                &mut s.d_res,
                 d_w,
                 d_b,
-                &acts.d_ln,
+                &s.d_ln,
                 x,
                 p(&hp.lnf_w),
                 &h.lnf_mean,
@@ -364,7 +417,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
         }
         (GradInput::Hidden(d_out), None) => {
             check_hidden("output gradient", d_out, acts, c)?;
-            acts.d_res.copy_from_slice(d_out);
+            s.d_res.copy_from_slice(d_out);
         }
         (GradInput::Loss { .. }, None) => {
             panic!("backward: loss gradient given to a stage without the head")
@@ -401,15 +454,15 @@ pub fn backward_into<G: GradSink + ?Sized>(
                     at(&lp.fcproj_b),
                 ],
             );
-        let d_fch_gelu = &mut acts.d_big1[..bt * 4 * cl];
-        let d_fch = &mut acts.d_big2[..bt * 4 * cl];
+        let d_fch_gelu = &mut s.d_big1[..bt * 4 * cl];
+        let d_fch = &mut s.d_big2[..bt * 4 * cl];
         // MLP: res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))) + bias
-        bias_residual_backward(g_fcproj_b, &acts.d_res, bt, c);
+        bias_residual_backward(g_fcproj_b, &s.d_res, bt, c);
         matmul_backward(
             d_fch_gelu,
             g_fcproj_w,
             None,
-            &acts.d_res,
+            &s.d_res,
             &a.fch_gelu,
             p(&lp.fcproj_w),
             bt,
@@ -419,7 +472,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
         );
         gelu_backward(d_fch, &a.fch, d_fch_gelu, par);
         matmul_backward(
-            &mut acts.d_ln,
+            &mut s.d_ln,
             g_fc_w,
             Some(g_fc_b),
             d_fch,
@@ -430,12 +483,12 @@ pub fn backward_into<G: GradSink + ?Sized>(
             4 * cl,
             par,
         );
-        tp.all_reduce_sum(&mut acts.d_ln); // f
+        tp.all_reduce_sum(&mut s.d_ln); // f
         layernorm_backward(
-            &mut acts.tmp,
+            &mut s.tmp,
             g_ln2_w,
             g_ln2_b,
-            &acts.d_ln,
+            &s.d_ln,
             &a.res2,
             p(&lp.ln2_w),
             &a.ln2_mean,
@@ -443,16 +496,16 @@ pub fn backward_into<G: GradSink + ?Sized>(
             bt,
             c,
         );
-        add_inplace(&mut acts.d_res, &acts.tmp, par);
+        add_inplace(&mut s.d_res, &s.tmp, par);
         // Attention: res2 = x + c_proj(attention(c_attn(ln_1(x)))) + bias
-        let d_atty = &mut acts.d_big1[..bt * cl];
-        let d_qkv = &mut acts.d_big2[..bt * 3 * cl];
-        bias_residual_backward(g_proj_b, &acts.d_res, bt, c);
+        let d_atty = &mut s.d_big1[..bt * cl];
+        let d_qkv = &mut s.d_big2[..bt * 3 * cl];
+        bias_residual_backward(g_proj_b, &s.d_res, bt, c);
         matmul_backward(
             d_atty,
             g_proj_w,
             None,
-            &acts.d_res,
+            &s.d_res,
             &a.atty,
             p(&lp.proj_w),
             bt,
@@ -462,7 +515,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
         );
         attention_backward(
             d_qkv,
-            &mut acts.d_att,
+            &mut s.d_att,
             d_atty,
             &a.qkv,
             &a.att,
@@ -473,7 +526,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
             par,
         );
         matmul_backward(
-            &mut acts.d_ln,
+            &mut s.d_ln,
             g_qkv_w,
             Some(g_qkv_b),
             d_qkv,
@@ -484,12 +537,12 @@ pub fn backward_into<G: GradSink + ?Sized>(
             3 * cl,
             par,
         );
-        tp.all_reduce_sum(&mut acts.d_ln); // f
+        tp.all_reduce_sum(&mut s.d_ln); // f
         layernorm_backward(
-            &mut acts.tmp,
+            &mut s.tmp,
             g_ln1_w,
             g_ln1_b,
-            &acts.d_ln,
+            &s.d_ln,
             x,
             p(&lp.ln1_w),
             &a.ln1_mean,
@@ -497,7 +550,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
             bt,
             c,
         );
-        add_inplace(&mut acts.d_res, &acts.tmp, par);
+        add_inplace(&mut s.d_res, &s.tmp, par);
         grads.ready(base);
     }
     // Embedding.
@@ -507,7 +560,7 @@ pub fn backward_into<G: GradSink + ?Sized>(
             let (d_wte, d_wpe) = grads
                 .slice(e.wte.start..e.wpe.end)
                 .split_at_mut(e.wte.len());
-            encoder_backward(d_wte, d_wpe, &acts.d_res, tokens, b, t, c);
+            encoder_backward(d_wte, d_wpe, &s.d_res, tokens, b, t, c);
         }
         (StageInput::Hidden(_), None) => {} // d_res is the gradient to send back
         _ => panic!("backward: stage input kind does not match the layout"),

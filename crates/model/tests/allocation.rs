@@ -3,8 +3,8 @@
 
 use kernels::Par;
 use model::{
-    backward, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
-    Shard, StageInput,
+    backward, forward, ActSaved, ActScratch, Activations, AdamW, AdamWConfig, GradInput,
+    ModelConfig, NoTp, ParamLayout, Shard, StageInput,
 };
 use plan::cpu_runtime;
 
@@ -91,6 +91,25 @@ fn allocations_match_the_plan_prediction() {
             measured,
             predicted.activation_bytes,
         );
+
+        // A pipeline stage with K micro-batches in flight: K saved sets plus one scratch.
+        let k = 3u64;
+        let before = live();
+        let saved: Vec<ActSaved> = (0..k).map(|_| ActSaved::new(&layout, b, t)).collect();
+        let scratch = ActScratch::new(&layout, b, t);
+        let measured = live() - before;
+        let (saved_n, scratch_n) = (
+            cpu_runtime::saved_activation_count(&dims, b as u64, t as u64),
+            cpu_runtime::scratch_activation_count(&dims, b as u64, t as u64),
+        );
+        assert_eq!(saved[0].len() as u64, saved_n, "{tag}: ActSaved::len");
+        assert_eq!(scratch.len() as u64, scratch_n, "{tag}: ActScratch::len");
+        within_1pct(
+            format!("{tag}: {k} saved sets + 1 scratch"),
+            measured,
+            cpu_runtime::F32_BYTES * (k * saved_n + scratch_n),
+        );
+        drop((saved, scratch));
 
         // A full step allocates nothing that outlives it. Its transient peak is thread spawns and
         // the gemm crate's per-call packing buffers, sized by the CPU caches, not the model
