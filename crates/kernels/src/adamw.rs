@@ -5,6 +5,7 @@
 //! Shapes: `params`, `grads`, `m`, `v` (n) — any contiguous range of the flat buffers. The
 //! caller applies `weight_decay = 0` to ranges that must not decay (biases, norm weights).
 
+use crate::elem::{with_f32, Elem};
 use crate::{check_len, par_rows, Par};
 
 /// AdamW hyper-parameters for one update. `step` counts from 1.
@@ -96,6 +97,67 @@ impl MV {
             std::slice::from_raw_parts_mut(self.v.add(start), len),
         )
     }
+}
+
+/// [`adamw_update`] for mixed precision, on the calling thread: `params` are the `f32` master
+/// weights, `grads` any storage type (each multiplied by `grad_scale` first: clipping and
+/// loss-scale unscaling in one), and `working` receives the updated weights rounded to its type
+/// (the copy forward and backward read). With `grad_scale = 1` and `f32` gradients the master
+/// update is exactly [`adamw_update`]'s.
+#[track_caller]
+pub fn adamw_update_mixed<G: Elem, W: Elem>(
+    params: &mut [f32],
+    working: &mut [W],
+    m: &mut [f32],
+    v: &mut [f32],
+    grads: &[G],
+    grad_scale: f32,
+    hp: AdamWStep,
+) {
+    let n = params.len();
+    check_len("adamw_update_mixed working", working.len(), n);
+    check_len("adamw_update_mixed m", m.len(), n);
+    check_len("adamw_update_mixed v", v.len(), n);
+    check_len("adamw_update_mixed grads", grads.len(), n);
+    assert!(hp.step >= 1, "adamw_update_mixed: step counts from 1");
+    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
+    let bc2_sqrt = (1.0 - (hp.beta2 as f64).powi(hp.step as i32)).sqrt();
+    let step_size = (hp.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2_sqrt as f32;
+    let decay = 1.0 - hp.lr * hp.weight_decay;
+    const CHUNK: usize = 4096;
+    for (i, p) in params.chunks_mut(CHUNK).enumerate() {
+        let r = i * CHUNK..i * CHUNK + p.len();
+        let (m, v) = (&mut m[r.clone()], &mut v[r.clone()]);
+        with_f32(&grads[r.clone()], |g| {
+            for j in 0..p.len() {
+                let g = g[j] * grad_scale;
+                let mj = hp.beta1 * m[j] + (1.0 - hp.beta1) * g;
+                let vj = hp.beta2 * v[j] + (1.0 - hp.beta2) * g * g;
+                m[j] = mj;
+                v[j] = vj;
+                let denom = vj.sqrt() / bc2_sqrt + hp.eps;
+                p[j] = p[j] * decay - step_size * mj / denom;
+            }
+        });
+        W::store(p, &mut working[r]);
+    }
+}
+
+/// Σ g² over `grads` of any storage type, accumulated in f64 ([`sum_squares`] for `f32`).
+pub fn sum_squares_of<G: Elem>(grads: &[G]) -> f64 {
+    match G::f32s(grads) {
+        Some(g) => sum_squares(g),
+        None => grads
+            .iter()
+            .map(|g| g.to_f32() as f64 * g.to_f32() as f64)
+            .sum(),
+    }
+}
+
+/// True when every element is finite (no inf or NaN), for any storage type.
+pub fn all_finite<G: Elem>(grads: &[G]) -> bool {
+    grads.iter().all(|g| g.to_f32().is_finite())
 }
 
 /// Σ g² over `grads`, accumulated in f64 (so the norm does not depend on the thread split).

@@ -10,9 +10,10 @@
 //! of rows i0..i1 only needs keys 0..i1), so the work approaches the causal half of the t×t
 //! square as t grows. Threads split the batch.
 
+use crate::elem::{with_f32, with_f32_mut, Elem};
 use crate::fastmath::{self, exp, vectorized};
 use crate::matmul::{gemm, View};
-use crate::{check_len, par_rows2, Par};
+use crate::{check_len, par_rows, par_rows2, Par};
 
 /// Rows (queries) per causal block: a block of rows i0..i1 only multiplies key columns 0..i1,
 /// which with t = 128 does 62.5% of the full-square work.
@@ -28,107 +29,237 @@ pub fn causal_work_fraction(t: usize) -> f64 {
     work as f64 / (t * t) as f64
 }
 
-/// Forward. Overwrites `out` and `att` (saved for backward; `att` is what PyTorch's softmax
-/// returns, masked entries exactly 0).
+/// Scores and softmax of query rows `i0..i1` of one (batch row, head): writes rows `i0..i1` of
+/// `a` (t×t, zero above the diagonal) from `x` (t, 3·cl), the batch row's `qkv`.
+fn probs_block(a: &mut [f32], x: &[f32], i0: usize, t: usize, cl: usize, hs: usize, h: usize) {
+    let i1 = (i0 + BLOCK).min(t);
+    let rows = i1 - i0;
+    let scale = 1.0 / (hs as f32).sqrt();
+    gemm(
+        &mut a[i0 * t..],
+        View::rm(rows, i1, t),
+        &x[i0 * 3 * cl + h * hs..],
+        View::rm(rows, hs, 3 * cl),
+        &x[cl + h * hs..],
+        View::rm(i1, hs, 3 * cl).t(),
+        scale,
+        0.0,
+    );
+    for i in i0..i1 {
+        let row = &mut a[i * t..(i + 1) * t];
+        let max = fastmath::max(&row[..=i]);
+        vectorized(|| {
+            for s in row[..=i].iter_mut() {
+                *s = exp(*s - max);
+            }
+        });
+        let sum: f32 = row[..=i].iter().sum();
+        let inv = 1.0 / sum;
+        for s in row[..=i].iter_mut() {
+            *s *= inv;
+        }
+        row[i + 1..].fill(0.0);
+    }
+}
+
+/// Forward of one (batch row, head): `a` (t×t) and head `h`'s columns of `out_b` (t, cl).
+fn head_forward(
+    out_b: &mut [f32],
+    a: &mut [f32],
+    x: &[f32],
+    t: usize,
+    cl: usize,
+    hs: usize,
+    h: usize,
+) {
+    for i0 in (0..t).step_by(BLOCK) {
+        let i1 = (i0 + BLOCK).min(t);
+        let rows = i1 - i0;
+        probs_block(a, x, i0, t, cl, hs, h);
+        gemm(
+            &mut out_b[i0 * cl + h * hs..],
+            View::rm(rows, hs, cl),
+            &a[i0 * t..],
+            View::rm(rows, i1, t),
+            &x[2 * cl + h * hs..],
+            View::rm(i1, hs, 3 * cl),
+            1.0,
+            0.0,
+        );
+    }
+}
+
+/// Backward of one (batch row, head), given its probabilities `a` (t×t), the batch row's `x`
+/// (t, 3·cl) and `dy` (t, cl): writes head `h`'s columns of `dx` (t, 3·cl), using `d_a` (t×t).
+#[allow(clippy::too_many_arguments)]
+fn head_backward(
+    dx: &mut [f32],
+    d_a: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    a: &[f32],
+    t: usize,
+    cl: usize,
+    hs: usize,
+    h: usize,
+) {
+    let scale = 1.0 / (hs as f32).sqrt();
+    for i0 in (0..t).step_by(BLOCK) {
+        let i1 = (i0 + BLOCK).min(t);
+        let rows = i1 - i0;
+        gemm(
+            &mut d_a[i0 * t..],
+            View::rm(rows, i1, t),
+            &dy[i0 * cl + h * hs..],
+            View::rm(rows, hs, cl),
+            &x[2 * cl + h * hs..],
+            View::rm(i1, hs, 3 * cl).t(),
+            1.0,
+            0.0,
+        );
+        for i in i0..i1 {
+            let ar = &a[i * t..(i + 1) * t];
+            let dr = &mut d_a[i * t..(i + 1) * t];
+            let s: f32 = ar[..=i].iter().zip(&dr[..=i]).map(|(&p, &g)| p * g).sum();
+            for (g, &p) in dr[..=i].iter_mut().zip(&ar[..=i]) {
+                *g = p * (*g - s);
+            }
+            dr[i + 1..].fill(0.0);
+        }
+        gemm(
+            &mut dx[i0 * 3 * cl + h * hs..],
+            View::rm(rows, hs, 3 * cl),
+            &d_a[i0 * t..],
+            View::rm(rows, i1, t),
+            &x[cl + h * hs..],
+            View::rm(i1, hs, 3 * cl),
+            scale,
+            0.0,
+        );
+    }
+    for j0 in (0..t).step_by(BLOCK) {
+        let j1 = (j0 + BLOCK).min(t);
+        let (cols, below) = (j1 - j0, t - j0);
+        gemm(
+            &mut dx[j0 * 3 * cl + 2 * cl + h * hs..],
+            View::rm(cols, hs, 3 * cl),
+            &a[j0 * t + j0..],
+            View::rm(below, cols, t).t(),
+            &dy[j0 * cl + h * hs..],
+            View::rm(below, hs, cl),
+            1.0,
+            0.0,
+        );
+        gemm(
+            &mut dx[j0 * 3 * cl + cl + h * hs..],
+            View::rm(cols, hs, 3 * cl),
+            &d_a[j0 * t + j0..],
+            View::rm(below, cols, t).t(),
+            &x[j0 * 3 * cl + h * hs..],
+            View::rm(below, hs, 3 * cl),
+            scale,
+            0.0,
+        );
+    }
+}
+
 #[track_caller]
-pub fn attention_forward(
-    out: &mut [f32],
-    att: &mut [f32],
-    qkv: &[f32],
+fn check_heads(what: &str, cl: usize, nh: usize) -> usize {
+    assert!(
+        nh >= 1 && cl % nh == 0,
+        "{what}: cl ({cl}) not divisible by nh ({nh})"
+    );
+    cl / nh
+}
+
+/// Forward. Overwrites `out` and `att` (saved for backward; `att` is what PyTorch's softmax
+/// returns, masked entries exactly 0). 16-bit storage is converted per batch row (`qkv`,
+/// `out`) and per head (`att`); the arithmetic is the `f32` path's.
+#[track_caller]
+pub fn attention_forward<E: Elem>(
+    out: &mut [E],
+    att: &mut [E],
+    qkv: &[E],
     b: usize,
     t: usize,
     cl: usize,
     nh: usize,
     par: Par,
 ) {
-    assert!(
-        nh >= 1 && cl % nh == 0,
-        "attention_forward: cl ({cl}) not divisible by nh ({nh})"
-    );
+    let hs = check_heads("attention_forward", cl, nh);
     check_len("attention_forward out", out.len(), b * t * cl);
     check_len("attention_forward att", att.len(), b * nh * t * t);
     check_len("attention_forward qkv", qkv.len(), b * t * 3 * cl);
-    let hs = cl / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
     par_rows2(par, b, 1, out, t * cl, att, nh * t * t, |rows, out, att| {
         for (local, bi) in rows.enumerate() {
-            let x = &qkv[bi * t * 3 * cl..(bi + 1) * t * 3 * cl];
-            let out_b = &mut out[local * t * cl..(local + 1) * t * cl];
-            for h in 0..nh {
-                let a = &mut att[(local * nh + h) * t * t..(local * nh + h + 1) * t * t];
-                // Row blocks: rows i0..i1 only need key columns 0..i1 (causal).
-                for i0 in (0..t).step_by(BLOCK) {
-                    let i1 = (i0 + BLOCK).min(t);
-                    let rows = i1 - i0;
-                    // scores = q · kᵀ / √hs
-                    gemm(
-                        &mut a[i0 * t..],
-                        View::rm(rows, i1, t),
-                        &x[i0 * 3 * cl + h * hs..],
-                        View::rm(rows, hs, 3 * cl),
-                        &x[cl + h * hs..],
-                        View::rm(i1, hs, 3 * cl).t(),
-                        scale,
-                        0.0,
-                    );
-                    for i in i0..i1 {
-                        let row = &mut a[i * t..(i + 1) * t];
-                        let max = fastmath::max(&row[..=i]);
-                        vectorized(|| {
-                            for s in row[..=i].iter_mut() {
-                                *s = exp(*s - max);
-                            }
-                        });
-                        let sum: f32 = row[..=i].iter().sum();
-                        let inv = 1.0 / sum;
-                        for s in row[..=i].iter_mut() {
-                            *s *= inv;
-                        }
-                        row[i + 1..].fill(0.0);
+            let xs = &qkv[bi * t * 3 * cl..(bi + 1) * t * 3 * cl];
+            with_f32(xs, |x| {
+                let out_b = &mut out[local * t * cl..(local + 1) * t * cl];
+                with_f32_mut(out_b, false, |out_b| {
+                    for h in 0..nh {
+                        let a = &mut att[(local * nh + h) * t * t..(local * nh + h + 1) * t * t];
+                        with_f32_mut(a, false, |a| head_forward(out_b, a, x, t, cl, hs, h));
                     }
-                    // out_h = att · v
-                    gemm(
-                        &mut out_b[i0 * cl + h * hs..],
-                        View::rm(rows, hs, cl),
-                        &a[i0 * t..],
-                        View::rm(rows, i1, t),
-                        &x[2 * cl + h * hs..],
-                        View::rm(i1, hs, 3 * cl),
-                        1.0,
-                        0.0,
-                    );
-                }
-            }
+                })
+            });
         }
     });
 }
 
-/// Backward. Overwrites `d_qkv`; `d_att` (b, t, t) is scratch (one head at a time per batch
-/// row, so it is t×t per batch element, not per head).
+/// The softmax probabilities `att` (b, nh, t, t) alone, computed exactly as
+/// [`attention_forward`] computes them (bitwise): selective activation recomputation rebuilds
+/// them in backward instead of saving them.
 #[track_caller]
-pub fn attention_backward(
-    d_qkv: &mut [f32],
-    d_att: &mut [f32],
-    d_out: &[f32],
-    qkv: &[f32],
-    att: &[f32],
+pub fn attention_probs<E: Elem>(
+    att: &mut [E],
+    qkv: &[E],
     b: usize,
     t: usize,
     cl: usize,
     nh: usize,
     par: Par,
 ) {
-    assert!(
-        nh >= 1 && cl % nh == 0,
-        "attention_backward: cl ({cl}) not divisible by nh ({nh})"
-    );
+    let hs = check_heads("attention_probs", cl, nh);
+    check_len("attention_probs att", att.len(), b * nh * t * t);
+    check_len("attention_probs qkv", qkv.len(), b * t * 3 * cl);
+    par_rows(par, att, nh * t * t, 1, |rows, att| {
+        for (local, bi) in rows.enumerate() {
+            let xs = &qkv[bi * t * 3 * cl..(bi + 1) * t * 3 * cl];
+            with_f32(xs, |x| {
+                for h in 0..nh {
+                    let a = &mut att[(local * nh + h) * t * t..(local * nh + h + 1) * t * t];
+                    with_f32_mut(a, false, |a| {
+                        for i0 in (0..t).step_by(BLOCK) {
+                            probs_block(a, x, i0, t, cl, hs, h);
+                        }
+                    });
+                }
+            });
+        }
+    });
+}
+
+/// Backward. Overwrites `d_qkv`; `d_att` (b, t, t) is scratch (one t×t per batch row, reused
+/// across heads). `qkv` and `att` may be 16-bit (converted per batch row / head).
+#[track_caller]
+pub fn attention_backward<E: Elem>(
+    d_qkv: &mut [f32],
+    d_att: &mut [f32],
+    d_out: &[f32],
+    qkv: &[E],
+    att: &[E],
+    b: usize,
+    t: usize,
+    cl: usize,
+    nh: usize,
+    par: Par,
+) {
+    let hs = check_heads("attention_backward", cl, nh);
     check_len("attention_backward d_qkv", d_qkv.len(), b * t * 3 * cl);
     check_len("attention_backward d_att", d_att.len(), b * t * t);
     check_len("attention_backward d_out", d_out.len(), b * t * cl);
     check_len("attention_backward qkv", qkv.len(), b * t * 3 * cl);
     check_len("attention_backward att", att.len(), b * nh * t * t);
-    let hs = cl / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
     par_rows2(
         par,
         b,
@@ -139,77 +270,15 @@ pub fn attention_backward(
         t * t,
         |rows, d_qkv, d_a| {
             for (local, bi) in rows.enumerate() {
-                let x = &qkv[bi * t * 3 * cl..(bi + 1) * t * 3 * cl];
+                let xs = &qkv[bi * t * 3 * cl..(bi + 1) * t * 3 * cl];
                 let dy = &d_out[bi * t * cl..(bi + 1) * t * cl];
                 let dx = &mut d_qkv[local * t * 3 * cl..(local + 1) * t * 3 * cl];
-                for h in 0..nh {
-                    let a = &att[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
-                    // Row blocks i0..i1 (causal: key columns 0..i1 only): d_att, the softmax
-                    // backward in place (d_pre), then d_q.
-                    for i0 in (0..t).step_by(BLOCK) {
-                        let i1 = (i0 + BLOCK).min(t);
-                        let rows = i1 - i0;
-                        // d_att = d_out_h · vᵀ
-                        gemm(
-                            &mut d_a[i0 * t..],
-                            View::rm(rows, i1, t),
-                            &dy[i0 * cl + h * hs..],
-                            View::rm(rows, hs, cl),
-                            &x[2 * cl + h * hs..],
-                            View::rm(i1, hs, 3 * cl).t(),
-                            1.0,
-                            0.0,
-                        );
-                        // d_pre_ij = a_ij (d_att_ij − Σ_k a_ik d_att_ik), zero above the diagonal.
-                        for i in i0..i1 {
-                            let ar = &a[i * t..(i + 1) * t];
-                            let dr = &mut d_a[i * t..(i + 1) * t];
-                            let s: f32 = ar[..=i].iter().zip(&dr[..=i]).map(|(&p, &g)| p * g).sum();
-                            for (g, &p) in dr[..=i].iter_mut().zip(&ar[..=i]) {
-                                *g = p * (*g - s);
-                            }
-                            dr[i + 1..].fill(0.0);
-                        }
-                        // d_q = scale · d_pre · k
-                        gemm(
-                            &mut dx[i0 * 3 * cl + h * hs..],
-                            View::rm(rows, hs, 3 * cl),
-                            &d_a[i0 * t..],
-                            View::rm(rows, i1, t),
-                            &x[cl + h * hs..],
-                            View::rm(i1, hs, 3 * cl),
-                            scale,
-                            0.0,
-                        );
+                with_f32(xs, |x| {
+                    for h in 0..nh {
+                        let a = &att[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
+                        with_f32(a, |a| head_backward(dx, d_a, dy, x, a, t, cl, hs, h));
                     }
-                    // Column blocks j0..j1 (causal: query rows j0..t only): d_v and d_k.
-                    for j0 in (0..t).step_by(BLOCK) {
-                        let j1 = (j0 + BLOCK).min(t);
-                        let (cols, below) = (j1 - j0, t - j0);
-                        // d_v = attᵀ · d_out_h
-                        gemm(
-                            &mut dx[j0 * 3 * cl + 2 * cl + h * hs..],
-                            View::rm(cols, hs, 3 * cl),
-                            &a[j0 * t + j0..],
-                            View::rm(below, cols, t).t(),
-                            &dy[j0 * cl + h * hs..],
-                            View::rm(below, hs, cl),
-                            1.0,
-                            0.0,
-                        );
-                        // d_k = scale · d_preᵀ · q
-                        gemm(
-                            &mut dx[j0 * 3 * cl + cl + h * hs..],
-                            View::rm(cols, hs, 3 * cl),
-                            &d_a[j0 * t + j0..],
-                            View::rm(below, cols, t).t(),
-                            &x[j0 * 3 * cl + h * hs..],
-                            View::rm(below, hs, 3 * cl),
-                            scale,
-                            0.0,
-                        );
-                    }
-                }
+                });
             }
         },
     );

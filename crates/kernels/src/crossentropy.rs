@@ -9,16 +9,17 @@
 //! logits into `softmax − one_hot` in place with a single `exp` per element and no buffer of
 //! probabilities.
 
+use crate::elem::{with_f32, with_f32_mut, Elem};
 use crate::fastmath::{self, exp, vectorized};
 use crate::{check_len, par_rows, par_rows2, Par};
 
 /// Forward: `losses[i] = lse_i − logits[i, targets[i]]` with `lse_i = log Σ_{j<v} exp(logits[i,j])`.
 /// Overwrites `losses` and `lse`. Targets must be < `v` (validated by the caller).
 #[track_caller]
-pub fn crossentropy_forward(
+pub fn crossentropy_forward<E: Elem>(
     losses: &mut [f32],
     lse: &mut [f32],
-    logits: &[f32],
+    logits: &[E],
     targets: &[u32],
     n: usize,
     v: usize,
@@ -35,17 +36,18 @@ pub fn crossentropy_forward(
     check_len("crossentropy_forward targets", targets.len(), n);
     par_rows2(par, n, 16, losses, 1, lse, 1, |rows, losses, lse| {
         for (local, i) in rows.enumerate() {
-            let row = &logits[i * vp..i * vp + v];
-            let max = fastmath::max(row);
-            let sum = fastmath::exp_sum(row, max);
-            let l = max + sum.ln();
-            let tgt = targets[i] as usize;
-            assert!(
-                tgt < v,
-                "crossentropy_forward: target {tgt} >= vocabulary {v}"
-            );
-            lse[local] = l;
-            losses[local] = l - row[tgt];
+            with_f32(&logits[i * vp..i * vp + v], |row| {
+                let max = fastmath::max(row);
+                let sum = fastmath::exp_sum(row, max);
+                let l = max + sum.ln();
+                let tgt = targets[i] as usize;
+                assert!(
+                    tgt < v,
+                    "crossentropy_forward: target {tgt} >= vocabulary {v}"
+                );
+                lse[local] = l;
+                losses[local] = l - row[tgt];
+            });
         }
     });
 }
@@ -54,8 +56,8 @@ pub fn crossentropy_forward(
 /// and `0` for padded columns. Overwrites the logits (they are not needed after the loss).
 /// `d_loss` is the gradient of the objective w.r.t. each row's loss, e.g. `1/(b·t)` for a mean.
 #[track_caller]
-pub fn crossentropy_softmax_backward_inplace(
-    logits_to_d_logits: &mut [f32],
+pub fn crossentropy_softmax_backward_inplace<E: Elem>(
+    logits_to_d_logits: &mut [E],
     lse: &[f32],
     targets: &[u32],
     d_loss: f32,
@@ -79,13 +81,15 @@ pub fn crossentropy_softmax_backward_inplace(
         for (local, i) in rows.enumerate() {
             let row = &mut chunk[local * vp..(local + 1) * vp];
             let l = lse[i];
-            vectorized(|| {
-                for x in row[..v].iter_mut() {
-                    *x = d_loss * exp(*x - l);
-                }
+            with_f32_mut(row, true, |row| {
+                vectorized(|| {
+                    for x in row[..v].iter_mut() {
+                        *x = d_loss * exp(*x - l);
+                    }
+                });
+                row[targets[i] as usize] -= d_loss;
+                row[v..].fill(0.0);
             });
-            row[targets[i] as usize] -= d_loss;
-            row[v..].fill(0.0);
         }
     });
 }

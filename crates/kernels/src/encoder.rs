@@ -4,14 +4,15 @@
 //! Token ids must already be validated (< vocabulary) by the caller; an id past `wte` panics.
 
 use crate::check_len;
+use crate::elem::{with_f32, with_f32_mut, Elem};
 
 /// Forward: `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`. Overwrites `out`.
 #[track_caller]
-pub fn encoder_forward(
-    out: &mut [f32],
+pub fn encoder_forward<E: Elem, W: Elem>(
+    out: &mut [E],
     tokens: &[u32],
-    wte: &[f32],
-    wpe: &[f32],
+    wte: &[W],
+    wpe: &[W],
     b: usize,
     t: usize,
     c: usize,
@@ -28,17 +29,23 @@ pub fn encoder_forward(
         let pos = i % t;
         let e = &wte[tok as usize * c..(tok as usize + 1) * c];
         let p = &wpe[pos * c..(pos + 1) * c];
-        for j in 0..c {
-            o[j] = e[j] + p[j];
-        }
+        with_f32(e, |e| {
+            with_f32(p, |p| {
+                with_f32_mut(o, false, |o| {
+                    for j in 0..c {
+                        o[j] = e[j] + p[j];
+                    }
+                })
+            })
+        });
     }
 }
 
 /// Backward: **accumulates** `d_wte[tokens[b,t],:] += d_out[b,t,:]` and `d_wpe[t,:] += …`.
 #[track_caller]
-pub fn encoder_backward(
-    d_wte: &mut [f32],
-    d_wpe: &mut [f32],
+pub fn encoder_backward<W: Elem>(
+    d_wte: &mut [W],
+    d_wpe: &mut [W],
     d_out: &[f32],
     tokens: &[u32],
     b: usize,
@@ -55,13 +62,17 @@ pub fn encoder_backward(
     for (i, (g, &tok)) in d_out.chunks_exact(c).zip(tokens).enumerate() {
         let pos = i % t;
         let e = &mut d_wte[tok as usize * c..(tok as usize + 1) * c];
-        for (acc, &v) in e.iter_mut().zip(g) {
-            *acc += v;
-        }
+        with_f32_mut(e, true, |e| {
+            for (acc, &v) in e.iter_mut().zip(g) {
+                *acc += v;
+            }
+        });
         let p = &mut d_wpe[pos * c..(pos + 1) * c];
-        for (acc, &v) in p.iter_mut().zip(g) {
-            *acc += v;
-        }
+        with_f32_mut(p, true, |p| {
+            for (acc, &v) in p.iter_mut().zip(g) {
+                *acc += v;
+            }
+        });
     }
 }
 

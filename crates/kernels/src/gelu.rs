@@ -3,6 +3,7 @@
 //!
 //! Shapes: `inp`, `out`, `d_inp`, `d_out` all (n) — any flat tensor, e.g. (b*t, 4c).
 
+use crate::elem::{with_f32, with_f32_mut, Elem};
 use crate::fastmath::{tanh, vectorized};
 use crate::{check_len, par_rows, Par};
 
@@ -13,33 +14,38 @@ const CHUNK: usize = 4096;
 
 /// Forward: `out[i] = gelu(inp[i])`. Overwrites `out`.
 #[track_caller]
-pub fn gelu_forward(out: &mut [f32], inp: &[f32], par: Par) {
+pub fn gelu_forward<E: Elem>(out: &mut [E], inp: &[E], par: Par) {
     check_len("gelu_forward out", out.len(), inp.len());
     let n = inp.len();
     let (body, tail) = out.split_at_mut(n - n % CHUNK);
-    let run = |start: usize, o: &mut [f32]| {
-        let x_in = &inp[start..start + o.len()];
+    let run = |o: &mut [f32], x_in: &[f32]| {
         for (y, &x) in o.iter_mut().zip(x_in) {
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
             *y = 0.5 * x * (1.0 + tanh(u));
         }
     };
-    par_rows(par, body, CHUNK, 4, |rows, o| {
-        vectorized(|| run(rows.start * CHUNK, o))
-    });
-    vectorized(|| run(n - n % CHUNK, tail));
+    // 16-bit storage is staged through f32 CHUNK elements at a time.
+    let staged = |start: usize, o: &mut [E]| {
+        for (i, o) in o.chunks_mut(CHUNK).enumerate() {
+            let s = start + i * CHUNK;
+            with_f32(&inp[s..s + o.len()], |x| {
+                with_f32_mut(o, false, |o| vectorized(|| run(o, x)))
+            });
+        }
+    };
+    par_rows(par, body, CHUNK, 4, |rows, o| staged(rows.start * CHUNK, o));
+    staged(n - n % CHUNK, tail);
 }
 
 /// Backward: `d_inp[i] = d_out[i] · gelu'(inp[i])`. Overwrites `d_inp`.
 #[track_caller]
-pub fn gelu_backward(d_inp: &mut [f32], inp: &[f32], d_out: &[f32], par: Par) {
+pub fn gelu_backward<E: Elem>(d_inp: &mut [f32], inp: &[E], d_out: &[f32], par: Par) {
     check_len("gelu_backward d_inp", d_inp.len(), inp.len());
     check_len("gelu_backward d_out", d_out.len(), inp.len());
     let n = inp.len();
     let (body, tail) = d_inp.split_at_mut(n - n % CHUNK);
-    let run = |start: usize, d: &mut [f32]| {
-        // Iterators, not indices: no bounds checks, so the loop vectorises.
-        let (x_in, g_in) = (&inp[start..start + d.len()], &d_out[start..start + d.len()]);
+    // Iterators, not indices: no bounds checks, so the loop vectorises.
+    let run = |d: &mut [f32], x_in: &[f32], g_in: &[f32]| {
         for ((dx, &x), &g) in d.iter_mut().zip(x_in).zip(g_in) {
             let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
             let th = tanh(u);
@@ -48,10 +54,15 @@ pub fn gelu_backward(d_inp: &mut [f32], inp: &[f32], d_out: &[f32], par: Par) {
             *dx = g * (0.5 * (1.0 + th) + 0.5 * x * sech2 * du);
         }
     };
-    par_rows(par, body, CHUNK, 4, |rows, d| {
-        vectorized(|| run(rows.start * CHUNK, d))
-    });
-    vectorized(|| run(n - n % CHUNK, tail));
+    let staged = |start: usize, d: &mut [f32]| {
+        for (i, d) in d.chunks_mut(CHUNK).enumerate() {
+            let s = start + i * CHUNK;
+            let g_in = &d_out[s..s + d.len()];
+            with_f32(&inp[s..s + d.len()], |x| vectorized(|| run(d, x, g_in)));
+        }
+    };
+    par_rows(par, body, CHUNK, 4, |rows, d| staged(rows.start * CHUNK, d));
+    staged(n - n % CHUNK, tail);
 }
 
 #[cfg(test)]

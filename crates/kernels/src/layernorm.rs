@@ -3,6 +3,7 @@
 //! Shapes: `inp`, `out` (n, c) where n = b*t rows; `mean`, `rstd` (n); `w`, `b` (c).
 //! Forward saves `mean` and `rstd` (2 floats per row) so backward need not recompute them.
 
+use crate::elem::{with_f32, with_f32_mut, Elem};
 use crate::{check_len, par_rows3, Par};
 
 /// PyTorch's default LayerNorm epsilon.
@@ -10,13 +11,13 @@ pub const LN_EPS: f32 = 1e-5;
 
 /// Forward: `out = (inp - mean) * rstd * w + b`, row by row. Overwrites `out`, `mean`, `rstd`.
 #[track_caller]
-pub fn layernorm_forward(
-    out: &mut [f32],
+pub fn layernorm_forward<E: Elem, W: Elem>(
+    out: &mut [E],
     mean: &mut [f32],
     rstd: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    b: &[f32],
+    inp: &[E],
+    w: &[W],
+    b: &[W],
     n: usize,
     c: usize,
     par: Par,
@@ -35,26 +36,33 @@ pub fn layernorm_forward(
         (mean, 1),
         (rstd, 1),
         |rows, out_rows, mean_rows, rstd_rows| {
-            for (local, row) in rows.enumerate() {
-                let x = &inp[row * c..(row + 1) * c];
-                let mut sum = 0.0f32;
-                for &v in x {
-                    sum += v;
-                }
-                let m = sum / c as f32;
-                let mut var = 0.0f32;
-                for &v in x {
-                    let d = v - m;
-                    var += d * d;
-                }
-                let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
-                let o = &mut out_rows[local * c..(local + 1) * c];
-                for j in 0..c {
-                    o[j] = (x[j] - m) * s * w[j] + b[j];
-                }
-                mean_rows[local] = m;
-                rstd_rows[local] = s;
-            }
+            with_f32(w, |w| {
+                with_f32(b, |b| {
+                    for (local, row) in rows.enumerate() {
+                        with_f32(&inp[row * c..(row + 1) * c], |x| {
+                            let mut sum = 0.0f32;
+                            for &v in x {
+                                sum += v;
+                            }
+                            let m = sum / c as f32;
+                            let mut var = 0.0f32;
+                            for &v in x {
+                                let d = v - m;
+                                var += d * d;
+                            }
+                            let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
+                            let o = &mut out_rows[local * c..(local + 1) * c];
+                            with_f32_mut(o, false, |o| {
+                                for j in 0..c {
+                                    o[j] = (x[j] - m) * s * w[j] + b[j];
+                                }
+                            });
+                            mean_rows[local] = m;
+                            rstd_rows[local] = s;
+                        });
+                    }
+                })
+            });
         },
     );
 }
@@ -62,13 +70,13 @@ pub fn layernorm_forward(
 /// Backward. Overwrites `d_inp`; **accumulates** `d_w += Σ d_out·x̂`, `d_b += Σ d_out`.
 /// Single-threaded: `d_w`/`d_b` reduce over rows and the whole pass is memory-bound.
 #[track_caller]
-pub fn layernorm_backward(
+pub fn layernorm_backward<E: Elem, W: Elem>(
     d_inp: &mut [f32],
-    d_w: &mut [f32],
-    d_b: &mut [f32],
+    d_w: &mut [W],
+    d_b: &mut [W],
     d_out: &[f32],
-    inp: &[f32],
-    w: &[f32],
+    inp: &[E],
+    w: &[W],
     mean: &[f32],
     rstd: &[f32],
     n: usize,
@@ -82,29 +90,36 @@ pub fn layernorm_backward(
     check_len("layernorm_backward w", w.len(), c);
     check_len("layernorm_backward mean", mean.len(), n);
     check_len("layernorm_backward rstd", rstd.len(), n);
-    for row in 0..n {
-        let x = &inp[row * c..(row + 1) * c];
-        let dy = &d_out[row * c..(row + 1) * c];
-        let (m, s) = (mean[row], rstd[row]);
-        // Two reductions: mean(dy·w) and mean(dy·w·x̂).
-        let mut dnorm_mean = 0.0f32;
-        let mut dnorm_norm_mean = 0.0f32;
-        for j in 0..c {
-            let xhat = (x[j] - m) * s;
-            let dnorm = dy[j] * w[j];
-            dnorm_mean += dnorm;
-            dnorm_norm_mean += dnorm * xhat;
-        }
-        dnorm_mean /= c as f32;
-        dnorm_norm_mean /= c as f32;
-        let dx = &mut d_inp[row * c..(row + 1) * c];
-        for j in 0..c {
-            let xhat = (x[j] - m) * s;
-            d_b[j] += dy[j];
-            d_w[j] += dy[j] * xhat;
-            dx[j] = (dy[j] * w[j] - dnorm_mean - xhat * dnorm_norm_mean) * s;
-        }
-    }
+    with_f32(w, |w| {
+        with_f32_mut(d_w, true, |d_w| {
+            with_f32_mut(d_b, true, |d_b| {
+                for row in 0..n {
+                    with_f32(&inp[row * c..(row + 1) * c], |x| {
+                        let dy = &d_out[row * c..(row + 1) * c];
+                        let (m, s) = (mean[row], rstd[row]);
+                        // Two reductions: mean(dy·w) and mean(dy·w·x̂).
+                        let mut dnorm_mean = 0.0f32;
+                        let mut dnorm_norm_mean = 0.0f32;
+                        for j in 0..c {
+                            let xhat = (x[j] - m) * s;
+                            let dnorm = dy[j] * w[j];
+                            dnorm_mean += dnorm;
+                            dnorm_norm_mean += dnorm * xhat;
+                        }
+                        dnorm_mean /= c as f32;
+                        dnorm_norm_mean /= c as f32;
+                        let dx = &mut d_inp[row * c..(row + 1) * c];
+                        for j in 0..c {
+                            let xhat = (x[j] - m) * s;
+                            d_b[j] += dy[j];
+                            d_w[j] += dy[j] * xhat;
+                            dx[j] = (dy[j] * w[j] - dnorm_mean - xhat * dnorm_norm_mean) * s;
+                        }
+                    });
+                }
+            })
+        })
+    });
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
+pub mod elem;
 pub mod encoder;
 pub mod fastmath;
 pub mod gelu;
@@ -46,9 +47,19 @@ pub fn par_jobs<J: Send, F: Fn(J) + Sync>(jobs: Vec<J>, f: F) {
 }
 
 #[cfg(test)]
+mod mixed_tests;
+#[cfg(test)]
 pub(crate) mod testutil;
 
 use std::ops::Range;
+
+pub use elem::{Bf16, Elem, F16};
+
+/// True when `T` is `f32` (the kernels then take their plain `f32` path, unchanged).
+#[inline]
+pub(crate) fn is_f32<T: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
 
 /// How many threads a kernel may use. Always passed explicitly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,9 +109,9 @@ pub(crate) fn split_rows(rows: usize, parts: usize) -> Vec<Range<usize>> {
 
 /// Runs `f(row_range, out_rows)` over disjoint row chunks of `out` (row length `row_len`), on up
 /// to `par.threads()` threads, but only as many as keep each chunk at least `min_rows` rows.
-pub(crate) fn par_rows<F>(par: Par, out: &mut [f32], row_len: usize, min_rows: usize, f: F)
+pub(crate) fn par_rows<T: Send, F>(par: Par, out: &mut [T], row_len: usize, min_rows: usize, f: F)
 where
-    F: Fn(Range<usize>, &mut [f32]) + Sync,
+    F: Fn(Range<usize>, &mut [T]) + Sync,
 {
     let rows = out.len().checked_div(row_len).unwrap_or(0);
     let threads = par.threads().min(rows / min_rows.max(1)).max(1);
@@ -121,17 +132,17 @@ where
 
 /// Like [`par_rows`], but over two outputs split by the same row ranges (row lengths `len_a`
 /// and `len_b`).
-pub(crate) fn par_rows2<F>(
+pub(crate) fn par_rows2<A: Send, B: Send, F>(
     par: Par,
     rows: usize,
     min_rows: usize,
-    a: &mut [f32],
+    a: &mut [A],
     len_a: usize,
-    b: &mut [f32],
+    b: &mut [B],
     len_b: usize,
     f: F,
 ) where
-    F: Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync,
+    F: Fn(Range<usize>, &mut [A], &mut [B]) + Sync,
 {
     let threads = par.threads().min(rows / min_rows.max(1)).max(1);
     if threads == 1 {
@@ -152,16 +163,16 @@ pub(crate) fn par_rows2<F>(
 }
 
 /// Like [`par_rows2`], with three outputs, each given as `(slice, row_len)`.
-pub(crate) fn par_rows3<F>(
+pub(crate) fn par_rows3<A: Send, B: Send, C: Send, F>(
     par: Par,
     rows: usize,
     min_rows: usize,
-    a: (&mut [f32], usize),
-    b: (&mut [f32], usize),
-    c: (&mut [f32], usize),
+    a: (&mut [A], usize),
+    b: (&mut [B], usize),
+    c: (&mut [C], usize),
     f: F,
 ) where
-    F: Fn(Range<usize>, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+    F: Fn(Range<usize>, &mut [A], &mut [B], &mut [C]) + Sync,
 {
     let threads = par.threads().min(rows / min_rows.max(1)).max(1);
     let ((a, la), (b, lb), (c, lc)) = (a, b, c);

@@ -8,7 +8,8 @@
 //! across `Par` threads ourselves; every thread packs its own panels, which for our shapes
 //! (m = b*t ≥ 256) costs a few percent at most. See `docs/runtime.md` for why this library.
 
-use crate::{check_len, par_rows, par_rows2, Par};
+use crate::elem::{with_f32, with_f32_mut, with_staging, Elem};
+use crate::{check_len, is_f32, par_rows, par_rows2, Par};
 
 /// A strided matrix view: `rows × cols`, element (i, j) at `i*rs + j*cs`.
 #[derive(Clone, Copy)]
@@ -106,12 +107,223 @@ pub(crate) fn gemm(
     }
 }
 
+/// Block sizes of [`gemm_mixed`] (rows of `c`, columns of `c`, inner dimension).
+const MB: usize = 128;
+const NB: usize = 512;
+const KB: usize = 512;
+
+/// The `nr × nc` block of view `v` at `(r0, c0)` of `src`, as `f32`: a view into `src` itself
+/// when it is `f32`, else converted into `buf` (along the view's contiguous direction).
+fn stage<'a, E: Elem>(
+    buf: &'a mut [f32],
+    src: &'a [E],
+    v: View,
+    (r0, c0, nr, nc): (usize, usize, usize, usize),
+) -> (&'a [f32], View) {
+    let off = r0 * v.rs + c0 * v.cs;
+    let sub = View {
+        rows: nr,
+        cols: nc,
+        ..v
+    };
+    if let Some(s) = E::f32s(src) {
+        return (&s[off..], sub);
+    }
+    let buf = &mut buf[..nr * nc];
+    if v.cs == 1 {
+        for i in 0..nr {
+            let o = off + i * v.rs;
+            E::load(&src[o..o + nc], &mut buf[i * nc..(i + 1) * nc]);
+        }
+        (buf, View::rm(nr, nc, nc))
+    } else if v.rs == 1 {
+        for j in 0..nc {
+            let o = off + j * v.cs;
+            E::load(&src[o..o + nr], &mut buf[j * nr..(j + 1) * nr]);
+        }
+        (buf, View::rm(nc, nr, nr).t())
+    } else {
+        for i in 0..nr {
+            for j in 0..nc {
+                buf[i * nc + j] = src[off + i * v.rs + j * v.cs].to_f32();
+            }
+        }
+        (buf, View::rm(nr, nc, nc))
+    }
+}
+
+/// [`gemm`] over any storage types, single-threaded: `c = alpha · a · b + beta · c` with every
+/// product and sum in `f32`. All-`f32` is exactly [`gemm`]. Otherwise it works on
+/// `MB × NB` blocks of `c`, accumulating `KB`-deep slices of the inner dimension; 16-bit blocks
+/// of `a`, `b` (and `c`, when it is 16-bit) are converted into per-thread staging buffers first
+/// (`b`'s blocks once per `MB` rows of `c`, `a`'s once per `NB` columns), and `c` is rounded
+/// once per block when stored.
+#[track_caller]
+pub(crate) fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
+    c: &mut [C],
+    cv: View,
+    a: &[A],
+    av: View,
+    b: &[B],
+    bv: View,
+    alpha: f32,
+    beta: f32,
+) {
+    if is_f32::<C>() && is_f32::<A>() && is_f32::<B>() {
+        let c = C::f32s_mut(c).unwrap();
+        return gemm(c, cv, a.f32_unwrap(), av, b.f32_unwrap(), bv, alpha, beta);
+    }
+    assert!(
+        av.rows == cv.rows && bv.cols == cv.cols && av.cols == bv.rows,
+        "gemm_mixed: shapes ({}x{}) · ({}x{}) -> ({}x{})",
+        av.rows,
+        av.cols,
+        bv.rows,
+        bv.cols,
+        cv.rows,
+        cv.cols
+    );
+    assert!(
+        av.extent() <= a.len(),
+        "gemm_mixed: a view exceeds its slice"
+    );
+    assert!(
+        bv.extent() <= b.len(),
+        "gemm_mixed: b view exceeds its slice"
+    );
+    assert!(
+        cv.extent() <= c.len(),
+        "gemm_mixed: c view exceeds its slice"
+    );
+    let (m, n, k) = (cv.rows, cv.cols, av.cols);
+    assert!(k > 0, "gemm_mixed: empty inner dimension");
+    with_staging(MB * KB, |abuf| {
+        with_staging(KB * NB, |bbuf| {
+            with_staging(MB * NB, |cbuf| {
+                for i0 in (0..m).step_by(MB) {
+                    let mr = MB.min(m - i0);
+                    for j0 in (0..n).step_by(NB) {
+                        let nc = NB.min(n - j0);
+                        let coff = i0 * cv.rs + j0 * cv.cs;
+                        let csub = View {
+                            rows: mr,
+                            cols: nc,
+                            ..cv
+                        };
+                        let mut blk = |cs: &mut [f32], cview: View, mut beta: f32| {
+                            for p0 in (0..k).step_by(KB) {
+                                let kr = KB.min(k - p0);
+                                let (ab, avb) = stage(abuf, a, av, (i0, p0, mr, kr));
+                                let (bb, bvb) = stage(bbuf, b, bv, (p0, j0, kr, nc));
+                                gemm(cs, cview, ab, avb, bb, bvb, alpha, beta);
+                                beta = 1.0;
+                            }
+                        };
+                        match C::f32s_mut(c) {
+                            Some(c32) => blk(&mut c32[coff..], csub, beta),
+                            None => {
+                                let cb = &mut cbuf[..mr * nc];
+                                if beta != 0.0 {
+                                    for i in 0..mr {
+                                        if cv.cs == 1 {
+                                            let o = coff + i * cv.rs;
+                                            C::load(&c[o..o + nc], &mut cb[i * nc..(i + 1) * nc]);
+                                        } else {
+                                            for j in 0..nc {
+                                                cb[i * nc + j] =
+                                                    c[coff + i * cv.rs + j * cv.cs].to_f32();
+                                            }
+                                        }
+                                    }
+                                }
+                                blk(cb, View::rm(mr, nc, nc), beta);
+                                for i in 0..mr {
+                                    if cv.cs == 1 {
+                                        let o = coff + i * cv.rs;
+                                        C::store(&cb[i * nc..(i + 1) * nc], &mut c[o..o + nc]);
+                                    } else {
+                                        for j in 0..nc {
+                                            c[coff + i * cv.rs + j * cv.cs] =
+                                                C::from_f32(cb[i * nc + j]);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        })
+    });
+}
+
+/// `f32` view of a slice known to be `f32`.
+trait F32Unwrap {
+    fn f32_unwrap(&self) -> &[f32];
+}
+
+impl<E: Elem> F32Unwrap for [E] {
+    fn f32_unwrap(&self) -> &[f32] {
+        E::f32s(self).expect("an f32 slice")
+    }
+}
+
 /// Minimum output rows per thread before we bother splitting.
 const MIN_ROWS: usize = 16;
 
-/// Forward: `out (m, n) = inp (m, k) · w (n, k)ᵀ + bias (n)`. Overwrites `out`.
+/// Forward: `out (m, n) = inp (m, k) · w (n, k)ᵀ + bias (n)`. Overwrites `out`. Any mix of
+/// storage types; all-`f32` runs [`gemm`] directly, otherwise operands are staged to `f32` in
+/// blocks ([`gemm_mixed`]) and `out` is rounded once per block.
 #[track_caller]
-pub fn matmul_forward(
+pub fn matmul_forward<O: Elem, I: Elem, W: Elem>(
+    out: &mut [O],
+    inp: &[I],
+    w: &[W],
+    bias: Option<&[W]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    par: Par,
+) {
+    if is_f32::<O>() && is_f32::<I>() && is_f32::<W>() {
+        let out = O::f32s_mut(out).unwrap();
+        let (inp, w) = (I::f32s(inp).unwrap(), W::f32s(w).unwrap());
+        let bias = bias.map(|b| W::f32s(b).unwrap());
+        return matmul_forward_f32(out, inp, w, bias, m, k, n, par);
+    }
+    check_len("matmul_forward out", out.len(), m * n);
+    check_len("matmul_forward inp", inp.len(), m * k);
+    check_len("matmul_forward w", w.len(), n * k);
+    if let Some(b) = bias {
+        check_len("matmul_forward bias", b.len(), n);
+    }
+    par_rows(par, out, n, MIN_ROWS, |rows, out_rows| {
+        let beta = match bias {
+            Some(b) => {
+                with_f32(b, |b| {
+                    for row in out_rows.chunks_exact_mut(n) {
+                        O::store(b, row);
+                    }
+                });
+                1.0
+            }
+            None => 0.0,
+        };
+        gemm_mixed(
+            out_rows,
+            View::rm(rows.len(), n, n),
+            &inp[rows.start * k..rows.end * k],
+            View::rm(rows.len(), k, k),
+            w,
+            View::rm(n, k, k).t(),
+            1.0,
+            beta,
+        );
+    });
+}
+
+#[track_caller]
+fn matmul_forward_f32(
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
@@ -152,9 +364,87 @@ pub fn matmul_forward(
 }
 
 /// Backward of [`matmul_forward`]. Overwrites `d_inp (m, k) = d_out · w`; **accumulates**
-/// `d_w (n, k) += d_outᵀ · inp` and `d_bias (n) += Σ_rows d_out`.
+/// `d_w (n, k) += d_outᵀ · inp` and `d_bias (n) += Σ_rows d_out`. Any mix of storage types, as
+/// in [`matmul_forward`] (a 16-bit `d_w` is rounded once per block and call).
 #[track_caller]
-pub fn matmul_backward(
+pub fn matmul_backward<DI: Elem, G: Elem, DO: Elem, I: Elem, W: Elem>(
+    d_inp: &mut [DI],
+    d_w: &mut [G],
+    d_bias: Option<&mut [G]>,
+    d_out: &[DO],
+    inp: &[I],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    par: Par,
+) {
+    if is_f32::<DI>() && is_f32::<G>() && is_f32::<DO>() && is_f32::<I>() && is_f32::<W>() {
+        return matmul_backward_f32(
+            DI::f32s_mut(d_inp).unwrap(),
+            G::f32s_mut(d_w).unwrap(),
+            d_bias.map(|b| G::f32s_mut(b).unwrap()),
+            DO::f32s(d_out).unwrap(),
+            I::f32s(inp).unwrap(),
+            W::f32s(w).unwrap(),
+            m,
+            k,
+            n,
+            par,
+        );
+    }
+    check_len("matmul_backward d_inp", d_inp.len(), m * k);
+    check_len("matmul_backward d_w", d_w.len(), n * k);
+    check_len("matmul_backward d_out", d_out.len(), m * n);
+    check_len("matmul_backward inp", inp.len(), m * k);
+    check_len("matmul_backward w", w.len(), n * k);
+    par_rows(par, d_inp, k, MIN_ROWS, |rows, d_rows| {
+        gemm_mixed(
+            d_rows,
+            View::rm(rows.len(), k, k),
+            &d_out[rows.start * n..rows.end * n],
+            View::rm(rows.len(), n, n),
+            w,
+            View::rm(n, k, k),
+            1.0,
+            0.0,
+        );
+    });
+    let dw_rows = |rows: std::ops::Range<usize>, dw: &mut [G]| {
+        gemm_mixed(
+            dw,
+            View::rm(rows.len(), k, k),
+            &d_out[rows.start..],
+            View::rm(m, rows.len(), n).t(),
+            inp,
+            View::rm(m, k, k),
+            1.0,
+            1.0,
+        );
+    };
+    match d_bias {
+        Some(db) => {
+            check_len("matmul_backward d_bias", db.len(), n);
+            par_rows2(par, n, MIN_ROWS, d_w, k, db, 1, |rows, dw, db| {
+                dw_rows(rows.clone(), dw);
+                with_f32_mut(db, true, |db| {
+                    with_staging(rows.len(), |g| {
+                        for row in d_out.chunks_exact(n) {
+                            DO::load(&row[rows.clone()], g);
+                            for (acc, &x) in db.iter_mut().zip(g.iter()) {
+                                *acc += x;
+                            }
+                        }
+                    })
+                });
+            });
+        }
+        None => par_rows(par, d_w, k, MIN_ROWS, dw_rows),
+    }
+}
+
+#[track_caller]
+fn matmul_backward_f32(
     d_inp: &mut [f32],
     d_w: &mut [f32],
     d_bias: Option<&mut [f32]>,

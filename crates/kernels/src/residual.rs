@@ -5,15 +5,16 @@
 //!
 //! Shapes: `residual`, `partial`, `out` (n, c); `bias` (c).
 
+use crate::elem::{with_f32, with_f32_mut, Elem};
 use crate::{check_len, par_rows, Par};
 
 /// Forward: `out = residual + partial + bias` (bias broadcast over rows). Overwrites `out`.
 #[track_caller]
-pub fn bias_residual_forward(
-    out: &mut [f32],
-    residual: &[f32],
+pub fn bias_residual_forward<E: Elem, W: Elem>(
+    out: &mut [E],
+    residual: &[E],
     partial: &[f32],
-    bias: &[f32],
+    bias: &[W],
     n: usize,
     c: usize,
     par: Par,
@@ -24,12 +25,19 @@ pub fn bias_residual_forward(
     check_len("bias_residual_forward bias", bias.len(), c);
     par_rows(par, out, c, 256, |rows, o| {
         let base = rows.start * c;
-        for (i, row) in o.chunks_exact_mut(c).enumerate() {
-            let off = base + i * c;
-            for j in 0..c {
-                row[j] = residual[off + j] + partial[off + j] + bias[j];
+        with_f32(bias, |bias| {
+            for (i, row) in o.chunks_exact_mut(c).enumerate() {
+                let off = base + i * c;
+                let (res, part) = (&residual[off..off + c], &partial[off..off + c]);
+                with_f32(res, |res| {
+                    with_f32_mut(row, false, |row| {
+                        for j in 0..c {
+                            row[j] = res[j] + part[j] + bias[j];
+                        }
+                    })
+                });
             }
-        }
+        });
     });
 }
 
@@ -37,14 +45,16 @@ pub fn bias_residual_forward(
 /// `partial` (the caller reuses `d_out` for both, no copy), and **accumulates**
 /// `d_bias += Σ_rows d_out`.
 #[track_caller]
-pub fn bias_residual_backward(d_bias: &mut [f32], d_out: &[f32], n: usize, c: usize) {
+pub fn bias_residual_backward<W: Elem>(d_bias: &mut [W], d_out: &[f32], n: usize, c: usize) {
     check_len("bias_residual_backward d_bias", d_bias.len(), c);
     check_len("bias_residual_backward d_out", d_out.len(), n * c);
-    for row in d_out.chunks_exact(c) {
-        for (acc, &g) in d_bias.iter_mut().zip(row) {
-            *acc += g;
+    with_f32_mut(d_bias, true, |d_bias| {
+        for row in d_out.chunks_exact(c) {
+            for (acc, &g) in d_bias.iter_mut().zip(row) {
+                *acc += g;
+            }
         }
-    }
+    });
 }
 
 /// `acc += x` elementwise (used to merge a branch's input gradient into the residual stream).

@@ -1,37 +1,108 @@
 //! Activation buffers, allocated once per (micro-batch, sequence) shape and reused every step.
-//! The element counts are exactly `plan::cpu_runtime::{saved,scratch}_activation_count`;
+//! The element counts are exactly `plan::cpu_runtime::{saved,scratch}_activation_count` (fp32,
+//! no recomputation) and `plan::cpu_runtime::activation_elems` in general;
 //! `tests/allocation.rs` checks real allocations against the prediction.
+//!
+//! Storage type `E` (`f32`, `Bf16`, `F16`) holds the tensors; layernorm statistics, per-token
+//! losses and log-sum-exps stay `f32` (2–4 numbers per token), and so does the gradient scratch
+//! (it lives only inside one backward).
+//!
+//! Recomputation (Korthikanti et al. 2022, §4): `Selective` does not save the softmax
+//! probabilities `att`; `Full` saves only each layer's output (the next layer's input) and the
+//! stage input. What backward rebuilds goes into a one-layer workspace in [`ActScratch`],
+//! shared by the layers and micro-batches.
 //!
 //! Legend: bt = b*t, c = channels, cl = c / tp, nhl = heads / tp, vp = padded vocabulary.
 
 use crate::ParamLayout;
+use kernels::Elem;
+use plan::recipe::Recompute;
 
-/// Saved activations of one transformer block.
+/// Activations of one transformer block. A tensor not kept (recomputation) is an empty `Vec`;
+/// the same struct is the recompute workspace, holding exactly what the layers do not keep.
 #[derive(Debug)]
-pub(crate) struct LayerActs {
-    pub ln1: Vec<f32>,      // (bt, c)
+pub(crate) struct LayerActs<E> {
+    pub ln1: Vec<E>,        // (bt, c)
     pub ln1_mean: Vec<f32>, // (bt)
     pub ln1_rstd: Vec<f32>, // (bt)
-    pub qkv: Vec<f32>,      // (bt, 3*cl)
-    pub atty: Vec<f32>,     // (bt, cl) attention output before the projection
-    pub att: Vec<f32>,      // (b, nhl, t, t) softmax probabilities
-    pub res2: Vec<f32>,     // (bt, c) residual after attention
-    pub ln2: Vec<f32>,      // (bt, c)
+    pub qkv: Vec<E>,        // (bt, 3*cl)
+    pub atty: Vec<E>,       // (bt, cl) attention output before the projection
+    pub att: Vec<E>,        // (b, nhl, t, t) softmax probabilities
+    pub res2: Vec<E>,       // (bt, c) residual after attention
+    pub ln2: Vec<E>,        // (bt, c)
     pub ln2_mean: Vec<f32>, // (bt)
     pub ln2_rstd: Vec<f32>, // (bt)
-    pub fch: Vec<f32>,      // (bt, 4*cl) pre-GELU
-    pub fch_gelu: Vec<f32>, // (bt, 4*cl)
-    pub res3: Vec<f32>,     // (bt, c) block output
+    pub fch: Vec<E>,        // (bt, 4*cl) pre-GELU
+    pub fch_gelu: Vec<E>,   // (bt, 4*cl)
+    pub res3: Vec<E>,       // (bt, c) block output
+}
+
+/// Which tensors of a layer a [`LayerActs`] holds.
+#[derive(Clone, Copy)]
+struct Keep {
+    att: bool,
+    body: bool, // everything but att and res3
+    res3: bool,
+}
+
+impl<E: Elem> LayerActs<E> {
+    fn alloc(k: Keep, b: usize, t: usize, c: usize, cl: usize, nhl: usize) -> LayerActs<E> {
+        let bt = b * t;
+        let e = |keep: bool, n: usize| {
+            if keep {
+                vec![E::default(); n]
+            } else {
+                Vec::new()
+            }
+        };
+        let f = |keep: bool, n: usize| if keep { z(n) } else { Vec::new() };
+        LayerActs {
+            ln1: e(k.body, bt * c),
+            ln1_mean: f(k.body, bt),
+            ln1_rstd: f(k.body, bt),
+            qkv: e(k.body, bt * 3 * cl),
+            atty: e(k.body, bt * cl),
+            att: e(k.att, b * nhl * t * t),
+            res2: e(k.body, bt * c),
+            ln2: e(k.body, bt * c),
+            ln2_mean: f(k.body, bt),
+            ln2_rstd: f(k.body, bt),
+            fch: e(k.body, bt * 4 * cl),
+            fch_gelu: e(k.body, bt * 4 * cl),
+            res3: e(k.res3, bt * c),
+        }
+    }
+
+    /// (storage-type elements, f32 elements) held.
+    fn counts(&self) -> (usize, usize) {
+        let e = [
+            &self.ln1,
+            &self.qkv,
+            &self.atty,
+            &self.att,
+            &self.res2,
+            &self.ln2,
+            &self.fch,
+            &self.fch_gelu,
+            &self.res3,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
+        let f =
+            self.ln1_mean.len() + self.ln1_rstd.len() + self.ln2_mean.len() + self.ln2_rstd.len();
+        (e, f)
+    }
 }
 
 /// Saved activations of the head (last stage).
 #[derive(Debug)]
-pub(crate) struct HeadActs {
-    pub lnf: Vec<f32>,      // (bt, c)
+pub(crate) struct HeadActs<E> {
+    pub lnf: Vec<E>,        // (bt, c)
     pub lnf_mean: Vec<f32>, // (bt)
     pub lnf_rstd: Vec<f32>, // (bt)
     /// (bt, vp); backward overwrites it with d_logits in place.
-    pub logits: Vec<f32>,
+    pub logits: Vec<E>,
     pub losses: Vec<f32>, // (bt)
     pub lse: Vec<f32>,    // (bt) log-sum-exp per row
 }
@@ -39,30 +110,36 @@ pub(crate) struct HeadActs {
 /// What backward needs from one micro-batch's forward on one shard, for one (b, t) shape: the
 /// stage input, every layer's saved tensors and, on the last stage, the head's (including the
 /// logits, per-token losses and log-sum-exps). A pipeline stage holds one per micro-batch in
-/// flight. Its element count is exactly `plan::cpu_runtime::saved_activation_count`.
+/// flight. For fp32 without recomputation its element count is exactly
+/// `plan::cpu_runtime::saved_activation_count`.
 #[derive(Debug)]
-pub struct ActSaved {
+pub struct ActSaved<E: Elem = f32> {
     pub(crate) b: usize,
     pub(crate) t: usize,
+    pub(crate) recompute: Recompute,
     /// (bt, c) the stage input: the encoder output, or the hidden state received.
-    pub(crate) input: Vec<f32>,
-    pub(crate) layers: Vec<LayerActs>,
-    pub(crate) head: Option<HeadActs>,
+    pub(crate) input: Vec<E>,
+    pub(crate) layers: Vec<LayerActs<E>>,
+    pub(crate) head: Option<HeadActs<E>>,
 }
 
 /// Scratch shared by every layer and every micro-batch of one shard and (b, t) shape: nothing in
-/// it lives from a forward to its backward. Its element count is exactly
-/// `plan::cpu_runtime::scratch_activation_count`.
+/// it lives from a forward to its backward. The gradient buffers are `f32`; with recomputation
+/// it also holds a one-layer workspace (type `E`) for what backward rebuilds. For fp32 without
+/// recomputation its element count is exactly `plan::cpu_runtime::scratch_activation_count`.
 #[derive(Debug)]
-pub struct ActScratch {
+pub struct ActScratch<E: Elem = f32> {
     pub(crate) b: usize,
     pub(crate) t: usize,
+    pub(crate) recompute: Recompute,
     pub(crate) tmp: Vec<f32>, // (bt, c) row-parallel partial (fwd) / layernorm d_inp (bwd)
     pub(crate) d_res: Vec<f32>, // (bt, c) gradient of the residual stream
     pub(crate) d_ln: Vec<f32>, // (bt, c) gradient of a layernorm output
     pub(crate) d_big1: Vec<f32>, // (bt, 4*cl) d_fch_gelu, then d_atty
     pub(crate) d_big2: Vec<f32>, // (bt, 4*cl) d_fch, then d_qkv
     pub(crate) d_att: Vec<f32>, // (b, t, t) attention softmax gradient, one head at a time
+    /// What the layers do not keep: `att` (selective), all but `res3` (full), nothing (none).
+    pub(crate) work: LayerActs<E>,
 }
 
 /// Checks a (b, t) shape against the config (a caller bug otherwise: user input is validated
@@ -80,44 +157,65 @@ fn z(n: usize) -> Vec<f32> {
     vec![0.0f32; n]
 }
 
+/// (c, cl, nhl, vp) of a layout.
+fn dims(layout: &ParamLayout) -> (usize, usize, usize, usize) {
+    let (cfg, tp) = (&layout.cfg, layout.shard.tp_size);
+    (
+        cfg.channels,
+        cfg.channels / tp,
+        cfg.n_head / tp,
+        cfg.padded_vocab(),
+    )
+}
+
 impl ActSaved {
-    /// Allocates the saved buffers for micro-batch `b` and sequence `t` (zero-filled).
-    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug).
+    /// Allocates the fp32 saved buffers (no recomputation) for micro-batch `b` and sequence `t`
+    /// (zero-filled). Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug).
     pub fn new(layout: &ParamLayout, b: usize, t: usize) -> ActSaved {
-        check_shape("ActSaved::new", layout, b, t);
-        let cfg = &layout.cfg;
-        let tp = layout.shard.tp_size;
-        let (c, vp, bt) = (cfg.channels, cfg.padded_vocab(), b * t);
-        let (cl, nhl) = (c / tp, cfg.n_head / tp);
+        ActSaved::with(layout, b, t, Recompute::None)
+    }
+}
+
+impl<E: Elem> ActSaved<E> {
+    /// Allocates the saved buffers in storage type `E` for the recomputation policy `recompute`
+    /// (pair it with an [`ActScratch::with`] of the same type and policy).
+    pub fn with(layout: &ParamLayout, b: usize, t: usize, recompute: Recompute) -> ActSaved<E> {
+        check_shape("ActSaved::with", layout, b, t);
+        let (c, cl, nhl, vp) = dims(layout);
+        let bt = b * t;
+        let keep = match recompute {
+            Recompute::None => Keep {
+                att: true,
+                body: true,
+                res3: true,
+            },
+            Recompute::Selective => Keep {
+                att: false,
+                body: true,
+                res3: true,
+            },
+            Recompute::Full => Keep {
+                att: false,
+                body: false,
+                res3: true,
+            },
+        };
         let layers = (0..layout.layers.len())
-            .map(|_| LayerActs {
-                ln1: z(bt * c),
-                ln1_mean: z(bt),
-                ln1_rstd: z(bt),
-                qkv: z(bt * 3 * cl),
-                atty: z(bt * cl),
-                att: z(b * nhl * t * t),
-                res2: z(bt * c),
-                ln2: z(bt * c),
-                ln2_mean: z(bt),
-                ln2_rstd: z(bt),
-                fch: z(bt * 4 * cl),
-                fch_gelu: z(bt * 4 * cl),
-                res3: z(bt * c),
-            })
+            .map(|_| LayerActs::alloc(keep, b, t, c, cl, nhl))
             .collect();
         let head = layout.head.as_ref().map(|_| HeadActs {
-            lnf: z(bt * c),
+            lnf: vec![E::default(); bt * c],
             lnf_mean: z(bt),
             lnf_rstd: z(bt),
-            logits: z(bt * vp),
+            logits: vec![E::default(); bt * vp],
             losses: z(bt),
             lse: z(bt),
         });
         ActSaved {
             b,
             t,
-            input: z(bt * c),
+            recompute,
+            input: vec![E::default(); bt * c],
             layers,
             head,
         }
@@ -133,41 +231,36 @@ impl ActSaved {
         self.t
     }
 
-    /// Total `f32` elements held.
+    /// The recomputation policy these buffers were built for.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    /// (elements of type `E`, `f32` elements) held.
+    pub fn counts(&self) -> (usize, usize) {
+        let (mut e, mut f) = (self.input.len(), 0);
+        for l in &self.layers {
+            let (le, lf) = l.counts();
+            e += le;
+            f += lf;
+        }
+        if let Some(h) = &self.head {
+            e += h.lnf.len() + h.logits.len();
+            f += h.lnf_mean.len() + h.lnf_rstd.len() + h.losses.len() + h.lse.len();
+        }
+        (e, f)
+    }
+
+    /// Total elements held (of either type).
     pub fn len(&self) -> usize {
-        let l: usize = self
-            .layers
-            .iter()
-            .map(|a| {
-                [
-                    &a.ln1,
-                    &a.ln1_mean,
-                    &a.ln1_rstd,
-                    &a.qkv,
-                    &a.atty,
-                    &a.att,
-                    &a.res2,
-                    &a.ln2,
-                    &a.ln2_mean,
-                    &a.ln2_rstd,
-                    &a.fch,
-                    &a.fch_gelu,
-                    &a.res3,
-                ]
-                .iter()
-                .map(|v| v.len())
-                .sum::<usize>()
-            })
-            .sum();
-        let h = self.head.as_ref().map_or(0, |h| {
-            h.lnf.len()
-                + h.lnf_mean.len()
-                + h.lnf_rstd.len()
-                + h.logits.len()
-                + h.losses.len()
-                + h.lse.len()
-        });
-        self.input.len() + l + h
+        let (e, f) = self.counts();
+        e + f
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let (e, f) = self.counts();
+        e * E::BYTES + f * 4
     }
 
     /// True when nothing is held (never, for a valid shape).
@@ -177,7 +270,7 @@ impl ActSaved {
 
     /// The stage output hidden state (bt, c) after a forward on a non-last stage: what a
     /// pipeline sends to the next stage. (On a stage without layers, the input itself.)
-    pub fn output(&self) -> &[f32] {
+    pub fn output(&self) -> &[E] {
         self.layers.last().map_or(&self.input, |l| &l.res3)
     }
 
@@ -187,28 +280,41 @@ impl ActSaved {
     }
 
     /// Logits (bt, vp) after a last-stage forward (before backward overwrites them).
-    pub fn logits(&self) -> Option<&[f32]> {
+    pub fn logits(&self) -> Option<&[E]> {
         self.head.as_ref().map(|h| h.logits.as_slice())
     }
 }
 
 impl ActScratch {
-    /// Allocates the shared scratch for micro-batch `b` and sequence `t` (zero-filled).
-    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug).
+    /// Allocates the fp32 shared scratch (no recomputation) for micro-batch `b` and sequence `t`
+    /// (zero-filled). Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug).
     pub fn new(layout: &ParamLayout, b: usize, t: usize) -> ActScratch {
-        check_shape("ActScratch::new", layout, b, t);
-        let c = layout.cfg.channels;
-        let cl = c / layout.shard.tp_size;
+        ActScratch::with(layout, b, t, Recompute::None)
+    }
+}
+
+impl<E: Elem> ActScratch<E> {
+    /// Allocates the shared scratch for storage type `E` and policy `recompute`.
+    pub fn with(layout: &ParamLayout, b: usize, t: usize, recompute: Recompute) -> ActScratch<E> {
+        check_shape("ActScratch::with", layout, b, t);
+        let (c, cl, nhl, _) = dims(layout);
         let bt = b * t;
+        let keep = Keep {
+            att: recompute != Recompute::None && !layout.layers.is_empty(),
+            body: recompute == Recompute::Full && !layout.layers.is_empty(),
+            res3: false,
+        };
         ActScratch {
             b,
             t,
+            recompute,
             tmp: z(bt * c),
             d_res: z(bt * c),
             d_ln: z(bt * c),
             d_big1: z(bt * 4 * cl),
             d_big2: z(bt * 4 * cl),
             d_att: z(b * t * t),
+            work: LayerActs::alloc(keep, b, t, c, cl, nhl),
         }
     }
 
@@ -222,14 +328,28 @@ impl ActScratch {
         self.t
     }
 
-    /// Total `f32` elements held.
-    pub fn len(&self) -> usize {
-        self.tmp.len()
+    /// (elements of type `E`, `f32` elements) held.
+    pub fn counts(&self) -> (usize, usize) {
+        let f = self.tmp.len()
             + self.d_res.len()
             + self.d_ln.len()
             + self.d_big1.len()
             + self.d_big2.len()
-            + self.d_att.len()
+            + self.d_att.len();
+        let (we, wf) = self.work.counts();
+        (we, f + wf)
+    }
+
+    /// Total elements held (of either type).
+    pub fn len(&self) -> usize {
+        let (e, f) = self.counts();
+        e + f
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let (e, f) = self.counts();
+        e * E::BYTES + f * 4
     }
 
     /// True when nothing is held (never, for a valid shape).
@@ -248,22 +368,29 @@ impl ActScratch {
 /// All activation buffers of one shard for one (b, t) shape: one [`ActSaved`] and one
 /// [`ActScratch`], for callers that run one micro-batch at a time.
 #[derive(Debug)]
-pub struct Activations {
+pub struct Activations<E: Elem = f32> {
     /// What backward needs from forward.
-    pub saved: ActSaved,
+    pub saved: ActSaved<E>,
     /// Scratch shared by all layers.
-    pub scratch: ActScratch,
+    pub scratch: ActScratch<E>,
 }
 
 impl Activations {
-    /// Allocates every buffer for micro-batch `b` and sequence `t` (zero-filled).
-    /// Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller bug; user input is
-    /// validated before it reaches here).
+    /// Allocates every fp32 buffer (no recomputation) for micro-batch `b` and sequence `t`
+    /// (zero-filled). Panics if `t` exceeds the config's `max_seq_len` or `b` is 0 (a caller
+    /// bug; user input is validated before it reaches here).
     pub fn new(layout: &ParamLayout, b: usize, t: usize) -> Activations {
-        check_shape("Activations::new", layout, b, t);
+        Activations::with(layout, b, t, Recompute::None)
+    }
+}
+
+impl<E: Elem> Activations<E> {
+    /// Allocates every buffer for storage type `E` and policy `recompute`.
+    pub fn with(layout: &ParamLayout, b: usize, t: usize, recompute: Recompute) -> Activations<E> {
+        check_shape("Activations::with", layout, b, t);
         Activations {
-            saved: ActSaved::new(layout, b, t),
-            scratch: ActScratch::new(layout, b, t),
+            saved: ActSaved::with(layout, b, t, recompute),
+            scratch: ActScratch::with(layout, b, t, recompute),
         }
     }
 
@@ -277,9 +404,14 @@ impl Activations {
         self.saved.t
     }
 
-    /// Total `f32` elements held (saved + scratch).
+    /// Total elements held (saved + scratch, of either type).
     pub fn len(&self) -> usize {
         self.saved.len() + self.scratch.len()
+    }
+
+    /// Bytes held (saved + scratch).
+    pub fn bytes(&self) -> usize {
+        self.saved.bytes() + self.scratch.bytes()
     }
 
     /// True when nothing is held (never, for a valid shape).
@@ -289,7 +421,7 @@ impl Activations {
 
     /// The stage output hidden state (bt, c) after [`crate::forward`] on a non-last stage: what
     /// a pipeline sends to the next stage.
-    pub fn output(&self) -> &[f32] {
+    pub fn output(&self) -> &[E] {
         self.saved.output()
     }
 
@@ -305,7 +437,7 @@ impl Activations {
     }
 
     /// Logits (bt, vp) after a last-stage forward (before backward overwrites them).
-    pub fn logits(&self) -> Option<&[f32]> {
+    pub fn logits(&self) -> Option<&[E]> {
         self.saved.logits()
     }
 }

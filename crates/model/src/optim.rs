@@ -3,8 +3,11 @@
 //! embeddings), never to biases or norm weights, as nanoGPT/GPT-2 training does.
 
 use crate::ParamLayout;
-use kernels::adamw::{adamw_update, clip_factor, scale_inplace, sum_squares, AdamWStep};
-use kernels::Par;
+use kernels::adamw::{
+    adamw_update, adamw_update_mixed, clip_factor, scale_inplace, sum_squares, sum_squares_of,
+    AdamWStep,
+};
+use kernels::{Elem, Par};
 
 /// Optimizer hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,6 +109,101 @@ impl AdamW {
         );
         norm
     }
+
+    /// One mixed-precision step: `master` holds the `f32` weights AdamW updates, `grads` the
+    /// gradients in their storage type (multiplied by `grad_scale` first, e.g. `1/loss_scale`
+    /// under fp16 loss scaling), and `working` receives the updated weights rounded to the
+    /// storage type forward and backward read. Clipping uses the norm of the scaled gradients,
+    /// folded into the same multiply (the 16-bit gradients are not rewritten). Returns that norm.
+    /// With `f32` gradients and `grad_scale = 1` the master update equals [`AdamW::step`]'s.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_mixed<G: Elem, W: Elem>(
+        &mut self,
+        layout: &ParamLayout,
+        master: &mut [f32],
+        working: &mut [W],
+        grads: &[G],
+        grad_scale: f32,
+        cfg: &AdamWConfig,
+        par: Par,
+    ) -> f64 {
+        assert_eq!(
+            master.len(),
+            layout.len(),
+            "AdamW::step_mixed: master length"
+        );
+        assert_eq!(
+            working.len(),
+            layout.len(),
+            "AdamW::step_mixed: working length"
+        );
+        assert_eq!(grads.len(), layout.len(), "AdamW::step_mixed: grads length");
+        let norm = sum_squares_of(grads).sqrt() * grad_scale as f64;
+        let factor = match cfg.grad_clip {
+            Some(max_norm) => grad_scale * clip_factor(norm, max_norm),
+            None => grad_scale,
+        };
+        self.step += 1;
+        let runs = decay_runs(layout);
+        let hp = |decay: bool| AdamWStep {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+            step: self.step,
+        };
+        let n = master.len();
+        let threads = par.threads().min(n / 65_536).max(1);
+        let parts = split_even(n, threads);
+        let mut jobs = Vec::with_capacity(parts.len());
+        let (mut p_rest, mut w_rest, mut m_rest, mut v_rest, mut g_rest) = (
+            &mut master[..],
+            &mut working[..],
+            &mut self.m[..],
+            &mut self.v[..],
+            grads,
+        );
+        for part in &parts {
+            let (p, pt) = p_rest.split_at_mut(part.len());
+            let (w, wt) = w_rest.split_at_mut(part.len());
+            let (mm, mt) = m_rest.split_at_mut(part.len());
+            let (vv, vt) = v_rest.split_at_mut(part.len());
+            let (g, gt) = g_rest.split_at(part.len());
+            (p_rest, w_rest, m_rest, v_rest, g_rest) = (pt, wt, mt, vt, gt);
+            jobs.push((part.clone(), p, w, mm, vv, g));
+        }
+        kernels::par_jobs(jobs, |(part, p, w, mm, vv, g)| {
+            for (r, decay) in &runs {
+                let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
+                if lo < hi {
+                    let l = (lo - part.start)..(hi - part.start);
+                    adamw_update_mixed(
+                        &mut p[l.clone()],
+                        &mut w[l.clone()],
+                        &mut mm[l.clone()],
+                        &mut vv[l.clone()],
+                        &g[l],
+                        factor,
+                        hp(*decay),
+                    );
+                }
+            }
+        });
+        norm
+    }
+}
+
+/// Neighbouring tensors with the same decay rule, merged into ranges (one kernel call each).
+fn decay_runs(layout: &ParamLayout) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+    for t in &layout.tensors {
+        match runs.last_mut() {
+            Some((r, d)) if *d == t.decay && r.end == t.offset => r.end = t.range().end,
+            _ => runs.push((t.range(), t.decay)),
+        }
+    }
+    runs
 }
 
 /// AdamW's update (step number `step`, after any clipping) of the window
@@ -211,13 +309,42 @@ mod tests {
         let c = AdamWConfig::default();
         let (mut pa, mut pb) = (p0.clone(), p0.clone());
         let (mut ga, mut gb) = (g.clone(), g.clone());
+        let g = g.clone();
         let (mut oa, mut ob) = (AdamW::new(&layout), AdamW::new(&layout));
         for _ in 0..2 {
             oa.step(&layout, &mut pa, &mut ga, &c, Par::Seq);
             ob.step(&layout, &mut pb, &mut gb, &c, Par::Threads(3));
         }
         assert_eq!(pa, pb);
-        assert_eq!((oa.m, oa.v), (ob.m, ob.v));
+        assert_eq!((&oa.m, &oa.v), (&ob.m, &ob.v));
+        // The mixed step with f32 gradients and scale 1 is the same update (two steps, each from
+        // the original gradients); its working copy is the master rounded to bf16.
+        let (mut pr, mut or) = (p0.clone(), AdamW::new(&layout));
+        let (mut pm, mut om) = (p0.clone(), AdamW::new(&layout));
+        let mut work = vec![kernels::Bf16::default(); layout.len()];
+        for _ in 0..2 {
+            let mut gr = g.clone(); // step() clips in place
+            let nr = or.step(&layout, &mut pr, &mut gr, &c, Par::Seq);
+            let nm = om.step_mixed(&layout, &mut pm, &mut work, &g, 1.0, &c, Par::Threads(2));
+            assert_eq!(nr, nm);
+        }
+        assert!(
+            pm == pr && om.m == or.m && om.v == or.v,
+            "mixed step differs"
+        );
+        assert!(work
+            .iter()
+            .zip(&pm)
+            .all(|(w, &p)| *w == kernels::Bf16::from_f32(p)));
+        // Gradients 1024 times larger with grad_scale 1/1024: the same step (powers of two).
+        let (mut ps, mut os) = (p0.clone(), AdamW::new(&layout));
+        let big: Vec<f32> = g.iter().map(|&x| x * 1024.0).collect();
+        let mut w32 = vec![0.0f32; layout.len()];
+        let (mut pr, mut or, mut gr) = (p0.clone(), AdamW::new(&layout), g.clone());
+        let nr = or.step(&layout, &mut pr, &mut gr, &c, Par::Seq);
+        let ns = os.step_mixed(&layout, &mut ps, &mut w32, &big, 1.0 / 1024.0, &c, Par::Seq);
+        assert_eq!(nr, ns);
+        assert!(ps == pr && w32 == ps, "scaled mixed step differs");
         // With zero gradient only decay moves a parameter: biases stay, matrices shrink.
         let mut p = p0.clone();
         let mut zero = vec![0.0f32; layout.len()];

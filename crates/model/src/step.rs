@@ -3,25 +3,23 @@
 //! Legend: b = batch, t = sequence, bt = b*t, c = channels, cl = c / tp, nhl = heads / tp,
 //! v = vocabulary, vp = padded vocabulary.
 //!
-//! One block (pre-norm GPT-2), with Megatron's tensor-parallel operators (Shoeybi et al. 2019,
-//! §3): `f` = identity forward / all-reduce backward at the input of the column-parallel
-//! matmuls, `g` = all-reduce forward / identity backward after the row-parallel ones.
+//! One block (pre-norm GPT-2, `layer.rs`), with Megatron's tensor-parallel operators (Shoeybi
+//! et al. 2019, §3): `f` = identity forward / all-reduce backward at the input of the
+//! column-parallel matmuls, `g` = all-reduce forward / identity backward after the row-parallel
+//! ones.
 //!
-//! ```text
-//! x ─► ln_1 ─f─► c_attn (cols) ─► attention ─► c_proj (rows, no bias) ─g─► + bias + x ─► res2
-//! res2 ─► ln_2 ─f─► c_fc (cols) ─► GELU ─► c_proj (rows, no bias) ─g─► + bias + res2 ─► res3
-//! ```
+//! Every function is generic over the storage type `E` of the weights, saved activations and
+//! gradients (`f32`, `Bf16`, `F16`); the kernels compute in `f32`. Hidden states crossing a stage
+//! boundary and the gradient scratch are `f32`.
 
-use crate::activations::LayerActs;
+use crate::layer::{layer_backward, layer_forward, Dims, GradScratch, LayerRefs};
 use crate::{ActSaved, ActScratch, Activations, ModelError, ParamLayout};
-use kernels::attention::{attention_backward, attention_forward};
 use kernels::crossentropy::{crossentropy_forward, crossentropy_softmax_backward_inplace};
 use kernels::encoder::{encoder_backward, encoder_forward};
-use kernels::gelu::{gelu_backward, gelu_forward};
 use kernels::layernorm::{layernorm_backward, layernorm_forward};
 use kernels::matmul::{matmul_backward, matmul_forward};
-use kernels::residual::{add_inplace, bias_residual_backward, bias_residual_forward};
-use kernels::Par;
+use kernels::{Elem, Par};
+use plan::recipe::Recompute;
 use std::ops::Range;
 
 /// The tensor-parallel all-reduce (sum) over this rank's group. Supplied by the caller so this
@@ -45,17 +43,17 @@ impl TpReduce for NoTp {
 /// after [`GradSink::ready`]`(p)` never touches offsets `≥ p` again in that call: a data-parallel
 /// caller can reduce `[p, previous p)` while backward goes on (the points are
 /// [`ParamLayout::ready_points`]).
-pub trait GradSink {
+pub trait GradSink<E = f32> {
     /// Storage for the gradient of the flat range `r`; backward adds (`+=`) into it.
-    fn slice(&mut self, r: Range<usize>) -> &mut [f32];
+    fn slice(&mut self, r: Range<usize>) -> &mut [E];
     /// The gradients at offsets `≥ from` are final for this backward call. Successive points
     /// never increase; one may repeat (a stage without layers reports its head start and 0).
     fn ready(&mut self, from: usize);
 }
 
 /// A flat gradient buffer laid out like the parameters.
-impl GradSink for [f32] {
-    fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
+impl<E: Elem> GradSink<E> for [E] {
+    fn slice(&mut self, r: Range<usize>) -> &mut [E] {
         &mut self[r]
     }
     fn ready(&mut self, _from: usize) {}
@@ -81,12 +79,13 @@ pub enum GradInput<'a> {
 }
 
 /// The shapes a pass works with, `[b, t, c, bt, cl, nhl, v, vp]` (legend at the top of this
-/// file), after checking that `params` fits the layout (a caller bug otherwise).
-fn shapes(
+/// file), after checking that `params` fits the layout and the buffers agree (a caller bug
+/// otherwise).
+fn shapes<E: Elem>(
     layout: &ParamLayout,
-    params: &[f32],
-    saved: &ActSaved,
-    scratch: &ActScratch,
+    params: &[E],
+    saved: &ActSaved<E>,
+    scratch: &ActScratch<E>,
     pass: &str,
 ) -> [usize; 8] {
     assert_eq!(
@@ -98,6 +97,10 @@ fn shapes(
         (saved.b, saved.t),
         (scratch.b, scratch.t),
         "{pass}: saved activations and scratch built for different (b, t)"
+    );
+    assert_eq!(
+        saved.recompute, scratch.recompute,
+        "{pass}: saved activations and scratch built for different recomputation"
     );
     let cfg = &layout.cfg;
     let (b, t, c, tpn) = (saved.b, saved.t, cfg.channels, layout.shard.tp_size);
@@ -113,10 +116,10 @@ fn shapes(
     ]
 }
 
-fn check_tokens(
+fn check_tokens<E: Elem>(
     what: &'static str,
     ids: &[u32],
-    acts: &ActSaved,
+    acts: &ActSaved<E>,
     vocab: usize,
 ) -> Result<(), ModelError> {
     let expected = acts.b * acts.t;
@@ -140,10 +143,10 @@ fn check_tokens(
     }
 }
 
-fn check_hidden(
+fn check_hidden<E: Elem>(
     what: &'static str,
     x: &[f32],
-    acts: &ActSaved,
+    acts: &ActSaved<E>,
     c: usize,
 ) -> Result<(), ModelError> {
     let expected = acts.b * acts.t * c;
@@ -177,21 +180,31 @@ pub fn forward(
 
 /// [`forward`] with one micro-batch's saved activations and a scratch that other micro-batches
 /// share (a pipeline stage keeps one [`ActSaved`] per micro-batch in flight). Fills `saved`;
-/// uses `scratch` only while it runs. Both must be built for the same (b, t).
+/// uses `scratch` only while it runs. Both must be built for the same (b, t), storage type and
+/// recomputation policy; `params` are the weights in that storage type (the working copy under
+/// mixed precision). A hidden input is rounded to the storage type.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_with(
+pub fn forward_with<E: Elem>(
     layout: &ParamLayout,
-    params: &[f32],
-    saved: &mut ActSaved,
-    scratch: &mut ActScratch,
+    params: &[E],
+    saved: &mut ActSaved<E>,
+    scratch: &mut ActScratch<E>,
     input: StageInput<'_>,
     targets: Option<&[u32]>,
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
     let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "forward");
-    let acts = saved;
+    let d = Dims {
+        b,
+        t,
+        c,
+        bt,
+        cl,
+        nhl,
+    };
     let p = |r: &Range<usize>| &params[r.clone()];
+    let acts = saved;
     // Stage input.
     match (input, &layout.embed) {
         (StageInput::Tokens(tokens), Some(e)) => {
@@ -200,7 +213,7 @@ pub fn forward_with(
         }
         (StageInput::Hidden(x), None) => {
             check_hidden("hidden input", x, acts, c)?;
-            acts.input.copy_from_slice(x);
+            E::store(x, &mut acts.input);
         }
         (StageInput::Tokens(_), None) => {
             panic!("forward: tokens given to a stage without the embedding")
@@ -215,59 +228,9 @@ pub fn forward_with(
     // Blocks.
     for (i, lp) in layout.layers.iter().enumerate() {
         let (done, rest) = acts.layers.split_at_mut(i);
-        let x: &[f32] = done.last().map_or(&acts.input, |prev| &prev.res3);
-        let a: &mut LayerActs = &mut rest[0];
-        let tmp = &mut scratch.tmp;
-        layernorm_forward(
-            &mut a.ln1,
-            &mut a.ln1_mean,
-            &mut a.ln1_rstd,
-            x,
-            p(&lp.ln1_w),
-            p(&lp.ln1_b),
-            bt,
-            c,
-            par,
-        );
-        matmul_forward(
-            &mut a.qkv,
-            &a.ln1,
-            p(&lp.qkv_w),
-            Some(p(&lp.qkv_b)),
-            bt,
-            c,
-            3 * cl,
-            par,
-        );
-        attention_forward(&mut a.atty, &mut a.att, &a.qkv, b, t, cl, nhl, par);
-        matmul_forward(tmp, &a.atty, p(&lp.proj_w), None, bt, cl, c, par);
-        tp.all_reduce_sum(tmp); // g
-        bias_residual_forward(&mut a.res2, x, tmp, p(&lp.proj_b), bt, c, par);
-        layernorm_forward(
-            &mut a.ln2,
-            &mut a.ln2_mean,
-            &mut a.ln2_rstd,
-            &a.res2,
-            p(&lp.ln2_w),
-            p(&lp.ln2_b),
-            bt,
-            c,
-            par,
-        );
-        matmul_forward(
-            &mut a.fch,
-            &a.ln2,
-            p(&lp.fc_w),
-            Some(p(&lp.fc_b)),
-            bt,
-            c,
-            4 * cl,
-            par,
-        );
-        gelu_forward(&mut a.fch_gelu, &a.fch, par);
-        matmul_forward(tmp, &a.fch_gelu, p(&lp.fcproj_w), None, bt, 4 * cl, c, par);
-        tp.all_reduce_sum(tmp); // g
-        bias_residual_forward(&mut a.res3, &a.res2, tmp, p(&lp.fcproj_b), bt, c, par);
+        let x: &[E] = done.last().map_or(&acts.input, |prev| &prev.res3);
+        let mut a = LayerRefs::new(&mut rest[0], &mut scratch.work);
+        layer_forward(lp, params, x, &mut a, &mut scratch.tmp, d, true, par, tp);
     }
     // Head and loss.
     let Some(hp) = &layout.head else {
@@ -278,7 +241,7 @@ pub fn forward_with(
         return Ok(None);
     };
     let targets = targets.expect("forward: the last stage needs targets");
-    let x: &[f32] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
+    let x: &[E] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
     let h = acts.head.as_mut().expect("activations built for a head");
     layernorm_forward(
         &mut h.lnf,
@@ -352,30 +315,50 @@ pub fn backward_into<G: GradSink + ?Sized>(
 }
 
 /// [`backward_into`] for one micro-batch's saved activations (after [`forward_with`] on the same
-/// `saved`) and a shared scratch. Overwrites the logits in `saved` and all of `scratch`; on a
-/// non-first stage, [`ActScratch::d_input`] then holds the gradient to send back.
+/// `saved`) and a shared scratch, in storage type `E` (gradients accumulate in `E`). Overwrites
+/// the logits in `saved` and all of `scratch`; on a non-first stage, [`ActScratch::d_input`]
+/// then holds the gradient to send back. Under recomputation it first rebuilds what the layer
+/// did not keep (bitwise what forward computed).
 #[allow(clippy::too_many_arguments)]
-pub fn backward_with<G: GradSink + ?Sized>(
+pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
     layout: &ParamLayout,
-    params: &[f32],
+    params: &[E],
     grads: &mut G,
-    saved: &mut ActSaved,
-    scratch: &mut ActScratch,
+    saved: &mut ActSaved<E>,
+    scratch: &mut ActScratch<E>,
     input: StageInput<'_>,
     grad_in: GradInput<'_>,
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
     let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "backward");
-    let acts = saved;
-    let s = scratch;
+    let d = Dims {
+        b,
+        t,
+        c,
+        bt,
+        cl,
+        nhl,
+    };
     let p = |r: &Range<usize>| &params[r.clone()];
     let nl = layout.layers.len();
+    let acts = saved;
+    let recompute = acts.recompute;
+    let ActScratch {
+        tmp,
+        d_res,
+        d_ln,
+        d_big1,
+        d_big2,
+        d_att,
+        work,
+        ..
+    } = scratch;
     // Head: d_res ← ∂loss/∂(last block output).
     match (grad_in, &layout.head) {
         (GradInput::Loss { targets, d_loss }, Some(hp)) => {
             check_tokens("targets", targets, acts, v)?;
-            let x: &[f32] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
+            let x: &[E] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
             let h = acts.head.as_mut().expect("activations built for a head");
             crossentropy_softmax_backward_inplace(
                 &mut h.logits,
@@ -388,7 +371,7 @@ pub fn backward_with<G: GradSink + ?Sized>(
                 par,
             );
             matmul_backward(
-                &mut s.d_ln,
+                &mut d_ln[..],
                 grads.slice(hp.wte.clone()),
                 None,
                 &h.logits,
@@ -403,10 +386,10 @@ pub fn backward_with<G: GradSink + ?Sized>(
                 .slice(hp.lnf_w.start..hp.lnf_b.end)
                 .split_at_mut(hp.lnf_w.len());
             layernorm_backward(
-                &mut s.d_res,
+                d_res,
                 d_w,
                 d_b,
-                &s.d_ln,
+                d_ln,
                 x,
                 p(&hp.lnf_w),
                 &h.lnf_mean,
@@ -417,7 +400,7 @@ pub fn backward_with<G: GradSink + ?Sized>(
         }
         (GradInput::Hidden(d_out), None) => {
             check_hidden("output gradient", d_out, acts, c)?;
-            s.d_res.copy_from_slice(d_out);
+            d_res.copy_from_slice(d_out);
         }
         (GradInput::Loss { .. }, None) => {
             panic!("backward: loss gradient given to a stage without the head")
@@ -428,129 +411,38 @@ pub fn backward_with<G: GradSink + ?Sized>(
     }
     grads.ready(layout.head_start());
     // Blocks, last to first. d_res holds ∂loss/∂(block output) on entry, ∂loss/∂(block input) on exit.
+    let mut s = GradScratch {
+        tmp,
+        d_res,
+        d_ln,
+        d_big1,
+        d_big2,
+        d_att,
+    };
     for i in (0..nl).rev() {
         let lp = &layout.layers[i];
         let (done, rest) = acts.layers.split_at_mut(i);
-        let x: &[f32] = done.last().map_or(&acts.input, |prev| &prev.res3);
-        let a = &rest[0];
+        let x: &[E] = done.last().map_or(&acts.input, |prev| &prev.res3);
+        let mut a = LayerRefs::new(&mut rest[0], work);
+        if recompute == Recompute::Full {
+            layer_forward(lp, params, x, &mut a, s.tmp, d, false, par, tp);
+        }
         let lr = layout.layer_range(i);
         let base = lr.start;
-        let at = |r: &Range<usize>| r.start - base..r.end - base;
-        let [g_ln1_w, g_ln1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_ln2_w, g_ln2_b, g_fc_w, g_fc_b, g_fcproj_w, g_fcproj_b] =
-            disjoint_mut(
-                grads.slice(lr),
-                [
-                    at(&lp.ln1_w),
-                    at(&lp.ln1_b),
-                    at(&lp.qkv_w),
-                    at(&lp.qkv_b),
-                    at(&lp.proj_w),
-                    at(&lp.proj_b),
-                    at(&lp.ln2_w),
-                    at(&lp.ln2_b),
-                    at(&lp.fc_w),
-                    at(&lp.fc_b),
-                    at(&lp.fcproj_w),
-                    at(&lp.fcproj_b),
-                ],
-            );
-        let d_fch_gelu = &mut s.d_big1[..bt * 4 * cl];
-        let d_fch = &mut s.d_big2[..bt * 4 * cl];
-        // MLP: res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))) + bias
-        bias_residual_backward(g_fcproj_b, &s.d_res, bt, c);
-        matmul_backward(
-            d_fch_gelu,
-            g_fcproj_w,
-            None,
-            &s.d_res,
-            &a.fch_gelu,
-            p(&lp.fcproj_w),
-            bt,
-            4 * cl,
-            c,
-            par,
-        );
-        gelu_backward(d_fch, &a.fch, d_fch_gelu, par);
-        matmul_backward(
-            &mut s.d_ln,
-            g_fc_w,
-            Some(g_fc_b),
-            d_fch,
-            &a.ln2,
-            p(&lp.fc_w),
-            bt,
-            c,
-            4 * cl,
-            par,
-        );
-        tp.all_reduce_sum(&mut s.d_ln); // f
-        layernorm_backward(
-            &mut s.tmp,
-            g_ln2_w,
-            g_ln2_b,
-            &s.d_ln,
-            &a.res2,
-            p(&lp.ln2_w),
-            &a.ln2_mean,
-            &a.ln2_rstd,
-            bt,
-            c,
-        );
-        add_inplace(&mut s.d_res, &s.tmp, par);
-        // Attention: res2 = x + c_proj(attention(c_attn(ln_1(x)))) + bias
-        let d_atty = &mut s.d_big1[..bt * cl];
-        let d_qkv = &mut s.d_big2[..bt * 3 * cl];
-        bias_residual_backward(g_proj_b, &s.d_res, bt, c);
-        matmul_backward(
-            d_atty,
-            g_proj_w,
-            None,
-            &s.d_res,
-            &a.atty,
-            p(&lp.proj_w),
-            bt,
-            cl,
-            c,
-            par,
-        );
-        attention_backward(
-            d_qkv,
-            &mut s.d_att,
-            d_atty,
-            &a.qkv,
-            &a.att,
-            b,
-            t,
-            cl,
-            nhl,
-            par,
-        );
-        matmul_backward(
-            &mut s.d_ln,
-            g_qkv_w,
-            Some(g_qkv_b),
-            d_qkv,
-            &a.ln1,
-            p(&lp.qkv_w),
-            bt,
-            c,
-            3 * cl,
-            par,
-        );
-        tp.all_reduce_sum(&mut s.d_ln); // f
-        layernorm_backward(
-            &mut s.tmp,
-            g_ln1_w,
-            g_ln1_b,
-            &s.d_ln,
+        let selective = recompute == Recompute::Selective;
+        layer_backward(
+            lp,
+            params,
+            grads.slice(lr),
+            base,
             x,
-            p(&lp.ln1_w),
-            &a.ln1_mean,
-            &a.ln1_rstd,
-            bt,
-            c,
+            &mut a,
+            &mut s,
+            d,
+            selective,
+            par,
+            tp,
         );
-        add_inplace(&mut s.d_res, &s.tmp, par);
         grads.ready(base);
     }
     // Embedding.
@@ -560,31 +452,11 @@ pub fn backward_with<G: GradSink + ?Sized>(
             let (d_wte, d_wpe) = grads
                 .slice(e.wte.start..e.wpe.end)
                 .split_at_mut(e.wte.len());
-            encoder_backward(d_wte, d_wpe, &s.d_res, tokens, b, t, c);
+            encoder_backward(d_wte, d_wpe, s.d_res, tokens, b, t, c);
         }
         (StageInput::Hidden(_), None) => {} // d_res is the gradient to send back
         _ => panic!("backward: stage input kind does not match the layout"),
     }
     grads.ready(0);
     Ok(())
-}
-
-/// Disjoint mutable sub-slices of `buf` for ranges given in increasing, non-overlapping order.
-#[track_caller]
-fn disjoint_mut<const N: usize>(buf: &mut [f32], ranges: [Range<usize>; N]) -> [&mut [f32]; N] {
-    let mut rest = buf;
-    let mut consumed = 0;
-    let mut out: [&mut [f32]; N] = std::array::from_fn(|_| Default::default());
-    for (slot, r) in out.iter_mut().zip(ranges) {
-        assert!(
-            r.start >= consumed && r.start <= r.end,
-            "disjoint_mut: ranges must increase"
-        );
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - consumed);
-        let (mid, tail) = tail.split_at_mut(r.len());
-        *slot = mid;
-        rest = tail;
-        consumed = r.end;
-    }
-    out
 }

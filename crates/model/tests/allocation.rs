@@ -3,10 +3,10 @@
 
 use kernels::Par;
 use model::{
-    backward, forward, ActSaved, ActScratch, Activations, AdamW, AdamWConfig, GradInput,
-    ModelConfig, NoTp, ParamLayout, Shard, StageInput,
+    backward, forward, ActSaved, ActScratch, Activations, AdamW, AdamWConfig, Bf16, Elem,
+    GradInput, ModelConfig, NoTp, ParamLayout, Precision, Recompute, Shard, StageInput, F16,
 };
-use plan::cpu_runtime;
+use plan::cpu_runtime::{self, CpuRuntimeDims};
 
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
@@ -173,5 +173,98 @@ fn allocations_match_the_plan_prediction() {
             );
         }
         drop((params, grads, opt, acts));
+        for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
+            precision_case::<f32>(&layout, &dims, b, t, Precision::Fp32, r, &tag);
+            precision_case::<Bf16>(&layout, &dims, b, t, Precision::Bf16Mixed, r, &tag);
+            precision_case::<F16>(&layout, &dims, b, t, Precision::Fp16Mixed, r, &tag);
+        }
     }
+    full_recompute_ratio_of_the_bench_model();
+}
+
+/// Activations (saved + scratch), working weights and gradients in storage type `E` under
+/// `recompute`, against `plan::cpu_runtime::memory_with`.
+#[allow(clippy::too_many_arguments)]
+fn precision_case<E: Elem>(
+    layout: &ParamLayout,
+    dims: &CpuRuntimeDims,
+    b: usize,
+    t: usize,
+    precision: Precision,
+    recompute: Recompute,
+    tag: &str,
+) {
+    let tag = format!("{tag} {} {recompute:?}", E::NAME);
+    let predicted = cpu_runtime::memory_with(dims, b as u64, t as u64, precision, recompute);
+    let before = live();
+    let saved = ActSaved::<E>::with(layout, b, t, recompute);
+    let scratch = ActScratch::<E>::with(layout, b, t, recompute);
+    let measured = live() - before;
+    within_1pct(
+        format!("{tag}: activations"),
+        measured,
+        predicted.activation_bytes,
+    );
+    assert_eq!(
+        (saved.bytes() + scratch.bytes()) as u64,
+        predicted.activation_bytes,
+        "{tag}: buffer sizes"
+    );
+    let before = live();
+    let master = vec![0.0f32; if E::BYTES == 4 { 0 } else { layout.len() }];
+    let working = vec![E::default(); layout.len()];
+    let measured = live() - before;
+    within_1pct(format!("{tag}: weights"), measured, predicted.param_bytes);
+    let before = live();
+    let grads = vec![E::default(); layout.len()];
+    let measured = live() - before;
+    within_1pct(format!("{tag}: grads"), measured, predicted.grad_bytes);
+    drop((saved, scratch, master, working, grads));
+}
+
+/// The bench model (L4 H4 C256 T128 B8, vocabulary 8192): activation bytes with full
+/// recomputation against none, predicted and allocated.
+fn full_recompute_ratio_of_the_bench_model() {
+    let cfg = ModelConfig {
+        vocab_size: 8192,
+        max_seq_len: 128,
+        n_layer: 4,
+        n_head: 4,
+        channels: 256,
+    };
+    let layout = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let dims = layout.shard.dims(&cfg);
+    let mut bytes = Vec::new();
+    for (p, r) in [
+        (Precision::Fp32, Recompute::None),
+        (Precision::Fp32, Recompute::Full),
+        (Precision::Bf16Mixed, Recompute::None),
+        (Precision::Bf16Mixed, Recompute::Full),
+    ] {
+        let predicted = cpu_runtime::activation_bytes_with(&dims, 8, 128, p, r, 1);
+        let before = live();
+        let measured = match p {
+            Precision::Fp32 => {
+                let a = model::Activations::<f32>::with(&layout, 8, 128, r);
+                let m = live() - before;
+                drop(a);
+                m
+            }
+            _ => {
+                let a = model::Activations::<Bf16>::with(&layout, 8, 128, r);
+                let m = live() - before;
+                drop(a);
+                m
+            }
+        };
+        within_1pct(format!("bench model {p:?} {r:?}"), measured, predicted);
+        bytes.push(measured as f64);
+    }
+    eprintln!(
+        "bench model activations: full/none fp32 {:.3}, bf16 {:.3}; bf16+full / fp32 none {:.3}",
+        bytes[1] / bytes[0],
+        bytes[3] / bytes[2],
+        bytes[3] / bytes[0]
+    );
+    assert!(bytes[1] < bytes[0] && bytes[3] < bytes[1] && bytes[2] < bytes[0]);
 }

@@ -20,6 +20,8 @@
 //!   layernorm input gradient in backward), `d_res`, `d_ln` (2·btc), two (bt·4cl) buffers for
 //!   MLP/attention gradients and `d_att` (b·t²).
 
+use crate::recipe::{Precision, Recompute};
+
 /// Model dimensions as the CPU runtime sees them for one pipeline stage and one
 /// tensor-parallel rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +240,137 @@ pub fn zero_memory(
     m
 }
 
+/// Activation elements of one kind of buffer, split by element type: `compute` elements are
+/// stored in the run's precision (4 bytes fp32, 2 bytes bf16/fp16), `f32` elements are always
+/// 4 bytes (layernorm mean/rstd, per-token losses and log-sum-exps, the gradient scratch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivationElems {
+    /// Elements in the compute precision.
+    pub compute: u64,
+    /// Elements always kept in `f32`.
+    pub f32: u64,
+}
+
+impl ActivationElems {
+    /// Bytes at `compute_bytes` per compute element.
+    pub fn bytes(&self, compute_bytes: u64) -> u64 {
+        compute_bytes * self.compute + F32_BYTES * self.f32
+    }
+    /// All elements.
+    pub fn total(&self) -> u64 {
+        self.compute + self.f32
+    }
+}
+
+/// Bytes of one stored element in `precision` (activations, working weights, gradients).
+pub fn compute_bytes(precision: Precision) -> u64 {
+    match precision {
+        Precision::Fp32 => 4,
+        Precision::Bf16Mixed | Precision::Fp16Mixed => 2,
+    }
+}
+
+/// Saved activations of one micro-batch under `recompute` (Korthikanti et al. 2022, §4):
+/// - `None`: as [`saved_activation_count`];
+/// - `Selective`: without the softmax probabilities `att` (b·nhl·t² per layer), rebuilt from
+///   `qkv` in backward;
+/// - `Full`: per layer only its output (bt·c; the next layer's input), plus the stage input and
+///   the head's tensors.
+pub fn saved_activation_elems(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    recompute: Recompute,
+) -> ActivationElems {
+    let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
+    let bt = batch * seq;
+    let att = batch * nhl * seq * seq;
+    let body = 3 * bt * c + 3 * bt * cl + bt * cl + 8 * bt * cl; // ln1, res2, ln2, qkv, atty, fch, fch_gelu
+    let (per_layer, per_layer_f32) = match recompute {
+        Recompute::None => (body + att + bt * c, 4 * bt),
+        Recompute::Selective => (body + bt * c, 4 * bt),
+        Recompute::Full => (bt * c, 0),
+    };
+    let mut e = ActivationElems {
+        compute: bt * c + d.layers * per_layer,
+        f32: d.layers * per_layer_f32,
+    };
+    if d.has_head {
+        e.compute += bt * c + bt * d.padded_vocab; // lnf, logits
+        e.f32 += 2 * bt + 2 * bt; // lnf mean/rstd, losses, lse
+    }
+    e
+}
+
+/// Scratch shared by the layers and micro-batches under `recompute`: the `f32` gradient
+/// buffers of [`scratch_activation_count`], plus a one-layer workspace for what backward
+/// rebuilds (`att` for `Selective`; every layer tensor but its output for `Full`).
+pub fn scratch_activation_elems(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    recompute: Recompute,
+) -> ActivationElems {
+    let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
+    let bt = batch * seq;
+    let att = batch * nhl * seq * seq;
+    let mut e = ActivationElems {
+        compute: 0,
+        f32: scratch_activation_count(d, batch, seq),
+    };
+    if d.layers > 0 {
+        match recompute {
+            Recompute::None => {}
+            Recompute::Selective => e.compute += att,
+            Recompute::Full => {
+                e.compute += 3 * bt * c + 3 * bt * cl + bt * cl + 8 * bt * cl + att;
+                e.f32 += 4 * bt;
+            }
+        }
+    }
+    e
+}
+
+/// Bytes of the activation buffers (saved + scratch) for `precision` and `recompute`, with
+/// `in_flight` micro-batches' saved sets and one scratch.
+pub fn activation_bytes_with(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    precision: Precision,
+    recompute: Recompute,
+    in_flight: u64,
+) -> u64 {
+    let e = compute_bytes(precision);
+    in_flight * saved_activation_elems(d, batch, seq, recompute).bytes(e)
+        + scratch_activation_elems(d, batch, seq, recompute).bytes(e)
+}
+
+/// The runtime's memory for `precision` and `recompute` (one micro-batch in flight). fp32:
+/// as [`memory`]. Mixed precision: `param_bytes` = fp32 master (4 B) + working copy in 16 bits
+/// (2 B) per parameter, gradients 2 B, AdamW `m`, `v` 8 B: 16 B/param, the ZeRO paper's count
+/// (Rajbhandari et al. 2020, §3.1).
+pub fn memory_with(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    precision: Precision,
+    recompute: Recompute,
+) -> CpuRuntimeMemory {
+    let n = param_count(d);
+    let e = compute_bytes(precision);
+    let (param_bytes, grad_bytes) = match precision {
+        Precision::Fp32 => (F32_BYTES * n, F32_BYTES * n),
+        _ => ((F32_BYTES + e) * n, e * n),
+    };
+    CpuRuntimeMemory {
+        param_bytes,
+        grad_bytes,
+        optimizer_bytes: optimizer_bytes(d),
+        activation_bytes: activation_bytes_with(d, batch, seq, precision, recompute, 1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +405,28 @@ mod tests {
                                                           // norms and row-parallel biases stay replicated, so only the split part shrinks.
         let expected = param_count(&full) - 12 * per_layer_split * 3 / 4;
         assert_eq!(param_count(&shard), expected);
+    }
+
+    #[test]
+    fn precision_and_recompute_formulas_reduce_to_the_fp32_counts() {
+        let d = gpt2_small();
+        let saved = saved_activation_elems(&d, 2, 256, Recompute::None);
+        let scratch = scratch_activation_elems(&d, 2, 256, Recompute::None);
+        assert_eq!(saved.total(), saved_activation_count(&d, 2, 256));
+        assert_eq!(scratch.total(), scratch_activation_count(&d, 2, 256));
+        let fp32 = memory_with(&d, 2, 256, Precision::Fp32, Recompute::None);
+        assert_eq!(fp32, memory(&d, 2, 256));
+        // bf16: activations shrink (not quite by 2: statistics and the scratch stay f32),
+        // weights + gradients + AdamW stay 16 B/param.
+        let bf = memory_with(&d, 2, 256, Precision::Bf16Mixed, Recompute::None);
+        assert!(bf.activation_bytes < fp32.activation_bytes);
+        assert!(2 * bf.activation_bytes > fp32.activation_bytes);
+        let n = param_count(&d);
+        assert_eq!(bf.param_bytes + bf.grad_bytes + bf.optimizer_bytes, 16 * n);
+        // Recomputation: full < selective < none.
+        let f = |r| activation_bytes_with(&d, 2, 256, Precision::Bf16Mixed, r, 1);
+        assert!(f(Recompute::Full) < f(Recompute::Selective));
+        assert!(f(Recompute::Selective) < f(Recompute::None));
     }
 
     #[test]

@@ -1,0 +1,145 @@
+//! 16-bit storage through the kernels: each result is compared with the `f32` kernel run on the
+//! same (already rounded) inputs, so the only differences are the output rounding (one unit
+//! roundoff `u` of the format, relative) and the different `f32` summation order of the blocked
+//! GEMM (far below `u`); below the normal range the rounding step is absolute (half the
+//! subnormal spacing). Sizes exceed one block in every dimension.
+
+use crate::attention::{attention_backward, attention_forward, attention_probs};
+use crate::elem::{Bf16, Elem, F16};
+use crate::matmul::{matmul_backward, matmul_forward};
+use crate::rng::Rng;
+use crate::testutil::{assert_close, randn};
+use crate::Par;
+
+fn round<E: Elem>(x: &[f32]) -> (Vec<E>, Vec<f32>) {
+    let e: Vec<E> = x.iter().map(|&v| E::from_f32(v)).collect();
+    let back = e.iter().map(|v| v.to_f32()).collect();
+    (e, back)
+}
+
+fn widen<E: Elem>(x: &[E]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+fn matmul_case<E: Elem>() {
+    let (m, k, n) = (300, 530, 600);
+    let mut rng = Rng::new(21);
+    let (inp, inp32) = round::<E>(&randn(&mut rng, m * k, 1.0));
+    let (w, w32) = round::<E>(&randn(&mut rng, n * k, 0.05));
+    let (bias, bias32) = round::<E>(&randn(&mut rng, n, 1.0));
+    let mut want = vec![0.0f32; m * n];
+    matmul_forward(&mut want, &inp32, &w32, Some(&bias32), m, k, n, Par::Seq);
+    for par in [Par::Seq, Par::Threads(3)] {
+        let mut out = vec![E::default(); m * n];
+        matmul_forward(&mut out, &inp, &w, Some(&bias), m, k, n, par);
+        let u = E::UNIT_ROUNDOFF;
+        assert_close(E::NAME, &widen(&out), &want, u, 1e-5);
+        // Output in f32 from 16-bit inputs: only the summation order differs.
+        let mut out32 = vec![0.0f32; m * n];
+        matmul_forward(&mut out32, &inp, &w, Some(&bias), m, k, n, par);
+        assert_close(E::NAME, &out32, &want, 1e-5, 1e-5);
+    }
+    // Backward: d_out f32 (an activation gradient), d_w and d_b 16-bit, accumulated.
+    let d_out = randn(&mut rng, m * n, 1.0);
+    let (dw0, dw0_32) = round::<E>(&randn(&mut rng, n * k, 1.0));
+    let (db0, db0_32) = round::<E>(&randn(&mut rng, n, 1.0));
+    let (mut want_inp, mut want_w, mut want_b) = (vec![0.0; m * k], dw0_32.clone(), db0_32.clone());
+    matmul_backward(
+        &mut want_inp,
+        &mut want_w,
+        Some(&mut want_b),
+        &d_out,
+        &inp32,
+        &w32,
+        m,
+        k,
+        n,
+        Par::Seq,
+    );
+    let (mut d_inp, mut d_w, mut d_b) = (vec![0.0f32; m * k], dw0, db0);
+    matmul_backward(
+        &mut d_inp,
+        &mut d_w,
+        Some(&mut d_b),
+        &d_out,
+        &inp,
+        &w,
+        m,
+        k,
+        n,
+        Par::Threads(2),
+    );
+    let u = E::UNIT_ROUNDOFF;
+    assert_close("d_inp", &d_inp, &want_inp, 1e-5, 1e-5);
+    assert_close("d_w", &widen(&d_w), &want_w, u, 1e-3);
+    assert_close("d_b", &widen(&d_b), &want_b, u, 1e-3);
+}
+
+#[test]
+fn matmul_with_16_bit_storage_rounds_only_the_output() {
+    matmul_case::<Bf16>();
+    matmul_case::<F16>();
+}
+
+fn attention_case<E: Elem>() {
+    let (b, t, cl, nh) = (2, 70, 16, 2);
+    let mut rng = Rng::new(22);
+    let (qkv, qkv32) = round::<E>(&randn(&mut rng, b * t * 3 * cl, 1.0));
+    let (mut want_out, mut want_att) = (vec![0.0; b * t * cl], vec![0.0; b * nh * t * t]);
+    attention_forward(&mut want_out, &mut want_att, &qkv32, b, t, cl, nh, Par::Seq);
+    let (mut out, mut att) = (
+        vec![E::default(); b * t * cl],
+        vec![E::default(); b * nh * t * t],
+    );
+    attention_forward(&mut out, &mut att, &qkv, b, t, cl, nh, Par::Threads(2));
+    let (u, sub) = (E::UNIT_ROUNDOFF, E::SUBNORMAL_STEP / 2.0);
+    assert_close("att", &widen(&att), &want_att, u, sub);
+    assert_close("out", &widen(&out), &want_out, u, sub);
+    let mut again = vec![E::default(); att.len()];
+    attention_probs(&mut again, &qkv, b, t, cl, nh, Par::Seq);
+    assert_eq!(again, att, "recomputed probabilities");
+    // Backward from the saved (rounded) probabilities equals f32 backward from the same values.
+    let d_out = randn(&mut rng, b * t * cl, 1.0);
+    let att32 = widen(&att);
+    let (mut want_dqkv, mut d_att) = (vec![0.0; b * t * 3 * cl], vec![0.0; b * t * t]);
+    attention_backward(
+        &mut want_dqkv,
+        &mut d_att,
+        &d_out,
+        &qkv32,
+        &att32,
+        b,
+        t,
+        cl,
+        nh,
+        Par::Seq,
+    );
+    let mut d_qkv = vec![0.0; b * t * 3 * cl];
+    attention_backward(
+        &mut d_qkv,
+        &mut d_att,
+        &d_out,
+        &qkv,
+        &att,
+        b,
+        t,
+        cl,
+        nh,
+        Par::Seq,
+    );
+    assert_eq!(d_qkv, want_dqkv);
+}
+
+#[test]
+fn attention_with_16_bit_storage_rounds_only_the_output() {
+    attention_case::<Bf16>();
+    attention_case::<F16>();
+    // f32: the recomputed probabilities are bitwise the forward's.
+    let (b, t, cl, nh) = (2, 70, 16, 2);
+    let qkv = randn(&mut Rng::new(23), b * t * 3 * cl, 1.0);
+    let (mut out, mut att) = (vec![0.0; b * t * cl], vec![0.0f32; b * nh * t * t]);
+    attention_forward(&mut out, &mut att, &qkv, b, t, cl, nh, Par::Threads(2));
+    let mut again = vec![0.0f32; att.len()];
+    attention_probs(&mut again, &qkv, b, t, cl, nh, Par::Threads(2));
+    assert_eq!(again, att);
+}
