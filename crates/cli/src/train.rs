@@ -267,10 +267,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             println!("parameter server: served {steps} steps");
             return Ok(());
         }
-        crate::train_dp::Setup::Worker(d) => Some(d),
-        crate::train_dp::Setup::Single => None,
+        crate::train_dp::Setup::Worker { dp, pipeline } => (dp, pipeline),
+        crate::train_dp::Setup::Single => (None, None),
     };
-    let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()));
+    let (dp, pipeline) = dp;
+    // Rank 0 of the job (first stage, data-parallel rank 0) reports for it.
+    let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()))
+        + pipeline
+            .as_ref()
+            .map_or(0, |p| p.lock().map_or(0, |p| p.stage()));
     if let (Some(note), 0) = (&kept, rank) {
         println!("{note}");
     }
@@ -284,6 +289,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             overwrite: a.overwrite,
             stop: Some(stop_on_ctrl_c()),
             dp,
+            pipeline,
         };
         let s = train::run(&cfg, &opts, &mut train::Quiet)
             .map_err(|e| hint(e, a.via_launch))
@@ -304,6 +310,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         overwrite: a.overwrite,
         stop: Some(stop_on_ctrl_c()),
         dp,
+        pipeline,
     };
     let bar = (!a.no_progress).then(|| {
         let bar = ProgressBar::new(cfg.train.steps);

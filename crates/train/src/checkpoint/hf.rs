@@ -128,6 +128,31 @@ pub fn write_hf_safetensors(
     })
 }
 
+/// The weights of several chunks of a model (a pipeline stage's) as one safetensors file with
+/// Hugging Face names, streamed into `w`. A stage's copy of the tied embedding
+/// (`lm_head.weight`, a duplicate of `wte`) is not written.
+pub fn write_hf_chunks(
+    w: &mut dyn Write,
+    chunks: &[(&ParamLayout, &[f32])],
+) -> std::io::Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let mut names = Vec::new();
+    let mut which = Vec::new();
+    for (k, (l, _)) in chunks.iter().enumerate() {
+        for (i, (name, shape)) in hf_names(l).into_iter().enumerate() {
+            if l.tensors[i].name != "lm_head.weight" {
+                names.push((name, shape));
+                which.push((k, i));
+            }
+        }
+    }
+    write_safetensors(w, &names, &meta, |j| {
+        let (k, i) = which[j];
+        hf_values(chunks[k].0, chunks[k].1, i)
+    })
+}
+
 /// A Hugging Face `GPT2Config` (as JSON) describing `layout`'s model.
 pub fn hf_config(layout: &ParamLayout) -> serde_json::Value {
     let c = &layout.cfg;
@@ -158,23 +183,42 @@ pub fn load_hf_weights(
     bytes: &[u8],
     layout: &ParamLayout,
 ) -> Result<Vec<f32>, TrainError> {
+    load_hf_weights_from(&[(path, bytes)], layout)
+}
+
+/// [`load_hf_weights`] from several files (a pipeline checkpoint's stage files), each tensor
+/// taken from whichever file holds it; a tensor in two files is an error, as is one in none.
+pub fn load_hf_weights_from(
+    files: &[(&Path, &[u8])],
+    layout: &ParamLayout,
+) -> Result<Vec<f32>, TrainError> {
+    let path = files.first().map_or(Path::new(""), |f| f.0);
     let bad = |reason: String| TrainError::Weights {
         path: path.to_path_buf(),
         reason,
     };
-    let st =
-        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut by_name: HashMap<String, TensorView<'_>> = HashMap::new();
-    for (name, view) in st.tensors() {
-        let short = name
-            .strip_prefix("transformer.")
-            .unwrap_or(&name)
-            .to_string();
-        let ignorable = short == "lm_head.weight"
-            || short.ends_with(".attn.bias")
-            || short.ends_with(".attn.masked_bias");
-        if !ignorable {
-            by_name.insert(short, view);
+    for (p, bytes) in files {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| TrainError::Weights {
+            path: p.to_path_buf(),
+            reason: format!("not a safetensors file: {e}"),
+        })?;
+        for (name, view) in st.tensors() {
+            let short = name
+                .strip_prefix("transformer.")
+                .unwrap_or(&name)
+                .to_string();
+            let ignorable = short == "lm_head.weight"
+                || short.ends_with(".attn.bias")
+                || short.ends_with(".attn.masked_bias");
+            if !ignorable && by_name.insert(short.clone(), view).is_some() {
+                return Err(TrainError::Weights {
+                    path: p.to_path_buf(),
+                    reason: format!(
+                        "holds {short}, which another weights file of the checkpoint holds too"
+                    ),
+                });
+            }
         }
     }
     let mut params = vec![0.0f32; layout.len()];

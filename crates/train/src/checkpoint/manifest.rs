@@ -37,8 +37,12 @@ pub struct Manifest {
     pub step: u64,
     /// The resolved config of the run that wrote it.
     pub config: TrainConfig,
-    /// Weights (HF GPT-2 names).
+    /// Weights (HF GPT-2 names): the whole model, or (pipeline runs) the first stage's.
     pub model_file: FileEntry,
+    /// Pipeline runs: the weights of stages 1, 2, … (HF names; the last stage's copy of the
+    /// tied embedding is not written). Empty otherwise (and then not written to the manifest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_model_files: Vec<FileEntry>,
     /// AdamW moments: which files hold which offset ranges.
     pub optimizer: OptimizerFiles,
     /// Where the next training batch starts.
@@ -126,8 +130,9 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
         serde_json::from_value(value).map_err(|e| bad(format!("manifest is not valid: {e}")))?;
     // The manifest names files that loading reads and pruning deletes: only plain names in
     // its own folder.
-    let names =
-        std::iter::once(&m.model_file.name).chain(m.optimizer.shards.iter().map(|s| &s.file.name));
+    let names = std::iter::once(&m.model_file.name)
+        .chain(m.stage_model_files.iter().map(|f| &f.name))
+        .chain(m.optimizer.shards.iter().map(|s| &s.file.name));
     for name in names {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
             return Err(bad(format!(
@@ -143,6 +148,7 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
 pub fn files_present(path: &Path, m: &Manifest) -> bool {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::iter::once(&m.model_file)
+        .chain(&m.stage_model_files)
         .chain(m.optimizer.shards.iter().map(|s| &s.file))
         .all(|f| std::fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.len() == f.bytes))
 }

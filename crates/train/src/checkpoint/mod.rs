@@ -55,11 +55,20 @@ mod resume;
 mod save;
 mod shards;
 
-pub use hf::{hf_config, hf_names, load_hf_weights, write_hf_safetensors};
+pub use hf::{
+    hf_config, hf_names, load_hf_weights, load_hf_weights_from, write_hf_chunks,
+    write_hf_safetensors,
+};
 pub use manifest::{files_present, read_manifest, FileEntry, Manifest, FORMAT, VERSION};
 pub use resume::{find_resume, load, load_ranges};
-pub use save::{save, save_rank, Gather, RankPart};
+pub use save::{save, save_rank, write_optimizer_file, Gather, RankPart};
 pub use shards::{OptimizerFiles, OptimizerShard};
+
+/// Checks that a checkpoint's optimizer files cover every element exactly once (and, under
+/// ZeRO, that every rank's file is listed); the reason otherwise.
+pub fn check_files(o: &OptimizerFiles) -> Result<(), String> {
+    shards::check_optimizer_files(o)
+}
 
 /// Everything a run needs to continue bit for bit.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,6 +128,9 @@ pub fn prune(dir: &Path, keep: usize) {
         let _ = std::fs::remove_file(&manifest);
         if let Some(m) = m {
             let _ = std::fs::remove_file(dir.join(&m.model_file.name));
+            for f in &m.stage_model_files {
+                let _ = std::fs::remove_file(dir.join(&f.name));
+            }
             for s in &m.optimizer.shards {
                 let _ = std::fs::remove_file(dir.join(&s.file.name));
             }

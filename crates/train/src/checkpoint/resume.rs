@@ -2,7 +2,7 @@
 //! stage re-shards) and the resume policy: the newest valid checkpoint, the same config and
 //! the same global batch.
 
-use super::hf::load_hf_weights;
+use super::hf::load_hf_weights_from;
 use super::manifest::{read_manifest, read_verified, Manifest};
 use super::shards::{check_optimizer_files, copy_overlap};
 use super::{list, TrainState};
@@ -33,7 +33,14 @@ pub fn load_ranges(
         path: path.to_path_buf(),
         reason,
     };
-    let model_bytes = read_verified(dir, &m.model_file, "the weights")?;
+    let mut weights = vec![(
+        dir.join(&m.model_file.name),
+        read_verified(dir, &m.model_file, "the weights")?,
+    )];
+    for (k, f) in m.stage_model_files.iter().enumerate() {
+        let what = format!("the weights of pipeline stage {}", k + 1);
+        weights.push((dir.join(&f.name), read_verified(dir, f, &what)?));
+    }
     let vocab = m
         .config
         .model
@@ -41,8 +48,12 @@ pub fn load_ranges(
         .ok_or_else(|| bad_manifest("the manifest's config has no model.vocab_size".into()))?;
     let mcfg = crate::trainer::model_config(&m.config, vocab);
     let layout = ParamLayout::new(&mcfg, &model::Shard::full(&mcfg))?;
-    let params = load_hf_weights(&dir.join(&m.model_file.name), &model_bytes, &layout)?;
-    drop(model_bytes);
+    let files: Vec<(&Path, &[u8])> = weights
+        .iter()
+        .map(|(p, b)| (p.as_path(), b.as_slice()))
+        .collect();
+    let params = load_hf_weights_from(&files, &layout)?;
+    drop(weights);
     let n = layout.len();
     if m.optimizer.len != n {
         return Err(bad_manifest(format!(

@@ -113,32 +113,10 @@ pub fn save_rank(
             None
         };
         let name = optimizer_file_name(step, part.rank, part.dp_size, sharded);
-        let ranges: Vec<[usize; 2]> = part.ranges.iter().map(|r| [r.start, r.end]).collect();
-        let mut meta = HashMap::new();
-        meta.insert(
-            "layout".to_string(),
-            "scaletrain flat ParamLayout order: the ranges concatenated".to_string(),
-        );
-        meta.insert(
-            "ranges".to_string(),
-            serde_json::to_string(&ranges).expect("ranges serialise"),
-        );
-        let names = [
-            ("adamw.m".to_string(), vec![held]),
-            ("adamw.v".to_string(), vec![held]),
-        ];
-        let (bytes, sha256) = write_atomic_stream(&dir.join(&name), |w| {
-            write_safetensors(w, &names, &meta, |i| {
-                Cow::Borrowed(if i == 0 { &state.m[..] } else { &state.v[..] })
-            })
-        })?;
+        let file = write_optimizer_file(&dir.join(&name), part.ranges, &state.m, &state.v)?;
         let shard = OptimizerShard {
             rank: part.rank,
-            file: FileEntry {
-                name,
-                bytes,
-                sha256,
-            },
+            file,
             ranges: part.ranges.to_vec(),
         };
         Ok((model_file, shard))
@@ -153,7 +131,7 @@ pub fn save_rank(
         Err(e) => Report {
             model_file: None,
             shard: None,
-            error: Some(e.to_string()),
+            error: Some(crate::error::chain_string(e)),
         },
     };
     let reports: Vec<Report> = if sharded && part.dp_size > 1 {
@@ -233,6 +211,7 @@ pub fn save_rank(
         step,
         config: cfg.clone(),
         model_file,
+        stage_model_files: Vec::new(),
         optimizer,
         data_position: state.data_position,
         adam_step: state.adam_step,
@@ -245,4 +224,47 @@ pub fn save_rank(
     let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
     write_atomic(&path, text.as_bytes())?;
     Ok(Some(path))
+}
+
+/// Writes AdamW's `m` and `v` for the offset `ranges` (concatenated, in that order) to `path`
+/// as a safetensors file (`adamw.m`, `adamw.v`; the ranges in its metadata), atomically.
+pub fn write_optimizer_file(
+    path: &Path,
+    ranges: &[Range<usize>],
+    m: &[f32],
+    v: &[f32],
+) -> Result<FileEntry, TrainError> {
+    let held: usize = ranges.iter().map(|r| r.len()).sum();
+    assert!(
+        m.len() == held && v.len() == held,
+        "write_optimizer_file: lengths"
+    );
+    let pairs: Vec<[usize; 2]> = ranges.iter().map(|r| [r.start, r.end]).collect();
+    let mut meta = HashMap::new();
+    meta.insert(
+        "layout".to_string(),
+        "scaletrain flat ParamLayout order: the ranges concatenated".to_string(),
+    );
+    meta.insert(
+        "ranges".to_string(),
+        serde_json::to_string(&pairs).expect("ranges serialise"),
+    );
+    let names = [
+        ("adamw.m".to_string(), vec![held]),
+        ("adamw.v".to_string(), vec![held]),
+    ];
+    let (bytes, sha256) = write_atomic_stream(path, |w| {
+        write_safetensors(w, &names, &meta, |i| {
+            Cow::Borrowed(if i == 0 { m } else { v })
+        })
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(FileEntry {
+        name,
+        bytes,
+        sha256,
+    })
 }

@@ -4,7 +4,7 @@
 
 use super::{dist, Dp};
 use crate::error::TrainError;
-use comm::shard_range;
+use comm::{shard_range, Communicator};
 use sha2::{Digest, Sha256};
 
 /// `bytes` as `f32` bit patterns, 4 bytes each (the last word zero-padded).
@@ -112,34 +112,7 @@ impl Dp {
         mine: &[u8],
         what: &str,
     ) -> Result<Vec<Vec<u8>>, TrainError> {
-        let (n, me) = (self.size(), self.rank());
-        let len = u32::try_from(mine.len())
-            .map_err(|_| TrainError::Dist(format!("{what}: {} bytes is too many", mine.len())))?;
-        let mut lens = vec![0.0f32; n];
-        lens[me] = f32::from_bits(len);
-        self.group.all_gather(&mut lens).map_err(dist(what))?;
-        let lens: Vec<usize> = lens.iter().map(|x| x.to_bits() as usize).collect();
-        const MAX_BYTES: usize = 64 << 20;
-        if let Some(r) = lens.iter().position(|&l| l > MAX_BYTES) {
-            return Err(TrainError::Dist(format!(
-                "{what}: rank {r} announced {} bytes (more than {MAX_BYTES})",
-                lens[r]
-            )));
-        }
-        let words = lens.iter().max().map_or(0, |m| m.div_ceil(4)).max(1);
-        let mut all = vec![0.0f32; words * n];
-        let mut own = bytes_to_words(mine);
-        own.resize(words, 0.0);
-        all[shard_range(words * n, n, me)].copy_from_slice(&own);
-        self.group.all_gather(&mut all).map_err(dist(what))?;
-        Ok(lens
-            .iter()
-            .enumerate()
-            .map(|(r, &l)| {
-                let bytes = bytemuck_bytes(&all[shard_range(words * n, n, r)]);
-                bytes[..l.min(bytes.len())].to_vec()
-            })
-            .collect())
+        all_gather_bytes(self.group.as_mut(), mine, what)
     }
 
     /// Start of a run: every rank must start at the same step (resumed from the same
@@ -196,4 +169,41 @@ pub fn fingerprint(cfg: &crate::TrainConfig, train: &[u32], val: &[u32]) -> [u8;
         }
     }
     h.finalize().into()
+}
+
+/// All-gathers a byte string of any length from every rank; returns them in rank order
+/// (e.g. what each rank wrote into a checkpoint).
+pub fn all_gather_bytes(
+    group: &mut dyn Communicator,
+    mine: &[u8],
+    what: &str,
+) -> Result<Vec<Vec<u8>>, TrainError> {
+    let (n, me) = (group.size(), group.rank());
+    let len = u32::try_from(mine.len())
+        .map_err(|_| TrainError::Dist(format!("{what}: {} bytes is too many", mine.len())))?;
+    let mut lens = vec![0.0f32; n];
+    lens[me] = f32::from_bits(len);
+    group.all_gather(&mut lens).map_err(dist(what))?;
+    let lens: Vec<usize> = lens.iter().map(|x| x.to_bits() as usize).collect();
+    const MAX_BYTES: usize = 64 << 20;
+    if let Some(r) = lens.iter().position(|&l| l > MAX_BYTES) {
+        return Err(TrainError::Dist(format!(
+            "{what}: rank {r} announced {} bytes (more than {MAX_BYTES})",
+            lens[r]
+        )));
+    }
+    let words = lens.iter().max().map_or(0, |m| m.div_ceil(4)).max(1);
+    let mut all = vec![0.0f32; words * n];
+    let mut own = bytes_to_words(mine);
+    own.resize(words, 0.0);
+    all[shard_range(words * n, n, me)].copy_from_slice(&own);
+    group.all_gather(&mut all).map_err(dist(what))?;
+    Ok(lens
+        .iter()
+        .enumerate()
+        .map(|(r, &l)| {
+            let bytes = bytemuck_bytes(&all[shard_range(words * n, n, r)]);
+            bytes[..l.min(bytes.len())].to_vec()
+        })
+        .collect())
 }

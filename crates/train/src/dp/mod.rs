@@ -55,7 +55,7 @@ mod buckets;
 mod ps;
 mod zero;
 
-pub use agree::fingerprint;
+pub use agree::{all_gather_bytes, fingerprint};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
 
@@ -163,7 +163,10 @@ impl std::fmt::Debug for Dp {
 }
 
 fn dist(what: &str) -> impl FnOnce(comm::CommError) -> TrainError + '_ {
-    move |e| TrainError::Dist(format!("{what}: {e}"))
+    move |source| TrainError::Comm {
+        what: format!("data parallel: {what}"),
+        source,
+    }
 }
 
 impl Dp {
@@ -277,6 +280,11 @@ impl Dp {
     /// Data-parallel ranks.
     pub fn size(&self) -> usize {
         self.group.size()
+    }
+
+    /// Whether gradients go through parameter servers.
+    pub fn is_parameter_server(&self) -> bool {
+        self.ps.is_some()
     }
 
     /// The ZeRO stage.
