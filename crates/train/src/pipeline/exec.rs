@@ -301,7 +301,13 @@ pub fn run_ops(
                     GradInput::Hidden(grad_in)
                 };
                 let p = &params[w.clone()];
-                let g = &mut grads[w.clone()];
+                // ZeRO-2 keeps no full gradient buffer (`grads` is empty; backward writes into
+                // the data-parallel bucket buffers).
+                let g = if grads.is_empty() {
+                    &mut grads[..]
+                } else {
+                    &mut grads[w.clone()]
+                };
                 let set = &mut saved[c][slot];
                 match dp.as_deref_mut() {
                     Some(d) => d.backward(last_bwd[c] == Some(i), g, |sink| {
