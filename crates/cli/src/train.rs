@@ -113,7 +113,11 @@ fn print_start(info: &StartInfo) {
         m.channels,
         m.seq_len,
         m.vocab_size.unwrap_or(0),
-        info.params
+        if info.params == info.model_params {
+            info.model_params.to_string()
+        } else {
+            format!("{} (this stage {})", info.model_params, info.params)
+        }
     );
     match c.data.source {
         train::config::DataSource::Synthetic => {

@@ -182,25 +182,36 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
             zero: Some(a.zero),
             ..Default::default()
         };
+        let parts = train::mesh::partition(
+            &mcfg,
+            (cfg.train.batch_size, cfg.model.seq_len),
+            a.pp * a.vpp,
+            a.pp_layers.as_deref(),
+        )?;
         train::mesh::resolve(
             &mcfg,
             &req,
             a.dp * a.pp,
             cfg.train.batch_size,
             cfg.train.grad_accum,
+            &parts,
         )?;
-        train::mesh::partition(cfg.model.n_layer, a.pp * a.vpp, a.pp_layers.as_deref())?;
     } else if a.pp_layers.is_some() {
         bail!("--pp-layers needs --pp > 1");
     }
     Ok(())
 }
 
-/// The model as the runtime builds it (the vocabulary is the data's, not known yet: the
-/// layout check does not depend on it).
+/// The model as the runtime builds it, for the layout check and the stage balance (the
+/// vocabulary is the data's, read later: the config's or the synthetic corpus's here).
 fn mesh_model(cfg: &TrainConfig) -> model::ModelConfig {
     model::ModelConfig {
-        vocab_size: cfg.model.vocab_size.unwrap_or(64),
+        vocab_size: cfg.model.vocab_size.unwrap_or(match cfg.data.source {
+            train::config::DataSource::Synthetic => cfg.data.synthetic.vocab_size,
+            // Token files: the head's share of the balance is estimated with GPT-2's vocabulary
+            // (every rank makes the same estimate, so they agree on the partition).
+            train::config::DataSource::Files => 50257,
+        }),
         max_seq_len: cfg.model.seq_len,
         n_layer: cfg.model.n_layer,
         n_head: cfg.model.n_head,
@@ -381,7 +392,12 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
         tp: 1,
         vpp: a.vpp,
     };
-    let parts = train::mesh::partition(cfg.model.n_layer, a.pp * a.vpp, a.pp_layers.as_deref())?;
+    let parts = train::mesh::partition(
+        &mesh_model(cfg),
+        (cfg.train.batch_size, cfg.model.seq_len),
+        a.pp * a.vpp,
+        a.pp_layers.as_deref(),
+    )?;
     let schedule: Schedule = a
         .schedule
         .parse()

@@ -125,10 +125,16 @@ pub fn resolve(
     world: usize,
     micro_batch: usize,
     grad_accum: usize,
+    parts: &[Range<usize>],
 ) -> Result<Layout, TrainError> {
+    let counts: Vec<usize> = parts.iter().map(|r| r.len()).collect();
     let req = LayoutRequest {
         micro_batch: Some(micro_batch as u64),
         grad_accum: Some(grad_accum as u64),
+        pp_layers: Some(
+            plan::partition::StageLayers::from_counts(&counts)
+                .map_err(|e| TrainError::Layout(plan_reason(&e)))?,
+        ),
         ..*req
     };
     let dp = req.dp.unwrap_or_else(|| {
@@ -137,52 +143,46 @@ pub fn resolve(
     });
     let global = dp * (micro_batch * grad_accum) as u64;
     req.resolve(&model_spec(cfg), world as u64, global)
-        .map_err(|e| TrainError::Layout(e.to_string()))
+        .map_err(|e| TrainError::Layout(plan_reason(&e)))
 }
 
 /// The layers of each virtual stage: `counts` when given (`--pp-layers`, one count per virtual
-/// stage), else an even split (which needs the stages to divide the layers).
+/// stage, checked by `plan::partition::check`), else `plan::partition::balanced` over this
+/// model's costs — per layer and for the LM head + loss on the last stage, the matmul FLOPs of
+/// `plan::cpu_time`'s model (forward + backward, 3× the forward's; the embedding's gather is
+/// free) — which is the even split whenever the stages divide the layers.
 pub fn partition(
-    n_layer: usize,
+    cfg: &ModelConfig,
+    (b, t): (usize, usize),
     virtual_stages: usize,
     counts: Option<&[usize]>,
 ) -> Result<Vec<Range<usize>>, TrainError> {
+    let n_layer = cfg.n_layer;
     let counts: Vec<usize> = match counts {
         Some(c) => {
-            let sum: usize = c.iter().sum();
             if c.len() != virtual_stages {
                 return Err(TrainError::Layout(format!(
                     "--pp-layers lists {} stages, but pp × vpp = {virtual_stages}",
                     c.len()
                 )));
             }
-            if let Some(k) = c.iter().position(|&n| n == 0) {
-                return Err(TrainError::Layout(format!(
-                    "--pp-layers gives stage {k} no layers; every stage needs at least one"
-                )));
-            }
-            if sum != n_layer {
-                return Err(TrainError::Layout(format!(
-                    "--pp-layers {} sums to {sum}, but the model has {n_layer} layers",
-                    c.iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )));
-            }
+            plan::partition::check(n_layer, c).map_err(|e| TrainError::Layout(plan_reason(&e)))?;
             c.to_vec()
         }
         None => {
-            if n_layer % virtual_stages != 0 {
-                return Err(TrainError::Layout(format!(
-                    "{n_layer} layers do not split evenly over pp × vpp = {virtual_stages} stages; \
-                     give the layers of each stage with --pp-layers (e.g. --pp-layers {})",
-                    uneven_example(n_layer, virtual_stages)
-                )));
-            }
-            vec![n_layer / virtual_stages; virtual_stages]
+            let (c, vp) = (cfg.channels as f64, cfg.padded_vocab() as f64);
+            let (b, t) = (b as f64, t as f64);
+            let layer = 3.0 * 24.0 * b * t * c * c + 12.0 * b * t * t * c;
+            let head = 3.0 * 2.0 * b * t * c * vp;
+            plan::partition::balanced(virtual_stages, &vec![layer; n_layer], 0.0, head)
         }
     };
+    if let Some(k) = counts.iter().position(|&n| n == 0) {
+        return Err(TrainError::Layout(format!(
+            "pipeline stage {k} would hold no layers ({n_layer} layers over {virtual_stages} stages); \
+             use fewer stages"
+        )));
+    }
     let mut start = 0;
     Ok(counts
         .iter()
@@ -193,11 +193,12 @@ pub fn partition(
         .collect())
 }
 
-fn uneven_example(n: usize, k: usize) -> String {
-    (0..k)
-        .map(|i| (n / k + usize::from(i < n % k)).to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+/// A layout error's reason without `plan`'s own "layout:" prefix (ours adds it).
+fn plan_reason(e: &plan::PlanError) -> String {
+    match e {
+        plan::PlanError::Layout(reason) => reason.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// The shard of virtual stage `k` of `parts` (tensor-parallel rank `tp_rank` of `tp`).
@@ -247,16 +248,32 @@ mod tests {
     }
 
     #[test]
-    fn partitions_are_checked_with_the_fix_in_the_message() {
-        assert_eq!(partition(4, 2, None).unwrap(), [0..2, 2..4]);
-        assert_eq!(partition(5, 2, Some(&[2, 3])).unwrap(), [0..2, 2..5]);
-        let e = partition(5, 2, None).unwrap_err().to_string();
-        assert!(e.contains("--pp-layers 3,2"), "{e}");
-        let e = partition(5, 2, Some(&[2, 2])).unwrap_err().to_string();
-        assert!(e.contains("sums to 4"), "{e}");
-        let e = partition(5, 2, Some(&[5, 0])).unwrap_err().to_string();
-        assert!(e.contains("stage 1 no layers"), "{e}");
-        let e = partition(6, 4, Some(&[2, 2, 2])).unwrap_err().to_string();
+    fn partitions_are_checked_and_balanced_by_plan() {
+        let cfg = |n_layer| ModelConfig {
+            vocab_size: 64,
+            max_seq_len: 16,
+            n_layer,
+            n_head: 2,
+            channels: 32,
+        };
+        assert_eq!(partition(&cfg(4), (2, 16), 2, None).unwrap(), [0..2, 2..4]);
+        assert_eq!(
+            partition(&cfg(5), (2, 16), 2, Some(&[2, 3])).unwrap(),
+            [0..2, 2..5]
+        );
+        // Uneven: the last stage also runs the LM head, so it gets the fewer layers.
+        assert_eq!(partition(&cfg(5), (2, 16), 2, None).unwrap(), [0..3, 3..5]);
+        let e = partition(&cfg(5), (2, 16), 2, Some(&[2, 2]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--pp-layers"), "{e}");
+        let e = partition(&cfg(6), (2, 16), 4, Some(&[2, 2, 2]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lists 3 stages"), "{e}");
+        let e = partition(&cfg(2), (2, 16), 3, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no layers"), "{e}");
     }
 }

@@ -106,8 +106,10 @@ pub struct StepRecord {
 pub struct StartInfo {
     /// The resolved config.
     pub config: TrainConfig,
-    /// Parameters.
+    /// Parameters this rank holds (its pipeline stage's; the whole model without a pipeline).
     pub params: usize,
+    /// Parameters of the whole model.
+    pub model_params: usize,
     /// Step the loop starts at (0, or the checkpoint's).
     pub start_step: u64,
     /// Loss floor of the synthetic corpus, if known.
@@ -576,6 +578,7 @@ pub fn run(
     let start = StartInfo {
         config: rcfg.clone(),
         params: n,
+        model_params: ParamLayout::new(&mcfg, &Shard::full(&mcfg))?.len(),
         start_step: state.step,
         loss_floor: data.loss_floor(t),
         threads,

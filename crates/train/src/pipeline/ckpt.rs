@@ -258,7 +258,7 @@ mod tests {
             channels: 16,
         };
         let full = ParamLayout::new(&cfg, &model::Shard::full(&cfg)).unwrap();
-        let parts = crate::mesh::partition(5, 2, Some(&[2, 3])).unwrap();
+        let parts = crate::mesh::partition(&cfg, (2, 8), 2, Some(&[2, 3])).unwrap();
         let params = full.init_params(7);
         let mut covered = vec![0u8; full.len()];
         for k in 0..2 {
