@@ -588,7 +588,7 @@ impl Link for TcpLink {
             });
             peers.push(p);
         }
-        let ms = dur.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let ms = dur.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if rc < 0 {
@@ -621,6 +621,10 @@ impl Link for TcpLink {
             }
         }
         aborted.map_or(Ok(()), Err)
+    }
+
+    fn raw_fd(&self, peer: usize) -> Option<std::os::fd::RawFd> {
+        Some(self.streams.get(peer)?.as_ref()?.as_raw_fd())
     }
 
     fn set_closing(&mut self) {
