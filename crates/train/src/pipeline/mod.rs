@@ -183,24 +183,6 @@ pub fn boundaries(
         .collect()
 }
 
-/// Sends to one stage and receives from one (maybe the same) at once.
-// Until the communicator offers a combined call: the lower stage of a pair sends first, so two
-// stages exchanging with each other never both block in `send`.
-fn sendrecv(
-    group: &mut dyn Communicator,
-    me: usize,
-    (dst, data): (usize, &[u8]),
-    (src, out): (usize, &mut [u8]),
-) -> comm::Result<()> {
-    if me < dst {
-        group.send(dst, data)?;
-        group.recv(src, out)
-    } else {
-        group.recv(src, out)?;
-        group.send(dst, data)
-    }
-}
-
 /// Bytes of a message header: kind, micro-batch, producing virtual stage, step (u32 each).
 const HEADER_BYTES: usize = 16;
 
@@ -408,13 +390,10 @@ impl Pipeline {
         let recv_len = recv.as_ref().map_or(0, |(_, o)| HEADER_BYTES + 4 * o.len());
         self.recv_buf.resize(recv_len, 0);
         match (&send, &recv) {
-            (Some((m, _)), Some((r, _))) => sendrecv(
-                self.group.as_mut(),
-                self.me.pp,
-                (m.dst, &self.send_buf),
-                (r.src, &mut self.recv_buf),
-            )
-            .map_err(comm_err(label.clone()))?,
+            (Some((m, _)), Some((r, _))) => self
+                .group
+                .sendrecv(m.dst, &self.send_buf, r.src, &mut self.recv_buf)
+                .map_err(comm_err(label.clone()))?,
             (Some((m, _)), None) => self
                 .group
                 .send(m.dst, &self.send_buf)
