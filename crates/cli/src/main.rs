@@ -1,15 +1,17 @@
-//! The `scaletrain` binary: `estimate`, `plan`, `validate`, `presets`, `launch`, `bench`.
+//! The `scaletrain` binary: `estimate`, `plan`, `validate`, `presets`, `launch`, `bench`, `serve`.
 //!
 //! Logic a library user would need lives in the crates; this file parses flags, reads files and
 //! prints. Errors print with their whole chain (`{:#}`) and exit with status 2.
 
 mod bench_comm;
 mod bench_plan;
+mod bench_serve;
 mod bench_train;
 mod data;
 mod launch;
 mod report;
 mod sample;
+mod serve;
 mod spec;
 mod train;
 mod train_dp;
@@ -59,6 +61,8 @@ enum Cmd {
     /// Data preparation.
     #[command(subcommand)]
     Data(DataCmd),
+    /// The planner page: a local web server with the estimator and planner (docs/planner-page.md).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +79,8 @@ enum BenchCmd {
     Train(bench_train::BenchTrainArgs),
     /// All-reduce latency, algorithm and bus bandwidth per message size (nccl-tests definitions).
     Comm(bench_comm::BenchCommArgs),
+    /// The planner page's API: latency over loopback and a bounded mixed load (docs/planner-page.md).
+    Serve(bench_serve::BenchServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,8 +95,8 @@ struct EstimateArgs {
     explain: bool,
 }
 
-#[derive(Debug, Args)]
-struct PlanArgs {
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PlanArgs {
     #[command(flatten)]
     spec: SpecArgs,
     /// Rank by: time (default) or cost.
@@ -134,6 +140,9 @@ struct PresetArgs {
     /// Print one GPU preset as a TOML file to start a custom `--gpu-file` from.
     #[arg(long)]
     gpu: Option<String>,
+    /// JSON output: every model preset (shape, parameters) and GPU preset (all fields).
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +159,8 @@ fn main() -> ExitCode {
         Cmd::Train(a) => train::run(&a),
         Cmd::Sample(a) => sample::run(&a),
         Cmd::Data(DataCmd::Prepare(a)) => data::prepare(&a),
+        Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(&a),
+        Cmd::Serve(a) => serve::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,12 +180,29 @@ fn default_gpus(spec: &SpecArgs) -> u64 {
     }
 }
 
-fn run_estimate(a: EstimateArgs) -> Result<()> {
-    let spec = a.spec.with_config_file()?;
-    let (ctx, note) = spec.context(default_gpus(&spec))?;
+/// What `estimate` answers: the estimate (`--json` prints it) and the notes printed above the
+/// table. `serve`'s `/api/estimate` calls this same function.
+pub(crate) struct EstimateAnswer {
+    /// The report; its serialisation is the `--json` schema.
+    pub est: plan::Estimate,
+    /// The checked model, cluster and recipe.
+    pub ctx: Context,
+    /// Lines printed as `note: …` before the table.
+    pub notes: Vec<String>,
+}
+
+pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<EstimateAnswer> {
+    let (ctx, note) = spec.context(default_gpus(spec))?;
+    let mut notes = Vec::new();
     let layout = if spec.has_layout() {
-        spec.layout_request()
-            .resolve(&ctx.model, ctx.cluster.gpus, ctx.recipe.global_batch)?
+        let mut l = spec.layout_request()?.resolve(
+            &ctx.model,
+            ctx.cluster.gpus,
+            ctx.recipe.global_batch,
+        )?;
+        // Without --pp-layers the stages are balanced from their predicted times.
+        ctx.balance(&mut l);
+        l
     } else {
         // No layout flags: take the fastest layout that fits, as `plan` would (recompute as given).
         let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node);
@@ -182,37 +210,42 @@ fn run_estimate(a: EstimateArgs) -> Result<()> {
         let r = parallel_search(&ctx, &space, Objective::Time, 1, None);
         match r.top.first() {
             Some(c) => {
-                if !a.json {
-                    println!("note: no layout flags given; using the fastest layout that fits (what `scaletrain plan` ranks first).");
-                }
+                notes.push("no layout flags given; using the fastest layout that fits (what `scaletrain plan` ranks first).".into());
                 c.layout
             }
             None => {
-                if !a.json {
-                    println!(
-                        "note: no layout fits on {} x {}; showing the default layout. Try `scaletrain plan` with --recompute full, more GPUs or a larger GPU.",
-                        ctx.cluster.gpus, ctx.cluster.gpu.name
-                    );
-                }
-                spec.layout_request().resolve(
+                notes.push(format!(
+                    "no layout fits on {} x {}; showing the default layout. Try `scaletrain plan` with --recompute full, more GPUs or a larger GPU.",
+                    ctx.cluster.gpus, ctx.cluster.gpu.name
+                ));
+                let mut l = spec.layout_request()?.resolve(
                     &ctx.model,
                     ctx.cluster.gpus,
                     ctx.recipe.global_batch,
-                )?
+                )?;
+                ctx.balance(&mut l);
+                l
             }
         }
     };
-    let est = plan::estimate(&ctx, &layout, a.explain);
+    notes.extend(note);
+    let est = plan::estimate(&ctx, &layout, explain);
+    Ok(EstimateAnswer { est, ctx, notes })
+}
+
+fn run_estimate(a: EstimateArgs) -> Result<()> {
+    let spec = a.spec.with_config_file()?;
+    let ans = estimate_answer(&spec, a.explain)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&est)?);
+        println!("{}", serde_json::to_string_pretty(&ans.est)?);
         return Ok(());
     }
-    if let Some(n) = note {
+    for n in &ans.notes {
         println!("note: {n}");
     }
-    print!("{}", report::estimate_table(&est, &ctx.recipe));
+    print!("{}", report::estimate_table(&ans.est, &ans.ctx.recipe));
     if a.explain {
-        print!("{}", report::explain(&est.explain));
+        print!("{}", report::explain(&ans.est.explain));
     }
     Ok(())
 }
@@ -244,8 +277,23 @@ fn parallel_search(
     SearchResult::merge(parts, obj, top)
 }
 
-fn run_plan(a: PlanArgs) -> Result<()> {
-    let spec = a.spec.with_config_file()?;
+/// What `plan` answers. `serve`'s `/api/plan` calls this same function and [`plan_json`].
+pub(crate) struct PlanAnswer {
+    /// The checked model, cluster and recipe (cluster size: the first searched).
+    pub ctx: Context,
+    /// Cluster sizes searched.
+    pub gpus: Vec<u64>,
+    /// What was ranked by.
+    pub obj: Objective,
+    /// The ranked layouts and the rejection counts.
+    pub result: SearchResult,
+    /// Seconds the search took.
+    pub secs: f64,
+    /// A note about the model (e.g. the shape `--params` chose).
+    pub note: Option<String>,
+}
+
+pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     let obj = match (a.deadline_days, a.objective.as_str()) {
         (Some(_), _) if a.budget_usd.is_some() => {
             bail!("give either --deadline-days or --budget-usd, not both")
@@ -270,10 +318,16 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     if a.top == 0 {
         bail!("--top must be at least 1");
     }
-    let (ctx, note) = spec.context(default_gpus(&spec))?;
+    let (ctx, note) = spec.context(default_gpus(spec))?;
     let gpn = ctx.cluster.gpus_per_node;
     let sizes = match (spec.gpus, obj) {
         (None, Objective::Deadline(_) | Objective::Budget(_)) => {
+            if a.max_gpus > 1_000_000 {
+                bail!(
+                    "--max-gpus {}: beyond any cluster (at most 1,000,000); check the value",
+                    a.max_gpus
+                );
+            }
             let mut v = Vec::new();
             let mut n = gpn;
             while n <= a.max_gpus {
@@ -284,6 +338,15 @@ fn run_plan(a: PlanArgs) -> Result<()> {
         }
         _ => vec![ctx.cluster.gpus],
     };
+    if spec.pp_layers.is_some() {
+        bail!("--pp-layers fixes one layout's stages; `plan` balances the stages of every layout it tries from their predicted times. Use --pp-layers with `scaletrain estimate`");
+    }
+    if sizes.is_empty() {
+        bail!(
+            "--max-gpus {} is smaller than one node ({gpn} GPUs); raise --max-gpus or lower --gpus-per-node",
+            a.max_gpus
+        );
+    }
     let mut space = SearchSpace::for_gpus(sizes, gpn);
     if let Some(mb) = spec.micro_batch {
         space.micro_batches = vec![mb];
@@ -298,43 +361,62 @@ fn run_plan(a: PlanArgs) -> Result<()> {
         space.recompute = vec![ctx.recipe.recompute];
     }
     let start = Instant::now();
-    let r = parallel_search(&ctx, &space, obj, a.top, a.threads);
+    let result = parallel_search(&ctx, &space, obj, a.top, a.threads);
     let secs = start.elapsed().as_secs_f64();
+    Ok(PlanAnswer {
+        ctx,
+        gpus: space.gpus,
+        obj,
+        result,
+        secs,
+        note,
+    })
+}
+
+/// `plan --json`.
+pub(crate) fn plan_json(p: &PlanAnswer) -> serde_json::Value {
+    let (r, ctx) = (&p.result, &p.ctx);
+    serde_json::json!({
+        "candidates": r.candidates, "evaluated": r.evaluated, "accepted": r.accepted, "search_secs": p.secs,
+        "rejected": r.rejected.iter().map(|(k, n)| serde_json::json!({"reason": k.describe(), "count": n})).collect::<Vec<_>>(),
+        "top": r.top.iter().map(|c| {
+            let mut cc = ctx.clone();
+            cc.recipe.recompute = c.recompute;
+            cc.cluster.gpus = c.layout.world();
+            plan::estimate(&cc, &c.layout, false)
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn run_plan(a: PlanArgs) -> Result<()> {
+    let spec = a.spec.clone().with_config_file()?;
+    let p = plan_answer(&a, &spec)?;
     if a.json {
-        let out = serde_json::json!({
-            "candidates": r.candidates, "evaluated": r.evaluated, "accepted": r.accepted, "search_secs": secs,
-            "rejected": r.rejected.iter().map(|(k, n)| serde_json::json!({"reason": k.describe(), "count": n})).collect::<Vec<_>>(),
-            "top": r.top.iter().map(|c| {
-                let mut cc = ctx.clone();
-                cc.recipe.recompute = c.recompute;
-                cc.cluster.gpus = c.layout.world();
-                plan::estimate(&cc, &c.layout, false)
-            }).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&plan_json(&p))?);
         return Ok(());
     }
-    if let Some(n) = note {
+    let (ctx, r, secs) = (&p.ctx, &p.result, p.secs);
+    if let Some(n) = &p.note {
         println!("note: {n}");
     }
     println!(
         "Plan for {} on {} ({} per node), global batch {} x {} tokens, {} tokens, objective {:?}",
         ctx.model.name,
-        if space.gpus.len() == 1 {
-            format!("{} x {}", space.gpus[0], ctx.cluster.gpu.name)
+        if p.gpus.len() == 1 {
+            format!("{} x {}", p.gpus[0], ctx.cluster.gpu.name)
         } else {
             format!(
                 "{}..{} x {}",
-                space.gpus[0],
-                space.gpus[space.gpus.len() - 1],
+                p.gpus[0],
+                p.gpus[p.gpus.len() - 1],
                 ctx.cluster.gpu.name
             )
         },
-        gpn,
+        ctx.cluster.gpus_per_node,
         ctx.recipe.global_batch,
         ctx.model.seq_len,
         plan::units::count(ctx.recipe.tokens),
-        obj
+        p.obj
     );
     let detail = r.top.first().map(|c| {
         let mut cc = ctx.clone();
@@ -347,7 +429,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
         }
         s
     });
-    print!("{}", report::plan_table(&r, secs, detail));
+    print!("{}", report::plan_table(r, secs, detail));
     Ok(())
 }
 
@@ -367,10 +449,28 @@ fn run_validate(a: ValidateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `presets --json`: `{"models": [{"name", "parameters", "spec"}], "gpus": [GpuSpec]}`.
+pub(crate) fn presets_json() -> Result<serde_json::Value> {
+    let mut models = Vec::new();
+    for name in plan::model::MODEL_PRESETS {
+        let m = plan::preset(name)?;
+        models.push(serde_json::json!({"name": name, "parameters": m.params().total, "spec": m}));
+    }
+    let gpus = plan::hardware::GPU_PRESETS
+        .iter()
+        .map(|g| plan::gpu_preset(g))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(serde_json::json!({"models": models, "gpus": gpus}))
+}
+
 fn run_presets(a: PresetArgs) -> Result<()> {
     if let Some(g) = a.gpu {
         let gpu = plan::gpu_preset(&g)?;
         print!("{}", toml::to_string(&gpu)?);
+        return Ok(());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&presets_json()?)?);
         return Ok(());
     }
     println!("Models:");

@@ -48,6 +48,19 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
     );
     let _ = writeln!(s, "Recipe      {:?}, {:?}, {} tokens, global batch {} x {} tokens, recompute {:?}, flash attention {}", recipe.precision, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
     let _ = writeln!(s, "Layout      dp {} x tp {} x pp {} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
+    if l.pp * l.vpp > 1 {
+        let how = match l.partition {
+            plan::Partition::Even => "even",
+            plan::Partition::Balanced => "balanced from predicted stage times",
+            plan::Partition::Explicit => "as given",
+        };
+        let _ = writeln!(
+            s,
+            "Stages      layers per {}stage {} ({how})",
+            if l.vpp > 1 { "virtual " } else { "" },
+            l.stage_layers
+        );
+    }
     let sb = recipe.state_bytes;
     let _ = writeln!(
         s,

@@ -145,6 +145,10 @@ pub struct SpecArgs {
     /// Gradient-accumulation steps (default: global batch / (dp x micro-batch)).
     #[arg(long, help_heading = "Layout")]
     pub grad_accum: Option<u64>,
+    /// Layers per pipeline stage, e.g. 3,5 (pp x vpp entries; default: balanced from the
+    /// predicted stage times, counting the embedding and the LM head).
+    #[arg(long, value_name = "LIST", help_heading = "Layout")]
+    pub pp_layers: Option<String>,
 
     // ---- hardware ----
     /// GPU preset: a100-40gb, a100-80gb, h100-sxm (default), h200, b200, mi300x.
@@ -220,6 +224,7 @@ impl SpecArgs {
             vpp,
             zero,
             grad_accum,
+            pp_layers,
             gpu,
             gpu_file,
             gpus,
@@ -241,6 +246,7 @@ impl SpecArgs {
             || self.zero.is_some()
             || self.micro_batch.is_some()
             || self.grad_accum.is_some()
+            || self.pp_layers.is_some()
     }
 
     /// The model: preset, --params, --hf-config, then explicit dimensions on top.
@@ -458,8 +464,15 @@ impl SpecArgs {
     }
 
     /// The requested layout (unset degrees inferred later).
-    pub fn layout_request(&self) -> LayoutRequest {
-        LayoutRequest {
+    pub fn layout_request(&self) -> Result<LayoutRequest> {
+        let pp_layers = match &self.pp_layers {
+            Some(text) => {
+                let counts = plan::partition::parse(text)?;
+                Some(plan::StageLayers::from_counts(&counts)?)
+            }
+            None => None,
+        };
+        Ok(LayoutRequest {
             dp: self.dp,
             tp: self.tp,
             pp: self.pp,
@@ -468,7 +481,8 @@ impl SpecArgs {
             zero: self.zero,
             micro_batch: self.micro_batch,
             grad_accum: self.grad_accum,
-        }
+            pp_layers,
+        })
     }
 
     /// Everything checked, for a cluster of `gpus` GPUs.

@@ -375,3 +375,98 @@ fn custom_gpu_file_round_trips_from_presets() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("my-gpu"));
 }
+
+#[test]
+fn uneven_pipeline_stages() {
+    // 32 layers on 3 stages: balanced by default (no longer refused), shown with the reason.
+    let (code, out, err) = run(&[
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpus",
+        "3",
+        "--pp",
+        "3",
+        "--global-batch",
+        "63",
+        "--explain",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Stages      layers per stage ")
+            && out.contains("(balanced from predicted stage times)"),
+        "{out}"
+    );
+    assert!(out.contains("pipeline partition"), "{out}");
+    // An explicit list is honoured and reported in the JSON.
+    let (code, out, err) = run(&[
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpus",
+        "2",
+        "--pp",
+        "2",
+        "--pp-layers",
+        "15,17",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert_eq!(v["layout"]["stage_layers"], serde_json::json!([15, 17]));
+    assert_eq!(v["layout"]["partition"], "explicit");
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--gpus",
+            "2",
+            "--pp",
+            "2",
+            "--pp-layers",
+            "3,5",
+        ],
+        &["--pp-layers 3 + 5 = 8, but the model has 32 layers"],
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--gpus",
+            "2",
+            "--pp",
+            "2",
+            "--pp-layers",
+            "16,16,0",
+        ],
+        &["--pp-layers lists 3 stages, but pp(2) * vpp(1) = 2"],
+    );
+    fails_with(
+        &[
+            "estimate",
+            "--model",
+            "llama3-8b",
+            "--gpus",
+            "2",
+            "--pp",
+            "2",
+            "--pp-layers",
+            "16,x",
+        ],
+        &["invalid --pp-layers: 'x' is not a whole number"],
+    );
+    fails_with(
+        &[
+            "plan",
+            "--model",
+            "llama3-8b",
+            "--gpus",
+            "8",
+            "--pp-layers",
+            "16,16",
+        ],
+        &["Use --pp-layers with `scaletrain estimate`"],
+    );
+}

@@ -87,6 +87,7 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
     };
     let totals = totals(ctx, layout, &eval);
     if explain {
+        partition_lines(ctx, layout, &mut ex);
         pipeline_cross_check(ctx, layout, &eval, &mut ex);
         let (steps, secs, gpu_hours, cost) =
             (totals.steps, totals.secs, totals.gpu_hours, totals.cost);
@@ -246,6 +247,89 @@ fn parameter_lines(ctx: &Context, ex: &mut Explain) {
         n * sb.total(), "bytes", "ZeRO paper counts 16 B/param for mixed-precision Adam; Megatron 18 (fp32 grads)"));
 }
 
+/// The pipeline partition and why: per-stage predicted times, and what the even split (when
+/// there is one) or the balanced one would give instead.
+fn partition_lines(ctx: &Context, layout: &Layout, ex: &mut Explain) {
+    let stages = layout.pp * layout.vpp;
+    if stages < 2 {
+        return;
+    }
+    let c = ctx.stage_costs(layout);
+    let layers = ctx.model.layers;
+    let stage_secs = |l: &Layout| -> Vec<f64> {
+        (0..stages)
+            .map(|i| {
+                let mut t = l.virtual_stage_layers(layers, i) as f64 * c.layer;
+                if i == 0 {
+                    t += c.first_extra;
+                }
+                if i + 1 == stages {
+                    t += c.last_extra;
+                }
+                t
+            })
+            .collect()
+    };
+    let mine = stage_secs(layout);
+    let slowest = mine.iter().copied().fold(0.0, f64::max);
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("{:.1}", t * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let list = if layout.stage_layers.is_empty() {
+        crate::partition::StageLayers::spread(layers, stages).to_string()
+    } else {
+        layout.stage_layers.to_string()
+    };
+    // The alternative: the balanced partition for an explicit or even one, the even split (if
+    // any) for a balanced one.
+    let other = if layout.partition == crate::partition::Partition::Balanced {
+        (layers % stages == 0).then(|| {
+            let mut l = *layout;
+            l.stage_layers = crate::partition::StageLayers::spread(layers, stages);
+            ("the even split", l)
+        })
+    } else {
+        let mut l = *layout;
+        l.partition = crate::partition::Partition::Balanced;
+        ctx.balance(&mut l);
+        Some(("the balanced partition", l))
+    };
+    let why = match other {
+        Some((name, l)) => {
+            let alt = stage_secs(&l).into_iter().fold(0.0, f64::max);
+            format!(
+                "; {name} {} would have its slowest stage at {:.1} ms",
+                l.stage_layers,
+                alt * 1e3
+            )
+        }
+        None => String::new(),
+    };
+    ex.line(|| {
+        line(
+            "time",
+            "pipeline partition",
+            format!(
+                "{} layers per {}stage [{list}]: per micro-batch (fwd+bwd) stage times [{}] ms = layers x {:.2} ms + embedding {:.2} ms on stage 0 + LM head and loss {:.2} ms on stage {}; slowest {:.1} ms{why}",
+                layout.partition.name(),
+                if layout.vpp > 1 { "virtual " } else { "" },
+                show(&mine),
+                c.layer * 1e3,
+                c.first_extra * 1e3,
+                c.last_extra * 1e3,
+                stages - 1,
+                slowest * 1e3
+            ),
+            slowest,
+            "s",
+            "balanced: least slowest stage, then most even (crates/plan/src/partition.rs); the slowest device sets the pace",
+        )
+    });
+}
+
 /// Simulates the schedule lists the runtime executes (crate::schedule) and reports their bubble
 /// and activation count beside the closed forms the cost model and planner use.
 fn pipeline_cross_check(ctx: &Context, layout: &Layout, eval: &Eval, ex: &mut Explain) {
@@ -262,7 +346,7 @@ fn pipeline_cross_check(ctx: &Context, layout: &Layout, eval: &Eval, ex: &mut Ex
         crate::recipe::Schedule::OneFOneB => crate::schedule::Kind::OneFOneB,
     };
     let lt = ctx.layer_times(layout);
-    let layers = (ctx.model.layers / layout.pp) as f64;
+    let layers = ctx.model.layers as f64 / layout.pp as f64;
     let fwd = layers * (lt.fwd + lt.tp_fwd) / v as f64;
     let bwd = layers * (lt.bwd + lt.recompute + lt.tp_bwd + lt.tp_recompute) / v as f64;
     let ops = crate::schedule::build(kind, p, m, v);

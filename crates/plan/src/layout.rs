@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use crate::error::{PlanError, Result};
 use crate::model::ModelSpec;
+use crate::partition::{self, Partition, StageLayers, MAX_STAGES};
 
 /// Degrees and knobs of one parallel layout. Axes in Megatron's order: tp (inside a node),
 /// then pp, then dp (outermost).
@@ -26,6 +27,12 @@ pub struct Layout {
     pub micro_batch: u64,
     /// Micro-batches per step per data-parallel rank (gradient accumulation).
     pub grad_accum: u64,
+    /// Transformer layers per (virtual) pipeline stage, `pp·vpp` entries; device `d` runs
+    /// virtual stages `d, d + pp, …` (see [`crate::partition`]). Empty means the even split
+    /// (`StageLayers::default()`, convenient when building a `Layout` by hand).
+    pub stage_layers: StageLayers,
+    /// How `stage_layers` was chosen.
+    pub partition: Partition,
 }
 
 /// A layout as the user gave it: any degree may be left to inference.
@@ -47,11 +54,20 @@ pub struct LayoutRequest {
     pub micro_batch: Option<u64>,
     /// `--grad-accum`.
     pub grad_accum: Option<u64>,
+    /// `--pp-layers`: layers per (virtual) stage, `pp·vpp` entries.
+    pub pp_layers: Option<StageLayers>,
 }
 
 impl LayoutRequest {
     /// Fills in unset degrees where unambiguous (tp = pp = 1 by default, dp = gpus / (tp·pp),
     /// micro-batch 1, grad-accum = global batch ÷ (dp × micro-batch)) and validates.
+    ///
+    /// The partition: `pp_layers` when given ([`Partition::Explicit`]); otherwise the even split
+    /// when `pp·vpp` divides the layers ([`Partition::Even`]), else layers spread as evenly as
+    /// possible with the remainder on the last stages ([`Partition::Balanced`] with every layer
+    /// costing the same and no embedding/head work). `Context::balance` re-chooses a non-explicit
+    /// partition from predicted stage times; a runtime may re-balance with its own costs
+    /// ([`crate::partition::balanced`]).
     pub fn resolve(&self, model: &ModelSpec, gpus: u64, global_batch: u64) -> Result<Layout> {
         let tp = self.tp.unwrap_or(1);
         let pp = self.pp.unwrap_or(1);
@@ -91,15 +107,34 @@ impl LayoutRequest {
                 global_batch / per
             }
         };
+        let vpp = self.vpp.unwrap_or(1);
+        let stages = pp.saturating_mul(vpp);
+        let (stage_layers, partition) = match self.pp_layers {
+            Some(list) => (list, Partition::Explicit),
+            None => {
+                if vpp == 0 || stages > MAX_STAGES as u64 {
+                    (StageLayers::default(), Partition::Even)
+                } else if model.layers % stages == 0 {
+                    (StageLayers::spread(model.layers, stages), Partition::Even)
+                } else {
+                    (
+                        StageLayers::spread(model.layers, stages),
+                        Partition::Balanced,
+                    )
+                }
+            }
+        };
         let l = Layout {
             dp,
             tp,
             pp,
-            vpp: self.vpp.unwrap_or(1),
+            vpp,
             sp: self.sp,
             zero: self.zero.unwrap_or(0),
             micro_batch,
             grad_accum,
+            stage_layers,
+            partition,
         };
         l.validate(model, gpus, global_batch)?;
         Ok(l)
@@ -110,6 +145,40 @@ impl Layout {
     /// Total devices.
     pub fn world(&self) -> u64 {
         self.dp * self.tp * self.pp
+    }
+
+    /// Transformer layers on pipeline device `d` (the sum of its virtual stages) for a model of
+    /// `layers` layers; an empty `stage_layers` is the even split (remainder on the last stages).
+    #[inline]
+    pub fn device_layers(&self, layers: u64, d: u64) -> u64 {
+        if self.stage_layers.is_empty() {
+            let s = (self.pp * self.vpp).max(1);
+            let (q, r) = (layers / s, layers % s);
+            (0..self.vpp)
+                .map(|k| {
+                    let i = d + k * self.pp;
+                    q + u64::from(i >= s - r)
+                })
+                .sum()
+        } else {
+            self.stage_layers
+                .device_layers(d as usize, self.pp as usize)
+        }
+    }
+
+    /// Layers of virtual stage `i` (see [`Layout::device_layers`] for an empty list).
+    #[inline]
+    pub fn virtual_stage_layers(&self, layers: u64, i: u64) -> u64 {
+        if self.stage_layers.is_empty() {
+            let s = (self.pp * self.vpp).max(1);
+            let (q, r) = (layers / s, layers % s);
+            q + u64::from(i >= s - r)
+        } else {
+            self.stage_layers
+                .as_slice()
+                .get(i as usize)
+                .map_or(0, |&n| n as u64)
+        }
     }
 
     /// The checks every layout passes; errors show the arithmetic.
@@ -123,6 +192,8 @@ impl Layout {
             zero,
             micro_batch,
             grad_accum,
+            stage_layers,
+            partition,
         } = *self;
         let err = |s: String| Err(PlanError::Layout(s));
         if dp == 0 || tp == 0 || pp == 0 || vpp == 0 || micro_batch == 0 || grad_accum == 0 {
@@ -154,11 +225,30 @@ impl Layout {
                 m.ffn_hidden
             ));
         }
-        if m.layers % (pp * vpp) != 0 {
+        let stages = pp * vpp;
+        if stages > MAX_STAGES as u64 {
             return err(format!(
-                "layers ({}) is not divisible by pp({pp}) * vpp({vpp}) = {}; each stage needs a whole number of layers",
-                m.layers,
-                pp * vpp
+                "pp({pp}) * vpp({vpp}) = {stages} pipeline stages; at most {MAX_STAGES} are supported"
+            ));
+        }
+        if !stage_layers.is_empty() && stage_layers.len() as u64 != stages {
+            return err(format!(
+                "--pp-layers lists {} stages, but pp({pp}) * vpp({vpp}) = {stages}",
+                stage_layers.len()
+            ));
+        }
+        if !stage_layers.is_empty() {
+            let counts: Vec<usize> = stage_layers
+                .as_slice()
+                .iter()
+                .map(|&n| n as usize)
+                .collect();
+            partition::check(m.layers as usize, &counts)?;
+        }
+        if partition == Partition::Even && m.layers % stages != 0 {
+            return err(format!(
+                "an even partition needs layers ({}) divisible by pp({pp}) * vpp({vpp}) = {stages}; give --pp-layers or let the planner balance the stages",
+                m.layers
             ));
         }
         if vpp > 1 && pp == 1 {
@@ -234,16 +324,68 @@ mod tests {
         );
         let req = LayoutRequest {
             pp: Some(3),
+            pp_layers: Some(StageLayers::from_counts(&[10, 10, 10]).unwrap()),
             ..Default::default()
         };
         let e = req.resolve(&m, 3, 63).unwrap_err().to_string();
-        assert!(e.contains("layers (32) is not divisible by pp(3)"), "{e}");
+        assert!(
+            e.contains("--pp-layers 10 + 10 + 10 = 30, but the model has 32 layers"),
+            "{e}"
+        );
+        let req = LayoutRequest {
+            pp: Some(2),
+            pp_layers: Some(StageLayers::from_counts(&[10, 10, 12]).unwrap()),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 2, 64).unwrap_err().to_string();
+        assert!(
+            e.contains("--pp-layers lists 3 stages, but pp(2) * vpp(1) = 2"),
+            "{e}"
+        );
         let req = LayoutRequest {
             grad_accum: Some(3),
             ..Default::default()
         };
         let e = req.resolve(&m, 8, 64).unwrap_err().to_string();
         assert!(e.contains("= 24, but the global batch is 64"), "{e}");
+    }
+
+    #[test]
+    fn uneven_layer_counts_resolve() {
+        // 32 layers on 3 stages: spread 10, 11, 11 until a cost model re-balances them.
+        let m = preset("llama2-7b").unwrap();
+        let req = LayoutRequest {
+            pp: Some(3),
+            ..Default::default()
+        };
+        let l = req.resolve(&m, 3, 63).unwrap();
+        assert_eq!(l.stage_layers.as_slice(), &[10, 11, 11]);
+        assert_eq!(l.partition, Partition::Balanced);
+        let req = LayoutRequest {
+            pp: Some(2),
+            vpp: Some(2),
+            pp_layers: Some(StageLayers::from_counts(&[7, 9, 8, 8]).unwrap()),
+            ..Default::default()
+        };
+        let l = req.resolve(&m, 2, 64).unwrap();
+        assert_eq!(l.partition, Partition::Explicit);
+        assert_eq!(
+            (
+                l.stage_layers.device_layers(0, 2),
+                l.stage_layers.device_layers(1, 2)
+            ),
+            (15, 17)
+        );
+        let even = LayoutRequest {
+            pp: Some(4),
+            ..Default::default()
+        }
+        .resolve(&m, 4, 64)
+        .unwrap();
+        assert_eq!(
+            (even.partition, even.stage_layers.as_slice()),
+            (Partition::Even, &[8u16, 8, 8, 8][..])
+        );
     }
 
     #[test]

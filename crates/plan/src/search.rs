@@ -9,11 +9,12 @@
 
 use serde::Serialize;
 
-use crate::cost::{Context, Eval, Flops};
+use crate::cost::{Context, Eval, Flops, StageCosts};
 use crate::estimate::totals;
 use crate::explain::NoTrace;
 use crate::layout::Layout;
 use crate::model::ModelSpec;
+use crate::partition::{Partition, StageLayers, MAX_STAGES};
 use crate::recipe::Recompute;
 
 /// What to optimise.
@@ -40,6 +41,8 @@ pub enum Reject {
     OomFirstStage,
     /// Out of memory on the last pipeline stage.
     OomLastStage,
+    /// Out of memory on a pipeline stage between the first and the last.
+    OomMiddleStage,
     /// Fits but misses the deadline.
     MissesDeadline,
     /// Fits but costs more than the budget.
@@ -48,9 +51,10 @@ pub enum Reject {
 
 impl Reject {
     /// All reasons, in report order.
-    pub const ALL: [Reject; 5] = [
+    pub const ALL: [Reject; 6] = [
         Reject::OomFirstStage,
         Reject::OomLastStage,
+        Reject::OomMiddleStage,
         Reject::BatchNotDivisible,
         Reject::InterleaveMicroBatches,
         Reject::MissesDeadline,
@@ -66,6 +70,9 @@ impl Reject {
             Reject::OomFirstStage => "out of memory on pipeline stage 0".into(),
             Reject::OomLastStage => {
                 "out of memory on the last pipeline stage (LM head and logits)".into()
+            }
+            Reject::OomMiddleStage => {
+                "out of memory on a middle pipeline stage (more layers than stage 0)".into()
             }
             Reject::MissesDeadline => "fits, but training would miss the deadline".into(),
             Reject::OverBudget => "fits, but training would cost more than the budget".into(),
@@ -193,12 +200,15 @@ fn divisors(n: u64) -> Vec<u64> {
     (1..=n).filter(|d| n % d == 0).collect()
 }
 
-/// Structural constraints on (tp, pp, vpp) that do not depend on the batch.
+/// Structural constraints on (tp, pp, vpp) that do not depend on the batch. Layer counts that
+/// pp·vpp does not divide are searched too (balanced partitions); every virtual stage gets at
+/// least one layer.
 fn degrees_ok(m: &ModelSpec, tp: u64, pp: u64, vpp: u64) -> bool {
     m.heads % tp == 0
         && m.kv_heads % tp == 0
         && m.ffn_hidden % tp == 0
-        && m.layers % (pp * vpp) == 0
+        && pp * vpp <= m.layers
+        && pp * vpp <= MAX_STAGES as u64
         && (vpp == 1 || pp > 1)
 }
 
@@ -239,18 +249,26 @@ pub fn search(
             (rc, per_size)
         })
         .collect();
+    let mut stage_cost_cache: Vec<Option<StageCosts>> = Vec::new();
+    let mut part_cache: Vec<Option<StageLayers>> = Vec::new();
     for (gi, &n) in space.gpus.iter().enumerate() {
         for tp in divisors(n) {
             if tp > space.max_tp {
                 continue;
             }
+            // Stage costs depend on (micro-batch, recompute, sp) for this tp, not on pp, vpp or
+            // dp: computed once each, on first use.
+            stage_cost_cache.clear();
+            stage_cost_cache.resize(space.micro_batches.len() * ctxs.len() * 2, None);
             for pp in divisors(n / tp) {
                 let dp = n / (tp * pp);
                 for &vpp in &space.vpp {
                     if !degrees_ok(m, tp, pp, vpp) {
                         continue;
                     }
-                    for &mb in &space.micro_batches {
+                    part_cache.clear();
+                    part_cache.resize(stage_cost_cache.len(), None);
+                    for (mi, &mb) in space.micro_batches.iter().enumerate() {
                         for &zero in &space.zero {
                             if zero >= 2 && pp > 1 {
                                 continue;
@@ -258,7 +276,7 @@ pub fn search(
                             if zero > 0 && dp == 1 {
                                 continue;
                             }
-                            for (rc, per_size) in &ctxs {
+                            for (ri, (rc, per_size)) in ctxs.iter().enumerate() {
                                 let sps: &[bool] = if tp > 1 && space.sequence_parallel {
                                     &[false, true]
                                 } else {
@@ -279,7 +297,7 @@ pub fn search(
                                         res.bump(Reject::InterleaveMicroBatches);
                                         continue;
                                     }
-                                    let layout = Layout {
+                                    let mut layout = Layout {
                                         dp,
                                         tp,
                                         pp,
@@ -288,8 +306,26 @@ pub fn search(
                                         zero,
                                         micro_batch: mb,
                                         grad_accum: ga,
+                                        stage_layers: StageLayers::default(),
+                                        partition: Partition::Balanced,
                                     };
                                     let (ctx, flops) = &per_size[gi];
+                                    if pp * vpp > 1 {
+                                        // Balanced partition: depends on (pp, vpp) and the
+                                        // cached stage costs, not on dp or ZeRO.
+                                        let slot = (mi * ctxs.len() + ri) * 2 + usize::from(sp);
+                                        if let Some(part) = part_cache[slot] {
+                                            layout.stage_layers = part;
+                                        } else {
+                                            let costs = *stage_cost_cache[slot]
+                                                .get_or_insert_with(|| ctx.stage_costs(&layout));
+                                            ctx.balance_with(&mut layout, &costs);
+                                            part_cache[slot] = Some(layout.stage_layers);
+                                        }
+                                    } else {
+                                        layout.stage_layers = StageLayers::spread(m.layers, 1);
+                                        layout.partition = Partition::Even;
+                                    }
                                     let mem = ctx.memory(&layout, &mut NoTrace);
                                     res.evaluated += 1;
                                     if space.cost_all {
@@ -300,8 +336,10 @@ pub fn search(
                                     if mem.total > mem.capacity {
                                         res.bump(if mem.worst_stage == 0 {
                                             Reject::OomFirstStage
-                                        } else {
+                                        } else if mem.worst_stage + 1 == pp {
                                             Reject::OomLastStage
+                                        } else {
+                                            Reject::OomMiddleStage
                                         });
                                         continue;
                                     }

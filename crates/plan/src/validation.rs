@@ -18,6 +18,7 @@ use crate::explain::NoTrace;
 use crate::hardware::{gpu_preset, ClusterSpec};
 use crate::layout::Layout;
 use crate::model::preset;
+use crate::partition::{Partition, StageLayers};
 use crate::recipe::{Precision, Recipe, Recompute};
 
 /// One row of a validation table.
@@ -165,6 +166,8 @@ pub fn korthikanti_table5(calib: &Calibration) -> Vec<Row> {
                 zero: 0,
                 micro_batch: 1,
                 grad_accum: k.gb,
+                stage_layers: StageLayers::spread(model.layers, k.pp * k.vpp),
+                partition: Partition::Even,
             };
             let layout = if k.pp == 1 {
                 Layout {
@@ -232,6 +235,8 @@ pub fn zero_figure1() -> Vec<Row> {
                 zero: stage as u8,
                 micro_batch: 1,
                 grad_accum: 1,
+                stage_layers: StageLayers::spread(ctx.model.layers, 1),
+                partition: Partition::Even,
             };
             let m = ctx.memory(&layout, &mut NoTrace);
             let predicted = (m.weights + m.gradients + m.optimizer_states + m.master_weights) / 1e9;
@@ -288,6 +293,8 @@ pub fn korthikanti_table4(calib: &Calibration) -> Vec<Row> {
             zero: 0,
             micro_batch: 4,
             grad_accum: 1,
+            stage_layers: StageLayers::spread(model.layers, 1),
+            partition: Partition::Even,
         };
         let lt = ctx.layer_times(&layout);
         let fwd = (lt.fwd + lt.tp_fwd) * 1e3;
@@ -470,6 +477,8 @@ pub fn narayanan_table1(calib: &Calibration) -> Vec<Row> {
                 zero: 0,
                 micro_batch: mb,
                 grad_accum: per_dp / mb,
+                stage_layers: StageLayers::spread(model.layers, k.pp),
+                partition: Partition::Even,
             };
             if layout.validate(&model, k.gpus, k.gb).is_err() {
                 continue;

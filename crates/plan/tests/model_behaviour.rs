@@ -28,6 +28,9 @@ fn layout(dp: u64, tp: u64, pp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
         zero,
         micro_batch: mb,
         grad_accum: gb / (dp * mb),
+        // Empty: the even split of whatever model the layout is costed for.
+        stage_layers: plan::StageLayers::default(),
+        partition: plan::Partition::Even,
     }
 }
 
@@ -154,4 +157,62 @@ fn deadline_objective_returns_the_cheapest_on_time() {
     assert!(!r.top.is_empty());
     assert!(r.top.iter().all(|x| x.days <= 30.0));
     assert!(r.top.windows(2).all(|w| w[0].cost_usd <= w[1].cost_usd));
+}
+
+/// An explicit uneven partition, costed by hand from the per-layer and end-stage costs: the
+/// slowest device sets the pace, the others add fill and drain, and the memory is that of the
+/// device with the largest total.
+#[test]
+fn uneven_stages_cost_the_slowest_device() {
+    let c = ctx("llama2-7b", 2, Precision::Bf16Mixed);
+    let mut l = layout(1, 1, 2, 0, 1, 64);
+    l.stage_layers = plan::StageLayers::from_counts(&[12, 20]).unwrap();
+    l.partition = plan::Partition::Explicit;
+    l.validate(&c.model, 2, 64).unwrap();
+    let ev = c.evaluate(&l, &mut NoTrace);
+    let sc = c.stage_costs(&l);
+    // Device 1: 20 layers + LM head; device 0: 12 layers + embedding. Both add the same sends.
+    let (t0, t1) = (
+        12.0 * sc.layer + sc.first_extra,
+        20.0 * sc.layer + sc.last_extra,
+    );
+    assert!(t1 > t0);
+    let p2p = ev.time.pp_comm / 64.0;
+    let per_mb = ev.time.compute / 64.0 + ev.time.tp_comm / 64.0;
+    assert!((per_mb - t1).abs() / t1 < 1e-12, "{per_mb} vs {t1}");
+    // Bubble (Σ t_d − t_max) / v = t0 + p2p.
+    let bubble = t0 + p2p;
+    assert!((ev.time.bubble - bubble).abs() / bubble < 1e-12);
+    // Memory: device 0 keeps 2 micro-batches of 12 layers, device 1 one of 20 plus the head and
+    // logits; parameters 12 vs 20 layers plus their embedding/head shards.
+    let lt = plan::cost::layer_activation_bytes(&c.model, &c.recipe, &l, c.recipe.recompute);
+    assert_eq!(ev.memory.worst_stage, 1);
+    let per_layer = c.model.params().per_layer as f64;
+    let head = c.model.params().head as f64 + c.model.params().final_norm as f64;
+    assert!((ev.memory.params_on_device - (20.0 * per_layer + head)).abs() < 1.0);
+    assert!(ev.memory.activations >= 20.0 * lt);
+    // The balanced default puts no more layers on the head's stage and is faster.
+    let mut b = l;
+    b.partition = plan::Partition::Balanced;
+    c.balance(&mut b);
+    assert_eq!(b.stage_layers.total(), 32);
+    assert!(b.stage_layers.as_slice()[1] <= b.stage_layers.as_slice()[0]);
+    let eb = c.evaluate(&b, &mut NoTrace);
+    assert!(eb.time.total < ev.time.total);
+}
+
+/// Layer counts pp does not divide are planned (balanced), not refused.
+#[test]
+fn planner_searches_layer_counts_pp_does_not_divide() {
+    // llama2-7b has 32 layers; 24 GPUs allow pp = 3 (32 / 3 is not whole).
+    let mut c = ctx("llama2-7b", 24, Precision::Bf16Mixed);
+    c.recipe.global_batch = 48;
+    let space = SearchSpace::for_gpus(vec![24], 8);
+    let r = search(&c, &space, Objective::Time, 100_000, (0, 1));
+    let uneven: Vec<_> = r.top.iter().filter(|x| x.layout.pp == 3).collect();
+    assert!(!uneven.is_empty());
+    for x in uneven {
+        x.layout.validate(&c.model, 24, 48).unwrap();
+        assert_eq!(x.layout.stage_layers.total(), 32);
+    }
 }

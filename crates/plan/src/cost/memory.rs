@@ -8,12 +8,13 @@ use crate::units::{count, gib};
 
 use super::{Context, Flops, Memory};
 
-/// Per-device parameter counts of the first and last pipeline stage (before ZeRO).
-pub(super) fn stage_params(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
+/// Per-device parameters (before ZeRO) of one transformer layer, of the first stage's extras
+/// (embedding shard, learned positions) and of the last stage's extras (final norm, LM head).
+/// With one stage both extras sit on it.
+pub(super) fn stage_param_parts(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
     let t = l.tp as f64;
     let (sharded, replicated) = m.layer_params_split();
     let per_layer = sharded as f64 / t + replicated as f64;
-    let layers_dev = (m.layers / l.pp) as f64;
     let h = m.hidden as f64;
     let vocab_shard = (m.vocab as f64 / t).ceil() * h;
     let first_extra = vocab_shard + (m.learned_positions as f64) * h;
@@ -25,12 +26,35 @@ pub(super) fn stage_params(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
         0.0
     };
     let last_extra = m.norm_params() as f64 + head;
-    let body = per_layer * layers_dev;
-    if l.pp == 1 {
-        let all = body + first_extra + last_extra;
-        (all, all, per_layer)
-    } else {
-        (body + first_extra, body + last_extra, per_layer)
+    (per_layer, first_extra, last_extra)
+}
+
+/// Chunk-activations (one micro-batch on one virtual stage) that device `d` of `p` keeps alive at
+/// its peak, per chunk `k` of `v`, written into `out[..v]`; the sum is the schedule's peak.
+/// GPipe keeps all `m`; 1F1B keeps `p − d` (Narayanan et al. 2021 §2.2.1); interleaved 1F1B runs
+/// `2(p − d − 1) + (v − 1)p` warm-up forwards before its first backward, visiting chunks in
+/// groups of p micro-batches (Narayanan et al. 2021 §2.2.2, as `schedule.rs` builds it), so chunk
+/// k holds the forwards at positions ≡ k in that order.
+#[inline]
+pub(super) fn chunks_in_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, out: &mut [f64]) {
+    let v = v.max(1) as usize;
+    if gpipe || p == 1 {
+        let n = if p == 1 { 1 } else { m } as f64;
+        out[..v].iter_mut().for_each(|x| *x = n);
+        return;
+    }
+    if v == 1 {
+        out[0] = (p - d).min(m) as f64;
+        return;
+    }
+    let total = (2 * (p - d - 1) + (v as u64 - 1) * p + 1).min(m * v as u64);
+    // Positions 0..total, chunk of position x = (x / p) mod v.
+    let round = p * v as u64;
+    let (full, rest) = (total / round, total % round);
+    for (k, slot) in out[..v].iter_mut().enumerate() {
+        let lo = k as u64 * p;
+        let extra = rest.saturating_sub(lo).min(p);
+        *slot = (full * p + extra) as f64;
     }
 }
 
@@ -77,7 +101,7 @@ impl Context {
         let r = &self.recipe;
         let sb = &r.state_bytes;
         let n = l.dp as f64;
-        let (first, last, per_layer_dev) = stage_params(m, l);
+        let (per_layer_dev, first_extra, last_extra) = stage_param_parts(m, l);
         let zero = l.zero;
         let states = |p: f64| {
             let w = if zero >= 3 {
@@ -103,7 +127,6 @@ impl Context {
             (w, g, o, ms)
         };
         // Activations.
-        let layers_dev = (m.layers / l.pp) as f64;
         let per_layer = layer_activation_bytes(m, r, l, r.recompute);
         let working = if r.recompute == Recompute::Full {
             layer_activation_bytes(m, r, l, Recompute::None)
@@ -113,30 +136,9 @@ impl Context {
         let e = r.precision.compute_bytes();
         let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
         let t = l.tp as f64;
-        let p = l.pp as f64;
-        let mb = l.grad_accum as f64;
-        let in_flight = if l.pp == 1 {
-            1.0
-        } else {
-            match r.schedule {
-                Schedule::Gpipe => mb,
-                Schedule::OneFOneB if l.vpp > 1 => (p + (p - 1.0) / l.vpp as f64).min(mb),
-                Schedule::OneFOneB => p.min(mb),
-            }
-        };
-        let per_mb = per_layer * layers_dev;
         let emb_out =
             (e + if r.dropout { 1.0 } else { 0.0 }) * s * b * h / if l.sp { t } else { 1.0 };
         let logits = 4.0 * s * b * (m.vocab as f64 / t).ceil() + e * s * b * h;
-        let act_first = per_mb * in_flight + emb_out * in_flight + working;
-        let last_in_flight = if l.pp == 1 {
-            1.0
-        } else if r.schedule == Schedule::Gpipe {
-            mb
-        } else {
-            1.0
-        };
-        let act_last = per_mb * last_in_flight + logits + working;
         // Communication buffers.
         let comm = if l.dp > 1 {
             match zero {
@@ -152,15 +154,42 @@ impl Context {
             let (w, g, o, ms) = states(params);
             w + g + o + ms + act + comm + r.runtime_overhead_bytes
         };
-        let t_first = total_for(first, act_first);
-        let t_last = total_for(last, act_last);
-        let (worst_stage, params, act) = if t_last > t_first && l.pp > 1 {
-            (l.pp - 1, last, act_last)
-        } else if l.pp == 1 {
-            (0, first, act_first.max(act_last))
-        } else {
-            (0, first, act_first)
-        };
+        // Every device: its layers (the sum of its virtual stages), their activations times the
+        // micro-batches each chunk keeps in flight, plus the embedding (device 0) and the LM head
+        // and logits (last device). The largest total is reported.
+        let (pp, v) = (l.pp, l.vpp.max(1));
+        let gpipe = r.schedule == Schedule::Gpipe;
+        let mut flight = [0.0f64; crate::partition::MAX_STAGES];
+        let mut worst = (f64::NEG_INFINITY, 0u64, 0.0, 0.0, 0.0, 0.0);
+        for d in 0..pp {
+            chunks_in_flight(gpipe, pp, v, l.grad_accum, d, &mut flight);
+            let mut layers_d = 0.0;
+            let mut act_layers = 0.0;
+            for (k, &fl) in flight[..v as usize].iter().enumerate() {
+                let n = l.virtual_stage_layers(m.layers, d + k as u64 * pp) as f64;
+                layers_d += n;
+                act_layers += n * fl;
+            }
+            let in_flight = flight[..v as usize].iter().sum::<f64>() / v as f64;
+            let mut params = per_layer_dev * layers_d;
+            let mut act = per_layer * act_layers + working;
+            if pp == 1 {
+                params += first_extra + last_extra;
+                act += emb_out.max(logits);
+            } else if d == 0 {
+                params += first_extra;
+                act += emb_out * in_flight;
+            } else if d == pp - 1 {
+                params += last_extra;
+                act += logits;
+            }
+            let total = total_for(params, act);
+            if total > worst.0 {
+                worst = (total, d, params, act, layers_d, in_flight);
+            }
+        }
+        let (_, worst_stage, params, act, layers_dev, in_flight) = worst;
+        let per_mb = per_layer * layers_dev;
         let (w, g, o, ms) = states(params);
         let total = w + g + o + ms + act + comm + r.runtime_overhead_bytes;
         tr.line(|| {
@@ -370,6 +399,39 @@ impl Context {
             model_per_step: model,
             hardware_per_step: hw,
             per_token: model_per_token,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks_in_flight;
+    use crate::schedule::{build, simulate, Kind};
+
+    #[test]
+    fn chunks_in_flight_match_the_simulated_schedules() {
+        for p in 2..=5u32 {
+            for v in 1..=3u32 {
+                for m in [p, 2 * p, 3 * p] {
+                    for (kind, gpipe) in [(Kind::OneFOneB, false), (Kind::Gpipe, true)] {
+                        if gpipe && v > 1 {
+                            continue;
+                        }
+                        let sim = simulate(&build(kind, p, m, v), m, v, 1.0, 2.0, 0.0);
+                        for d in 0..p {
+                            let mut out = [0.0; 8];
+                            chunks_in_flight(
+                                gpipe, p as u64, v as u64, m as u64, d as u64, &mut out,
+                            );
+                            let ours: f64 = out[..v as usize].iter().sum();
+                            assert_eq!(
+                                ours, sim.peak_in_flight[d as usize] as f64,
+                                "{kind:?} p {p} v {v} m {m} device {d}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -176,6 +176,18 @@ pub struct LayerTimes {
     pub peak: f64,
 }
 
+/// Per micro-batch cost of pipeline-stage work (forward + backward), seconds: what
+/// [`crate::partition::balanced`] balances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StageCosts {
+    /// One transformer layer, with its tensor-parallel collectives and recompute.
+    pub layer: f64,
+    /// The embedding, on the first stage.
+    pub first_extra: f64,
+    /// The LM head and loss with their collectives, on the last stage.
+    pub last_extra: f64,
+}
+
 /// The result of evaluating one layout.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Eval {

@@ -5,7 +5,9 @@ use crate::layout::Layout;
 use crate::recipe::{GradSync, Precision, Recompute};
 use crate::units::count;
 
-use super::{Calibration, Context, LayerTimes, Memory, StepTime};
+use crate::partition::{balanced_uniform, Partition};
+
+use super::{Calibration, Context, LayerTimes, Memory, StageCosts, StepTime};
 
 /// Time of one (batched) matmul: roofline of FLOPs at a shape-dependent efficiency and the bytes
 /// of its operands at memory bandwidth.
@@ -166,6 +168,75 @@ impl Context {
         }
     }
 
+    /// Per micro-batch (forward + backward), seconds: the embedding (first stage), the LM head
+    /// and loss (last stage), and the head's tensor-parallel collectives.
+    fn end_stage_secs(&self, l: &Layout, tp_bw: f64, peak: f64) -> (f64, f64, f64) {
+        let m = &self.model;
+        let c = &self.calib;
+        let g = &self.cluster.gpu;
+        let e = self.recipe.precision.compute_bytes();
+        let membw = g.memory_bw * c.mem_eff;
+        let (h, t) = (m.hidden as f64, l.tp as f64);
+        let tok = l.micro_batch as f64 * m.seq_len as f64;
+        let tp_alpha = if l.tp <= self.cluster.gpus_per_node {
+            g.intra_node_latency
+        } else {
+            g.network_latency
+        };
+        let vshard = (m.vocab as f64 / t).ceil();
+        let head = 3.0 * matmul_secs(c, g.matmul_scale, peak, g.memory_bw, e, 1.0, tok, vshard, h)
+            + tok * vshard * (2.0 * e + 8.0) / membw;
+        let head_comm = if l.tp > 1 {
+            3.0 * all_reduce_secs(t, tok * 4.0, tp_bw, tp_alpha)
+        } else {
+            0.0
+        };
+        let embed = tok * h * (e + 4.0 + 2.0 * e) / membw;
+        (embed, head, head_comm)
+    }
+
+    /// What a pipeline stage costs per micro-batch (forward + backward), for balancing: one
+    /// layer (compute and tensor-parallel communication), the embedding (first stage) and the LM
+    /// head with its loss (last stage). Depends on tp, micro-batch, sp and the recipe, not on
+    /// pp, vpp or dp.
+    pub fn stage_costs(&self, l: &Layout) -> StageCosts {
+        let lt = self.layer_times(l);
+        let (embed, head, head_comm) = self.end_stage_secs(l, lt.tp_bw, lt.peak);
+        StageCosts {
+            layer: lt.fwd + lt.bwd + lt.recompute + lt.tp_fwd + lt.tp_bwd + lt.tp_recompute,
+            first_extra: embed,
+            last_extra: head + head_comm,
+        }
+    }
+
+    /// Replaces a non-explicit partition by the balanced one for this layout's predicted stage
+    /// costs ([`crate::partition::balanced_uniform`] over pp·vpp virtual stages).
+    pub fn balance(&self, l: &mut Layout) {
+        let stages = l.pp * l.vpp;
+        if l.partition == Partition::Explicit || stages <= 1 {
+            return;
+        }
+        let c = self.stage_costs(l);
+        self.balance_with(l, &c);
+    }
+
+    /// [`Context::balance`] with costs already computed (the planner caches them).
+    #[inline]
+    pub fn balance_with(&self, l: &mut Layout, c: &StageCosts) {
+        let stages = l.pp * l.vpp;
+        if l.partition == Partition::Explicit || stages <= 1 {
+            return;
+        }
+        l.stage_layers = balanced_uniform(
+            stages,
+            self.model.layers,
+            c.layer,
+            c.first_extra,
+            c.last_extra,
+        );
+        l.partition = Partition::Balanced;
+    }
+
     /// Seconds per step, split into compute, exposed communication, bubble and optimizer.
     pub fn step_time<T: Trace>(&self, l: &Layout, mem: &Memory, tr: &mut T) -> StepTime {
         let m = &self.model;
@@ -190,33 +261,14 @@ impl Context {
             peak,
             ..
         } = self.layer_times(l);
-        let e = r.precision.compute_bytes();
         let bw = g.memory_bw;
         let membw = bw * c.mem_eff;
-        let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
         let t = l.tp as f64;
-        let tok = b * s;
-        let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
-            matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
-        };
+        let tok = l.micro_batch as f64 * m.seq_len as f64;
         let gpn = self.cluster.gpus_per_node;
-        let tp_alpha = if l.tp <= gpn {
-            g.intra_node_latency
-        } else {
-            g.network_latency
-        };
-        let layers_dev = (m.layers / l.pp) as f64;
         let layer_compute = fwd + bwd + recompute;
         let layer_comm = tp_fwd + tp_bwd + tp_recompute;
-        // Head and loss on the last stage; embedding on the first.
-        let vshard = (m.vocab as f64 / t).ceil();
-        let head = 3.0 * mm(1.0, tok, vshard, h) + tok * vshard * (2.0 * e + 8.0) / membw;
-        let head_comm = if l.tp > 1 {
-            3.0 * all_reduce_secs(t, tok * 4.0, tp_bw, tp_alpha)
-        } else {
-            0.0
-        };
-        let embed = tok * h * (e + 4.0 + 2.0 * e) / membw;
+        let (embed, head, head_comm) = self.end_stage_secs(l, tp_bw, peak);
         // Pipeline sends of one micro-batch: activation forward, gradient backward, scattered
         // across the tp group (Narayanan et al. 2021 §4.1 scatter/gather).
         let pp_link_intra = l.tp * l.pp <= gpn;
@@ -230,34 +282,40 @@ impl Context {
         } else {
             0.0
         };
-        let body = layers_dev * layer_compute;
-        let body_comm = layers_dev * layer_comm;
-        let first_c = body + embed;
-        let last_c = body + head;
-        let last_k = body_comm + head_comm;
-        let (mb_compute, mb_comm) = if l.pp == 1 {
-            (body + embed + head, last_k)
-        } else if last_c + last_k >= first_c + body_comm {
-            (last_c, last_k)
-        } else {
-            (first_c, body_comm)
-        };
+        // Per device per micro-batch: its layers (the sum of its virtual stages) plus the
+        // embedding on device 0 and the LM head and loss on the last device. The slowest device
+        // sets the pipeline's pace; the others add fill and drain:
+        // bubble = (Σ_d t_d − t_max) / v (uniform middle stages give (p−1)·t/v, Narayanan et al.
+        // 2021 §2.2).
+        let pp = l.pp;
+        let mut sum_t = 0.0;
+        // (t, compute, communication, layers, device)
+        let mut worst = (f64::NEG_INFINITY, 0.0, 0.0, 0.0, 0u64);
+        for d in 0..pp {
+            let n = l.device_layers(m.layers, d) as f64;
+            let (mut comp, mut comm) = (n * layer_compute, n * layer_comm);
+            if pp == 1 {
+                comp += embed + head;
+                comm += head_comm;
+            } else if d == 0 {
+                comp += embed;
+            } else if d == pp - 1 {
+                comp += head;
+                comm += head_comm;
+            }
+            let t_d = comp + comm + p2p;
+            sum_t += t_d;
+            if t_d > worst.0 || (d == pp - 1 && t_d >= worst.0) {
+                worst = (t_d, comp, comm, n, d);
+            }
+        }
+        let (t_max, mb_compute, mb_comm, slow_layers, slow_device) = worst;
         let mbs = l.grad_accum as f64;
         let compute = mbs * mb_compute;
         let tp_comm = mbs * mb_comm;
         let pp_comm = mbs * p2p;
-        // Bubble: (Σ_i t_i − t_max)/v, stages uniform except first/last.
-        let p = l.pp as f64;
         let v = l.vpp as f64;
-        let t_mid = body + body_comm + p2p;
-        let t_first = first_c + body_comm + p2p;
-        let t_last = last_c + last_k + p2p;
-        let t_max = t_first.max(t_last).max(t_mid);
-        let bubble = if l.pp > 1 {
-            ((p - 2.0) * t_mid + t_first + t_last - t_max) / v
-        } else {
-            0.0
-        };
+        let bubble = if l.pp > 1 { (sum_t - t_max) / v } else { 0.0 };
         // Data-parallel gradient sync of the worst device's parameters.
         let n = l.dp as f64;
         let pdev = mem.params_on_device;
@@ -306,8 +364,9 @@ impl Context {
                 }
             }
         };
+        let mem_layers = l.device_layers(m.layers, mem.worst_stage) as f64;
         let bwd_window = if r.overlap_grad_reduce {
-            layers_dev * (bwd + recompute + tp_bwd + tp_recompute)
+            mem_layers * (bwd + recompute + tp_bwd + tp_recompute)
         } else {
             0.0
         };
@@ -371,8 +430,19 @@ impl Context {
                 "time",
                 "compute per step",
                 format!(
-                    "{} micro-batches x {:.4} s (worst stage, {} layers + embedding/head)",
-                    l.grad_accum, mb_compute, layers_dev
+                    "{} micro-batches x {:.4} s (slowest device {slow_device}: {} layers{})",
+                    l.grad_accum,
+                    mb_compute,
+                    slow_layers,
+                    if pp == 1 {
+                        " + embedding + head"
+                    } else if slow_device == 0 {
+                        " + embedding"
+                    } else if slow_device == pp - 1 {
+                        " + head and loss"
+                    } else {
+                        ""
+                    }
                 ),
                 compute,
                 "s",
@@ -384,8 +454,8 @@ impl Context {
                 "time",
                 "pipeline bubble",
                 format!(
-                    "((p-2) t_mid + t_first + t_last - t_max) / v with p={}, v={}: {:.4} s",
-                    l.pp, l.vpp, bubble
+                    "(sum of device times {:.4} - slowest {:.4}) / v with p={}, v={}: {:.4} s",
+                    sum_t, t_max, l.pp, l.vpp, bubble
                 ),
                 bubble,
                 "s",
