@@ -360,6 +360,25 @@ fn the_planner_page_in_headless_chromium() {
         "{hit}"
     );
     d.screenshot(&shots, "planner-page.png");
+    // The validation table is validate --json.
+    let (code, out, err) = common::run(&["validate", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let tables: Value = serde_json::from_str(&out).unwrap();
+    let want: Vec<f64> = tables
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["rows"].as_array().unwrap().iter())
+        .map(|r| r["predicted"].as_f64().unwrap())
+        .collect();
+    let shown = d.js("return Array.from(document.querySelectorAll('#validation tbody tr td:nth-child(4)')).map(td => +td.dataset.value);");
+    let shown: Vec<f64> = shown
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(shown, want);
 
     // 3. The URL restores the view in a fresh load (inputs, numbers, sort order).
     let url = d.js("return location.href;").as_str().unwrap().to_string();

@@ -1,22 +1,29 @@
 //! [`Comm`]: the communicator of the built-in transports (threads, TCP, shared memory).
 use crate::algo;
-use crate::engine::{Combine, Core, Ctx, Dest};
+use crate::engine::{Combine, Ctx, Dest, Shared};
 use crate::error::{CommError, Result};
 use crate::frame::Op;
 use crate::ring::{Liveness, Region, RingLink};
 use crate::{shard_range, Algorithm, Communicator, Config, ReduceOp};
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-/// A group of ranks over one of the built-in transports. Splits share the parent's links.
+/// A group of ranks over one of the built-in transports. Splits share the parent's links, and
+/// each group progresses on its own: a split may move to another thread and run its calls while
+/// the parent or a sibling runs theirs (see `engine` for how they share a link).
 pub struct Comm {
-    core: Arc<Mutex<Core>>,
+    shared: Arc<Shared>,
+    cfg: Config,
+    /// Scratch for reductions, reused from call to call.
+    staging: Vec<f32>,
     gid: u32,
     /// Group rank → world rank.
     ranks: Vec<usize>,
     me: usize,
     algo: Algorithm,
     splits: u32,
+    /// Point-to-point calls made on this group (the flight recorder's number for them).
+    p2p_calls: u64,
 }
 
 /// `n` communicators connected through memory, one per thread: move each into its own thread.
@@ -45,18 +52,32 @@ impl Comm {
     pub(crate) fn new(link: Box<dyn crate::link::Link>, cfg: Config) -> Comm {
         let (me, n) = (link.rank(), link.size());
         Comm {
-            core: Arc::new(Mutex::new(Core::new(link, cfg))),
+            shared: Arc::new(Shared::new(link, cfg.clone())),
+            cfg,
+            staging: Vec::new(),
             gid: 0,
             ranks: (0..n).collect(),
             me,
             algo: Algorithm::Auto,
             splits: 0,
+            p2p_calls: 0,
         }
+    }
+
+    /// Bytes of frames read for groups that have not asked for them yet (tests).
+    #[cfg(test)]
+    pub(crate) fn kept_bytes(&self) -> usize {
+        self.shared.lock().kept_bytes()
+    }
+
+    /// This rank's flight recorder (shared by the world and its splits; see [`crate::flight`]).
+    pub fn flight_recorder(&self) -> Arc<crate::flight::Recorder> {
+        self.shared.flight.clone()
     }
 
     /// The transport's name ("threads", "tcp", "shm").
     pub fn transport(&self) -> &'static str {
-        self.lock().link.name()
+        self.shared.lock().link.name()
     }
 
     /// This process's rank in the world (the group of all ranks).
@@ -64,28 +85,27 @@ impl Comm {
         self.ranks[self.me]
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn pick(&self, bytes: usize) -> Algorithm {
         match self.algo {
-            Algorithm::Auto if bytes <= self.lock().cfg.auto_threshold_bytes => Algorithm::Tree,
+            Algorithm::Auto if bytes <= self.cfg.auto_threshold_bytes => Algorithm::Tree,
             Algorithm::Auto => Algorithm::Ring,
             a => a,
         }
     }
 
-    /// Run one call: refuse if an error is latched, count the call, latch the first error.
+    /// Run one call: refuse if an error is latched, count the call, record it in the flight
+    /// recorder (`bytes` of the caller's buffer, group ranks `peers` for point to point), latch
+    /// the first error.
     fn run<T>(
         &mut self,
         op: Op,
         algo: Algorithm,
         collective: bool,
+        (bytes, peers): (usize, &[usize]),
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
         let gid = self.gid;
-        self.run_in(gid, op, algo, collective, f)
+        self.run_in(gid, op, algo, collective, (bytes, peers), f)
     }
 
     /// `run` on the frame stream of communicator id `gid` (the parameter server uses its own).
@@ -95,34 +115,66 @@ impl Comm {
         op: Op,
         algo: Algorithm,
         collective: bool,
+        (bytes, peers): (usize, &[usize]),
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
-        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(first) = &core.failed {
-            return Err(CommError::Latched {
-                rank: self.ranks[self.me],
-                op: op.name(),
-                first: first.clone(),
-            });
-        }
-        core.used = true;
-        if collective {
-            core.counters(gid).call += 1;
-        }
-        let mut ctx = Ctx {
-            core: &mut core,
-            gid,
-            ranks: &self.ranks,
-            me: self.me,
-            op,
-            algo: algo.code(),
+        let call = {
+            let mut core = self.shared.lock();
+            if let Some(first) = &core.failed {
+                return Err(CommError::Latched {
+                    rank: self.ranks[self.me],
+                    op: op.name(),
+                    first: first.clone(),
+                });
+            }
+            core.used = true;
+            if collective {
+                core.counters(gid).call += 1;
+                core.counters(gid).call
+            } else {
+                self.p2p_calls += 1;
+                self.p2p_calls
+            }
         };
+        let seq = self.shared.flight.begin(crate::flight::CallInfo {
+            group: gid,
+            members: &self.ranks,
+            group_rank: self.me,
+            op: op.name(),
+            call,
+            bytes,
+            peers: peers.iter().map(|&p| self.ranks[p]).collect(),
+        });
+        let staging = std::mem::take(&mut self.staging);
+        let mut ctx = self.shared.ctx(
+            &self.cfg,
+            gid,
+            &self.ranks,
+            self.me,
+            op,
+            algo.code(),
+            staging,
+        );
         let out = f(&mut ctx);
+        self.staging = ctx.into_staging();
+        let outcome = out.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        self.shared.flight.end(seq, outcome.clone());
         if let Err(e) = &out {
-            // Latch, but keep the links open until this communicator is dropped: a survivor that
-            // closed at once could be blamed by its neighbours for the failure it only observed.
-            core.failed = Some(e.to_string());
-            core.failed_root = root_of(e);
+            // Latch the first error of any group, but keep the links open until this communicator
+            // is dropped: a survivor that closed at once could be blamed by its neighbours for the
+            // failure it only observed.
+            let first = {
+                let mut core = self.shared.lock();
+                let first = core.failed.is_none();
+                if first {
+                    core.failed = Some(e.to_string());
+                    core.failed_root = root_of(e);
+                }
+                first
+            };
+            if first {
+                self.shared.flight.dump_on_error(&e.to_string());
+            }
         }
         out
     }
@@ -189,7 +241,8 @@ impl Communicator for Comm {
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let algo = self.pick(buf.len() * 4);
         let n = self.size();
-        self.run(Op::AllReduce, algo, true, |ctx| match algo {
+        let bytes = buf.len() * 4;
+        self.run(Op::AllReduce, algo, true, (bytes, &[]), |ctx| match algo {
             Algorithm::Ring => {
                 algo::ring_reduce_scatter(ctx, buf, combine_of(op))?;
                 let mine = shard_range(buf.len(), n, ctx.me);
@@ -208,10 +261,17 @@ impl Communicator for Comm {
         let algo = self.pick(buf.len() * 4);
         let n = self.size();
         let mine = shard_range(buf.len(), n, self.me);
-        self.run(Op::ReduceScatter, algo, true, |ctx| match algo {
-            Algorithm::Ring => algo::ring_reduce_scatter(ctx, buf, combine_of(op)),
-            _ => algo::tree_all_reduce(ctx, buf, combine_of(op)),
-        })?;
+        let bytes = buf.len() * 4;
+        self.run(
+            Op::ReduceScatter,
+            algo,
+            true,
+            (bytes, &[]),
+            |ctx| match algo {
+                Algorithm::Ring => algo::ring_reduce_scatter(ctx, buf, combine_of(op)),
+                _ => algo::tree_all_reduce(ctx, buf, combine_of(op)),
+            },
+        )?;
         divide(op, &mut buf[mine.clone()], n);
         Ok(mine)
     }
@@ -220,7 +280,8 @@ impl Communicator for Comm {
         let algo = self.pick(buf.len() * 4);
         let n = self.size();
         let mine = shard_range(buf.len(), n, self.me);
-        self.run(Op::AllGather, algo, true, |ctx| match algo {
+        let bytes = buf.len() * 4;
+        self.run(Op::AllGather, algo, true, (bytes, &[]), |ctx| match algo {
             Algorithm::Ring => algo::ring_all_gather(ctx, buf),
             _ => {
                 // Zeros everywhere but our shard, then a bitwise-OR all-reduce assembles the shards exactly.
@@ -239,7 +300,8 @@ impl Communicator for Comm {
             ));
         }
         let algo = self.pick(buf.len() * 4);
-        self.run(Op::Broadcast, algo, true, |ctx| match algo {
+        let bytes = buf.len() * 4;
+        self.run(Op::Broadcast, algo, true, (bytes, &[]), |ctx| match algo {
             Algorithm::Ring => algo::ring_broadcast(ctx, buf, root),
             _ => algo::tree_broadcast(ctx, buf, root),
         })
@@ -256,7 +318,8 @@ impl Communicator for Comm {
                 ),
             ));
         }
-        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+        let bytes = data.len();
+        self.run(Op::P2p, Algorithm::Auto, false, (bytes, &[dst]), |ctx| {
             ctx.sendrecv(Some((dst, data)), None)
         })
     }
@@ -272,13 +335,35 @@ impl Communicator for Comm {
                 ),
             ));
         }
-        self.run(Op::P2p, Algorithm::Auto, false, |ctx| {
+        let bytes = buf.len();
+        self.run(Op::P2p, Algorithm::Auto, false, (bytes, &[src]), |ctx| {
             ctx.sendrecv(None, Some((src, Dest::Bytes(buf))))
         })
     }
 
+    fn sendrecv(&mut self, dst: usize, data: &[u8], src: usize, buf: &mut [u8]) -> Result<()> {
+        let n = self.size();
+        if dst >= n || dst == self.me || src >= n || src == self.me {
+            return Err(self.invalid(
+                Op::P2p,
+                format!(
+                    "cannot send to rank {dst} and receive from rank {src} on rank {} of {n}",
+                    self.me
+                ),
+            ));
+        }
+        let bytes = data.len() + buf.len();
+        self.run(
+            Op::P2p,
+            Algorithm::Auto,
+            false,
+            (bytes, &[dst, src]),
+            |ctx| ctx.sendrecv(Some((dst, data)), Some((src, Dest::Bytes(buf)))),
+        )
+    }
+
     fn barrier(&mut self) -> Result<()> {
-        self.run(Op::Barrier, Algorithm::Tree, true, |ctx| {
+        self.run(Op::Barrier, Algorithm::Tree, true, (0, &[]), |ctx| {
             algo::tree_all_reduce(ctx, &mut [], Combine::BitOr)
         })
     }
@@ -288,7 +373,7 @@ impl Communicator for Comm {
         let mut table = vec![0.0f32; 2 * n];
         table[2 * self.me] = f32::from_bits(color);
         table[2 * self.me + 1] = f32::from_bits(key);
-        self.run(Op::Split, Algorithm::Tree, true, |ctx| {
+        self.run(Op::Split, Algorithm::Tree, true, (8 * n, &[]), |ctx| {
             algo::tree_all_reduce(ctx, &mut table, Combine::BitOr)
         })?;
         let mut members: Vec<(u32, usize)> = (0..n)
@@ -310,12 +395,15 @@ impl Communicator for Comm {
         }
         let gid = ((h >> 32) as u32 ^ h as u32) | 1;
         Ok(Box::new(Comm {
-            core: self.core.clone(),
+            shared: self.shared.clone(),
+            cfg: self.cfg.clone(),
+            staging: Vec::new(),
             gid,
             ranks: members.iter().map(|&(_, r)| self.ranks[r]).collect(),
             me,
             algo: self.algo,
             splits: 0,
+            p2p_calls: 0,
         }))
     }
 }

@@ -47,6 +47,15 @@ pub enum CommError {
         #[source]
         source: crate::frame::FrameError,
     },
+    /// State shared with a peer (shared-memory ring counters) holds impossible values: memory
+    /// written by something other than this job's ranks, or a bug. Never used as an index.
+    #[error("rank {rank}: {op}: the shared-memory link with rank {peer} is corrupt: {detail}")]
+    Corrupt {
+        rank: usize,
+        op: &'static str,
+        peer: usize,
+        detail: String,
+    },
     /// An operating-system error outside any one peer (socket setup, mmap, …).
     #[error("rank {rank}: {op}: {context}: {source}")]
     Io {

@@ -12,6 +12,7 @@
 //! - every blocking call gives up after [`Config::timeout`] without progress; the first error is
 //!   latched and every later call reports it, with the rank and the operation.
 pub mod error;
+pub mod flight;
 pub mod frame;
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;
@@ -22,6 +23,7 @@ pub mod shm;
 pub mod tcp;
 
 mod algo;
+mod auth;
 mod comm;
 mod engine;
 mod link;
@@ -174,6 +176,35 @@ pub trait Communicator: Send {
     fn send(&mut self, dst: usize, data: &[u8]) -> Result<()>;
     /// Receive exactly `buf.len()` bytes from `src`.
     fn recv(&mut self, src: usize, buf: &mut [u8]) -> Result<()>;
+    /// Send `data` to `dst` while receiving exactly `buf.len()` bytes from `src`, both at once
+    /// (`dst` and `src` may be the same rank). Two ranks that call it towards each other at the
+    /// same time cannot deadlock, however large the messages: what a pipeline's steady state
+    /// needs (an activation goes forward while a gradient comes back). Matches a plain `send` /
+    /// `recv` on the other side; messages between two ranks of a group arrive in the order sent.
+    fn sendrecv(&mut self, dst: usize, data: &[u8], src: usize, buf: &mut [u8]) -> Result<()>;
+    /// [`Communicator::send`] of floats (their native-endian bytes).
+    fn send_f32(&mut self, dst: usize, data: &[f32]) -> Result<()> {
+        self.send(dst, bytemuck::cast_slice(data))
+    }
+    /// [`Communicator::recv`] of floats.
+    fn recv_f32(&mut self, src: usize, buf: &mut [f32]) -> Result<()> {
+        self.recv(src, bytemuck::cast_slice_mut(buf))
+    }
+    /// [`Communicator::sendrecv`] of floats.
+    fn sendrecv_f32(
+        &mut self,
+        dst: usize,
+        data: &[f32],
+        src: usize,
+        buf: &mut [f32],
+    ) -> Result<()> {
+        self.sendrecv(
+            dst,
+            bytemuck::cast_slice(data),
+            src,
+            bytemuck::cast_slice_mut(buf),
+        )
+    }
     /// Return only when every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
     /// Collective: ranks with the same `color` form a new group, ordered by `(key, old rank)`.

@@ -13,6 +13,8 @@ pub(crate) enum LinkError {
     Aborted { peer: usize, reason: String },
     /// An operating-system error talking to the peer.
     Io { peer: usize, source: io::Error },
+    /// Shared state of the link (shared-memory ring counters) holds impossible values.
+    Corrupt { peer: usize, detail: String },
 }
 
 /// Non-blocking byte pipes to every peer of the world.
@@ -38,8 +40,8 @@ pub(crate) trait Link: Send {
     ) -> Result<Option<usize>, LinkError> {
         Ok(None)
     }
-    /// Block for at most `dur` until a reader may have data or a writer may have room. May return
-    /// early. Reports a peer that is gone: any peer that died, and a peer in `readers`/`writers` that
+    /// Block for at most `dur` (possibly zero: liveness checks only) until a reader may have data
+    /// or a writer may have room. May return early. Reports a peer that is gone: any peer that died, and a peer in `readers`/`writers` that
     /// closed normally (a normal close of an uninvolved peer is not an error while `closing`).
     fn wait(
         &mut self,
@@ -47,6 +49,12 @@ pub(crate) trait Link: Send {
         writers: &[usize],
         dur: Duration,
     ) -> Result<(), LinkError>;
+    /// A descriptor that polls readable / writable when `peer`'s link may have moved, so that a
+    /// call can sleep in `poll` without holding the engine's lock (`None`: memory rings, which
+    /// the engine polls with short sleeps).
+    fn raw_fd(&self, _peer: usize) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Enter the final barrier: from now on only involved peers' closes are errors.
     fn set_closing(&mut self);
     /// This rank is failing (`root`: the rank it blames, if any): tell peers by a means that does

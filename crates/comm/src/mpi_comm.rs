@@ -8,33 +8,45 @@ use ::mpi::collective::SystemOperation;
 use ::mpi::topology::{Color, SimpleCommunicator};
 use ::mpi::traits::Communicator as _;
 use ::mpi::traits::*;
+use std::mem::ManuallyDrop;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Taken around every MPI call when the library provides only `MPI_THREAD_SERIALIZED`.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A communicator backed by MPI.
 pub struct MpiComm {
-    comm: SimpleCommunicator,
+    comm: ManuallyDrop<SimpleCommunicator>,
+    rank: usize,
+    size: usize,
+    /// Whether MPI runs calls from several threads at once (`MPI_THREAD_MULTIPLE`); otherwise
+    /// every call of this process takes [`SERIAL`].
+    multiple: bool,
     /// Keeps MPI initialised (MPI_Finalize runs when the last communicator is dropped).
     _universe: Arc<::mpi::environment::Universe>,
 }
 
-// SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`), so any
-// thread may call MPI as long as no two calls overlap in time: a communicator may move to another
-// thread (a communication thread, say) while the thread that initialised MPI makes no MPI calls.
-// `&mut self` on every call serialises the calls on one communicator; a program that uses two
-// communicators (or this one and `split` results) from two threads must serialise them itself.
+// SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`). With
+// MPI_THREAD_MULTIPLE any thread may call MPI at any time; with MPI_THREAD_SERIALIZED every MPI
+// call this type makes (rank and size are cached at construction) holds the process-wide
+// `SERIAL` lock, so no two calls overlap, whichever threads the communicators live on.
 unsafe impl Send for MpiComm {}
 
 impl MpiComm {
     /// Initialise MPI (once per process) and return the world communicator.
     ///
-    /// Requests `MPI_THREAD_SERIALIZED`: MPI calls may come from any thread, one at a time (what a
-    /// communication thread beside the training loop needs; `MPI_THREAD_FUNNELED` would allow only
-    /// the thread that called this). `MPI_Finalize` runs when the last communicator is dropped
-    /// and, by the MPI standard, must run on the thread that called `init`, so drop the last
-    /// communicator there.
+    /// Requests `MPI_THREAD_MULTIPLE`, so that two groups used from two threads progress
+    /// independently (a communication thread reducing on the data-parallel group while the
+    /// training thread exchanges activations on the pipeline group). A library that provides only
+    /// `MPI_THREAD_SERIALIZED` is accepted, with every MPI call of the process taking one lock:
+    /// then a blocking call (a receive waiting for its peer) holds up the other thread, so such a
+    /// library cannot run groups concurrently ([`MpiComm::concurrent`] says which case holds).
+    /// Less than `MPI_THREAD_SERIALIZED` is refused. `MPI_Finalize` runs when the last
+    /// communicator is dropped and, by the MPI standard, must run on the thread that called
+    /// `init`, so drop the last communicator there.
     pub fn init() -> Result<MpiComm> {
-        let (universe, level) = ::mpi::initialize_with_threading(::mpi::Threading::Serialized)
+        let (universe, level) = ::mpi::initialize_with_threading(::mpi::Threading::Multiple)
             .ok_or_else(|| CommError::Rendezvous {
                 rank: 0,
                 detail: "MPI is already initialised".into(),
@@ -43,17 +55,32 @@ impl MpiComm {
             return Err(CommError::Rendezvous {
                 rank: 0,
                 detail: format!(
-                    "the MPI library provides thread level {level:?}; scaletrain needs Serialized \
-                     (MPI_THREAD_SERIALIZED: calls from any thread, one at a time). Use an MPI \
-                     built with thread support (Open MPI: ompi_info | grep -i thread)"
+                    "the MPI library provides thread level {level:?}; scaletrain needs Multiple \
+                     (MPI_THREAD_MULTIPLE) or at least Serialized (calls from any thread, one at \
+                     a time). Use an MPI built with thread support (Open MPI: ompi_info | grep -i \
+                     thread)"
                 ),
             });
         }
         let comm = universe.world();
         Ok(MpiComm {
-            comm,
+            rank: comm.rank() as usize,
+            size: comm.size() as usize,
+            comm: ManuallyDrop::new(comm),
+            multiple: level >= ::mpi::Threading::Multiple,
             _universe: Arc::new(universe),
         })
+    }
+
+    /// Whether groups of this process may run calls from several threads at once
+    /// (`MPI_THREAD_MULTIPLE`); `false`: calls run one at a time under a process-wide lock.
+    pub fn concurrent(&self) -> bool {
+        self.multiple
+    }
+
+    /// The lock an MPI call must hold (none with `MPI_THREAD_MULTIPLE`).
+    fn serial(&self) -> Option<MutexGuard<'static, ()>> {
+        (!self.multiple).then(|| SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn op(op: ReduceOp) -> SystemOperation {
@@ -65,9 +92,12 @@ impl MpiComm {
 
     fn reduce(&self, buf: &mut [f32], op: ReduceOp) {
         let send = buf.to_vec();
-        self.comm.all_reduce_into(&send[..], buf, Self::op(op));
+        {
+            let _serial = self.serial();
+            self.comm.all_reduce_into(&send[..], buf, Self::op(op));
+        }
         if op == ReduceOp::Average {
-            let n = self.comm.size() as f32;
+            let n = self.size as f32;
             buf.iter_mut().for_each(|x| *x /= n);
         }
     }
@@ -96,11 +126,11 @@ impl Communicator for MpiComm {
         "mpi"
     }
     fn rank(&self) -> usize {
-        self.comm.rank() as usize
+        self.rank
     }
 
     fn size(&self) -> usize {
-        self.comm.size() as usize
+        self.size
     }
 
     fn set_algorithm(&mut self, _algo: Algorithm) {}
@@ -124,8 +154,10 @@ impl Communicator for MpiComm {
             .map(|(i, x)| if mine.contains(&i) { x.to_bits() } else { 0 })
             .collect();
         let mut recv = vec![0u32; buf.len()];
+        let serial = self.serial();
         self.comm
             .all_reduce_into(&send[..], &mut recv[..], SystemOperation::bitwise_or());
+        drop(serial);
         buf.iter_mut()
             .zip(recv)
             .for_each(|(x, b)| *x = f32::from_bits(b));
@@ -140,6 +172,7 @@ impl Communicator for MpiComm {
                 detail: format!("root {root} is not a rank of a group of {}", self.size()),
             });
         }
+        let _serial = self.serial();
         self.comm.process_at_rank(root as i32).broadcast_into(buf);
         Ok(())
     }
@@ -152,6 +185,7 @@ impl Communicator for MpiComm {
                 detail: format!("cannot send to rank {dst}"),
             });
         }
+        let _serial = self.serial();
         self.comm.process_at_rank(dst as i32).send(data);
         Ok(())
     }
@@ -164,8 +198,10 @@ impl Communicator for MpiComm {
                 detail: format!("cannot receive from rank {src}"),
             });
         }
+        let serial = self.serial();
         let status = self.comm.process_at_rank(src as i32).receive_into(buf);
-        let got = status.count(u8::equivalent_datatype()) as usize;
+        let got = status.count(u8::equivalent_datatype()) as usize; // MPI_Get_count
+        drop(serial);
         if got != buf.len() {
             return Err(CommError::Desync {
                 rank: self.rank(),
@@ -177,7 +213,41 @@ impl Communicator for MpiComm {
         Ok(())
     }
 
+    fn sendrecv(&mut self, dst: usize, data: &[u8], src: usize, buf: &mut [u8]) -> Result<()> {
+        let (n, me) = (self.size(), self.rank());
+        if dst >= n || dst == me || src >= n || src == me {
+            return Err(CommError::InvalidArgument {
+                rank: me,
+                op: "send/recv",
+                detail: format!(
+                    "cannot send to rank {dst} and receive from rank {src} on rank {me} of {n}"
+                ),
+            });
+        }
+        // MPI_Sendrecv: the library progresses both at once, so neighbours calling it towards
+        // each other cannot deadlock whatever the message size.
+        let serial = self.serial();
+        let status = ::mpi::point_to_point::send_receive_into(
+            data,
+            &self.comm.process_at_rank(dst as i32),
+            buf,
+            &self.comm.process_at_rank(src as i32),
+        );
+        let got = status.count(u8::equivalent_datatype()) as usize; // MPI_Get_count
+        drop(serial);
+        if got != buf.len() {
+            return Err(CommError::Desync {
+                rank: me,
+                op: "send/recv",
+                peer: src,
+                detail: format!("received {got} bytes where {} were expected", buf.len()),
+            });
+        }
+        Ok(())
+    }
+
     fn barrier(&mut self) -> Result<()> {
+        let _serial = self.serial();
         self.comm.barrier();
         Ok(())
     }
@@ -193,6 +263,7 @@ impl Communicator for MpiComm {
             op: "split",
             detail: format!("key {key} does not fit MPI's int"),
         })?;
+        let serial = self.serial();
         let sub = self
             .comm
             .split_by_color_with_key(Color::with_value(color), key)
@@ -201,9 +272,23 @@ impl Communicator for MpiComm {
                 op: "split",
                 detail: "MPI returned no communicator".into(),
             })?;
+        let (rank, size) = (sub.rank() as usize, sub.size() as usize);
+        drop(serial);
         Ok(Box::new(MpiComm {
-            comm: sub,
+            comm: ManuallyDrop::new(sub),
+            rank,
+            size,
+            multiple: self.multiple,
             _universe: self._universe.clone(),
         }))
+    }
+}
+
+impl Drop for MpiComm {
+    /// Frees the MPI communicator (`MPI_Comm_free` for a split) under the same rule as every call.
+    fn drop(&mut self) {
+        let _serial = self.serial();
+        // SAFETY: dropped exactly once, here; the field is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.comm) };
     }
 }

@@ -115,30 +115,40 @@ fn check(comm: &Comm, layout: &PsLayout, want_server: bool) -> Result<()> {
 pub fn worker_step(comm: &mut Comm, layout: &PsLayout, buf: &mut [f32]) -> Result<()> {
     check(comm, layout, false)?;
     let (w, k) = (layout.workers, layout.servers);
-    comm.run_in(PS_GID, Op::PsPush, Algorithm::Auto, false, |ctx| {
-        let mut sends: Vec<SendOp> = (0..k)
-            .map(|s| {
-                SendOp::new(
+    let servers: Vec<usize> = (w..w + k).collect();
+    let bytes = buf.len() * 4;
+    comm.run_in(
+        PS_GID,
+        Op::PsPush,
+        Algorithm::Auto,
+        false,
+        (bytes, &servers),
+        |ctx| {
+            let mut sends: Vec<SendOp> = (0..k)
+                .map(|s| {
+                    SendOp::new(
+                        w + s,
+                        bytemuck::cast_slice(&buf[shard_range(buf.len(), k, s)]),
+                    )
+                })
+                .collect();
+            ctx.exchange(&mut sends, &mut [])?;
+            ctx.op = Op::PsPull;
+            let len = buf.len();
+            let mut rest: &mut [f32] = buf;
+            let mut recvs = Vec::with_capacity(k);
+            for s in 0..k {
+                let (mine, tail) =
+                    std::mem::take(&mut rest).split_at_mut(shard_range(len, k, s).len());
+                recvs.push(RecvOp::new(
                     w + s,
-                    bytemuck::cast_slice(&buf[shard_range(buf.len(), k, s)]),
-                )
-            })
-            .collect();
-        ctx.exchange(&mut sends, &mut [])?;
-        ctx.op = Op::PsPull;
-        let len = buf.len();
-        let mut rest: &mut [f32] = buf;
-        let mut recvs = Vec::with_capacity(k);
-        for s in 0..k {
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(shard_range(len, k, s).len());
-            recvs.push(RecvOp::new(
-                w + s,
-                Dest::Bytes(bytemuck::cast_slice_mut(mine)),
-            ));
-            rest = tail;
-        }
-        ctx.exchange(&mut [], &mut recvs)
-    })
+                    Dest::Bytes(bytemuck::cast_slice_mut(mine)),
+                ));
+                rest = tail;
+            }
+            ctx.exchange(&mut [], &mut recvs)
+        },
+    )
 }
 
 /// Server side: serve `steps` steps of every worker for a `len`-element buffer; returns this
@@ -160,11 +170,13 @@ pub fn serve(
         ReduceOp::Max => Combine::Max,
         _ => Combine::Sum,
     };
+    let workers: Vec<usize> = (0..w).collect();
     comm.run_in(
         PS_GID,
         Op::PsPush,
         Algorithm::Auto,
         false,
+        (shard * 4 * steps, &workers),
         |ctx| match mode {
             PsMode::Sync => {
                 let mut acc = vec![0.0f32; shard];

@@ -176,7 +176,9 @@ impl RingLink {
     fn peek(&self, peer: usize) -> Vec<u8> {
         let (head, tail, data) = self.ring(peer, self.rank);
         let (t, h) = (tail.load(Ordering::Relaxed), head.load(Ordering::Acquire));
-        let len = (h - t) as usize;
+        let Ok(len) = self.filled(peer, h, t) else {
+            return Vec::new();
+        };
         let pos = (t as usize) & (self.cap - 1);
         let first = len.min(self.cap - pos);
         let mut out = vec![0u8; len];
@@ -186,6 +188,22 @@ impl RingLink {
             std::ptr::copy_nonoverlapping(data, out.as_mut_ptr().add(first), len - first);
         }
         out
+    }
+
+    /// Unread bytes in a ring from its head and tail counters, checked: these live in memory every
+    /// process of the job can write, so a value outside `tail ≤ head ≤ tail + cap` (a stray write,
+    /// a process that is not ours) is an error, never an index.
+    fn filled(&self, peer: usize, head: u64, tail: u64) -> Result<usize, LinkError> {
+        match head.checked_sub(tail) {
+            Some(k) if k <= self.cap as u64 => Ok(k as usize),
+            _ => Err(LinkError::Corrupt {
+                peer,
+                detail: format!(
+                    "ring counters head {head}, tail {tail} do not fit a ring of {} bytes",
+                    self.cap
+                ),
+            }),
+        }
     }
 
     fn pid_dead(&self, peer: usize) -> Option<String> {
@@ -225,7 +243,7 @@ impl Link for RingLink {
         let (head, tail, data) = self.ring(self.rank, peer);
         let h = head.load(Ordering::Relaxed);
         let t = tail.load(Ordering::Acquire);
-        let free = self.cap - (h - t) as usize;
+        let free = self.cap - self.filled(peer, h, t)?;
         let len = free.min(buf.len());
         if len == 0 {
             return Ok(0);
@@ -246,7 +264,7 @@ impl Link for RingLink {
         let (head, tail, data) = self.ring(peer, self.rank);
         let t = tail.load(Ordering::Relaxed);
         let h = head.load(Ordering::Acquire);
-        let len = ((h - t) as usize).min(buf.len());
+        let len = self.filled(peer, h, t)?.min(buf.len());
         if len == 0 {
             return Ok(0);
         }
@@ -270,11 +288,12 @@ impl Link for RingLink {
     ) -> Result<Option<usize>, LinkError> {
         let (head, tail, data) = self.ring(peer, self.rank);
         let t = tail.load(Ordering::Relaxed);
+        let h = head.load(Ordering::Acquire);
+        let filled = self.filled(peer, h, t)?;
         if t % 4 != 0 {
             return Ok(None);
         }
-        let h = head.load(Ordering::Acquire);
-        let len = ((h - t) as usize).min(max_bytes) / 4 * 4;
+        let len = filled.min(max_bytes) / 4 * 4;
         if len == 0 {
             return Ok(Some(0));
         }
@@ -376,7 +395,48 @@ impl Drop for RingLink {
 
 #[cfg(test)]
 mod tests {
-    use super::ring_capacity;
+    use super::*;
+
+    /// Two ranks' links over one heap region, and the region.
+    fn pair(cap: usize) -> (RingLink, RingLink, Arc<Region>) {
+        let region = Arc::new(Region::heap(Region::bytes(2, cap)));
+        let link = |r| RingLink::new(region.clone(), r, 2, cap, "threads", Liveness::Flags);
+        (link(0), link(1), region)
+    }
+
+    #[test]
+    fn corrupt_ring_counters_are_errors_not_indices() {
+        let cap = 4096;
+        for (name, head_delta, tail_delta) in [
+            ("head behind tail", 0i64, 200i64),
+            ("more than a ring unread", cap as i64 + 1, 0),
+            ("head far ahead", 1 << 40, 0),
+        ] {
+            let (mut w, mut r, _region) = pair(cap);
+            assert_eq!(w.try_write(1, &[7u8; 100]).unwrap(), 100);
+            let (head, tail, _) = w.ring(0, 1);
+            let (h, t) = (head.load(Ordering::Relaxed), tail.load(Ordering::Relaxed));
+            head.store((h as i64 + head_delta) as u64, Ordering::Release);
+            tail.store((t as i64 + tail_delta) as u64, Ordering::Release);
+            let mut buf = vec![0u8; 3 * cap];
+            for e in [
+                r.try_read(0, &mut buf).map(|_| ()),
+                r.read_f32_with(0, 3 * cap, &mut |_| {}).map(|_| ()),
+                w.try_write(1, &[1u8; 10]).map(|_| ()),
+            ] {
+                match e {
+                    Err(LinkError::Corrupt { peer, detail }) => {
+                        assert!(
+                            peer <= 1 && detail.contains("do not fit"),
+                            "{name}: {detail}"
+                        )
+                    }
+                    other => panic!("{name}: expected a corrupt-ring error, got {other:?}"),
+                }
+            }
+            assert!(r.peek(0).is_empty(), "{name}");
+        }
+    }
 
     #[test]
     fn ring_capacity_is_bounded() {

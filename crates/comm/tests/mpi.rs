@@ -2,6 +2,7 @@
 //! summation order gives the same bits and results can be compared exactly. Without `mpirun` it
 //! runs as a single MPI process.
 #![cfg(feature = "mpi")]
+mod common;
 use comm::mpi_comm::MpiComm;
 use comm::{shard_range, Communicator, ReduceOp};
 
@@ -70,9 +71,25 @@ fn check(c: &mut dyn Communicator) {
     assert_eq!(b[0], members.iter().sum::<usize>() as f32);
 }
 
+/// One test function: MPI is initialised once per process.
 #[test]
 fn mpi_collectives_match_sequential_results() {
     let mut c = MpiComm::init().expect("MPI init");
     check(&mut c);
+    if c.size() > 1 {
+        // MPI_Sendrecv with 8 MB both ways around the ring.
+        common::sendrecv_ring(&mut c, 8 << 20).unwrap();
+    }
+    if c.size() == 2 {
+        assert!(
+            c.concurrent(),
+            "Open MPI should provide MPI_THREAD_MULTIPLE"
+        );
+        common::shared_link_2(&mut c, 3).unwrap();
+    }
+    if c.size() == 4 {
+        // Two threads per rank on two groups at once: needs MPI_THREAD_MULTIPLE.
+        common::mesh_2x2(&mut c, 3, 8 << 20).unwrap();
+    }
     println!("mpi: rank {} of {} passed", c.rank(), c.size());
 }

@@ -51,6 +51,36 @@ fn worker_entry() {
                 i += 1;
             }
         }
+        "mesh" => match common::mesh_2x2(c.as_mut(), 3, 8 << 20) {
+            Ok(()) => println!("OK"),
+            Err(e) => println!("ERROR {e}"),
+        },
+        "shared_link" => match common::shared_link_2(c.as_mut(), 3) {
+            Ok(()) => println!("OK"),
+            Err(e) => println!("ERROR {e}"),
+        },
+        "sendrecv" => match common::sendrecv_ring(c.as_mut(), 8 << 20) {
+            Ok(()) => println!("OK"),
+            Err(e) => println!("ERROR {e}"),
+        },
+        "flight" => {
+            // Five all-reduces, then rank 3 stops itself (SIGSTOP) before the sixth, and once
+            // continued "computes" for 3 s; the others go on into all-reduce #6 and time out.
+            let mut b = vec![1.0f32; 1000];
+            for i in 0..8 {
+                if i == 5 && c.rank() == 3 {
+                    println!("STOPPING");
+                    let _ = std::io::stdout().flush();
+                    // SAFETY: raising a signal on our own process.
+                    unsafe { libc::raise(libc::SIGSTOP) };
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                if let Err(e) = c.all_reduce(&mut b, ReduceOp::Sum) {
+                    println!("ERROR {e}");
+                    break;
+                }
+            }
+        }
         "desync" => {
             let mut b = vec![1.0f32; 1000];
             let r = if c.rank() == 0 {
@@ -150,7 +180,8 @@ impl Drop for Job {
     }
 }
 
-fn spawn_rank(
+#[allow(clippy::too_many_arguments)]
+fn spawn_rank_env(
     role: &str,
     transport: &str,
     rank: usize,
@@ -158,6 +189,7 @@ fn spawn_rank(
     port: u16,
     token: &str,
     timeout_secs: &str,
+    extra_env: &[(&str, &str)],
 ) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
@@ -177,6 +209,7 @@ fn spawn_rank(
         .env("SCALETRAIN_JOB_TOKEN", token)
         .env("SCALETRAIN_TRANSPORT", transport)
         .env("SCALETRAIN_COMM_TIMEOUT_SECS", timeout_secs)
+        .envs(extra_env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(
             std::fs::File::create(stderr_path(port, rank))
@@ -190,7 +223,7 @@ fn spawn_rank(
     std::thread::spawn(move || {
         // Only our own lines: the test harness prints its own chatter around them.
         let ours = |l: &String| {
-            ["CASE ", "OK", "ERROR", "READY"]
+            ["CASE ", "OK", "ERROR", "READY", "STOPPING"]
                 .iter()
                 .any(|p| l.starts_with(p))
         };
@@ -205,6 +238,18 @@ fn spawn_rank(
         }
     });
     (child, rx)
+}
+
+fn spawn_rank(
+    role: &str,
+    transport: &str,
+    rank: usize,
+    n: usize,
+    port: u16,
+    token: &str,
+    timeout_secs: &str,
+) -> (Child, mpsc::Receiver<String>) {
+    spawn_rank_env(role, transport, rank, n, port, token, timeout_secs, &[])
 }
 
 fn start(role: &str, transport: &str, n: usize, timeout_secs: &str) -> (Job, u16, String) {
@@ -468,4 +513,257 @@ fn tcp_parameter_server() {
 #[test]
 fn shm_parameter_server() {
     ps("shm");
+}
+
+/// Every rank of a `role` job prints `OK` (with the 5 s timeout, a hang fails fast).
+fn all_ok(role: &str, transport: &str, n: usize) {
+    let (job, port, _) = start(role, transport, n, "5");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for r in 0..n {
+        let lines = collect(&job.lines[r], deadline);
+        if lines != ["OK"] {
+            let errs: Vec<String> = (0..n)
+                .map(|k| format!("rank {k}: {}", stderr_of(port, k)))
+                .collect();
+            panic!(
+                "{role} over {transport}, rank {r}: {lines:?}\n{}",
+                errs.join("\n")
+            );
+        }
+    }
+}
+
+#[test]
+fn tcp_sendrecv_8mb_both_ways() {
+    all_ok("sendrecv", "tcp", 2);
+    all_ok("sendrecv", "tcp", 3);
+}
+#[test]
+fn shm_sendrecv_8mb_both_ways() {
+    all_ok("sendrecv", "shm", 2);
+    all_ok("sendrecv", "shm", 3);
+}
+#[test]
+fn tcp_groups_progress_independently_in_a_2x2_mesh() {
+    all_ok("mesh", "tcp", 4);
+}
+#[test]
+fn shm_groups_progress_independently_in_a_2x2_mesh() {
+    all_ok("mesh", "shm", 4);
+}
+#[test]
+fn tcp_two_groups_on_one_link() {
+    all_ok("shared_link", "tcp", 2);
+}
+#[test]
+fn shm_two_groups_on_one_link() {
+    all_ok("shared_link", "shm", 2);
+}
+
+/// Rank 3 of 4 stops (SIGSTOP) between all-reduce #5 and #6: the others time out in #6 and dump
+/// their flight recorders, which name rank 3 and the call; then SIGUSR1 + SIGCONT make rank 3
+/// dump too (it is "computing" for 3 s), and the four dumps together say it never entered #6.
+fn flight_recorder_names_the_stopped_rank(transport: &str) {
+    let n = 4;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("scaletrain-flight-{port}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let token = format!("tok-{port}");
+    let mut job = Job {
+        port,
+        children: Vec::new(),
+        lines: Vec::new(),
+    };
+    let dir_s = dir.to_string_lossy().to_string();
+    for r in 0..n {
+        let env = [("SCALETRAIN_FLIGHT_DIR", dir_s.as_str())];
+        let (c, l) = spawn_rank_env("flight", transport, r, n, port, &token, "2", &env);
+        job.children.push(c);
+        job.lines.push(l);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for r in 0..3 {
+        let lines = collect(&job.lines[r], deadline);
+        assert!(
+            lines.iter().any(|l| l.starts_with("ERROR")),
+            "rank {r}: {lines:?}"
+        );
+    }
+    let read = |ranks: &[usize]| -> Vec<comm::flight::Dump> {
+        ranks
+            .iter()
+            .map(|r| {
+                comm::flight::read_dump(&dir.join(format!("flight-rank-{r}.jsonl")))
+                    .unwrap_or_else(|e| panic!("rank {r}: {e}"))
+            })
+            .collect()
+    };
+    let dumps = read(&[0, 1, 2]);
+    for d in &dumps {
+        let last = d.records.last().expect("records");
+        assert_eq!((last.op.as_str(), last.call), ("all_reduce", 6), "{last:?}");
+        assert_ne!(last.status, "ok", "{last:?}");
+        assert_eq!(d.records.iter().filter(|r| r.status == "ok").count(), 5);
+    }
+    let why = comm::flight::diagnose(&dumps);
+    assert!(
+        why.iter()
+            .any(|l| l.starts_with("rank 3 left no dump") && l.contains("all_reduce #6")),
+        "{why:#?}"
+    );
+    // Rank 3 is still stopped: SIGUSR1 waits until SIGCONT, then its watcher thread dumps.
+    let pid = job.children[3].id() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(pid, libc::SIGUSR1);
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let f3 = dir.join("flight-rank-3.jsonl");
+    let t = Instant::now();
+    while !f3.exists() && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100)); // let the writer finish the file
+    let all = read(&[0, 1, 2, 3]);
+    assert_eq!(all[3].header.reason, "SIGUSR1");
+    let why = comm::flight::diagnose(&all);
+    assert!(
+        why.iter()
+            .any(|l| l.starts_with("rank 3 never entered all_reduce #6")
+                && l.contains("its last call there: all_reduce #5 (ok)")),
+        "{why:#?}"
+    );
+    drop(job);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tcp_flight_recorder_names_the_stopped_rank() {
+    flight_recorder_names_the_stopped_rank("tcp");
+}
+#[test]
+fn shm_flight_recorder_names_the_stopped_rank() {
+    flight_recorder_names_the_stopped_rank("shm");
+}
+
+/// Rank 1 reaches rank 0 through a recording proxy; the job completes, and the token appears
+/// nowhere in the bytes that crossed the wire (both ends proved it with HMACs instead).
+#[test]
+fn tcp_job_token_never_crosses_the_wire() {
+    use std::sync::{Arc, Mutex};
+    let port0 = free_port();
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+    let proxy_port = proxy.local_addr().expect("addr").port();
+    let token = format!("secret-token-{port0}-do-not-leak");
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let relay = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let (from1, _) = proxy.accept().expect("rank 1 connects");
+            let t = Instant::now();
+            let to0 = loop {
+                match TcpStream::connect(("127.0.0.1", port0)) {
+                    Ok(s) => break s,
+                    Err(e) if t.elapsed() > Duration::from_secs(10) => panic!("rank 0: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let pump = |mut a: TcpStream, mut b: TcpStream, seen: Arc<Mutex<Vec<u8>>>| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        match std::io::Read::read(&mut a, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => {
+                                seen.lock().unwrap().extend_from_slice(&buf[..k]);
+                                if b.write_all(&buf[..k]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            let up = pump(
+                from1.try_clone().unwrap(),
+                to0.try_clone().unwrap(),
+                seen.clone(),
+            );
+            let down = pump(to0, from1, seen);
+            let _ = up.join();
+            let _ = down.join();
+        })
+    };
+    let mut job = Job {
+        port: port0,
+        children: Vec::new(),
+        lines: Vec::new(),
+    };
+    let (c0, l0) = spawn_rank("smoke", "tcp", 0, 2, port0, &token, "10");
+    job.children.push(c0);
+    job.lines.push(l0);
+    let (c1, l1) = spawn_rank("smoke", "tcp", 1, 2, proxy_port, &token, "10");
+    job.children.push(c1);
+    job.lines.push(l1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    assert_eq!(collect(&job.lines[0], deadline), vec!["OK 1".to_string()]);
+    assert_eq!(collect(&job.lines[1], deadline), vec!["OK 1".to_string()]);
+    drop(job);
+    let _ = std::fs::remove_file(stderr_path(proxy_port, 1));
+    relay.join().expect("relay");
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 4000, "only {} bytes crossed", seen.len());
+    assert!(
+        !seen.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the job token crossed the wire"
+    );
+}
+
+/// A listener that does not know the token (here: answers the hello with a made-up challenge)
+/// is refused by the joiner, which sends no proof.
+#[test]
+fn tcp_impostor_rank_0_is_refused() {
+    use comm::frame::{Header, Op, HEADER_BYTES};
+    let fake = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = fake.local_addr().expect("addr").port();
+    let mut job = Job {
+        port,
+        children: Vec::new(),
+        lines: Vec::new(),
+    };
+    let (c1, l1) = spawn_rank("smoke", "tcp", 1, 2, port, "the-real-token", "10");
+    job.children.push(c1);
+    job.lines.push(l1);
+    let (mut s, _) = fake.accept().expect("joiner connects");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hdr = [0u8; HEADER_BYTES];
+    std::io::Read::read_exact(&mut s, &mut hdr).expect("hello header");
+    let h = Header::decode(&hdr, 4096).expect("a valid header");
+    assert_eq!(h.op, Op::Hello);
+    let mut hello = vec![0u8; h.len as usize];
+    std::io::Read::read_exact(&mut s, &mut hello).expect("hello");
+    let payload = [7u8; 48]; // a nonce and a MAC made without the token
+    let reply = Header {
+        op: Op::Challenge,
+        algo: 0,
+        sender: 0,
+        group: 0,
+        seq: 0,
+        len: payload.len() as u32,
+        call: 0,
+    };
+    s.write_all(&reply.encode()).unwrap();
+    s.write_all(&payload).unwrap();
+    let lines = collect(&job.lines[0], Instant::now() + Duration::from_secs(20));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ERROR") && l.contains("does not prove the job token")),
+        "{lines:?}"
+    );
+    // Nothing after the hello: no proof for an impostor to replay.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.is_empty(), "joiner sent {} more bytes", rest.len());
 }

@@ -205,3 +205,63 @@ fn unused_communicators_drop_at_once() {
     drop(threads(4, test_cfg()));
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
+
+/// Run `f` on every rank of `n` threads (config with a short timeout); every rank must succeed.
+fn all_ranks(
+    n: usize,
+    timeout: Duration,
+    f: impl Fn(&mut dyn Communicator) -> Result<(), String> + Send + Sync + Copy + 'static,
+) {
+    let cfg = Config {
+        timeout,
+        ..test_cfg()
+    };
+    let handles: Vec<_> = threads(n, cfg)
+        .into_iter()
+        .map(|mut c| std::thread::spawn(move || f(&mut c)))
+        .collect();
+    let errors: Vec<String> = handles
+        .into_iter()
+        .filter_map(|h| h.join().expect("rank thread panicked").err())
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[test]
+fn sendrecv_never_deadlocks_with_large_messages() {
+    for n in [2, 3] {
+        all_ranks(n, Duration::from_secs(10), |c| {
+            common::sendrecv_ring(c, 8 << 20)
+        });
+    }
+}
+
+#[test]
+fn sendrecv_checks_its_arguments() {
+    let mut comms = threads(2, test_cfg());
+    let e = comms[0]
+        .sendrecv(0, &[1], 1, &mut [0])
+        .expect_err("send to self");
+    assert!(
+        matches!(e, CommError::InvalidArgument { rank: 0, .. }),
+        "{e}"
+    );
+    let e = comms[1]
+        .sendrecv(0, &[1], 2, &mut [0])
+        .expect_err("rank 2 of 2");
+    assert!(e.to_string().contains("receive from rank 2"), "{e}");
+}
+
+#[test]
+fn groups_progress_independently_in_a_2x2_mesh() {
+    let t = Instant::now();
+    all_ranks(4, Duration::from_secs(5), |c| {
+        common::mesh_2x2(c, 3, 8 << 20)
+    });
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
+fn two_groups_on_one_link_keep_their_frames_apart() {
+    all_ranks(2, Duration::from_secs(5), |c| common::shared_link_2(c, 3));
+}

@@ -406,17 +406,26 @@ pub fn balanced_uniform(
     // Σ (w − extra_i / c) = layers left. The first/last stage may sit at the minimum when its
     // extra alone exceeds the level, so each of the four clamp cases proposes its own level.
     let (x0, x1) = (e0 / c, e1 / c);
-    for (c0, c1) in [(false, false), (true, false), (false, true), (true, true)] {
+    let level = |c0: bool, c1: bool| -> f64 {
         let free = s - u64::from(c0) - u64::from(c1);
+        let rest = layers.saturating_sub(lo * (u64::from(c0) + u64::from(c1))) as f64;
+        let extras = if c0 { 0.0 } else { x0 } + if c1 { 0.0 } else { x1 };
+        (rest + extras) / free.max(1) as f64
+    };
+    // A clamp case matters only when the free level leaves that stage near its minimum.
+    let w = level(false, false);
+    let (may0, may1) = (w - x0 < lo as f64 + 2.0, w - x1 < lo as f64 + 2.0);
+    for (c0, c1) in [(false, false), (true, false), (false, true), (true, true)] {
+        if (c0 && !may0) || (c1 && !may1) {
+            continue;
+        }
+        let w = level(c0, c1);
         let around = |x: f64, clamped: bool| -> (u64, u64) {
             if clamped {
                 return (lo, lo + 1);
             }
-            let rest = layers.saturating_sub(lo * (u64::from(c0) + u64::from(c1))) as f64;
-            let extras = if c0 { 0.0 } else { x0 } + if c1 { 0.0 } else { x1 };
-            let w = (rest + extras) / free.max(1) as f64;
             let g = (w - x).max(0.0).floor().min(layers as f64) as u64;
-            (g.saturating_sub(1), g + 2)
+            (g.saturating_sub(1), g + 1)
         };
         let (a0, b0) = around(x0, c0);
         let (a1, b1) = around(x1, c1);
@@ -531,6 +540,11 @@ mod tests {
                     (4.49, 2.51),
                     (1.0, 1.0),
                     (2.0, 0.0),
+                    (0.004, 0.21),
+                    (0.004, 1.87),
+                    (0.5, 0.5),
+                    (6.0, 0.7),
+                    (0.33, 19.0),
                 ] {
                     let c = 1.7;
                     let fast = balanced_uniform(s, layers, c, e0 * c, e1 * c);
@@ -539,6 +553,31 @@ mod tests {
                     assert_eq!(fast, slow, "stages {s}, layers {layers}, extras {e0}/{e1}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn uniform_closed_form_equals_the_dynamic_programme_on_random_cases() {
+        // A fixed linear congruential sequence: reproducible, no dependency.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for _ in 0..1500 {
+            let s = 1 + (next() * 16.0) as u64;
+            let layers = 1 + (next() * 60.0) as u64;
+            let c = 0.1 + next() * 3.0;
+            let (e0, e1) = (next() * next() * 8.0 * c, next() * 8.0 * c);
+            let fast = balanced_uniform(s, layers, c, e0, e1);
+            let slow = balanced(s as usize, &vec![c; layers as usize], e0, e1);
+            let fast: Vec<usize> = fast.as_slice().iter().map(|&n| n as usize).collect();
+            assert_eq!(
+                fast, slow,
+                "stages {s}, layers {layers}, cost {c}, extras {e0}/{e1}"
+            );
         }
     }
 

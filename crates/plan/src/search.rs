@@ -251,6 +251,8 @@ pub fn search(
         .collect();
     let mut stage_cost_cache: Vec<Option<StageCosts>> = Vec::new();
     let mut part_cache: Vec<Option<StageLayers>> = Vec::new();
+    let mut shared_parts: std::collections::HashMap<(u64, usize, usize, bool, u64), StageLayers> =
+        std::collections::HashMap::new();
     for (gi, &n) in space.gpus.iter().enumerate() {
         for tp in divisors(n) {
             if tp > space.max_tp {
@@ -277,6 +279,7 @@ pub fn search(
                                 continue;
                             }
                             for (ri, (rc, per_size)) in ctxs.iter().enumerate() {
+                                let ri = &ri;
                                 let sps: &[bool] = if tp > 1 && space.sequence_parallel {
                                     &[false, true]
                                 } else {
@@ -317,9 +320,19 @@ pub fn search(
                                         if let Some(part) = part_cache[slot] {
                                             layout.stage_layers = part;
                                         } else {
-                                            let costs = *stage_cost_cache[slot]
-                                                .get_or_insert_with(|| ctx.stage_costs(&layout));
-                                            ctx.balance_with(&mut layout, &costs);
+                                            // Stage costs do not depend on the cluster size, so
+                                            // partitions are shared across sizes too.
+                                            let key = (tp, mi, *ri, sp, pp * vpp);
+                                            if let Some(part) = shared_parts.get(&key) {
+                                                layout.stage_layers = *part;
+                                            } else {
+                                                let costs = *stage_cost_cache[slot]
+                                                    .get_or_insert_with(|| {
+                                                        ctx.stage_costs(&layout)
+                                                    });
+                                                ctx.balance_with(&mut layout, &costs);
+                                                shared_parts.insert(key, layout.stage_layers);
+                                            }
                                             part_cache[slot] = Some(layout.stage_layers);
                                         }
                                     } else {

@@ -216,3 +216,26 @@ fn planner_searches_layer_counts_pp_does_not_divide() {
         assert_eq!(x.layout.stage_layers.total(), 32);
     }
 }
+
+/// Llama 3 405B (126 layers) on 16 pipeline stages: Meta's run took one layer off the first and
+/// the last stage (Dubey et al. 2024, "The Llama 3 Herd of Models", §3.3.2); the balanced
+/// partition, counting the embedding and the 128K-vocabulary LM head as stage work, is the same.
+#[test]
+fn balanced_partition_reproduces_llama3_405b_pipeline() {
+    let m = preset("llama3-405b").unwrap();
+    let cluster = ClusterSpec::new(gpu_preset("h100-sxm").unwrap(), 8192, None, None).unwrap();
+    let c = Context {
+        model: m,
+        cluster,
+        recipe: Recipe::new(1e12, 2048, Precision::Bf16Mixed, Optimizer::Adamw),
+        calib: Calibration::default(),
+    };
+    let mut l = layout(64, 8, 16, 1, 1, 2048);
+    l.partition = plan::Partition::Balanced;
+    c.balance(&mut l);
+    let mut want = [8u16; 16];
+    want[0] = 7;
+    want[15] = 7;
+    assert_eq!(l.stage_layers.as_slice(), &want[..]);
+    l.validate(&c.model, 8192, 2048).unwrap();
+}

@@ -1,5 +1,6 @@
 //! The conformance suite shared by the threads, TCP and shared-memory tests: every algorithm ×
-//! operation on awkward sizes, each result hashed so that processes can report it on stdout.
+//! operation on awkward sizes, each result hashed so that processes can report it on stdout; and
+//! the point-to-point and several-groups-at-once scenarios of a pipeline-parallel mesh.
 #![allow(dead_code)]
 use comm::{reference, shard_range, Algorithm, Communicator, ReduceOp};
 
@@ -203,4 +204,179 @@ pub fn assert_suite(n: usize, r: usize, got: &[(String, u64)]) {
         bad.is_empty(),
         "rank {r} of {n}: results differ from the sequential reference in {bad:?}"
     );
+}
+
+/// Bytes that name their sender, round and position (so a misrouted message is caught).
+pub fn pattern(from: usize, round: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 * 31 + from as u64 * 7 + round as u64 * 13 + (i >> 12) as u64) as u8)
+        .collect()
+}
+
+/// Small integers, so every summation order gives the same bits.
+pub fn small_ints(rank: usize, round: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((rank * 7 + round * 3 + i) % 97) as f32)
+        .collect()
+}
+
+/// Sleep so that one of two threads of a rank surely enters its first call first.
+fn head_start() {
+    std::thread::sleep(std::time::Duration::from_millis(100));
+}
+
+/// A 2×2 mesh on a world of 4: rank r is stage r / 2, data-parallel index r % 2. A scoped
+/// communication thread all-reduces on the data-parallel group (same stage) while this thread
+/// exchanges 8 MB messages with the other stage on the pipeline group (same index), `rounds`
+/// times. Ranks 0 and 3 start with the collective, ranks 1 and 2 with the exchange: with one lock
+/// per process held for a whole call, this order closes a cycle of waits (0 reduce → 1 reduce,
+/// blocked by 1's exchange → 3's exchange, blocked by 3's reduce → 2's reduce, blocked by 2's
+/// exchange → 0's exchange, blocked by 0's reduce) and every rank times out.
+pub fn mesh_2x2(
+    world: &mut dyn Communicator,
+    rounds: usize,
+    p2p_bytes: usize,
+) -> Result<(), String> {
+    let r = world.rank();
+    assert_eq!(world.size(), 4, "mesh_2x2 needs 4 ranks");
+    let (stage, d) = (r / 2, r % 2);
+    let mut dp = world
+        .split(stage as u32, d as u32)
+        .map_err(|e| e.to_string())?;
+    let mut pp = world
+        .split(10 + d as u32, stage as u32)
+        .map_err(|e| e.to_string())?;
+    world.barrier().map_err(|e| e.to_string())?;
+    let collective_first = (stage + d) % 2 == 0;
+    std::thread::scope(|s| {
+        let comm_thread = s.spawn(move || -> Result<(), String> {
+            if !collective_first {
+                head_start();
+            }
+            for round in 0..rounds {
+                let len = 256 << 10;
+                let mut b = small_ints(r, round, len);
+                dp.all_reduce(&mut b, ReduceOp::Sum)
+                    .map_err(|e| e.to_string())?;
+                let other = stage * 2 + (1 - d);
+                let want: Vec<f32> = small_ints(r, round, len)
+                    .iter()
+                    .zip(small_ints(other, round, len))
+                    .map(|(a, b)| a + b)
+                    .collect();
+                if b != want {
+                    return Err(format!(
+                        "rank {r}: data-parallel sum of round {round} is wrong"
+                    ));
+                }
+            }
+            Ok(())
+        });
+        if collective_first {
+            head_start();
+        }
+        let peer = 1 - pp.rank();
+        let mut got = vec![0u8; p2p_bytes];
+        let mut out = Ok(());
+        for round in 0..rounds {
+            let msg = pattern(r, round, p2p_bytes);
+            let res = if stage == 0 {
+                pp.send(peer, &msg).and_then(|_| pp.recv(peer, &mut got))
+            } else {
+                pp.recv(peer, &mut got).and_then(|_| pp.send(peer, &msg))
+            };
+            if let Err(e) = res {
+                out = Err(e.to_string());
+                break;
+            }
+            if got != pattern((1 - stage) * 2 + d, round, p2p_bytes) {
+                out = Err(format!(
+                    "rank {r}: pipeline message of round {round} is wrong"
+                ));
+                break;
+            }
+        }
+        let comm = comm_thread
+            .join()
+            .unwrap_or_else(|_| Err("communication thread panicked".into()));
+        out.and(comm)
+    })
+}
+
+/// Two groups over the same pair of ranks, used at once from two threads of each rank: frames of
+/// both groups interleave on one link, and each must reach its own group. Rank 0 starts with the
+/// collectives, rank 1 with the exchanges (a one-lock-per-call engine deadlocks on that order).
+pub fn shared_link_2(world: &mut dyn Communicator, rounds: usize) -> Result<(), String> {
+    let r = world.rank();
+    let mut a = world.split(1, 0).map_err(|e| e.to_string())?;
+    let mut b = world.split(2, 0).map_err(|e| e.to_string())?;
+    world.barrier().map_err(|e| e.to_string())?;
+    std::thread::scope(|s| {
+        let comm_thread = s.spawn(move || -> Result<(), String> {
+            if r == 1 {
+                head_start();
+            }
+            for round in 0..rounds {
+                let len = 300_001; // > 1 frame, not a multiple of anything
+                let mut x = small_ints(r, round, len);
+                a.all_reduce(&mut x, ReduceOp::Sum)
+                    .map_err(|e| e.to_string())?;
+                let want: Vec<f32> = small_ints(0, round, len)
+                    .iter()
+                    .zip(small_ints(1, round, len))
+                    .map(|(p, q)| p + q)
+                    .collect();
+                if x != want {
+                    return Err(format!("rank {r}: sum of round {round} is wrong"));
+                }
+            }
+            Ok(())
+        });
+        if r == 0 {
+            head_start();
+        }
+        let mut out = Ok(());
+        let len = 3 << 20;
+        let mut got = vec![0u8; len];
+        for round in 0..rounds {
+            if let Err(e) = b.sendrecv(1 - r, &pattern(r, round, len), 1 - r, &mut got) {
+                out = Err(e.to_string());
+                break;
+            }
+            if got != pattern(1 - r, round, len) {
+                out = Err(format!("rank {r}: exchange of round {round} is wrong"));
+                break;
+            }
+        }
+        let comm = comm_thread
+            .join()
+            .unwrap_or_else(|_| Err("communication thread panicked".into()));
+        out.and(comm)
+    })
+}
+
+/// `sendrecv` around the ring (to the right, from the left) and, with 2 ranks, to and from the
+/// same peer, with messages far larger than any socket or ring buffer; every rank at once.
+pub fn sendrecv_ring(c: &mut dyn Communicator, bytes: usize) -> Result<(), String> {
+    let (n, r) = (c.size(), c.rank());
+    let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+    let mut got = vec![0u8; bytes];
+    for round in 0..2 {
+        c.sendrecv(right, &pattern(r, round, bytes), left, &mut got)
+            .map_err(|e| e.to_string())?;
+        if got != pattern(left, round, bytes) {
+            return Err(format!(
+                "rank {r}: sendrecv round {round} got the wrong bytes"
+            ));
+        }
+    }
+    // f32 convenience, the other direction.
+    let xs = small_ints(r, 9, bytes / 4);
+    let mut ys = vec![0.0f32; bytes / 4];
+    c.sendrecv_f32(left, &xs, right, &mut ys)
+        .map_err(|e| e.to_string())?;
+    if ys != small_ints(right, 9, bytes / 4) {
+        return Err(format!("rank {r}: sendrecv_f32 got the wrong floats"));
+    }
+    Ok(())
 }

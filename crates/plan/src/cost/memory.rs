@@ -29,33 +29,28 @@ pub(super) fn stage_param_parts(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
     (per_layer, first_extra, last_extra)
 }
 
-/// Chunk-activations (one micro-batch on one virtual stage) that device `d` of `p` keeps alive at
-/// its peak, per chunk `k` of `v`, written into `out[..v]`; the sum is the schedule's peak.
+/// Chunk-activations (one micro-batch on one virtual stage) of chunk `k` of `v` that device `d`
+/// of `p` keeps alive at its peak; the sum over chunks is the schedule's peak.
 /// GPipe keeps all `m`; 1F1B keeps `p − d` (Narayanan et al. 2021 §2.2.1); interleaved 1F1B runs
 /// `2(p − d − 1) + (v − 1)p` warm-up forwards before its first backward, visiting chunks in
 /// groups of p micro-batches (Narayanan et al. 2021 §2.2.2, as `schedule.rs` builds it), so chunk
-/// k holds the forwards at positions ≡ k in that order.
+/// k holds the forwards at positions x with ⌊x/p⌋ mod v = k.
 #[inline]
-pub(super) fn chunks_in_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, out: &mut [f64]) {
-    let v = v.max(1) as usize;
-    if gpipe || p == 1 {
-        let n = if p == 1 { 1 } else { m } as f64;
-        out[..v].iter_mut().for_each(|x| *x = n);
-        return;
+pub(super) fn chunk_in_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, k: u64) -> f64 {
+    if p == 1 {
+        return 1.0;
     }
-    if v == 1 {
-        out[0] = (p - d).min(m) as f64;
-        return;
+    if gpipe {
+        return m as f64;
     }
-    let total = (2 * (p - d - 1) + (v as u64 - 1) * p + 1).min(m * v as u64);
+    if v <= 1 {
+        return (p - d).min(m) as f64;
+    }
+    let total = (2 * (p - d - 1) + (v - 1) * p + 1).min(m * v);
     // Positions 0..total, chunk of position x = (x / p) mod v.
-    let round = p * v as u64;
+    let round = p * v;
     let (full, rest) = (total / round, total % round);
-    for (k, slot) in out[..v].iter_mut().enumerate() {
-        let lo = k as u64 * p;
-        let extra = rest.saturating_sub(lo).min(p);
-        *slot = (full * p + extra) as f64;
-    }
+    (full * p + rest.saturating_sub(k * p).min(p)) as f64
 }
 
 /// Activation bytes one layer keeps for one micro-batch until its backward, by recompute policy
@@ -150,27 +145,43 @@ impl Context {
             0.0
         };
         let cap = self.cluster.gpu.memory_bytes;
-        let total_for = |params: f64, act: f64| {
-            let (w, g, o, ms) = states(params);
-            w + g + o + ms + act + comm + r.runtime_overhead_bytes
-        };
         // Every device: its layers (the sum of its virtual stages), their activations times the
         // micro-batches each chunk keeps in flight, plus the embedding (device 0) and the LM head
         // and logits (last device). The largest total is reported.
         let (pp, v) = (l.pp, l.vpp.max(1));
         let gpipe = r.schedule == Schedule::Gpipe;
-        let mut flight = [0.0f64; crate::partition::MAX_STAGES];
+        // Model-state bytes per parameter on this device (linear in the parameters).
+        let state_bytes = {
+            let (w, g, o, ms) = states(1.0);
+            w + g + o + ms
+        };
+        let fixed = comm + r.runtime_overhead_bytes;
         let mut worst = (f64::NEG_INFINITY, 0u64, 0.0, 0.0, 0.0, 0.0);
+        let mut prev_layers = u64::MAX;
         for d in 0..pp {
-            chunks_in_flight(gpipe, pp, v, l.grad_accum, d, &mut flight);
+            // Without interleaving a middle device with as many layers as the one before it
+            // keeps no more micro-batches in flight, so it cannot be worse: skip it.
+            if v == 1 && d >= 2 && d + 1 < pp {
+                let n = l.virtual_stage_layers(m.layers, d);
+                let same = n == prev_layers;
+                prev_layers = n;
+                if same {
+                    continue;
+                }
+            } else if v == 1 {
+                prev_layers = l.virtual_stage_layers(m.layers, d);
+            }
             let mut layers_d = 0.0;
             let mut act_layers = 0.0;
-            for (k, &fl) in flight[..v as usize].iter().enumerate() {
-                let n = l.virtual_stage_layers(m.layers, d + k as u64 * pp) as f64;
+            let mut flight_sum = 0.0;
+            for k in 0..v {
+                let fl = chunk_in_flight(gpipe, pp, v, l.grad_accum, d, k);
+                let n = l.virtual_stage_layers(m.layers, d + k * pp) as f64;
                 layers_d += n;
                 act_layers += n * fl;
+                flight_sum += fl;
             }
-            let in_flight = flight[..v as usize].iter().sum::<f64>() / v as f64;
+            let in_flight = flight_sum / v as f64;
             let mut params = per_layer_dev * layers_d;
             let mut act = per_layer * act_layers + working;
             if pp == 1 {
@@ -183,7 +194,7 @@ impl Context {
                 params += last_extra;
                 act += logits;
             }
-            let total = total_for(params, act);
+            let total = params * state_bytes + act + fixed;
             if total > worst.0 {
                 worst = (total, d, params, act, layers_d, in_flight);
             }
@@ -405,7 +416,7 @@ impl Context {
 
 #[cfg(test)]
 mod tests {
-    use super::chunks_in_flight;
+    use super::chunk_in_flight;
     use crate::schedule::{build, simulate, Kind};
 
     #[test]
@@ -419,11 +430,13 @@ mod tests {
                         }
                         let sim = simulate(&build(kind, p, m, v), m, v, 1.0, 2.0, 0.0);
                         for d in 0..p {
-                            let mut out = [0.0; 8];
-                            chunks_in_flight(
-                                gpipe, p as u64, v as u64, m as u64, d as u64, &mut out,
-                            );
-                            let ours: f64 = out[..v as usize].iter().sum();
+                            let ours: f64 = (0..v as u64)
+                                .map(|k| {
+                                    chunk_in_flight(
+                                        gpipe, p as u64, v as u64, m as u64, d as u64, k,
+                                    )
+                                })
+                                .sum();
                             assert_eq!(
                                 ours, sim.peak_in_flight[d as usize] as f64,
                                 "{kind:?} p {p} v {v} m {m} device {d}"

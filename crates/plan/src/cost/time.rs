@@ -288,10 +288,18 @@ impl Context {
         // bubble = (Σ_d t_d − t_max) / v (uniform middle stages give (p−1)·t/v, Narayanan et al.
         // 2021 §2.2).
         let pp = l.pp;
-        let mut sum_t = 0.0;
-        // (t, compute, communication, layers, device)
-        let mut worst = (f64::NEG_INFINITY, 0.0, 0.0, 0.0, 0u64);
-        for d in 0..pp {
+        // Middle devices differ only in their layer count: the one with the most layers (the
+        // first such) is the slowest of them, and Σ_d t_d needs only the total.
+        let mut mid = (0u64, 0u64);
+        if pp > 2 {
+            for d in 1..pp - 1 {
+                let n = l.device_layers(m.layers, d);
+                if n > mid.0 || mid.1 == 0 {
+                    mid = (n, d);
+                }
+            }
+        }
+        let device = |d: u64| -> (f64, f64, f64) {
             let n = l.device_layers(m.layers, d) as f64;
             let (mut comp, mut comm) = (n * layer_compute, n * layer_comm);
             if pp == 1 {
@@ -303,12 +311,33 @@ impl Context {
                 comp += head;
                 comm += head_comm;
             }
+            (comp, comm, n)
+        };
+        // (t, compute, communication, layers, device); ties go to the later device.
+        let mut worst = (f64::NEG_INFINITY, 0.0, 0.0, 0.0, 0u64);
+        let mut consider = |d: u64| {
+            let (comp, comm, n) = device(d);
             let t_d = comp + comm + p2p;
-            sum_t += t_d;
             if t_d > worst.0 || (d == pp - 1 && t_d >= worst.0) {
                 worst = (t_d, comp, comm, n, d);
             }
+        };
+        consider(0);
+        if mid.1 > 0 {
+            consider(mid.1);
         }
+        if pp > 1 {
+            consider(pp - 1);
+        }
+        let sum_t = if pp > 1 {
+            m.layers as f64 * (layer_compute + layer_comm)
+                + embed
+                + head
+                + head_comm
+                + pp as f64 * p2p
+        } else {
+            worst.0
+        };
         let (t_max, mb_compute, mb_comm, slow_layers, slow_device) = worst;
         let mbs = l.grad_accum as f64;
         let compute = mbs * mb_compute;
