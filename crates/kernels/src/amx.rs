@@ -17,7 +17,7 @@ use std::cell::RefCell;
 
 /// Rows of `a` packed per block; `b` packed per block of at most `B_BLOCK_BYTES`.
 const MB: usize = 512;
-const B_BLOCK_BYTES: usize = 8 << 20;
+const B_BLOCK_BYTES: usize = 2 << 20;
 
 /// Whether this CPU and OS let this process use AMX-BF16 (asks the kernel for permission once).
 pub(crate) fn available() -> bool {
