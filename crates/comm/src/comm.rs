@@ -64,6 +64,12 @@ impl Comm {
         }
     }
 
+    /// Bytes of frames read for groups that have not asked for them yet (tests).
+    #[cfg(test)]
+    pub(crate) fn kept_bytes(&self) -> usize {
+        self.shared.lock().kept_bytes()
+    }
+
     /// This rank's flight recorder (shared by the world and its splits; see [`crate::flight`]).
     pub fn flight_recorder(&self) -> Arc<crate::flight::Recorder> {
         self.shared.flight.clone()

@@ -38,6 +38,10 @@ pub enum Op {
     Reject = 3,
     /// A peer is aborting the job (payload says why).
     Abort = 4,
+    /// Rendezvous: a listener's nonce and its proof of the job token.
+    Challenge = 5,
+    /// Rendezvous: a connector's proof of the job token.
+    Proof = 6,
     /// `all_reduce`.
     AllReduce = 10,
     /// `reduce_scatter`.
@@ -66,6 +70,8 @@ impl Op {
             2 => Op::Welcome,
             3 => Op::Reject,
             4 => Op::Abort,
+            5 => Op::Challenge,
+            6 => Op::Proof,
             10 => Op::AllReduce,
             11 => Op::ReduceScatter,
             12 => Op::AllGather,
@@ -86,6 +92,8 @@ impl Op {
             Op::Welcome => "welcome",
             Op::Reject => "reject",
             Op::Abort => "abort",
+            Op::Challenge => "challenge",
+            Op::Proof => "proof",
             Op::AllReduce => "all_reduce",
             Op::ReduceScatter => "reduce_scatter",
             Op::AllGather => "all_gather",

@@ -23,6 +23,7 @@ pub mod shm;
 pub mod tcp;
 
 mod algo;
+mod auth;
 mod comm;
 mod engine;
 mod link;

@@ -1,17 +1,22 @@
-//! TCP transport: a full mesh of sockets, built by a rendezvous at rank 0 that checks every
-//! joiner's job token.
+//! TCP transport: a full mesh of sockets, built by a rendezvous at rank 0 in which both ends of
+//! every connection prove that they know the job token without sending it.
 //!
 //! ```text
 //!  rank r>0                          rank 0 (listens on MASTER_ADDR:MASTER_PORT)
 //!  bind listener L_r (port 0)
-//!  connect ──── Hello{r, world, L_r port, frame size, token} ───►  check; garbage and wrong tokens
-//!                                                                 are dropped (wrong token: Reject)
+//!  connect ──── Hello{r, world, L_r port, frame size, nonce_c} ──►  garbage is dropped
+//!          ◄─── Challenge{nonce_a, HMAC(token, "accept" ‖ hello ‖ nonce_a)}
+//!  check it (a listener without the token is refused)
+//!          ──── Proof{HMAC(token, "connect" ‖ hello ‖ nonce_a)} ──►  check; wrong: Reject
 //!          ◄─── Welcome{address of every L_j} ──────────────────  once all world-1 ranks joined
-//!  connect to L_j for 0 < j < r, send Hello{r, token}
-//!  accept from j > r on L_r, check Hello{j, token}; then close L_r
+//!  connect to L_j for 0 < j < r: the same Hello / Challenge / Proof
+//!  accept from j > r on L_r, the same exchange; then close L_r
 //! ```
-//! Afterwards every socket is non-blocking with TCP_NODELAY, and the connection to rank 0 is the
-//! mesh link between r and 0. A listener accepts only during rendezvous.
+//! HMAC is HMAC-SHA256 (`auth`); the nonces are fresh per connection, so a recorded exchange
+//! proves nothing later, and the hello's fields (rank, world, port, frame size) are bound into
+//! both MACs. Afterwards every socket is non-blocking with TCP_NODELAY, and the connection to rank
+//! 0 is the mesh link between r and 0. A listener accepts only during rendezvous.
+use crate::auth::{self, MAC_BYTES, NONCE_BYTES};
 use crate::comm::Comm;
 use crate::error::{CommError, Result};
 use crate::frame::{Header, Op, HEADER_BYTES};
@@ -30,41 +35,89 @@ struct Hello {
     rank: u32,
     port: u16,
     max_frame: u32,
-    token: Vec<u8>,
+    nonce: [u8; NONCE_BYTES],
 }
+
+const HELLO_BYTES: usize = 14 + NONCE_BYTES;
 
 impl Hello {
     fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(16 + self.token.len());
+        let mut b = Vec::with_capacity(HELLO_BYTES);
         b.extend_from_slice(&self.world.to_le_bytes());
         b.extend_from_slice(&self.rank.to_le_bytes());
         b.extend_from_slice(&self.port.to_le_bytes());
         b.extend_from_slice(&self.max_frame.to_le_bytes());
-        b.extend_from_slice(&(self.token.len() as u16).to_le_bytes());
-        b.extend_from_slice(&self.token);
+        b.extend_from_slice(&self.nonce);
         b
     }
     fn decode(b: &[u8]) -> std::result::Result<Hello, String> {
-        if b.len() < 16 {
-            return Err(format!("hello of {} bytes is too short", b.len()));
+        if b.len() != HELLO_BYTES {
+            return Err(format!(
+                "hello of {} bytes, expected {HELLO_BYTES} (an older or newer scaletrain?)",
+                b.len()
+            ));
         }
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let tlen = u16::from_le_bytes([b[14], b[15]]) as usize;
-        if b.len() != 16 + tlen {
-            return Err("hello length does not match its token length".into());
-        }
+        let mut nonce = [0u8; NONCE_BYTES];
+        nonce.copy_from_slice(&b[14..]);
         Ok(Hello {
             world: u32_at(0),
             rank: u32_at(4),
             port: u16::from_le_bytes([b[8], b[9]]),
             max_frame: u32_at(10),
-            token: b[16..].to_vec(),
+            nonce,
         })
     }
 }
 
-fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The listener's MAC over a connection's hello and its own nonce.
+fn accept_mac(token: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_BYTES] {
+    auth::hmac(token, &[b"scaletrain accept", hello, nonce_a])
+}
+
+/// The connector's MAC.
+fn connect_mac(token: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_BYTES] {
+    auth::hmac(token, &[b"scaletrain connect", hello, nonce_a])
+}
+
+/// Connector side: send `hello`, check the listener's challenge, answer it. `who` names the
+/// listener in errors.
+fn prove(
+    s: &mut TcpStream,
+    me: usize,
+    hello: &[u8],
+    token: &[u8],
+    deadline: Instant,
+    who: &str,
+) -> Result<()> {
+    write_frame(s, Op::Hello, me, hello)
+        .map_err(|e| rdv(me, format!("sending hello to {who}: {e}")))?;
+    let (h, payload) = read_frame(s, HELLO_MAX, deadline)
+        .map_err(|why| rdv(me, format!("waiting for {who}'s challenge: {why}")))?;
+    match h.op {
+        Op::Challenge if payload.len() == NONCE_BYTES + MAC_BYTES => {}
+        Op::Reject => {
+            return Err(rdv(
+                me,
+                format!("{who} refused us: {}", String::from_utf8_lossy(&payload)),
+            ))
+        }
+        op => {
+            return Err(rdv(
+                me,
+                format!("unexpected {} frame from {who}", op.name()),
+            ))
+        }
+    }
+    let (nonce_a, mac) = payload.split_at(NONCE_BYTES);
+    if !auth::same(mac, &accept_mac(token, hello, nonce_a)) {
+        return Err(rdv(
+            me,
+            format!("{who} does not prove the job token we have (wrong job token on one side)"),
+        ));
+    }
+    write_frame(s, Op::Proof, me, &connect_mac(token, hello, nonce_a))
+        .map_err(|e| rdv(me, format!("answering {who}'s challenge: {e}")))
 }
 
 fn write_frame(s: &mut TcpStream, op: Op, sender: usize, payload: &[u8]) -> io::Result<()> {
@@ -163,7 +216,30 @@ fn accept_peers(
                 continue;
             }
         };
-        if !same_token(&hello.token, token) {
+        // Challenge: prove our token over its hello and our nonce; it must answer in kind.
+        let nonce_a = match auth::nonce() {
+            Ok(n) => n,
+            Err(e) => return Err(rdv(me, format!("reading /dev/urandom: {e}"))),
+        };
+        let mut challenge = nonce_a.to_vec();
+        challenge.extend_from_slice(&accept_mac(token, &payload, &nonce_a));
+        if let Err(e) = write_frame(&mut s, Op::Challenge, me, &challenge) {
+            eprintln!("scaletrain-comm: rank {me}: dropped connection from {addr}: {e}");
+            continue;
+        }
+        let proof = match read_frame(&mut s, HELLO_MAX, window) {
+            Ok((h, p)) if h.op == Op::Proof => p,
+            Ok((h, _)) => {
+                eprintln!("scaletrain-comm: rank {me}: dropped connection from {addr}: {} frame instead of proof", h.op.name());
+                continue;
+            }
+            Err(why) => {
+                // Also what a joiner with another token does: it finds our challenge wrong.
+                eprintln!("scaletrain-comm: rank {me}: dropped connection from {addr} claiming rank {}: no proof of the job token ({why})", hello.rank);
+                continue;
+            }
+        };
+        if !auth::same(&proof, &connect_mac(token, &payload, &nonce_a)) {
             eprintln!(
                 "scaletrain-comm: rank {me}: rejected {addr} claiming rank {}: wrong job token",
                 hello.rank
@@ -233,15 +309,15 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
     let cfg = env.cfg.clone();
     let deadline = Instant::now() + cfg.timeout;
     let mut streams: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-    let hello = |port: u16| {
-        Hello {
+    let hello = |port: u16| -> Result<Vec<u8>> {
+        Ok(Hello {
             world: n as u32,
             rank: me as u32,
             port,
             max_frame: cfg.max_frame_bytes,
-            token: env.token.clone(),
+            nonce: auth::nonce().map_err(|e| rdv(me, format!("reading /dev/urandom: {e}")))?,
         }
-        .encode()
+        .encode())
     };
     if n > 1 && me == 0 {
         let listener = TcpListener::bind((env.bind_addr, env.master_port)).map_err(|e| {
@@ -299,8 +375,7 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
             .map_err(|e| rdv(me, e.to_string()))?
             .port();
         let mut s0 = connect_retry(&env.master_addr, env.master_port, me, deadline)?;
-        write_frame(&mut s0, Op::Hello, me, &hello(port))
-            .map_err(|e| rdv(me, format!("sending hello to rank 0: {e}")))?;
+        prove(&mut s0, me, &hello(port)?, &env.token, deadline, "rank 0")?;
         let (h, payload) = read_frame(&mut s0, WELCOME_MAX, deadline)
             .map_err(|why| rdv(me, format!("waiting for rank 0's answer: {why}")))?;
         let table = match h.op {
@@ -322,8 +397,14 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
         streams[0] = Some(s0);
         for (j, addr) in table.iter().enumerate().take(me).skip(1) {
             let mut s = connect_retry(&addr.ip().to_string(), addr.port(), me, deadline)?;
-            write_frame(&mut s, Op::Hello, me, &hello(port))
-                .map_err(|e| rdv(me, format!("sending hello to rank {j}: {e}")))?;
+            prove(
+                &mut s,
+                me,
+                &hello(port)?,
+                &env.token,
+                deadline,
+                &format!("rank {j}"),
+            )?;
             streams[j] = Some(s);
         }
         let mut seen = vec![false; n];

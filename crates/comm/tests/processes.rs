@@ -645,3 +645,125 @@ fn tcp_flight_recorder_names_the_stopped_rank() {
 fn shm_flight_recorder_names_the_stopped_rank() {
     flight_recorder_names_the_stopped_rank("shm");
 }
+
+/// Rank 1 reaches rank 0 through a recording proxy; the job completes, and the token appears
+/// nowhere in the bytes that crossed the wire (both ends proved it with HMACs instead).
+#[test]
+fn tcp_job_token_never_crosses_the_wire() {
+    use std::sync::{Arc, Mutex};
+    let port0 = free_port();
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+    let proxy_port = proxy.local_addr().expect("addr").port();
+    let token = format!("secret-token-{port0}-do-not-leak");
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let relay = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let (from1, _) = proxy.accept().expect("rank 1 connects");
+            let t = Instant::now();
+            let to0 = loop {
+                match TcpStream::connect(("127.0.0.1", port0)) {
+                    Ok(s) => break s,
+                    Err(e) if t.elapsed() > Duration::from_secs(10) => panic!("rank 0: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let pump = |mut a: TcpStream, mut b: TcpStream, seen: Arc<Mutex<Vec<u8>>>| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        match std::io::Read::read(&mut a, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => {
+                                seen.lock().unwrap().extend_from_slice(&buf[..k]);
+                                if b.write_all(&buf[..k]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            let up = pump(
+                from1.try_clone().unwrap(),
+                to0.try_clone().unwrap(),
+                seen.clone(),
+            );
+            let down = pump(to0, from1, seen);
+            let _ = up.join();
+            let _ = down.join();
+        })
+    };
+    let mut job = Job {
+        port: port0,
+        children: Vec::new(),
+        lines: Vec::new(),
+    };
+    let (c0, l0) = spawn_rank("smoke", "tcp", 0, 2, port0, &token, "10");
+    job.children.push(c0);
+    job.lines.push(l0);
+    let (c1, l1) = spawn_rank("smoke", "tcp", 1, 2, proxy_port, &token, "10");
+    job.children.push(c1);
+    job.lines.push(l1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    assert_eq!(collect(&job.lines[0], deadline), vec!["OK 1".to_string()]);
+    assert_eq!(collect(&job.lines[1], deadline), vec!["OK 1".to_string()]);
+    drop(job);
+    let _ = std::fs::remove_file(stderr_path(proxy_port, 1));
+    relay.join().expect("relay");
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 4000, "only {} bytes crossed", seen.len());
+    assert!(
+        !seen.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the job token crossed the wire"
+    );
+}
+
+/// A listener that does not know the token (here: answers the hello with a made-up challenge)
+/// is refused by the joiner, which sends no proof.
+#[test]
+fn tcp_impostor_rank_0_is_refused() {
+    use comm::frame::{Header, Op, HEADER_BYTES};
+    let fake = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = fake.local_addr().expect("addr").port();
+    let mut job = Job {
+        port,
+        children: Vec::new(),
+        lines: Vec::new(),
+    };
+    let (c1, l1) = spawn_rank("smoke", "tcp", 1, 2, port, "the-real-token", "10");
+    job.children.push(c1);
+    job.lines.push(l1);
+    let (mut s, _) = fake.accept().expect("joiner connects");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hdr = [0u8; HEADER_BYTES];
+    std::io::Read::read_exact(&mut s, &mut hdr).expect("hello header");
+    let h = Header::decode(&hdr, 4096).expect("a valid header");
+    assert_eq!(h.op, Op::Hello);
+    let mut hello = vec![0u8; h.len as usize];
+    std::io::Read::read_exact(&mut s, &mut hello).expect("hello");
+    let payload = [7u8; 48]; // a nonce and a MAC made without the token
+    let reply = Header {
+        op: Op::Challenge,
+        algo: 0,
+        sender: 0,
+        group: 0,
+        seq: 0,
+        len: payload.len() as u32,
+        call: 0,
+    };
+    s.write_all(&reply.encode()).unwrap();
+    s.write_all(&payload).unwrap();
+    let lines = collect(&job.lines[0], Instant::now() + Duration::from_secs(20));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ERROR") && l.contains("does not prove the job token")),
+        "{lines:?}"
+    );
+    // Nothing after the hello: no proof for an impostor to replay.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.is_empty(), "joiner sent {} more bytes", rest.len());
+}

@@ -263,7 +263,8 @@ function renderEstimate(est) {
     `${est.model.name}: ${fmtCount(est.parameters)} parameters on ${est.gpus} x ${est.gpu} — dp ${l.dp} x tp ${l.tp} x pp ${l.pp}` +
     `${l.vpp > 1 ? ` (vpp ${l.vpp})` : ""}${l.sp ? ", sequence parallel" : ""}, ZeRO-${l.zero}, micro-batch ${l.micro_batch}, grad-accum ${l.grad_accum}` +
     (Array.isArray(l.stage_layers) && l.stage_layers.length > 1 ? `, layers per stage ${l.stage_layers.join(",")}${l.partition ? ` (${l.partition})` : ""}` : "") +
-    (auto() ? " (the fastest layout that fits, as `scaletrain plan` ranks first)" : "");
+    (!auto() ? "" : est.fits ? " (the fastest layout that fits, as `scaletrain plan` ranks first)"
+      : " (no layout fits, so this is the default layout; try recompute full, more GPUs or a larger GPU)");
   const cards = $("#cards");
   cards.innerHTML = "";
   cards.append(
@@ -324,7 +325,8 @@ function renderPlan(plan) {
     p.front = front[i];
     p.label = `#${i + 1}: ${e.gpus} GPUs, dp ${e.layout.dp} tp ${e.layout.tp} pp ${e.layout.pp}, ${fmtDays(e.training_days)} days, ${fmtUsd(e.cost_usd)}`;
   });
-  scatter($("#chart-scatter"), pts, v => v.toFixed(1), v => `$${fmtCount(v)}`, "training days", "cost (USD)", p => useLayout(plan.top[p.id]));
+  const short = v => { for (const [d, u] of [[1e9, "B"], [1e6, "M"], [1e3, "K"]]) if (Math.abs(v) >= d) return `${+(v / d).toPrecision(4)}${u}`; return `${+v.toPrecision(4)}`; };
+  scatter($("#chart-scatter"), pts, v => `${+v.toPrecision(4)}`, v => `$${short(v)}`, "training days", "cost (USD)", p => useLayout(plan.top[p.id]));
   drawTable(front);
   const rej = $("#rejected");
   rej.innerHTML = plan.rejected.length ? "<strong>Rejected:</strong> " : "";

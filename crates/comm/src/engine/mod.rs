@@ -55,12 +55,9 @@ enum RxState {
     Between,
     /// The receive with this id is reading the payload of its frame straight into its destination.
     Owned(u64),
-    /// The payload of another group's frame is being read into a buffer kept for that group.
-    Keeping {
-        hdr: Header,
-        buf: Vec<u8>,
-        got: usize,
-    },
+    /// The payload of another group's frame is being read into a buffer kept for that group; the
+    /// buffer grows with the bytes that arrive, not with the length the header claims.
+    Keeping { hdr: Header, buf: Vec<u8> },
 }
 
 /// A whole frame read for a group that was not receiving at the time.
@@ -68,6 +65,9 @@ struct Kept {
     hdr: Header,
     payload: Vec<u8>,
 }
+
+/// A kept frame's buffer grows by at most this much per read.
+const KEEP_CHUNK: usize = 64 << 10;
 
 /// At most this many bytes of frames kept for groups that have not asked for them yet; more is
 /// reported as an error rather than allowed to grow without bound.
@@ -122,6 +122,11 @@ impl Core {
             kept: HashMap::new(),
             kept_bytes: 0,
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn kept_bytes(&self) -> usize {
+        self.kept_bytes
     }
 
     pub(crate) fn counters(&mut self, gid: u32) -> &mut Counters {
@@ -610,3 +615,6 @@ fn nap(fds: &mut [libc::pollfd], dur: Duration) {
     // belong to sockets the core keeps open while this communicator (and so the core) lives.
     unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,7 +2,7 @@
 //! other groups' frames aside on the way), checking its header, and moving its payload into the
 //! destination (copied, or folded straight out of transport memory where the link allows).
 use super::ops::{RecvOp, Source, Target};
-use super::{lost_error, Core, Ctx, Kept, Next, RxState, KEPT_LIMIT, STAGING_FLOATS};
+use super::{lost_error, Core, Ctx, Kept, Next, RxState, KEEP_CHUNK, KEPT_LIMIT, STAGING_FLOATS};
 use crate::error::{CommError, Result};
 use crate::frame::{Header, Op, HEADER_BYTES};
 use std::collections::VecDeque;
@@ -90,16 +90,18 @@ impl Ctx<'_> {
             let rx = &mut core.rx[world_peer];
             match &mut rx.state {
                 RxState::Owned(_) => return Ok((moved, Next::Busy)),
-                RxState::Keeping { buf, got, .. } => {
-                    if *got < buf.len() {
-                        let k = core
-                            .link
-                            .try_read(world_peer, &mut buf[*got..])
-                            .map_err(|e| self.lost(e))?;
+                RxState::Keeping { hdr, buf } => {
+                    let want = hdr.len as usize;
+                    if buf.len() < want {
+                        let at = buf.len();
+                        buf.resize(at + (want - at).min(KEEP_CHUNK), 0);
+                        let k = core.link.try_read(world_peer, &mut buf[at..]);
+                        buf.truncate(at + *k.as_ref().unwrap_or(&0));
+                        let k = k.map_err(|e| self.lost(e))?;
                         if k == 0 {
                             return Ok((moved, Next::Wait));
                         }
-                        *got += k;
+                        core.kept_bytes += k;
                         moved = true;
                         continue;
                     }
@@ -165,11 +167,9 @@ impl Ctx<'_> {
                             ),
                         ));
                     }
-                    core.kept_bytes += len;
                     rx.state = RxState::Keeping {
                         hdr: h,
-                        buf: vec![0; len],
-                        got: 0,
+                        buf: Vec::new(),
                     };
                     moved = true;
                 }
