@@ -2,7 +2,8 @@
 //! HTTP JSON protocol, spoken by the small client below). Loads the page, changes inputs, checks
 //! that the numbers shown are the command line's `--json` for the command the page says is
 //! equivalent, that a bad input shows the command line's error under its field, and that the
-//! page's URL restores the view in a fresh load.
+//! page's URL restores the view in a fresh load; also a pasted config.json, the planner's table,
+//! its sorting, the explain panel and the validation table.
 //!
 //! Runs only with `SCALETRAIN_BROWSER_TESTS=1` (set by `.ci/browser-tests.sh`, which installs
 //! Debian's `chromium` and `chromium-driver`); without it the test prints why it skipped.
@@ -360,6 +361,25 @@ fn the_planner_page_in_headless_chromium() {
         "{hit}"
     );
     d.screenshot(&shots, "planner-page.png");
+    // The validation table is validate --json.
+    let (code, out, err) = common::run(&["validate", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let tables: Value = serde_json::from_str(&out).unwrap();
+    let want: Vec<f64> = tables
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["rows"].as_array().unwrap().iter())
+        .map(|r| r["predicted"].as_f64().unwrap())
+        .collect();
+    let shown = d.js("return Array.from(document.querySelectorAll('#validation tbody tr td:nth-child(4)')).map(td => +td.dataset.value);");
+    let shown: Vec<f64> = shown
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(shown, want);
 
     // 3. The URL restores the view in a fresh load (inputs, numbers, sort order).
     let url = d.js("return location.href;").as_str().unwrap().to_string();
@@ -437,7 +457,35 @@ fn the_planner_page_in_headless_chromium() {
         json!(0)
     );
 
-    // 5. A deadline search over cluster sizes (the scatter's points are clusters), for the
+    // 5. A pasted config.json (Llama-3-8B's shape): the exact parameter count.
+    let seq: u64 = d
+        .js("return document.body.dataset.seq;")
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    d.click("#source option[value='hf']");
+    d.type_into(
+        "#f-hf-config-json",
+        r#"{"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "max_position_embeddings": 8192}"#,
+    );
+    let t0 = Instant::now();
+    loop {
+        let (state, _) = d.settle(seq);
+        let params =
+            d.js("return document.querySelector(\".num[data-key='parameters']\").dataset.value;");
+        if state == "ready" && params == json!("8030261248") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "pasted config not estimated: {state} {params}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.text("#cmd-estimate").contains("--hf-config config.json"));
+
+    // 6. A deadline search over cluster sizes (the scatter's points are clusters), for the
     // screenshots.
     d.go(&format!(
         "{}?model=llama3-70b&deadline-days=30&objective=cost",

@@ -38,6 +38,11 @@ pub trait Elem: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 'st
             *d = Self::from_f32(s);
         }
     }
+    /// The value rounded to bf16 (nearest-even), as its bit pattern.
+    #[inline]
+    fn to_bf16_bits(self) -> u16 {
+        Bf16::from_f32(self.to_f32()).0
+    }
     /// The slice itself when `Self` is `f32` (no conversion needed), else `None`.
     fn f32s(s: &[Self]) -> Option<&[f32]>;
     /// The slice itself when `Self` is `f32`, else `None`.
@@ -86,6 +91,10 @@ impl Elem for Bf16 {
         f32::from_bits((self.0 as u32) << 16)
     }
     #[inline(always)]
+    fn to_bf16_bits(self) -> u16 {
+        self.0
+    }
+    #[inline(always)]
     fn from_f32(x: f32) -> Bf16 {
         let b = x.to_bits();
         if x.is_nan() {
@@ -93,6 +102,26 @@ impl Elem for Bf16 {
         }
         // Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate.
         Bf16(((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+    }
+    fn load(src: &[Bf16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len(), "Bf16::load lengths");
+        crate::fastmath::vectorized(|| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = f32::from_bits((s.0 as u32) << 16);
+            }
+        })
+    }
+    fn store(src: &[f32], dst: &mut [Bf16]) {
+        assert_eq!(src.len(), dst.len(), "Bf16::store lengths");
+        // Branch-free so it vectorises: NaN → quiet NaN, else round to nearest-even.
+        crate::fastmath::vectorized(|| {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                let b = x.to_bits();
+                let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+                let nan = ((b >> 16) as u16) | 0x0040;
+                d.0 = if x.is_nan() { nan } else { rounded };
+            }
+        })
     }
     fn f32s(_: &[Bf16]) -> Option<&[f32]> {
         None
@@ -382,6 +411,15 @@ mod tests {
         assert!(Bf16::from_f32(f32::NAN).to_f32().is_nan());
         assert_eq!(Bf16::from_f32(f32::MAX).to_f32(), f32::INFINITY);
         let mut rng = Rng::new(4);
+        let xs: Vec<f32> = (0..100_000)
+            .map(|_| f32::from_bits(rng.below(1 << 32) as u32))
+            .collect();
+        let mut v = vec![Bf16(0); xs.len()];
+        Bf16::store(&xs, &mut v);
+        for (x, b) in xs.iter().zip(&v) {
+            let want = Bf16::from_f32(*x);
+            assert!(*b == want || (x.is_nan() && b.to_f32().is_nan()), "{x:e}");
+        }
         for _ in 0..10_000 {
             let x = (rng.normal() * 100.0) as f32;
             let y = Bf16::from_f32(x).to_f32();

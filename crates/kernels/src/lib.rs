@@ -25,6 +25,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod adamw;
+mod amx;
 pub mod attention;
 pub mod crossentropy;
 pub mod elem;

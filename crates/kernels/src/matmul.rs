@@ -197,6 +197,9 @@ pub(crate) fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
     );
     let (m, n, k) = (cv.rows, cv.cols, av.cols);
     assert!(k > 0, "gemm_mixed: empty inner dimension");
+    if use_amx::<A, B>() {
+        return crate::amx::gemm(c, cv, a, av, b, bv, alpha, beta);
+    }
     with_staging(MB * KB, |abuf| {
         with_staging(KB * NB, |bbuf| {
             with_staging(MB * NB, |cbuf| {
@@ -255,6 +258,32 @@ pub(crate) fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
             })
         })
     });
+}
+
+/// Whether [`gemm_mixed`] runs on the AMX bf16 kernel (`amx.rs`): both operands bf16 or `f32`,
+/// at least one bf16 (so `f32` activation gradients meet bf16 weights there, rounded to bf16 as
+/// bf16 training frameworks keep them), the CPU and OS allow AMX, and [`set_amx`] has not
+/// turned it off.
+fn use_amx<A: Elem, B: Elem>() -> bool {
+    use std::any::TypeId;
+    let (bf, f) = (TypeId::of::<crate::Bf16>(), TypeId::of::<f32>());
+    let (ta, tb) = (TypeId::of::<A>(), TypeId::of::<B>());
+    let ok = (ta == bf || ta == f) && (tb == bf || tb == f) && (ta == bf || tb == bf);
+    ok && amx_active()
+}
+
+static AMX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the AMX bf16 matmul kernel on (the default, where the CPU has it) or off (bf16
+/// operands are then converted to `f32` panels like fp16's), process-wide; for measurements
+/// and tests.
+pub fn set_amx(on: bool) {
+    AMX.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether bf16 matmuls run on the AMX kernel in this process.
+pub fn amx_active() -> bool {
+    AMX.load(std::sync::atomic::Ordering::Relaxed) && crate::amx::available()
 }
 
 /// `f32` view of a slice known to be `f32`.

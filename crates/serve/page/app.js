@@ -324,7 +324,8 @@ function renderPlan(plan) {
     p.front = front[i];
     p.label = `#${i + 1}: ${e.gpus} GPUs, dp ${e.layout.dp} tp ${e.layout.tp} pp ${e.layout.pp}, ${fmtDays(e.training_days)} days, ${fmtUsd(e.cost_usd)}`;
   });
-  scatter($("#chart-scatter"), pts, v => v.toFixed(1), v => `$${fmtCount(v)}`, "training days", "cost (USD)", p => useLayout(plan.top[p.id]));
+  const short = v => { for (const [d, u] of [[1e9, "B"], [1e6, "M"], [1e3, "K"]]) if (Math.abs(v) >= d) return `${+(v / d).toPrecision(4)}${u}`; return `${+v.toPrecision(4)}`; };
+  scatter($("#chart-scatter"), pts, v => `${+v.toPrecision(4)}`, v => `$${short(v)}`, "training days", "cost (USD)", p => useLayout(plan.top[p.id]));
   drawTable(front);
   const rej = $("#rejected");
   rej.innerHTML = plan.rejected.length ? "<strong>Rejected:</strong> " : "";

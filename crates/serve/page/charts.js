@@ -76,7 +76,7 @@ function stackedBars(el, rows, axis, fmt, onSeg) {
 function scatter(el, points, fx, fy, xLabel, yLabel, onPoint) {
   el.textContent = "";
   if (!points.length) { el.textContent = "no layout fits"; return; }
-  const W = 440, H = 280, l = 62, r = 12, t = 10, b = 36;
+  const W = 440, H = 280, l = 70, r = 12, t = 10, b = 36;
   const xs = points.map(p => p.x), ys = points.map(p => p.y);
   let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   const pad = (a, c) => { const s = (c - a) || Math.abs(a) || 1; return [a - s * 0.08, c + s * 0.08]; };
@@ -94,7 +94,7 @@ function scatter(el, points, fx, fy, xLabel, yLabel, onPoint) {
     svgEl("text", { x: l - 4, y: Y(v) + 4, "text-anchor": "end" }, svg).textContent = fy(v);
   }
   svgEl("text", { x: (l + W - r) / 2, y: H - 4, "text-anchor": "middle" }, svg).textContent = xLabel;
-  const yl = svgEl("text", { x: 12, y: (t + H - b) / 2, "text-anchor": "middle", transform: `rotate(-90 12 ${(t + H - b) / 2})` }, svg);
+  const yl = svgEl("text", { x: 10, y: (t + H - b) / 2, "text-anchor": "middle", transform: `rotate(-90 10 ${(t + H - b) / 2})` }, svg);
   yl.textContent = yLabel;
   const front = points.filter(p => p.front).sort((a, c) => a.x - c.x);
   if (front.length > 1) {

@@ -168,3 +168,37 @@ pub fn route(req: &Request, api: &dyn Api) -> Response {
         Err(e) => Response::error(e.status, &e.message, e.field.as_deref()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_bodies_become_flag_inputs() {
+        let mut i =
+            inputs_from_json(br#"{"model": "llama3-8b", "gpus": 16, "sequence-parallel": true}"#)
+                .unwrap();
+        i.sort();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            i,
+            vec![
+                pair("gpus", "16"),
+                pair("model", "llama3-8b"),
+                pair("sequence-parallel", "true")
+            ]
+        );
+        let e = inputs_from_json(br#"{"gpus": [16]}"#).unwrap_err();
+        assert_eq!((e.status, e.field.as_deref()), (400, Some("gpus")));
+        assert!(inputs_from_json(b"[1]")
+            .unwrap_err()
+            .message
+            .contains("JSON object"));
+        assert!(inputs_from_json(b"{\"gpus\": 1e999}")
+            .unwrap_err()
+            .message
+            .contains("not JSON"));
+        let deep = "[".repeat(10_000);
+        assert_eq!(inputs_from_json(deep.as_bytes()).unwrap_err().status, 400);
+    }
+}
