@@ -99,7 +99,7 @@ struct EstimateArgs {
 pub(crate) struct PlanArgs {
     #[command(flatten)]
     spec: SpecArgs,
-    /// Rank by: time (default) or cost.
+    /// Rank by: time (default) or cost (with --gpus N: the cheapest layout on up to N GPUs).
     #[arg(long, default_value = "time")]
     objective: String,
     /// Cheapest layout (over cluster sizes) that trains within this many days.
@@ -108,7 +108,8 @@ pub(crate) struct PlanArgs {
     /// Fastest layout (over cluster sizes, unless --gpus) whose training costs at most this many USD.
     #[arg(long)]
     budget_usd: Option<f64>,
-    /// Largest cluster to consider with --deadline-days or --budget-usd and no --gpus.
+    /// Largest cluster to consider with --deadline-days or --budget-usd and no --gpus (every whole
+    /// number of nodes up to it is tried).
     #[arg(long, default_value_t = 4096)]
     max_gpus: u64,
     /// Layouts to show.
@@ -332,11 +333,15 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
                     a.max_gpus
                 );
             }
-            let mut v = Vec::new();
-            let mut n = gpn;
-            while n <= a.max_gpus {
-                v.push(n);
-                n *= 2;
+            // Every whole number of nodes up to --max-gpus.
+            (1..=a.max_gpus / gpn).map(|k| k * gpn).collect()
+        }
+        // With a fixed cluster, cost can differ from time only by using fewer GPUs: every
+        // whole number of nodes up to --gpus (and --gpus itself).
+        (Some(g), Objective::Cost) => {
+            let mut v: Vec<u64> = (1..=g / gpn).map(|k| k * gpn).collect();
+            if v.last() != Some(&g) {
+                v.push(g);
             }
             v
         }

@@ -584,3 +584,40 @@ fn zero3_keep_weights_trades_memory_for_gathers() {
             > f(&regather, "memory_per_device_bytes", "weights")
     );
 }
+
+#[test]
+fn cost_objective_and_deadline_search_every_node_count() {
+    // With --gpus 64, cost considers 8..64 GPUs, so it does not rank like time.
+    let (code, out, err) = run(&[
+        "plan",
+        "--objective",
+        "cost",
+        "--gpus",
+        "64",
+        "--top",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let cost: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    let (code, out, err) = run(&["plan", "--gpus", "64", "--top", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let time: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert!(cost["top"][0]["cost_usd"].as_f64() < time["top"][0]["cost_usd"].as_f64());
+    assert!(cost["top"][0]["gpus"].as_u64() < Some(64));
+    // A deadline search tries every whole number of nodes: only 3 nodes (24 GPUs) meet 13 days
+    // within --max-gpus 24 (doubling would have tried 8 and 16 only).
+    let (code, out, err) = run(&[
+        "plan",
+        "--deadline-days",
+        "13",
+        "--max-gpus",
+        "24",
+        "--top",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert_eq!(v["top"][0]["gpus"], 24);
+}
