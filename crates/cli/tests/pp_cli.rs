@@ -114,6 +114,19 @@ fn every_pipeline_layout_trains_the_one_process_model() {
         ),
         ("pp4-1f1b", &["--pp", "4", "--microbatches", "4"]),
         (
+            "pp2-interleaved",
+            &[
+                "--pp",
+                "2",
+                "--vpp",
+                "2",
+                "--schedule",
+                "interleaved",
+                "--microbatches",
+                "4",
+            ],
+        ),
+        (
             "dp2-pp2",
             &["--dp", "2", "--pp", "2", "--microbatches", "2"],
         ),

@@ -351,6 +351,7 @@ pub fn run_ops(
         if let Some(msg) = bd.send {
             p.exchange(Some((msg, scratch.d_input())), None)?;
         }
+        p.flush()?;
     }
     Ok(if has_loss { losses } else { Vec::new() })
 }
@@ -443,6 +444,9 @@ pub fn forward_only(
                 .expect("an earlier virtual stage has a pipeline")
                 .send_act(msg, set.output())?;
         }
+    }
+    if let Some(p) = pipe {
+        p.flush()?;
     }
     Ok(out)
 }
