@@ -238,6 +238,11 @@ pub struct Recipe {
     pub runtime_overhead_bytes: f64,
     /// Data-parallel gradient bucket size, bytes (PyTorch DDP's default 25 MB).
     pub bucket_bytes: f64,
+    /// ZeRO-3: keep the gathered weights from the first forward until the optimizer step
+    /// (FSDP `reshard_after_forward=False` with accumulation, DeepSpeed's parameter persistence)
+    /// instead of gathering them again for the forward and the backward of every micro-batch.
+    /// One gather per step; the full weights stay resident.
+    pub zero3_keep_weights: bool,
 }
 
 impl Recipe {
@@ -261,6 +266,7 @@ impl Recipe {
             schedule: Schedule::OneFOneB,
             runtime_overhead_bytes: 1.0 * 1024.0 * 1024.0 * 1024.0,
             bucket_bytes: 25e6,
+            zero3_keep_weights: false,
         }
     }
 
@@ -310,4 +316,24 @@ impl Recipe {
         }
         Ok(())
     }
+}
+
+/// User-facing names (the flag spellings), for reports and `--explain`.
+macro_rules! display_names {
+    ($($ty:ty { $($var:ident => $name:literal),* $(,)? })*) => {$(
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $(Self::$var => $name),* })
+            }
+        }
+    )*};
+}
+
+display_names! {
+    Precision { Fp32 => "fp32", Bf16Mixed => "bf16-mixed", Fp16Mixed => "fp16-mixed" }
+    Optimizer { Adamw => "adamw", Sgd => "sgd", SgdMomentum => "sgd-momentum", Adafactor => "adafactor" }
+    Recompute { None => "none", Selective => "selective", Full => "full" }
+    CausalFlops { Full => "full", Half => "half" }
+    GradSync { Ring => "ring", Tree => "tree", ParameterServer => "parameter server" }
+    Schedule { Gpipe => "gpipe", OneFOneB => "1f1b" }
 }
