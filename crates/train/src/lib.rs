@@ -27,6 +27,8 @@ pub mod data;
 pub mod dp;
 mod error;
 pub mod fsutil;
+pub mod guard;
+pub mod loss_scale;
 pub mod plot;
 pub mod sample;
 pub mod synthetic;
