@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use plan::search::{search, Objective, SearchResult, SearchSpace};
+use plan::search::{search, Objective, Reject, SearchResult, SearchSpace};
 use plan::Context;
 
 use crate::spec::SpecArgs;
@@ -215,8 +215,10 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
             }
             None => {
                 notes.push(format!(
-                    "no layout fits on {} x {}; showing the default layout. Try `scaletrain plan` with --recompute full, more GPUs or a larger GPU.",
-                    ctx.cluster.gpus, ctx.cluster.gpu.name
+                    "on {} x {}: {} Showing the default layout.",
+                    ctx.cluster.gpus,
+                    ctx.cluster.gpu.name,
+                    report::no_fit_hint(&r)
                 ));
                 let mut l = spec.layout_request()?.resolve(
                     &ctx.model,
@@ -291,6 +293,8 @@ pub(crate) struct PlanAnswer {
     pub secs: f64,
     /// A note about the model (e.g. the shape `--params` chose).
     pub note: Option<String>,
+    /// The space searched.
+    pub space: SearchSpace,
 }
 
 pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
@@ -365,11 +369,12 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     let secs = start.elapsed().as_secs_f64();
     Ok(PlanAnswer {
         ctx,
-        gpus: space.gpus,
+        gpus: space.gpus.clone(),
         obj,
         result,
         secs,
         note,
+        space,
     })
 }
 
@@ -400,7 +405,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
         println!("note: {n}");
     }
     println!(
-        "Plan for {} on {} ({} per node), global batch {} x {} tokens, {} tokens, objective {:?}",
+        "Plan for {} on {} ({} per node), global batch {} x {} tokens, {} tokens, objective: {}",
         ctx.model.name,
         if p.gpus.len() == 1 {
             format!("{} x {}", p.gpus[0], ctx.cluster.gpu.name)
@@ -430,7 +435,54 @@ fn run_plan(a: PlanArgs) -> Result<()> {
         s
     });
     print!("{}", report::plan_table(r, secs, detail));
+    if r.top.is_empty() {
+        return Err(no_layout_error(&a, &p));
+    }
     Ok(())
+}
+
+/// Why `plan` found nothing, as an error (exit status 2): for an unmeetable deadline or budget,
+/// the best achievable result with its layout; otherwise the cause from the rejection counts.
+fn no_layout_error(a: &PlanArgs, p: &PlanAnswer) -> anyhow::Error {
+    let r = &p.result;
+    let missed = r
+        .rejected
+        .iter()
+        .any(|(k, _)| matches!(k, Reject::MissesDeadline | Reject::OverBudget));
+    if missed {
+        let space = &p.space;
+        let (best_obj, what) = match p.obj {
+            Objective::Deadline(_) => (Objective::Time, "the fastest layout that fits"),
+            _ => (Objective::Cost, "the cheapest layout that fits"),
+        };
+        let best = parallel_search(&p.ctx, space, best_obj, 1, a.threads);
+        if let Some(c) = best.top.first() {
+            let l = &c.layout;
+            return anyhow::anyhow!(
+                "no layout meets the {}: {what} takes {:.1} days and costs ${:.0} ({} GPUs: dp {} x tp {} x pp {}, vpp {}, ZeRO-{}, micro-batch {}, recompute {}); {}",
+                match p.obj {
+                    Objective::Deadline(d) => format!("deadline of {d} days"),
+                    Objective::Budget(b) => format!("budget of ${b:.0}"),
+                    _ => "constraint".into(),
+                },
+                c.days,
+                c.cost_usd,
+                l.world(),
+                l.dp,
+                l.tp,
+                l.pp,
+                l.vpp,
+                l.zero,
+                l.micro_batch,
+                c.recompute,
+                match p.obj {
+                    Objective::Deadline(_) => "raise --deadline-days, or --max-gpus / --gpus for a larger cluster",
+                    _ => "raise --budget-usd",
+                }
+            );
+        }
+    }
+    anyhow::anyhow!("{}", report::no_fit_hint(r))
 }
 
 fn run_validate(a: ValidateArgs) -> Result<()> {

@@ -46,7 +46,7 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         "Cluster     {} x {} ({} per node), ${:.2}/GPU-hour",
         e.gpus, e.gpu, e.gpus_per_node, e.price_per_gpu_hour
     );
-    let _ = writeln!(s, "Recipe      {:?}, {:?}, {} tokens, global batch {} x {} tokens, recompute {:?}, flash attention {}", recipe.precision, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
+    let _ = writeln!(s, "Recipe      {}, {}, {} tokens, global batch {} x {} tokens, recompute {}, flash attention {}", recipe.precision, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
     let _ = writeln!(s, "Layout      dp {} x tp {} x pp {} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
     if l.pp * l.vpp > 1 {
         let how = match l.partition {
@@ -193,7 +193,7 @@ fn candidate_row(i: usize, c: &Candidate) -> String {
     let t = &c.eval.time;
     format!(
         "{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}",
-        i + 1, l.world(), l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, format!("{:?}", c.recompute).to_lowercase(),
+        i + 1, l.world(), l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, c.recompute.to_string(),
         format!("{:.1}", c.eval.memory.total / plan::units::GIB), duration(t.total), duration(t.compute), duration(t.communication), duration(t.bubble), pct(c.eval.mfu), format!("{:.1}", c.days), format!("${:.0}", c.cost_usd)
     )
 }
@@ -218,7 +218,7 @@ pub fn plan_table(r: &SearchResult, secs: f64, breakdown_of_best: Option<String>
         }
     );
     if r.top.is_empty() {
-        let _ = writeln!(s, "\nNo layout fits. Try more GPUs, a GPU with more memory, ZeRO-3, recompute, or a smaller micro-batch.");
+        let _ = writeln!(s, "\n{}", no_fit_hint(r));
     } else {
         let _ = writeln!(s, "\n{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}", "#", "gpus", "dp", "tp", "pp", "vpp", "sp", "zero", "mb", "recompute", "GiB/GPU", "step", "compute", "comm", "bubble", "MFU", "days", "cost");
         for (i, c) in r.top.iter().enumerate() {
@@ -237,4 +237,27 @@ pub fn plan_table(r: &SearchResult, secs: f64, breakdown_of_best: Option<String>
         let _ = writeln!(s, "\nBest layout in detail:\n{b}");
     }
     s
+}
+
+/// Why nothing was accepted, from the rejection counts: the batch arithmetic, memory, or the
+/// deadline/budget (those are answered with the best achievable result by the caller).
+pub fn no_fit_hint(r: &SearchResult) -> String {
+    let count = |k: Reject| {
+        r.rejected
+            .iter()
+            .find(|(x, _)| *x == k)
+            .map_or(0, |(_, n)| *n)
+    };
+    let arithmetic = count(Reject::BatchNotDivisible) + count(Reject::InterleaveMicroBatches);
+    let oom =
+        count(Reject::OomFirstStage) + count(Reject::OomMiddleStage) + count(Reject::OomLastStage);
+    if r.candidates == 0 {
+        "No layout to try: no tensor/pipeline degree fits this model on this cluster size.".into()
+    } else if oom == 0 && arithmetic == r.candidates {
+        "No layout divides the global batch: dp x micro-batch must divide it (and, when interleaving, the micro-batches must divide by pp). Pick a GPU count whose data-parallel degree divides the global batch, or change --global-batch.".into()
+    } else if count(Reject::MissesDeadline) + count(Reject::OverBudget) == 0 {
+        "No layout fits in memory. Try more GPUs, a GPU with more memory, ZeRO-3, recompute, or a smaller micro-batch.".into()
+    } else {
+        "No layout meets the constraint.".into()
+    }
 }

@@ -31,7 +31,7 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Model")]
     pub model: Option<String>,
     /// Target parameter count (e.g. 10B): picks a standard GPT shape and prints it.
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, help_heading = "Model", allow_hyphen_values = true)]
     pub params: Option<String>,
     /// Hugging Face config.json (gpt2, llama, mistral, qwen2).
     #[arg(long, value_name = "FILE", help_heading = "Model")]
@@ -69,11 +69,12 @@ pub struct SpecArgs {
 
     // ---- recipe ----
     /// Training tokens (e.g. 300B). Default: 20 tokens per parameter (Hoffmann et al. 2022).
-    #[arg(long, help_heading = "Recipe")]
+    #[arg(long, help_heading = "Recipe", allow_hyphen_values = true)]
     pub tokens: Option<String>,
-    /// Global batch in sequences (e.g. 1024), or in tokens with a `tok` suffix (e.g. 4Mtok).
+    /// Global batch in sequences (e.g. 1024), or in tokens with a `tok` suffix (e.g. 4Mtok; K/M
+    /// are decimal when that gives whole sequences, else powers of two as in papers: 4Mtok = 2^22).
     /// Default 1024 sequences.
-    #[arg(long, help_heading = "Recipe")]
+    #[arg(long, help_heading = "Recipe", allow_hyphen_values = true)]
     pub global_batch: Option<String>,
     /// Sequences per micro-batch (default 1 for estimate; searched by plan).
     #[arg(long, help_heading = "Recipe")]
@@ -397,11 +398,7 @@ impl SpecArgs {
                     .strip_suffix("tokens")
                     .or_else(|| lower.strip_suffix("tok"))
                 {
-                    let toks = parse_int("--global-batch", num)?;
-                    if toks % m.seq_len != 0 {
-                        bail!("--global-batch {g}: {toks} tokens is not a whole number of {}-token sequences", m.seq_len);
-                    }
-                    toks / m.seq_len
+                    token_batch(g, num, m.seq_len)?
                 } else {
                     parse_int("--global-batch", g)?
                 }
@@ -505,6 +502,40 @@ impl SpecArgs {
             note,
         ))
     }
+}
+
+/// A global batch given in tokens (`4Mtok`): decimal suffixes when that is a whole number of
+/// sequences, else binary ones (K = 2^10, M = 2^20: papers' "4M tokens" batches are 2^22 =
+/// 2048 sequences of 2048), else an error naming the nearest whole batches.
+fn token_batch(given: &str, num: &str, seq_len: u64) -> Result<u64> {
+    let decimal = plan::units::parse_count("--global-batch", num)?;
+    let t = num.trim();
+    let binary_mult = match t.chars().last() {
+        Some('k' | 'K') => Some(1024.0),
+        Some('m' | 'M') => Some(1024.0 * 1024.0),
+        Some('b' | 'B' | 'g' | 'G') => Some(1024.0 * 1024.0 * 1024.0),
+        _ => None,
+    };
+    let whole = |toks: f64| -> Option<u64> {
+        (toks.fract() == 0.0 && toks < 9.0e18 && (toks as u64) % seq_len == 0)
+            .then(|| toks as u64 / seq_len)
+    };
+    if let Some(n) = whole(decimal) {
+        return Ok(n);
+    }
+    let binary = binary_mult.and_then(|mult| {
+        let v: f64 = t[..t.len() - 1].trim().parse().ok()?;
+        Some(v * mult)
+    });
+    if let Some(n) = binary.and_then(whole) {
+        return Ok(n);
+    }
+    let near = (decimal / seq_len as f64).round().max(1.0) as u64;
+    bail!(
+        "--global-batch {given}: {decimal:.0} tokens{} is not a whole number of {seq_len}-token sequences; use e.g. --global-batch {near} ({} tokens)",
+        binary.map_or(String::new(), |b| format!(" (or {b:.0} reading the suffix as a power of two)")),
+        near * seq_len
+    )
 }
 
 /// Reads a small text file, naming the flag on failure.

@@ -113,7 +113,11 @@ fn print_start(info: &StartInfo) {
         m.channels,
         m.seq_len,
         m.vocab_size.unwrap_or(0),
-        info.params
+        if info.params == info.model_params {
+            info.model_params.to_string()
+        } else {
+            format!("{} (this stage {})", info.model_params, info.params)
+        }
     );
     match c.data.source {
         train::config::DataSource::Synthetic => {
@@ -175,6 +179,36 @@ fn print_start(info: &StartInfo) {
         1e3 * t.optimizer_secs,
         1e3 * t.overhead_secs
     );
+    if let Some(pi) = &info.pipeline {
+        let layers = |k: usize| {
+            let r = &pi.parts[k];
+            format!("layers {}..{}", r.start, r.end)
+        };
+        println!(
+            "pipeline: {} stages, schedule {}, {} micro-batches per step; layers per stage {}",
+            pi.stages,
+            pi.schedule,
+            pi.microbatches,
+            pi.parts
+                .iter()
+                .map(|r| r.len().to_string())
+                .collect::<Vec<_>>()
+                .join("+")
+        );
+        for (vs, sets) in &pi.chunks {
+            println!(
+                "  this rank: stage {} ({}{}{}), {sets} saved activation set(s) in flight (the schedule's)",
+                pi.stage,
+                layers(*vs),
+                if *vs == 0 { ", embedding" } else { "" },
+                if vs + 1 == pi.parts.len() { ", LM head + loss" } else { "" }
+            );
+        }
+        println!(
+            "predicted (plan::schedule):    bubble {:.1}% of the step (simulated list, equal stages); step = stage compute / (1 - bubble)",
+            100.0 * pi.simulated_bubble
+        );
+    }
     if let Some(c) = &info.predicted_comm {
         println!(
             "predicted (plan::cpu_comm):    {:.1} ms/step in collectives over {} gradient buckets, {:.1} ms of it exposed{}",
@@ -267,10 +301,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             println!("parameter server: served {steps} steps");
             return Ok(());
         }
-        crate::train_dp::Setup::Worker(d) => Some(d),
-        crate::train_dp::Setup::Single => None,
+        crate::train_dp::Setup::Worker { dp, pipeline } => (dp, pipeline),
+        crate::train_dp::Setup::Single => (None, None),
     };
-    let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()));
+    let (dp, pipeline) = dp;
+    // Rank 0 of the job (first stage, data-parallel rank 0) reports for it.
+    let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()))
+        + pipeline
+            .as_ref()
+            .map_or(0, |p| p.lock().map_or(0, |p| p.stage()));
     if let (Some(note), 0) = (&kept, rank) {
         println!("{note}");
     }
@@ -284,15 +323,28 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             overwrite: a.overwrite,
             stop: Some(stop_on_ctrl_c()),
             dp,
+            pipeline,
         };
         let s = train::run(&cfg, &opts, &mut train::Quiet)
             .map_err(|e| hint(e, a.via_launch))
             .context("training failed")
             .map_err(crate::train_dp::fail)?;
         println!(
-            "done: {} steps, final train loss {:.4}",
+            "done: {} steps, final train loss {:.4}{}",
             s.steps_done,
-            s.records.last().map_or(f32::NAN, |r| r.loss)
+            s.records.last().map_or(f32::NAN, |r| r.loss),
+            s.start.pipeline.as_ref().map_or(String::new(), |pi| {
+                let mut xs: Vec<f64> = s.records.iter().filter_map(|r| r.p2p_secs.map(|p| p / r.step_secs)).collect();
+                xs.sort_by(f64::total_cmp);
+                format!(
+                    "; stage {}: memory predicted {} | allocated {}; waiting/exchanging {:.1}% of the step (simulated bubble {:.1}%)",
+                    pi.stage,
+                    mib(s.start.predicted.total_bytes()),
+                    mib(s.start.allocated_bytes),
+                    100.0 * xs.get(xs.len() / 2).copied().unwrap_or(0.0),
+                    100.0 * pi.simulated_bubble
+                )
+            })
         );
         return Ok(());
     }
@@ -304,6 +356,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         overwrite: a.overwrite,
         stop: Some(stop_on_ctrl_c()),
         dp,
+        pipeline,
     };
     let bar = (!a.no_progress).then(|| {
         let bar = ProgressBar::new(cfg.train.steps);
@@ -365,6 +418,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     );
     // Compute plus the communication the training thread waits for.
     let predicted_step = st.predicted_step.total_secs
+        / (1.0 - st.pipeline.as_ref().map_or(0.0, |p| p.simulated_bubble))
         + st.predicted_comm
             .map_or(0.0, |c| c.exposed_secs + c.contention_secs);
     println!(
@@ -401,6 +455,22 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 1e3 * exposed
             );
         }
+    }
+    if let Some(pi) = &st.pipeline {
+        let mut xs: Vec<f64> = s
+            .records
+            .iter()
+            .filter_map(|r| r.p2p_secs.map(|p| p / r.step_secs))
+            .collect();
+        xs.sort_by(f64::total_cmp);
+        let median = xs.get(xs.len() / 2).copied().unwrap_or(0.0);
+        println!(
+            "  pipeline: stage {} of {} waited for or exchanged with other stages {:.1}% of the step (median; the bubble plus transfers) | simulated bubble {:.1}%",
+            pi.stage,
+            pi.stages,
+            100.0 * median,
+            100.0 * pi.simulated_bubble
+        );
     }
     println!(
         "run folder: {} (metrics.jsonl, loss.svg, config.toml{})",

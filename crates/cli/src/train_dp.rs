@@ -1,11 +1,13 @@
-//! `scaletrain train --dp N …`: the data-parallel flags, the layout check, joining the job
-//! (torchrun's environment, set by `scaletrain launch`, torchrun or mpirun), and self-launching
-//! when started without a job environment. The training itself is `train::run` with
-//! `train::dp` hooks.
+//! `scaletrain train --dp N --pp M …`: the data- and pipeline-parallel flags, the layout check
+//! (`plan`'s, through `train::mesh::resolve`), joining the job (torchrun's environment, set by
+//! `scaletrain launch`, torchrun or mpirun), forming the mesh's groups, and self-launching when
+//! started without a job environment. The training itself is `train::run` with `train::dp` and
+//! `train::pipeline` hooks.
 
 use anyhow::{bail, Context, Result};
 use std::sync::{Arc, Mutex};
 use train::dp::{Dp, Role, ZeroStage};
+use train::pipeline::{Pipeline, Schedule};
 use train::TrainConfig;
 
 /// Data-parallel flags of `scaletrain train`.
@@ -43,6 +45,26 @@ pub struct DpArgs {
     /// too (MPI_THREAD_SERIALIZED).
     #[arg(long)]
     pub no_overlap: bool,
+    /// Pipeline stages: each rank holds a contiguous range of layers (the first also the
+    /// embedding, the last the final norm, LM head and loss) and runs the planner's schedule.
+    /// dp × pp ranks in all; without a job environment, `train` launches them on this host.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one
+    /// backward: at most pp − stage micro-batches in flight).
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: String,
+    /// Model chunks per pipeline stage (interleaved 1F1B; not run by the runtime yet, the
+    /// estimator models it).
+    #[arg(long, default_value_t = 1)]
+    pub vpp: usize,
+    /// Micro-batches per step and pipeline (sets train.grad_accum; the global batch is
+    /// dp × microbatches × batch_size sequences).
+    #[arg(long)]
+    pub microbatches: Option<usize>,
+    /// Layers of each pipeline stage, e.g. 3,5 (default: an even split).
+    #[arg(long, value_delimiter = ',')]
+    pub pp_layers: Option<Vec<usize>>,
 }
 
 impl DpArgs {
@@ -56,8 +78,13 @@ impl DpArgs {
 pub enum Setup {
     /// One process, no peers.
     Single,
-    /// A data-parallel training rank.
-    Worker(Arc<Mutex<Dp>>),
+    /// A training rank: its data-parallel group (if any) and pipeline (if any).
+    Worker {
+        /// Data-parallel peers.
+        dp: Option<Arc<Mutex<Dp>>>,
+        /// Pipeline stages.
+        pipeline: Option<Arc<Mutex<Pipeline>>>,
+    },
     /// A parameter server (trains nothing).
     Server(train::dp::PsServer),
     /// No job environment: start the ranks (this program, same arguments) and supervise them.
@@ -95,6 +122,45 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         "ps" => {}
         s => bail!("--grad-sync {s:?}: expected ring, ps or mpi"),
     }
+    if a.pp == 0 {
+        bail!("--pp must be at least 1");
+    }
+    let schedule: Schedule = a
+        .schedule
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--schedule: {e}"))?;
+    if a.pp > 1 {
+        if a.grad_sync == "ps" {
+            bail!("--pp with --grad-sync ps: the parameter server is not combined with pipelines; use --grad-sync ring");
+        }
+        if zero != ZeroStage::Off {
+            bail!("--zero {} with --pp {}: ZeRO is not combined with pipelines in the runtime yet; use --zero 0", a.zero, a.pp);
+        }
+    }
+    if a.vpp > 1 || schedule == Schedule::Interleaved {
+        bail!(
+            "--schedule interleaved / --vpp {}: the runtime does not run the interleaved schedule yet \
+             (its pairwise exchanges can wait on each other without buffered sends); use --schedule 1f1b \
+             or gpipe (`scaletrain estimate --vpp` models it)",
+            a.vpp
+        );
+    }
+    if let Some(m) = a.microbatches {
+        if m == 0 {
+            bail!("--microbatches must be at least 1");
+        }
+        if a.global_batch
+            .is_some_and(|g| g != a.dp * m * cfg.train.batch_size)
+        {
+            bail!(
+                "--global-batch {} disagrees with dp({}) × microbatches({m}) × batch_size({}); give one of them",
+                a.global_batch.unwrap_or(0),
+                a.dp,
+                cfg.train.batch_size
+            );
+        }
+        cfg.train.grad_accum = m;
+    }
     if let Some(g) = a.global_batch {
         let per = a.dp * cfg.train.batch_size;
         if g == 0 || g % per != 0 {
@@ -106,7 +172,51 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         }
         cfg.train.grad_accum = g / per;
     }
+    if a.pp > 1 {
+        let mcfg = mesh_model(cfg);
+        let req = plan::layout::LayoutRequest {
+            dp: Some(a.dp as u64),
+            pp: Some(a.pp as u64),
+            tp: Some(1),
+            vpp: Some(a.vpp as u64),
+            zero: Some(a.zero),
+            ..Default::default()
+        };
+        let parts = train::mesh::partition(
+            &mcfg,
+            (cfg.train.batch_size, cfg.model.seq_len),
+            a.pp * a.vpp,
+            a.pp_layers.as_deref(),
+        )?;
+        train::mesh::resolve(
+            &mcfg,
+            &req,
+            a.dp * a.pp,
+            cfg.train.batch_size,
+            cfg.train.grad_accum,
+            &parts,
+        )?;
+    } else if a.pp_layers.is_some() {
+        bail!("--pp-layers needs --pp > 1");
+    }
     Ok(())
+}
+
+/// The model as the runtime builds it, for the layout check and the stage balance (the
+/// vocabulary is the data's, read later: the config's or the synthetic corpus's here).
+fn mesh_model(cfg: &TrainConfig) -> model::ModelConfig {
+    model::ModelConfig {
+        vocab_size: cfg.model.vocab_size.unwrap_or(match cfg.data.source {
+            train::config::DataSource::Synthetic => cfg.data.synthetic.vocab_size,
+            // Token files: the head's share of the balance is estimated with GPT-2's vocabulary
+            // (every rank makes the same estimate, so they agree on the partition).
+            train::config::DataSource::Files => 50257,
+        }),
+        max_seq_len: cfg.model.seq_len,
+        n_layer: cfg.model.n_layer,
+        n_head: cfg.model.n_head,
+        channels: cfg.model.channels,
+    }
 }
 
 /// `--resume` with neither `--global-batch` nor an explicit `train.grad_accum` (`accum_given`):
@@ -192,7 +302,7 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
         );
     }
     if !in_job {
-        return Ok(if a.dp > 1 {
+        return Ok(if a.dp * a.pp > 1 {
             Setup::Launch
         } else {
             Setup::Single
@@ -239,7 +349,10 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
         return Ok(match Dp::parameter_server(world, servers, mode)? {
             Role::Worker(d) => {
                 let (bytes, overlap) = a.buckets();
-                Setup::Worker(Arc::new(Mutex::new(d.with_buckets(bytes, overlap))))
+                Setup::Worker {
+                    dp: Some(Arc::new(Mutex::new(d.with_buckets(bytes, overlap)))),
+                    pipeline: None,
+                }
             }
             Role::Server(s) => Setup::Server(s),
         });
@@ -249,20 +362,52 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     } else {
         comm::init_from_env().context("joining the job")?
     };
-    if c.size() != a.dp {
+    if c.size() != a.dp * a.pp {
         bail!(
-            "--dp {} but the job has {} ranks ({})",
+            "dp({}) * pp({}) = {}, but the job has {} ranks ({})",
             a.dp,
+            a.pp,
+            a.dp * a.pp,
             c.size(),
             if mpirun { "mpirun -n" } else { "WORLD_SIZE" }
         );
     }
     let (bytes, overlap) = a.buckets();
-    Ok(Setup::Worker(Arc::new(Mutex::new(
-        Dp::ring(c, zero)
-            .with_buckets(bytes, overlap)
-            .with_spare_core(spare_core),
-    ))))
+    let ring = |g: Box<dyn comm::Communicator>| {
+        Arc::new(Mutex::new(
+            Dp::ring(g, zero)
+                .with_buckets(bytes, overlap)
+                .with_spare_core(spare_core),
+        ))
+    };
+    if a.pp == 1 {
+        return Ok(Setup::Worker {
+            dp: Some(ring(c)),
+            pipeline: None,
+        });
+    }
+    let shape = train::mesh::MeshShape {
+        dp: a.dp,
+        pp: a.pp,
+        tp: 1,
+        vpp: a.vpp,
+    };
+    let parts = train::mesh::partition(
+        &mesh_model(cfg),
+        (cfg.train.batch_size, cfg.model.seq_len),
+        a.pp * a.vpp,
+        a.pp_layers.as_deref(),
+    )?;
+    let schedule: Schedule = a
+        .schedule
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--schedule: {e}"))?;
+    let (pipe, dp_group) =
+        Pipeline::connect(c, shape, schedule, parts).context("forming the pipeline")?;
+    Ok(Setup::Worker {
+        dp: (a.dp > 1).then(|| ring(dp_group)),
+        pipeline: Some(Arc::new(Mutex::new(pipe))),
+    })
 }
 
 /// Starts `dp` (+ servers) copies of this program with the same arguments under
@@ -272,7 +417,7 @@ pub fn launch_self(a: &DpArgs) -> Result<()> {
     let mut command = vec![exe.display().to_string()];
     command.extend(std::env::args().skip(1));
     let la = crate::launch::LaunchArgs {
-        nproc_per_node: a.dp,
+        nproc_per_node: a.dp * a.pp,
         nnodes: 1,
         node_rank: 0,
         master_addr: "127.0.0.1".into(),

@@ -470,3 +470,87 @@ fn uneven_pipeline_stages() {
         &["Use --pp-layers with `scaletrain estimate`"],
     );
 }
+
+#[test]
+fn more_tp_than_gpus_names_the_cause() {
+    fails_with(
+        &["estimate", "--tp", "16", "--gpus", "8"],
+        &["tp(16) * pp(1) = 16 needs more GPUs than the cluster's 8"],
+    );
+}
+
+#[test]
+fn issue_messages_name_the_real_cause() {
+    // A negative count is a value error, not an unknown flag.
+    fails_with(
+        &["estimate", "--tokens", "-5B"],
+        &["invalid --tokens: '-5B' must be a positive number"],
+    );
+    // Papers' "4M tokens" batches are 2^22 tokens: 2048 sequences of 2048.
+    let (code, out, err) = run(&["estimate", "--global-batch", "4Mtok"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("global batch 2048 x 2048 tokens"), "{out}");
+    fails_with(
+        &["estimate", "--global-batch", "5000tok"],
+        &["5000 tokens is not a whole number of 2048-token sequences; use e.g. --global-batch 2"],
+    );
+    // An unmeetable deadline: the best achievable days and layout, and a failing status.
+    fails_with(
+        &["plan", "--gpus", "64", "--deadline-days", "1"],
+        &[
+            "no layout meets the deadline of 1 days: the fastest layout that fits takes",
+            "64 GPUs: dp",
+        ],
+    );
+    // Nothing passes the batch arithmetic: said so, not "try recompute".
+    fails_with(
+        &[
+            "plan",
+            "--gpus",
+            "7",
+            "--model",
+            "llama3-8b",
+            "--micro-batch",
+            "2",
+            "--global-batch",
+            "1023",
+        ],
+        &["No layout divides the global batch"],
+    );
+    // No Rust enum names in what users read.
+    let (code, out, err) = run(&[
+        "plan",
+        "--gpus",
+        "16",
+        "--deadline-days",
+        "400",
+        "--explain",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for leak in [
+        "Bf16Mixed",
+        "OneFOneB",
+        "Deadline(",
+        "Adamw",
+        "LayerNorm",
+        "None,",
+    ] {
+        assert!(!out.contains(leak), "'{leak}' in:\n{out}");
+    }
+    assert!(
+        out.contains("objective: cheapest finishing within 400 days"),
+        "{out}"
+    );
+    // --explain under ZeRO-1 does not cite weight or gradient sharding.
+    let (code, out, err) = run(&["estimate", "--gpus", "8", "--zero", "1", "--explain"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("keeps the full weights (only ZeRO-3 shards them)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keeps full gradients (ZeRO-2 and -3 shard them)"),
+        "{out}"
+    );
+    assert!(out.contains("outside the tp regions"), "{out}");
+}

@@ -14,7 +14,8 @@ use std::sync::Arc;
 pub struct Comm {
     shared: Arc<Shared>,
     cfg: Config,
-    /// Scratch for reductions, reused from call to call.
+    /// Scratch for reductions, reused from call to call (allocated with the communicator, so
+    /// steps allocate nothing for it).
     staging: Vec<f32>,
     gid: u32,
     /// Group rank → world rank.
@@ -54,7 +55,7 @@ impl Comm {
         Comm {
             shared: Arc::new(Shared::new(link, cfg.clone())),
             cfg,
-            staging: Vec::new(),
+            staging: crate::engine::staging(),
             gid: 0,
             ranks: (0..n).collect(),
             me,
@@ -136,6 +137,10 @@ impl Comm {
                 self.p2p_calls
             }
         };
+        let mut world_peers = [0usize; 2];
+        for (w, &p) in world_peers.iter_mut().zip(peers) {
+            *w = self.ranks[p];
+        }
         let seq = self.shared.flight.begin(crate::flight::CallInfo {
             group: gid,
             members: &self.ranks,
@@ -143,7 +148,7 @@ impl Comm {
             op: op.name(),
             call,
             bytes,
-            peers: peers.iter().map(|&p| self.ranks[p]).collect(),
+            peers: &world_peers[..peers.len().min(2)],
         });
         let staging = std::mem::take(&mut self.staging);
         let mut ctx = self.shared.ctx(
@@ -157,8 +162,12 @@ impl Comm {
         );
         let out = f(&mut ctx);
         self.staging = ctx.into_staging();
-        let outcome = out.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        self.shared.flight.end(seq, outcome.clone());
+        self.shared.flight.end(
+            seq,
+            out.as_ref()
+                .map(|_| ())
+                .map_err(|e| e as &dyn std::fmt::Display),
+        );
         if let Err(e) = &out {
             // Latch the first error of any group, but keep the links open until this communicator
             // is dropped: a survivor that closed at once could be blamed by its neighbours for the
@@ -397,7 +406,7 @@ impl Communicator for Comm {
         Ok(Box::new(Comm {
             shared: self.shared.clone(),
             cfg: self.cfg.clone(),
-            staging: Vec::new(),
+            staging: crate::engine::staging(),
             gid,
             ranks: members.iter().map(|&(_, r)| self.ranks[r]).collect(),
             me,

@@ -93,10 +93,33 @@ pub struct Recorder {
     inner: Mutex<Inner>,
 }
 
+/// A call as kept in memory: no heap allocation per call (the ring is allocated once, up
+/// front), so recording does not change what a step allocates.
+struct Rec {
+    seq: u64,
+    group: u32,
+    group_rank: u32,
+    group_size: u32,
+    op: &'static str,
+    call: u64,
+    bytes: u64,
+    peers: [u32; 2],
+    npeers: u8,
+    start_us: u64,
+    end_us: Option<u64>,
+    status: Status,
+}
+
+enum Status {
+    InFlight,
+    Ok,
+    Failed(Box<str>),
+}
+
 struct Inner {
     capacity: usize,
     next_seq: u64,
-    records: VecDeque<CallRecord>,
+    records: VecDeque<Rec>,
     groups: BTreeMap<u32, Vec<usize>>,
     /// Dumped once already because of an error (later errors only repeat the first).
     dumped_on_error: bool,
@@ -110,7 +133,34 @@ pub(crate) struct CallInfo<'a> {
     pub(crate) op: &'static str,
     pub(crate) call: u64,
     pub(crate) bytes: usize,
-    pub(crate) peers: Vec<usize>,
+    /// World ranks of the point-to-point peers (at most two).
+    pub(crate) peers: &'a [usize],
+}
+
+impl Rec {
+    fn public(&self, rank: usize) -> CallRecord {
+        CallRecord {
+            rank,
+            seq: self.seq,
+            group: self.group,
+            group_rank: self.group_rank as usize,
+            group_size: self.group_size as usize,
+            op: self.op.to_string(),
+            call: self.call,
+            bytes: self.bytes,
+            peers: self.peers[..self.npeers as usize]
+                .iter()
+                .map(|&p| p as usize)
+                .collect(),
+            start_us: self.start_us,
+            end_us: self.end_us,
+            status: match &self.status {
+                Status::InFlight => IN_FLIGHT.to_string(),
+                Status::Ok => "ok".to_string(),
+                Status::Failed(e) => e.to_string(),
+            },
+        }
+    }
 }
 
 fn now_us() -> u64 {
@@ -128,7 +178,7 @@ impl Recorder {
             inner: Mutex::new(Inner {
                 capacity: DEFAULT_CAPACITY,
                 next_seq: 0,
-                records: VecDeque::new(),
+                records: VecDeque::with_capacity(DEFAULT_CAPACITY),
                 groups: BTreeMap::new(),
                 dumped_on_error: false,
             }),
@@ -163,25 +213,30 @@ impl Recorder {
         if g.records.len() == g.capacity {
             g.records.pop_front();
         }
-        g.records.push_back(CallRecord {
-            rank: self.rank,
+        let mut peers = [0u32; 2];
+        let npeers = c.peers.len().min(2);
+        for (d, &p) in peers.iter_mut().zip(c.peers) {
+            *d = p as u32;
+        }
+        g.records.push_back(Rec {
             seq,
             group: c.group,
-            group_rank: c.group_rank,
-            group_size: c.members.len(),
-            op: c.op.to_string(),
+            group_rank: c.group_rank as u32,
+            group_size: c.members.len() as u32,
+            op: c.op,
             call: c.call,
             bytes: c.bytes as u64,
-            peers: c.peers,
+            peers,
+            npeers: npeers as u8,
             start_us: now_us(),
             end_us: None,
-            status: IN_FLIGHT.to_string(),
+            status: Status::InFlight,
         });
         seq
     }
 
     /// Record how call `seq` ended (`Err`: the error's message).
-    pub(crate) fn end(&self, seq: u64, outcome: Result<(), String>) {
+    pub(crate) fn end(&self, seq: u64, outcome: Result<(), &dyn std::fmt::Display>) {
         let mut g = self.lock();
         let first = g.records.front().map_or(0, |r| r.seq);
         if let Some(r) = seq
@@ -190,15 +245,19 @@ impl Recorder {
         {
             r.end_us = Some(now_us());
             r.status = match outcome {
-                Ok(()) => "ok".to_string(),
-                Err(e) => e,
+                Ok(()) => Status::Ok,
+                Err(e) => Status::Failed(e.to_string().into_boxed_str()),
             };
         }
     }
 
     /// The calls kept, oldest first.
     pub fn records(&self) -> Vec<CallRecord> {
-        self.lock().records.iter().cloned().collect()
+        self.lock()
+            .records
+            .iter()
+            .map(|r| r.public(self.rank))
+            .collect()
     }
 
     /// Write the calls as JSON lines to `path` (replacing it), with `reason` in the header line.
@@ -218,7 +277,8 @@ impl Recorder {
                     })
                     .collect(),
             };
-            (header, g.records.iter().cloned().collect::<Vec<_>>())
+            let records: Vec<CallRecord> = g.records.iter().map(|r| r.public(self.rank)).collect();
+            (header, records)
         };
         let mut out = io::BufWriter::new(std::fs::File::create(path)?);
         serde_json::to_writer(&mut out, &header)?;

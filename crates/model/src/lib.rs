@@ -27,7 +27,7 @@ pub use config::{ModelConfig, Shard};
 pub use error::ModelError;
 pub use kernels::{Bf16, Elem, F16};
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{update_range as adamw_update_range, AdamW, AdamWConfig};
 pub use plan::recipe::{Precision, Recompute};
 pub use step::{
     backward, backward_into, backward_with, forward, forward_with, GradInput, GradSink, NoTp,

@@ -96,53 +96,17 @@ impl AdamW {
             scale_inplace(grads, clip_factor(norm, max_norm));
         }
         self.step += 1;
-        // Merge neighbouring tensors with the same decay rule into one kernel call.
-        let runs = decay_runs(layout);
-        let hp = |decay: bool| AdamWStep {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: if decay { cfg.weight_decay } else { 0.0 },
-            step: self.step,
-        };
-        // One split of the whole buffer over the threads (each thread walks the decay runs in
-        // its part), rather than one threaded kernel call per run: a step has dozens of runs.
-        // The parts run on the kernels' persistent workers.
-        let n = params.len();
-        let threads = par.threads().min(n / 65_536).max(1);
-        let parts = split_even(n, threads);
-        let mut jobs = Vec::with_capacity(parts.len());
-        let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (
-            &mut params[..],
-            &mut self.m[..],
-            &mut self.v[..],
-            &grads[..],
+        update_range(
+            layout,
+            0,
+            params,
+            &mut self.m,
+            &mut self.v,
+            grads,
+            cfg,
+            self.step,
+            par,
         );
-        for part in &parts {
-            let (p, pt) = p_rest.split_at_mut(part.len());
-            let (mm, mt) = m_rest.split_at_mut(part.len());
-            let (vv, vt) = v_rest.split_at_mut(part.len());
-            let (g, gt) = g_rest.split_at(part.len());
-            (p_rest, m_rest, v_rest, g_rest) = (pt, mt, vt, gt);
-            jobs.push((part.clone(), p, mm, vv, g));
-        }
-        kernels::par_jobs(jobs, |(part, p, mm, vv, g)| {
-            for (r, decay) in &runs {
-                let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
-                if lo < hi {
-                    let l = (lo - part.start)..(hi - part.start);
-                    adamw_update(
-                        &mut p[l.clone()],
-                        &mut mm[l.clone()],
-                        &mut vv[l.clone()],
-                        &g[l],
-                        hp(*decay),
-                        Par::Seq,
-                    );
-                }
-            }
-        });
         norm
     }
 
@@ -240,6 +204,83 @@ fn decay_runs(layout: &ParamLayout) -> Vec<(std::ops::Range<usize>, bool)> {
         }
     }
     runs
+}
+
+/// AdamW's update (step number `step`, after any clipping) of the window
+/// `start..start + params.len()` of flat buffers laid out by `layout`: `params`, `m`, `v` and
+/// `grads` are that window. Weight decay follows each tensor's rule. The one AdamW loop of the
+/// runtime: [`AdamW::step`] runs it over the whole buffer, ZeRO over each range a rank owns.
+/// Elementwise, so any window and any thread count give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn update_range(
+    layout: &ParamLayout,
+    start: usize,
+    params: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grads: &[f32],
+    cfg: &AdamWConfig,
+    step: u32,
+    par: Par,
+) {
+    let n = params.len();
+    assert!(
+        m.len() == n && v.len() == n && grads.len() == n,
+        "update_range: params, m, v and grads must be the same window"
+    );
+    let end = start + n;
+    // Merge neighbouring tensors with the same decay rule into one run (window offsets).
+    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+    for t in &layout.tensors {
+        let r = t.range();
+        let (lo, hi) = (r.start.max(start), r.end.min(end));
+        if lo >= hi {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((r, d)) if *d == t.decay && r.end == lo - start => r.end = hi - start,
+            _ => runs.push((lo - start..hi - start, t.decay)),
+        }
+    }
+    let hp = |decay: bool| AdamWStep {
+        lr: cfg.lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+        step,
+    };
+    // One split of the window over the threads (each thread walks the decay runs in its part),
+    // rather than one threaded kernel call per run: a step has dozens of runs. The parts run on
+    // the kernels' persistent workers.
+    let threads = par.threads().min(n / 65_536).max(1);
+    let parts = split_even(n, threads);
+    let mut jobs = Vec::with_capacity(parts.len());
+    let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (params, m, v, grads);
+    for part in &parts {
+        let (p, pt) = p_rest.split_at_mut(part.len());
+        let (mm, mt) = m_rest.split_at_mut(part.len());
+        let (vv, vt) = v_rest.split_at_mut(part.len());
+        let (g, gt) = g_rest.split_at(part.len());
+        (p_rest, m_rest, v_rest, g_rest) = (pt, mt, vt, gt);
+        jobs.push((part.clone(), p, mm, vv, g));
+    }
+    kernels::par_jobs(jobs, |(part, p, mm, vv, g)| {
+        for (r, decay) in &runs {
+            let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
+            if lo < hi {
+                let l = (lo - part.start)..(hi - part.start);
+                adamw_update(
+                    &mut p[l.clone()],
+                    &mut mm[l.clone()],
+                    &mut vv[l.clone()],
+                    &g[l],
+                    hp(*decay),
+                    Par::Seq,
+                );
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -146,6 +146,39 @@ pub fn memory(d: &CpuRuntimeDims, batch: u64, seq: u64) -> CpuRuntimeMemory {
     }
 }
 
+/// The CPU runtime's memory for one pipeline rank holding the model chunks `chunks` (one per
+/// virtual stage it runs), each with the number of saved activation sets its schedule keeps in
+/// flight (`plan::schedule` lists: at most pp − stage for 1F1B, m for GPipe): parameters,
+/// gradients and AdamW state of every chunk, `sets` saved sets per chunk, one scratch shared by
+/// all, and — between stages — one receive buffer each for an activation and a gradient
+/// (b·t·c each).
+pub fn stage_memory(
+    chunks: &[(CpuRuntimeDims, u64)],
+    batch: u64,
+    seq: u64,
+    pipelined: bool,
+) -> CpuRuntimeMemory {
+    let sum = |f: &dyn Fn(&CpuRuntimeDims) -> u64| chunks.iter().map(|(d, _)| f(d)).sum::<u64>();
+    let saved: u64 = chunks
+        .iter()
+        .map(|(d, sets)| sets.max(&1) * saved_activation_count(d, batch, seq))
+        .sum();
+    let scratch = chunks
+        .first()
+        .map_or(0, |(d, _)| scratch_activation_count(d, batch, seq));
+    let recv = if pipelined {
+        2 * batch * seq * chunks.first().map_or(0, |(d, _)| d.channels)
+    } else {
+        0
+    };
+    CpuRuntimeMemory {
+        param_bytes: sum(&param_bytes),
+        grad_bytes: sum(&grad_bytes),
+        optimizer_bytes: sum(&optimizer_bytes),
+        activation_bytes: F32_BYTES * (saved + scratch + recv),
+    }
+}
+
 /// Elements of rank `rank`'s shard when a `len`-element flat buffer is split over `dp` ranks by
 /// contiguous offset ranges, the first `len % dp` shards one element longer (the split
 /// `comm::shard_range` and the trainer's ZeRO use).

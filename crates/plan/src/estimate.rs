@@ -224,7 +224,7 @@ fn parameter_lines(ctx: &Context, ex: &mut Explain) {
         )
     });
     ex.line(|| line("parameters", "per layer", format!(
-        "attention h(h+2*kv) + h^2 = {h}x({h}+2x{kv}) + {h}^2; MLP {} x h x f = {} x {h} x {f}; norms and biases ({:?}, {:?}) -> {}",
+        "attention h(h+2*kv) + h^2 = {h}x({h}+2x{kv}) + {h}^2; MLP {} x h x f = {} x {h} x {f}; norms and biases ({}, {}) -> {}",
         m.mlp_matrices(), m.mlp_matrices(), m.norm, m.bias, p.per_layer), p.per_layer as f64, "params", "12h^2 + 13h for GPT (Narayanan et al. 2021 §5.1)"));
     ex.line(|| {
         line(
@@ -357,8 +357,8 @@ fn pipeline_cross_check(ctx: &Context, layout: &Layout, eval: &Eval, ex: &mut Ex
             "time",
             "pipeline schedule simulation (cross-check)",
             format!(
-                "{:?} lists for p={p}, m={m}, v={v} with uniform stages: bubble {:.4} s (cost model {:.4} s, which also counts uneven first/last stages and sends); stage 0 holds {:.2} micro-batches (cost model {:.2})",
-                kind, sim.bubble, eval.time.bubble, peak, eval.memory.microbatches_in_flight
+                "{} lists for p={p}, m={m}, v={v} with uniform stages: bubble {:.4} s (cost model {:.4} s, which also counts uneven first/last stages and sends); stage 0 holds {:.2} micro-batches (cost model {:.2})",
+                if v > 1 { "interleaved 1f1b".to_string() } else { ctx.recipe.schedule.to_string() }, sim.bubble, eval.time.bubble, peak, eval.memory.microbatches_in_flight
             ),
             sim.bubble,
             "s",

@@ -79,6 +79,12 @@ impl LayoutRequest {
         let dp = match self.dp {
             Some(d) => d,
             None => {
+                if tp * pp > gpus {
+                    return Err(PlanError::Layout(format!(
+                        "tp({tp}) * pp({pp}) = {} needs more GPUs than the cluster's {gpus}; lower --tp/--pp or raise --gpus",
+                        tp * pp
+                    )));
+                }
                 if gpus % (tp * pp) != 0 {
                     return Err(PlanError::Layout(format!(
                         "cannot infer dp: {gpus} GPUs is not divisible by tp({tp}) * pp({pp}) = {}",
@@ -385,6 +391,20 @@ mod tests {
         assert_eq!(
             (even.partition, even.stage_layers.as_slice()),
             (Partition::Even, &[8u16, 8, 8, 8][..])
+        );
+    }
+
+    #[test]
+    fn too_few_gpus_for_tp_and_pp_says_so() {
+        let m = preset("llama2-7b").unwrap();
+        let req = LayoutRequest {
+            tp: Some(16),
+            ..Default::default()
+        };
+        let e = req.resolve(&m, 8, 64).unwrap_err().to_string();
+        assert!(
+            e.contains("tp(16) * pp(1) = 16 needs more GPUs than the cluster's 8"),
+            "{e}"
         );
     }
 

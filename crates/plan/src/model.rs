@@ -454,6 +454,34 @@ pub fn from_hf_config(json: &str) -> Result<ModelSpec> {
     Ok(spec)
 }
 
+impl std::fmt::Display for Mlp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mlp::Gelu => "gelu",
+            Mlp::Gated => "gated",
+        })
+    }
+}
+
+impl std::fmt::Display for Norm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Norm::LayerNorm => "layernorm",
+            Norm::RmsNorm => "rmsnorm",
+        })
+    }
+}
+
+impl std::fmt::Display for Bias {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bias::None => "no biases",
+            Bias::QkvOnly => "QKV biases",
+            Bias::All => "all biases",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,3 +311,23 @@ impl Recipe {
         Ok(())
     }
 }
+
+/// User-facing names (the flag spellings), for reports and `--explain`.
+macro_rules! display_names {
+    ($($ty:ty { $($var:ident => $name:literal),* $(,)? })*) => {$(
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $(Self::$var => $name),* })
+            }
+        }
+    )*};
+}
+
+display_names! {
+    Precision { Fp32 => "fp32", Bf16Mixed => "bf16-mixed", Fp16Mixed => "fp16-mixed" }
+    Optimizer { Adamw => "adamw", Sgd => "sgd", SgdMomentum => "sgd-momentum", Adafactor => "adafactor" }
+    Recompute { None => "none", Selective => "selective", Full => "full" }
+    CausalFlops { Full => "full", Half => "half" }
+    GradSync { Ring => "ring", Tree => "tree", ParameterServer => "parameter server" }
+    Schedule { Gpipe => "gpipe", OneFOneB => "1f1b" }
+}

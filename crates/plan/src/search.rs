@@ -30,6 +30,17 @@ pub enum Objective {
     Budget(f64),
 }
 
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Objective::Time => f.write_str("fastest step"),
+            Objective::Cost => f.write_str("lowest cost"),
+            Objective::Deadline(d) => write!(f, "cheapest finishing within {d} days"),
+            Objective::Budget(b) => write!(f, "fastest costing at most ${b:.0}"),
+        }
+    }
+}
+
 /// Why a candidate was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Reject {

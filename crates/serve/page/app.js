@@ -263,7 +263,8 @@ function renderEstimate(est) {
     `${est.model.name}: ${fmtCount(est.parameters)} parameters on ${est.gpus} x ${est.gpu} — dp ${l.dp} x tp ${l.tp} x pp ${l.pp}` +
     `${l.vpp > 1 ? ` (vpp ${l.vpp})` : ""}${l.sp ? ", sequence parallel" : ""}, ZeRO-${l.zero}, micro-batch ${l.micro_batch}, grad-accum ${l.grad_accum}` +
     (Array.isArray(l.stage_layers) && l.stage_layers.length > 1 ? `, layers per stage ${l.stage_layers.join(",")}${l.partition ? ` (${l.partition})` : ""}` : "") +
-    (auto() ? " (the fastest layout that fits, as `scaletrain plan` ranks first)" : "");
+    (!auto() ? "" : est.fits ? " (the fastest layout that fits, as `scaletrain plan` ranks first)"
+      : " (no layout fits, so this is the default layout; try recompute full, more GPUs or a larger GPU)");
   const cards = $("#cards");
   cards.innerHTML = "";
   cards.append(

@@ -88,9 +88,25 @@ pub enum TrainError {
         /// Why (no checkpoint, or why each was refused).
         reason: String,
     },
-    /// A data-parallel peer failed, disagreed (config, data, weights) or could not be reached.
+    /// Peers disagree (config, data, weights, start step) or sent something unusable.
     #[error("data parallel: {0}")]
     Dist(String),
+    /// A collective or point-to-point call failed: a peer died, timed out or misbehaved. The
+    /// communication error is the source (printed after `what` in an error chain).
+    #[error("{what}")]
+    Comm {
+        /// What the ranks were doing (`data parallel: gradient all-reduce`).
+        what: String,
+        /// The communicator's error (names the rank and operation).
+        #[source]
+        source: comm::CommError,
+    },
+    /// The parallel layout does not fit the model, the batch or the job.
+    #[error("layout: {0}")]
+    Layout(String),
+    /// Pipeline stages disagree or sent something unexpected.
+    #[error("pipeline: {0}")]
+    Pipeline(String),
     /// The model rejected its configuration or input.
     #[error(transparent)]
     Model(#[from] model::ModelError),
@@ -102,4 +118,20 @@ pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Train
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// `e` and every source under it, joined with `: ` (what `{:#}` prints for an `anyhow` chain),
+/// for messages that travel as text (to other ranks, into checkpoint reports).
+pub fn chain_string(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.ends_with(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
 }

@@ -12,11 +12,10 @@ use crate::config::{OptimSection, TrainConfig};
 use crate::data::{val_batch, window_count, Batcher, DataPosition, Dataset};
 use crate::error::{io, TrainError};
 use crate::fsutil::{ensure_writable_dir, write_atomic};
+use crate::pipeline::{forward_only, run_ops, MicroBatches, Pipeline, StageActs, StageModel};
+use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
 use kernels::Par;
-use model::{
-    backward, backward_into, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig,
-    NoTp, ParamLayout, Shard, StageInput,
-};
+use model::{AdamW, AdamWConfig, ModelConfig, ParamLayout, Shard};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -67,6 +66,10 @@ pub struct RunOptions {
     /// Data parallelism (`crate::dp`): this rank's connection to its peers. `None` = one rank.
     /// Only data-parallel rank 0 writes into `out_dir`.
     pub dp: Option<std::sync::Arc<std::sync::Mutex<crate::dp::Dp>>>,
+    /// Pipeline parallelism (`crate::pipeline`): this rank's stage, schedule and connections
+    /// to the other stages. `None` = the whole model on this rank. With both set, `dp` is this
+    /// rank's data-parallel group (same stage, other pipelines).
+    pub pipeline: Option<std::sync::Arc<std::sync::Mutex<crate::pipeline::Pipeline>>>,
 }
 
 /// One optimizer step's numbers (a `metrics.jsonl` line).
@@ -92,6 +95,10 @@ pub struct StepRecord {
     /// part of `comm_secs` that overlap did not hide); compute = `step_secs` minus this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposed_comm_secs: Option<f64>,
+    /// Pipeline: seconds of this step this rank spent in exchanges with other stages, waiting
+    /// included (the bubble and the transfers); `None` without a pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_secs: Option<f64>,
 }
 
 /// What the run knows before its first step.
@@ -99,8 +106,10 @@ pub struct StepRecord {
 pub struct StartInfo {
     /// The resolved config.
     pub config: TrainConfig,
-    /// Parameters.
+    /// Parameters this rank holds (its pipeline stage's; the whole model without a pipeline).
     pub params: usize,
+    /// Parameters of the whole model.
+    pub model_params: usize,
     /// Step the loop starts at (0, or the checkpoint's).
     pub start_step: u64,
     /// Loss floor of the synthetic corpus, if known.
@@ -122,6 +131,28 @@ pub struct StartInfo {
     pub warnings: Vec<String>,
     /// Data parallel: (rank, ranks, ZeRO stage); `None` for one rank.
     pub dp: Option<(usize, usize, u8)>,
+    /// Pipeline: this rank's stage and what its schedule implies; `None` without a pipeline.
+    pub pipeline: Option<PipelineInfo>,
+}
+
+/// A pipeline rank's stage, as the start report shows it.
+#[derive(Clone, Debug)]
+pub struct PipelineInfo {
+    /// This rank's stage and the number of stages.
+    pub stage: usize,
+    /// Stages.
+    pub stages: usize,
+    /// Schedule name.
+    pub schedule: &'static str,
+    /// Micro-batches per step.
+    pub microbatches: usize,
+    /// Layers of every virtual stage.
+    pub parts: Vec<std::ops::Range<usize>>,
+    /// Per chunk of this stage: (virtual stage, saved activation sets its list keeps in flight).
+    pub chunks: Vec<(usize, usize)>,
+    /// `plan::schedule::simulate`'s bubble of the busiest stage, as a fraction of the makespan,
+    /// for equal per-layer forward/backward times.
+    pub simulated_bubble: f64,
 }
 
 /// Receives progress; every method has a no-op default.
@@ -188,12 +219,13 @@ pub fn proc_status_bytes(key: &str) -> u64 {
 }
 
 fn mean_val_loss(
-    layout: &ParamLayout,
+    stage: &StageModel,
     params: &[f32],
-    acts: &mut Activations,
+    acts: &mut StageActs,
     val: &[u32],
     (b, t, batches): (usize, usize, usize),
     par: Par,
+    mut pipe: Option<&mut Pipeline>,
 ) -> Result<f64, TrainError> {
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
     let (mut sum, mut n) = (0.0f64, 0usize);
@@ -201,19 +233,29 @@ fn mean_val_loss(
         if !val_batch(val, t, b, k, &mut x, &mut y) {
             break;
         }
-        let loss = forward(
-            layout,
-            params,
-            acts,
-            StageInput::Tokens(&x),
-            Some(&y),
-            par,
-            &mut NoTp,
-        )?;
+        if let Some(p) = pipe.as_deref_mut() {
+            p.begin_step(u64::from(u32::MAX) - k as u64);
+        }
+        let loss = forward_only(stage, params, acts, (&x, &y), par, pipe.as_deref_mut())?;
         sum += loss.unwrap_or(f32::NAN) as f64;
         n += 1;
     }
-    Ok(sum / n.max(1) as f64)
+    let mean = sum / n.max(1) as f64;
+    match pipe {
+        // The stage with the loss tells the others (bit for bit: a broadcast).
+        Some(p) => {
+            let bits = mean.to_bits();
+            let mut buf = [
+                f32::from_bits(bits as u32),
+                f32::from_bits((bits >> 32) as u32),
+            ];
+            p.share(&mut buf, "sharing the validation loss")?;
+            Ok(f64::from_bits(
+                buf[0].to_bits() as u64 | (buf[1].to_bits() as u64) << 32,
+            ))
+        }
+        None => Ok(mean),
+    }
 }
 
 /// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its
@@ -241,7 +283,8 @@ struct Setup {
     /// The config with the data's vocabulary filled in.
     rcfg: TrainConfig,
     data: Dataset,
-    layout: ParamLayout,
+    /// The model chunks this rank holds (the whole model without a pipeline).
+    stage: StageModel,
     state: TrainState,
     warnings: Vec<String>,
     threads: usize,
@@ -282,15 +325,17 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
     }
     let mut rcfg = cfg.clone();
     rcfg.model.vocab_size = Some(data.vocab_size);
-    let mut dp = opts
-        .dp
-        .as_ref()
-        .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
-    if let Some(d) = dp.as_mut() {
-        d.check_fingerprint(&crate::dp::fingerprint(&rcfg, &data.train, &data.val))?;
+    let fingerprint = crate::dp::fingerprint(&rcfg, &data.train, &data.val);
+    let mut dp = opts.dp.as_ref().map(|d| lock(d));
+    let mut pipe = opts.pipeline.as_ref().map(|p| lock(p));
+    if let Some(p) = pipe.as_mut() {
+        p.check_fingerprint(&fingerprint)?;
     }
-    let writer = dp.as_ref().is_none_or(|d| d.rank() == 0);
-    drop(dp);
+    if let Some(d) = dp.as_mut() {
+        d.check_fingerprint(&fingerprint)?;
+    }
+    let writer =
+        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.stage() == 0);
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
     if window_count(data.val.len(), t) < b {
         return Err(TrainError::Data(format!(
@@ -305,29 +350,49 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
     let rss_before_model_bytes = proc_status_bytes("VmRSS:");
 
     let mcfg = model_config(&rcfg, data.vocab_size);
-    let layout = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
+    let full = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
+    let stage = match &pipe {
+        Some(p) => StageModel::new(&mcfg, &p.parts, &p.chunks())?,
+        None => StageModel::whole(full.clone()),
+    };
     // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
     // optimizer ranges this rank holds (the whole buffer without ZeRO).
-    let (dp_size, owned) = match &opts.dp {
+    let n = stage.len();
+    let (dp_size, owned) = match dp.as_mut() {
         Some(d) => {
-            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
-            d.attach(&layout);
-            (d.size(), d.owned_ranges(layout.len()))
+            d.attach(&stage.chunks[0].1);
+            (d.size(), d.owned_ranges(n))
         }
-        None => (1, vec![0..layout.len()]),
+        None => (1, vec![0..n]),
     };
+    // The same ranges in the whole model's offsets (the checkpoint's), in this rank's order.
+    let segments = crate::pipeline::full_segments(&stage, &full);
+    let want_full: Vec<std::ops::Range<usize>> = crate::pipeline::to_full(&segments, &owned)
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
     let mut warnings = Vec::new();
     let loaded = if opts.resume {
-        checkpoint::find_resume(out, &rcfg, dp_size, &|_| owned.clone()).map(|(_m, _l, st, w)| {
-            warnings = w;
-            st
-        })
+        checkpoint::find_resume(out, &rcfg, dp_size, &|_| want_full.clone()).map(
+            |(_m, _l, mut st, w)| {
+                warnings = w;
+                st.params = crate::pipeline::slice_full(&stage, &full, &st.params);
+                st
+            },
+        )
     } else {
         let params = match &opts.init_from {
             Some(p) => std::fs::read(p)
                 .map_err(io(p))
-                .and_then(|bytes| checkpoint::load_hf_weights(p, &bytes, &layout)),
-            None => Ok(layout.init_params(cfg.train.seed)),
+                .and_then(|bytes| checkpoint::load_hf_weights(p, &bytes, &full))
+                .map(|w| crate::pipeline::slice_full(&stage, &full, &w)),
+            None => {
+                let mut params = vec![0.0f32; n];
+                for (_, l, w) in &stage.chunks {
+                    params[w.clone()].copy_from_slice(&l.init_params(cfg.train.seed));
+                }
+                Ok(params)
+            }
         };
         let held = owned.iter().map(|r| r.len()).sum();
         params.map(|params| TrainState {
@@ -342,10 +407,16 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
             evals_without_improvement: 0,
         })
     };
-    if let Some(d) = &opts.dp {
-        // Every rank starts at the same step, or every rank stops.
-        let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
-        d.agree_on_start(loaded.as_ref().map(|s| s.step).map_err(|e| e.to_string()))?;
+    // Every rank starts at the same step, or every rank stops.
+    let start = loaded
+        .as_ref()
+        .map(|s| s.step)
+        .map_err(|e| crate::error::chain_string(e));
+    if let Some(p) = pipe.as_mut() {
+        p.agree_on_start(start.clone())?;
+    }
+    if let Some(d) = dp.as_mut() {
+        d.agree_on_start(start)?;
     }
     let state = loaded?;
     if writer {
@@ -355,24 +426,48 @@ fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
             checkpoint::prune(out, 0);
             let _ = std::fs::remove_file(out.join("metrics.jsonl"));
         }
-    }
-    if writer {
         write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
+        if let Some(tp) = &cfg.data.tokenizer {
+            let bytes = std::fs::read(tp).map_err(io(tp))?;
+            write_atomic(&out.join("tokenizer.json"), &bytes)?;
+        }
     }
-    if let (Some(tp), true) = (&cfg.data.tokenizer, writer) {
-        let bytes = std::fs::read(tp).map_err(io(tp))?;
-        write_atomic(&out.join("tokenizer.json"), &bytes)?;
-    }
-
     Ok(Setup {
         rcfg,
         data,
-        layout,
+        stage,
         state,
         warnings,
         threads,
         rss_before_model_bytes,
     })
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the start report says about the pipeline.
+fn pipeline_info(
+    p: &Pipeline,
+    ops: &[plan::schedule::Op],
+    acts: &StageActs,
+    m: usize,
+) -> PipelineInfo {
+    let (pp, v) = (p.shape.pp as u32, p.shape.vpp as u32);
+    let lists = plan::schedule::build(p.schedule.kind(), pp, m as u32, v);
+    // Equal per-chunk times, backward twice forward, no transfer time: the schedule's own bubble.
+    let sim = plan::schedule::simulate(&lists, m as u32, v, 1.0, 2.0, 0.0);
+    let _ = ops;
+    PipelineInfo {
+        stage: p.stage(),
+        stages: p.shape.pp,
+        schedule: p.schedule.name(),
+        microbatches: m,
+        parts: p.parts.clone(),
+        chunks: p.chunks().into_iter().zip(acts.sets()).collect(),
+        simulated_bubble: sim.bubble / sim.makespan,
+    }
 }
 
 /// Runs (or resumes) training as `cfg` and `opts` say.
@@ -384,28 +479,31 @@ pub fn run(
     let Setup {
         rcfg,
         data,
-        layout,
+        stage,
         mut state,
         warnings,
         threads,
         rss_before_model_bytes,
     } = setup(cfg, opts)?;
-    // Data parallel (crate::dp): this rank's peers; only rank 0 writes into the run folder.
-    let mut dp = opts
-        .dp
-        .as_ref()
-        .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
-    let writer = dp.as_ref().is_none_or(|d| d.rank() == 0);
+    // Data parallel (crate::dp): this rank's peers; pipeline (crate::pipeline): the other
+    // stages. Only the first stage's data-parallel rank 0 writes into the run folder.
+    let mut dp = opts.dp.as_ref().map(|d| lock(d));
+    let mut pipe = opts.pipeline.as_ref().map(|p| lock(p));
+    let writer =
+        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.stage() == 0);
     let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
     let out = &opts.out_dir;
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
+    let bt = b * t;
     let accum = cfg.train.grad_accum;
     let par = Par::Threads(threads);
-    let mcfg = layout.cfg.clone();
+    let mcfg = stage.chunks[0].1.cfg.clone();
+    let layout = stage.chunks[0].1.clone();
+    let n = stage.len();
 
     // ZeRO-2 writes gradients into the data-parallel bucket buffers instead (crate::dp).
     let full_grads = dp.as_ref().is_none_or(|d| d.needs_full_grads());
-    let mut grads = vec![0.0f32; if full_grads { layout.len() } else { 0 }];
+    let mut grads = vec![0.0f32; if full_grads { n } else { 0 }];
     let mut opt = AdamW {
         m: std::mem::take(&mut state.m),
         v: std::mem::take(&mut state.v),
@@ -413,13 +511,21 @@ pub fn run(
     };
     if let Some(d) = dp.as_mut() {
         d.sync_params(&mut state.params)?;
-        d.shard_optimizer(&opt, layout.len());
+        d.shard_optimizer(&opt, n);
         let end = opts
             .stop_after
             .map_or(cfg.train.steps, |s| s.min(cfg.train.steps));
-        d.announce(layout.len(), end.saturating_sub(state.step))?;
+        d.announce(n, end.saturating_sub(state.step))?;
     }
-    let mut acts = Activations::new(&layout, b, t);
+    // The planner's list for this stage: with one stage, forward and backward of each
+    // micro-batch in turn.
+    let ops = match &pipe {
+        Some(p) => p.ops(accum),
+        None => {
+            plan::schedule::build(plan::schedule::Kind::OneFOneB, 1, accum as u32, 1).swap_remove(0)
+        }
+    };
+    let mut acts = StageActs::new(&stage, &ops, b, t);
     let mut batcher = Batcher::new(
         data.train.len(),
         t,
@@ -428,7 +534,18 @@ pub fn run(
         state.data_position,
         "the training stream",
     )?;
-    let dims = Shard::full(&mcfg).dims(&mcfg);
+    let held: Vec<Shard> = stage
+        .chunks
+        .iter()
+        .map(|(_, l, _)| l.shard.clone())
+        .collect();
+    let dims = Shard {
+        layers: held[0].layers.start..held.last().expect("a chunk").layers.end,
+        has_embedding: held.iter().any(|s| s.has_embedding),
+        has_head: held.iter().any(|s| s.has_head),
+        ..held[0].clone()
+    }
+    .dims(&mcfg);
     let predicted_step = plan::cpu_time::step_time(
         &dims,
         b as u64,
@@ -437,27 +554,39 @@ pub fn run(
         threads as u64,
         &plan::cpu_time::CpuCalibration::default(),
     );
+    let pipeline = pipe.as_ref().map(|p| pipeline_info(p, &ops, &acts, accum));
+    let predicted = match (&dp, &pipe) {
+        (Some(d), None) => plan::cpu_runtime::zero_memory(
+            &dims,
+            b as u64,
+            t as u64,
+            d.zero().number(),
+            dp_size as u64,
+            dp_rank as u64,
+            d.bucket_bytes() as u64,
+        ),
+        (_, Some(_)) => {
+            let chunks: Vec<_> = held
+                .iter()
+                .zip(acts.sets())
+                .map(|(s, k)| (s.dims(&mcfg), k as u64))
+                .collect();
+            plan::cpu_runtime::stage_memory(&chunks, b as u64, t as u64, true)
+        }
+        (None, None) => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
+    };
     let start = StartInfo {
         config: rcfg.clone(),
-        params: layout.len(),
+        params: n,
+        model_params: ParamLayout::new(&mcfg, &Shard::full(&mcfg))?.len(),
         start_step: state.step,
         loss_floor: data.loss_floor(t),
         threads,
-        predicted: match &dp {
-            Some(d) => plan::cpu_runtime::zero_memory(
-                &dims,
-                b as u64,
-                t as u64,
-                d.zero().number(),
-                dp_size as u64,
-                dp_rank as u64,
-                d.bucket_bytes() as u64,
-            ),
-            None => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
-        },
+        predicted,
         predicted_step,
         predicted_comm: dp
             .as_ref()
+            .filter(|_| pipe.is_none())
             .and_then(|d| d.predict_comm(&dims, accum as u64, &predicted_step)),
         allocated_bytes: 4
             * (state.params.len() + grads.len() + opt.m.len() + opt.v.len() + acts.len()) as u64
@@ -465,6 +594,7 @@ pub fn run(
         rss_before_model_bytes,
         warnings,
         dp: dp.as_ref().map(|d| (d.rank(), d.size(), d.zero().number())),
+        pipeline,
     };
     obs.on_start(&start);
 
@@ -483,7 +613,8 @@ pub fn run(
     let total = cfg.train.steps;
     let end = opts.stop_after.map_or(total, |s| s.min(total));
     let decay = cfg.decay_steps();
-    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let (mut x, mut y) = (vec![0u32; bt], vec![0u32; bt]);
+    let (mut xs, mut ys) = (vec![0u32; accum * bt], vec![0u32; accum * bt]);
     let mut records = Vec::new();
     let mut val_losses = Vec::new();
     let mut early_stopped = false;
@@ -493,74 +624,73 @@ pub fn run(
     // Data parallel: the global step is `dp_size × accum` micro-batches of the 1-rank order;
     // this rank trains its `accum` consecutive ones (crate::dp).
     let d_loss = 1.0 / (b * t * accum * dp_size) as f32;
-    let mut micro_losses = Vec::with_capacity(accum);
+    // The LM head's copy of the tied embedding (last stage of a pipeline) counts once in the
+    // gradient norm: on the first stage.
+    let tied = stage.tied_range();
+    let skip_in_norm = tied.clone().filter(|(_, copy)| *copy).map(|(r, _)| r);
     while state.step < end {
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
+        let p2p_at_start = pipe.as_ref().map(|p| p.p2p_secs);
         let t0 = Instant::now();
         let lr = lr_at(&cfg.optim, step, decay);
         grads.fill(0.0);
-        let mut loss_sum = 0.0f64;
-        micro_losses.clear();
         for j in 0..accum * dp_size {
-            batcher.next_batch(&data.train, &mut x, &mut y);
-            if j / accum != dp_rank {
-                continue;
+            if j / accum == dp_rank {
+                let k = j % accum;
+                batcher.next_batch(
+                    &data.train,
+                    &mut xs[k * bt..(k + 1) * bt],
+                    &mut ys[k * bt..(k + 1) * bt],
+                );
+            } else {
+                batcher.next_batch(&data.train, &mut x, &mut y);
             }
-            let loss = forward(
-                &layout,
-                &state.params,
-                &mut acts,
-                StageInput::Tokens(&x),
-                Some(&y),
-                par,
-                &mut NoTp,
-            )?
-            .unwrap_or(f32::NAN);
-            let grad_in = GradInput::Loss {
-                targets: &y,
-                d_loss,
-            };
-            let input = StageInput::Tokens(&x);
-            match dp.as_mut() {
-                // Data parallel: gradient buckets are reduced as backward finishes them.
-                Some(d) => d.backward(j % accum == accum - 1, &mut grads, |g| {
-                    backward_into(
-                        &layout,
-                        &state.params,
-                        g,
-                        &mut acts,
-                        input,
-                        grad_in,
-                        par,
-                        &mut NoTp,
-                    )
-                })?,
-                None => backward(
-                    &layout,
-                    &state.params,
-                    &mut grads,
-                    &mut acts,
-                    input,
-                    grad_in,
-                    par,
-                    &mut NoTp,
-                )?,
-            }
-            loss_sum += loss as f64;
-            micro_losses.push(loss);
         }
-        let mut dp_stop = None;
-        if let Some(d) = dp.as_mut() {
+        if let Some(p) = pipe.as_mut() {
+            p.begin_step(step);
+        }
+        let micro_losses = run_ops(
+            &ops,
+            &stage,
+            &state.params,
+            &mut grads,
+            &mut acts,
+            &MicroBatches {
+                xs: &xs,
+                ys: &ys,
+                bt,
+                d_loss,
+            },
+            par,
+            pipe.as_deref_mut(),
+            dp.as_deref_mut(),
+        )?;
+        // Every rank learns every micro-batch's loss (from the stage that has them) and whether
+        // any rank was asked to stop, so all stop at the same step.
+        let mut dist_stop = None;
+        let mut losses = micro_losses;
+        if dp.is_some() || pipe.is_some() {
             let stop = opts
                 .stop
                 .as_ref()
                 .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
-            let (all, any_stop) = d.gather_losses(&micro_losses, stop)?;
-            dp_stop = Some(any_stop);
-            // Same f64 summation order as one rank with grad_accum = dp × accum.
-            loss_sum = all.iter().map(|&l| l as f64).sum();
+            if losses.is_empty() {
+                losses = vec![0.0; accum];
+            }
+            let (mut all, mut any_stop) = match dp.as_mut() {
+                Some(d) => d.gather_losses(&losses, stop)?,
+                None => (losses, stop),
+            };
+            if let Some(p) = pipe.as_mut() {
+                p.share(&mut all, "sharing the losses")?;
+                any_stop = p.any(any_stop, "agreeing on a stop")?;
+            }
+            losses = all;
+            dist_stop = Some(any_stop);
         }
+        // Same f64 summation order as one rank with grad_accum = dp × accum.
+        let loss_sum: f64 = losses.iter().map(|&l| l as f64).sum();
         let loss = (loss_sum / (accum * dp_size) as f64) as f32;
         if !loss.is_finite() {
             return Err(TrainError::Data(format!(
@@ -577,9 +707,42 @@ pub fn run(
             weight_decay: cfg.optim.weight_decay,
             grad_clip: (cfg.optim.grad_clip > 0.0).then_some(cfg.optim.grad_clip),
         };
+        if let (Some(p), Some((r, _))) = (pipe.as_mut(), &tied) {
+            p.reduce_tied(&mut grads[r.clone()])?;
+        }
         let grad_norm = match dp.as_mut() {
-            Some(d) => d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par)?,
-            None => opt.step(&layout, &mut state.params, &mut grads, &ocfg, par),
+            // ZeRO and parameter servers reduce or shard inside their own step.
+            Some(d) if d.zero() != crate::dp::ZeroStage::Off || d.is_parameter_server() => {
+                d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par)?
+            }
+            _ => {
+                let mut sq = match &skip_in_norm {
+                    Some(r) => sum_squares(&grads[..r.start]) + sum_squares(&grads[r.end..]),
+                    None => sum_squares(&grads),
+                };
+                if let Some(p) = pipe.as_mut() {
+                    sq = p.sum_over_stages(sq)?;
+                }
+                let norm = sq.sqrt();
+                if let Some(max_norm) = ocfg.grad_clip {
+                    scale_inplace(&mut grads, clip_factor(norm, max_norm));
+                }
+                opt.step += 1;
+                for (_, l, w) in &stage.chunks {
+                    model::adamw_update_range(
+                        l,
+                        0,
+                        &mut state.params[w.clone()],
+                        &mut opt.m[w.clone()],
+                        &mut opt.v[w.clone()],
+                        &grads[w.clone()],
+                        &ocfg,
+                        opt.step,
+                        par,
+                    );
+                }
+                norm
+            }
         };
         let comm = comm_at_start
             .zip(dp.as_ref())
@@ -596,6 +759,7 @@ pub fn run(
             step_secs,
             comm_secs: comm.map(|c| c.0),
             exposed_comm_secs: comm.map(|c| c.1),
+            p2p_secs: p2p_at_start.zip(pipe.as_ref()).map(|(s, p)| p.p2p_secs - s),
         };
         let line = serde_json::to_string(&rec).expect("record serialises");
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -606,12 +770,13 @@ pub fn run(
         let eval_due = last || (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0);
         if eval_due {
             let vl = mean_val_loss(
-                &layout,
+                &stage,
                 &state.params,
                 &mut acts,
                 &data.val,
                 (b, t, cfg.train.eval_batches),
                 par,
+                pipe.as_deref_mut(),
             )?;
             writeln!(
                 metrics,
@@ -635,7 +800,7 @@ pub fn run(
                 early_stopped = true;
             }
         }
-        let interrupted_now = dp_stop.unwrap_or_else(|| {
+        let interrupted_now = dist_stop.unwrap_or_else(|| {
             opts.stop
                 .as_ref()
                 .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
@@ -655,18 +820,29 @@ pub fn run(
             state.data_position = batcher.position();
             let owned = dp
                 .as_ref()
-                .map_or_else(|| vec![0..layout.len()], |d| d.owned_ranges(layout.len()));
-            let part = checkpoint::RankPart {
-                rank: dp_rank,
-                dp_size,
-                zero_stage: dp.as_ref().map_or(0, |d| d.zero().number()),
-                ranges: &owned,
-            };
-            let saved = match dp.as_mut() {
-                Some(d) => checkpoint::save_rank(out, &rcfg, &layout, &state, &part, &mut |b| {
-                    d.all_gather_bytes(b, "checkpoint: telling the ranks what each wrote")
-                }),
-                None => checkpoint::save(out, &rcfg, &layout, &state).map(Some),
+                .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
+            let saved = match (pipe.as_mut(), dp.as_mut()) {
+                (Some(p), _) => crate::pipeline::save_checkpoint(
+                    p,
+                    out,
+                    &rcfg,
+                    &stage,
+                    &state,
+                    (dp_rank, dp_size),
+                    &owned,
+                ),
+                (None, Some(d)) => {
+                    let part = checkpoint::RankPart {
+                        rank: dp_rank,
+                        dp_size,
+                        zero_stage: d.zero().number(),
+                        ranges: &owned,
+                    };
+                    checkpoint::save_rank(out, &rcfg, &layout, &state, &part, &mut |b| {
+                        d.all_gather_bytes(b, "checkpoint: telling the ranks what each wrote")
+                    })
+                }
+                (None, None) => checkpoint::save(out, &rcfg, &layout, &state).map(Some),
             };
             opt.m = std::mem::take(&mut state.m);
             opt.v = std::mem::take(&mut state.v);

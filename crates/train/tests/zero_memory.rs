@@ -155,13 +155,14 @@ fn zero_stages_cut_measured_memory_as_plan_predicts() {
             "ZeRO-{}: measured {steady} B vs predicted {p} B",
             zero.number()
         );
-        // No full-size buffer appears during a step (a model-state buffer is 6.6 MB here, so a
-        // hidden gradient buffer would add 13 MB). What does appear: the gemm crate's
-        // thread-local packing buffers (sized by the CPU caches, ~1 MB per thread, allocated on
-        // first use and kept; see crates/model/tests/allocation.rs), the communication thread
-        // and its channels: bounded by 2 MiB per rank.
+        // No full-size buffer appears during a step: a model-state buffer is 6.6 MB here, so a
+        // hidden gradient buffer on either rank would push the transient peak past it. What
+        // does appear: the gemm crate's thread-local packing buffers (sized by the CPU's caches:
+        // 1-2.4 MB per thread on the machines we ran on, allocated on first use and kept; see
+        // crates/model/tests/allocation.rs), the communication thread and its channels.
+        let state_bytes = 4 * layout.len() as i64;
         assert!(
-            transient < 4 << 20,
+            transient < state_bytes,
             "ZeRO-{}: {transient} B allocated transiently during steps",
             zero.number()
         );

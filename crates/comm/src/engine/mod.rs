@@ -98,6 +98,11 @@ pub(crate) struct Core {
 
 const STAGING_FLOATS: usize = 16 * 1024;
 
+/// A staging buffer for one communicator handle.
+pub(crate) fn staging() -> Vec<f32> {
+    vec![0.0; STAGING_FLOATS]
+}
+
 /// How often an idle call checks that its peers are alive (dead process, closed link).
 const LIVENESS_EVERY: Duration = Duration::from_millis(2);
 

@@ -56,6 +56,19 @@ pub(super) fn chunk_in_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, k: u6
 /// Activation bytes one layer keeps for one micro-batch until its backward, by recompute policy
 /// (Korthikanti et al. 2022, §4, generalised term by term; see docs/estimator.md).
 pub fn layer_activation_bytes(m: &ModelSpec, r: &Recipe, l: &Layout, policy: Recompute) -> f64 {
+    let (outside, rep, inside, core, t) = layer_activation_terms(m, r, l, policy);
+    outside * rep + (inside + core) / t
+}
+
+/// The terms of [`layer_activation_bytes`]: bytes outside the tensor-parallel regions, the factor
+/// they are kept at (1, or 1/t with sequence parallelism), bytes inside them (Q, K, V, attention
+/// output, MLP), the attention core, and t. Total = outside · factor + (inside + core) / t.
+fn layer_activation_terms(
+    m: &ModelSpec,
+    r: &Recipe,
+    l: &Layout,
+    policy: Recompute,
+) -> (f64, f64, f64, f64, f64) {
     let e = r.precision.compute_bytes();
     let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
     let t = l.tp as f64;
@@ -68,7 +81,7 @@ pub fn layer_activation_bytes(m: &ModelSpec, r: &Recipe, l: &Layout, policy: Rec
     let rep = if l.sp { 1.0 / t } else { 1.0 };
     if policy == Recompute::Full {
         // Only the layer input survives (2sbh for fp16 in Korthikanti's notation).
-        return e * sbh * rep;
+        return (e * sbh, rep, 0.0, 0.0, t);
     }
     // Norm inputs (2 norms), QKV input, MLP input, two dropout masks.
     let replicated = (2.0 * e + e + e + 2.0 * mask) * sbh;
@@ -86,7 +99,7 @@ pub fn layer_activation_bytes(m: &ModelSpec, r: &Recipe, l: &Layout, policy: Rec
     } else {
         (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s * b
     };
-    replicated * rep + (sharded + core) / t
+    (replicated, rep, sharded, core, t)
 }
 
 impl Context {
@@ -228,7 +241,11 @@ impl Context {
                 ),
                 w,
                 "bytes",
-                "ZeRO stage 3 shards weights (Rajbhandari et al. 2019)",
+                if zero >= 3 {
+                    "ZeRO stage 3 shards weights across dp (Rajbhandari et al. 2019 §5.3)"
+                } else {
+                    "every data-parallel rank keeps the full weights (only ZeRO-3 shards them)"
+                },
             )
         });
         tr.line(|| {
@@ -244,7 +261,11 @@ impl Context {
                 ),
                 g,
                 "bytes",
-                "ZeRO stage 2 shards gradients",
+                if zero >= 2 {
+                    "ZeRO stage 2 shards gradients across dp (Rajbhandari et al. 2019 §5.2)"
+                } else {
+                    "every data-parallel rank keeps full gradients (ZeRO-2 and -3 shard them)"
+                },
             )
         });
         tr.line(|| {
@@ -260,7 +281,11 @@ impl Context {
                 ),
                 ms,
                 "bytes",
-                "mixed precision keeps fp32 masters (Micikevicius et al. 2018)",
+                if zero >= 1 {
+                    "fp32 masters (Micikevicius et al. 2018), sharded across dp by ZeRO stage 1"
+                } else {
+                    "fp32 masters (Micikevicius et al. 2018), replicated without ZeRO"
+                },
             )
         });
         tr.line(|| {
@@ -276,14 +301,23 @@ impl Context {
                 ),
                 o,
                 "bytes",
-                "Adam: 2 fp32 moments; ZeRO stage 1 shards them",
+                if zero >= 1 {
+                    "Adam: 2 fp32 moments, sharded across dp by ZeRO stage 1 (Rajbhandari et al. 2019 §5.1)"
+                } else {
+                    "Adam: 2 fp32 moments, replicated without ZeRO"
+                },
             )
         });
-        tr.line(|| line("memory", "activations per layer per micro-batch", format!(
-            "recompute {:?}, b={}, s={}, h={}, t={}, sp={}, flash={}: {}", r.recompute, l.micro_batch, m.seq_len, m.hidden, l.tp, l.sp, r.flash_attention, gib(per_layer)),
-            per_layer, "bytes", "Korthikanti et al. 2022 §4: sbh(10 + 24/t + 5as/(ht)) for fp16 MHA with dropout, generalised"));
+        tr.line(|| {
+            let (outside, rep, inside, core, t) = layer_activation_terms(m, r, l, r.recompute);
+            line("memory", "activations per layer per micro-batch", format!(
+            "recompute {}, b={}, s={}, h={}, t={}, sp={}, flash={}: outside the tp regions {:.2} MB x {} + (inside {:.2} MB + attention core {:.2} MB) / {} = {}",
+            r.recompute, l.micro_batch, m.seq_len, m.hidden, l.tp, l.sp, r.flash_attention,
+            outside / 1e6, if rep < 1.0 { format!("1/{t}") } else { "1".into() }, inside / 1e6, core / 1e6, t, gib(per_layer)),
+            per_layer, "bytes", "Korthikanti et al. 2022 §4: sbh(10 + 24/t + 5as/(ht)) for fp16 MHA with dropout, generalised")
+        });
         tr.line(|| line("memory", "activations in flight", format!(
-            "{} layers x {} x {:.2} micro-batches in flight ({:?}, p={}, v={}, m={}) + embedding/logits + one recompute working set {}",
+            "{} layers x {} x {:.2} micro-batches in flight ({}, p={}, v={}, m={}) + embedding/logits + one recompute working set {}",
             layers_dev, gib(per_layer), in_flight, r.schedule, l.pp, l.vpp, l.grad_accum, gib(working)),
             act, "bytes", "1F1B keeps p micro-batches on stage 0; interleaving multiplies by 1+(p-1)/(pv) (Korthikanti et al. 2022 §4.2.3)"));
         tr.line(|| {
@@ -398,7 +432,7 @@ impl Context {
                 "flops",
                 "hardware FLOPs per step",
                 format!(
-                    "model + recompute ({:?}) {:.4e}/token = {hw:.4e}",
+                    "model + recompute ({}) {:.4e}/token = {hw:.4e}",
                     r.recompute, recompute_per_token
                 ),
                 hw,

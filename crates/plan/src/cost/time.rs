@@ -512,7 +512,7 @@ impl Context {
             )
         });
         tr.line(|| line("time", "data-parallel gradient sync", format!(
-            "{:?}, ZeRO-{}, dp {}: {} grads x {} B over {} at {:.0} GB/s = {:.4} s; exposed {:.4} s (overlap {})",
+            "{}, ZeRO-{}, dp {}: {} grads x {} B over {} at {:.0} GB/s = {:.4} s; exposed {:.4} s (overlap {})",
             r.grad_sync, l.zero, l.dp, count(pdev), r.grad_comm_bytes, if dp_intra { "intra-node links" } else { "network" }, dp_bw / 1e9, dp_comm, dp_exposed, r.overlap_grad_reduce),
             dp_exposed, "s", "ring 2(n-1)/n; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 1.5x (Rajbhandari et al. 2019 §7)"));
         tr.line(|| {

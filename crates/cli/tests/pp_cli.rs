@@ -1,0 +1,209 @@
+//! Pipeline-parallel training as real processes over loopback TCP (`train --pp N` launches its
+//! own ranks): every layout against the one-process run with the same global batch, resume
+//! within a layout and at another one, and bad layouts.
+//!
+//! Tolerance: the runs are not bitwise equal to one process. Every layer's gradient is (the
+//! same kernels on the same inputs), but the tied embedding's gradient is summed in another
+//! order — one process adds the LM head's and the embedding's contribution per micro-batch,
+//! a pipeline sums each over all micro-batches on its own stage and then adds the two — and
+//! the gradient norm is summed per stage. Both are f32/f64 rounding; we require 1e-6 relative
+//! on every step's loss (observed: up to 6e-8 over 20 steps).
+
+use std::path::{Path, PathBuf};
+
+mod common;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    common::run_env(args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "20")])
+}
+
+struct Tmp(PathBuf);
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> Tmp {
+    Tmp(common::tmp_dir("pp", name))
+}
+
+/// A 4-layer model (so 2 and 4 stages split it evenly), 20 steps.
+fn model(layers: &'static str) -> Vec<&'static str> {
+    vec![
+        "--set",
+        layers,
+        "--set",
+        "model.channels=32",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "model.seq_len=16",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.eval_every=10",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "data.synthetic.train_tokens=20000",
+        "--set",
+        "data.synthetic.val_tokens=1000",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+}
+
+/// Trains into `dir` with `extra` flags; returns (loss per step, validation losses).
+fn train(dir: &Path, layers: &'static str, steps: &str, extra: &[&str]) -> (Vec<f64>, Vec<f64>) {
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--steps", steps];
+    args.extend(model(layers));
+    args.extend_from_slice(extra);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
+    read_losses(dir)
+}
+
+fn read_losses(dir: &Path) -> (Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let (mut l, mut v) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let j: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(x) = j.get("loss") {
+            l.push(x.as_f64().unwrap());
+        }
+        if let Some(x) = j.get("val_loss") {
+            v.push(x.as_f64().unwrap());
+        }
+    }
+    (l, v)
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let rel = (x - y).abs() / x.abs().max(1e-12);
+        assert!(
+            rel <= tol,
+            "{what}: step {} differs: {x} vs {y} (relative {rel:e})",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn every_pipeline_layout_trains_the_one_process_model() {
+    let d = tmp("layouts");
+    let base = train(
+        &d.0.join("one"),
+        "model.n_layer=4",
+        "20",
+        &["--set", "train.grad_accum=4"],
+    );
+    assert_eq!(base.0.len(), 20);
+    let layouts: &[(&str, &[&str])] = &[
+        ("pp2-1f1b", &["--pp", "2", "--microbatches", "4"]),
+        (
+            "pp2-gpipe",
+            &["--pp", "2", "--microbatches", "4", "--schedule", "gpipe"],
+        ),
+        (
+            "pp3-uneven",
+            &["--pp", "3", "--microbatches", "4", "--pp-layers", "1,2,1"],
+        ),
+        ("pp4-1f1b", &["--pp", "4", "--microbatches", "4"]),
+        (
+            "dp2-pp2",
+            &["--dp", "2", "--pp", "2", "--microbatches", "2"],
+        ),
+    ];
+    for (name, flags) in layouts {
+        let got = train(&d.0.join(name), "model.n_layer=4", "20", flags);
+        assert_close(name, &base.0, &got.0, 1e-6);
+        assert_close(&format!("{name} validation"), &base.1, &got.1, 1e-6);
+    }
+}
+
+#[test]
+fn five_layers_on_two_stages() {
+    let d = tmp("uneven");
+    let base = train(
+        &d.0.join("one"),
+        "model.n_layer=5",
+        "20",
+        &["--set", "train.grad_accum=4"],
+    );
+    let got = train(
+        &d.0.join("pp2"),
+        "model.n_layer=5",
+        "20",
+        &["--pp", "2", "--microbatches", "4", "--pp-layers", "2,3"],
+    );
+    assert_close("5 layers as 2+3", &base.0, &got.0, 1e-6);
+}
+
+#[test]
+fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
+    let d = tmp("resume");
+    let pp2 = ["--pp", "2", "--microbatches", "4"];
+    let straight = train(&d.0.join("straight"), "model.n_layer=4", "20", &pp2);
+    // Interrupted after 10 steps, then resumed with the same layout: the same bits.
+    let part = d.0.join("part");
+    train(&part, "model.n_layer=4", "10", &pp2);
+    let mut resumed: Vec<&str> = pp2.to_vec();
+    resumed.push("--resume");
+    let again = train(&part, "model.n_layer=4", "20", &resumed);
+    assert_eq!(straight.0, again.0, "losses after a pp=2 resume");
+    let w = |dir: &Path, s: usize| {
+        std::fs::read(dir.join(format!("step-00000020.stage-{s}-of-2.safetensors"))).unwrap()
+    };
+    assert_eq!(w(&d.0.join("straight"), 0), w(&part, 0), "stage 0 weights");
+    assert_eq!(w(&d.0.join("straight"), 1), w(&part, 1), "stage 1 weights");
+    // The same checkpoint resumed as one process, and as dp 2 × pp 2: the global batch is
+    // kept, the weights and AdamW state re-shard; the losses follow the pp=2 run to rounding.
+    for (name, flags) in [
+        ("as-one", vec!["--resume", "--set", "train.grad_accum=4"]),
+        ("as-dp2-pp2", vec!["--resume", "--dp", "2", "--pp", "2"]),
+    ] {
+        let dir = d.0.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&part).unwrap().flatten() {
+            let n = e.file_name();
+            if n.to_string_lossy().starts_with("step-00000010")
+                || n == "metrics.jsonl"
+                || n == "config.toml"
+            {
+                std::fs::copy(e.path(), dir.join(&n)).unwrap();
+            }
+        }
+        let got = train(&dir, "model.n_layer=4", "20", &flags);
+        assert_close(name, &straight.0, &got.0, 1e-6);
+    }
+}
+
+#[test]
+fn bad_pipeline_layouts_are_refused_with_the_arithmetic() {
+    let d = tmp("bad");
+    let out = d.0.join("x");
+    let try_ = |extra: &[&str]| {
+        let mut args = vec!["train", "--out", out.to_str().unwrap(), "--steps", "1"];
+        args.extend(model("model.n_layer=5"));
+        args.extend_from_slice(extra);
+        let (code, o, e) = run(&args);
+        assert_eq!(code, 2, "{extra:?}: {o}\n{e}");
+        e
+    };
+    let e = try_(&["--pp", "2", "--pp-layers", "2,2"]);
+    assert!(e.contains("2 + 2 = 4, but the model has 5 layers"), "{e}");
+    let e = try_(&["--pp", "6", "--microbatches", "2"]);
+    assert!(e.contains("no layers"), "{e}");
+    let e = try_(&["--pp", "0"]);
+    assert!(e.contains("--pp must be at least 1"), "{e}");
+    let e = try_(&["--pp", "2", "--pp-layers", "2,3", "--schedule", "zigzag"]);
+    assert!(e.contains("unknown schedule"), "{e}");
+    let e = try_(&["--pp", "2", "--pp-layers", "2,3", "--zero", "1"]);
+    assert!(e.contains("ZeRO is not combined with pipelines"), "{e}");
+    let e = try_(&["--pp-layers", "2,3"]);
+    assert!(e.contains("--pp-layers needs --pp > 1"), "{e}");
+}

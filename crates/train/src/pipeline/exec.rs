@@ -1,0 +1,402 @@
+//! The executor: one rank's model chunks, their activation sets, and one optimizer step's list
+//! of forward and backward operations (with the exchanges between them).
+//!
+//! Legend: b = micro-batch, t = sequence, c = channels, bt = b·t, m = micro-batches per step.
+
+use super::{boundaries, Kind, Pipeline};
+use crate::dp::Dp;
+use crate::error::TrainError;
+use kernels::Par;
+use model::{
+    backward_with, forward_with, ActSaved, ActScratch, GradInput, ModelConfig, NoTp, ParamLayout,
+    StageInput,
+};
+use plan::schedule::Op;
+use std::ops::Range;
+
+/// The model chunks one rank holds (one without interleaving), laid end to end in its flat
+/// parameter / gradient / optimizer buffers.
+#[derive(Clone, Debug)]
+pub struct StageModel {
+    /// Per chunk: its global virtual stage, its layout, and its window of the flat buffers.
+    pub chunks: Vec<(usize, ParamLayout, Range<usize>)>,
+    /// Virtual stages in the whole pipeline.
+    pub vstages: usize,
+}
+
+impl StageModel {
+    /// The chunks of virtual stages `vstages_held` (global indices) of a pipeline whose
+    /// virtual stages hold the layers `parts`.
+    pub fn new(
+        cfg: &ModelConfig,
+        parts: &[Range<usize>],
+        vstages_held: &[usize],
+    ) -> Result<StageModel, TrainError> {
+        let mut at = 0;
+        let mut chunks = Vec::with_capacity(vstages_held.len());
+        for &k in vstages_held {
+            let layout = ParamLayout::new(cfg, &crate::mesh::shard_of(parts, k, 0, 1))?;
+            let n = layout.len();
+            chunks.push((k, layout, at..at + n));
+            at += n;
+        }
+        Ok(StageModel {
+            chunks,
+            vstages: parts.len(),
+        })
+    }
+
+    /// The whole model as one chunk (no pipeline).
+    pub fn whole(layout: ParamLayout) -> StageModel {
+        let n = layout.len();
+        StageModel {
+            chunks: vec![(0, layout, 0..n)],
+            vstages: 1,
+        }
+    }
+
+    /// Elements of the flat buffers.
+    pub fn len(&self) -> usize {
+        self.chunks.last().map_or(0, |c| c.2.end)
+    }
+
+    /// True when the rank holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The window of the tied embedding's gradient this rank sums with the other end of the
+    /// pipeline: `wte` on the first virtual stage, the LM head copy on the last (when they are
+    /// different stages). `(window, is the copy)`.
+    pub fn tied_range(&self) -> Option<(Range<usize>, bool)> {
+        if self.vstages == 1 {
+            return None;
+        }
+        self.chunks.iter().find_map(|(k, l, w)| {
+            if *k == 0 {
+                let e = l
+                    .embed
+                    .as_ref()
+                    .expect("the first stage holds the embedding");
+                Some((w.start + e.wte.start..w.start + e.wte.end, false))
+            } else if *k + 1 == self.vstages {
+                let h = l.head.as_ref().expect("the last stage holds the head");
+                Some((w.start + h.wte.start..w.start + h.wte.end, true))
+            } else {
+                None
+            }
+        })
+    }
+}
+
+/// Activation buffers of one rank: per chunk as many saved sets as the schedule keeps in flight
+/// on it, and one scratch they share.
+pub struct StageActs {
+    saved: Vec<Vec<ActSaved>>,
+    scratch: ActScratch,
+    /// Per chunk, which saved set micro-batch `mb` uses (valid from its forward to its backward).
+    slot_of: Vec<Vec<usize>>,
+    free: Vec<Vec<usize>>,
+    /// Receive buffers (bt·c) for an activation and a gradient.
+    act_in: Vec<f32>,
+    grad_in: Vec<f32>,
+}
+
+/// The most micro-batches whose forward on `chunk` has run and whose backward has not, along
+/// the list `ops`: the saved activation sets the chunk needs.
+pub fn in_flight(ops: &[Op], chunk: u32) -> usize {
+    let (mut alive, mut peak) = (0usize, 0usize);
+    for op in ops {
+        match *op {
+            Op::Forward { chunk: c, .. } if c == chunk => {
+                alive += 1;
+                peak = peak.max(alive);
+            }
+            Op::Backward { chunk: c, .. } if c == chunk => alive -= 1,
+            _ => {}
+        }
+    }
+    peak
+}
+
+impl StageActs {
+    /// Buffers for micro-batches of (b, t) running the list `ops` over `stage`'s chunks.
+    pub fn new(stage: &StageModel, ops: &[Op], b: usize, t: usize) -> StageActs {
+        let m = ops.len() / (2 * stage.chunks.len()).max(1);
+        let saved: Vec<Vec<ActSaved>> = stage
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(c, (_, l, _))| {
+                (0..in_flight(ops, c as u32).max(1))
+                    .map(|_| ActSaved::new(l, b, t))
+                    .collect()
+            })
+            .collect();
+        let c = stage.chunks[0].1.cfg.channels;
+        StageActs {
+            free: saved.iter().map(|s| (0..s.len()).rev().collect()).collect(),
+            slot_of: vec![vec![usize::MAX; m.max(1)]; saved.len()],
+            saved,
+            scratch: ActScratch::new(&stage.chunks[0].1, b, t),
+            act_in: if stage.vstages > 1 {
+                vec![0.0; b * t * c]
+            } else {
+                Vec::new()
+            },
+            grad_in: if stage.vstages > 1 {
+                vec![0.0; b * t * c]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// `f32` elements held (saved sets, scratch, receive buffers).
+    pub fn len(&self) -> usize {
+        self.saved.iter().flatten().map(|s| s.len()).sum::<usize>()
+            + self.scratch.len()
+            + self.act_in.len()
+            + self.grad_in.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Saved sets per chunk.
+    pub fn sets(&self) -> Vec<usize> {
+        self.saved.iter().map(|s| s.len()).collect()
+    }
+}
+
+/// One step's micro-batches: tokens and targets of micro-batch `mb` are
+/// `xs[mb·bt..(mb+1)·bt]`, `ys[…]`.
+pub struct MicroBatches<'a> {
+    /// Token ids, m × (b, t).
+    pub xs: &'a [u32],
+    /// Targets, m × (b, t).
+    pub ys: &'a [u32],
+    /// Tokens per micro-batch (b·t).
+    pub bt: usize,
+    /// Gradient of the step's objective w.r.t. each token's loss.
+    pub d_loss: f32,
+}
+
+/// Runs one optimizer step's list `ops` on this rank: forwards and backwards of every
+/// micro-batch on every chunk, gradients accumulated (`+=`) into `grads`, with the exchanges
+/// between stages (`pipe`) and, on each micro-step that communicates, the data-parallel
+/// gradient buckets reduced as backward finishes them (`dp`; without interleaving). Returns
+/// the loss of each micro-batch on the rank that holds the loss (empty elsewhere).
+#[allow(clippy::too_many_arguments)]
+pub fn run_ops(
+    ops: &[Op],
+    stage: &StageModel,
+    params: &[f32],
+    grads: &mut [f32],
+    acts: &mut StageActs,
+    data: &MicroBatches<'_>,
+    par: Par,
+    mut pipe: Option<&mut Pipeline>,
+    mut dp: Option<&mut Dp>,
+) -> Result<Vec<f32>, TrainError> {
+    let m = data.xs.len() / data.bt;
+    let pp = pipe.as_ref().map_or(1, |p| p.shape.pp);
+    let me = pipe.as_ref().map_or(0, |p| p.me.pp);
+    let bounds = boundaries(ops, me, pp, stage.vstages);
+    let mut losses = vec![f32::NAN; m];
+    let mut has_loss = false;
+    // The last backward of each chunk communicates data-parallel gradients.
+    let last_bwd: Vec<Option<usize>> = (0..stage.chunks.len())
+        .map(|c| {
+            ops.iter()
+                .rposition(|op| matches!(*op, Op::Backward { chunk, .. } if chunk as usize == c))
+        })
+        .collect();
+    if dp.is_some() && stage.chunks.len() > 1 {
+        panic!("data-parallel buckets over interleaved chunks are refused at setup");
+    }
+    let StageActs {
+        saved,
+        scratch,
+        slot_of,
+        free,
+        act_in,
+        grad_in,
+    } = acts;
+    for (i, op) in ops.iter().enumerate() {
+        // The exchange before op i: what op i-1 produced, what op i needs.
+        if let Some(p) = pipe.as_deref_mut() {
+            let bd = bounds[i];
+            let send = bd.send.map(|msg| {
+                let c = chunk_of(&ops[i - 1]);
+                let data: &[f32] = match msg.kind {
+                    Kind::Act => saved[c][slot_of[c][msg.mb as usize]].output(),
+                    Kind::Grad => scratch.d_input(),
+                };
+                (msg, data)
+            });
+            let recv = bd.recv.map(|msg| {
+                let buf: &mut [f32] = match msg.kind {
+                    Kind::Act => act_in,
+                    Kind::Grad => grad_in,
+                };
+                (msg, buf)
+            });
+            p.exchange(send, recv)?;
+        }
+        match *op {
+            Op::Forward { mb, chunk } => {
+                let (c, mb) = (chunk as usize, mb as usize);
+                let (vs, layout, w) = &stage.chunks[c];
+                let slot = free[c]
+                    .pop()
+                    .expect("saved sets sized by the schedule's in-flight count");
+                slot_of[c][mb] = slot;
+                let (x, y) = (
+                    &data.xs[mb * data.bt..(mb + 1) * data.bt],
+                    &data.ys[mb * data.bt..(mb + 1) * data.bt],
+                );
+                let input = if *vs == 0 {
+                    StageInput::Tokens(x)
+                } else {
+                    StageInput::Hidden(act_in)
+                };
+                let last = *vs + 1 == stage.vstages;
+                let loss = forward_with(
+                    layout,
+                    &params[w.clone()],
+                    &mut saved[c][slot],
+                    scratch,
+                    input,
+                    last.then_some(y),
+                    par,
+                    &mut NoTp,
+                )?;
+                if let Some(l) = loss {
+                    losses[mb] = l;
+                    has_loss = true;
+                }
+            }
+            Op::Backward { mb, chunk } => {
+                let (c, mbi) = (chunk as usize, mb as usize);
+                let (vs, layout, w) = &stage.chunks[c];
+                let slot = slot_of[c][mbi];
+                let (x, y) = (
+                    &data.xs[mbi * data.bt..(mbi + 1) * data.bt],
+                    &data.ys[mbi * data.bt..(mbi + 1) * data.bt],
+                );
+                let input = if *vs == 0 {
+                    StageInput::Tokens(x)
+                } else {
+                    StageInput::Hidden(&[])
+                };
+                let grad_input = if *vs + 1 == stage.vstages {
+                    GradInput::Loss {
+                        targets: y,
+                        d_loss: data.d_loss,
+                    }
+                } else {
+                    GradInput::Hidden(grad_in)
+                };
+                let p = &params[w.clone()];
+                // ZeRO-2 keeps no full gradient buffer (`grads` is empty; backward writes into
+                // the data-parallel bucket buffers).
+                let g = if grads.is_empty() {
+                    &mut grads[..]
+                } else {
+                    &mut grads[w.clone()]
+                };
+                let set = &mut saved[c][slot];
+                match dp.as_deref_mut() {
+                    Some(d) => d.backward(last_bwd[c] == Some(i), g, |sink| {
+                        backward_with(
+                            layout, p, sink, set, scratch, input, grad_input, par, &mut NoTp,
+                        )
+                    })?,
+                    None => backward_with(
+                        layout, p, g, set, scratch, input, grad_input, par, &mut NoTp,
+                    )?,
+                }
+                free[c].push(slot);
+            }
+        }
+    }
+    if let Some(p) = pipe {
+        let bd = bounds[ops.len()];
+        if let Some(msg) = bd.send {
+            p.exchange(Some((msg, scratch.d_input())), None)?;
+        }
+    }
+    Ok(if has_loss { losses } else { Vec::new() })
+}
+
+fn chunk_of(op: &Op) -> usize {
+    match *op {
+        Op::Forward { chunk, .. } | Op::Backward { chunk, .. } => chunk as usize,
+    }
+}
+
+/// Forward-only pass of one batch through the pipeline (validation): each chunk in turn
+/// receives its input from the previous virtual stage's rank, runs, and sends its output on.
+/// Returns the mean loss on the rank that holds the loss, `None` elsewhere.
+pub fn forward_only(
+    stage: &StageModel,
+    params: &[f32],
+    acts: &mut StageActs,
+    (x, y): (&[u32], &[u32]),
+    par: Par,
+    mut pipe: Option<&mut Pipeline>,
+) -> Result<Option<f32>, TrainError> {
+    let me = pipe.as_ref().map_or(0, |p| p.me.pp);
+    let pp = pipe.as_ref().map_or(1, |p| p.shape.pp);
+    let mut out = None;
+    for (c, (vs, layout, w)) in stage.chunks.iter().enumerate() {
+        let vs = *vs;
+        if vs > 0 {
+            let msg = super::Msg {
+                kind: Kind::Act,
+                mb: 0,
+                from_vs: vs as u32 - 1,
+                src: (vs - 1) % pp,
+                dst: me,
+            };
+            pipe.as_deref_mut()
+                .expect("a later virtual stage has a pipeline")
+                .recv_act(msg, &mut acts.act_in)?;
+        }
+        let input = if vs == 0 {
+            StageInput::Tokens(x)
+        } else {
+            StageInput::Hidden(&acts.act_in)
+        };
+        let last = vs + 1 == stage.vstages;
+        let set = &mut acts.saved[c][0];
+        let loss = forward_with(
+            layout,
+            &params[w.clone()],
+            set,
+            &mut acts.scratch,
+            input,
+            last.then_some(y),
+            par,
+            &mut NoTp,
+        )?;
+        if last {
+            out = loss;
+        } else {
+            let msg = super::Msg {
+                kind: Kind::Act,
+                mb: 0,
+                from_vs: vs as u32,
+                src: me,
+                dst: (vs + 1) % pp,
+            };
+            pipe.as_deref_mut()
+                .expect("an earlier virtual stage has a pipeline")
+                .send_act(msg, set.output())?;
+        }
+    }
+    Ok(out)
+}
