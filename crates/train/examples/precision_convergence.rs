@@ -12,7 +12,7 @@ use kernels::adamw::all_finite;
 use kernels::rng::Rng;
 use kernels::Par;
 use model::{
-    backward_with, forward_with, AdamW, AdamWConfig, Activations, Bf16, Elem, GradInput,
+    backward_with, forward_with, Activations, AdamW, AdamWConfig, Bf16, Elem, GradInput,
     ModelConfig, NoTp, ParamLayout, Recompute, Shard, StageInput, F16,
 };
 use train::config::OptimSection;
@@ -61,13 +61,33 @@ fn train<E: Elem>(
         let Activations { saved, scratch } = &mut acts;
         grads.fill(E::default());
         let input = StageInput::Tokens(&x);
-        forward_with(layout, &working, saved, scratch, input, Some(&y), par, &mut NoTp).unwrap();
+        forward_with(
+            layout,
+            &working,
+            saved,
+            scratch,
+            input,
+            Some(&y),
+            par,
+            &mut NoTp,
+        )
+        .unwrap();
         let gi = GradInput::Loss {
             targets: &y,
             d_loss: scale / (B * T) as f32,
         };
-        backward_with(layout, &working, &mut grads[..], saved, scratch, input, gi, par, &mut NoTp)
-            .unwrap();
+        backward_with(
+            layout,
+            &working,
+            &mut grads[..],
+            saved,
+            scratch,
+            input,
+            gi,
+            par,
+            &mut NoTp,
+        )
+        .unwrap();
         if let Some(s) = scaler.as_mut() {
             if s.update(all_finite(&grads)) == ScaleVerdict::Skip {
                 continue;
@@ -81,7 +101,15 @@ fn train<E: Elem>(
             eps: optim.eps,
             grad_clip: Some(optim.grad_clip),
         };
-        opt.step_mixed(layout, &mut master, &mut working, &grads, 1.0 / scale, &cfg, par);
+        opt.step_mixed(
+            layout,
+            &mut master,
+            &mut working,
+            &grads,
+            1.0 / scale,
+            &cfg,
+            par,
+        );
     }
     // Validation: consecutive windows of the validation stream.
     let (mut sum, mut n) = (0.0, 0);
@@ -89,9 +117,18 @@ fn train<E: Elem>(
         let (x, y) = (&w[..B * T], &w[1..]);
         let Activations { saved, scratch } = &mut acts;
         let input = StageInput::Tokens(x);
-        let l = forward_with(layout, &working, saved, scratch, input, Some(y), par, &mut NoTp)
-            .unwrap()
-            .unwrap();
+        let l = forward_with(
+            layout,
+            &working,
+            saved,
+            scratch,
+            input,
+            Some(y),
+            par,
+            &mut NoTp,
+        )
+        .unwrap()
+        .unwrap();
         sum += l as f64;
         n += 1;
     }
@@ -124,9 +161,20 @@ fn main() {
         growth_interval: 100,
         ..LossScaleConfig::default()
     });
-    let fp16 = train::<F16>(&layout, &corpus.train, &corpus.val, steps, par, Some(scaler));
+    let fp16 = train::<F16>(
+        &layout,
+        &corpus.train,
+        &corpus.val,
+        steps,
+        par,
+        Some(scaler),
+    );
     println!("{steps} steps, batch {B}x{T}, L2 H4 C128; validation loss (floor {floor:.4}):");
-    for (name, o) in [("fp32", &fp32), ("bf16-mixed", &bf16), ("fp16-mixed", &fp16)] {
+    for (name, o) in [
+        ("fp32", &fp32),
+        ("bf16-mixed", &bf16),
+        ("fp16-mixed", &fp16),
+    ] {
         println!(
             "  {name:>10}: {:.4} ({:+.2}% vs fp32, {:.3} above the floor); skipped steps {}, final loss scale {}",
             o.val_loss,
