@@ -92,7 +92,7 @@ compare "$TMP/mpi2seq" "$TMP/ring2" 0
 if timeout 120 mpirun -n 2 "$ST" train --dp 3 --grad-sync mpi --out "$TMP/bad" "${TINY[@]}" 2>"$TMP/bad.err"; then
   echo "mpirun -n 2 with --dp 3 succeeded"; exit 1
 fi
-grep -q "dp 3 but the job has 2 ranks (mpirun -n)" "$TMP/bad.err" || { cat "$TMP/bad.err"; exit 1; }
+grep -qF "dp(3) * pp(1) = 3, but the job has 2 ranks (mpirun -n)" "$TMP/bad.err" || { cat "$TMP/bad.err"; exit 1; }
 # An error on one rank only (here rank 1's --out already holds checkpoints, rank 0's is fresh)
 # stops the job through MPI_Abort; without it rank 0 waited in its first collective forever and
 # rank 1 in MPI_Finalize (seen: killed by this timeout).

@@ -119,6 +119,11 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub no_overlap: bool,
+    /// ZeRO-3: keep the gathered weights across micro-batches (one gather per step, full weights
+    /// resident) instead of gathering them for the forward and backward of every micro-batch.
+    #[arg(long, help_heading = "Recipe")]
+    #[serde(default)]
+    pub zero3_keep_weights: bool,
     /// Pipeline schedule: 1f1b (default) or gpipe.
     #[arg(long, help_heading = "Recipe")]
     pub schedule: Option<String>,
@@ -233,6 +238,7 @@ impl SpecArgs {
             price_per_gpu_hour
         );
         self.no_overlap |= file.no_overlap;
+        self.zero3_keep_weights |= file.zero3_keep_weights;
         self.sequence_parallel |= file.sequence_parallel;
         Ok(self)
     }
@@ -456,6 +462,7 @@ impl SpecArgs {
             r.schedule = Schedule::parse(v)?;
         }
         r.overlap_grad_reduce = !self.no_overlap;
+        r.zero3_keep_weights = self.zero3_keep_weights;
         r.validate()?;
         Ok(r)
     }

@@ -554,3 +554,33 @@ fn issue_messages_name_the_real_cause() {
     );
     assert!(out.contains("outside the tp regions"), "{out}");
 }
+
+#[test]
+fn zero3_keep_weights_trades_memory_for_gathers() {
+    let base = [
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--gpus",
+        "16",
+        "--zero",
+        "3",
+        "--micro-batch",
+        "1",
+        "--json",
+    ];
+    let get = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("valid JSON")
+    };
+    let (regather, kept) = (get(&[]), get(&["--zero3-keep-weights"]));
+    let f = |v: &serde_json::Value, a: &str, b: &str| v[a][b].as_f64().unwrap();
+    assert!(f(&kept, "step_time_secs", "dp_comm") < f(&regather, "step_time_secs", "dp_comm"));
+    assert!(
+        f(&kept, "memory_per_device_bytes", "weights")
+            > f(&regather, "memory_per_device_bytes", "weights")
+    );
+}

@@ -3,6 +3,7 @@
 //! torchrun variables. There are no scaletrain frames here: failure detection, timeouts and
 //! desync checking are the MPI runtime's (by default it aborts the whole job on an error).
 use crate::error::{CommError, Result};
+use crate::flight::Recorder;
 use crate::{shard_range, Algorithm, Communicator, ReduceOp};
 use ::mpi::collective::SystemOperation;
 use ::mpi::topology::{Color, SimpleCommunicator};
@@ -23,6 +24,14 @@ pub struct MpiComm {
     /// Whether MPI runs calls from several threads at once (`MPI_THREAD_MULTIPLE`); otherwise
     /// every call of this process takes [`SERIAL`].
     multiple: bool,
+    /// This rank's flight recorder (shared with splits), this group's id in it (0 = the world,
+    /// splits derived like the built-in transports'), its members' world ranks, and call counts.
+    flight: Arc<Recorder>,
+    gid: u32,
+    members: Vec<usize>,
+    calls: u64,
+    p2p_calls: u64,
+    splits: u32,
     /// Keeps MPI initialised (MPI_Finalize runs when the last communicator is dropped).
     _universe: Arc<::mpi::environment::Universe>,
 }
@@ -63,11 +72,21 @@ impl MpiComm {
             });
         }
         let comm = universe.world();
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        if crate::flight::dump_dir().is_some() {
+            let _ = crate::flight::install_signal_handler();
+        }
         Ok(MpiComm {
-            rank: comm.rank() as usize,
-            size: comm.size() as usize,
+            rank,
+            size,
             comm: ManuallyDrop::new(comm),
             multiple: level >= ::mpi::Threading::Multiple,
+            flight: Recorder::new(rank),
+            gid: 0,
+            members: (0..size).collect(),
+            calls: 0,
+            p2p_calls: 0,
+            splits: 0,
             _universe: Arc::new(universe),
         })
     }
@@ -76,6 +95,47 @@ impl MpiComm {
     /// (`MPI_THREAD_MULTIPLE`); `false`: calls run one at a time under a process-wide lock.
     pub fn concurrent(&self) -> bool {
         self.multiple
+    }
+
+    /// This rank's flight recorder (see [`crate::flight`]): MPI has no timeouts, so its dumps come
+    /// from `SIGUSR1` or [`crate::flight::dump_all`].
+    pub fn flight_recorder(&self) -> Arc<Recorder> {
+        self.flight.clone()
+    }
+
+    /// Record the start of a call (`peers`: group ranks).
+    fn begin(&mut self, op: &'static str, collective: bool, bytes: usize, peers: &[usize]) -> u64 {
+        let call = if collective {
+            self.calls += 1;
+            self.calls
+        } else {
+            self.p2p_calls += 1;
+            self.p2p_calls
+        };
+        let mut world = [0usize; 2];
+        for (w, &p) in world.iter_mut().zip(peers) {
+            *w = self.members[p];
+        }
+        self.flight.begin(crate::flight::CallInfo {
+            group: self.gid,
+            members: &self.members,
+            group_rank: self.rank,
+            op,
+            call,
+            bytes,
+            peers: &world[..peers.len().min(2)],
+        })
+    }
+
+    /// Record the end of call `seq` and pass its result on.
+    fn end<T>(&self, seq: u64, r: Result<T>) -> Result<T> {
+        self.flight.end(
+            seq,
+            r.as_ref()
+                .map(|_| ())
+                .map_err(|e| e as &dyn std::fmt::Display),
+        );
+        r
     }
 
     /// The lock an MPI call must hold (none with `MPI_THREAD_MULTIPLE`).
@@ -136,16 +196,19 @@ impl Communicator for MpiComm {
     fn set_algorithm(&mut self, _algo: Algorithm) {}
 
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let t = self.begin("all_reduce", true, buf.len() * 4, &[]);
         self.reduce(buf, op);
-        Ok(())
+        self.end(t, Ok(()))
     }
 
     fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<Range<usize>> {
+        let t = self.begin("reduce_scatter", true, buf.len() * 4, &[]);
         self.reduce(buf, op);
-        Ok(shard_range(buf.len(), self.size(), self.rank()))
+        self.end(t, Ok(shard_range(buf.len(), self.size(), self.rank())))
     }
 
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        let t = self.begin("all_gather", true, buf.len() * 4, &[]);
         // Disjoint shards over zeros, assembled exactly with a bitwise OR of the f32 bit patterns.
         let mine = shard_range(buf.len(), self.size(), self.rank());
         let send: Vec<u32> = buf
@@ -161,7 +224,7 @@ impl Communicator for MpiComm {
         buf.iter_mut()
             .zip(recv)
             .for_each(|(x, b)| *x = f32::from_bits(b));
-        Ok(())
+        self.end(t, Ok(()))
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
@@ -172,9 +235,11 @@ impl Communicator for MpiComm {
                 detail: format!("root {root} is not a rank of a group of {}", self.size()),
             });
         }
-        let _serial = self.serial();
+        let t = self.begin("broadcast", true, buf.len() * 4, &[]);
+        let serial = self.serial();
         self.comm.process_at_rank(root as i32).broadcast_into(buf);
-        Ok(())
+        drop(serial);
+        self.end(t, Ok(()))
     }
 
     fn send(&mut self, dst: usize, data: &[u8]) -> Result<()> {
@@ -185,9 +250,11 @@ impl Communicator for MpiComm {
                 detail: format!("cannot send to rank {dst}"),
             });
         }
-        let _serial = self.serial();
+        let t = self.begin("send/recv", false, data.len(), &[dst]);
+        let serial = self.serial();
         self.comm.process_at_rank(dst as i32).send(data);
-        Ok(())
+        drop(serial);
+        self.end(t, Ok(()))
     }
 
     fn recv(&mut self, src: usize, buf: &mut [u8]) -> Result<()> {
@@ -198,19 +265,22 @@ impl Communicator for MpiComm {
                 detail: format!("cannot receive from rank {src}"),
             });
         }
+        let t = self.begin("send/recv", false, buf.len(), &[src]);
         let serial = self.serial();
         let status = self.comm.process_at_rank(src as i32).receive_into(buf);
         let got = status.count(u8::equivalent_datatype()) as usize; // MPI_Get_count
         drop(serial);
-        if got != buf.len() {
-            return Err(CommError::Desync {
+        let r = if got != buf.len() {
+            Err(CommError::Desync {
                 rank: self.rank(),
                 op: "send/recv",
                 peer: src,
                 detail: format!("received {got} bytes where {} were expected", buf.len()),
-            });
-        }
-        Ok(())
+            })
+        } else {
+            Ok(())
+        };
+        self.end(t, r)
     }
 
     fn sendrecv(&mut self, dst: usize, data: &[u8], src: usize, buf: &mut [u8]) -> Result<()> {
@@ -226,6 +296,7 @@ impl Communicator for MpiComm {
         }
         // MPI_Sendrecv: the library progresses both at once, so neighbours calling it towards
         // each other cannot deadlock whatever the message size.
+        let t = self.begin("send/recv", false, data.len() + buf.len(), &[dst, src]);
         let serial = self.serial();
         let status = ::mpi::point_to_point::send_receive_into(
             data,
@@ -235,21 +306,25 @@ impl Communicator for MpiComm {
         );
         let got = status.count(u8::equivalent_datatype()) as usize; // MPI_Get_count
         drop(serial);
-        if got != buf.len() {
-            return Err(CommError::Desync {
+        let r = if got != buf.len() {
+            Err(CommError::Desync {
                 rank: me,
                 op: "send/recv",
                 peer: src,
                 detail: format!("received {got} bytes where {} were expected", buf.len()),
-            });
-        }
-        Ok(())
+            })
+        } else {
+            Ok(())
+        };
+        self.end(t, r)
     }
 
     fn barrier(&mut self) -> Result<()> {
-        let _serial = self.serial();
+        let t = self.begin("barrier", true, 0, &[]);
+        let serial = self.serial();
         self.comm.barrier();
-        Ok(())
+        drop(serial);
+        self.end(t, Ok(()))
     }
 
     fn split(&mut self, color: u32, key: u32) -> Result<Box<dyn Communicator>> {
@@ -263,24 +338,45 @@ impl Communicator for MpiComm {
             op: "split",
             detail: format!("key {key} does not fit MPI's int"),
         })?;
+        let t = self.begin("split", true, 8, &[]);
         let serial = self.serial();
-        let sub = self
+        let Some(sub) = self
             .comm
             .split_by_color_with_key(Color::with_value(color), key)
-            .ok_or_else(|| CommError::InvalidArgument {
+        else {
+            drop(serial);
+            let e = CommError::InvalidArgument {
                 rank: self.rank(),
                 op: "split",
                 detail: "MPI returned no communicator".into(),
-            })?;
+            };
+            return self.end(t, Err(e));
+        };
         let (rank, size) = (sub.rank() as usize, sub.size() as usize);
+        // The new group's members as world ranks, for the flight recorder's dumps.
+        let mine = self.members[self.rank] as u64;
+        let mut members = vec![0u64; size];
+        sub.all_gather_into(&mine, &mut members[..]);
         drop(serial);
-        Ok(Box::new(MpiComm {
+        self.splits += 1;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in [self.gid as u64, self.splits as u64, color as u64] {
+            h = (h ^ x).wrapping_mul(0x0100_0000_01b3);
+        }
+        let sub = MpiComm {
             comm: ManuallyDrop::new(sub),
             rank,
             size,
             multiple: self.multiple,
+            flight: self.flight.clone(),
+            gid: ((h >> 32) as u32 ^ h as u32) | 1,
+            members: members.into_iter().map(|m| m as usize).collect(),
+            calls: 0,
+            p2p_calls: 0,
+            splits: 0,
             _universe: self._universe.clone(),
-        }))
+        };
+        self.end(t, Ok(Box::new(sub) as Box<dyn Communicator>))
     }
 }
 

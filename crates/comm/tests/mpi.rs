@@ -91,5 +91,22 @@ fn mpi_collectives_match_sequential_results() {
         // Two threads per rank on two groups at once: needs MPI_THREAD_MULTIPLE.
         common::mesh_2x2(&mut c, 3, 8 << 20).unwrap();
     }
+    // The flight recorder numbered the world's collectives on every rank alike, and dumps.
+    let recs = c.flight_recorder().records();
+    let world_calls: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.group == 0 && r.op != "send/recv")
+        .map(|r| r.call)
+        .collect();
+    assert!(world_calls.len() > 20 && world_calls.windows(2).all(|w| w[1] == w[0] + 1));
+    assert!(recs.iter().all(|r| r.status == "ok"), "{recs:?}");
+    let dir = std::env::temp_dir().join(format!("scaletrain-mpi-flight-{}", std::process::id()));
+    comm::flight::set_dump_dir(Some(dir.clone()));
+    let written: Vec<_> = comm::flight::dump_all("test").into_iter().collect();
+    assert_eq!(written.len(), 1);
+    let dump = comm::flight::read_dump(written[0].as_ref().unwrap()).unwrap();
+    assert_eq!(dump.header.rank, c.rank());
+    assert!(comm::flight::diagnose(&[dump]).is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
     println!("mpi: rank {} of {} passed", c.rank(), c.size());
 }

@@ -238,6 +238,11 @@ pub struct Recipe {
     pub runtime_overhead_bytes: f64,
     /// Data-parallel gradient bucket size, bytes (PyTorch DDP's default 25 MB).
     pub bucket_bytes: f64,
+    /// ZeRO-3: keep the gathered weights from the first forward until the optimizer step
+    /// (FSDP `reshard_after_forward=False` with accumulation, DeepSpeed's parameter persistence)
+    /// instead of gathering them again for the forward and the backward of every micro-batch.
+    /// One gather per step; the full weights stay resident.
+    pub zero3_keep_weights: bool,
 }
 
 impl Recipe {
@@ -261,6 +266,7 @@ impl Recipe {
             schedule: Schedule::OneFOneB,
             runtime_overhead_bytes: 1.0 * 1024.0 * 1024.0 * 1024.0,
             bucket_bytes: 25e6,
+            zero3_keep_weights: false,
         }
     }
 

@@ -239,3 +239,49 @@ fn balanced_partition_reproduces_llama3_405b_pipeline() {
     assert_eq!(l.stage_layers.as_slice(), &want[..]);
     l.validate(&c.model, 8192, 2048).unwrap();
 }
+
+/// ZeRO-3 gathers the weights for the forward and the backward of every micro-batch, so its
+/// data-parallel time grows with accumulation; keeping the gathered weights gathers once per step
+/// and costs the full weights in memory. Hand-derived: one all-gather of P·2 bytes over n = 64
+/// ranks is (n−1)/n · 2P / (network bw · 0.8) + (n−1)·α.
+#[test]
+fn zero3_gathers_weights_every_micro_batch_unless_kept() {
+    let mut c = ctx("megatron-7.5b", 64, Precision::Bf16Mixed);
+    c.recipe.overlap_grad_reduce = false;
+    let g = c.cluster.gpu.clone();
+    let run = |c: &mut Context, ga: u64, keep: bool| {
+        c.recipe.zero3_keep_weights = keep;
+        c.recipe.global_batch = 64 * ga;
+        c.evaluate(&layout(64, 1, 1, 3, 1, 64 * ga), &mut NoTrace)
+    };
+    let e1 = run(&mut c, 1, false);
+    let e4 = run(&mut c, 4, false);
+    let k4 = run(&mut c, 4, true);
+    let p = e1.memory.params_on_device;
+    let n = 64.0;
+    let ag =
+        (n - 1.0) / n * 2.0 * p / (g.network_bw * c.calib.net_eff) + (n - 1.0) * g.network_latency;
+    // 8 gathers instead of 2: six more.
+    let grown = e4.time.dp_comm - e1.time.dp_comm;
+    assert!(
+        (grown - 6.0 * ag).abs() / (6.0 * ag) < 1e-9,
+        "{grown} vs {}",
+        6.0 * ag
+    );
+    // Kept: one gather per step, seven fewer than re-gathering.
+    let saved = e4.time.dp_comm - k4.time.dp_comm;
+    assert!(
+        (saved - 7.0 * ag).abs() / (7.0 * ag) < 1e-9,
+        "{saved} vs {}",
+        7.0 * ag
+    );
+    assert!(k4.time.total < e4.time.total);
+    // ... at the price of the full weights resident: 2 B/param more (less the shard's share).
+    let extra = k4.memory.weights - e4.memory.weights;
+    assert!((extra - 2.0 * p).abs() < 1.0, "{extra} vs {}", 2.0 * p);
+    // With overlap on, the gathers hide behind compute but never below one layer's share each.
+    c.recipe.overlap_grad_reduce = true;
+    let o4 = run(&mut c, 4, false);
+    assert!(o4.time.dp_exposed >= 8.0 * ag / c.model.layers as f64 * 0.999);
+    assert!(o4.time.dp_exposed <= e4.time.dp_exposed);
+}

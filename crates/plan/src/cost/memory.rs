@@ -112,7 +112,10 @@ impl Context {
         let (per_layer_dev, first_extra, last_extra) = stage_param_parts(m, l);
         let zero = l.zero;
         let states = |p: f64| {
-            let w = if zero >= 3 {
+            let w = if zero >= 3 && r.zero3_keep_weights {
+                // The shard plus the gathered copy kept across micro-batches.
+                p * sb.weight / n + p * sb.weight
+            } else if zero >= 3 {
                 p * sb.weight / n
             } else {
                 p * sb.weight

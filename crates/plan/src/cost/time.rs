@@ -358,6 +358,26 @@ impl Context {
         };
         let gbytes = pdev * r.grad_comm_bytes;
         let wbytes = pdev * sb.weight;
+        // ZeRO-3 gathers the weights for every pass that uses them: the forward and the backward
+        // of every micro-batch (FSDP's reshard-after-forward, DeepSpeed's default), or once per
+        // step when the gathered weights are kept (Rajbhandari et al. 2019 §5.3: 1.5x the
+        // all-reduce volume per step without accumulation).
+        let mbs_f = l.grad_accum as f64;
+        let zero3 = l.dp > 1 && l.zero >= 3 && r.grad_sync != GradSync::ParameterServer;
+        let gathers = if !zero3 {
+            0.0
+        } else if r.zero3_keep_weights {
+            1.0
+        } else {
+            2.0 * mbs_f
+        };
+        let ring_lat = if r.grad_sync == GradSync::Ring {
+            2.0 * (n - 1.0)
+        } else {
+            2.0 * n.log2().ceil()
+        } * dp_alpha;
+        let one_gather = gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat;
+        let zero3_gathers = gathers * one_gather;
         let dp_comm = if l.dp == 1 {
             0.0
         } else {
@@ -376,11 +396,8 @@ impl Context {
                                 + gather_secs(n, wbytes, dp_bw, 0.0)
                                 + lat
                         }
-                        _ => {
-                            gather_secs(n, gbytes, dp_bw, 0.0)
-                                + 2.0 * gather_secs(n, wbytes, dp_bw, 0.0)
-                                + 1.5 * lat
-                        }
+                        // The gradients' reduce-scatter; the weight gathers are added below.
+                        _ => gather_secs(n, gbytes, dp_bw, 0.0) + 0.5 * lat,
                     }
                 }
                 GradSync::ParameterServer => {
@@ -404,11 +421,28 @@ impl Context {
         } else {
             0.0
         };
-        let dp_exposed = if r.overlap_grad_reduce {
+        let grad_exposed = if r.overlap_grad_reduce {
             (dp_comm - bwd_window).max(bucket_floor)
         } else {
             dp_comm
         };
+        // Each gather is prefetched layer by layer behind the pass it serves; the first layer's
+        // share can never hide.
+        let gather_floor = one_gather / mem_layers.max(1.0);
+        let fwd_window = mem_layers * (fwd + tp_fwd);
+        let gather_exposed = if !zero3 {
+            0.0
+        } else if !r.overlap_grad_reduce {
+            zero3_gathers
+        } else if r.zero3_keep_weights {
+            (one_gather - fwd_window).max(gather_floor)
+        } else {
+            mbs_f
+                * ((one_gather - fwd_window).max(gather_floor)
+                    + (one_gather - bwd_window).max(gather_floor))
+        };
+        let dp_exposed = grad_exposed + gather_exposed;
+        let dp_comm = dp_comm + zero3_gathers;
         // Optimizer step, memory-bound, per parameter (sharded by ZeRO): gradient norm (read g),
         // clipping (read + write g), fp16 unscale and overflow check (read + write g), the fused
         // Adam update (read g, master, moments; write master, moments), the copy of the masters
@@ -513,8 +547,16 @@ impl Context {
         });
         tr.line(|| line("time", "data-parallel gradient sync", format!(
             "{}, ZeRO-{}, dp {}: {} grads x {} B over {} at {:.0} GB/s = {:.4} s; exposed {:.4} s (overlap {})",
-            r.grad_sync, l.zero, l.dp, count(pdev), r.grad_comm_bytes, if dp_intra { "intra-node links" } else { "network" }, dp_bw / 1e9, dp_comm, dp_exposed, r.overlap_grad_reduce),
-            dp_exposed, "s", "ring 2(n-1)/n; ZeRO-1/2 reduce-scatter + all-gather; ZeRO-3 1.5x (Rajbhandari et al. 2019 §7)"));
+            r.grad_sync, l.zero, l.dp, count(pdev), r.grad_comm_bytes, if dp_intra { "intra-node links" } else { "network" }, dp_bw / 1e9, dp_comm - zero3_gathers, grad_exposed, r.overlap_grad_reduce),
+            grad_exposed, "s", "ring all-reduce 2(n-1)/n; ZeRO-1/2 reduce-scatter + all-gather of the updated weights; ZeRO-3 reduce-scatter only (Rajbhandari et al. 2019 §7)"));
+        if zero3 {
+            tr.line(|| line("time", "ZeRO-3 weight gathers", format!(
+                "{gathers} all-gathers of {} params x {} B ({}) x {:.4} s = {:.4} s; exposed {:.4} s (each prefetched behind the pass it serves, at least one layer's share)",
+                count(pdev), sb.weight,
+                if r.zero3_keep_weights { "gathered once per step and kept".to_string() } else { format!("forward and backward of each of {} micro-batches", l.grad_accum) },
+                one_gather, zero3_gathers, gather_exposed),
+                gather_exposed, "s", "FSDP / DeepSpeed ZeRO-3 re-gather per pass unless the gathered weights are kept (Rajbhandari et al. 2019 §5.3)"));
+        }
         tr.line(|| {
             line(
                 "time",
