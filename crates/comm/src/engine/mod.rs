@@ -503,7 +503,9 @@ impl Ctx<'_> {
                 }
             }
             drop(core);
-            nap(&mut fds, (timeout - idle).min(Duration::from_millis(50)));
+            // Short naps: another thread may read this call's next frame off a shared link and
+            // keep it (no descriptor wakes us for that), so look again every few milliseconds.
+            nap(&mut fds, (timeout - idle).min(Duration::from_millis(5)));
         }
     }
 

@@ -35,22 +35,34 @@ pub(super) fn stage_param_parts(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
 /// `2(p − d − 1) + (v − 1)p` warm-up forwards before its first backward, visiting chunks in
 /// groups of p micro-batches (Narayanan et al. 2021 §2.2.2, as `schedule.rs` builds it), so chunk
 /// k holds the forwards at positions x with ⌊x/p⌋ mod v = k.
-#[inline]
+#[cfg(test)]
 pub(super) fn chunk_in_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, k: u64) -> f64 {
-    if p == 1 {
-        return 1.0;
-    }
-    if gpipe {
-        return m as f64;
-    }
-    if v <= 1 {
-        return (p - d).min(m) as f64;
+    chunk_flight(gpipe, p, v, m, d, k, interleaved_split(p, v, m, d))
+}
+
+/// Interleaved 1F1B on device d: the warm-up positions as (full rounds of p·v, remainder).
+#[inline]
+fn interleaved_split(p: u64, v: u64, m: u64, d: u64) -> (u64, u64) {
+    if p <= 1 || v <= 1 {
+        return (0, 0);
     }
     let total = (2 * (p - d - 1) + (v - 1) * p + 1).min(m * v);
-    // Positions 0..total, chunk of position x = (x / p) mod v.
-    let round = p * v;
-    let (full, rest) = (total / round, total % round);
-    (full * p + rest.saturating_sub(k * p).min(p)) as f64
+    (total / (p * v), total % (p * v))
+}
+
+#[inline]
+fn chunk_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, k: u64, split: (u64, u64)) -> f64 {
+    if p == 1 {
+        1.0
+    } else if gpipe {
+        m as f64
+    } else if v <= 1 {
+        (p - d).min(m) as f64
+    } else {
+        // Positions 0..total, chunk of position x = (x / p) mod v.
+        let (full, rest) = split;
+        (full * p + rest.saturating_sub(k * p).min(p)) as f64
+    }
 }
 
 /// Activation bytes one layer keeps for one micro-batch until its backward, by recompute policy
@@ -173,25 +185,25 @@ impl Context {
         };
         let fixed = comm + r.runtime_overhead_bytes;
         let mut worst = (f64::NEG_INFINITY, 0u64, 0.0, 0.0, 0.0, 0.0);
-        let mut prev_layers = u64::MAX;
         for d in 0..pp {
-            // Without interleaving a middle device with as many layers as the one before it
-            // keeps no more micro-batches in flight, so it cannot be worse: skip it.
-            if v == 1 && d >= 2 && d + 1 < pp {
-                let n = l.virtual_stage_layers(m.layers, d);
-                let same = n == prev_layers;
-                prev_layers = n;
-                if same {
-                    continue;
-                }
-            } else if v == 1 {
-                prev_layers = l.virtual_stage_layers(m.layers, d);
+            // A middle device whose chunks have as many layers as the previous device's keeps no
+            // more micro-batches in flight per chunk (the counts fall with d) and no embedding or
+            // head, so it cannot be worse: skip it.
+            if d >= 1
+                && d + 1 < pp
+                && (0..v).all(|k| {
+                    l.virtual_stage_layers(m.layers, d + k * pp)
+                        == l.virtual_stage_layers(m.layers, d - 1 + k * pp)
+                })
+            {
+                continue;
             }
+            let split = interleaved_split(pp, v, l.grad_accum, d);
             let mut layers_d = 0.0;
             let mut act_layers = 0.0;
             let mut flight_sum = 0.0;
             for k in 0..v {
-                let fl = chunk_in_flight(gpipe, pp, v, l.grad_accum, d, k);
+                let fl = chunk_flight(gpipe, pp, v, l.grad_accum, d, k, split);
                 let n = l.virtual_stage_layers(m.layers, d + k * pp) as f64;
                 layers_d += n;
                 act_layers += n * fl;
