@@ -310,6 +310,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         crate::train_dp::Setup::Single => (None, None),
     };
     let (dp, pipeline) = dp;
+    if dp.is_some() || pipeline.is_some() {
+        // The communicator's flight recorder: every rank's recent calls go to the run folder
+        // when a call fails or times out, or on SIGUSR1 (`kill -USR1 <pid>` on a stuck job);
+        // SCALETRAIN_FLIGHT_DIR chooses another folder.
+        if comm::flight::dump_dir().is_none() {
+            comm::flight::set_dump_dir(Some(a.out.clone()));
+        }
+        if let Err(e) = comm::flight::install_signal_handler() {
+            eprintln!("warning: no SIGUSR1 flight-recorder dumps: {e}");
+        }
+    }
     // Rank 0 of the job (first stage, data-parallel rank 0) reports for it.
     let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()))
         + pipeline
