@@ -35,6 +35,11 @@ pub struct TrainArgs {
     /// Start afresh even if --out holds checkpoints (they are deleted).
     #[arg(long)]
     pub overwrite: bool,
+    /// Write a Chrome trace (Perfetto / chrome://tracing) of every rank's steps to this file:
+    /// forward/backward per micro-batch, exchanges between pipeline stages, data-parallel
+    /// buckets, optimizer, validation, checkpoints. Meant for short runs (--steps 20).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// Override any config field: --set optim.lr=1e-3 --set model.n_layer=4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -324,6 +329,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             stop: Some(stop_on_ctrl_c()),
             dp,
             pipeline,
+            trace: a.trace.clone(),
         };
         let s = train::run(&cfg, &opts, &mut train::Quiet)
             .map_err(|e| hint(e, a.via_launch))
@@ -357,6 +363,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         stop: Some(stop_on_ctrl_c()),
         dp,
         pipeline,
+        trace: a.trace.clone(),
     };
     let bar = (!a.no_progress).then(|| {
         let bar = ProgressBar::new(cfg.train.steps);

@@ -39,6 +39,7 @@ pub mod sample;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod tokens;
+pub mod trace;
 pub mod trainer;
 
 pub use config::TrainConfig;
