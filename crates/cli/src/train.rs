@@ -35,6 +35,11 @@ pub struct TrainArgs {
     /// Start afresh even if --out holds checkpoints (they are deleted).
     #[arg(long)]
     pub overwrite: bool,
+    /// Write a Chrome trace (Perfetto / chrome://tracing) of every rank's steps to this file:
+    /// forward/backward per micro-batch, exchanges between pipeline stages, data-parallel
+    /// buckets, optimizer, validation, checkpoints. Meant for short runs (--steps 20).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// Override any config field: --set optim.lr=1e-3 --set model.n_layer=4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -305,6 +310,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         crate::train_dp::Setup::Single => (None, None),
     };
     let (dp, pipeline) = dp;
+    if dp.is_some() || pipeline.is_some() {
+        // The communicator's flight recorder: every rank's recent calls go to the run folder
+        // when a call fails or times out, or on SIGUSR1 (`kill -USR1 <pid>` on a stuck job);
+        // SCALETRAIN_FLIGHT_DIR chooses another folder.
+        if comm::flight::dump_dir().is_none() {
+            comm::flight::set_dump_dir(Some(a.out.clone()));
+        }
+        if let Err(e) = comm::flight::install_signal_handler() {
+            eprintln!("warning: no SIGUSR1 flight-recorder dumps: {e}");
+        }
+    }
     // Rank 0 of the job (first stage, data-parallel rank 0) reports for it.
     let rank = dp.as_ref().map_or(0, |d| d.lock().map_or(0, |d| d.rank()))
         + pipeline
@@ -324,6 +340,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             stop: Some(stop_on_ctrl_c()),
             dp,
             pipeline,
+            trace: a.trace.clone(),
         };
         let s = train::run(&cfg, &opts, &mut train::Quiet)
             .map_err(|e| hint(e, a.via_launch))
@@ -357,6 +374,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         stop: Some(stop_on_ctrl_c()),
         dp,
         pipeline,
+        trace: a.trace.clone(),
     };
     let bar = (!a.no_progress).then(|| {
         let bar = ProgressBar::new(cfg.train.steps);

@@ -50,12 +50,13 @@ pub struct DpArgs {
     /// dp × pp ranks in all; without a job environment, `train` launches them on this host.
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
-    /// Pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one
-    /// backward: at most pp − stage micro-batches in flight).
+    /// Pipeline schedule: gpipe (all forwards, then all backwards), 1f1b (one forward, one
+    /// backward: at most pp − stage micro-batches in flight) or interleaved (1F1B over --vpp
+    /// model chunks per stage).
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
-    /// Model chunks per pipeline stage (interleaved 1F1B; not run by the runtime yet, the
-    /// estimator models it).
+    /// Model chunks per pipeline stage: with 2 or more, the interleaved 1F1B schedule (stage s
+    /// holds virtual stages s, s + pp, …; micro-batches must be a multiple of pp).
     #[arg(long, default_value_t = 1)]
     pub vpp: usize,
     /// Micro-batches per step and pipeline (sets train.grad_accum; the global batch is
@@ -137,13 +138,26 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
             bail!("--zero {} with --pp {}: ZeRO is not combined with pipelines in the runtime yet; use --zero 0", a.zero, a.pp);
         }
     }
-    if a.vpp > 1 || schedule == Schedule::Interleaved {
-        bail!(
-            "--schedule interleaved / --vpp {}: the runtime does not run the interleaved schedule yet \
-             (its pairwise exchanges can wait on each other without buffered sends); use --schedule 1f1b \
-             or gpipe (`scaletrain estimate --vpp` models it)",
-            a.vpp
-        );
+    if schedule == Schedule::Interleaved && a.vpp < 2 {
+        bail!("--schedule interleaved needs --vpp 2 or more (model chunks per stage)");
+    }
+    if a.vpp > 1 {
+        if a.pp < 2 {
+            bail!("--vpp {} needs --pp 2 or more", a.vpp);
+        }
+        if schedule == Schedule::Gpipe {
+            bail!(
+                "--vpp {} runs the interleaved 1F1B schedule; drop --schedule gpipe",
+                a.vpp
+            );
+        }
+        if a.dp > 1 {
+            bail!(
+                "--vpp {} with --dp {}: data-parallel buckets over interleaved chunks are not built yet; \
+                 use --vpp 1 (1F1B) with data parallelism",
+                a.vpp, a.dp
+            );
+        }
     }
     if let Some(m) = a.microbatches {
         if m == 0 {
@@ -402,6 +416,11 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
         .schedule
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--schedule: {e}"))?;
+    let schedule = if a.vpp > 1 {
+        Schedule::Interleaved
+    } else {
+        schedule
+    };
     let (pipe, dp_group) =
         Pipeline::connect(c, shape, schedule, parts).context("forming the pipeline")?;
     Ok(Setup::Worker {

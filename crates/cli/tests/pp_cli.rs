@@ -114,6 +114,19 @@ fn every_pipeline_layout_trains_the_one_process_model() {
         ),
         ("pp4-1f1b", &["--pp", "4", "--microbatches", "4"]),
         (
+            "pp2-interleaved",
+            &[
+                "--pp",
+                "2",
+                "--vpp",
+                "2",
+                "--schedule",
+                "interleaved",
+                "--microbatches",
+                "4",
+            ],
+        ),
+        (
             "dp2-pp2",
             &["--dp", "2", "--pp", "2", "--microbatches", "2"],
         ),
@@ -141,6 +154,42 @@ fn five_layers_on_two_stages() {
         &["--pp", "2", "--microbatches", "4", "--pp-layers", "2,3"],
     );
     assert_close("5 layers as 2+3", &base.0, &got.0, 1e-6);
+    // Without --pp-layers the planner balances: the last stage also runs the LM head.
+    let dir = d.0.join("balanced");
+    let trace = d.0.join("trace.json");
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--steps", "2"];
+    args.extend(model("model.n_layer=5"));
+    args.extend([
+        "--pp",
+        "2",
+        "--microbatches",
+        "2",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("layers per stage 3+2"), "{out}");
+    // The trace: both ranks, a forward and a backward per micro-batch and step, the exchanges.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ev = v["traceEvents"].as_array().unwrap();
+    for pid in 0..2 {
+        let names: Vec<&str> = ev
+            .iter()
+            .filter(|e| e["pid"] == pid && e["ph"] == "X")
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        for op in ["F0", "F1", "B0", "B1"] {
+            let n = names.iter().filter(|&&x| x == op).count();
+            assert_eq!(n, 2, "rank {pid}: {op} in {names:?}");
+        }
+        assert!(
+            names.iter().any(|n| n.contains("recv")),
+            "rank {pid}: {names:?}"
+        );
+        assert!(names.contains(&"clip + AdamW"), "rank {pid}");
+    }
 }
 
 #[test]

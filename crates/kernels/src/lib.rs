@@ -1,4 +1,6 @@
-//! scaletrain-kernels: CPU kernels over flat `f32` slices.
+//! scaletrain-kernels: CPU kernels over flat slices of `f32`, bf16 or fp16 ([`Elem`]); every
+//! kernel computes in `f32` (16-bit data is converted on load and rounded on store; bf16
+//! matmuls run on AMX where the CPU has it). See `docs/runtime.md`, "Mixed precision".
 //!
 //! Shape legend used throughout (llm.c's): `b` = batch, `t` = sequence, `c` = channels,
 //! `nh` = heads, `hs` = head size (`c / nh`), `v` = vocabulary, `vp` = padded vocabulary,

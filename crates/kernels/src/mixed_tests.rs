@@ -124,6 +124,17 @@ fn matmul_with_16_bit_storage_rounds_only_the_output() {
     matmul_case::<F16>();
 }
 
+/// The f32-panel path for bf16, which CPUs without AMX take, also where AMX is available.
+/// (`set_amx` is process-wide: tests running meanwhile may take either path; both are within
+/// their tolerances.)
+#[test]
+fn bf16_on_f32_panels_when_amx_is_off() {
+    crate::matmul::set_amx(false);
+    let r = std::panic::catch_unwind(matmul_case::<Bf16>);
+    crate::matmul::set_amx(true);
+    r.unwrap();
+}
+
 /// The AMX kernel (where the CPU and OS allow it) against f32 on the same rounded inputs: odd
 /// sizes (tails in every dimension), transposed views (backward), 16-bit and f32 outputs.
 #[test]

@@ -14,6 +14,9 @@
 //! - [`sample`]: text generation from a checkpoint (temperature, top-k).
 //! - [`tokenizer`]: byte-level BPE (the `tokenizers` crate) and `data prepare`.
 //! - [`plot`]: the loss curve as SVG.
+//! - [`loss_scale`], [`guard`]: dynamic loss scaling for fp16 and training stability guards
+//!   (non-finite steps, loss and gradient-norm spikes); standalone, not yet called by the
+//!   trainer (`examples/precision_convergence.rs` uses the loss scale).
 //!
 //! Memory and step-time predictions come from `plan::cpu_runtime` and `plan::cpu_time`; this
 //! crate re-derives no formula.
@@ -27,6 +30,8 @@ pub mod data;
 pub mod dp;
 mod error;
 pub mod fsutil;
+pub mod guard;
+pub mod loss_scale;
 pub mod mesh;
 pub mod pipeline;
 pub mod plot;
@@ -34,6 +39,7 @@ pub mod sample;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod tokens;
+pub mod trace;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -70,6 +70,8 @@ pub struct RunOptions {
     /// to the other stages. `None` = the whole model on this rank. With both set, `dp` is this
     /// rank's data-parallel group (same stage, other pipelines).
     pub pipeline: Option<std::sync::Arc<std::sync::Mutex<crate::pipeline::Pipeline>>>,
+    /// Write a Chrome trace of every rank's steps (`crate::trace`) to this file at the end.
+    pub trace: Option<PathBuf>,
 }
 
 /// One optimizer step's numbers (a `metrics.jsonl` line).
@@ -620,6 +622,15 @@ pub fn run(
     let mut early_stopped = false;
     let mut interrupted = false;
     let mut last_checkpoint = None;
+    let mut trace = opts.trace.as_ref().map(|_| {
+        let (stage_idx, world_rank) = pipe
+            .as_ref()
+            .map_or((0, dp_rank), |p| (p.stage(), p.shape.rank(p.me)));
+        crate::trace::Trace::new(
+            world_rank,
+            format!("rank {world_rank}: stage {stage_idx}, dp {dp_rank}"),
+        )
+    });
     let loop_start = Instant::now();
     // Data parallel: the global step is `dp_size × accum` micro-batches of the 1-rank order;
     // this rank trains its `accum` consecutive ones (crate::dp).
@@ -665,7 +676,13 @@ pub fn run(
             par,
             pipe.as_deref_mut(),
             dp.as_deref_mut(),
+            trace.as_mut(),
         )?;
+        if let (Some(tr), Some(d)) = (trace.as_mut(), dp.as_mut()) {
+            for (k, a, b) in d.take_bucket_spans() {
+                tr.span(crate::trace::COMM, "dp", &format!("bucket {k}"), a, b);
+            }
+        }
         // Every rank learns every micro-batch's loss (from the stage that has them) and whether
         // any rank was asked to stop, so all stop at the same step.
         let mut dist_stop = None;
@@ -710,6 +727,7 @@ pub fn run(
         if let (Some(p), Some((r, _))) = (pipe.as_mut(), &tied) {
             p.reduce_tied(&mut grads[r.clone()])?;
         }
+        let t_opt = Instant::now();
         let grad_norm = match dp.as_mut() {
             // ZeRO and parameter servers reduce or shard inside their own step.
             Some(d) if d.zero() != crate::dp::ZeroStage::Off || d.is_parameter_server() => {
@@ -744,6 +762,15 @@ pub fn run(
                 norm
             }
         };
+        if let Some(tr) = trace.as_mut() {
+            tr.span(
+                crate::trace::MAIN,
+                "optimizer",
+                "clip + AdamW",
+                t_opt,
+                Instant::now(),
+            );
+        }
         let comm = comm_at_start
             .zip(dp.as_ref())
             .map(|((c, e), d)| (d.comm_secs - c, d.exposed_secs - e));
@@ -769,6 +796,7 @@ pub fn run(
         let last = state.step == end;
         let eval_due = last || (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0);
         if eval_due {
+            let t_eval = Instant::now();
             let vl = mean_val_loss(
                 &stage,
                 &state.params,
@@ -785,6 +813,15 @@ pub fn run(
             )
             .map_err(io(&metrics_path))?;
             metrics.flush().map_err(io(&metrics_path))?;
+            if let Some(tr) = trace.as_mut() {
+                tr.span(
+                    crate::trace::MAIN,
+                    "eval",
+                    "validation",
+                    t_eval,
+                    Instant::now(),
+                );
+            }
             obs.on_eval(state.step, vl);
             val_losses.push((state.step, vl));
             match state.best_val_loss {
@@ -811,6 +848,7 @@ pub fn run(
             || interrupted
             || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
         if ckpt_due {
+            let t_ckpt = Instant::now();
             metrics.flush().map_err(io(&metrics_path))?;
             // Rank 0 writes the weights; under ZeRO every rank writes the optimizer ranges it
             // holds and rank 0 publishes the manifest once all have (checkpoint::save_rank).
@@ -846,6 +884,15 @@ pub fn run(
             };
             opt.m = std::mem::take(&mut state.m);
             opt.v = std::mem::take(&mut state.v);
+            if let Some(tr) = trace.as_mut() {
+                tr.span(
+                    crate::trace::MAIN,
+                    "checkpoint",
+                    "checkpoint",
+                    t_ckpt,
+                    Instant::now(),
+                );
+            }
             if let Some(path) = saved? {
                 checkpoint::prune(out, cfg.train.keep_checkpoints);
                 obs.on_checkpoint(state.step, &path);
@@ -868,6 +915,26 @@ pub fn run(
     } else {
         0.0
     };
+    if let (Some(tr), Some(path)) = (&trace, &opts.trace) {
+        // Every rank's events to the job's rank 0, which writes one file.
+        let mine = tr.body();
+        let all = match (pipe.as_mut(), dp.as_mut()) {
+            (Some(p), _) => {
+                p.world_gather_bytes(mine.as_bytes(), "trace: gathering the ranks' events")?
+            }
+            (None, Some(d)) if !d.is_parameter_server() => {
+                d.all_gather_bytes(mine.as_bytes(), "trace: gathering the ranks' events")?
+            }
+            _ => vec![mine.into_bytes()],
+        };
+        if writer {
+            let bodies: Vec<String> = all
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            write_atomic(path, crate::trace::file(&bodies).as_bytes())?;
+        }
+    }
     if let (true, Ok(text)) = (writer, std::fs::read_to_string(&metrics_path)) {
         let svg = crate::plot::loss_svg(&text, start.loss_floor);
         write_atomic(&out.join("loss.svg"), svg.as_bytes())?;

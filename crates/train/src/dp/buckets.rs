@@ -73,8 +73,11 @@ impl Dp {
         let group = &mut self.group;
         let shard = &mut self.grad_shard;
         let mut pool = std::mem::take(&mut self.pool);
+        let spans = &mut self.bucket_spans;
+        // Reduces bucket k; records when (for the trace) and returns the seconds it took.
         let reduce = |group: &mut Box<dyn Communicator>,
                       shard: &mut Vec<f32>,
+                      spans: &mut Vec<(usize, Instant, Instant)>,
                       k: usize,
                       buf: &mut [f32]|
          -> Result<f64, TrainError> {
@@ -98,7 +101,9 @@ impl Dp {
                     }
                 }
             }
-            Ok(t0.elapsed().as_secs_f64())
+            let t1 = Instant::now();
+            spans.push((k, t0, t1));
+            Ok((t1 - t0).as_secs_f64())
         };
         let result = if self.overlap {
             std::thread::scope(|s| -> Result<(f64, f64), TrainError> {
@@ -107,7 +112,7 @@ impl Dp {
                 let worker = s.spawn(move || -> Result<f64, TrainError> {
                     let mut secs = 0.0;
                     for (k, mut piece) in rx {
-                        secs += reduce(group, shard, k, piece.buf())?;
+                        secs += reduce(group, shard, spans, k, piece.buf())?;
                         if let Piece::Owned(v) = piece {
                             // The training thread may be gone after an error; nothing to return to.
                             let _ = back_tx.send((k, v));
@@ -151,7 +156,7 @@ impl Dp {
             let mut failed = None;
             let mut handoff = |k: usize, mut piece: Piece<'_>| {
                 if failed.is_none() {
-                    match reduce(group, shard, k, piece.buf()) {
+                    match reduce(group, shard, spans, k, piece.buf()) {
                         Ok(t) => secs += t,
                         Err(e) => failed = Some(e),
                     }

@@ -137,6 +137,9 @@ pub struct Dp {
     len: usize,
     /// ZeRO-2: the gradient buffers backward writes into instead of a full-size buffer.
     pool: Zero2Pool,
+    /// When each gradient bucket was reduced (bucket, start, end), on the communication thread
+    /// or not, since [`Dp::take_bucket_spans`] last emptied it (the trace).
+    bucket_spans: Vec<(usize, std::time::Instant, std::time::Instant)>,
     /// Seconds spent in gradient communication so far (on any thread).
     pub comm_secs: f64,
     /// Seconds the training thread waited for gradient communication so far (the part of
@@ -184,6 +187,7 @@ impl Dp {
             spare_core: true,
             len: 0,
             pool: Zero2Pool::default(),
+            bucket_spans: Vec::new(),
             comm_secs: 0.0,
             exposed_secs: 0.0,
         }
@@ -280,6 +284,11 @@ impl Dp {
     /// Data-parallel ranks.
     pub fn size(&self) -> usize {
         self.group.size()
+    }
+
+    /// The gradient buckets reduced since the last call: (bucket, start, end).
+    pub fn take_bucket_spans(&mut self) -> Vec<(usize, std::time::Instant, std::time::Instant)> {
+        std::mem::take(&mut self.bucket_spans)
     }
 
     /// Whether gradients go through parameter servers.

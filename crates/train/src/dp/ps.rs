@@ -11,6 +11,8 @@ use model::{AdamW, AdamWConfig, ParamLayout};
 use std::time::Instant;
 
 /// What a process of a parameter-server job is.
+// One value per process, matched once at start-up: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Role {
     /// A training worker.
     Worker(Dp),

@@ -6,6 +6,7 @@
 use super::{boundaries, Kind, Pipeline};
 use crate::dp::Dp;
 use crate::error::TrainError;
+use crate::trace::Trace;
 use kernels::Par;
 use model::{
     backward_with, forward_with, ActSaved, ActScratch, GradInput, ModelConfig, NoTp, ParamLayout,
@@ -13,6 +14,7 @@ use model::{
 };
 use plan::schedule::Op;
 use std::ops::Range;
+use std::time::Instant;
 
 /// The model chunks one rank holds (one without interleaving), laid end to end in its flat
 /// parameter / gradient / optimizer buffers.
@@ -200,6 +202,7 @@ pub fn run_ops(
     par: Par,
     mut pipe: Option<&mut Pipeline>,
     mut dp: Option<&mut Dp>,
+    mut trace: Option<&mut Trace>,
 ) -> Result<Vec<f32>, TrainError> {
     let m = data.xs.len() / data.bt;
     let pp = pipe.as_ref().map_or(1, |p| p.shape.pp);
@@ -244,8 +247,16 @@ pub fn run_ops(
                 };
                 (msg, buf)
             });
+            let what = trace.as_ref().map(|_| exchange_name(&send, &recv));
+            let t0 = Instant::now();
             p.exchange(send, recv)?;
+            if let (Some(tr), Some(name)) = (trace.as_deref_mut(), what) {
+                if !name.is_empty() {
+                    tr.span(crate::trace::MAIN, "p2p", &name, t0, Instant::now());
+                }
+            }
         }
+        let t_op = Instant::now();
         match *op {
             Op::Forward { mb, chunk } => {
                 let (c, mb) = (chunk as usize, mb as usize);
@@ -322,14 +333,50 @@ pub fn run_ops(
                 free[c].push(slot);
             }
         }
+        if let Some(tr) = trace.as_deref_mut() {
+            let (name, c) = match *op {
+                Op::Forward { mb, chunk } => (format!("F{mb}"), chunk),
+                Op::Backward { mb, chunk } => (format!("B{mb}"), chunk),
+            };
+            let name = if stage.chunks.len() > 1 {
+                format!("{name}.{c}")
+            } else {
+                name
+            };
+            tr.span(crate::trace::MAIN, "compute", &name, t_op, Instant::now());
+        }
     }
     if let Some(p) = pipe {
         let bd = bounds[ops.len()];
         if let Some(msg) = bd.send {
             p.exchange(Some((msg, scratch.d_input())), None)?;
         }
+        p.flush()?;
     }
     Ok(if has_loss { losses } else { Vec::new() })
+}
+
+/// "send a3 → 1 / recv g0 ← 1" for the trace (empty when nothing moves).
+fn exchange_name(
+    send: &Option<(super::Msg, &[f32])>,
+    recv: &Option<(super::Msg, &mut [f32])>,
+) -> String {
+    let k = |m: &super::Msg| match m.kind {
+        Kind::Act => 'a',
+        Kind::Grad => 'g',
+    };
+    let s = send
+        .as_ref()
+        .map(|(m, _)| format!("send {}{} → {}", k(m), m.mb, m.dst));
+    let r = recv
+        .as_ref()
+        .map(|(m, _)| format!("recv {}{} ← {}", k(m), m.mb, m.src));
+    match (s, r) {
+        (Some(a), Some(b)) => format!("{a} / {b}"),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => String::new(),
+    }
 }
 
 fn chunk_of(op: &Op) -> usize {
@@ -397,6 +444,9 @@ pub fn forward_only(
                 .expect("an earlier virtual stage has a pipeline")
                 .send_act(msg, set.output())?;
         }
+    }
+    if let Some(p) = pipe {
+        p.flush()?;
     }
     Ok(out)
 }

@@ -23,6 +23,7 @@
 //! loss and stop requests known on every rank ([`Pipeline::share`]).
 
 mod ckpt;
+mod edges;
 mod exec;
 
 pub use ckpt::{full_segments, save_checkpoint, slice_full, to_full};
@@ -209,6 +210,8 @@ pub struct Pipeline {
     step: u32,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
+    /// Interleaved schedules: sends handed to a sender thread, one group per directed edge.
+    edges: Option<edges::Edges>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -276,6 +279,11 @@ impl Pipeline {
             .split(key(color), key(me.pp))
             .map_err(comm_err("forming the embedding groups".into()))?;
         let tie = (ends && shape.pp > 1).then_some(tie);
+        let edges = if shape.vpp > 1 {
+            Some(edges::Edges::connect(world.as_mut(), shape, me)?)
+        } else {
+            None
+        };
         Ok((
             Pipeline {
                 shape,
@@ -289,6 +297,7 @@ impl Pipeline {
                 step: 0,
                 send_buf: Vec::new(),
                 recv_buf: Vec::new(),
+                edges,
             },
             dp,
         ))
@@ -389,20 +398,32 @@ impl Pipeline {
         let label = what(&send, &recv);
         let recv_len = recv.as_ref().map_or(0, |(_, o)| HEADER_BYTES + 4 * o.len());
         self.recv_buf.resize(recv_len, 0);
-        match (&send, &recv) {
-            (Some((m, _)), Some((r, _))) => self
-                .group
-                .sendrecv(m.dst, &self.send_buf, r.src, &mut self.recv_buf)
-                .map_err(comm_err(label.clone()))?,
-            (Some((m, _)), None) => self
-                .group
-                .send(m.dst, &self.send_buf)
-                .map_err(comm_err(label.clone()))?,
-            (None, Some((r, _))) => self
-                .group
-                .recv(r.src, &mut self.recv_buf)
-                .map_err(comm_err(label.clone()))?,
-            (None, None) => {}
+        if let Some(edges) = self.edges.as_mut() {
+            // Interleaved: the send is queued (it never waits), only the receive blocks.
+            if let Some((m, _)) = &send {
+                edges.send(m.kind, self.send_buf.clone(), label.clone())?;
+            }
+            if let Some((r, _)) = &recv {
+                edges
+                    .recv(r.kind, &mut self.recv_buf)
+                    .map_err(comm_err(label.clone()))?;
+            }
+        } else {
+            match (&send, &recv) {
+                (Some((m, _)), Some((r, _))) => self
+                    .group
+                    .sendrecv(m.dst, &self.send_buf, r.src, &mut self.recv_buf)
+                    .map_err(comm_err(label.clone()))?,
+                (Some((m, _)), None) => self
+                    .group
+                    .send(m.dst, &self.send_buf)
+                    .map_err(comm_err(label.clone()))?,
+                (None, Some((r, _))) => self
+                    .group
+                    .recv(r.src, &mut self.recv_buf)
+                    .map_err(comm_err(label.clone()))?,
+                (None, None) => {}
+            }
         }
         if let Some((m, out)) = recv {
             let expected = header(&m, self.step);
@@ -426,6 +447,20 @@ impl Pipeline {
         }
         self.p2p_secs += t0.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Waits until this rank's queued sends have gone (interleaved schedules; a no-op
+    /// otherwise): the end of a step's exchanges.
+    pub fn flush(&mut self) -> Result<(), TrainError> {
+        match self.edges.as_mut() {
+            Some(e) => {
+                let t0 = Instant::now();
+                let r = e.flush();
+                self.p2p_secs += t0.elapsed().as_secs_f64();
+                r
+            }
+            None => Ok(()),
+        }
     }
 
     /// Sums the tied embedding's gradient over the first and last stage (`grad` is `wte`'s
