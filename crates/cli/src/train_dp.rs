@@ -10,6 +10,28 @@ use train::dp::{Dp, Role, ZeroStage};
 use train::pipeline::{Pipeline, Schedule};
 use train::TrainConfig;
 
+/// How data-parallel gradients are combined (`--grad-sync`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradSyncArg {
+    /// All-reduce over the job's communicator (ring or tree by size).
+    #[default]
+    Ring,
+    /// Parameter servers (`--servers K` extra processes).
+    Ps,
+    /// The MPI library's all-reduce (a `--features mpi` build under mpirun).
+    Mpi,
+}
+
+impl std::fmt::Display for GradSyncArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GradSyncArg::Ring => "ring",
+            GradSyncArg::Ps => "ps",
+            GradSyncArg::Mpi => "mpi",
+        })
+    }
+}
+
 /// Data-parallel flags of `scaletrain train`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DpArgs {
@@ -19,8 +41,8 @@ pub struct DpArgs {
     pub dp: usize,
     /// How gradients are combined: ring (all-reduce), ps (parameter servers, synchronous), mpi
     /// (all-reduce by the MPI library; needs a build with --features mpi and mpirun).
-    #[arg(long, default_value = "ring")]
-    pub grad_sync: String,
+    #[arg(long, value_enum, default_value_t = GradSyncArg::Ring)]
+    pub grad_sync: GradSyncArg,
     /// Parameter-server processes with --grad-sync ps.
     #[arg(long, default_value_t = 1)]
     pub servers: usize,
@@ -105,23 +127,22 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
             a.bucket_mb
         );
     }
-    if a.staleness.is_some() && a.grad_sync != "ps" {
+    if a.staleness.is_some() && a.grad_sync != GradSyncArg::Ps {
         bail!("--staleness needs --grad-sync ps");
     }
-    match a.grad_sync.as_str() {
-        "ring" | "mpi" => {}
-        "ps" if zero != ZeroStage::Off => {
+    match a.grad_sync {
+        GradSyncArg::Ring | GradSyncArg::Mpi => {}
+        GradSyncArg::Ps if zero != ZeroStage::Off => {
             bail!(
                 "--zero {} needs --grad-sync ring or mpi (the parameter server keeps whole gradients)",
                 a.zero
             )
         }
-        "ps" if a.servers == 0 => bail!("--grad-sync ps needs --servers ≥ 1"),
-        "ps" if cfg.train.patience > 0 => {
+        GradSyncArg::Ps if a.servers == 0 => bail!("--grad-sync ps needs --servers ≥ 1"),
+        GradSyncArg::Ps if cfg.train.patience > 0 => {
             bail!("--grad-sync ps cannot stop early (train.patience > 0): the servers serve a fixed number of steps")
         }
-        "ps" => {}
-        s => bail!("--grad-sync {s:?}: expected ring, ps or mpi"),
+        GradSyncArg::Ps => {}
     }
     if a.pp == 0 {
         bail!("--pp must be at least 1");
@@ -131,7 +152,7 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--schedule: {e}"))?;
     if a.pp > 1 {
-        if a.grad_sync == "ps" {
+        if a.grad_sync == GradSyncArg::Ps {
             bail!("--pp with --grad-sync ps: the parameter server is not combined with pipelines; use --grad-sync ring");
         }
         if zero != ZeroStage::Off {
@@ -307,7 +328,7 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     let zero = ZeroStage::from_number(a.zero).unwrap_or_default();
     let mpirun = under_mpirun();
     let in_job = env_set("RANK") || mpirun;
-    let mpi = a.grad_sync == "mpi";
+    let mpi = a.grad_sync == GradSyncArg::Mpi;
     if mpi && !mpirun && (in_job || a.dp > 1) {
         bail!(
             "--grad-sync mpi: start the ranks with mpirun (mpirun -n {0} scaletrain train --dp {0} --grad-sync mpi …); \
@@ -333,7 +354,11 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
             a.grad_sync
         );
     }
-    let servers = if a.grad_sync == "ps" { a.servers } else { 0 };
+    let servers = if a.grad_sync == GradSyncArg::Ps {
+        a.servers
+    } else {
+        0
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cfg.train.threads == 0 {
         // The ranks of this host share its cores.
@@ -341,7 +366,7 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     }
     // Whether a core is left for each rank's communication thread (for the step prediction).
     let spare_core = cores > local_world_size().max(1) * cfg.train.threads;
-    if a.grad_sync == "ps" {
+    if a.grad_sync == GradSyncArg::Ps {
         let env = comm::JobEnv::from_env().context("joining the job")?;
         if env.world_size != a.dp + servers {
             bail!(
@@ -441,7 +466,11 @@ pub fn launch_self(a: &DpArgs) -> Result<()> {
         node_rank: 0,
         master_addr: "127.0.0.1".into(),
         master_port: None,
-        servers: if a.grad_sync == "ps" { a.servers } else { 0 },
+        servers: if a.grad_sync == GradSyncArg::Ps {
+            a.servers
+        } else {
+            0
+        },
         transport: None,
         token: None,
         grace_secs: 3.0,
