@@ -1,0 +1,267 @@
+//! Before the first step: the config and run-folder checks, the data, this rank's model
+//! chunks and starting state (fresh, `--init-from`, or a checkpoint of any layout), what the
+//! ranks agree on; and the validation loss.
+
+use super::model_config;
+use super::records::{proc_status_bytes, PipelineInfo, RunOptions};
+use crate::checkpoint::{self, TrainState};
+use crate::config::TrainConfig;
+use crate::data::{val_batch, window_count, DataPosition, Dataset};
+use crate::error::{io, TrainError};
+use crate::fsutil::{ensure_writable_dir, write_atomic};
+use crate::pipeline::{forward_only, Pipeline, StageActs, StageModel};
+use kernels::Par;
+use model::{ParamLayout, Shard};
+use std::path::Path;
+
+pub(super) fn mean_val_loss(
+    stage: &StageModel,
+    params: &[f32],
+    acts: &mut StageActs,
+    val: &[u32],
+    (b, t, batches): (usize, usize, usize),
+    par: Par,
+    mut pipe: Option<&mut Pipeline>,
+) -> Result<f64, TrainError> {
+    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for k in 0..batches {
+        if !val_batch(val, t, b, k, &mut x, &mut y) {
+            break;
+        }
+        if let Some(p) = pipe.as_deref_mut() {
+            p.begin_step(u64::from(u32::MAX) - k as u64);
+        }
+        let loss = forward_only(stage, params, acts, (&x, &y), par, pipe.as_deref_mut())?;
+        sum += loss.unwrap_or(f32::NAN) as f64;
+        n += 1;
+    }
+    let mean = sum / n.max(1) as f64;
+    match pipe {
+        // The stage with the loss tells the others (bit for bit: a broadcast).
+        Some(p) => {
+            let bits = mean.to_bits();
+            let mut buf = [
+                f32::from_bits(bits as u32),
+                f32::from_bits((bits >> 32) as u32),
+            ];
+            p.share(&mut buf, "sharing the validation loss")?;
+            Ok(f64::from_bits(
+                buf[0].to_bits() as u64 | (buf[1].to_bits() as u64) << 32,
+            ))
+        }
+        None => Ok(mean),
+    }
+}
+
+/// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its
+/// checkpoint).
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(_) => return Ok(()),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+/// Everything validated and loaded before the first step.
+pub(super) struct Setup {
+    /// The config with the data's vocabulary filled in.
+    pub(super) rcfg: TrainConfig,
+    pub(super) data: Dataset,
+    /// The model chunks this rank holds (the whole model without a pipeline).
+    pub(super) stage: StageModel,
+    pub(super) state: TrainState,
+    pub(super) warnings: Vec<String>,
+    pub(super) threads: usize,
+    pub(super) rss_before_model_bytes: u64,
+}
+
+/// Validates the config and the run folder, loads the data, and builds the starting state
+/// (fresh, `--init-from`, or the newest valid checkpoint). Writes nothing into the run folder
+/// until every check has passed.
+pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, TrainError> {
+    let origin = "config";
+    cfg.check(origin)?;
+    let out = &opts.out_dir;
+    ensure_writable_dir(out)?;
+    let existing = checkpoint::list(out);
+    if !opts.resume && !existing.is_empty() {
+        // With --overwrite the old checkpoints are deleted only once everything is validated
+        // (below), so a bad config never costs an earlier run.
+        if !opts.overwrite {
+            return Err(TrainError::RunFolderInUse {
+                dir: out.clone(),
+                newest_step: existing[0].0,
+            });
+        }
+    }
+    let data = Dataset::load(cfg)?;
+    if let Some(v) = cfg.model.vocab_size {
+        if v != data.vocab_size {
+            return Err(TrainError::Config {
+                origin: origin.into(),
+                field: "model.vocab_size".into(),
+                reason: format!("{v}, but the data's vocabulary is {}", data.vocab_size),
+            });
+        }
+    }
+    if let Some(tp) = &cfg.data.tokenizer {
+        crate::tokenizer::check_vocab(tp, data.vocab_size)?;
+    }
+    let mut rcfg = cfg.clone();
+    rcfg.model.vocab_size = Some(data.vocab_size);
+    let fingerprint = crate::dp::fingerprint(&rcfg, &data.train, &data.val);
+    let mut dp = opts.dp.as_ref().map(|d| lock(d));
+    let mut pipe = opts.pipeline.as_ref().map(|p| lock(p));
+    if let Some(p) = pipe.as_mut() {
+        p.check_fingerprint(&fingerprint)?;
+    }
+    if let Some(d) = dp.as_mut() {
+        d.check_fingerprint(&fingerprint)?;
+    }
+    let writer =
+        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.stage() == 0);
+    let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
+    if window_count(data.val.len(), t) < b {
+        return Err(TrainError::Data(format!(
+            "the validation stream has {} tokens, fewer than one batch of {b} × ({t} + 1)",
+            data.val.len()
+        )));
+    }
+    let threads = match cfg.train.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let rss_before_model_bytes = proc_status_bytes("VmRSS:");
+
+    let mcfg = model_config(&rcfg, data.vocab_size);
+    let full = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
+    let stage = match &pipe {
+        Some(p) => StageModel::new(&mcfg, &p.parts, &p.chunks())?,
+        None => StageModel::whole(full.clone()),
+    };
+    // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
+    // optimizer ranges this rank holds (the whole buffer without ZeRO).
+    let n = stage.len();
+    let (dp_size, owned) = match dp.as_mut() {
+        Some(d) => {
+            d.attach(&stage.chunks[0].1);
+            (d.size(), d.owned_ranges(n))
+        }
+        None => (1, vec![0..n]),
+    };
+    // The same ranges in the whole model's offsets (the checkpoint's), in this rank's order.
+    let segments = crate::pipeline::full_segments(&stage, &full);
+    let want_full: Vec<std::ops::Range<usize>> = crate::pipeline::to_full(&segments, &owned)
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    let mut warnings = Vec::new();
+    let loaded = if opts.resume {
+        checkpoint::find_resume(out, &rcfg, dp_size, &|_| want_full.clone()).map(
+            |(_m, _l, mut st, w)| {
+                warnings = w;
+                st.params = crate::pipeline::slice_full(&stage, &full, &st.params);
+                st
+            },
+        )
+    } else {
+        let params = match &opts.init_from {
+            Some(p) => std::fs::read(p)
+                .map_err(io(p))
+                .and_then(|bytes| checkpoint::load_hf_weights(p, &bytes, &full))
+                .map(|w| crate::pipeline::slice_full(&stage, &full, &w)),
+            None => {
+                let mut params = vec![0.0f32; n];
+                for (_, l, w) in &stage.chunks {
+                    params[w.clone()].copy_from_slice(&l.init_params(cfg.train.seed));
+                }
+                Ok(params)
+            }
+        };
+        let held = owned.iter().map(|r| r.len()).sum();
+        params.map(|params| TrainState {
+            step: 0,
+            params,
+            m: vec![0.0; held],
+            v: vec![0.0; held],
+            adam_step: 0,
+            data_position: DataPosition::default(),
+            tokens_seen: 0,
+            best_val_loss: None,
+            evals_without_improvement: 0,
+        })
+    };
+    // Every rank starts at the same step, or every rank stops.
+    let start = loaded
+        .as_ref()
+        .map(|s| s.step)
+        .map_err(|e| crate::error::chain_string(e));
+    if let Some(p) = pipe.as_mut() {
+        p.agree_on_start(start.clone())?;
+    }
+    if let Some(d) = dp.as_mut() {
+        d.agree_on_start(start)?;
+    }
+    let state = loaded?;
+    if writer {
+        if opts.resume {
+            truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
+        } else {
+            checkpoint::prune(out, 0);
+            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+        }
+        write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
+        if let Some(tp) = &cfg.data.tokenizer {
+            let bytes = std::fs::read(tp).map_err(io(tp))?;
+            write_atomic(&out.join("tokenizer.json"), &bytes)?;
+        }
+    }
+    Ok(Setup {
+        rcfg,
+        data,
+        stage,
+        state,
+        warnings,
+        threads,
+        rss_before_model_bytes,
+    })
+}
+
+pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the start report says about the pipeline.
+pub(super) fn pipeline_info(
+    p: &Pipeline,
+    ops: &[plan::schedule::Op],
+    acts: &StageActs,
+    m: usize,
+) -> PipelineInfo {
+    let (pp, v) = (p.shape.pp as u32, p.shape.vpp as u32);
+    let lists = plan::schedule::build(p.schedule.kind(), pp, m as u32, v);
+    // Equal per-chunk times, backward twice forward, no transfer time: the schedule's own bubble.
+    let sim = plan::schedule::simulate(&lists, m as u32, v, 1.0, 2.0, 0.0);
+    let _ = ops;
+    PipelineInfo {
+        stage: p.stage(),
+        stages: p.shape.pp,
+        schedule: p.schedule.name(),
+        microbatches: m,
+        parts: p.parts.clone(),
+        chunks: p.chunks().into_iter().zip(acts.sets()).collect(),
+        simulated_bubble: sim.bubble / sim.makespan,
+    }
+}
