@@ -119,38 +119,7 @@ impl Dp {
     /// checkpoint, or all fresh). `mine` is this rank's start step, or why it could not load
     /// one; a rank that failed makes every rank fail, naming it.
     pub fn agree_on_start(&mut self, mine: Result<u64, String>) -> Result<(), TrainError> {
-        let text = match &mine {
-            Ok(step) => format!("ok {step}"),
-            Err(e) => format!("error {e}"),
-        };
-        let all = self.all_gather_bytes(text.as_bytes(), "agreeing on the start step")?;
-        let all: Vec<String> = all
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect();
-        if mine.is_err() {
-            return Ok(()); // the caller returns its own error
-        }
-        if let Some((r, e)) = all
-            .iter()
-            .enumerate()
-            .find_map(|(r, t)| t.strip_prefix("error ").map(|e| (r, e)))
-        {
-            return Err(TrainError::Dist(format!("rank {r} could not start: {e}")));
-        }
-        let differ: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
-        if !differ.is_empty() {
-            return Err(TrainError::Dist(format!(
-                "rank(s) {differ:?} start at another step than rank 0 ({}); every rank must resume \
-                 from the same checkpoint (or none)",
-                all.iter()
-                    .enumerate()
-                    .map(|(r, t)| format!("rank {r}: step {}", t.trim_start_matches("ok ")))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        Ok(())
+        agree_on_start(self.group.as_mut(), mine, TrainError::Dist)
     }
 }
 
@@ -206,4 +175,47 @@ pub fn all_gather_bytes(
             bytes[..l.min(bytes.len())].to_vec()
         })
         .collect())
+}
+
+/// Start of a run: every rank of `group` must start at the same step (from the same checkpoint,
+/// or all fresh). `mine` is this rank's start step, or why it could not load one; a rank that
+/// failed makes every rank fail, naming it. Disagreements are reported through `fail` (the
+/// caller's error kind: data parallel, pipeline).
+pub fn agree_on_start(
+    group: &mut dyn Communicator,
+    mine: Result<u64, String>,
+    fail: fn(String) -> TrainError,
+) -> Result<(), TrainError> {
+    let text = match &mine {
+        Ok(step) => format!("ok {step}"),
+        Err(e) => format!("error {e}"),
+    };
+    let all = all_gather_bytes(group, text.as_bytes(), "agreeing on the start step")?;
+    let all: Vec<String> = all
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    if mine.is_err() {
+        return Ok(()); // the caller returns its own error
+    }
+    if let Some((r, e)) = all
+        .iter()
+        .enumerate()
+        .find_map(|(r, t)| t.strip_prefix("error ").map(|e| (r, e)))
+    {
+        return Err(fail(format!("rank {r} could not start: {e}")));
+    }
+    let differ: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
+    if !differ.is_empty() {
+        return Err(fail(format!(
+            "rank(s) {differ:?} start at another step than rank 0 ({}); every rank must resume \
+             from the same checkpoint (or none)",
+            all.iter()
+                .enumerate()
+                .map(|(r, t)| format!("rank {r}: step {}", t.trim_start_matches("ok ")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
 }

@@ -550,36 +550,7 @@ impl Pipeline {
     /// Start of a run: every rank starts at the same step (from the same checkpoint), or every
     /// rank stops, naming the one that could not start.
     pub fn agree_on_start(&mut self, mine: Result<u64, String>) -> Result<(), TrainError> {
-        let text = match &mine {
-            Ok(step) => format!("ok {step}"),
-            Err(e) => format!("error {e}"),
-        };
-        let all =
-            self.world_gather_bytes(text.as_bytes(), "pipeline: agreeing on the start step")?;
-        if mine.is_err() {
-            return Ok(()); // the caller returns its own error
-        }
-        let all: Vec<String> = all
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect();
-        if let Some((r, e)) = all
-            .iter()
-            .enumerate()
-            .find_map(|(r, t)| t.strip_prefix("error ").map(|e| (r, e)))
-        {
-            return Err(TrainError::Pipeline(format!(
-                "rank {r} could not start: {e}"
-            )));
-        }
-        if let Some(r) = (1..all.len()).find(|&r| all[r] != all[0]) {
-            return Err(TrainError::Pipeline(format!(
-                "rank {r} starts at another step than rank 0 ({} vs {}); every rank must resume \
-                 from the same checkpoint (or none)",
-                all[r], all[0]
-            )));
-        }
-        Ok(())
+        crate::dp::agree_on_start(self.world.as_mut(), mine, TrainError::Pipeline)
     }
 
     /// Every rank's bytes, in world-rank order (checkpoint reports).
