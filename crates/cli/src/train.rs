@@ -49,6 +49,14 @@ pub struct TrainArgs {
     /// Seed of weights and batch order (train.seed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Storage precision (train.precision): fp32, bf16-mixed or fp16-mixed. Mixed precision
+    /// keeps fp32 master weights and AdamW state; fp16 adds a dynamic loss scale.
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Activation recomputation (train.recompute): none, selective (the attention softmax)
+    /// or full (whole layers).
+    #[arg(long)]
+    pub recompute: Option<String>,
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -288,6 +296,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     if let Some(s) = a.seed {
         overrides.push(format!("train.seed={s}"));
     }
+    if let Some(p) = &a.precision {
+        let p = plan::recipe::Precision::parse(p)?;
+        overrides.push(format!("train.precision={}", serde_json::to_string(&p)?));
+    }
+    if let Some(r) = &a.recompute {
+        let r = plan::recipe::Recompute::parse(r)?;
+        overrides.push(format!("train.recompute={}", serde_json::to_string(&r)?));
+    }
     overrides.extend(a.set.iter().cloned());
     let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
     crate::train_dp::check_layout(&a.dp, &mut cfg)?;
@@ -427,13 +443,27 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let st = &s.start;
     println!("predicted vs measured:");
     println!(
-        "  memory: predicted buffers {} | allocated buffers {} | process peak RSS {} = {} before the model (program + token streams) + {} after",
+        "  memory ({}, recompute {}): predicted buffers {} | allocated buffers {} | process peak RSS {} = {} before the model (program + token streams) + {} after",
+        precision_name(st.config.train.precision),
+        recompute_name(st.config.train.recompute),
         mib(st.predicted.total_bytes()),
         mib(st.allocated_bytes),
         mib(s.peak_rss_bytes),
         mib(st.rss_before_model_bytes),
         mib(s.peak_rss_bytes.saturating_sub(st.rss_before_model_bytes))
     );
+    if s.skipped_steps > 0 || s.final_loss_scale.is_some() || s.guard.loss_spikes > 0 {
+        println!(
+            "  stability: {} steps skipped ({} non-finite), {} loss spikes, {} gradient-norm spikes, {} rollbacks{}",
+            s.skipped_steps,
+            s.guard.nonfinite_skipped,
+            s.guard.loss_spikes,
+            s.guard.grad_norm_spikes,
+            s.rollbacks,
+            s.final_loss_scale
+                .map_or(String::new(), |x| format!("; fp16 loss scale now {x}"))
+        );
+    }
     // Compute plus the communication the training thread waits for.
     let predicted_step = st.predicted_step.total_secs
         / (1.0 - st.pipeline.as_ref().map_or(0.0, |p| p.simulated_bubble))
@@ -498,4 +528,20 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             .map_or(String::new(), |p| format!(", {}", p.display()))
     );
     Ok(())
+}
+
+/// The estimator's name of a precision (`bf16-mixed`).
+fn precision_name(p: plan::recipe::Precision) -> String {
+    serde_json::to_value(p)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The estimator's name of a recomputation policy (`selective`).
+fn recompute_name(r: plan::recipe::Recompute) -> String {
+    serde_json::to_value(r)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }

@@ -404,6 +404,53 @@ pub fn memory_with(
     }
 }
 
+/// The trainer's buffers on one rank under `precision` and `recompute`, from the fp32 profile
+/// `base` of the same rank ([`memory`], [`zero_memory`] or [`stage_memory`]) for the chunks
+/// `chunks` (each with the saved activation sets its schedule keeps in flight):
+/// - activations re-counted by element type: the saved sets and the scratch of
+///   [`activation_bytes_with`], plus between pipeline stages (`pipelined`) the two `f32`
+///   receive buffers and, under mixed precision, one `f32` buffer the outgoing 16-bit
+///   activation is widened into (b·t·c each);
+/// - under mixed precision, a 16-bit working copy of the weights (beside the fp32 master in
+///   `base`) and a 16-bit gradient buffer that backward writes one micro-batch into before it
+///   is added to the `f32` gradients of `base`, which the data-parallel reduction and AdamW
+///   read (Megatron-LM's fp32 gradient buffers: 4 + 2 + 2 + 4 + 8 = 20 B/param before
+///   ZeRO; ZeRO-2's `f32` buckets replace the full `f32` buffer as in [`zero_memory`]).
+///
+/// For fp32 without recomputation this is `base` unchanged.
+pub fn trainer_memory(
+    base: CpuRuntimeMemory,
+    chunks: &[(CpuRuntimeDims, u64)],
+    batch: u64,
+    seq: u64,
+    pipelined: bool,
+    precision: Precision,
+    recompute: Recompute,
+) -> CpuRuntimeMemory {
+    let e = compute_bytes(precision);
+    let mixed = precision != Precision::Fp32;
+    let n: u64 = chunks.iter().map(|(d, _)| param_count(d)).sum();
+    let saved: u64 = chunks
+        .iter()
+        .map(|(d, sets)| sets.max(&1) * saved_activation_elems(d, batch, seq, recompute).bytes(e))
+        .sum();
+    let scratch = chunks.first().map_or(0, |(d, _)| {
+        scratch_activation_elems(d, batch, seq, recompute).bytes(e)
+    });
+    let c = chunks.first().map_or(0, |(d, _)| d.channels);
+    let boundary = if pipelined {
+        F32_BYTES * batch * seq * c * if mixed { 3 } else { 2 }
+    } else {
+        0
+    };
+    CpuRuntimeMemory {
+        param_bytes: base.param_bytes + if mixed { e * n } else { 0 },
+        grad_bytes: base.grad_bytes + if mixed { e * n } else { 0 },
+        optimizer_bytes: base.optimizer_bytes,
+        activation_bytes: saved + scratch + boundary,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,10 @@
 //! run folder keeps a copy of the resolved one (`config.toml`).
 
 use crate::error::TrainError;
+use crate::guard::{GuardConfig, SpikeAction};
+use crate::loss_scale::LossScaleConfig;
 use crate::synthetic::SyntheticSpec;
+pub use plan::recipe::{Precision, Recompute};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -21,8 +24,10 @@ pub struct TrainConfig {
     pub data: DataSection,
     /// AdamW and the learning-rate schedule.
     pub optim: OptimSection,
-    /// Loop length, batch, evaluation, checkpoints.
+    /// Loop length, batch, evaluation, checkpoints, precision, recomputation.
     pub train: LoopSection,
+    /// Stability guards and the fp16 loss scale.
+    pub stability: StabilitySection,
 }
 
 /// `[model]`: the GPT-2 shape.
@@ -154,6 +159,16 @@ pub struct LoopSection {
     pub patience: u64,
     /// Minimum decrease of the validation loss that counts as an improvement (default 1e-3).
     pub min_delta: f64,
+    /// Storage precision (the estimator's names): `"fp32"` (default), `"bf16-mixed"` or
+    /// `"fp16-mixed"`. Mixed precision keeps fp32 master weights and AdamW state, a 16-bit
+    /// working copy of the weights, 16-bit activations and per-micro-batch gradients, and
+    /// hands f32 gradients to the reduction and the optimizer; fp16 adds the dynamic loss
+    /// scale (`[stability]`).
+    pub precision: Precision,
+    /// Activation recomputation (Korthikanti et al. 2022's names): `"none"` (default),
+    /// `"selective"` (the attention softmax) or `"full"` (whole layers). Changes memory and
+    /// time, never the result (bitwise in fp32).
+    pub recompute: Recompute,
 }
 
 impl Default for LoopSection {
@@ -170,6 +185,81 @@ impl Default for LoopSection {
             keep_checkpoints: 2,
             patience: 0,
             min_delta: 1e-3,
+            precision: Precision::Fp32,
+            recompute: Recompute::None,
+        }
+    }
+}
+
+/// `[stability]`: what happens to non-finite steps and loss spikes (`crate::guard`), and the
+/// fp16 dynamic loss scale (`crate::loss_scale`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StabilitySection {
+    /// Stop with an error after this many steps in a row whose loss or gradients were not
+    /// finite (each is skipped: it never reaches the weights) (default 5).
+    pub max_bad_steps: u32,
+    /// What a loss spike does: `"log"` (default), `"skip"` (drop the batch's update) or
+    /// `"rollback"` (restore the last checkpoint and skip the data since).
+    pub spike_action: SpikeAction,
+    /// A loss above `mean + spike_margin · std` of the running statistic is a spike
+    /// (default 6).
+    pub spike_margin: f64,
+    /// Weight of the newest step in the running mean and variance (default 0.02: about 50
+    /// steps).
+    pub spike_ema: f64,
+    /// Applied steps before spikes are judged (default 20).
+    pub spike_warmup: u32,
+    /// fp16: the initial loss scale (default 65536 = 2^16).
+    pub loss_scale_init: f32,
+    /// fp16: clean steps in a row before the scale doubles (default 2000).
+    pub loss_scale_growth_interval: u32,
+    /// Fault injection for tests and drills: at these (1-based) steps the last data-parallel
+    /// rank's loss gradient is NaN, so every gradient of the step is (default none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject_nan_steps: Vec<u64>,
+    /// Fault injection: at these steps every micro-batch's targets are replaced by a shifted
+    /// copy (a corrupt batch whose loss spikes) (default none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject_bad_batch_steps: Vec<u64>,
+}
+
+impl Default for StabilitySection {
+    fn default() -> Self {
+        let g = GuardConfig::default();
+        let l = LossScaleConfig::default();
+        StabilitySection {
+            max_bad_steps: g.max_bad_in_a_row,
+            spike_action: g.spike_action,
+            spike_margin: g.spike_margin,
+            spike_ema: g.ema_weight,
+            spike_warmup: g.warmup,
+            loss_scale_init: l.init,
+            loss_scale_growth_interval: l.growth_interval,
+            inject_nan_steps: Vec::new(),
+            inject_bad_batch_steps: Vec::new(),
+        }
+    }
+}
+
+impl StabilitySection {
+    /// The guard's settings.
+    pub fn guard(&self) -> GuardConfig {
+        GuardConfig {
+            max_bad_in_a_row: self.max_bad_steps,
+            spike_margin: self.spike_margin,
+            ema_weight: self.spike_ema,
+            warmup: self.spike_warmup,
+            spike_action: self.spike_action,
+        }
+    }
+
+    /// The loss scale's settings.
+    pub fn loss_scale(&self) -> LossScaleConfig {
+        LossScaleConfig {
+            init: self.loss_scale_init,
+            growth_interval: self.loss_scale_growth_interval,
+            ..LossScaleConfig::default()
         }
     }
 }
@@ -184,6 +274,14 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.keep_checkpoints",
     "train.patience",
     "train.min_delta",
+    "train.recompute",
+    "stability.max_bad_steps",
+    "stability.spike_action",
+    "stability.spike_margin",
+    "stability.spike_ema",
+    "stability.spike_warmup",
+    "stability.inject_nan_steps",
+    "stability.inject_bad_batch_steps",
 ];
 
 fn config_err(origin: &str, field: impl Into<String>, reason: impl Into<String>) -> TrainError {
@@ -335,6 +433,37 @@ impl TrainConfig {
         }
         if !(o.grad_clip >= 0.0 && o.grad_clip.is_finite()) {
             return bad("optim.grad_clip", format!("{} must be >= 0", o.grad_clip));
+        }
+        let st = &self.stability;
+        if st.max_bad_steps == 0 {
+            return bad("stability.max_bad_steps", "must be at least 1".into());
+        }
+        if !(st.spike_margin > 0.0 && st.spike_margin.is_finite()) {
+            return bad(
+                "stability.spike_margin",
+                format!("{} must be a finite number > 0", st.spike_margin),
+            );
+        }
+        if !(st.spike_ema > 0.0 && st.spike_ema <= 1.0) {
+            return bad(
+                "stability.spike_ema",
+                format!("{} is not in (0, 1]", st.spike_ema),
+            );
+        }
+        if !(st.loss_scale_init >= 1.0 && st.loss_scale_init <= LossScaleConfig::default().max) {
+            return bad(
+                "stability.loss_scale_init",
+                format!(
+                    "{} is not in [1, 2^24]; 65536 is the usual start",
+                    st.loss_scale_init
+                ),
+            );
+        }
+        if st.loss_scale_growth_interval == 0 {
+            return bad(
+                "stability.loss_scale_growth_interval",
+                "must be at least 1".into(),
+            );
         }
         match self.data.source {
             DataSource::Synthetic => {

@@ -110,6 +110,9 @@ pub enum TrainError {
     /// The model rejected its configuration or input.
     #[error(transparent)]
     Model(#[from] model::ModelError),
+    /// Too many steps in a row had a non-finite loss or gradient (`crate::guard`).
+    #[error(transparent)]
+    Diverged(#[from] crate::guard::Diverged),
 }
 
 /// Shorthand for an [`TrainError::Io`] mapper: `.map_err(io(path))`.

@@ -81,6 +81,20 @@ pub struct Diverged {
     pub step: u64,
 }
 
+/// What a checkpoint keeps of the stability machinery, so a resumed run judges spikes and
+/// scales the loss exactly as the uninterrupted one would.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StabilityState {
+    /// The guard's running statistics and counts.
+    pub guard: Guard,
+    /// fp16: the dynamic loss scale (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::loss_scale::LossScaleState>,
+    /// Steps rolled back so far (loss spikes with `rollback`).
+    #[serde(default)]
+    pub rollbacks: u64,
+}
+
 /// A running mean and variance with exponential weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Running {
@@ -129,6 +143,17 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// The same statistics and counts under new settings (a resumed run may change them).
+    pub fn with_config(mut self, cfg: GuardConfig) -> Guard {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Non-finite steps in a row so far.
+    pub fn bad_in_a_row(&self) -> u32 {
+        self.bad_in_a_row
+    }
+
     /// A fresh guard.
     pub fn new(cfg: GuardConfig) -> Guard {
         Guard {

@@ -14,9 +14,10 @@
 //! - [`sample`]: text generation from a checkpoint (temperature, top-k).
 //! - [`tokenizer`]: byte-level BPE (the `tokenizers` crate) and `data prepare`.
 //! - [`plot`]: the loss curve as SVG.
+//! - [`precision`]: the trainer's mixed precision (16-bit working weights, activations and
+//!   per-micro-batch gradients widened into the `f32` gradients the reduction and AdamW read).
 //! - [`loss_scale`], [`guard`]: dynamic loss scaling for fp16 and training stability guards
-//!   (non-finite steps, loss and gradient-norm spikes); standalone, not yet called by the
-//!   trainer (`examples/precision_convergence.rs` uses the loss scale).
+//!   (non-finite steps, loss and gradient-norm spikes, rollback), used by the trainer.
 //!
 //! Memory and step-time predictions come from `plan::cpu_runtime` and `plan::cpu_time`; this
 //! crate re-derives no formula.
@@ -35,6 +36,7 @@ pub mod loss_scale;
 pub mod mesh;
 pub mod pipeline;
 pub mod plot;
+pub mod precision;
 pub mod sample;
 pub mod synthetic;
 pub mod tokenizer;

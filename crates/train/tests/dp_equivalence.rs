@@ -664,6 +664,7 @@ fn any_disjoint_ranges_round_trip_through_the_shard_files() {
                     tokens_seen: 0,
                     best_val_loss: None,
                     evals_without_improvement: 0,
+                    stability: None,
                 };
                 let part = train::checkpoint::RankPart {
                     rank,

@@ -58,6 +58,9 @@ pub struct Manifest {
     pub best_val_loss: Option<f64>,
     /// Evaluations since the best one (early stopping).
     pub evals_without_improvement: u64,
+    /// The stability guards' statistics and the fp16 loss scale (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability: Option<crate::guard::StabilityState>,
     /// A Hugging Face `GPT2Config` for the weights (the demonstration script writes it out as
     /// `config.json`).
     pub hf_config: serde_json::Value,

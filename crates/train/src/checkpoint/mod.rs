@@ -92,6 +92,9 @@ pub struct TrainState {
     pub best_val_loss: Option<f64>,
     /// Evaluations since the best.
     pub evals_without_improvement: u64,
+    /// The stability guards' statistics and the fp16 loss scale (`None` in checkpoints written
+    /// before they existed: a resumed run starts them afresh).
+    pub stability: Option<crate::guard::StabilityState>,
 }
 
 /// The manifest path of the checkpoint at `step` in `dir`.

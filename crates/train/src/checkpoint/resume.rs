@@ -107,6 +107,7 @@ pub fn load_ranges(
         tokens_seen: m.tokens_seen,
         best_val_loss: m.best_val_loss,
         evals_without_improvement: m.evals_without_improvement,
+        stability: m.stability.clone(),
     };
     Ok((m, layout, state))
 }

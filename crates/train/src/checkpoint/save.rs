@@ -219,6 +219,7 @@ pub fn save_rank(
         tokens_seen: state.tokens_seen,
         best_val_loss: state.best_val_loss,
         evals_without_improvement: state.evals_without_improvement,
+        stability: state.stability.clone(),
         hf_config: hf_config(layout),
     };
     let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");

@@ -315,13 +315,39 @@ impl Dp {
         cfg: &AdamWConfig,
         par: Par,
     ) -> Result<f64, TrainError> {
+        self.step_guarded(layout, params, grads, opt, cfg, par, &mut |_| Ok(true))
+    }
+
+    /// [`Dp::step`], asking `apply(global gradient norm)` before anything reaches the weights:
+    /// `false` skips the update (the step's gradients are dropped, the optimizer state is left
+    /// as it was). Under ZeRO and the synchronous parameter server every rank sees the same
+    /// norm, so every rank decides alike (the trainer's stability guards and loss scale).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_guarded(
+        &mut self,
+        layout: &ParamLayout,
+        params: &mut [f32],
+        grads: &mut [f32],
+        opt: &mut AdamW,
+        cfg: &AdamWConfig,
+        par: Par,
+        apply: &mut dyn FnMut(f64) -> Result<bool, TrainError>,
+    ) -> Result<f64, TrainError> {
         if self.ps.is_some() {
-            return self.ps_step(layout, params, grads, opt, cfg, par);
+            return self.ps_step(layout, params, grads, opt, cfg, par, apply);
         }
         match self.zero {
             // Ring: the buckets were all-reduced in `backward`.
-            ZeroStage::Off => Ok(opt.step(layout, params, grads, cfg, par)),
-            ZeroStage::One | ZeroStage::Two => self.zero_step(layout, params, grads, opt, cfg, par),
+            ZeroStage::Off => {
+                let norm = AdamW::grad_norm(grads);
+                if !apply(norm)? {
+                    return Ok(norm);
+                }
+                Ok(opt.step(layout, params, grads, cfg, par))
+            }
+            ZeroStage::One | ZeroStage::Two => {
+                self.zero_step(layout, params, grads, opt, cfg, par, apply)
+            }
         }
     }
 }

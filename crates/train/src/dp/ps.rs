@@ -108,6 +108,7 @@ impl Dp {
     /// [`Dp::step`] for parameter-server workers: push this rank's gradients, pull the sum
     /// (synchronous), then AdamW as every rank does; or, asynchronous, AdamW on the own gradients
     /// first and push/pull the weight change.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn ps_step(
         &mut self,
         layout: &ParamLayout,
@@ -116,6 +117,7 @@ impl Dp {
         opt: &mut AdamW,
         cfg: &AdamWConfig,
         par: Par,
+        apply: &mut dyn FnMut(f64) -> Result<bool, TrainError>,
     ) -> Result<f64, TrainError> {
         let t0 = Instant::now();
         let Some((world, ps)) = &mut self.ps else {
@@ -126,7 +128,13 @@ impl Dp {
             // grads were scaled for a sum over workers: this rank's own mean is w times them.
             scale_inplace(grads, w);
             let before = params.to_vec();
-            let norm = opt.step(layout, params, grads, cfg, par);
+            // Asynchronous: this worker's own gradient decides (a skipped step pushes no change).
+            let norm = AdamW::grad_norm(grads);
+            let norm = if apply(norm)? {
+                opt.step(layout, params, grads, cfg, par)
+            } else {
+                norm
+            };
             let t1 = Instant::now();
             for (g, (p, b)) in grads.iter_mut().zip(params.iter().zip(&before)) {
                 *g = (p - b) / w;
@@ -146,6 +154,10 @@ impl Dp {
         let secs = t0.elapsed().as_secs_f64();
         self.comm_secs += secs;
         self.exposed_secs += secs;
+        let norm = AdamW::grad_norm(grads);
+        if !apply(norm)? {
+            return Ok(norm);
+        }
         Ok(opt.step(layout, params, grads, cfg, par))
     }
 }

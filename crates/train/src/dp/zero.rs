@@ -73,6 +73,7 @@ impl Dp {
 
 impl Dp {
     /// [`Dp::step`] under ZeRO-1/2.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn zero_step(
         &mut self,
         layout: &ParamLayout,
@@ -81,6 +82,7 @@ impl Dp {
         opt: &mut AdamW,
         cfg: &AdamWConfig,
         par: Par,
+        apply: &mut dyn FnMut(f64) -> Result<bool, TrainError>,
     ) -> Result<f64, TrainError> {
         // ZeRO: this rank's pieces of the reduced gradient, reduce-scattered in `backward`:
         // in place in `grads` (stage 1) or accumulated in the shard (stage 2).
@@ -121,6 +123,12 @@ impl Dp {
         self.comm_secs += secs;
         self.exposed_secs += secs;
         let norm = total.sqrt();
+        if !apply(norm)? {
+            // Skipped on every rank alike (the norm is global): drop the gradient pieces.
+            shard.fill(0.0);
+            self.grad_shard = shard;
+            return Ok(norm);
+        }
         if let Some(max_norm) = cfg.grad_clip {
             let factor = clip_factor(norm, max_norm);
             if zero2 {

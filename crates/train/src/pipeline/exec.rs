@@ -6,10 +6,11 @@
 use super::{boundaries, Kind, Pipeline};
 use crate::dp::Dp;
 use crate::error::TrainError;
+use crate::precision::Storage;
 use crate::trace::Trace;
 use kernels::Par;
 use model::{
-    backward_with, forward_with, ActSaved, ActScratch, GradInput, ModelConfig, NoTp, ParamLayout,
+    forward_with, ActSaved, ActScratch, GradInput, ModelConfig, NoTp, ParamLayout, Recompute,
     StageInput,
 };
 use plan::schedule::Op;
@@ -92,16 +93,19 @@ impl StageModel {
 }
 
 /// Activation buffers of one rank: per chunk as many saved sets as the schedule keeps in flight
-/// on it, and one scratch they share.
-pub struct StageActs {
-    saved: Vec<Vec<ActSaved>>,
-    scratch: ActScratch,
+/// on it, and one scratch they share, in storage type `E` under the recomputation policy the
+/// run uses.
+pub struct StageActs<E: Storage = f32> {
+    saved: Vec<Vec<ActSaved<E>>>,
+    scratch: ActScratch<E>,
     /// Per chunk, which saved set micro-batch `mb` uses (valid from its forward to its backward).
     slot_of: Vec<Vec<usize>>,
     free: Vec<Vec<usize>>,
     /// Receive buffers (bt·c) for an activation and a gradient.
     act_in: Vec<f32>,
     grad_in: Vec<f32>,
+    /// 16-bit storage between stages: the outgoing activation widened to `f32` (bt·c).
+    act_out: Vec<f32>,
 }
 
 /// The most micro-batches whose forward on `chunk` has run and whose backward has not, along
@@ -122,16 +126,31 @@ pub fn in_flight(ops: &[Op], chunk: u32) -> usize {
 }
 
 impl StageActs {
-    /// Buffers for micro-batches of (b, t) running the list `ops` over `stage`'s chunks.
+    /// fp32 buffers (no recomputation) for micro-batches of (b, t) running the list `ops` over
+    /// `stage`'s chunks.
     pub fn new(stage: &StageModel, ops: &[Op], b: usize, t: usize) -> StageActs {
+        StageActs::with(stage, ops, b, t, Recompute::None)
+    }
+}
+
+impl<E: Storage> StageActs<E> {
+    /// Buffers in storage type `E` under `recompute` for micro-batches of (b, t) running the
+    /// list `ops` over `stage`'s chunks.
+    pub fn with(
+        stage: &StageModel,
+        ops: &[Op],
+        b: usize,
+        t: usize,
+        recompute: Recompute,
+    ) -> StageActs<E> {
         let m = ops.len() / (2 * stage.chunks.len()).max(1);
-        let saved: Vec<Vec<ActSaved>> = stage
+        let saved: Vec<Vec<ActSaved<E>>> = stage
             .chunks
             .iter()
             .enumerate()
             .map(|(c, (_, l, _))| {
                 (0..in_flight(ops, c as u32).max(1))
-                    .map(|_| ActSaved::new(l, b, t))
+                    .map(|_| ActSaved::with(l, b, t, recompute))
                     .collect()
             })
             .collect();
@@ -140,7 +159,7 @@ impl StageActs {
             free: saved.iter().map(|s| (0..s.len()).rev().collect()).collect(),
             slot_of: vec![vec![usize::MAX; m.max(1)]; saved.len()],
             saved,
-            scratch: ActScratch::new(&stage.chunks[0].1, b, t),
+            scratch: ActScratch::with(&stage.chunks[0].1, b, t, recompute),
             act_in: if stage.vstages > 1 {
                 vec![0.0; b * t * c]
             } else {
@@ -151,15 +170,32 @@ impl StageActs {
             } else {
                 Vec::new()
             },
+            act_out: if stage.vstages > 1 && E::f32s(&[]).is_none() {
+                vec![0.0; b * t * c]
+            } else {
+                Vec::new()
+            },
         }
     }
 
-    /// `f32` elements held (saved sets, scratch, receive buffers).
+    /// Elements held, of either type (saved sets, scratch, buffers between stages).
     pub fn len(&self) -> usize {
         self.saved.iter().flatten().map(|s| s.len()).sum::<usize>()
             + self.scratch.len()
             + self.act_in.len()
             + self.grad_in.len()
+            + self.act_out.len()
+    }
+
+    /// Bytes held (what `plan::cpu_runtime::trainer_memory` predicts as activations).
+    pub fn bytes(&self) -> usize {
+        self.saved
+            .iter()
+            .flatten()
+            .map(|s| s.bytes())
+            .sum::<usize>()
+            + self.scratch.bytes()
+            + 4 * (self.act_in.len() + self.grad_in.len() + self.act_out.len())
     }
 
     /// True when nothing is held.
@@ -182,22 +218,28 @@ pub struct MicroBatches<'a> {
     pub ys: &'a [u32],
     /// Tokens per micro-batch (b·t).
     pub bt: usize,
-    /// Gradient of the step's objective w.r.t. each token's loss.
+    /// Gradient of the step's objective w.r.t. each token's loss (times the loss scale
+    /// under fp16).
     pub d_loss: f32,
+    /// What 16-bit gradients are multiplied by as they are added into the `f32` ones
+    /// (`1/loss_scale` under fp16; 1 otherwise).
+    pub unscale: f32,
 }
 
 /// Runs one optimizer step's list `ops` on this rank: forwards and backwards of every
-/// micro-batch on every chunk, gradients accumulated (`+=`) into `grads`, with the exchanges
+/// micro-batch on every chunk, gradients accumulated (`+=`) into `grads` (`f32`; in 16-bit
+/// storage each backward first writes `staging`, see `crate::precision`), with the exchanges
 /// between stages (`pipe`) and, on each micro-step that communicates, the data-parallel
 /// gradient buckets reduced as backward finishes them (`dp`; without interleaving). Returns
 /// the loss of each micro-batch on the rank that holds the loss (empty elsewhere).
 #[allow(clippy::too_many_arguments)]
-pub fn run_ops(
+pub fn run_ops<E: Storage>(
     ops: &[Op],
     stage: &StageModel,
-    params: &[f32],
+    params: &[E],
     grads: &mut [f32],
-    acts: &mut StageActs,
+    staging: &mut [E],
+    acts: &mut StageActs<E>,
     data: &MicroBatches<'_>,
     par: Par,
     mut pipe: Option<&mut Pipeline>,
@@ -227,6 +269,7 @@ pub fn run_ops(
         free,
         act_in,
         grad_in,
+        act_out,
     } = acts;
     for (i, op) in ops.iter().enumerate() {
         // The exchange before op i: what op i-1 produced, what op i needs.
@@ -235,7 +278,7 @@ pub fn run_ops(
             let send = bd.send.map(|msg| {
                 let c = chunk_of(&ops[i - 1]);
                 let data: &[f32] = match msg.kind {
-                    Kind::Act => saved[c][slot_of[c][msg.mb as usize]].output(),
+                    Kind::Act => widen(saved[c][slot_of[c][msg.mb as usize]].output(), act_out),
                     Kind::Grad => scratch.d_input(),
                 };
                 (msg, data)
@@ -319,16 +362,20 @@ pub fn run_ops(
                 } else {
                     &mut grads[w.clone()]
                 };
+                let st = if staging.is_empty() {
+                    &mut staging[..]
+                } else {
+                    &mut staging[w.clone()]
+                };
                 let set = &mut saved[c][slot];
+                let u = data.unscale;
                 match dp.as_deref_mut() {
                     Some(d) => d.backward(last_bwd[c] == Some(i), g, |sink| {
-                        backward_with(
-                            layout, p, sink, set, scratch, input, grad_input, par, &mut NoTp,
-                        )
+                        E::backward_to(layout, p, sink, st, u, set, scratch, input, grad_input, par)
                     })?,
-                    None => backward_with(
-                        layout, p, g, set, scratch, input, grad_input, par, &mut NoTp,
-                    )?,
+                    None => {
+                        E::backward_to(layout, p, g, st, u, set, scratch, input, grad_input, par)?
+                    }
                 }
                 free[c].push(slot);
             }
@@ -379,6 +426,17 @@ fn exchange_name(
     }
 }
 
+/// The stage output as `f32` for sending: itself in fp32, else widened into `buf`.
+fn widen<'a, E: Storage>(out: &'a [E], buf: &'a mut [f32]) -> &'a [f32] {
+    match E::f32s(out) {
+        Some(x) => x,
+        None => {
+            E::load(out, buf);
+            buf
+        }
+    }
+}
+
 fn chunk_of(op: &Op) -> usize {
     match *op {
         Op::Forward { chunk, .. } | Op::Backward { chunk, .. } => chunk as usize,
@@ -388,10 +446,10 @@ fn chunk_of(op: &Op) -> usize {
 /// Forward-only pass of one batch through the pipeline (validation): each chunk in turn
 /// receives its input from the previous virtual stage's rank, runs, and sends its output on.
 /// Returns the mean loss on the rank that holds the loss, `None` elsewhere.
-pub fn forward_only(
+pub fn forward_only<E: Storage>(
     stage: &StageModel,
-    params: &[f32],
-    acts: &mut StageActs,
+    params: &[E],
+    acts: &mut StageActs<E>,
     (x, y): (&[u32], &[u32]),
     par: Par,
     mut pipe: Option<&mut Pipeline>,
@@ -442,7 +500,7 @@ pub fn forward_only(
             };
             pipe.as_deref_mut()
                 .expect("an earlier virtual stage has a pipeline")
-                .send_act(msg, set.output())?;
+                .send_act(msg, widen(set.output(), &mut acts.act_out))?;
         }
     }
     if let Some(p) = pipe {

@@ -1,33 +1,42 @@
-//! The training loop: one process, the whole model, f32 (`crates/model` does the maths).
+//! The training loop (`crates/model` does the maths), in the storage precision the config
+//! names (`f32`, or bf16/fp16 with fp32 master weights: `crate::precision`).
 //!
 //! Per optimizer step, in this order: learning rate from the schedule → `grad_accum`
 //! micro-batches of forward + backward (gradients accumulate; each micro-batch's loss gradient
-//! is `1 / (b·t·grad_accum)`) → global-norm clipping and AdamW → metrics line → validation (every
-//! `eval_every`) → early stopping → checkpoint (every `checkpoint_every`, at the end, and when
-//! stopping). Nothing random happens outside the data order, so a run is a pure function of its
-//! config, and a resumed run repeats the uninterrupted one bit for bit.
+//! is `1 / (b·t·grad_accum)`, times the loss scale under fp16) → global gradient norm → the
+//! stability decision (`stability.rs`: loss scale, non-finite values, loss spikes; every rank
+//! decides alike) → clipping and AdamW on the fp32 master weights, and the 16-bit working copy
+//! refreshed (or the step skipped, or rolled back to the last checkpoint) → metrics line →
+//! validation (every `eval_every`) → early stopping → checkpoint (every `checkpoint_every`, at
+//! the end, and when stopping). Nothing random happens outside the data order, so a run is a
+//! pure function of its config, and a resumed run repeats the uninterrupted one bit for bit.
 
 //!
 //! Files: `records.rs` (the options, the step and start records, the observer, the summary),
-//! `setup.rs` (checks, data, the starting state, validation loss), this file (the loop).
+//! `setup.rs` (checks, data, the starting state, validation loss), `stability.rs` (the
+//! per-step decision and the rollback), this file (the loop).
 
 mod records;
 mod setup;
+mod stability;
 
 pub use records::{
     proc_status_bytes, Observer, PipelineInfo, Quiet, RunOptions, RunSummary, StartInfo, StepRecord,
 };
 
 use crate::checkpoint;
+use crate::config::Precision;
 use crate::config::{OptimSection, TrainConfig};
 use crate::data::Batcher;
 use crate::error::{io, TrainError};
 use crate::fsutil::write_atomic;
 use crate::pipeline::{run_ops, MicroBatches, StageActs};
+use crate::precision::{master_as, Storage};
 use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
-use kernels::Par;
+use kernels::{Bf16, Par, F16};
 use model::{AdamW, AdamWConfig, ModelConfig, ParamLayout, Shard};
-use setup::{lock, mean_val_loss, pipeline_info, setup, Setup};
+use setup::{lock, mean_val_loss, pipeline_info, setup, truncate_metrics, Setup};
+use stability::{load_last_checkpoint, Decision, Stability};
 use std::io::Write;
 use std::time::Instant;
 
@@ -64,6 +73,19 @@ pub fn run(
     opts: &RunOptions,
     obs: &mut dyn Observer,
 ) -> Result<RunSummary, TrainError> {
+    match cfg.train.precision {
+        Precision::Fp32 => run_with::<f32>(cfg, opts, obs),
+        Precision::Bf16Mixed => run_with::<Bf16>(cfg, opts, obs),
+        Precision::Fp16Mixed => run_with::<F16>(cfg, opts, obs),
+    }
+}
+
+/// [`run`] with storage type `E` (`f32`: the master weights are the working weights).
+fn run_with<E: Storage>(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    obs: &mut dyn Observer,
+) -> Result<RunSummary, TrainError> {
     let Setup {
         rcfg,
         data,
@@ -92,6 +114,12 @@ pub fn run(
     // ZeRO-2 writes gradients into the data-parallel bucket buffers instead (crate::dp).
     let full_grads = dp.as_ref().is_none_or(|d| d.needs_full_grads());
     let mut grads = vec![0.0f32; if full_grads { n } else { 0 }];
+    // Mixed precision: the 16-bit working copy of the weights and the 16-bit gradient of one
+    // micro-batch (crate::precision); empty in fp32.
+    let mixed = master_as::<E>(&state.params).is_none();
+    let mut work: Vec<E> = vec![E::default(); if mixed { n } else { 0 }];
+    let mut staging: Vec<E> = vec![E::default(); if mixed { n } else { 0 }];
+    let mut stab = Stability::new(cfg, state.stability.take());
     let mut opt = AdamW {
         m: std::mem::take(&mut state.m),
         v: std::mem::take(&mut state.v),
@@ -113,7 +141,7 @@ pub fn run(
             plan::schedule::build(plan::schedule::Kind::OneFOneB, 1, accum as u32, 1).swap_remove(0)
         }
     };
-    let mut acts = StageActs::new(&stage, &ops, b, t);
+    let mut acts = StageActs::<E>::with(&stage, &ops, b, t, cfg.train.recompute);
     let mut batcher = Batcher::new(
         data.train.len(),
         t,
@@ -143,7 +171,7 @@ pub fn run(
         &plan::cpu_time::CpuCalibration::default(),
     );
     let pipeline = pipe.as_ref().map(|p| pipeline_info(p, &ops, &acts, accum));
-    let predicted = match (&dp, &pipe) {
+    let base = match (&dp, &pipe) {
         (Some(d), None) => plan::cpu_runtime::zero_memory(
             &dims,
             b as u64,
@@ -163,6 +191,23 @@ pub fn run(
         }
         (None, None) => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
     };
+    let chunk_sets: Vec<_> = match &pipe {
+        Some(_) => held
+            .iter()
+            .zip(acts.sets())
+            .map(|(s, k)| (s.dims(&mcfg), k as u64))
+            .collect(),
+        None => vec![(dims, 1)],
+    };
+    let predicted = plan::cpu_runtime::trainer_memory(
+        base,
+        &chunk_sets,
+        b as u64,
+        t as u64,
+        pipe.is_some(),
+        cfg.train.precision,
+        cfg.train.recompute,
+    );
     let start = StartInfo {
         config: rcfg.clone(),
         params: n,
@@ -176,8 +221,8 @@ pub fn run(
             .as_ref()
             .filter(|_| pipe.is_none())
             .and_then(|d| d.predict_comm(&dims, accum as u64, &predicted_step)),
-        allocated_bytes: 4
-            * (state.params.len() + grads.len() + opt.m.len() + opt.v.len() + acts.len()) as u64
+        allocated_bytes: 4 * (state.params.len() + grads.len() + opt.m.len() + opt.v.len()) as u64
+            + (E::BYTES * (work.len() + staging.len()) + acts.bytes()) as u64
             + dp.as_ref().map_or(0, |d| d.extra_bytes()),
         rss_before_model_bytes,
         warnings,
@@ -225,6 +270,8 @@ pub fn run(
     // gradient norm: on the first stage.
     let tied = stage.tied_range();
     let skip_in_norm = tied.clone().filter(|(_, copy)| *copy).map(|(r, _)| r);
+    let vocab = mcfg.vocab_size as u32;
+    refresh_working(&mut work, &state.params);
     while state.step < end {
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
@@ -244,20 +291,32 @@ pub fn run(
                 batcher.next_batch(&data.train, &mut x, &mut y);
             }
         }
+        if stab.inject_bad_batch(step + 1) {
+            // Fault injection: a corrupt batch (every target off by one token).
+            ys.iter_mut().for_each(|y| *y = (*y + 1) % vocab);
+        }
         if let Some(p) = pipe.as_mut() {
             p.begin_step(step);
         }
+        let scale = stab.loss_scale().unwrap_or(1.0);
+        let step_d_loss = if stab.inject_nan(step + 1) && dp_rank + 1 == dp_size {
+            f32::NAN
+        } else {
+            d_loss * scale
+        };
         let micro_losses = run_ops(
             &ops,
             &stage,
-            &state.params,
+            master_as::<E>(&state.params).unwrap_or(&work),
             &mut grads,
+            &mut staging,
             &mut acts,
             &MicroBatches {
                 xs: &xs,
                 ys: &ys,
                 bt,
-                d_loss,
+                d_loss: step_d_loss,
+                unscale: 1.0 / scale,
             },
             par,
             pipe.as_deref_mut(),
@@ -295,13 +354,6 @@ pub fn run(
         // Same f64 summation order as one rank with grad_accum = dp × accum.
         let loss_sum: f64 = losses.iter().map(|&l| l as f64).sum();
         let loss = (loss_sum / (accum * dp_size) as f64) as f32;
-        if !loss.is_finite() {
-            return Err(TrainError::Data(format!(
-                "the training loss became {loss} at step {}; lower optim.lr or raise optim.warmup_steps \
-                 (the last checkpoint is untouched)",
-                step + 1
-            )));
-        }
         let ocfg = AdamWConfig {
             lr,
             beta1: cfg.optim.beta1,
@@ -314,12 +366,27 @@ pub fn run(
             p.reduce_tied(&mut grads[r.clone()])?;
         }
         let t_opt = Instant::now();
+        // The stability decision comes before anything reaches the weights; every rank sees
+        // the same loss and global norm, so every rank decides alike.
+        let counts_before = stab.counts();
+        let mut decision = Decision::Apply;
+        let mut decide = |norm: f64| -> Result<bool, TrainError> {
+            decision = stab.decide(step + 1, loss, norm)?;
+            Ok(decision == Decision::Apply)
+        };
         let grad_norm = match dp.as_mut() {
             // ZeRO and parameter servers reduce or shard inside their own step.
-            Some(d) if d.zero() != crate::dp::ZeroStage::Off || d.is_parameter_server() => {
-                d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par)?
-            }
-            _ => {
+            Some(d) if d.zero() != crate::dp::ZeroStage::Off || d.is_parameter_server() => d
+                .step_guarded(
+                    &layout,
+                    &mut state.params,
+                    &mut grads,
+                    &mut opt,
+                    &ocfg,
+                    par,
+                    &mut decide,
+                )?,
+            _ => 'own: {
                 let mut sq = match &skip_in_norm {
                     Some(r) => sum_squares(&grads[..r.start]) + sum_squares(&grads[r.end..]),
                     None => sum_squares(&grads),
@@ -328,6 +395,9 @@ pub fn run(
                     sq = p.sum_over_stages(sq)?;
                 }
                 let norm = sq.sqrt();
+                if !decide(norm)? {
+                    break 'own norm;
+                }
                 if let Some(max_norm) = ocfg.grad_clip {
                     scale_inplace(&mut grads, clip_factor(norm, max_norm));
                 }
@@ -348,6 +418,9 @@ pub fn run(
                 norm
             }
         };
+        if decision == Decision::Apply {
+            refresh_working(&mut work, &state.params);
+        }
         if let Some(tr) = trace.as_mut() {
             tr.span(
                 crate::trace::MAIN,
@@ -373,11 +446,60 @@ pub fn run(
             comm_secs: comm.map(|c| c.0),
             exposed_comm_secs: comm.map(|c| c.1),
             p2p_secs: p2p_at_start.zip(pipe.as_ref()).map(|(s, p)| p.p2p_secs - s),
+            loss_scale: stab.loss_scale().map(|_| scale),
+            skipped: decision != Decision::Apply,
+            skip_reason: match decision {
+                Decision::Apply => None,
+                Decision::Skip(why) => Some(why),
+                Decision::Rollback { .. } => Some("rollback"),
+            },
+            loss_spike: stab.counts().loss_spikes > counts_before.loss_spikes,
+            grad_norm_spike: stab.counts().grad_norm_spikes > counts_before.grad_norm_spikes,
         };
         let line = serde_json::to_string(&rec).expect("record serialises");
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
         obs.on_step(&rec, total);
         records.push(rec);
+        if let Decision::Rollback { loss, threshold } = decision {
+            // Back to the last checkpoint's weights, optimizer and step; the batcher keeps its
+            // position, so the data since the checkpoint (the spike's batch included) is skipped.
+            let owned = dp
+                .as_ref()
+                .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
+            if let Some(st) = load_last_checkpoint(out, &rcfg, &mcfg, &stage, dp_size, &owned)? {
+                let from = state.step;
+                stab.rollbacks += 1;
+                state.params = st.params;
+                opt.m = st.m;
+                opt.v = st.v;
+                opt.step = st.adam_step;
+                state.step = st.step;
+                state.tokens_seen = st.tokens_seen;
+                state.best_val_loss = st.best_val_loss;
+                state.evals_without_improvement = st.evals_without_improvement;
+                refresh_working(&mut work, &state.params);
+                metrics.flush().map_err(io(&metrics_path))?;
+                if writer {
+                    drop(metrics);
+                    truncate_metrics(&metrics_path, state.step)?;
+                    metrics = std::io::BufWriter::new(Box::new(
+                        std::fs::OpenOptions::new()
+                            .append(true)
+                            .open(&metrics_path)
+                            .map_err(io(&metrics_path))?,
+                    ));
+                }
+                let event = serde_json::json!({
+                    "step": state.step,
+                    "rollback_from": from,
+                    "spike_loss": loss,
+                    "threshold": threshold,
+                });
+                writeln!(metrics, "{event}").map_err(io(&metrics_path))?;
+                obs.on_rollback(from, state.step, loss, threshold);
+                continue;
+            }
+        }
 
         let last = state.step == end;
         let eval_due = last || (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0);
@@ -385,7 +507,7 @@ pub fn run(
             let t_eval = Instant::now();
             let vl = mean_val_loss(
                 &stage,
-                &state.params,
+                master_as::<E>(&state.params).unwrap_or(&work),
                 &mut acts,
                 &data.val,
                 (b, t, cfg.train.eval_batches),
@@ -441,6 +563,7 @@ pub fn run(
             state.m = std::mem::take(&mut opt.m);
             state.v = std::mem::take(&mut opt.v);
             state.adam_step = opt.step;
+            state.stability = Some(stab.state());
             state.data_position = batcher.position();
             let owned = dp
                 .as_ref()
@@ -538,9 +661,21 @@ pub fn run(
         tokens_per_sec,
         median_step_secs,
         peak_rss_bytes: proc_status_bytes("VmHWM:"),
+        guard: stab.counts(),
+        skipped_steps: stab.skipped,
+        rollbacks: stab.rollbacks,
+        final_loss_scale: stab.loss_scale(),
         start,
         last_checkpoint,
     })
+}
+
+/// Rounds the fp32 master weights into the 16-bit working copy forward and backward read
+/// (nothing in fp32, where the master weights are read directly).
+fn refresh_working<E: Storage>(work: &mut [E], master: &[f32]) {
+    if !work.is_empty() {
+        E::store(master, work);
+    }
 }
 
 #[cfg(test)]

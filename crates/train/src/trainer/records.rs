@@ -58,6 +58,20 @@ pub struct StepRecord {
     /// included (the bubble and the transfers); `None` without a pipeline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p2p_secs: Option<f64>,
+    /// fp16: the loss scale this step's loss gradient was multiplied by (`None` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f32>,
+    /// The update was not applied (overflow, non-finite values, a loss spike, a rollback).
+    pub skipped: bool,
+    /// Why: `"overflow"` (fp16), `"non-finite"`, `"loss-spike"` or `"rollback"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<&'static str>,
+    /// The loss was above the running statistic's threshold (`[stability]`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub loss_spike: bool,
+    /// The gradient norm was above its running statistic's threshold (logged only).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub grad_norm_spike: bool,
 }
 
 /// What the run knows before its first step.
@@ -124,6 +138,8 @@ pub trait Observer {
     fn on_eval(&mut self, _step: u64, _val_loss: f64) {}
     /// After each checkpoint.
     fn on_checkpoint(&mut self, _step: u64, _manifest: &Path) {}
+    /// After a loss spike at step `from` rolled the run back to the checkpoint at `to`.
+    fn on_rollback(&mut self, _from: u64, _to: u64, _loss: f32, _threshold: f64) {}
 }
 
 /// An observer that ignores everything.
@@ -162,6 +178,14 @@ pub struct RunSummary {
     pub start: StartInfo,
     /// The newest checkpoint's manifest.
     pub last_checkpoint: Option<PathBuf>,
+    /// What the stability guards saw (whole run, resumes included).
+    pub guard: crate::guard::GuardCounts,
+    /// Steps whose update was skipped (whole run): fp16 overflows, non-finite values, spikes.
+    pub skipped_steps: u64,
+    /// Rollbacks to the last checkpoint (whole run).
+    pub rollbacks: u64,
+    /// fp16: the loss scale at the end.
+    pub final_loss_scale: Option<f32>,
 }
 
 /// `VmHWM` / `VmRSS` from /proc/self/status in bytes (0 when unavailable).

@@ -14,10 +14,10 @@ use kernels::Par;
 use model::{ParamLayout, Shard};
 use std::path::Path;
 
-pub(super) fn mean_val_loss(
+pub(super) fn mean_val_loss<E: crate::precision::Storage>(
     stage: &StageModel,
-    params: &[f32],
-    acts: &mut StageActs,
+    params: &[E],
+    acts: &mut StageActs<E>,
     val: &[u32],
     (b, t, batches): (usize, usize, usize),
     par: Par,
@@ -56,7 +56,7 @@ pub(super) fn mean_val_loss(
 
 /// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its
 /// checkpoint).
-fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
+pub(super) fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(_) => return Ok(()),
@@ -201,6 +201,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
             tokens_seen: 0,
             best_val_loss: None,
             evals_without_improvement: 0,
+            stability: None,
         })
     };
     // Every rank starts at the same step, or every rank stops.
@@ -244,10 +245,10 @@ pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// What the start report says about the pipeline.
-pub(super) fn pipeline_info(
+pub(super) fn pipeline_info<E: crate::precision::Storage>(
     p: &Pipeline,
     ops: &[plan::schedule::Op],
-    acts: &StageActs,
+    acts: &StageActs<E>,
     m: usize,
 ) -> PipelineInfo {
     let (pp, v) = (p.shape.pp as u32, p.shape.vpp as u32);
