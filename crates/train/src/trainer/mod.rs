@@ -468,7 +468,7 @@ fn run_with<E: Storage>(
                 .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
             if let Some(st) = load_last_checkpoint(out, &rcfg, &mcfg, &stage, dp_size, &owned)? {
                 let from = state.step;
-                stab.rollbacks += 1;
+                stab.rolled_back(from, st.step)?;
                 state.params = st.params;
                 opt.m = st.m;
                 opt.v = st.v;

@@ -37,7 +37,15 @@ pub(super) struct Stability {
     pub(super) rollbacks: u64,
     /// Steps skipped so far for any reason (overflow, non-finite, spike).
     pub(super) skipped: u64,
+    /// Injected bad batches already served: a rollback re-runs the step numbers, but the bad
+    /// data is gone.
+    served: Vec<u64>,
+    /// The checkpoint step of the last rollback and how many times in a row it was the target.
+    last_rollback: Option<(u64, u32)>,
 }
+
+/// Rollbacks in a row to the same checkpoint before the run stops.
+const MAX_ROLLBACKS_TO_ONE_CHECKPOINT: u32 = 3;
 
 impl Stability {
     /// Fresh, or continuing from a checkpoint's `saved` state (the settings are always the
@@ -61,7 +69,28 @@ impl Stability {
             cfg: st.clone(),
             rollbacks,
             skipped,
+            served: Vec::new(),
+            last_rollback: None,
         }
+    }
+
+    /// Records a rollback from step `from` to the checkpoint at `to`; errors when the run has
+    /// gone back to the same checkpoint too many times in a row (the spikes are not the data's).
+    pub(super) fn rolled_back(&mut self, from: u64, to: u64) -> Result<(), TrainError> {
+        self.rollbacks += 1;
+        let n = match self.last_rollback {
+            Some((at, n)) if at == to => n + 1,
+            _ => 1,
+        };
+        self.last_rollback = Some((to, n));
+        if n >= MAX_ROLLBACKS_TO_ONE_CHECKPOINT {
+            return Err(TrainError::Data(format!(
+                "loss spikes rolled the run back to the checkpoint at step {to} {n} times in a \
+                 row (the last from step {from}), though each rollback skips the data since: \
+                 lower optim.lr, raise stability.spike_margin, or set stability.spike_action = \"skip\""
+            )));
+        }
+        Ok(())
     }
 
     /// What a checkpoint keeps.
@@ -88,9 +117,14 @@ impl Stability {
         self.cfg.inject_nan_steps.contains(&step)
     }
 
-    /// Whether step `step` (1-based) trains on a corrupt batch (fault injection).
-    pub(super) fn inject_bad_batch(&self, step: u64) -> bool {
-        self.cfg.inject_bad_batch_steps.contains(&step)
+    /// Whether step `step` (1-based) trains on a corrupt batch (fault injection; once per
+    /// step number, so a rollback does not meet it again).
+    pub(super) fn inject_bad_batch(&mut self, step: u64) -> bool {
+        if self.cfg.inject_bad_batch_steps.contains(&step) && !self.served.contains(&step) {
+            self.served.push(step);
+            return true;
+        }
+        false
     }
 
     /// Decides step `step` (1-based) from its shared loss and global gradient norm (of the
@@ -152,4 +186,28 @@ pub(super) fn load_last_checkpoint(
     let (_m, _l, mut st, _w) = checkpoint::find_resume(out, rcfg, dp_size, &|_| want_full.clone())?;
     st.params = crate::pipeline::slice_full(stage, &full, &st.params);
     Ok(Some(st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_batch_is_served_once_and_repeated_rollbacks_stop() {
+        let mut cfg = TrainConfig::default();
+        cfg.stability.inject_bad_batch_steps = vec![7];
+        let mut s = Stability::new(&cfg, None);
+        assert!(!s.inject_bad_batch(6));
+        assert!(s.inject_bad_batch(7));
+        assert!(
+            !s.inject_bad_batch(7),
+            "gone after a rollback re-runs step 7"
+        );
+        s.rolled_back(9, 5).unwrap();
+        s.rolled_back(8, 4).unwrap();
+        s.rolled_back(9, 4).unwrap();
+        let e = s.rolled_back(9, 4).unwrap_err().to_string();
+        assert!(e.contains("step 4 3 times in a row"), "{e}");
+        assert_eq!(s.rollbacks, 4);
+    }
 }
