@@ -50,7 +50,7 @@ enum Cmd {
     /// List model and GPU presets.
     Presets(PresetArgs),
     /// Start a multi-process job on this node (torchrun-style environment); see docs/comm.md.
-    Launch(launch::LaunchArgs),
+    Launch(launch::LaunchCmd),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
         Cmd::Presets(a) => run_presets(a),
         Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(*a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
-        Cmd::Launch(a) => launch::run(&a),
+        Cmd::Launch(a) => launch::run_cmd(&a),
         Cmd::Bench(BenchCmd::Comm(a)) => bench_comm::run(&a),
         Cmd::Train(a) => train::run(&a),
         Cmd::Sample(a) => sample::run(&a),
