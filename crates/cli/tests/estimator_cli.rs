@@ -53,7 +53,7 @@ fn fp8_on_a100_is_refused_with_the_reason() {
 fn validate_states_the_split_for_every_gpu_type() {
     let (code, out, err) = run(&["validate"]);
     assert_eq!(code, 0, "{err}");
-    for heading in ["DGX-H100", "DGX-B200", "DGX-GB200"] {
+    for heading in ["DGX-H100", "DGX-B200", "DGX-GB200 (NVL72)"] {
         assert!(
             out.contains(&format!(
                 "### {heading}, published FP8 runs: the rows the FP8 efficiency is fitted on"
