@@ -12,7 +12,8 @@
 //! stage input. What backward rebuilds goes into a one-layer workspace in [`ActScratch`],
 //! shared by the layers and micro-batches.
 //!
-//! Legend: bt = b*t, c = channels, cl = c / tp, nhl = heads / tp, vp = padded vocabulary.
+//! Legend: bt = b*t, c = channels, cl = c / tp, nhl = heads / tp, vp = padded vocabulary,
+//! vpl = vp / tp (this rank's vocabulary columns).
 
 use crate::ParamLayout;
 use kernels::Elem;
@@ -101,7 +102,7 @@ pub(crate) struct HeadActs<E> {
     pub lnf: Vec<E>,        // (bt, c)
     pub lnf_mean: Vec<f32>, // (bt)
     pub lnf_rstd: Vec<f32>, // (bt)
-    /// (bt, vp); backward overwrites it with d_logits in place.
+    /// (bt, vpl), this rank's vocabulary columns; backward overwrites it with d_logits in place.
     pub logits: Vec<E>,
     pub losses: Vec<f32>, // (bt)
     pub lse: Vec<f32>,    // (bt) log-sum-exp per row
@@ -157,14 +158,14 @@ fn z(n: usize) -> Vec<f32> {
     vec![0.0f32; n]
 }
 
-/// (c, cl, nhl, vp) of a layout.
+/// (c, cl, nhl, vpl) of a layout.
 fn dims(layout: &ParamLayout) -> (usize, usize, usize, usize) {
     let (cfg, tp) = (&layout.cfg, layout.shard.tp_size);
     (
         cfg.channels,
         cfg.channels / tp,
         cfg.n_head / tp,
-        cfg.padded_vocab(),
+        cfg.padded_vocab() / tp,
     )
 }
 
@@ -181,7 +182,7 @@ impl<E: Elem> ActSaved<E> {
     /// (pair it with an [`ActScratch::with`] of the same type and policy).
     pub fn with(layout: &ParamLayout, b: usize, t: usize, recompute: Recompute) -> ActSaved<E> {
         check_shape("ActSaved::with", layout, b, t);
-        let (c, cl, nhl, vp) = dims(layout);
+        let (c, cl, nhl, vpl) = dims(layout);
         let bt = b * t;
         let keep = match recompute {
             Recompute::None => Keep {
@@ -207,7 +208,7 @@ impl<E: Elem> ActSaved<E> {
             lnf: vec![E::default(); bt * c],
             lnf_mean: z(bt),
             lnf_rstd: z(bt),
-            logits: vec![E::default(); bt * vp],
+            logits: vec![E::default(); bt * vpl],
             losses: z(bt),
             lse: z(bt),
         });
@@ -279,7 +280,9 @@ impl<E: Elem> ActSaved<E> {
         self.head.as_ref().map(|h| h.losses.as_slice())
     }
 
-    /// Logits (bt, vp) after a last-stage forward (before backward overwrites them).
+    /// Logits (bt, vp/tp) after a last-stage forward (before backward overwrites them): this
+    /// tensor-parallel rank's vocabulary columns [`ParamLayout::vocab_rows`] (all of them
+    /// without tensor parallelism).
     pub fn logits(&self) -> Option<&[E]> {
         self.head.as_ref().map(|h| h.logits.as_slice())
     }
@@ -436,7 +439,8 @@ impl<E: Elem> Activations<E> {
         self.saved.losses()
     }
 
-    /// Logits (bt, vp) after a last-stage forward (before backward overwrites them).
+    /// Logits (bt, vp/tp) after a last-stage forward (before backward overwrites them): this
+    /// rank's vocabulary columns, as [`ActSaved::logits`].
     pub fn logits(&self) -> Option<&[E]> {
         self.saved.logits()
     }

@@ -1,12 +1,20 @@
 //! Forward and backward over a shard's layer range, read top to bottom (llm.c style).
 //!
 //! Legend: b = batch, t = sequence, bt = b*t, c = channels, cl = c / tp, nhl = heads / tp,
-//! v = vocabulary, vp = padded vocabulary.
+//! v = vocabulary, vp = padded vocabulary, vpl = vp / tp.
 //!
 //! One block (pre-norm GPT-2, `layer.rs`), with Megatron's tensor-parallel operators (Shoeybi
 //! et al. 2019, §3): `f` = identity forward / all-reduce backward at the input of the
 //! column-parallel matmuls, `g` = all-reduce forward / identity backward after the row-parallel
 //! ones.
+//!
+//! Vocabulary parallelism (the same paper, §3, "input embedding" and "output embedding"): a
+//! rank holds the rows [`ParamLayout::vocab_rows`] of the tied `wte`. The embedding looks up
+//! only the tokens in that range (others contribute 0) and all-reduces (a `g`); backward
+//! scatters into the rank's own rows. The head computes the logits of the rank's `vpl`
+//! columns only; the cross-entropy reduces per token the max (all-reduce max) and then the
+//! normaliser and the target's logit (one all-reduce sum of 2·bt floats), and the head's input
+//! gradient is all-reduced (an `f`). No rank ever holds full logits.
 //!
 //! Every function is generic over the storage type `E` of the weights, saved activations and
 //! gradients (`f32`, `Bf16`, `F16`); the kernels compute in `f32`. Hidden states crossing a stage
@@ -14,8 +22,13 @@
 
 use crate::layer::{layer_backward, layer_forward, Dims, GradScratch, LayerRefs};
 use crate::{ActSaved, ActScratch, Activations, ModelError, ParamLayout};
-use kernels::crossentropy::{crossentropy_forward, crossentropy_softmax_backward_inplace};
-use kernels::encoder::{encoder_backward, encoder_forward};
+use kernels::crossentropy::{
+    crossentropy_forward, crossentropy_shard_finish, crossentropy_shard_rescale,
+    crossentropy_shard_stats, crossentropy_softmax_backward_shard,
+};
+use kernels::encoder::{
+    embedding_rows_forward, encoder_backward_rows, encoder_forward, position_add_forward,
+};
 use kernels::layernorm::{layernorm_backward, layernorm_forward};
 use kernels::matmul::{matmul_backward, matmul_forward};
 use kernels::{Elem, Par};
@@ -125,7 +138,7 @@ pub enum GradInput<'a> {
     Hidden(&'a [f32]),
 }
 
-/// The shapes a pass works with, `[b, t, c, bt, cl, nhl, v, vp]` (legend at the top of this
+/// The shapes a pass works with, `[b, t, c, bt, cl, nhl, v, vpl]` (legend at the top of this
 /// file), after checking that `params` fits the layout and the buffers agree (a caller bug
 /// otherwise).
 fn shapes<E: Elem>(
@@ -159,7 +172,7 @@ fn shapes<E: Elem>(
         c / tpn,
         cfg.n_head / tpn,
         cfg.vocab_size,
-        cfg.padded_vocab(),
+        cfg.padded_vocab() / tpn,
     ]
 }
 
@@ -241,7 +254,8 @@ pub fn forward_with<E: Elem>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
-    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "forward");
+    let [b, t, c, bt, cl, nhl, v, vpl] = shapes(layout, params, saved, scratch, "forward");
+    let vocab_parallel = layout.shard.tp_size > 1;
     let d = Dims {
         b,
         t,
@@ -256,7 +270,16 @@ pub fn forward_with<E: Elem>(
     match (input, &layout.embed) {
         (StageInput::Tokens(tokens), Some(e)) => {
             check_tokens("tokens", tokens, acts, v)?;
-            encoder_forward(&mut acts.input, tokens, p(&e.wte), p(&e.wpe), b, t, c);
+            if vocab_parallel {
+                let sum = &mut scratch.tmp;
+                let first = layout.vocab_rows().start;
+                embedding_rows_forward(sum, tokens, p(&e.wte), first, c);
+                let r = tp.all_reduce_sum(sum);
+                tp_op("all_reduce_sum (g, vocabulary-parallel embedding)", r)?;
+                position_add_forward(&mut acts.input, sum, p(&e.wpe), b, t, c);
+            } else {
+                encoder_forward(&mut acts.input, tokens, p(&e.wte), p(&e.wpe), b, t, c);
+            }
         }
         (StageInput::Hidden(x), None) => {
             check_hidden("hidden input", x, acts, c)?;
@@ -301,17 +324,42 @@ pub fn forward_with<E: Elem>(
         c,
         par,
     );
-    matmul_forward(&mut h.logits, &h.lnf, p(&hp.wte), None, bt, c, vp, par);
-    crossentropy_forward(
-        &mut h.losses,
-        &mut h.lse,
-        &h.logits,
-        targets,
-        bt,
-        v,
-        vp,
-        par,
-    );
+    matmul_forward(&mut h.logits, &h.lnf, p(&hp.wte), None, bt, c, vpl, par);
+    if vocab_parallel {
+        // d_big1 (≥ 4·bt floats) is backward scratch, free during forward.
+        let (gmax, rest) = scratch.d_big1.split_at_mut(bt);
+        let sums_picked = &mut rest[..2 * bt];
+        let (sums, picked) = sums_picked.split_at_mut(bt);
+        let (first, vl) = (layout.vocab_rows().start, layout.vocab_rows_real());
+        // lse holds this rank's max until the finish
+        let local_max = &mut h.lse;
+        crossentropy_shard_stats(
+            local_max, sums, picked, &h.logits, targets, bt, first, vl, vpl, par,
+        );
+        gmax.copy_from_slice(local_max);
+        tp_op(
+            "all_reduce_max (vocabulary-parallel loss)",
+            tp.all_reduce_max(gmax),
+        )?;
+        crossentropy_shard_rescale(sums, local_max, gmax);
+        tp_op(
+            "all_reduce_sum (vocabulary-parallel loss)",
+            tp.all_reduce_sum(sums_picked),
+        )?;
+        let (sums, picked) = sums_picked.split_at(bt);
+        crossentropy_shard_finish(&mut h.losses, &mut h.lse, gmax, sums, picked);
+    } else {
+        crossentropy_forward(
+            &mut h.losses,
+            &mut h.lse,
+            &h.logits,
+            targets,
+            bt,
+            v,
+            vpl,
+            par,
+        );
+    }
     let mean = h.losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64;
     Ok(Some(mean as f32))
 }
@@ -378,7 +426,8 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
-    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "backward");
+    let [b, t, c, bt, cl, nhl, v, vpl] = shapes(layout, params, saved, scratch, "backward");
+    let (first, vl) = (layout.vocab_rows().start, layout.vocab_rows_real());
     let d = Dims {
         b,
         t,
@@ -407,14 +456,15 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
             check_tokens("targets", targets, acts, v)?;
             let x: &[E] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
             let h = acts.head.as_mut().expect("activations built for a head");
-            crossentropy_softmax_backward_inplace(
+            crossentropy_softmax_backward_shard(
                 &mut h.logits,
                 &h.lse,
                 targets,
                 d_loss,
                 bt,
-                v,
-                vp,
+                first,
+                vl,
+                vpl,
                 par,
             );
             matmul_backward(
@@ -426,9 +476,13 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
                 p(&hp.wte),
                 bt,
                 c,
-                vp,
+                vpl,
                 par,
             );
+            tp_op(
+                "all_reduce_sum (f backward, LM head)",
+                tp.all_reduce_sum(d_ln),
+            )?;
             let (d_w, d_b) = grads
                 .slice(hp.lnf_w.start..hp.lnf_b.end)
                 .split_at_mut(hp.lnf_w.len());
@@ -499,7 +553,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
             let (d_wte, d_wpe) = grads
                 .slice(e.wte.start..e.wpe.end)
                 .split_at_mut(e.wte.len());
-            encoder_backward(d_wte, d_wpe, s.d_res, tokens, b, t, c);
+            encoder_backward_rows(d_wte, first, d_wpe, s.d_res, tokens, b, t, c);
         }
         (StageInput::Hidden(_), None) => {} // d_res is the gradient to send back
         _ => panic!("backward: stage input kind does not match the layout"),

@@ -45,8 +45,38 @@ fn allocations_match_the_plan_prediction() {
         ),
         (
             Shard {
+                tp_rank: 0,
+                tp_size: 4,
+                ..full.clone()
+            },
+            2,
+            32,
+        ),
+        // vocabulary 1000 → 1024 padded: rank 3 of 4 holds rows 768..1024, 232 of them real
+        (
+            Shard {
+                tp_rank: 3,
+                tp_size: 4,
+                ..full.clone()
+            },
+            2,
+            32,
+        ),
+        (
+            Shard {
                 layers: 1..3,
                 has_embedding: false,
+                ..full.clone()
+            },
+            3,
+            16,
+        ),
+        (
+            Shard {
+                layers: 2..3,
+                has_embedding: false,
+                tp_rank: 1,
+                tp_size: 2,
                 ..full.clone()
             },
             3,

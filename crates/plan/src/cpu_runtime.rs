@@ -4,7 +4,9 @@
 //! real allocations against these formulas within 1%.
 //!
 //! Legend: b = micro-batch, t = sequence, c = channels, cl = c / tp (local channels),
-//! nhl = heads / tp, vp = vocabulary padded to a multiple of 64, L = layers held by this stage.
+//! nhl = heads / tp, vp = vocabulary padded to a multiple of 64, vpl = vp / tp (the rows of the
+//! tied `wte` one tensor-parallel rank holds: vocabulary-parallel embedding and LM head,
+//! Shoeybi et al. 2019 §3), L = layers held by this stage.
 //!
 //! What the runtime stores (GPT-2, pre-norm, tied LM head; Radford et al. 2019):
 //! - parameters, gradients: one `f32` each per parameter; AdamW moments: two (Loshchilov &
@@ -15,7 +17,7 @@
 //!   `ln1, res2, ln2, res3` (4·btc) + `ln1/ln2 mean, rstd` (4·bt) + `qkv` (3·bt·cl) +
 //!   `atty` (bt·cl) + `att` (b·nhl·t²) + `fch, fch_gelu` (8·bt·cl).
 //! - the stage input (btc); on the last stage `lnf` (btc), its mean/rstd (2·bt), `logits`
-//!   (bt·vp, turned into their gradient in place), per-token `losses` and `lse` (2·bt).
+//!   (bt·vpl, turned into their gradient in place), per-token `losses` and `lse` (2·bt).
 //! - scratch shared by all layers: `tmp` (btc, the row-parallel partial in forward, the
 //!   layernorm input gradient in backward), `d_res`, `d_ln` (2·btc), two (bt·4cl) buffers for
 //!   MLP/attention gradients and `d_att` (b·t²).
@@ -41,7 +43,7 @@ pub struct CpuRuntimeDims {
     /// Whether this stage holds the final norm, LM head and loss (last stage). When it does not
     /// also hold the embedding, it keeps its own copy of the tied `wte` for the head.
     pub has_head: bool,
-    /// Tensor-parallel degree `tp` (heads and MLP columns split `tp` ways).
+    /// Tensor-parallel degree `tp` (heads, MLP columns and the vocabulary split `tp` ways).
     pub tp: u64,
 }
 
@@ -55,8 +57,8 @@ pub fn padded_vocab(vocab: u64) -> u64 {
 
 /// Parameters held by this stage/rank (elements).
 pub fn param_count(d: &CpuRuntimeDims) -> u64 {
-    let (c, cl) = (d.channels, d.channels / d.tp);
-    let embedding = d.padded_vocab * c + d.max_seq_len * c;
+    let (c, cl, vpl) = (d.channels, d.channels / d.tp, d.padded_vocab / d.tp);
+    let embedding = vpl * c + d.max_seq_len * c; // wte rows split, wpe replicated
     let per_layer = 2 * c          // ln_1 weight, bias
         + 3 * cl * c + 3 * cl      // c_attn weight (3cl, c), bias
         + c * cl + c               // attn c_proj weight (c, cl), bias (replicated)
@@ -70,7 +72,7 @@ pub fn param_count(d: &CpuRuntimeDims) -> u64 {
     if d.has_head {
         n += 2 * c; // ln_f
         if !d.has_embedding {
-            n += d.padded_vocab * c; // own copy of the tied wte
+            n += vpl * c; // own copy of the tied wte (this rank's rows)
         }
     }
     n
@@ -99,7 +101,7 @@ pub fn saved_activation_count(d: &CpuRuntimeDims, batch: u64, seq: u64) -> u64 {
         4 * bt * c + 4 * bt + 3 * bt * cl + bt * cl + batch * nhl * seq * seq + 8 * bt * cl;
     let mut n = bt * c + d.layers * per_layer;
     if d.has_head {
-        n += bt * c + 2 * bt + bt * d.padded_vocab + 2 * bt;
+        n += bt * c + 2 * bt + bt * (d.padded_vocab / d.tp) + 2 * bt;
     }
     n
 }
@@ -211,13 +213,13 @@ pub fn grad_bucket_lens(d: &CpuRuntimeDims, bucket_elems: u64) -> Vec<u64> {
                 + if d.has_embedding {
                     0
                 } else {
-                    d.padded_vocab * d.channels
+                    d.padded_vocab / d.tp * d.channels
                 },
         );
     }
     regions.extend((0..d.layers).map(|_| param_count(&per_layer)));
     if d.has_embedding {
-        regions.push(d.padded_vocab * d.channels + d.max_seq_len * d.channels);
+        regions.push(d.padded_vocab / d.tp * d.channels + d.max_seq_len * d.channels);
     }
     let mut out = Vec::new();
     let mut acc = 0;
@@ -329,7 +331,7 @@ pub fn saved_activation_elems(
         f32: d.layers * per_layer_f32,
     };
     if d.has_head {
-        e.compute += bt * c + bt * d.padded_vocab; // lnf, logits
+        e.compute += bt * c + bt * (d.padded_vocab / d.tp); // lnf, this rank's logit columns
         e.f32 += 2 * bt + 2 * bt; // lnf mean/rstd, losses, lse
     }
     e
@@ -434,9 +436,11 @@ mod tests {
         let full = gpt2_small();
         let shard = CpuRuntimeDims { tp: 4, ..full };
         let c = 768;
-        let per_layer_split = 12 * c * c + 3 * c + 4 * c; // matrices + column-split biases
-                                                          // norms and row-parallel biases stay replicated, so only the split part shrinks.
-        let expected = param_count(&full) - 12 * per_layer_split * 3 / 4;
+        // matrices + column-split biases; norms, row-parallel biases and wpe stay replicated,
+        // the tied wte's rows are split too.
+        let per_layer_split = 12 * c * c + 3 * c + 4 * c;
+        let wte = 50304 * c;
+        let expected = param_count(&full) - (12 * per_layer_split + wte) * 3 / 4;
         assert_eq!(param_count(&shard), expected);
     }
 
