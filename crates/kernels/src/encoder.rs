@@ -128,19 +128,19 @@ pub fn embedding_rows_forward<W: Elem>(
     }
 }
 
-/// `out[b,t,:] = summed[b,t,:] + wpe[t,:]`, the second half of the vocabulary-parallel encoder.
-/// Overwrites `out`.
+/// `out[i,:] = summed[i,:] + wpe[(first_row + i) mod t,:]` for the rows `first_row..` of the
+/// flattened (b·t) sequence that `out` holds (all of them: `first_row = 0`, `out` (b, t, c)),
+/// the second half of the vocabulary-parallel encoder. Overwrites `out`.
 #[track_caller]
 pub fn position_add_forward<E: Elem, W: Elem>(
     out: &mut [E],
     summed: &[f32],
     wpe: &[W],
-    b: usize,
+    first_row: usize,
     t: usize,
     c: usize,
 ) {
-    check_len("position_add_forward out", out.len(), b * t * c);
-    check_len("position_add_forward summed", summed.len(), b * t * c);
+    check_len("position_add_forward summed", summed.len(), out.len());
     assert!(
         wpe.len() >= t * c,
         "position_add_forward wpe: {} < t*c = {}",
@@ -152,7 +152,7 @@ pub fn position_add_forward<E: Elem, W: Elem>(
         .zip(summed.chunks_exact(c))
         .enumerate()
     {
-        let pos = i % t;
+        let pos = (first_row + i) % t;
         with_f32(&wpe[pos * c..(pos + 1) * c], |p| {
             with_f32_mut(o, false, |o| {
                 for j in 0..c {
@@ -221,7 +221,11 @@ mod tests {
                 assert_eq!(d_wpe, want_dwpe);
             }
             let mut out = vec![0.0; b * t * c];
-            position_add_forward(&mut out, &sum, &wpe, b, t, c);
+            position_add_forward(&mut out, &sum, &wpe, 0, t, c);
+            // the rows of one sequence-parallel shard
+            let mut part = vec![0.0; 2 * c];
+            position_add_forward(&mut part, &sum[3 * c..5 * c], &wpe, 3, t, c);
+            assert_eq!(part, want[3 * c..5 * c]);
             assert_eq!(out, want, "tp {tp}");
         }
     }

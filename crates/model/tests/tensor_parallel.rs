@@ -1,6 +1,7 @@
 //! Tensor parallelism (Shoeybi et al. 2019, Megatron-LM §3) against the full model, with the
 //! ranks as threads: Megatron-split layers, the vocabulary-parallel embedding and
-//! cross-entropy, the checkpoint gather, and collective failures.
+//! cross-entropy, sequence parallelism (Korthikanti et al. 2022, §4.2.2) including pipeline
+//! stage boundaries, the checkpoint gather, and collective failures.
 //!
 //! Tolerance. A tp rank computes the same arithmetic as the full model in a different order:
 //! dot products of length `k` split into `tp` partial sums then added, the softmax normaliser
@@ -20,8 +21,9 @@ mod thread_tp;
 use kernels::rng::Rng;
 use kernels::Par;
 use model::{
-    backward, forward, Activations, GradInput, ModelConfig, ModelError, ParamLayout, Shard,
-    StageInput, TpError, TpReduce, TpSplit,
+    backward, backward_with, forward, forward_with, ActSaved, ActScratch, Activations, Bf16, Elem,
+    GradInput, ModelConfig, ModelError, ParamLayout, Recompute, Shard, StageInput, TpError,
+    TpReduce, TpSplit,
 };
 use thread_tp::run_group;
 
@@ -29,6 +31,20 @@ use thread_tp::run_group;
 const GRAD_TOL: f32 = 3e-4;
 /// Absolute tolerance for the mean loss.
 const LOSS_TOL: f32 = 1e-5;
+
+/// GPT-2 init plus noise (so gradients are well above f32 noise); padding rows stay zero.
+fn noisy_params(full: &ParamLayout, seed: u64) -> Vec<f32> {
+    let mut params = full.init_params(seed);
+    let mut rng = Rng::new(seed + 1);
+    let wte = full.embed.as_ref().unwrap().wte.clone();
+    let pad = wte.start + full.cfg.vocab_size * full.cfg.channels..wte.end;
+    for (i, x) in params.iter_mut().enumerate() {
+        if !pad.contains(&i) {
+            *x += 0.1 * rng.normal() as f32;
+        }
+    }
+    params
+}
 
 fn tiny(vocab_size: usize) -> ModelConfig {
     ModelConfig {
@@ -192,6 +208,325 @@ fn tensor_parallel_shards_match_the_full_model() {
                 "v {vocab} tp {tp}: gathered {name} off by {err}"
             );
         }
+    }
+}
+
+/// What one tp rank of [`run_sp`] ends with: its stages' layouts, the loss and each stage's
+/// gradients.
+struct SpRank {
+    layouts: Vec<ParamLayout>,
+    loss: f32,
+    grads: Vec<Vec<f32>>,
+}
+
+/// Runs `stages` (layer ranges splitting 0..3) as a pipeline inside each tp rank's thread with
+/// sequence parallelism: forward stage by stage handing on this rank's rows of the hidden
+/// state, then backward handing back this rank's rows of its gradient.
+fn run_sp(
+    cfg: &ModelConfig,
+    full: &ParamLayout,
+    params: &[f32],
+    stages: &[std::ops::Range<usize>],
+    tp: usize,
+    recompute: Recompute,
+    (b, t, tokens, targets): (usize, usize, &[u32], &[u32]),
+) -> Vec<SpRank> {
+    run_group(tp, |rank, comm| {
+        let n = stages.len();
+        let layouts: Vec<ParamLayout> = stages
+            .iter()
+            .enumerate()
+            .map(|(k, layers)| {
+                let shard = Shard {
+                    layers: layers.clone(),
+                    has_embedding: k == 0,
+                    has_head: k + 1 == n,
+                    tp_rank: rank,
+                    tp_size: tp,
+                };
+                ParamLayout::new(cfg, &shard).unwrap()
+            })
+            .collect();
+        let ps: Vec<Vec<f32>> = layouts
+            .iter()
+            .map(|l| {
+                let mut p = vec![0.0; l.len()];
+                l.shard_from_full(&mut p, full, params);
+                p
+            })
+            .collect();
+        let mut acts: Vec<Activations> = layouts
+            .iter()
+            .map(|l| Activations::with_sp(l, b, t, recompute, true).unwrap())
+            .collect();
+        let par = if rank % 2 == 0 {
+            Par::Seq
+        } else {
+            Par::Threads(2)
+        };
+        let mut loss = 0.0;
+        let mut hidden: Vec<f32> = Vec::new();
+        for k in 0..n {
+            let x = if k == 0 {
+                StageInput::Tokens(tokens)
+            } else {
+                StageInput::Hidden(&hidden)
+            };
+            let tg = (k + 1 == n).then_some(targets);
+            let out = forward(&layouts[k], &ps[k], &mut acts[k], x, tg, par, comm).unwrap();
+            match out {
+                Some(l) => loss = l,
+                None => {
+                    hidden = acts[k].output().to_vec();
+                    assert_eq!(hidden.len(), b * t / tp * cfg.channels, "stage output rows");
+                }
+            }
+        }
+        let mut grads: Vec<Vec<f32>> = layouts.iter().map(|l| vec![0.0; l.len()]).collect();
+        let mut d_hidden: Vec<f32> = Vec::new();
+        for k in (0..n).rev() {
+            let gi = if k + 1 == n {
+                GradInput::Loss {
+                    targets,
+                    d_loss: 1.0 / (b * t) as f32,
+                }
+            } else {
+                GradInput::Hidden(&d_hidden)
+            };
+            let x = if k == 0 {
+                StageInput::Tokens(tokens)
+            } else {
+                StageInput::Hidden(&hidden)
+            };
+            let (l, p, a) = (&layouts[k], &ps[k], &mut acts[k]);
+            backward(l, p, &mut grads[k], a, x, gi, par, comm).unwrap();
+            d_hidden = a.d_input().to_vec();
+        }
+        SpRank {
+            layouts,
+            loss,
+            grads,
+        }
+    })
+}
+
+/// Sequence parallelism, tp 2 and 4, one stage and two pipeline stages (the hidden state and
+/// its gradient cross the boundary as this rank's b·t/tp rows), with and without full
+/// recomputation: loss and gradients equal to the full model's within the same tolerance,
+/// replicated gradients identical on every rank (they are all-reduced inside backward).
+#[test]
+#[allow(clippy::single_range_in_vec_init)] // one stage holding layers 0..3
+fn sequence_parallel_ranks_match_the_full_model() {
+    let (b, t) = (2, 6);
+    let cfg = tiny(50);
+    let full = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (tokens, targets) = data(&cfg, b * t, 3);
+    let params = noisy_params(&full, 7);
+    let (loss, grads) = step(
+        &full,
+        &params,
+        b,
+        t,
+        &tokens,
+        &targets,
+        Par::Seq,
+        &mut model::NoTp,
+    );
+    let cases: [(&[std::ops::Range<usize>], Recompute); 3] = [
+        (&[0..3], Recompute::None),
+        (&[0..3], Recompute::Full),
+        (&[0..1, 1..3], Recompute::Selective),
+    ];
+    for tp in [2, 4] {
+        for (stages, recompute) in cases {
+            let tag = format!("tp {tp} stages {stages:?} {recompute:?}");
+            let ranks = run_sp(
+                &cfg,
+                &full,
+                &params,
+                stages,
+                tp,
+                recompute,
+                (b, t, &tokens, &targets),
+            );
+            let mut worst = 0.0f32;
+            for r in &ranks {
+                assert!(
+                    (r.loss - loss).abs() <= LOSS_TOL,
+                    "{tag}: loss {} vs {loss}",
+                    r.loss
+                );
+                assert_eq!(
+                    r.loss.to_bits(),
+                    ranks[0].loss.to_bits(),
+                    "{tag}: loss differs across ranks"
+                );
+                let n = r.layouts.len();
+                let mut got = r.grads.clone();
+                if n > 1 {
+                    // the tied wte: the first stage's gradient plus the last stage's copy
+                    let wte = r.layouts[0].embed.as_ref().unwrap().wte.clone();
+                    let head = r.layouts[n - 1].head.as_ref().unwrap().wte.clone();
+                    let (first, last) = got.split_at_mut(n - 1);
+                    for (a, &h) in first[0][wte].iter_mut().zip(&last[0][head.clone()]) {
+                        *a += h;
+                    }
+                    last[0][head].fill(f32::NAN); // not compared
+                }
+                for (k, l) in r.layouts.iter().enumerate() {
+                    let mut want = vec![0.0; l.len()];
+                    l.shard_from_full(&mut want, &full, &grads);
+                    if let Some(h) = l.tensor("lm_head.weight") {
+                        want[h.range()].fill(f32::NAN);
+                        got[k][h.range()].fill(f32::NAN);
+                    }
+                    let rows: Vec<_> = l
+                        .tensors
+                        .iter()
+                        .filter(|t| t.name != "lm_head.weight")
+                        .collect();
+                    for t in rows {
+                        let (e, _) = worst_error_in(&got[k][t.range()], &want[t.range()]);
+                        assert!(
+                            e <= GRAD_TOL,
+                            "{tag} rank {}: {} off by {e}",
+                            l.shard.tp_rank,
+                            t.name
+                        );
+                        worst = worst.max(e);
+                    }
+                    for rr in l.replicated_ranges() {
+                        assert!(
+                            r.grads[k][rr.clone()] == ranks[0].grads[k][rr.clone()],
+                            "{tag} rank {}: replicated gradient {rr:?} differs from rank 0",
+                            l.shard.tp_rank
+                        );
+                    }
+                }
+            }
+            eprintln!("{tag}: worst gradient error {worst:.2e} of scale");
+        }
+    }
+    // tp must divide b·t
+    let shard = Shard {
+        tp_rank: 0,
+        tp_size: 4,
+        ..Shard::full(&cfg)
+    };
+    let l = ParamLayout::new(&cfg, &shard).unwrap();
+    let err = Activations::<f32>::with_sp(&l, 1, 6, Recompute::None, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sequence_parallel") && err.contains("1·6 = 6") && err.contains("(4)"),
+        "{err}"
+    );
+}
+
+/// `max|got − want| / max|want|` of one tensor.
+fn worst_error_in(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, w)| m.max((a - w).abs()));
+    (if scale > 0.0 { err / scale } else { err }, scale)
+}
+
+/// bf16 storage with tp 2 and sequence parallelism (the all-gathered norm outputs feed the
+/// matmuls as `f32` holding bf16 values) against the fp32 full model, within the 16-bit
+/// rounding budget `tests/precision.rs` derives (`4·√n·u`, n = roundings along the path:
+/// n_f = 10·L + 4 forward, n_b = 2·n_f + 4·L + 2 for gradients; u = 2⁻⁸); the tp reordering
+/// (≈ 1e-6) is negligible next to it.
+#[test]
+fn bf16_with_sequence_parallelism_stays_within_the_rounding_budget() {
+    let (b, t, tp) = (2, 6, 2);
+    let cfg = tiny(50);
+    let full = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (tokens, targets) = data(&cfg, b * t, 4);
+    let params = noisy_params(&full, 9);
+    let (loss, grads) = step(
+        &full,
+        &params,
+        b,
+        t,
+        &tokens,
+        &targets,
+        Par::Seq,
+        &mut model::NoTp,
+    );
+    let l = cfg.n_layer as f64;
+    let n_f = 10.0 * l + 4.0;
+    let n_b = 2.0 * n_f + 4.0 * l + 2.0;
+    let u = Bf16::UNIT_ROUNDOFF as f64;
+    let ranks = run_group(tp, |rank, comm| {
+        let shard = Shard {
+            tp_rank: rank,
+            tp_size: tp,
+            ..Shard::full(&cfg)
+        };
+        let layout = ParamLayout::new(&cfg, &shard).unwrap();
+        let mut master = vec![0.0; layout.len()];
+        layout.shard_from_full(&mut master, &full, &params);
+        let p: Vec<Bf16> = master.iter().map(|&x| Bf16::from_f32(x)).collect();
+        let mut saved = ActSaved::<Bf16>::with_sp(&layout, b, t, Recompute::None, true).unwrap();
+        let mut scratch =
+            ActScratch::<Bf16>::with_sp(&layout, b, t, Recompute::None, true).unwrap();
+        let x = StageInput::Tokens(&tokens);
+        let got = forward_with(
+            &layout,
+            &p,
+            &mut saved,
+            &mut scratch,
+            x,
+            Some(&targets),
+            Par::Seq,
+            comm,
+        )
+        .unwrap()
+        .unwrap();
+        let mut g = vec![Bf16::default(); layout.len()];
+        let gi = GradInput::Loss {
+            targets: &targets,
+            d_loss: 1.0 / (b * t) as f32,
+        };
+        backward_with(
+            &layout,
+            &p,
+            &mut g[..],
+            &mut saved,
+            &mut scratch,
+            x,
+            gi,
+            Par::Seq,
+            comm,
+        )
+        .unwrap();
+        let g: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
+        (layout, got, g)
+    });
+    for (layout, got, g) in ranks {
+        let loss_err = ((got - loss) / loss).abs() as f64;
+        let mut want = vec![0.0; layout.len()];
+        layout.shard_from_full(&mut want, &full, &grads);
+        let num: f64 = g
+            .iter()
+            .zip(&want)
+            .map(|(&a, &w)| ((a - w) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+        let grad_err = (num / den).sqrt();
+        eprintln!(
+            "bf16 tp 2 sp rank {}: loss rel err {loss_err:.2e} (budget {:.2e}), grad rel err {grad_err:.2e} (budget {:.2e})",
+            layout.shard.tp_rank,
+            4.0 * n_f.sqrt() * u,
+            4.0 * n_b.sqrt() * u
+        );
+        assert!(loss_err <= 4.0 * n_f.sqrt() * u, "loss {got} vs {loss}");
+        assert!(
+            grad_err <= 4.0 * n_b.sqrt() * u,
+            "gradient error {grad_err}"
+        );
     }
 }
 

@@ -317,22 +317,38 @@ pub fn saved_activation_elems(
     seq: u64,
     recompute: Recompute,
 ) -> ActivationElems {
+    saved_activation_elems_sp(d, batch, seq, recompute, false)
+}
+
+/// [`saved_activation_elems`] with sequence parallelism on or off (Korthikanti et al. 2022,
+/// §4.2.2): with it the layer norms' outputs and statistics, the residual stream (`res2`,
+/// `res3`, the stage input) and `lnf` hold `btl = bt/tp` rows; `qkv`, `atty`, `att`, the MLP
+/// tensors and the logits keep all bt rows (they are split by heads, columns or vocabulary
+/// instead). `tp` must divide b·t.
+pub fn saved_activation_elems_sp(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    recompute: Recompute,
+    sequence_parallel: bool,
+) -> ActivationElems {
     let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
     let bt = batch * seq;
+    let btl = if sequence_parallel { bt / d.tp } else { bt };
     let att = batch * nhl * seq * seq;
-    let body = 3 * bt * c + 3 * bt * cl + bt * cl + 8 * bt * cl; // ln1, res2, ln2, qkv, atty, fch, fch_gelu
+    let body = 3 * btl * c + 3 * bt * cl + bt * cl + 8 * bt * cl; // ln1, res2, ln2, qkv, atty, fch, fch_gelu
     let (per_layer, per_layer_f32) = match recompute {
-        Recompute::None => (body + att + bt * c, 4 * bt),
-        Recompute::Selective => (body + bt * c, 4 * bt),
-        Recompute::Full => (bt * c, 0),
+        Recompute::None => (body + att + btl * c, 4 * btl),
+        Recompute::Selective => (body + btl * c, 4 * btl),
+        Recompute::Full => (btl * c, 0),
     };
     let mut e = ActivationElems {
-        compute: bt * c + d.layers * per_layer,
+        compute: btl * c + d.layers * per_layer,
         f32: d.layers * per_layer_f32,
     };
     if d.has_head {
-        e.compute += bt * c + bt * (d.padded_vocab / d.tp); // lnf, this rank's logit columns
-        e.f32 += 2 * bt + 2 * bt; // lnf mean/rstd, losses, lse
+        e.compute += btl * c + bt * (d.padded_vocab / d.tp); // lnf, this rank's logit columns
+        e.f32 += 2 * btl + 2 * bt; // lnf mean/rstd, losses, lse
     }
     e
 }
@@ -346,20 +362,36 @@ pub fn scratch_activation_elems(
     seq: u64,
     recompute: Recompute,
 ) -> ActivationElems {
+    scratch_activation_elems_sp(d, batch, seq, recompute, false)
+}
+
+/// [`scratch_activation_elems`] with sequence parallelism on or off: with it the residual
+/// gradient `d_res` holds btl·c, the workspace's norm/residual tensors btl rows, and a 6c
+/// buffer holds one layer's partial norm/bias gradients; `tmp` and `d_ln` stay bt·c (they
+/// receive the all-gathers).
+pub fn scratch_activation_elems_sp(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    recompute: Recompute,
+    sequence_parallel: bool,
+) -> ActivationElems {
     let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
     let bt = batch * seq;
+    let btl = if sequence_parallel { bt / d.tp } else { bt };
     let att = batch * nhl * seq * seq;
+    let rep = if sequence_parallel { 6 * c } else { 0 };
     let mut e = ActivationElems {
         compute: 0,
-        f32: scratch_activation_count(d, batch, seq),
+        f32: 2 * bt * c + btl * c + 2 * bt * 4 * cl + batch * seq * seq + rep,
     };
     if d.layers > 0 {
         match recompute {
             Recompute::None => {}
             Recompute::Selective => e.compute += att,
             Recompute::Full => {
-                e.compute += 3 * bt * c + 3 * bt * cl + bt * cl + 8 * bt * cl + att;
-                e.f32 += 4 * bt;
+                e.compute += 3 * btl * c + 3 * bt * cl + bt * cl + 8 * bt * cl + att;
+                e.f32 += 4 * btl;
             }
         }
     }
@@ -376,9 +408,22 @@ pub fn activation_bytes_with(
     recompute: Recompute,
     in_flight: u64,
 ) -> u64 {
+    activation_bytes_sp(d, batch, seq, precision, recompute, in_flight, false)
+}
+
+/// [`activation_bytes_with`] with sequence parallelism on or off (per tensor-parallel rank).
+pub fn activation_bytes_sp(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    precision: Precision,
+    recompute: Recompute,
+    in_flight: u64,
+    sequence_parallel: bool,
+) -> u64 {
     let e = compute_bytes(precision);
-    in_flight * saved_activation_elems(d, batch, seq, recompute).bytes(e)
-        + scratch_activation_elems(d, batch, seq, recompute).bytes(e)
+    in_flight * saved_activation_elems_sp(d, batch, seq, recompute, sequence_parallel).bytes(e)
+        + scratch_activation_elems_sp(d, batch, seq, recompute, sequence_parallel).bytes(e)
 }
 
 /// The runtime's memory for `precision` and `recompute` (one micro-batch in flight). fp32:
@@ -464,6 +509,30 @@ mod tests {
         let f = |r| activation_bytes_with(&d, 2, 256, Precision::Bf16Mixed, r, 1);
         assert!(f(Recompute::Full) < f(Recompute::Selective));
         assert!(f(Recompute::Selective) < f(Recompute::None));
+    }
+
+    #[test]
+    fn sequence_parallelism_shrinks_only_the_sequence_split_tensors() {
+        let full = gpt2_small();
+        let d = CpuRuntimeDims { tp: 4, ..full };
+        for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
+            // off: the existing formulas
+            assert_eq!(
+                saved_activation_elems_sp(&d, 2, 256, r, false),
+                saved_activation_elems(&d, 2, 256, r)
+            );
+            let f = |sp| activation_bytes_sp(&d, 2, 256, Precision::Fp32, r, 1, sp);
+            assert!(f(true) < f(false), "{r:?}");
+        }
+        // saved, no recomputation, per layer: 4 btc + 4 bt of the 4 btc + 4 bt shrink by tp
+        let (bt, c) = (512, 768);
+        let per_layer_saving = (4 * bt * c + 4 * bt) * 3 / 4;
+        let saved = |sp| saved_activation_elems_sp(&d, 2, 256, Recompute::None, sp).total();
+        let head_and_input = (bt * c + bt * c + 2 * bt) * 3 / 4;
+        assert_eq!(
+            saved(false) - saved(true),
+            12 * per_layer_saving + head_and_input
+        );
     }
 
     #[test]
