@@ -496,6 +496,10 @@ fn run_validate(a: ValidateArgs) -> Result<()> {
         let (fit, err) = plan::validation::fit_matmul();
         println!("fit over Korthikanti Tables 4+5: matmul_eff = {}, matmul_knee = {} (mean abs error {:.2}%); defaults: {} / {}",
             fit.matmul_eff, fit.matmul_knee, err * 100.0, c.matmul_eff, c.matmul_knee);
+        for (system, scale, err) in plan::validation::published::fit_fp8_scales(&c) {
+            let preset = plan::gpu_preset(system)?.fp8_matmul_scale;
+            println!("fit over the {system} rows marked `fit` in crates/plan/data/published_h100_b200.csv: fp8_matmul_scale = {scale} (mean abs error {:.2}%); preset: {preset}", err * 100.0);
+        }
     }
     let tables = plan::validation::all_tables(&c);
     if a.json {
