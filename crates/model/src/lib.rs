@@ -11,8 +11,12 @@
 //!   are allocated once per (micro-batch, sequence) shape; their size is
 //!   `plan::cpu_runtime::activation_bytes`, checked by a counting-allocator test.
 //!
-//! This crate never talks to the network: the tensor-parallel all-reduce is a [`TpReduce`]
-//! argument supplied by the caller ([`NoTp`] for a single rank).
+//! This crate never talks to the network: the tensor-parallel collectives are a [`TpReduce`]
+//! argument supplied by the caller ([`NoTp`] for a single rank); a failed one is
+//! [`ModelError::TensorParallel`]. Tensor parallelism splits the layers Megatron-style and the
+//! tied embedding / LM head / cross-entropy by vocabulary; sequence parallelism
+//! ([`Activations::with_sp`]) also splits the norms and residual stream by tokens. See
+//! `docs/tensor-parallel.md`.
 
 mod activations;
 mod config;
@@ -29,7 +33,8 @@ pub use kernels::{Bf16, Elem, F16};
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
 pub use optim::{update_range as adamw_update_range, AdamW, AdamWConfig};
 pub use plan::recipe::{Precision, Recompute};
+pub use step::shard_range;
 pub use step::{
     backward, backward_into, backward_with, forward, forward_with, GradInput, GradSink, NoTp,
-    StageInput, TpReduce,
+    StageInput, TpError, TpReduce,
 };

@@ -1,13 +1,12 @@
-//! Whole-model checks: finite differences through forward/backward, tensor-parallel shards
-//! reproduce the full model, pipeline stages compose to the full model, backward accumulates.
+//! Whole-model checks: finite differences through forward/backward, pipeline stages compose to
+//! the full model, backward accumulates. Tensor parallelism: `tensor_parallel.rs`.
 
 use kernels::rng::Rng;
 use kernels::Par;
 use model::{
     backward, backward_into, forward, Activations, GradInput, GradSink, ModelConfig, NoTp,
-    ParamLayout, Shard, StageInput, TpReduce,
+    ParamLayout, Shard, StageInput,
 };
-use std::sync::{Arc, Barrier, Mutex};
 
 fn tiny() -> ModelConfig {
     ModelConfig {
@@ -129,112 +128,6 @@ fn whole_model_gradients_match_finite_differences() {
         }
     }
     assert!(checked > 100);
-}
-
-/// An all-reduce among threads for the test (the real one lives in `comm`).
-struct ThreadSum {
-    shared: Arc<(Mutex<Vec<f32>>, Barrier)>,
-    rank: usize,
-}
-
-impl TpReduce for ThreadSum {
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) {
-        let (sum, barrier) = &*self.shared;
-        if self.rank == 0 {
-            let mut s = sum.lock().unwrap();
-            s.clear();
-            s.resize(buf.len(), 0.0);
-        }
-        barrier.wait();
-        {
-            let mut s = sum.lock().unwrap();
-            for (a, &x) in s.iter_mut().zip(buf.iter()) {
-                *a += x;
-            }
-        }
-        barrier.wait();
-        buf.copy_from_slice(&sum.lock().unwrap());
-        barrier.wait();
-    }
-}
-
-#[test]
-fn tensor_parallel_shards_sum_to_the_full_model() {
-    let cfg = tiny();
-    let full = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
-    let (b, t) = (2, 6);
-    let (tokens, targets) = data(&cfg, b * t, 2);
-    let params = full.init_params(5);
-    let (loss, grads) = loss_and_grads(&full, &params, b, t, &tokens, &targets);
-    for tp in [2, 4] {
-        let shared = Arc::new((Mutex::new(Vec::new()), Barrier::new(tp)));
-        let results: Vec<(usize, f32, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..tp)
-                .map(|rank| {
-                    let (full, params, grads, tokens, targets, cfg) =
-                        (&full, &params, &grads, &tokens, &targets, &cfg);
-                    let mut reduce = ThreadSum {
-                        shared: shared.clone(),
-                        rank,
-                    };
-                    s.spawn(move || {
-                        let shard = Shard {
-                            tp_rank: rank,
-                            tp_size: tp,
-                            ..Shard::full(cfg)
-                        };
-                        let layout = ParamLayout::new(cfg, &shard).unwrap();
-                        let mut p = vec![0.0; layout.len()];
-                        layout.shard_from_full(&mut p, full, params);
-                        let mut want = vec![0.0; layout.len()];
-                        layout.shard_from_full(&mut want, full, grads);
-                        let mut acts = Activations::new(&layout, b, t);
-                        let l = forward(
-                            &layout,
-                            &p,
-                            &mut acts,
-                            StageInput::Tokens(tokens),
-                            Some(targets),
-                            Par::Seq,
-                            &mut reduce,
-                        )
-                        .unwrap()
-                        .unwrap();
-                        let mut g = vec![0.0; layout.len()];
-                        let gi = GradInput::Loss {
-                            targets,
-                            d_loss: 1.0 / (b * t) as f32,
-                        };
-                        backward(
-                            &layout,
-                            &p,
-                            &mut g,
-                            &mut acts,
-                            StageInput::Tokens(tokens),
-                            gi,
-                            Par::Seq,
-                            &mut reduce,
-                        )
-                        .unwrap();
-                        (rank, l, g, want)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (rank, l, g, want) in results {
-            assert!(
-                (l - loss).abs() < 1e-5,
-                "tp {tp} rank {rank}: loss {l} vs full {loss}"
-            );
-            for (i, (&a, &w)) in g.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - w).abs() <= 1e-5 + 1e-3 * w.abs(),
-                    "tp {tp} rank {rank}: grad[{i}] {a} vs full {w}"
-                );
-            }
-        }
-    }
 }
 
 #[test]

@@ -82,7 +82,9 @@ fn layer_activation_terms(
     policy: Recompute,
 ) -> (f64, f64, f64, f64, f64) {
     let e = r.precision.compute_bytes();
-    let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+    // With context parallelism each rank keeps the activations of its s/cp tokens.
+    let s_full = m.seq_len as f64;
+    let (b, s, h) = (l.micro_batch as f64, s_full / l.cp as f64, m.hidden as f64);
     let t = l.tp as f64;
     let a = m.heads as f64;
     let f = m.ffn_hidden as f64;
@@ -95,12 +97,14 @@ fn layer_activation_terms(
         // Only the layer input survives (2sbh for fp16 in Korthikanti's notation).
         return (e * sbh, rep, 0.0, 0.0, t);
     }
+    // The inputs of linear layers are kept in FP8 (1 byte) when the linears run in FP8.
+    let lin_e = if r.fp8.is_some() { 1.0 } else { e };
     // Norm inputs (2 norms), QKV input, MLP input, two dropout masks.
-    let replicated = (2.0 * e + e + e + 2.0 * mask) * sbh;
+    let replicated = (2.0 * e + lin_e + lin_e + 2.0 * mask) * sbh;
     // Q, K, V; attention output (input to proj); MLP up output(s) and activation output.
     let q_k_v = e * s * b * (h + 2.0 * kv);
-    let attn_out = e * sbh;
-    let mlp = e * s * b * f * (m.mlp_matrices() as f64 - 1.0) + e * s * b * f;
+    let attn_out = lin_e * sbh;
+    let mlp = e * s * b * f * (m.mlp_matrices() as f64 - 1.0) + lin_e * s * b * f;
     let sharded = q_k_v + attn_out + mlp;
     // Softmax output, dropout mask and dropout output: a·s²·b each (absent with flash attention,
     // which keeps only the row statistics, 4 bytes per row, and with selective recompute).
@@ -109,7 +113,7 @@ fn layer_activation_terms(
     } else if policy == Recompute::Selective {
         0.0
     } else {
-        (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s * b
+        (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s_full * b
     };
     (replicated, rep, sharded, core, t)
 }
@@ -120,7 +124,7 @@ impl Context {
         let m = &self.model;
         let r = &self.recipe;
         let sb = &r.state_bytes;
-        let n = l.dp as f64;
+        let n = l.grad_ranks() as f64;
         let (per_layer_dev, first_extra, last_extra) = stage_param_parts(m, l);
         let zero = l.zero;
         let states = |p: f64| {
@@ -157,13 +161,17 @@ impl Context {
             0.0
         };
         let e = r.precision.compute_bytes();
-        let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+        let (b, s, h) = (
+            l.micro_batch as f64,
+            m.seq_len as f64 / l.cp as f64,
+            m.hidden as f64,
+        );
         let t = l.tp as f64;
         let emb_out =
             (e + if r.dropout { 1.0 } else { 0.0 }) * s * b * h / if l.sp { t } else { 1.0 };
         let logits = 4.0 * s * b * (m.vocab as f64 / t).ceil() + e * s * b * h;
         // Communication buffers.
-        let comm = if l.dp > 1 {
+        let comm = if l.grad_ranks() > 1 {
             match zero {
                 0 => r.bucket_bytes,
                 1 | 2 => 2.0 * r.bucket_bytes,
