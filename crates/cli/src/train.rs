@@ -371,8 +371,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 let mut xs: Vec<f64> = s.records.iter().filter_map(|r| r.p2p_secs.map(|p| p / r.step_secs)).collect();
                 xs.sort_by(f64::total_cmp);
                 format!(
-                    "; stage {}: memory predicted {} | allocated {}; waiting/exchanging {:.1}% of the step (simulated bubble {:.1}%)",
+                    "; stage {} ({}, recompute {}): memory predicted {} | allocated {}; waiting/exchanging {:.1}% of the step (simulated bubble {:.1}%)",
                     pi.stage,
+                    precision_name(s.config.train.precision),
+                    recompute_name(s.config.train.recompute),
                     mib(s.start.predicted.total_bytes()),
                     mib(s.start.allocated_bytes),
                     100.0 * xs.get(xs.len() / 2).copied().unwrap_or(0.0),

@@ -345,3 +345,32 @@ fn an_injected_bad_batch_is_a_spike_that_is_logged_skipped_or_rolled_back() {
         }
     }
 }
+
+#[test]
+fn bf16_data_parallel_layouts_train_the_one_process_model() {
+    // Gradients are reduced in f32 (the 16-bit ones are widened first), so ring, ZeRO-1 and
+    // ZeRO-2 at dp 2 follow the one-process run with the same global batch.
+    let d = tmp("dp");
+    let common = ["--precision", "bf16-mixed", "--set", "train.eval_every=0"];
+    let run_losses = |name: &str, flags: &[&str]| {
+        let dir = d.0.join(name);
+        train(&dir, "6", &[common.as_slice(), flags].concat());
+        losses(&dir)
+    };
+    let one = run_losses("one", &["--set", "train.grad_accum=2"]);
+    for (name, flags) in [
+        ("ring", vec!["--dp", "2"]),
+        ("zero1", vec!["--dp", "2", "--zero", "1"]),
+        ("zero2", vec!["--dp", "2", "--zero", "2"]),
+    ] {
+        let got = run_losses(name, &flags);
+        assert_eq!(got.len(), 6, "{name}");
+        for (i, (a, b)) in one.iter().zip(&got).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{name}: step {}: {a} vs {b}",
+                i + 1
+            );
+        }
+    }
+}
