@@ -40,4 +40,13 @@ pub enum ModelError {
         /// Sequence length of the activations.
         t: usize,
     },
+    /// A tensor-parallel collective failed (the communicator's error is the source).
+    #[error("tensor-parallel {op} failed")]
+    TensorParallel {
+        /// Which collective, and where in the model.
+        op: &'static str,
+        /// The communicator's error.
+        #[source]
+        source: crate::TpError,
+    },
 }

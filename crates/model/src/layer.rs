@@ -7,7 +7,8 @@
 //! ```
 
 use crate::activations::LayerActs;
-use crate::{LayerParams, TpReduce};
+use crate::step::tp_op;
+use crate::{LayerParams, ModelError, TpReduce};
 use kernels::attention::{attention_backward, attention_forward, attention_probs};
 use kernels::gelu::{gelu_backward, gelu_forward};
 use kernels::layernorm::{layernorm_backward, layernorm_forward};
@@ -86,7 +87,7 @@ pub(crate) fn layer_forward<E: Elem>(
     to_res3: bool,
     par: Par,
     tp: &mut dyn TpReduce,
-) {
+) -> Result<(), ModelError> {
     let Dims {
         b,
         t,
@@ -119,7 +120,7 @@ pub(crate) fn layer_forward<E: Elem>(
     );
     attention_forward(a.atty, a.att, a.qkv, b, t, cl, nhl, par);
     matmul_forward(tmp, a.atty, p(&lp.proj_w), None, bt, cl, c, par);
-    tp.all_reduce_sum(tmp); // g
+    tp_op("all_reduce_sum (g, attention)", tp.all_reduce_sum(tmp))?;
     bias_residual_forward(a.res2, x, tmp, p(&lp.proj_b), bt, c, par);
     layernorm_forward(
         a.ln2,
@@ -145,9 +146,10 @@ pub(crate) fn layer_forward<E: Elem>(
     gelu_forward(a.fch_gelu, a.fch, par);
     if to_res3 {
         matmul_forward(tmp, a.fch_gelu, p(&lp.fcproj_w), None, bt, 4 * cl, c, par);
-        tp.all_reduce_sum(tmp); // g
+        tp_op("all_reduce_sum (g, mlp)", tp.all_reduce_sum(tmp))?;
         bias_residual_forward(a.res3, a.res2, tmp, p(&lp.fcproj_b), bt, c, par);
     }
+    Ok(())
 }
 
 /// The gradient scratch of one backward.
@@ -177,7 +179,7 @@ pub(crate) fn layer_backward<E: Elem>(
     recompute_att: bool,
     par: Par,
     tp: &mut dyn TpReduce,
-) {
+) -> Result<(), ModelError> {
     let Dims {
         b,
         t,
@@ -235,7 +237,10 @@ pub(crate) fn layer_backward<E: Elem>(
         4 * cl,
         par,
     );
-    tp.all_reduce_sum(s.d_ln); // f
+    tp_op(
+        "all_reduce_sum (f backward, mlp)",
+        tp.all_reduce_sum(s.d_ln),
+    )?;
     layernorm_backward(
         s.tmp,
         g_ln2_w,
@@ -281,7 +286,10 @@ pub(crate) fn layer_backward<E: Elem>(
         3 * cl,
         par,
     );
-    tp.all_reduce_sum(s.d_ln); // f
+    tp_op(
+        "all_reduce_sum (f backward, attention)",
+        tp.all_reduce_sum(s.d_ln),
+    )?;
     layernorm_backward(
         s.tmp,
         g_ln1_w,
@@ -295,6 +303,7 @@ pub(crate) fn layer_backward<E: Elem>(
         c,
     );
     add_inplace(s.d_res, s.tmp, par);
+    Ok(())
 }
 
 /// Disjoint mutable sub-slices of `buf` for ranges given in increasing, non-overlapping order.

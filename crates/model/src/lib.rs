@@ -29,7 +29,8 @@ pub use kernels::{Bf16, Elem, F16};
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
 pub use optim::{update_range as adamw_update_range, AdamW, AdamWConfig};
 pub use plan::recipe::{Precision, Recompute};
+pub use step::shard_range;
 pub use step::{
     backward, backward_into, backward_with, forward, forward_with, GradInput, GradSink, NoTp,
-    StageInput, TpReduce,
+    StageInput, TpError, TpReduce,
 };

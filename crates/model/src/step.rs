@@ -22,19 +22,66 @@ use kernels::{Elem, Par};
 use plan::recipe::Recompute;
 use std::ops::Range;
 
-/// The tensor-parallel all-reduce (sum) over this rank's group. Supplied by the caller so this
-/// crate never talks to the network.
+/// What a collective failed with (the caller's communicator error, kept as the source).
+pub type TpError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The tensor-parallel collectives over this rank's group. Supplied by the caller so this crate
+/// never talks to the network. Every rank of the group makes the same calls in the same order
+/// with the same lengths.
 pub trait TpReduce {
-    /// Replaces `buf` with the elementwise sum of every rank's `buf`.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]);
+    /// Ranks in the tensor-parallel group (1 = none).
+    fn size(&self) -> usize;
+    /// This rank's index in the group, `0..size()`.
+    fn rank(&self) -> usize;
+    /// `buf` ← elementwise sum over the group (every rank the same bits).
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), TpError>;
+    /// `buf` ← elementwise max over the group.
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<(), TpError>;
+    /// Sum over the group; afterwards `buf[shard_range(buf.len(), size, rank)]` holds this
+    /// rank's shard of the sum (see [`shard_range`]); the rest is scratch.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), TpError>;
+    /// Each rank contributes `buf[shard_range(buf.len(), size, rank)]`; afterwards every rank
+    /// holds all shards.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), TpError>;
 }
 
-/// A single tensor-parallel rank: the all-reduce is the identity.
+/// The shard of `len` elements that rank `r` of `n` owns in [`TpReduce::reduce_scatter_sum`] and
+/// [`TpReduce::all_gather`]: contiguous, in rank order, the first `len % n` shards one longer
+/// (the same formula as `comm::shard_range`).
+pub fn shard_range(len: usize, n: usize, r: usize) -> Range<usize> {
+    let (base, extra) = (len / n, len % n);
+    let start = r * base + r.min(extra);
+    start..start + base + usize::from(r < extra)
+}
+
+/// A single tensor-parallel rank: every collective is the identity.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoTp;
 
 impl TpReduce for NoTp {
-    fn all_reduce_sum(&mut self, _buf: &mut [f32]) {}
+    fn size(&self) -> usize {
+        1
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), TpError> {
+        Ok(())
+    }
+    fn all_reduce_max(&mut self, _buf: &mut [f32]) -> Result<(), TpError> {
+        Ok(())
+    }
+    fn reduce_scatter_sum(&mut self, _buf: &mut [f32]) -> Result<(), TpError> {
+        Ok(())
+    }
+    fn all_gather(&mut self, _buf: &mut [f32]) -> Result<(), TpError> {
+        Ok(())
+    }
+}
+
+/// Runs one collective, naming it in the error.
+pub(crate) fn tp_op(op: &'static str, r: Result<(), TpError>) -> Result<(), ModelError> {
+    r.map_err(|source| ModelError::TensorParallel { op, source })
 }
 
 /// Where [`backward_into`] accumulates parameter gradients, and who hears when a region of them
@@ -230,7 +277,7 @@ pub fn forward_with<E: Elem>(
         let (done, rest) = acts.layers.split_at_mut(i);
         let x: &[E] = done.last().map_or(&acts.input, |prev| &prev.res3);
         let mut a = LayerRefs::new(&mut rest[0], &mut scratch.work);
-        layer_forward(lp, params, x, &mut a, &mut scratch.tmp, d, true, par, tp);
+        layer_forward(lp, params, x, &mut a, &mut scratch.tmp, d, true, par, tp)?;
     }
     // Head and loss.
     let Some(hp) = &layout.head else {
@@ -425,7 +472,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
         let x: &[E] = done.last().map_or(&acts.input, |prev| &prev.res3);
         let mut a = LayerRefs::new(&mut rest[0], work);
         if recompute == Recompute::Full {
-            layer_forward(lp, params, x, &mut a, s.tmp, d, false, par, tp);
+            layer_forward(lp, params, x, &mut a, s.tmp, d, false, par, tp)?;
         }
         let lr = layout.layer_range(i);
         let base = lr.start;
@@ -442,7 +489,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
             selective,
             par,
             tp,
-        );
+        )?;
         grads.ready(base);
     }
     // Embedding.

@@ -4,9 +4,10 @@
 use kernels::rng::Rng;
 use kernels::Par;
 use model::{
-    backward, backward_into, forward, Activations, GradInput, GradSink, ModelConfig, NoTp,
-    ParamLayout, Shard, StageInput, TpReduce,
+    backward, backward_into, forward, shard_range, Activations, GradInput, GradSink, ModelConfig,
+    ModelError, NoTp, ParamLayout, Shard, StageInput, TpError, TpReduce,
 };
+use std::ops::Range;
 use std::sync::{Arc, Barrier, Mutex};
 
 fn tiny() -> ModelConfig {
@@ -131,31 +132,132 @@ fn whole_model_gradients_match_finite_differences() {
     assert!(checked > 100);
 }
 
-/// An all-reduce among threads for the test (the real one lives in `comm`).
-struct ThreadSum {
-    shared: Arc<(Mutex<Vec<f32>>, Barrier)>,
+/// Tensor-parallel collectives among threads for the tests (the real ones live in `comm`):
+/// every rank posts its buffer, then each computes the result from all posts in rank order, so
+/// every rank gets the same bits.
+struct ThreadTp {
+    shared: Arc<(Mutex<Vec<Vec<f32>>>, Barrier)>,
     rank: usize,
+    size: usize,
 }
 
-impl TpReduce for ThreadSum {
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) {
-        let (sum, barrier) = &*self.shared;
-        if self.rank == 0 {
-            let mut s = sum.lock().unwrap();
-            s.clear();
-            s.resize(buf.len(), 0.0);
-        }
+impl ThreadTp {
+    fn group(size: usize) -> Vec<ThreadTp> {
+        let shared = Arc::new((Mutex::new(vec![Vec::new(); size]), Barrier::new(size)));
+        (0..size)
+            .map(|rank| ThreadTp {
+                shared: shared.clone(),
+                rank,
+                size,
+            })
+            .collect()
+    }
+
+    /// Posts `buf`, waits for all, then sets `buf[i] = fold(post_0[i], …, post_{n-1}[i])` for
+    /// `i` in `out`.
+    fn exchange(&mut self, buf: &mut [f32], out: Range<usize>, fold: fn(f32, f32) -> f32) {
+        let (posts, barrier) = &*self.shared;
+        posts.lock().unwrap()[self.rank] = buf.to_vec();
         barrier.wait();
         {
-            let mut s = sum.lock().unwrap();
-            for (a, &x) in s.iter_mut().zip(buf.iter()) {
-                *a += x;
+            let posts = posts.lock().unwrap();
+            for i in out {
+                buf[i] = posts[1..].iter().fold(posts[0][i], |a, p| fold(a, p[i]));
             }
         }
         barrier.wait();
-        buf.copy_from_slice(&sum.lock().unwrap());
-        barrier.wait();
     }
+}
+
+impl TpReduce for ThreadTp {
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        self.exchange(buf, 0..buf.len(), |a, b| a + b);
+        Ok(())
+    }
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        self.exchange(buf, 0..buf.len(), f32::max);
+        Ok(())
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        let mine = shard_range(buf.len(), self.size, self.rank);
+        self.exchange(buf, mine, |a, b| a + b);
+        Ok(())
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        let (posts, barrier) = &*self.shared;
+        posts.lock().unwrap()[self.rank] = buf.to_vec();
+        barrier.wait();
+        {
+            let posts = posts.lock().unwrap();
+            for (r, post) in posts.iter().enumerate() {
+                let sr = shard_range(buf.len(), self.size, r);
+                buf[sr.clone()].copy_from_slice(&post[sr]);
+            }
+        }
+        barrier.wait();
+        Ok(())
+    }
+}
+
+/// A collective that always fails, as a broken link would.
+struct BrokenTp;
+
+impl TpReduce for BrokenTp {
+    fn size(&self) -> usize {
+        2
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), TpError> {
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer went away").into())
+    }
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        self.all_reduce_sum(buf)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        self.all_reduce_sum(buf)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), TpError> {
+        self.all_reduce_sum(buf)
+    }
+}
+
+#[test]
+fn a_failed_collective_is_an_error_that_keeps_its_source() {
+    let cfg = tiny();
+    let shard = Shard {
+        tp_rank: 0,
+        tp_size: 2,
+        ..Shard::full(&cfg)
+    };
+    let layout = ParamLayout::new(&cfg, &shard).unwrap();
+    let params = layout.init_params(1);
+    let (tokens, targets) = data(&cfg, 4, 1);
+    let mut acts = Activations::new(&layout, 1, 4);
+    let err = forward(
+        &layout,
+        &params,
+        &mut acts,
+        StageInput::Tokens(&tokens),
+        Some(&targets),
+        Par::Seq,
+        &mut BrokenTp,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ModelError::TensorParallel { .. }), "{err:?}");
+    let source = std::error::Error::source(&err)
+        .expect("source kept")
+        .to_string();
+    assert!(source.contains("peer went away"), "{source}");
+    let msg = err.to_string();
+    assert!(msg.contains("all_reduce_sum"), "{msg}");
 }
 
 #[test]
@@ -167,16 +269,14 @@ fn tensor_parallel_shards_sum_to_the_full_model() {
     let params = full.init_params(5);
     let (loss, grads) = loss_and_grads(&full, &params, b, t, &tokens, &targets);
     for tp in [2, 4] {
-        let shared = Arc::new((Mutex::new(Vec::new()), Barrier::new(tp)));
+        let group = ThreadTp::group(tp);
         let results: Vec<(usize, f32, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..tp)
-                .map(|rank| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mut reduce)| {
                     let (full, params, grads, tokens, targets, cfg) =
                         (&full, &params, &grads, &tokens, &targets, &cfg);
-                    let mut reduce = ThreadSum {
-                        shared: shared.clone(),
-                        rank,
-                    };
                     s.spawn(move || {
                         let shard = Shard {
                             tp_rank: rank,
