@@ -317,8 +317,27 @@ impl Dp {
     /// [`Dp::backward`] it is the all-reduced sum (ring), this rank's reduce-scattered pieces
     /// (ZeRO-1; ZeRO-2 keeps them in its shard), or still local (parameter servers, which
     /// reduce here).
-    #[allow(clippy::too_many_arguments)]
     pub fn step(
+        &mut self,
+        layout: &ParamLayout,
+        params: &mut [f32],
+        grads: &mut [f32],
+        opt: &mut AdamW,
+        cfg: &AdamWConfig,
+        par: Par,
+    ) -> Result<f64, TrainError> {
+        let mut same = Ok;
+        let mesh = MeshNorm {
+            copies: &[],
+            combine: &mut same,
+        };
+        self.step_in_mesh(layout, params, grads, opt, cfg, par, mesh)
+    }
+
+    /// [`Dp::step`] for a rank of a mesh with other axes (tensor parallelism): the global norm
+    /// leaves out `mesh.copies` and sums over the other axes with `mesh.combine`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_in_mesh(
         &mut self,
         layout: &ParamLayout,
         params: &mut [f32],

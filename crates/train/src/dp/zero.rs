@@ -210,6 +210,16 @@ pub(crate) fn subtract(r: Range<usize>, holes: &[Range<usize>]) -> Vec<Range<usi
 #[cfg(test)]
 mod tests {
     use super::super::*;
+
+    #[test]
+    fn subtract_leaves_the_pieces_outside_the_holes() {
+        use super::subtract;
+        assert_eq!(subtract(0..10, &[]), [0..10]);
+        assert_eq!(subtract(0..10, &[2..4, 6..7]), [0..2, 4..6, 7..10]);
+        assert_eq!(subtract(3..8, &[0..4, 7..20]), [4..7]);
+        assert_eq!(subtract(3..8, &[0..20]), Vec::<Range<usize>>::new());
+        assert_eq!(subtract(3..8, &[0..3, 8..9]), [3..8]);
+    }
     use model::{ModelConfig, Shard};
 
     fn layout(n_layer: usize) -> ParamLayout {

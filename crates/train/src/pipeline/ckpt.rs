@@ -74,7 +74,9 @@ fn tensor_runs(t: &model::ParamTensor, r: usize, tp: usize) -> Vec<(usize, usize
         model::TpSplit::Columns => {
             let (rows, cols) = (t.full_shape[0], t.full_shape[1]);
             let per = cols / tp;
-            (0..rows).map(|i| (i * per, i * cols + r * per, per)).collect()
+            (0..rows)
+                .map(|i| (i * per, i * cols + r * per, per))
+                .collect()
         }
     }
 }
@@ -96,7 +98,8 @@ fn assemble_full(
         let other = StageModel::new_tp(cfg, parts, &held, (r, tp))?;
         for (seg, f, copy) in full_segments(&other, full) {
             if !copy {
-                out[f..f + seg.len()].copy_from_slice(&gathered[r * n + seg.start..r * n + seg.end]);
+                out[f..f + seg.len()]
+                    .copy_from_slice(&gathered[r * n + seg.start..r * n + seg.end]);
             }
         }
     }
@@ -144,21 +147,22 @@ struct Report {
     error: Option<String>,
 }
 
-/// One rank's share of a pipeline checkpoint; every rank of the job calls it at the same step.
-/// Data-parallel rank 0 of each stage writes the stage's weights and AdamW state (`owned` are
-/// the ranges of this rank's buffer it holds: the whole buffer, as ZeRO is not combined with
-/// pipelines); the ranks exchange what they wrote over the whole job, and world rank 0
-/// publishes the manifest once every stage has succeeded. Returns the manifest path on world
-/// rank 0, `None` elsewhere; if any rank failed, every rank returns an error naming it.
+/// One rank's share of a mesh checkpoint; every rank of the job calls it at the same step.
+/// The stage's tensor-parallel rank 0 of data-parallel rank 0 writes the stage's weights as
+/// whole tensors (its tensor-parallel group's parts gathered), so the file is the same for any
+/// tp; every rank of data-parallel rank 0 (of every data-parallel rank under ZeRO) writes the
+/// AdamW state of what it counts (`owned`, less [`StageModel::copies`]) labelled with whole-model
+/// ranges. The ranks exchange what they wrote over the whole job, and world rank 0 publishes
+/// the manifest once every rank has succeeded. Returns the manifest path on world rank 0,
+/// `None` elsewhere; if any rank failed, every rank returns an error naming it.
 pub fn save_checkpoint(
     p: &mut Pipeline,
     dir: &Path,
     cfg: &TrainConfig,
     stage: &StageModel,
     state: &TrainState,
-    (dp_rank, dp_size): (usize, usize),
+    (dp_rank, dp_size, zero_stage): (usize, usize, u8),
     owned: &[Range<usize>],
-    zero_stage: u8,
 ) -> Result<Option<PathBuf>, TrainError> {
     let (s, pp) = (p.stage(), p.shape.pp);
     let step = state.step;
@@ -189,7 +193,7 @@ pub fn save_checkpoint(
     };
     let writes_state = dp_rank == 0 || zero_stage > 0;
     if writes_state {
-        let written = (|| -> Result<(FileEntry, OptimizerShard), TrainError> {
+        let written = (|| -> Result<(Option<FileEntry>, OptimizerShard), TrainError> {
             // Weights: every chunk's tensors but the LM head copy, with HF names.
             let model_file = if dp_rank == 0 && tp_rank == 0 {
                 let name = format!("{stem}.stage-{s}-of-{pp}.safetensors");
@@ -374,6 +378,32 @@ mod tests {
             covered.iter().all(|&c| c == 1),
             "every element once, the copy excluded"
         );
+        // Tensor parallelism: each rank's runs map onto the whole model, and the ranks'
+        // counted (non-copy) runs cover every element of a stage exactly once.
+        for tp in [2] {
+            let parts = crate::mesh::partition(&cfg, (2, 8), 1, None).unwrap();
+            let mut covered = vec![0u8; full.len()];
+            for r in 0..tp {
+                let stage = StageModel::new_tp(&cfg, &parts, &[0], (r, tp)).unwrap();
+                let mine = slice_full(&stage, &full, &params);
+                let mut at = 0;
+                for (seg, f, copy) in full_segments(&stage, &full) {
+                    assert_eq!(seg.start, at, "runs are in buffer order");
+                    assert_eq!(mine[seg.clone()], params[f..f + seg.len()]);
+                    if !copy {
+                        covered[f..f + seg.len()].iter_mut().for_each(|c| *c += 1);
+                    }
+                    at = seg.end;
+                }
+                assert_eq!(at, stage.len());
+                let copies: usize = stage.copies().iter().map(|c| c.len()).sum();
+                assert_eq!(copies > 0, r > 0, "replicated tensors count on rank 0 only");
+            }
+            assert!(
+                covered.iter().all(|&c| c == 1),
+                "tp {tp}: every element once"
+            );
+        }
         // Without a pipeline the map is the identity, in one range.
         let whole = StageModel::whole(full.clone());
         assert_eq!(

@@ -367,9 +367,7 @@ pub fn run_ops(
                 match dp.as_deref_mut() {
                     Some(d) => d.backward(last_bwd[c] == Some(i), g, |sink| {
                         with_tp(tp_pipe, |tp| {
-                            backward_with(
-                                layout, p, sink, set, scratch, input, grad_input, par, tp,
-                            )
+                            backward_with(layout, p, sink, set, scratch, input, grad_input, par, tp)
                         })
                     })?,
                     None => with_tp(tp_pipe, |tp| {

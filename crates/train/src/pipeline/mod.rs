@@ -500,8 +500,9 @@ impl Pipeline {
     pub fn sum_over_mesh(&mut self, mine: f64) -> Result<f64, TrainError> {
         let mine = if self.shape.tp > 1 {
             let t0 = Instant::now();
-            let all = gather_f64(self.tp_group.as_mut(), mine)
-                .map_err(comm_err("gathering the gradient norm over tensor parallelism".into()))?;
+            let all = gather_f64(self.tp_group.as_mut(), mine).map_err(comm_err(
+                "gathering the gradient norm over tensor parallelism".into(),
+            ))?;
             self.tp_secs += t0.elapsed().as_secs_f64();
             all.iter().sum()
         } else {
@@ -626,7 +627,9 @@ fn gather_f64(group: &mut dyn Communicator, mine: f64) -> Result<Vec<f64>, comm:
     all[2 * r + 1] = f32::from_bits((bits >> 32) as u32);
     group.all_gather(&mut all)?;
     Ok((0..n)
-        .map(|k| f64::from_bits(all[2 * k].to_bits() as u64 | (all[2 * k + 1].to_bits() as u64) << 32))
+        .map(|k| {
+            f64::from_bits(all[2 * k].to_bits() as u64 | (all[2 * k + 1].to_bits() as u64) << 32)
+        })
         .collect())
 }
 
@@ -672,10 +675,7 @@ impl model::TpReduce for TpGroup<'_> {
 
 /// Runs `f` with the tensor-parallel collectives of `pipe` (the identity without tensor
 /// parallelism, so a one-rank group costs nothing).
-pub fn with_tp<R>(
-    pipe: Option<&mut Pipeline>,
-    f: impl FnOnce(&mut dyn model::TpReduce) -> R,
-) -> R {
+pub fn with_tp<R>(pipe: Option<&mut Pipeline>, f: impl FnOnce(&mut dyn model::TpReduce) -> R) -> R {
     match pipe {
         Some(p) if p.shape.tp > 1 => f(&mut p.tp_reduce()),
         _ => f(&mut model::NoTp),

@@ -230,6 +230,7 @@ pub fn run(
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
         let p2p_at_start = pipe.as_ref().map(|p| p.p2p_secs);
+        let tp_at_start = pipe.as_ref().filter(|p| p.shape.tp > 1).map(|p| p.tp_secs);
         let t0 = Instant::now();
         let lr = lr_at(&cfg.optim, step, decay);
         grads.fill(0.0);
@@ -326,7 +327,15 @@ pub fn run(
                     copies: &copies,
                     combine: &mut combine,
                 };
-                d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par, mesh)?
+                d.step_in_mesh(
+                    &layout,
+                    &mut state.params,
+                    &mut grads,
+                    &mut opt,
+                    &ocfg,
+                    par,
+                    mesh,
+                )?
             }
             _ => {
                 let mut sq = 0.0f64;
@@ -381,7 +390,11 @@ pub fn run(
             step_secs,
             comm_secs: comm.map(|c| c.0),
             exposed_comm_secs: comm.map(|c| c.1),
-            p2p_secs: p2p_at_start.zip(pipe.as_ref()).map(|(s, p)| p.p2p_secs - s),
+            p2p_secs: p2p_at_start
+                .zip(pipe.as_ref())
+                .filter(|(_, p)| p.shape.pp > 1)
+                .map(|(s, p)| p.p2p_secs - s),
+            tp_secs: tp_at_start.zip(pipe.as_ref()).map(|(s, p)| p.tp_secs - s),
         };
         let line = serde_json::to_string(&rec).expect("record serialises");
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -461,9 +474,12 @@ pub fn run(
                     &rcfg,
                     &stage,
                     &state,
-                    (dp_rank, dp_size),
+                    (
+                        dp_rank,
+                        dp_size,
+                        dp.as_ref().map_or(0, |d| d.zero().number()),
+                    ),
                     &owned,
-                    dp.as_ref().map_or(0, |d| d.zero().number()),
                 ),
                 (None, Some(d)) => {
                     let part = checkpoint::RankPart {

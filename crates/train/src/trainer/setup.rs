@@ -258,6 +258,7 @@ pub(super) fn pipeline_info(
     PipelineInfo {
         stage: p.stage(),
         stages: p.shape.pp,
+        tp: p.tp(),
         schedule: p.schedule.name(),
         microbatches: m,
         parts: p.parts.clone(),
