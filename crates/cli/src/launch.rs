@@ -1,5 +1,6 @@
 //! `scaletrain launch`: start the processes of a job on this host with torchrun's environment,
-//! prefix their output with their rank, and stop everything when one fails or on Ctrl-C.
+//! prefix their output with their rank, and stop everything when one fails or on Ctrl-C; with
+//! `--max-restarts N`, start them all again (`restart.rs`).
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{BufRead, BufReader, Write};
@@ -7,6 +8,8 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+pub mod restart;
 
 /// Flags of `scaletrain launch`.
 #[derive(Debug, Args, Clone)]
@@ -253,14 +256,52 @@ fn stop_all(children: &mut [(usize, Child)], grace: Duration) {
     }
 }
 
-/// Wait for the job: Ok when every process exits 0; otherwise stop the rest and say who failed.
-pub fn supervise(mut children: Vec<(usize, Child)>, grace: Duration) -> Result<()> {
+/// How a job attempt ended ([`supervise`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every process exited with status 0.
+    Done,
+    /// Ctrl-C or SIGTERM: every process was stopped.
+    Interrupted {
+        /// Processes stopped.
+        procs: usize,
+    },
+    /// A process failed; the others were stopped.
+    Failed {
+        /// World rank of the first process seen failing.
+        rank: usize,
+        /// How it ended ("was killed by signal 9 (SIGKILL)").
+        how: String,
+        /// Processes still running when it failed (stopped since).
+        others: usize,
+    },
+}
+
+impl Outcome {
+    /// The error message of a job that did not succeed.
+    pub fn message(&self) -> String {
+        match self {
+            Outcome::Done => "every process exited with status 0".into(),
+            Outcome::Interrupted { procs } => format!("interrupted: stopped all {procs} processes"),
+            Outcome::Failed { rank, how, others } => {
+                format!("rank {rank} {how}; stopped the other {others} running process(es)")
+            }
+        }
+    }
+}
+
+/// Wait for the job: [`Outcome::Done`] when every process exits 0; otherwise stop the rest
+/// and say who failed.
+pub fn supervise(mut children: Vec<(usize, Child)>, grace: Duration) -> Result<Outcome> {
     let mut running: Vec<bool> = vec![true; children.len()];
     loop {
         if STOP.load(Ordering::SeqCst) {
             stop_all(&mut children, grace);
-            bail!("interrupted: stopped all {} processes", children.len());
+            return Ok(Outcome::Interrupted {
+                procs: children.len(),
+            });
         }
+        let mut failed = None;
         for (i, (rank, c)) in children.iter_mut().enumerate() {
             if !running[i] {
                 continue;
@@ -268,21 +309,42 @@ pub fn supervise(mut children: Vec<(usize, Child)>, grace: Duration) -> Result<(
             if let Some(status) = c.try_wait().context("waiting for a child")? {
                 running[i] = false;
                 if !status.success() {
-                    let rank = *rank;
-                    let others = running.iter().filter(|r| **r).count();
-                    stop_all(&mut children, grace);
-                    bail!(
-                        "rank {rank} {}; stopped the other {others} running process(es)",
-                        describe(status)
-                    );
+                    failed = Some((*rank, status));
+                    break;
                 }
             }
         }
+        if let Some((mut rank, mut status)) = failed {
+            // A peer of a killed rank often notices and exits with an error in the same
+            // polling interval: name the one a signal ended, the likelier culprit.
+            for (i, (r, c)) in children.iter_mut().enumerate() {
+                if running[i] {
+                    if let Ok(Some(s)) = c.try_wait() {
+                        running[i] = false;
+                        if s.signal().is_some() && status.signal().is_none() {
+                            (rank, status) = (*r, s);
+                        }
+                    }
+                }
+            }
+            let others = running.iter().filter(|r| **r).count();
+            stop_all(&mut children, grace);
+            return Ok(Outcome::Failed {
+                rank,
+                how: describe(status),
+                others,
+            });
+        }
         if running.iter().all(|r| !r) {
-            return Ok(());
+            return Ok(Outcome::Done);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether Ctrl-C or SIGTERM asked the launcher to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
 }
 
 /// Install the Ctrl-C / SIGTERM handler that stops the whole job.
@@ -294,8 +356,29 @@ pub fn install_signal_handlers() {
     }
 }
 
-/// `scaletrain launch`.
+/// `scaletrain launch` as the command line gives it: the job, and what to do when it fails.
+#[derive(Debug, Args, Clone)]
+pub struct LaunchCmd {
+    /// Restarting a failed job.
+    #[command(flatten)]
+    pub restart: restart::RestartArgs,
+    /// The job.
+    #[command(flatten)]
+    pub job: LaunchArgs,
+}
+
+/// `scaletrain launch` with its restart flags.
+pub fn run_cmd(c: &LaunchCmd) -> Result<()> {
+    run_with(&c.job, &c.restart)
+}
+
+/// `scaletrain launch` without restarts (a failed process fails the job).
 pub fn run(a: &LaunchArgs) -> Result<()> {
+    run_with(a, &restart::RestartArgs::default())
+}
+
+/// Fills in the default training command (and passes flags after `--` on to it).
+fn with_command(a: &LaunchArgs) -> Result<LaunchArgs> {
     let mut a = a.clone();
     // `launch -- --resume --out runs/x`: flags (not a program) after `--` go to the default
     // training command.
@@ -327,21 +410,55 @@ pub fn run(a: &LaunchArgs) -> Result<()> {
             .extend(["--set", "train.batch_size=8", "--via-launch"].map(String::from));
         a.command.extend(train_flags);
     }
-    let a = &a;
-    let plan = plan(a)?;
+    Ok(a)
+}
+
+/// One attempt: start every process of `a` (restart number `attempt` in their environment),
+/// wait for them, and say how it ended.
+fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcome> {
+    let mut plan = plan(a)?;
+    for p in &mut plan.procs {
+        for (k, v) in [
+            ("SCALETRAIN_RESTART_COUNT", attempt),
+            ("TORCHELASTIC_RESTART_COUNT", attempt),
+            ("TORCHELASTIC_MAX_RESTARTS", max_restarts),
+        ] {
+            p.env.push((k.into(), v.to_string()));
+        }
+    }
     let (program, args) = a
         .command
         .split_first()
         .context("no command given after --")?;
-    install_signal_handlers();
     eprintln!(
-        "scaletrain launch: starting {} of {} process(es): {}",
+        "scaletrain launch: starting {} of {} process(es){}: {}",
         plan.procs.len(),
         plan.world,
+        if attempt > 0 {
+            format!(" (restart {attempt} of at most {max_restarts})")
+        } else {
+            String::new()
+        },
         a.command.join(" ")
     );
     let (children, pumps) = spawn(&plan, program, args)?;
     let out = supervise(children, Duration::from_secs_f64(a.grace_secs.max(0.0)));
     drain(pumps, Duration::from_secs(2));
     out
+}
+
+/// `scaletrain launch`: run the job; when a process fails, restart every process up to
+/// `r.max_restarts` times (a training command resumes from the newest checkpoint it published).
+pub fn run_with(a: &LaunchArgs, r: &restart::RestartArgs) -> Result<()> {
+    r.check()?;
+    let mut a = with_command(a)?;
+    install_signal_handlers();
+    let mut sup = restart::Supervisor::new(&a.command, r);
+    loop {
+        let outcome = attempt(&a, sup.restarts(), r.max_restarts)?;
+        match sup.next(&outcome)? {
+            None => return Ok(()),
+            Some(command) => a.command = command,
+        }
+    }
 }

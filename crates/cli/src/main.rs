@@ -50,7 +50,7 @@ enum Cmd {
     /// List model and GPU presets.
     Presets(PresetArgs),
     /// Start a multi-process job on this node (torchrun-style environment); see docs/comm.md.
-    Launch(launch::LaunchArgs),
+    Launch(launch::LaunchCmd),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
         Cmd::Presets(a) => run_presets(a),
         Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(*a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
-        Cmd::Launch(a) => launch::run(&a),
+        Cmd::Launch(a) => launch::run_cmd(&a),
         Cmd::Bench(BenchCmd::Comm(a)) => bench_comm::run(&a),
         Cmd::Train(a) => train::run(&a),
         Cmd::Sample(a) => sample::run(&a),
@@ -496,6 +496,10 @@ fn run_validate(a: ValidateArgs) -> Result<()> {
         let (fit, err) = plan::validation::fit_matmul();
         println!("fit over Korthikanti Tables 4+5: matmul_eff = {}, matmul_knee = {} (mean abs error {:.2}%); defaults: {} / {}",
             fit.matmul_eff, fit.matmul_knee, err * 100.0, c.matmul_eff, c.matmul_knee);
+        for (system, scale, err) in plan::validation::published::fit_fp8_scales(&c) {
+            let preset = plan::gpu_preset(system)?.fp8_matmul_scale;
+            println!("fit over the {system} rows marked `fit` in crates/plan/data/published_h100_b200.csv: fp8_matmul_scale = {scale} (mean abs error {:.2}%); preset: {preset}", err * 100.0);
+        }
     }
     let tables = plan::validation::all_tables(&c);
     if a.json {

@@ -79,7 +79,8 @@ pub struct SpecArgs {
     /// Sequences per micro-batch (default 1 for estimate; searched by plan).
     #[arg(long, help_heading = "Recipe")]
     pub micro_batch: Option<u64>,
-    /// fp32, bf16-mixed (default) or fp16-mixed.
+    /// fp32, bf16-mixed (default), fp16-mixed, or FP8 linears inside bf16-mixed (Transformer
+    /// Engine): fp8 (= fp8-delayed), fp8-current, mxfp8.
     #[arg(long, help_heading = "Recipe")]
     pub precision: Option<String>,
     /// adamw (default), sgd, sgd-momentum, adafactor.
@@ -124,6 +125,16 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub zero3_keep_weights: bool,
+    /// Overlap tensor-parallel collectives with the GEMMs they feed (Transformer Engine
+    /// userbuffers, Megatron --tp-comm-overlap).
+    #[arg(long, help_heading = "Recipe")]
+    #[serde(default)]
+    pub tp_comm_overlap: bool,
+    /// ZeRO-1/2: overlap the all-gather of updated weights with the next forward (Megatron
+    /// --overlap-param-gather).
+    #[arg(long, help_heading = "Recipe")]
+    #[serde(default)]
+    pub overlap_param_gather: bool,
     /// Pipeline schedule: 1f1b (default) or gpipe.
     #[arg(long, help_heading = "Recipe")]
     pub schedule: Option<String>,
@@ -380,12 +391,12 @@ impl SpecArgs {
 
     /// The recipe with defaults and overrides.
     pub fn recipe(&self, m: &ModelSpec) -> Result<Recipe> {
-        let precision = self
+        let (precision, fp8) = self
             .precision
             .as_deref()
-            .map(Precision::parse)
+            .map(plan::recipe::parse_precision)
             .transpose()?
-            .unwrap_or(Precision::Bf16Mixed);
+            .unwrap_or((Precision::Bf16Mixed, None));
         let optimizer = self
             .optimizer
             .as_deref()
@@ -463,6 +474,9 @@ impl SpecArgs {
         }
         r.overlap_grad_reduce = !self.no_overlap;
         r.zero3_keep_weights = self.zero3_keep_weights;
+        r.fp8 = fp8;
+        r.tp_comm_overlap = self.tp_comm_overlap;
+        r.overlap_param_gather = self.overlap_param_gather;
         r.validate()?;
         Ok(r)
     }
@@ -493,12 +507,15 @@ impl SpecArgs {
     pub fn context(&self, gpus: u64) -> Result<(Context, Option<String>)> {
         let (m, note) = self.model()?;
         let recipe = self.recipe(&m)?;
-        let cluster = ClusterSpec::new(
-            self.gpu()?,
-            gpus,
-            self.gpus_per_node,
-            self.price_per_gpu_hour,
-        )?;
+        let gpu = self.gpu()?;
+        if recipe.fp8.is_some() && gpu.peak_fp8_flops <= 0.0 {
+            bail!(
+                "--precision {}: {} has no FP8 tensor cores (peak_fp8_flops = 0); use bf16-mixed, or a GPU with FP8 (h100-sxm, h200, b200, gb200, mi300x)",
+                self.precision.as_deref().unwrap_or("fp8"),
+                gpu.name
+            );
+        }
+        let cluster = ClusterSpec::new(gpu, gpus, self.gpus_per_node, self.price_per_gpu_hour)?;
         Ok((
             Context {
                 model: m,

@@ -327,8 +327,8 @@ fn bad_input_is_a_clear_error() {
     );
     fails_with(&["estimate", "--tokens=-5B"], &["--tokens"]);
     fails_with(
-        &["estimate", "--precision", "fp8"],
-        &["--precision", "fp32, bf16-mixed, fp16-mixed"],
+        &["estimate", "--precision", "fp4"],
+        &["--precision", "fp32, bf16-mixed, fp16-mixed, fp8"],
     );
     fails_with(&["estimate", "--gpus", "12"], &["whole nodes of 8"]);
     fails_with(

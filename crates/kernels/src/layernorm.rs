@@ -67,13 +67,14 @@ pub fn layernorm_forward<E: Elem, W: Elem>(
     );
 }
 
-/// Backward. Overwrites `d_inp`; **accumulates** `d_w += Σ d_out·x̂`, `d_b += Σ d_out`.
+/// Backward. Overwrites `d_inp`; **accumulates** `d_w += Σ d_out·x̂`, `d_b += Σ d_out` (the
+/// gradients may be stored in another type than the weights, e.g. an `f32` partial sum).
 /// Single-threaded: `d_w`/`d_b` reduce over rows and the whole pass is memory-bound.
 #[track_caller]
-pub fn layernorm_backward<E: Elem, W: Elem>(
+pub fn layernorm_backward<E: Elem, W: Elem, G: Elem>(
     d_inp: &mut [f32],
-    d_w: &mut [W],
-    d_b: &mut [W],
+    d_w: &mut [G],
+    d_b: &mut [G],
     d_out: &[f32],
     inp: &[E],
     w: &[W],

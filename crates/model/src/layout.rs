@@ -8,8 +8,11 @@
 //! Parameters, gradients and both AdamW moments share it, so a pipeline stage, a gradient
 //! bucket or a ZeRO shard is an offset range. Under tensor parallelism (Shoeybi et al. 2019,
 //! Megatron-LM §3) a rank holds its heads' rows of `c_attn`, its columns of `attn.c_proj`, its
-//! rows of `mlp.c_fc` and its columns of `mlp.c_proj`; norms, embeddings and the row-parallel
-//! biases are replicated. With `tp_size = 1` the layout is the full model.
+//! rows of `mlp.c_fc`, its columns of `mlp.c_proj` and its `vp/tp` rows of the tied `wte`
+//! (vocabulary-parallel embedding and LM head; the LM head's own copy on a last stage without
+//! the embedding is split the same way); norms, `wpe` and the row-parallel biases are
+//! replicated ([`ParamLayout::replicated_ranges`]). With `tp_size = 1` the layout is the full
+//! model.
 
 use crate::{ModelConfig, ModelError, Shard};
 use kernels::rng::Rng;
@@ -73,8 +76,11 @@ pub struct LayerParams {
 /// Offsets of the embeddings (first stage).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EmbedParams {
-    pub wte: Range<usize>, // (vp, c); rows v..vp are padding, kept at zero
-    pub wpe: Range<usize>, // (max_t, c)
+    /// (vp/tp, c): this rank's rows [`ParamLayout::vocab_rows`]; rows ≥ v are padding, kept at
+    /// zero.
+    pub wte: Range<usize>,
+    /// (max_t, c), replicated.
+    pub wpe: Range<usize>,
 }
 
 /// Offsets of the head (last stage).
@@ -82,7 +88,8 @@ pub struct EmbedParams {
 pub struct HeadParams {
     pub lnf_w: Range<usize>, // (c)
     pub lnf_b: Range<usize>, // (c)
-    /// The tied LM head (vp, c): the embedding's `wte` when this stage has it, else its own copy.
+    /// The tied LM head (vp/tp, c), this rank's vocabulary rows: the embedding's `wte` when
+    /// this stage has it, else its own copy.
     pub wte: Range<usize>,
 }
 
@@ -111,13 +118,25 @@ impl ParamLayout {
         shard.validate(cfg)?;
         let (c, vp, tp) = (cfg.channels, cfg.padded_vocab(), shard.tp_size);
         let cl = c / tp;
+        if vp % tp != 0 {
+            return Err(ModelError::Config {
+                field: "tp_size",
+                reason: format!(
+                    "the padded vocabulary ({vp}, vocab_size {} rounded up to a multiple of 64) \
+                     must be a multiple of tp_size ({tp}) for the vocabulary-parallel \
+                     embedding; use a tp_size that divides {vp}",
+                    cfg.vocab_size
+                ),
+            });
+        }
+        let vocab = TpSplit::Rows { blocks: 1 };
         let mut b = Builder {
             tensors: Vec::new(),
             offset: 0,
             tp,
         };
         let embed = shard.has_embedding.then(|| EmbedParams {
-            wte: b.push("wte".into(), &[vp, c], true, TpSplit::Replicated),
+            wte: b.push("wte".into(), &[vp, c], true, vocab),
             wpe: b.push(
                 "wpe".into(),
                 &[cfg.max_seq_len, c],
@@ -172,7 +191,7 @@ impl ParamLayout {
             let lnf_b = b.push("ln_f.bias".into(), &[c], false, rep);
             let wte = match &embed {
                 Some(e) => e.wte.clone(),
-                None => b.push("lm_head.weight".into(), &[vp, c], true, rep),
+                None => b.push("lm_head.weight".into(), &[vp, c], true, vocab),
             };
             HeadParams { lnf_w, lnf_b, wte }
         });
@@ -232,6 +251,52 @@ impl ParamLayout {
         pts.push(0);
         pts.dedup();
         pts
+    }
+
+    /// The vocabulary rows (token ids, padding included) of the tied `wte` this rank holds:
+    /// `tp_rank·vp/tp .. (tp_rank+1)·vp/tp`.
+    pub fn vocab_rows(&self) -> Range<usize> {
+        let vpl = self.cfg.padded_vocab() / self.shard.tp_size;
+        self.shard.tp_rank * vpl..(self.shard.tp_rank + 1) * vpl
+    }
+
+    /// How many of [`ParamLayout::vocab_rows`] are real tokens (`< vocab_size`); the rest are
+    /// padding. 0 for a rank holding only padding.
+    pub(crate) fn vocab_rows_real(&self) -> usize {
+        let r = self.vocab_rows();
+        self.cfg.vocab_size.saturating_sub(r.start).min(r.len())
+    }
+
+    /// The split rule of the tensor holding flat offset `offset` (`None` past the end).
+    pub fn tp_split_of(&self, offset: usize) -> Option<TpSplit> {
+        let i = self.tensors.partition_point(|t| t.range().end <= offset);
+        self.tensors
+            .get(i)
+            .filter(|t| t.range().contains(&offset))
+            .map(|t| t.split)
+    }
+
+    /// The flat ranges (merged where adjacent, in buffer order) of the tensors every
+    /// tensor-parallel rank holds whole: layer norms, `ln_f`, the row-parallel biases
+    /// (`attn.c_proj.bias`, `mlp.c_proj.bias`) and `wpe`. Their values and — after
+    /// [`crate::backward`] — their gradients are identical on every rank of the group, so a
+    /// caller computing a global gradient norm over tp ranks counts these ranges on one rank
+    /// only (say tp rank 0) and every other range on every rank; a checkpoint takes them from
+    /// any one rank. With `tp_size = 1` every tensor is listed.
+    pub fn replicated_ranges(&self) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for t in self
+            .tensors
+            .iter()
+            .filter(|t| t.split == TpSplit::Replicated)
+        {
+            let r = t.range();
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        out
     }
 
     /// GPT-2 initialisation from `seed` (Radford et al. 2019 §2.3, as nanoGPT does it):
@@ -304,6 +369,81 @@ impl ParamLayout {
                 self.shard.tp_rank,
                 self.shard.tp_size,
             );
+        }
+    }
+
+    /// The inverse of [`ParamLayout::shard_from_full`]: writes this shard's buffer `shard` into
+    /// its place in the full-model buffer `full` (laid out by `full_layout`, unsharded). Calling
+    /// it for every tensor-parallel rank of a stage fills that stage's tensors; replicated
+    /// tensors are written by each (identical) rank. A last stage without the embedding writes
+    /// its `lm_head.weight` into the full layout's `wte` when the full layout has no
+    /// `lm_head.weight` of its own (the tied copies are equal).
+    #[track_caller]
+    pub fn shard_to_full(&self, shard: &[f32], full_layout: &ParamLayout, full: &mut [f32]) {
+        assert_eq!(shard.len(), self.len, "shard_to_full: shard length");
+        assert_eq!(full.len(), full_layout.len, "shard_to_full: full length");
+        assert_eq!(
+            full_layout.shard.tp_size, 1,
+            "shard_to_full: target must be unsharded"
+        );
+        for t in &self.tensors {
+            let dst_name = match (t.name.as_str(), full_layout.tensor(&t.name)) {
+                ("lm_head.weight", None) => "wte",
+                (n, _) => n,
+            };
+            let dst = full_layout
+                .tensor(dst_name)
+                .unwrap_or_else(|| panic!("shard_to_full: full layout lacks {dst_name}"));
+            place_for_rank(
+                &mut full[dst.range()],
+                &shard[t.range()],
+                t,
+                self.shard.tp_rank,
+                self.shard.tp_size,
+            );
+        }
+    }
+
+    /// Gathers the buffers of every tensor-parallel rank of one stage (`shards[r]` = rank `r`'s
+    /// layout and buffer, all for the same layers) into `full` laid out by `self`, the
+    /// unsharded layout (the whole model, or a `tp_size = 1` stage). Tensors of `self` that no
+    /// shard holds are left untouched.
+    #[track_caller]
+    pub fn full_from_shards(&self, full: &mut [f32], shards: &[(&ParamLayout, &[f32])]) {
+        for (r, (layout, buf)) in shards.iter().enumerate() {
+            assert_eq!(
+                (layout.shard.tp_rank, layout.shard.tp_size),
+                (r, shards.len()),
+                "full_from_shards: shards must be tp ranks 0..n in order"
+            );
+            layout.shard_to_full(buf, self, full);
+        }
+    }
+}
+
+/// Writes rank `r` of `tp`'s part `part` of a tensor into its place in the full tensor `full`.
+fn place_for_rank(full: &mut [f32], part: &[f32], t: &ParamTensor, r: usize, tp: usize) {
+    match t.split {
+        TpSplit::Replicated => full.copy_from_slice(part),
+        TpSplit::Rows { blocks } => {
+            let rows = t.full_shape[0];
+            let cols: usize = t.full_shape[1..].iter().product();
+            let per_rank = rows / blocks / tp;
+            let mut o = 0;
+            for k in 0..blocks {
+                let start = (k * rows / blocks + r * per_rank) * cols;
+                let n = per_rank * cols;
+                full[start..start + n].copy_from_slice(&part[o..o + n]);
+                o += n;
+            }
+        }
+        TpSplit::Columns => {
+            let (rows, cols) = (t.full_shape[0], t.full_shape[1]);
+            let per_rank = cols / tp;
+            for i in 0..rows {
+                full[i * cols + r * per_rank..i * cols + (r + 1) * per_rank]
+                    .copy_from_slice(&part[i * per_rank..(i + 1) * per_rank]);
+            }
         }
     }
 }

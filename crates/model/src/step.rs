@@ -1,21 +1,37 @@
 //! Forward and backward over a shard's layer range, read top to bottom (llm.c style).
 //!
 //! Legend: b = batch, t = sequence, bt = b*t, c = channels, cl = c / tp, nhl = heads / tp,
-//! v = vocabulary, vp = padded vocabulary.
+//! v = vocabulary, vp = padded vocabulary, vpl = vp / tp.
 //!
 //! One block (pre-norm GPT-2, `layer.rs`), with Megatron's tensor-parallel operators (Shoeybi
 //! et al. 2019, §3): `f` = identity forward / all-reduce backward at the input of the
 //! column-parallel matmuls, `g` = all-reduce forward / identity backward after the row-parallel
 //! ones.
 //!
+//! Vocabulary parallelism (the same paper, §3, "input embedding" and "output embedding"): a
+//! rank holds the rows [`ParamLayout::vocab_rows`] of the tied `wte`. The embedding looks up
+//! only the tokens in that range (others contribute 0) and all-reduces (a `g`); backward
+//! scatters into the rank's own rows. The head computes the logits of the rank's `vpl`
+//! columns only; the cross-entropy reduces per token the max (all-reduce max) and then the
+//! normaliser and the target's logit (one all-reduce sum of 2·bt floats), and the head's input
+//! gradient is all-reduced (an `f`). No rank ever holds full logits.
+//!
 //! Every function is generic over the storage type `E` of the weights, saved activations and
 //! gradients (`f32`, `Bf16`, `F16`); the kernels compute in `f32`. Hidden states crossing a stage
 //! boundary and the gradient scratch are `f32`.
 
-use crate::layer::{layer_backward, layer_forward, Dims, GradScratch, LayerRefs};
+use crate::layer::{
+    add_f32_into, gather_rows, layer_backward, layer_forward, reduce_partial, Dims, GradScratch,
+    LayerRefs,
+};
 use crate::{ActSaved, ActScratch, Activations, ModelError, ParamLayout};
-use kernels::crossentropy::{crossentropy_forward, crossentropy_softmax_backward_inplace};
-use kernels::encoder::{encoder_backward, encoder_forward};
+use kernels::crossentropy::{
+    crossentropy_forward, crossentropy_shard_finish, crossentropy_shard_rescale,
+    crossentropy_shard_stats, crossentropy_softmax_backward_shard,
+};
+use kernels::encoder::{
+    embedding_rows_forward, encoder_backward_rows, encoder_forward, position_add_forward,
+};
 use kernels::layernorm::{layernorm_backward, layernorm_forward};
 use kernels::matmul::{matmul_backward, matmul_forward};
 use kernels::{Elem, Par};
@@ -125,16 +141,15 @@ pub enum GradInput<'a> {
     Hidden(&'a [f32]),
 }
 
-/// The shapes a pass works with, `[b, t, c, bt, cl, nhl, v, vp]` (legend at the top of this
-/// file), after checking that `params` fits the layout and the buffers agree (a caller bug
-/// otherwise).
+/// The shapes a pass works with (legend at the top of this file) and `[v, vpl]`, after checking
+/// that `params` fits the layout and the buffers agree (a caller bug otherwise).
 fn shapes<E: Elem>(
     layout: &ParamLayout,
     params: &[E],
     saved: &ActSaved<E>,
     scratch: &ActScratch<E>,
     pass: &str,
-) -> [usize; 8] {
+) -> (Dims, [usize; 2]) {
     assert_eq!(
         params.len(),
         layout.len(),
@@ -149,18 +164,29 @@ fn shapes<E: Elem>(
         saved.recompute, scratch.recompute,
         "{pass}: saved activations and scratch built for different recomputation"
     );
+    assert_eq!(
+        saved.sp, scratch.sp,
+        "{pass}: saved activations and scratch built for different sequence parallelism"
+    );
     let cfg = &layout.cfg;
     let (b, t, c, tpn) = (saved.b, saved.t, cfg.channels, layout.shard.tp_size);
-    [
+    let btl = saved.input.len() / c;
+    let d = Dims {
         b,
         t,
         c,
-        b * t,
-        c / tpn,
-        cfg.n_head / tpn,
-        cfg.vocab_size,
-        cfg.padded_vocab(),
-    ]
+        bt: b * t,
+        cl: c / tpn,
+        nhl: cfg.n_head / tpn,
+        sp: saved.sp,
+        btl,
+        row0: if saved.sp {
+            layout.shard.tp_rank * btl
+        } else {
+            0
+        },
+    };
+    (d, [cfg.vocab_size, cfg.padded_vocab() / tpn])
 }
 
 fn check_tokens<E: Elem>(
@@ -190,13 +216,14 @@ fn check_tokens<E: Elem>(
     }
 }
 
+/// A hidden state or its gradient at a stage boundary: this rank's rows (all of them without
+/// sequence parallelism) × c.
 fn check_hidden<E: Elem>(
     what: &'static str,
     x: &[f32],
     acts: &ActSaved<E>,
-    c: usize,
 ) -> Result<(), ModelError> {
-    let expected = acts.b * acts.t * c;
+    let expected = acts.input.len();
     if x.len() != expected {
         return Err(ModelError::InputShape {
             what,
@@ -241,25 +268,31 @@ pub fn forward_with<E: Elem>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
-    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "forward");
-    let d = Dims {
-        b,
-        t,
-        c,
-        bt,
-        cl,
-        nhl,
-    };
+    let (d, [v, vpl]) = shapes(layout, params, saved, scratch, "forward");
+    let Dims { b, t, c, bt, .. } = d;
+    let vocab_parallel = layout.shard.tp_size > 1;
     let p = |r: &Range<usize>| &params[r.clone()];
     let acts = saved;
     // Stage input.
     match (input, &layout.embed) {
         (StageInput::Tokens(tokens), Some(e)) => {
             check_tokens("tokens", tokens, acts, v)?;
-            encoder_forward(&mut acts.input, tokens, p(&e.wte), p(&e.wpe), b, t, c);
+            if vocab_parallel {
+                let sum = &mut scratch.tmp;
+                let first = layout.vocab_rows().start;
+                embedding_rows_forward(sum, tokens, p(&e.wte), first, c);
+                let ops = [
+                    "all_reduce_sum (g, vocabulary-parallel embedding)",
+                    "reduce_scatter_sum (g, vocabulary-parallel embedding)",
+                ];
+                let part = reduce_partial(sum, d, tp, ops)?;
+                position_add_forward(&mut acts.input, part, p(&e.wpe), d.row0, t, c);
+            } else {
+                encoder_forward(&mut acts.input, tokens, p(&e.wte), p(&e.wpe), b, t, c);
+            }
         }
         (StageInput::Hidden(x), None) => {
-            check_hidden("hidden input", x, acts, c)?;
+            check_hidden("hidden input", x, acts)?;
             E::store(x, &mut acts.input);
         }
         (StageInput::Tokens(_), None) => {
@@ -297,21 +330,61 @@ pub fn forward_with<E: Elem>(
         x,
         p(&hp.lnf_w),
         p(&hp.lnf_b),
-        bt,
+        d.btl,
         c,
         par,
     );
-    matmul_forward(&mut h.logits, &h.lnf, p(&hp.wte), None, bt, c, vp, par);
-    crossentropy_forward(
-        &mut h.losses,
-        &mut h.lse,
-        &h.logits,
-        targets,
-        bt,
-        v,
-        vp,
-        par,
-    );
+    if d.sp {
+        let op = "all_gather (f, LM head)";
+        gather_rows(&mut scratch.tmp, &h.lnf, d, tp, op)?;
+        matmul_forward(
+            &mut h.logits,
+            &scratch.tmp,
+            p(&hp.wte),
+            None,
+            bt,
+            c,
+            vpl,
+            par,
+        );
+    } else {
+        matmul_forward(&mut h.logits, &h.lnf, p(&hp.wte), None, bt, c, vpl, par);
+    }
+    if vocab_parallel {
+        // d_big1 (≥ 4·bt floats) is backward scratch, free during forward.
+        let (gmax, rest) = scratch.d_big1.split_at_mut(bt);
+        let sums_picked = &mut rest[..2 * bt];
+        let (sums, picked) = sums_picked.split_at_mut(bt);
+        let (first, vl) = (layout.vocab_rows().start, layout.vocab_rows_real());
+        // lse holds this rank's max until the finish
+        let local_max = &mut h.lse;
+        crossentropy_shard_stats(
+            local_max, sums, picked, &h.logits, targets, bt, first, vl, vpl, par,
+        );
+        gmax.copy_from_slice(local_max);
+        tp_op(
+            "all_reduce_max (vocabulary-parallel loss)",
+            tp.all_reduce_max(gmax),
+        )?;
+        crossentropy_shard_rescale(sums, local_max, gmax);
+        tp_op(
+            "all_reduce_sum (vocabulary-parallel loss)",
+            tp.all_reduce_sum(sums_picked),
+        )?;
+        let (sums, picked) = sums_picked.split_at(bt);
+        crossentropy_shard_finish(&mut h.losses, &mut h.lse, gmax, sums, picked);
+    } else {
+        crossentropy_forward(
+            &mut h.losses,
+            &mut h.lse,
+            &h.logits,
+            targets,
+            bt,
+            v,
+            vpl,
+            par,
+        );
+    }
     let mean = h.losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64;
     Ok(Some(mean as f32))
 }
@@ -378,15 +451,9 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
-    let [b, t, c, bt, cl, nhl, v, vp] = shapes(layout, params, saved, scratch, "backward");
-    let d = Dims {
-        b,
-        t,
-        c,
-        bt,
-        cl,
-        nhl,
-    };
+    let (d, [v, vpl]) = shapes(layout, params, saved, scratch, "backward");
+    let Dims { b, t, c, bt, .. } = d;
+    let (first, vl) = (layout.vocab_rows().start, layout.vocab_rows_real());
     let p = |r: &Range<usize>| &params[r.clone()];
     let nl = layout.layers.len();
     let acts = saved;
@@ -398,6 +465,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
         d_big1,
         d_big2,
         d_att,
+        rep_grads,
         work,
         ..
     } = scratch;
@@ -407,46 +475,54 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
             check_tokens("targets", targets, acts, v)?;
             let x: &[E] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
             let h = acts.head.as_mut().expect("activations built for a head");
-            crossentropy_softmax_backward_inplace(
+            crossentropy_softmax_backward_shard(
                 &mut h.logits,
                 &h.lse,
                 targets,
                 d_loss,
                 bt,
-                v,
-                vp,
+                first,
+                vl,
+                vpl,
                 par,
             );
-            matmul_backward(
-                &mut d_ln[..],
-                grads.slice(hp.wte.clone()),
-                None,
-                &h.logits,
-                &h.lnf,
-                p(&hp.wte),
-                bt,
-                c,
-                vp,
-                par,
-            );
-            let (d_w, d_b) = grads
-                .slice(hp.lnf_w.start..hp.lnf_b.end)
-                .split_at_mut(hp.lnf_w.len());
-            layernorm_backward(
-                d_res,
-                d_w,
-                d_b,
-                d_ln,
-                x,
-                p(&hp.lnf_w),
-                &h.lnf_mean,
-                &h.lnf_rstd,
-                bt,
-                c,
-            );
+            let g_wte = grads.slice(hp.wte.clone());
+            let (wte, logits) = (p(&hp.wte), &h.logits);
+            if d.sp {
+                let op = "all_gather (f, LM head, again in backward)";
+                gather_rows(tmp, &h.lnf, d, tp, op)?;
+                matmul_backward(d_ln, g_wte, None, logits, &tmp[..], wte, bt, c, vpl, par);
+            } else {
+                matmul_backward(d_ln, g_wte, None, logits, &h.lnf, wte, bt, c, vpl, par);
+            }
+            let ops = [
+                "all_reduce_sum (f backward, LM head)",
+                "reduce_scatter_sum (f backward, LM head)",
+            ];
+            let d_ln = reduce_partial(d_ln, d, tp, ops)?;
+            let (w, mean, rstd) = (p(&hp.lnf_w), &h.lnf_mean, &h.lnf_rstd);
+            if d.sp {
+                // partial over this rank's rows: all-reduce, then add
+                let (rw, rb) = rep_grads[..2 * c].split_at_mut(c);
+                rw.fill(0.0);
+                rb.fill(0.0);
+                layernorm_backward(d_res, rw, rb, d_ln, x, w, mean, rstd, d.btl, c);
+                let op = "all_reduce_sum (sequence-parallel ln_f gradients)";
+                tp_op(op, tp.all_reduce_sum(&mut rep_grads[..2 * c]))?;
+                let (d_w, d_b) = grads
+                    .slice(hp.lnf_w.start..hp.lnf_b.end)
+                    .split_at_mut(hp.lnf_w.len());
+                add_f32_into(d_w, &rep_grads[..c]);
+                add_f32_into(d_b, &rep_grads[c..2 * c]);
+            } else {
+                let (d_w, d_b) = grads
+                    .slice(hp.lnf_w.start..hp.lnf_b.end)
+                    .split_at_mut(hp.lnf_w.len());
+                layernorm_backward(d_res, d_w, d_b, d_ln, x, w, mean, rstd, bt, c);
+            }
         }
         (GradInput::Hidden(d_out), None) => {
-            check_hidden("output gradient", d_out, acts, c)?;
+            check_hidden("output gradient", d_out, acts)?;
             d_res.copy_from_slice(d_out);
         }
         (GradInput::Loss { .. }, None) => {
@@ -465,6 +541,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
         d_big1,
         d_big2,
         d_att,
+        rep: rep_grads,
     };
     for i in (0..nl).rev() {
         let lp = &layout.layers[i];
@@ -499,7 +576,15 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
             let (d_wte, d_wpe) = grads
                 .slice(e.wte.start..e.wpe.end)
                 .split_at_mut(e.wte.len());
-            encoder_backward(d_wte, d_wpe, s.d_res, tokens, b, t, c);
+            let d_emb: &[f32] = if d.sp {
+                // every rank scatters every token's gradient into its rows (and wpe)
+                let op = "all_gather (g backward, vocabulary-parallel embedding)";
+                gather_rows(s.d_ln, &*s.d_res, d, tp, op)?;
+                s.d_ln
+            } else {
+                s.d_res
+            };
+            encoder_backward_rows(d_wte, first, d_wpe, d_emb, tokens, b, t, c);
         }
         (StageInput::Hidden(_), None) => {} // d_res is the gradient to send back
         _ => panic!("backward: stage input kind does not match the layout"),

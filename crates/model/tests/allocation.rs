@@ -45,8 +45,38 @@ fn allocations_match_the_plan_prediction() {
         ),
         (
             Shard {
+                tp_rank: 0,
+                tp_size: 4,
+                ..full.clone()
+            },
+            2,
+            32,
+        ),
+        // vocabulary 1000 → 1024 padded: rank 3 of 4 holds rows 768..1024, 232 of them real
+        (
+            Shard {
+                tp_rank: 3,
+                tp_size: 4,
+                ..full.clone()
+            },
+            2,
+            32,
+        ),
+        (
+            Shard {
                 layers: 1..3,
                 has_embedding: false,
+                ..full.clone()
+            },
+            3,
+            16,
+        ),
+        (
+            Shard {
+                layers: 2..3,
+                has_embedding: false,
+                tp_rank: 1,
+                tp_size: 2,
                 ..full.clone()
             },
             3,
@@ -177,10 +207,34 @@ fn allocations_match_the_plan_prediction() {
             mixed_steps_keep_nothing::<Bf16>(&layout, &cfg, b, t, &tag);
             mixed_steps_keep_nothing::<F16>(&layout, &cfg, b, t, &tag);
         }
-        for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
-            precision_case::<f32>(&layout, &dims, b, t, Precision::Fp32, r, &tag);
-            precision_case::<Bf16>(&layout, &dims, b, t, Precision::Bf16Mixed, r, &tag);
-            precision_case::<F16>(&layout, &dims, b, t, Precision::Fp16Mixed, r, &tag);
+        let sps: &[bool] = if shard.tp_size > 1 {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &sp in sps {
+            for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
+                let tag = format!("{tag}{}", if sp { " sp" } else { "" });
+                let run = (b, t, r, sp);
+                let m32 = precision_case::<f32>(&layout, &dims, run, Precision::Fp32, &tag);
+                let mbf = precision_case::<Bf16>(&layout, &dims, run, Precision::Bf16Mixed, &tag);
+                precision_case::<F16>(&layout, &dims, run, Precision::Fp16Mixed, &tag);
+                if sp {
+                    // sequence parallelism's saving shows in what is really allocated
+                    let off32 = precision_case::<f32>(
+                        &layout,
+                        &dims,
+                        (b, t, r, false),
+                        Precision::Fp32,
+                        &tag,
+                    );
+                    eprintln!(
+                        "{tag} {r:?}: fp32 activations with sequence parallelism {:.3}x of without",
+                        m32 as f64 / off32 as f64
+                    );
+                    assert!(m32 < off32 && mbf < off32, "{tag}: no saving");
+                }
+            }
         }
     }
     full_recompute_ratio_of_the_bench_model();
@@ -276,31 +330,27 @@ fn mixed_steps_keep_nothing<E: Elem>(
 }
 
 /// Activations (saved + scratch), working weights and gradients in storage type `E` under
-/// `recompute`, against `plan::cpu_runtime::memory_with`.
-#[allow(clippy::too_many_arguments)]
+/// `recompute` and sequence parallelism `sp`, against `plan::cpu_runtime::memory_with` and
+/// `activation_bytes_sp`. Returns the activation bytes allocated.
 fn precision_case<E: Elem>(
     layout: &ParamLayout,
     dims: &CpuRuntimeDims,
-    b: usize,
-    t: usize,
+    (b, t, recompute, sp): (usize, usize, Recompute, bool),
     precision: Precision,
-    recompute: Recompute,
     tag: &str,
-) {
+) -> i64 {
     let tag = format!("{tag} {} {recompute:?}", E::NAME);
     let predicted = cpu_runtime::memory_with(dims, b as u64, t as u64, precision, recompute);
+    let predicted_acts =
+        cpu_runtime::activation_bytes_sp(dims, b as u64, t as u64, precision, recompute, 1, sp);
     let before = live();
-    let saved = ActSaved::<E>::with(layout, b, t, recompute);
-    let scratch = ActScratch::<E>::with(layout, b, t, recompute);
-    let measured = live() - before;
-    within_1pct(
-        format!("{tag}: activations"),
-        measured,
-        predicted.activation_bytes,
-    );
+    let saved = ActSaved::<E>::with_sp(layout, b, t, recompute, sp).unwrap();
+    let scratch = ActScratch::<E>::with_sp(layout, b, t, recompute, sp).unwrap();
+    let acts = live() - before;
+    within_1pct(format!("{tag}: activations"), acts, predicted_acts);
     assert_eq!(
         (saved.bytes() + scratch.bytes()) as u64,
-        predicted.activation_bytes,
+        predicted_acts,
         "{tag}: buffer sizes"
     );
     let before = live();
@@ -313,6 +363,7 @@ fn precision_case<E: Elem>(
     let measured = live() - before;
     within_1pct(format!("{tag}: grads"), measured, predicted.grad_bytes);
     drop((saved, scratch, master, working, grads));
+    acts
 }
 
 /// The bench model (L4 H4 C256 T128 B8, vocabulary 8192): activation bytes of every precision

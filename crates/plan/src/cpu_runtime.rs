@@ -4,7 +4,9 @@
 //! real allocations against these formulas within 1%.
 //!
 //! Legend: b = micro-batch, t = sequence, c = channels, cl = c / tp (local channels),
-//! nhl = heads / tp, vp = vocabulary padded to a multiple of 64, L = layers held by this stage.
+//! nhl = heads / tp, vp = vocabulary padded to a multiple of 64, vpl = vp / tp (the rows of the
+//! tied `wte` one tensor-parallel rank holds: vocabulary-parallel embedding and LM head,
+//! Shoeybi et al. 2019 §3), L = layers held by this stage.
 //!
 //! What the runtime stores (GPT-2, pre-norm, tied LM head; Radford et al. 2019):
 //! - parameters, gradients: one `f32` each per parameter; AdamW moments: two (Loshchilov &
@@ -15,7 +17,7 @@
 //!   `ln1, res2, ln2, res3` (4·btc) + `ln1/ln2 mean, rstd` (4·bt) + `qkv` (3·bt·cl) +
 //!   `atty` (bt·cl) + `att` (b·nhl·t²) + `fch, fch_gelu` (8·bt·cl).
 //! - the stage input (btc); on the last stage `lnf` (btc), its mean/rstd (2·bt), `logits`
-//!   (bt·vp, turned into their gradient in place), per-token `losses` and `lse` (2·bt).
+//!   (bt·vpl, turned into their gradient in place), per-token `losses` and `lse` (2·bt).
 //! - scratch shared by all layers: `tmp` (btc, the row-parallel partial in forward, the
 //!   layernorm input gradient in backward), `d_res`, `d_ln` (2·btc), two (bt·4cl) buffers for
 //!   MLP/attention gradients and `d_att` (b·t²).
@@ -41,7 +43,7 @@ pub struct CpuRuntimeDims {
     /// Whether this stage holds the final norm, LM head and loss (last stage). When it does not
     /// also hold the embedding, it keeps its own copy of the tied `wte` for the head.
     pub has_head: bool,
-    /// Tensor-parallel degree `tp` (heads and MLP columns split `tp` ways).
+    /// Tensor-parallel degree `tp` (heads, MLP columns and the vocabulary split `tp` ways).
     pub tp: u64,
 }
 
@@ -55,8 +57,8 @@ pub fn padded_vocab(vocab: u64) -> u64 {
 
 /// Parameters held by this stage/rank (elements).
 pub fn param_count(d: &CpuRuntimeDims) -> u64 {
-    let (c, cl) = (d.channels, d.channels / d.tp);
-    let embedding = d.padded_vocab * c + d.max_seq_len * c;
+    let (c, cl, vpl) = (d.channels, d.channels / d.tp, d.padded_vocab / d.tp);
+    let embedding = vpl * c + d.max_seq_len * c; // wte rows split, wpe replicated
     let per_layer = 2 * c          // ln_1 weight, bias
         + 3 * cl * c + 3 * cl      // c_attn weight (3cl, c), bias
         + c * cl + c               // attn c_proj weight (c, cl), bias (replicated)
@@ -70,7 +72,7 @@ pub fn param_count(d: &CpuRuntimeDims) -> u64 {
     if d.has_head {
         n += 2 * c; // ln_f
         if !d.has_embedding {
-            n += d.padded_vocab * c; // own copy of the tied wte
+            n += vpl * c; // own copy of the tied wte (this rank's rows)
         }
     }
     n
@@ -99,7 +101,7 @@ pub fn saved_activation_count(d: &CpuRuntimeDims, batch: u64, seq: u64) -> u64 {
         4 * bt * c + 4 * bt + 3 * bt * cl + bt * cl + batch * nhl * seq * seq + 8 * bt * cl;
     let mut n = bt * c + d.layers * per_layer;
     if d.has_head {
-        n += bt * c + 2 * bt + bt * d.padded_vocab + 2 * bt;
+        n += bt * c + 2 * bt + bt * (d.padded_vocab / d.tp) + 2 * bt;
     }
     n
 }
@@ -211,13 +213,13 @@ pub fn grad_bucket_lens(d: &CpuRuntimeDims, bucket_elems: u64) -> Vec<u64> {
                 + if d.has_embedding {
                     0
                 } else {
-                    d.padded_vocab * d.channels
+                    d.padded_vocab / d.tp * d.channels
                 },
         );
     }
     regions.extend((0..d.layers).map(|_| param_count(&per_layer)));
     if d.has_embedding {
-        regions.push(d.padded_vocab * d.channels + d.max_seq_len * d.channels);
+        regions.push(d.padded_vocab / d.tp * d.channels + d.max_seq_len * d.channels);
     }
     let mut out = Vec::new();
     let mut acc = 0;
@@ -315,22 +317,38 @@ pub fn saved_activation_elems(
     seq: u64,
     recompute: Recompute,
 ) -> ActivationElems {
+    saved_activation_elems_sp(d, batch, seq, recompute, false)
+}
+
+/// [`saved_activation_elems`] with sequence parallelism on or off (Korthikanti et al. 2022,
+/// §4.2.2): with it the layer norms' outputs and statistics, the residual stream (`res2`,
+/// `res3`, the stage input) and `lnf` hold `btl = bt/tp` rows; `qkv`, `atty`, `att`, the MLP
+/// tensors and the logits keep all bt rows (they are split by heads, columns or vocabulary
+/// instead). `tp` must divide b·t.
+pub fn saved_activation_elems_sp(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    recompute: Recompute,
+    sequence_parallel: bool,
+) -> ActivationElems {
     let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
     let bt = batch * seq;
+    let btl = if sequence_parallel { bt / d.tp } else { bt };
     let att = batch * nhl * seq * seq;
-    let body = 3 * bt * c + 3 * bt * cl + bt * cl + 8 * bt * cl; // ln1, res2, ln2, qkv, atty, fch, fch_gelu
+    let body = 3 * btl * c + 3 * bt * cl + bt * cl + 8 * bt * cl; // ln1, res2, ln2, qkv, atty, fch, fch_gelu
     let (per_layer, per_layer_f32) = match recompute {
-        Recompute::None => (body + att + bt * c, 4 * bt),
-        Recompute::Selective => (body + bt * c, 4 * bt),
-        Recompute::Full => (bt * c, 0),
+        Recompute::None => (body + att + btl * c, 4 * btl),
+        Recompute::Selective => (body + btl * c, 4 * btl),
+        Recompute::Full => (btl * c, 0),
     };
     let mut e = ActivationElems {
-        compute: bt * c + d.layers * per_layer,
+        compute: btl * c + d.layers * per_layer,
         f32: d.layers * per_layer_f32,
     };
     if d.has_head {
-        e.compute += bt * c + bt * d.padded_vocab; // lnf, logits
-        e.f32 += 2 * bt + 2 * bt; // lnf mean/rstd, losses, lse
+        e.compute += btl * c + bt * (d.padded_vocab / d.tp); // lnf, this rank's logit columns
+        e.f32 += 2 * btl + 2 * bt; // lnf mean/rstd, losses, lse
     }
     e
 }
@@ -344,20 +362,36 @@ pub fn scratch_activation_elems(
     seq: u64,
     recompute: Recompute,
 ) -> ActivationElems {
+    scratch_activation_elems_sp(d, batch, seq, recompute, false)
+}
+
+/// [`scratch_activation_elems`] with sequence parallelism on or off: with it the residual
+/// gradient `d_res` holds btl·c, the workspace's norm/residual tensors btl rows, and a 6c
+/// buffer holds one layer's partial norm/bias gradients; `tmp` and `d_ln` stay bt·c (they
+/// receive the all-gathers).
+pub fn scratch_activation_elems_sp(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    recompute: Recompute,
+    sequence_parallel: bool,
+) -> ActivationElems {
     let (c, cl, nhl) = (d.channels, d.channels / d.tp, d.heads / d.tp);
     let bt = batch * seq;
+    let btl = if sequence_parallel { bt / d.tp } else { bt };
     let att = batch * nhl * seq * seq;
+    let rep = if sequence_parallel { 6 * c } else { 0 };
     let mut e = ActivationElems {
         compute: 0,
-        f32: scratch_activation_count(d, batch, seq),
+        f32: 2 * bt * c + btl * c + 2 * bt * 4 * cl + batch * seq * seq + rep,
     };
     if d.layers > 0 {
         match recompute {
             Recompute::None => {}
             Recompute::Selective => e.compute += att,
             Recompute::Full => {
-                e.compute += 3 * bt * c + 3 * bt * cl + bt * cl + 8 * bt * cl + att;
-                e.f32 += 4 * bt;
+                e.compute += 3 * btl * c + 3 * bt * cl + bt * cl + 8 * bt * cl + att;
+                e.f32 += 4 * btl;
             }
         }
     }
@@ -374,9 +408,22 @@ pub fn activation_bytes_with(
     recompute: Recompute,
     in_flight: u64,
 ) -> u64 {
+    activation_bytes_sp(d, batch, seq, precision, recompute, in_flight, false)
+}
+
+/// [`activation_bytes_with`] with sequence parallelism on or off (per tensor-parallel rank).
+pub fn activation_bytes_sp(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    precision: Precision,
+    recompute: Recompute,
+    in_flight: u64,
+    sequence_parallel: bool,
+) -> u64 {
     let e = compute_bytes(precision);
-    in_flight * saved_activation_elems(d, batch, seq, recompute).bytes(e)
-        + scratch_activation_elems(d, batch, seq, recompute).bytes(e)
+    in_flight * saved_activation_elems_sp(d, batch, seq, recompute, sequence_parallel).bytes(e)
+        + scratch_activation_elems_sp(d, batch, seq, recompute, sequence_parallel).bytes(e)
 }
 
 /// The runtime's memory for `precision` and `recompute` (one micro-batch in flight). fp32:
@@ -434,9 +481,11 @@ mod tests {
         let full = gpt2_small();
         let shard = CpuRuntimeDims { tp: 4, ..full };
         let c = 768;
-        let per_layer_split = 12 * c * c + 3 * c + 4 * c; // matrices + column-split biases
-                                                          // norms and row-parallel biases stay replicated, so only the split part shrinks.
-        let expected = param_count(&full) - 12 * per_layer_split * 3 / 4;
+        // matrices + column-split biases; norms, row-parallel biases and wpe stay replicated,
+        // the tied wte's rows are split too.
+        let per_layer_split = 12 * c * c + 3 * c + 4 * c;
+        let wte = 50304 * c;
+        let expected = param_count(&full) - (12 * per_layer_split + wte) * 3 / 4;
         assert_eq!(param_count(&shard), expected);
     }
 
@@ -460,6 +509,30 @@ mod tests {
         let f = |r| activation_bytes_with(&d, 2, 256, Precision::Bf16Mixed, r, 1);
         assert!(f(Recompute::Full) < f(Recompute::Selective));
         assert!(f(Recompute::Selective) < f(Recompute::None));
+    }
+
+    #[test]
+    fn sequence_parallelism_shrinks_only_the_sequence_split_tensors() {
+        let full = gpt2_small();
+        let d = CpuRuntimeDims { tp: 4, ..full };
+        for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
+            // off: the existing formulas
+            assert_eq!(
+                saved_activation_elems_sp(&d, 2, 256, r, false),
+                saved_activation_elems(&d, 2, 256, r)
+            );
+            let f = |sp| activation_bytes_sp(&d, 2, 256, Precision::Fp32, r, 1, sp);
+            assert!(f(true) < f(false), "{r:?}");
+        }
+        // saved, no recomputation, per layer: 4 btc + 4 bt of the 4 btc + 4 bt shrink by tp
+        let (bt, c) = (512, 768);
+        let per_layer_saving = (4 * bt * c + 4 * bt) * 3 / 4;
+        let saved = |sp| saved_activation_elems_sp(&d, 2, 256, Recompute::None, sp).total();
+        let head_and_input = (bt * c + bt * c + 2 * bt) * 3 / 4;
+        assert_eq!(
+            saved(false) - saved(true),
+            12 * per_layer_saving + head_and_input
+        );
     }
 
     #[test]

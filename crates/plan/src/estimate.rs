@@ -36,6 +36,10 @@ pub struct Estimate {
     pub gpus: u64,
     /// GPUs per node.
     pub gpus_per_node: u64,
+    /// Precision of the recipe.
+    pub precision: crate::recipe::Precision,
+    /// FP8 linears and their scaling (`delayed`, `current`, `mx`), or null.
+    pub fp8: Option<crate::recipe::Fp8>,
     /// The layout.
     pub layout: Layout,
     /// Memory per device.
@@ -74,7 +78,7 @@ pub struct Estimate {
 }
 
 /// Current `--json` schema version.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Builds the report for one (validated) layout.
 pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
@@ -153,6 +157,8 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
         gpu: ctx.cluster.gpu.name.clone(),
         gpus: layout.world(),
         gpus_per_node: ctx.cluster.gpus_per_node,
+        precision: ctx.recipe.precision,
+        fp8: ctx.recipe.fp8,
         layout: *layout,
         memory_per_device_bytes: MemoryReport {
             memory: eval.memory,

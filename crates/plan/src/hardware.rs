@@ -8,7 +8,9 @@
 //! `--price-per-gpu-hour` for your contract. `matmul_scale` (large-GEMM efficiency relative to
 //! the A100 fit) is 1.0 for A100s, where it is validated; 0.85 for H100/H200 (large bf16 GEMMs
 //! reach roughly 75% of the 989 TFLOP/s peak against roughly 88% of 312 on A100), 0.8 for B200
-//! and 0.7 for MI300X are assumptions, not fits.
+//! and GB200 and 0.7 for MI300X are assumptions, not fits. `fp8_matmul_scale` (FP8 GEMM
+//! efficiency on the FP8 peak) is fitted per GPU for H100, B200 and GB200 on published NeMo /
+//! Megatron-Bridge runs (`validation`); H200 takes H100's, MI300X's 0.7 is assumed.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,14 @@ pub struct GpuSpec {
     /// (much higher) peak; set it from your own `nvidia-smi`/cuBLAS measurements.
     #[serde(default = "one")]
     pub matmul_scale: f64,
+    /// Peak dense FP8 tensor FLOP/s (0 = no FP8 tensor cores: `--precision fp8` is refused).
+    #[serde(default)]
+    pub peak_fp8_flops: f64,
+    /// Large FP8-matmul efficiency relative to the A100 bf16 fit, as a share of the FP8 peak:
+    /// FP8 GEMMs run at `matmul_eff · fp8_matmul_scale` of `peak_fp8_flops`. Fitted per GPU on
+    /// published NeMo / Megatron-Bridge FP8 runs (see `validation::fit_fp8_scales`).
+    #[serde(default = "one")]
+    pub fp8_matmul_scale: f64,
     /// Citation for the numbers above.
     pub source: String,
 }
@@ -120,6 +130,15 @@ const GB: f64 = 1e9;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const T: f64 = 1e12;
 
+/// Fitted FP8 GEMM efficiencies (`fp8_matmul_scale`) per GPU: the least mean |error| fit over
+/// the published rows marked `fit` in `data/published_h100_b200.csv` (rerun with
+/// `scaletrain validate --fit`; the test `fp8_defaults_are_the_fit` keeps these equal to it).
+pub const FP8_SCALE_H100: f64 = 0.67;
+/// See [`FP8_SCALE_H100`].
+pub const FP8_SCALE_B200: f64 = 0.73;
+/// See [`FP8_SCALE_H100`].
+pub const FP8_SCALE_GB200: f64 = 0.68;
+
 /// Every GPU preset name.
 pub const GPU_PRESETS: &[&str] = &[
     "a100-40gb",
@@ -127,6 +146,7 @@ pub const GPU_PRESETS: &[&str] = &[
     "h100-sxm",
     "h200",
     "b200",
+    "gb200",
     "mi300x",
 ];
 
@@ -148,6 +168,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             gpus_per_node: 8,
             price_per_gpu_hour: 1.6,
             matmul_scale: 1.0,
+            peak_fp8_flops: 0.0,
+            fp8_matmul_scale: 1.0,
             source: format!("{nv_a100}; 40 GB HBM2 at 1,555 GB/s"),
         },
         "a100-80gb" => GpuSpec {
@@ -163,6 +185,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             gpus_per_node: 8,
             price_per_gpu_hour: 2.0,
             matmul_scale: 1.0,
+            peak_fp8_flops: 0.0,
+            fp8_matmul_scale: 1.0,
             source: format!("{nv_a100}; 80 GB HBM2e at 2,039 GB/s (SXM)"),
         },
         "h100-sxm" => GpuSpec {
@@ -178,7 +202,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             gpus_per_node: 8,
             price_per_gpu_hour: 3.0,
             matmul_scale: 0.85,
-            source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
+            peak_fp8_flops: 1979.0 * T,
+            fp8_matmul_scale: FP8_SCALE_H100,
+            source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 1,979 TFLOP/s FP8 dense (3,958 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "h200" => GpuSpec {
             name: n.clone(),
@@ -193,7 +219,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             gpus_per_node: 8,
             price_per_gpu_hour: 3.5,
             matmul_scale: 0.85,
-            source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
+            peak_fp8_flops: 1979.0 * T,
+            fp8_matmul_scale: FP8_SCALE_H100,
+            source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 and 1,979 TFLOP/s FP8 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "b200" => GpuSpec {
             name: n.clone(),
@@ -208,7 +236,26 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             gpus_per_node: 8,
             price_per_gpu_hour: 5.0,
             matmul_scale: 0.8,
-            source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
+            peak_fp8_flops: 4500.0 * T,
+            fp8_matmul_scale: FP8_SCALE_B200,
+            source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 4.5 PFLOP/s FP8 and 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
+        },
+        "gb200" => GpuSpec {
+            name: n.clone(),
+            peak_bf16_flops: 2500.0 * T,
+            peak_fp32_flops: 80.0 * T,
+            memory_bytes: 186.0 * GB,
+            memory_bw: 8000.0 * GB,
+            intra_node_bw: 900.0 * GB,
+            network_bw: 50.0 * GB,
+            intra_node_latency: 5e-6,
+            network_latency: 12e-6,
+            gpus_per_node: 72,
+            price_per_gpu_hour: 6.0,
+            matmul_scale: 0.8,
+            peak_fp8_flops: 5000.0 * T,
+            fp8_matmul_scale: FP8_SCALE_GB200,
+            source: "NVIDIA GB200 NVL72 datasheet: 360 PFLOP/s bf16 and 720 PFLOP/s FP8 per 72 GPUs (sparse) -> 2.5 / 5 PFLOP/s dense per GPU, 13.4 TB HBM3e at 576 TB/s (186 GB, 8 TB/s per GPU), NVLink 5 at 1.8 TB/s bidirectional across all 72 GPUs of the rack (one NVLink domain: gpus_per_node 72); fp32 80 TFLOP/s (datasheet 5,760 TFLOP/s per rack); 400 Gb/s ConnectX-7 per GPU".into(),
         },
         "mi300x" => GpuSpec {
             name: n.clone(),
@@ -223,7 +270,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             gpus_per_node: 8,
             price_per_gpu_hour: 2.5,
             matmul_scale: 0.7,
-            source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
+            peak_fp8_flops: 2614.9 * T,
+            fp8_matmul_scale: 0.7,
+            source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 and 2,614.9 TFLOP/s FP8 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
         },
         _ => {
             return Err(PlanError::UnknownPreset {
@@ -276,6 +325,24 @@ pub fn validate_gpu(g: &GpuSpec) -> Result<()> {
             format!(
                 "{} must be within 0.05..2 (1.0 = A100-like efficiency)",
                 g.matmul_scale
+            ),
+        ));
+    }
+    if !g.peak_fp8_flops.is_finite() || g.peak_fp8_flops < 0.0 || g.peak_fp8_flops > 1e19 {
+        return Err(invalid(
+            "peak_fp8_flops",
+            format!(
+                "{} must be 0 (no FP8) or a positive FLOP/s figure",
+                g.peak_fp8_flops
+            ),
+        ));
+    }
+    if !(0.05..=2.0).contains(&g.fp8_matmul_scale) {
+        return Err(invalid(
+            "fp8_matmul_scale",
+            format!(
+                "{} must be within 0.05..2 (1.0 = FP8 GEMMs as efficient as A100 bf16 ones)",
+                g.fp8_matmul_scale
             ),
         ));
     }

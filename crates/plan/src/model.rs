@@ -225,7 +225,14 @@ impl ModelSpec {
 }
 
 /// GPT-2/GPT-3/Megatron-style block: LayerNorm, GELU 4h MLP, biases, tied, learned positions.
-fn gpt(name: &str, layers: u64, hidden: u64, heads: u64, vocab: u64, seq: u64) -> ModelSpec {
+pub(crate) fn gpt(
+    name: &str,
+    layers: u64,
+    hidden: u64,
+    heads: u64,
+    vocab: u64,
+    seq: u64,
+) -> ModelSpec {
     ModelSpec {
         name: name.to_string(),
         layers,
@@ -245,7 +252,7 @@ fn gpt(name: &str, layers: u64, hidden: u64, heads: u64, vocab: u64, seq: u64) -
 
 /// Llama-style block: RMSNorm, SwiGLU, no biases, rotary, untied.
 #[allow(clippy::too_many_arguments)]
-fn llama(
+pub(crate) fn llama(
     name: &str,
     layers: u64,
     hidden: u64,

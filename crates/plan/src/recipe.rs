@@ -44,6 +44,55 @@ impl Precision {
     }
 }
 
+/// FP8 training on top of bf16 mixed precision, as NVIDIA Transformer Engine does it: the
+/// inputs and weights of every linear layer (QKV, attention output, MLP) are cast to FP8 (E4M3
+/// forward, E5M2 gradients) and multiplied on the FP8 tensor cores; the attention core,
+/// norms, softmax, embedding, LM head, gradients, master weights and optimizer stay as in
+/// bf16-mixed. The FP8 copy of each linear's input is what backward keeps (1 B/element). Each
+/// FP8 tensor carries a scale: delayed scaling keeps an amax history (1,024 fp32 values per
+/// tensor by default), current scaling computes the amax of the tensor itself (one extra read
+/// of the bf16 tensor), MXFP8 (Blackwell) stores one 8-bit scale per 32 elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fp8 {
+    /// Per-tensor scales from the amax history of earlier steps (TE `DelayedScaling`).
+    Delayed,
+    /// Per-tensor scales from the current tensor's amax (TE `Float8CurrentScaling`).
+    Current,
+    /// Block scales, one E8M0 scale per 32 elements (OCP MX, TE `MXFP8BlockScaling`).
+    Mx,
+}
+
+impl Fp8 {
+    /// Extra bytes read per cast element beyond the bf16 read and the FP8 write: current
+    /// scaling reads the tensor once more for its amax; MX writes one scale byte per 32.
+    pub fn extra_cast_bytes(self) -> f64 {
+        match self {
+            Fp8::Delayed => 0.0,
+            Fp8::Current => 2.0,
+            Fp8::Mx => 1.0 / 32.0,
+        }
+    }
+}
+
+/// Parses a `--precision` value: `fp8` / `fp8-delayed`, `fp8-current`, `mxfp8` give bf16-mixed
+/// with FP8 linears; anything else goes to [`Precision::parse`].
+pub fn parse_precision(s: &str) -> Result<(Precision, Option<Fp8>)> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "fp8" | "fp8-delayed" => Ok((Precision::Bf16Mixed, Some(Fp8::Delayed))),
+        "fp8-current" | "fp8-cs" => Ok((Precision::Bf16Mixed, Some(Fp8::Current))),
+        "mxfp8" | "fp8-mx" => Ok((Precision::Bf16Mixed, Some(Fp8::Mx))),
+        _ => Precision::parse(s)
+            .map(|p| (p, None))
+            .map_err(|_| {
+                invalid(
+                    "--precision",
+                    format!("'{s}' is not one of fp32, bf16-mixed, fp16-mixed, fp8 (fp8-delayed), fp8-current, mxfp8"),
+                )
+            }),
+    }
+}
+
 /// Optimizer family (decides the optimizer-state bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -243,6 +292,14 @@ pub struct Recipe {
     /// instead of gathering them again for the forward and the backward of every micro-batch.
     /// One gather per step; the full weights stay resident.
     pub zero3_keep_weights: bool,
+    /// FP8 linears (Transformer Engine style) on top of `precision` (bf16-mixed only).
+    pub fp8: Option<Fp8>,
+    /// Tensor-parallel collectives overlapped with the GEMMs they feed (Transformer Engine
+    /// userbuffers, Megatron `--tp-comm-overlap`).
+    pub tp_comm_overlap: bool,
+    /// ZeRO-1/2: the all-gather of updated weights overlapped with the next forward (Megatron
+    /// distributed optimizer `--overlap-param-gather`); off, it follows the optimizer step.
+    pub overlap_param_gather: bool,
 }
 
 impl Recipe {
@@ -267,6 +324,9 @@ impl Recipe {
             runtime_overhead_bytes: 1.0 * 1024.0 * 1024.0 * 1024.0,
             bucket_bytes: 25e6,
             zero3_keep_weights: false,
+            fp8: None,
+            tp_comm_overlap: false,
+            overlap_param_gather: false,
         }
     }
 
@@ -311,6 +371,12 @@ impl Recipe {
                 "weights need at least some bytes",
             ));
         }
+        if self.fp8.is_some() && self.precision != Precision::Bf16Mixed {
+            return Err(invalid(
+                "--precision",
+                "FP8 linears run inside bf16 mixed precision; fp8 cannot be combined with fp32 or fp16",
+            ));
+        }
         if self.ps_servers == 0 {
             return Err(invalid("--ps-servers", "must be at least 1"));
         }
@@ -331,6 +397,7 @@ macro_rules! display_names {
 
 display_names! {
     Precision { Fp32 => "fp32", Bf16Mixed => "bf16-mixed", Fp16Mixed => "fp16-mixed" }
+    Fp8 { Delayed => "fp8 (delayed scaling)", Current => "fp8 (current scaling)", Mx => "mxfp8" }
     Optimizer { Adamw => "adamw", Sgd => "sgd", SgdMomentum => "sgd-momentum", Adafactor => "adafactor" }
     Recompute { None => "none", Selective => "selective", Full => "full" }
     CausalFlops { Full => "full", Half => "half" }

@@ -31,6 +31,27 @@ pub fn tmp_dir(prefix: &str, name: &str) -> PathBuf {
     d
 }
 
+/// A fresh temporary folder (as [`tmp_dir`]) that is deleted when the value is dropped, also
+/// when the test fails.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates it, empty.
+    pub fn new(prefix: &str, name: &str) -> TempDir {
+        TempDir(tmp_dir(prefix, name))
+    }
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Flags for a model and corpus small enough for a training step to take about a millisecond
 /// (1 layer, 32 channels, sequence 16, batch 4, 1,000 validation tokens, no progress bar); each
 /// test file adds its own evaluation interval and corpus size.

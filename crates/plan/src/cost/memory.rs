@@ -95,12 +95,14 @@ fn layer_activation_terms(
         // Only the layer input survives (2sbh for fp16 in Korthikanti's notation).
         return (e * sbh, rep, 0.0, 0.0, t);
     }
+    // The inputs of linear layers are kept in FP8 (1 byte) when the linears run in FP8.
+    let lin_e = if r.fp8.is_some() { 1.0 } else { e };
     // Norm inputs (2 norms), QKV input, MLP input, two dropout masks.
-    let replicated = (2.0 * e + e + e + 2.0 * mask) * sbh;
+    let replicated = (2.0 * e + lin_e + lin_e + 2.0 * mask) * sbh;
     // Q, K, V; attention output (input to proj); MLP up output(s) and activation output.
     let q_k_v = e * s * b * (h + 2.0 * kv);
-    let attn_out = e * sbh;
-    let mlp = e * s * b * f * (m.mlp_matrices() as f64 - 1.0) + e * s * b * f;
+    let attn_out = lin_e * sbh;
+    let mlp = e * s * b * f * (m.mlp_matrices() as f64 - 1.0) + lin_e * s * b * f;
     let sharded = q_k_v + attn_out + mlp;
     // Softmax output, dropout mask and dropout output: a·s²·b each (absent with flash attention,
     // which keeps only the row statistics, 4 bytes per row, and with selective recompute).

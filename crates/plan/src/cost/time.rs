@@ -82,11 +82,28 @@ impl Context {
         let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
             matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
         };
+        // FP8 linears (Transformer Engine): 1-byte operands on the FP8 peak at the GPU's fitted
+        // FP8 efficiency; a GPU without FP8 tensor cores keeps bf16 (the CLI refuses that case).
+        let fp8 = r.fp8.filter(|_| g.peak_fp8_flops > 0.0);
+        let lin = |mm_: f64, n: f64, k: f64| match fp8 {
+            Some(_) => matmul_secs(
+                c,
+                g.fp8_matmul_scale,
+                g.peak_fp8_flops,
+                bw,
+                1.0,
+                1.0,
+                mm_,
+                n,
+                k,
+            ),
+            None => mm(1.0, mm_, n, k),
+        };
         // Forward matmuls of one layer on one tp rank.
-        let proj = mm(1.0, tok, (h + 2.0 * kv) / t, h)
-            + mm(1.0, tok, h, h / t)
-            + mm(1.0, tok, (mats - 1.0) * f / t, h)
-            + mm(1.0, tok, h, f / t);
+        let proj = lin(tok, (h + 2.0 * kv) / t, h)
+            + lin(tok, h, h / t)
+            + lin(tok, (mats - 1.0) * f / t, h)
+            + lin(tok, h, f / t);
         let heads_dev = b * a / t;
         // Attention core: QKᵀ and ·V. Flash kernels skip masked blocks (half the work, causal).
         let core_scale = if r.flash_attention { 0.5 } else { 1.0 };
@@ -107,7 +124,13 @@ impl Context {
         } else {
             (2.0 * e + if r.dropout { 2.0 * e + 1.0 } else { 0.0 }) * heads_dev * s * s
         };
-        let mem_fwd = (norms + residual + act_fn + rotary) / membw;
+        // FP8 casts of the four linears' inputs (read e, write 1 byte, plus the scaling's own
+        // traffic); backward casts the output gradients (covered by the 1.5x below).
+        let cast = match fp8 {
+            Some(f8) => (e + 1.0 + f8.extra_cast_bytes()) * tok * (3.0 * h + f) / t,
+            None => 0.0,
+        };
+        let mem_fwd = (norms + residual + act_fn + rotary + cast) / membw;
         let core_mem = softmax / membw;
         // Backward: matmuls twice the forward (data and weight gradients; flash backward does
         // 2.5x its forward), element-wise kernels read input and output gradient and write one (1.5x).
@@ -144,6 +167,19 @@ impl Context {
             let ar = all_reduce_secs(t, act_bytes, tp_bw, tp_alpha);
             (2.0 * ar, 2.0 * ar)
         };
+        // Userbuffers-style overlap (Transformer Engine `tp_comm_overlap`; Wang et al. 2023,
+        // "Overlap Communication with Dependent Computation via Decomposition", ASPLOS): each
+        // all-gather / reduce-scatter is split into tp chunks pipelined with the GEMM that
+        // consumes or produces it, so only the larger of (communication − GEMM) and one chunk
+        // stays exposed.
+        let (tp_fwd, tp_bwd) = if r.tp_comm_overlap && l.tp > 1 {
+            (
+                (tp_fwd - proj).max(tp_fwd / t),
+                (tp_bwd - 2.0 * proj).max(tp_bwd / t),
+            )
+        } else {
+            (tp_fwd, tp_bwd)
+        };
         let tp_recompute = if r.recompute == Recompute::Full {
             tp_fwd
         } else {
@@ -160,7 +196,7 @@ impl Context {
             core_mm,
             mem_fwd,
             core_mem,
-            norms_bytes: norms + residual + act_fn + rotary,
+            norms_bytes: norms + residual + act_fn + rotary + cast,
             softmax_bytes: softmax,
             act_bytes,
             tp_bw,
@@ -351,10 +387,18 @@ impl Context {
         let sb = &r.state_bytes;
         let world = l.dp * l.tp * l.pp;
         let dp_intra = world <= gpn;
+        // Across nodes a collective's bandwidth is the network per GPU times the k members of
+        // the group inside one node (NCCL runs one ring channel per NIC, so every NIC of the
+        // group carries 1/k of the buffer), capped by the intra-node link: nccl-tests' bus
+        // bandwidth on multi-node DGX systems. With tp·pp filling a node, k = 1.
         let (dp_bw, dp_alpha) = if dp_intra {
             (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
         } else {
-            (g.network_bw * c.net_eff, g.network_latency)
+            let k = (gpn / (l.tp * l.pp)).clamp(1, l.dp) as f64;
+            (
+                (k * g.network_bw * c.net_eff).min(g.intra_node_bw * c.intra_eff),
+                g.network_latency,
+            )
         };
         let gbytes = pdev * r.grad_comm_bytes;
         let wbytes = pdev * sb.weight;
@@ -421,8 +465,27 @@ impl Context {
         } else {
             0.0
         };
+        // ZeRO-1/2 with Megatron's `overlap_param_gather`: the all-gather of the updated weights
+        // runs behind the next step's first forward, bucket by bucket; the gradients'
+        // reduce-scatter stays behind the last backward.
+        let param_gather = if l.dp > 1
+            && matches!(l.zero, 1 | 2)
+            && r.overlap_param_gather
+            && r.overlap_grad_reduce
+            && r.grad_sync != GradSync::ParameterServer
+        {
+            gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat
+        } else {
+            0.0
+        };
+        let param_exposed = if param_gather > 0.0 {
+            let fwd_window = mem_layers * (fwd + tp_fwd);
+            (param_gather - fwd_window).max(param_gather * (r.bucket_bytes / wbytes).min(1.0))
+        } else {
+            0.0
+        };
         let grad_exposed = if r.overlap_grad_reduce {
-            (dp_comm - bwd_window).max(bucket_floor)
+            (dp_comm - param_gather - bwd_window).max(bucket_floor) + param_exposed
         } else {
             dp_comm
         };

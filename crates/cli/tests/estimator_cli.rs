@@ -1,0 +1,69 @@
+//! The estimator's 2026 options end to end: FP8 precisions, overlap flags, and `validate`'s
+//! H100 / B200 / GB200 tables with their split stated.
+
+mod common;
+
+use common::run;
+
+#[test]
+fn fp8_estimate_reports_the_scaling_and_is_faster() {
+    let base = [
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpu",
+        "h100-sxm",
+        "--gpus",
+        "8",
+    ];
+    let (code, out, err) = run(&[&base[..], &["--json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let bf16: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bf16["schema_version"], 2);
+    assert!(bf16["fp8"].is_null());
+    let (code, out, err) = run(&[&base[..], &["--json", "--precision", "fp8-current"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let fp8: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(fp8["fp8"], "current");
+    assert_eq!(fp8["precision"], "bf16-mixed");
+    let t = |v: &serde_json::Value| v["step_time_secs"]["total"].as_f64().unwrap();
+    assert!(t(&fp8) < t(&bf16), "{} vs {}", t(&fp8), t(&bf16));
+    let (code, out, err) = run(&[&base[..], &["--precision", "mxfp8"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bf16-mixed with mxfp8 linears"), "{out}");
+}
+
+#[test]
+fn fp8_on_a100_is_refused_with_the_reason() {
+    let (code, _, err) = run(&["estimate", "--gpu", "a100-80gb", "--precision", "fp8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no FP8 tensor cores") && err.contains("h100-sxm"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["estimate", "--precision", "fp4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("fp8-current") && err.contains("mxfp8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn validate_states_the_split_for_every_gpu_type() {
+    let (code, out, err) = run(&["validate"]);
+    assert_eq!(code, 0, "{err}");
+    for heading in ["DGX-H100", "DGX-B200", "DGX-GB200 (NVL72)"] {
+        assert!(
+            out.contains(&format!(
+                "### {heading}, published FP8 runs: the rows the FP8 efficiency is fitted on"
+            )),
+            "{heading}"
+        );
+        assert!(
+            out.contains(&format!("### {heading}, published runs: out of sample")),
+            "{heading}"
+        );
+    }
+    assert!(out.contains("In sample: `fp8_matmul_scale` of `h100-sxm`"));
+}

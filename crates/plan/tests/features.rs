@@ -1,0 +1,131 @@
+//! The 2026 features of the cost model against hand-derived cases: FP8 linears, tensor-parallel
+//! communication overlap, the weight all-gather overlapped with the forward, and the multi-node
+//! data-parallel bandwidth.
+
+use plan::cost::layer_activation_bytes;
+use plan::explain::NoTrace;
+use plan::recipe::{Fp8, Optimizer, Precision, Recompute};
+use plan::{gpu_preset, preset, Calibration, ClusterSpec, Context, Layout, Recipe};
+
+fn ctx(model: &str, gpu: &str, gpus: u64) -> Context {
+    Context {
+        model: preset(model).unwrap(),
+        cluster: ClusterSpec::new(gpu_preset(gpu).unwrap(), gpus, None, None).unwrap(),
+        recipe: Recipe::new(1e11, 64, Precision::Bf16Mixed, Optimizer::Adamw),
+        calib: Calibration::default(),
+    }
+}
+
+fn layout(dp: u64, tp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
+    Layout {
+        dp,
+        tp,
+        pp: 1,
+        vpp: 1,
+        sp: tp > 1,
+        zero,
+        micro_batch: mb,
+        grad_accum: gb / (dp * mb),
+        stage_layers: plan::StageLayers::default(),
+        partition: plan::Partition::Even,
+    }
+}
+
+/// FP8 keeps the inputs of the four linears in 1 byte instead of 2: per layer and micro-batch
+/// the saving is s·b·(3h + f) bytes (QKV input, attention output, MLP input: h each; MLP down
+/// input: f). Llama 2 7B, s = 4096, b = 1: 4096·(3·4096 + 11008) = 95,420,416 bytes.
+#[test]
+fn fp8_activation_saving_is_one_byte_per_linear_input() {
+    let mut c = ctx("llama2-7b", "h100-sxm", 8);
+    let l = layout(8, 1, 1, 1, 64);
+    let bf16 = layer_activation_bytes(&c.model, &c.recipe, &l, Recompute::None);
+    c.recipe.fp8 = Some(Fp8::Delayed);
+    let fp8 = layer_activation_bytes(&c.model, &c.recipe, &l, Recompute::None);
+    assert_eq!(bf16 - fp8, 4096.0 * (3.0 * 4096.0 + 11008.0));
+    assert_eq!(bf16 - fp8, 95_420_416.0);
+}
+
+/// FP8 shrinks memory and step time on H100; the large projections run at
+/// (1979 · 0.67) / (989 · 0.85) = 1.58x the bf16 rate, so the forward projection time falls by
+/// at most that factor (smaller matmuls and the casts keep it above).
+#[test]
+fn fp8_shrinks_memory_and_time() {
+    let mut c = ctx("llama2-7b", "h100-sxm", 8);
+    let l = layout(8, 1, 1, 1, 64);
+    let a = c.evaluate(&l, &mut NoTrace);
+    let lt_a = c.layer_times(&l);
+    c.recipe.fp8 = Some(Fp8::Current);
+    let b = c.evaluate(&l, &mut NoTrace);
+    let lt_b = c.layer_times(&l);
+    assert!(b.memory.activations < a.memory.activations);
+    assert!(
+        b.time.total < a.time.total,
+        "{} vs {}",
+        b.time.total,
+        a.time.total
+    );
+    let ratio = lt_a.proj / lt_b.proj;
+    let ideal = (1979.0 * 0.67) / (989.0 * 0.85);
+    assert!(ratio > 1.3 && ratio <= ideal + 1e-9, "{ratio} vs {ideal}");
+    // Casts cost memory traffic: the element-wise part grows.
+    assert!(lt_b.mem_fwd > lt_a.mem_fwd);
+}
+
+/// Tensor-parallel overlap: the exposed collective time per layer is max(comm − GEMM, comm/t),
+/// never more than without overlap and never below one chunk.
+#[test]
+fn tp_overlap_hides_all_but_one_chunk() {
+    let mut c = ctx("llama2-70b", "h100-sxm", 8);
+    let l = layout(1, 8, 0, 1, 8);
+    let plain = c.layer_times(&l);
+    c.recipe.tp_comm_overlap = true;
+    let over = c.layer_times(&l);
+    let want = (plain.tp_fwd - plain.proj).max(plain.tp_fwd / 8.0);
+    assert!(
+        (over.tp_fwd - want).abs() < 1e-15,
+        "{} vs {want}",
+        over.tp_fwd
+    );
+    assert!(over.tp_fwd < plain.tp_fwd && over.tp_fwd >= plain.tp_fwd / 8.0);
+    let want_b = (plain.tp_bwd - 2.0 * plain.proj).max(plain.tp_bwd / 8.0);
+    assert!((over.tp_bwd - want_b).abs() < 1e-15);
+}
+
+/// Megatron's overlapped weight all-gather (ZeRO-1) moves that gather from the backward window
+/// to the next forward. With short sequences (little compute to hide behind) the exposed
+/// data-parallel time falls by the forward window, up to the gather itself: hand-derived, the
+/// saving is min(gather − one bucket, forward of one micro-batch) when both windows are full.
+#[test]
+fn overlap_param_gather_hides_the_gather_behind_the_forward() {
+    let mut c = ctx("llama2-13b", "a100-80gb", 64);
+    c.model.seq_len = 256;
+    c.recipe.global_batch = 256;
+    let l = layout(64, 1, 1, 1, 256);
+    let a = c.evaluate(&l, &mut NoTrace);
+    c.recipe.overlap_param_gather = true;
+    let b = c.evaluate(&l, &mut NoTrace);
+    let lt = c.layer_times(&l);
+    let fwd_window = c.model.layers as f64 * (lt.fwd + lt.tp_fwd);
+    let saved = a.time.dp_exposed - b.time.dp_exposed;
+    assert!(saved > 0.0, "{saved}");
+    assert!(
+        (saved - fwd_window).abs() / fwd_window < 1e-9,
+        "{saved} vs {fwd_window}"
+    );
+    assert!(b.time.total < a.time.total);
+}
+
+/// GPUs without FP8 tensor cores carry peak_fp8_flops = 0 (the CLI refuses fp8 there); every
+/// FP8-capable preset has an FP8 peak of twice its bf16 peak.
+#[test]
+fn fp8_peaks_are_twice_bf16() {
+    for name in plan::hardware::GPU_PRESETS {
+        let g = gpu_preset(name).unwrap();
+        if name.starts_with("a100") {
+            assert_eq!(g.peak_fp8_flops, 0.0);
+        } else {
+            let r = g.peak_fp8_flops / g.peak_bf16_flops;
+            assert!((r - 2.0).abs() < 0.01, "{name}: {r}");
+        }
+    }
+}
