@@ -25,7 +25,8 @@ pub struct TrainArgs {
     /// set to keep the checkpoint's global batch unless --global-batch or train.grad_accum is given.
     #[arg(long)]
     pub resume: bool,
-    /// Start from Hugging Face GPT-2 safetensors weights of the shape the config describes.
+    /// Start from Hugging Face GPT-2 safetensors weights of the shape the config describes: a
+    /// file, or a model folder (config.json + model.safetensors) whose config.json must match.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
     /// Stop after this many steps in total (with a checkpoint), as an interruption would;

@@ -21,8 +21,9 @@ mod thread_tp;
 use kernels::rng::Rng;
 use kernels::Par;
 use model::{
-    backward, forward, Activations, GradInput, ModelConfig, ModelError, ParamLayout, Recompute,
-    Shard, StageInput, TpError, TpReduce, TpSplit,
+    backward, backward_with, forward, forward_with, ActSaved, ActScratch, Activations, Bf16, Elem,
+    GradInput, ModelConfig, ModelError, ParamLayout, Recompute, Shard, StageInput, TpError,
+    TpReduce, TpSplit,
 };
 use thread_tp::run_group;
 
@@ -430,6 +431,103 @@ fn worst_error_in(got: &[f32], want: &[f32]) -> (f32, f32) {
         .zip(want)
         .fold(0.0f32, |m, (a, w)| m.max((a - w).abs()));
     (if scale > 0.0 { err / scale } else { err }, scale)
+}
+
+/// bf16 storage with tp 2 and sequence parallelism (the all-gathered norm outputs feed the
+/// matmuls as `f32` holding bf16 values) against the fp32 full model, within the 16-bit
+/// rounding budget `tests/precision.rs` derives (`4·√n·u`, n = roundings along the path:
+/// n_f = 10·L + 4 forward, n_b = 2·n_f + 4·L + 2 for gradients; u = 2⁻⁸); the tp reordering
+/// (≈ 1e-6) is negligible next to it.
+#[test]
+fn bf16_with_sequence_parallelism_stays_within_the_rounding_budget() {
+    let (b, t, tp) = (2, 6, 2);
+    let cfg = tiny(50);
+    let full = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
+    let (tokens, targets) = data(&cfg, b * t, 4);
+    let params = noisy_params(&full, 9);
+    let (loss, grads) = step(
+        &full,
+        &params,
+        b,
+        t,
+        &tokens,
+        &targets,
+        Par::Seq,
+        &mut model::NoTp,
+    );
+    let l = cfg.n_layer as f64;
+    let n_f = 10.0 * l + 4.0;
+    let n_b = 2.0 * n_f + 4.0 * l + 2.0;
+    let u = Bf16::UNIT_ROUNDOFF as f64;
+    let ranks = run_group(tp, |rank, comm| {
+        let shard = Shard {
+            tp_rank: rank,
+            tp_size: tp,
+            ..Shard::full(&cfg)
+        };
+        let layout = ParamLayout::new(&cfg, &shard).unwrap();
+        let mut master = vec![0.0; layout.len()];
+        layout.shard_from_full(&mut master, &full, &params);
+        let p: Vec<Bf16> = master.iter().map(|&x| Bf16::from_f32(x)).collect();
+        let mut saved = ActSaved::<Bf16>::with_sp(&layout, b, t, Recompute::None, true).unwrap();
+        let mut scratch =
+            ActScratch::<Bf16>::with_sp(&layout, b, t, Recompute::None, true).unwrap();
+        let x = StageInput::Tokens(&tokens);
+        let got = forward_with(
+            &layout,
+            &p,
+            &mut saved,
+            &mut scratch,
+            x,
+            Some(&targets),
+            Par::Seq,
+            comm,
+        )
+        .unwrap()
+        .unwrap();
+        let mut g = vec![Bf16::default(); layout.len()];
+        let gi = GradInput::Loss {
+            targets: &targets,
+            d_loss: 1.0 / (b * t) as f32,
+        };
+        backward_with(
+            &layout,
+            &p,
+            &mut g[..],
+            &mut saved,
+            &mut scratch,
+            x,
+            gi,
+            Par::Seq,
+            comm,
+        )
+        .unwrap();
+        let g: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
+        (layout, got, g)
+    });
+    for (layout, got, g) in ranks {
+        let loss_err = ((got - loss) / loss).abs() as f64;
+        let mut want = vec![0.0; layout.len()];
+        layout.shard_from_full(&mut want, &full, &grads);
+        let num: f64 = g
+            .iter()
+            .zip(&want)
+            .map(|(&a, &w)| ((a - w) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+        let grad_err = (num / den).sqrt();
+        eprintln!(
+            "bf16 tp 2 sp rank {}: loss rel err {loss_err:.2e} (budget {:.2e}), grad rel err {grad_err:.2e} (budget {:.2e})",
+            layout.shard.tp_rank,
+            4.0 * n_f.sqrt() * u,
+            4.0 * n_b.sqrt() * u
+        );
+        assert!(loss_err <= 4.0 * n_f.sqrt() * u, "loss {got} vs {loss}");
+        assert!(
+            grad_err <= 4.0 * n_b.sqrt() * u,
+            "gradient error {grad_err}"
+        );
+    }
 }
 
 #[test]

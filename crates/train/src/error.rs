@@ -7,7 +7,9 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum TrainError {
     /// A file or folder could not be read, written or created.
-    #[error("{}: {source}", path.display())]
+    // The reason is the source (printed by `{:#}` / [`chain_string`]), not repeated here: a
+    // chain would print it twice.
+    #[error("{}", path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,

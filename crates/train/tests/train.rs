@@ -249,9 +249,9 @@ fn bad_inputs_are_clear_errors() {
     let d = tmp("bad");
     let file = d.join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let e = run(&tiny(2), &opts(&file.join("run")), &mut Quiet)
-        .unwrap_err()
-        .to_string();
+    let e = run(&tiny(2), &opts(&file.join("run")), &mut Quiet).unwrap_err();
+    // The path, then the reason (the error's source, as `{:#}` prints it).
+    let e = format!("{e}: {}", std::error::Error::source(&e).unwrap());
     assert!(e.contains("a-file") && e.contains("output folder"), "{e}");
     // Missing and corrupt token files name the file.
     let mut cfg = tiny(2);

@@ -161,7 +161,6 @@ pub fn hf_config(layout: &ParamLayout) -> serde_json::Value {
         "model_type": "gpt2",
         "vocab_size": c.vocab_size,
         "n_positions": c.max_seq_len,
-        "n_ctx": c.max_seq_len,
         "n_embd": c.channels,
         "n_layer": c.n_layer,
         "n_head": c.n_head,
@@ -173,6 +172,131 @@ pub fn hf_config(layout: &ParamLayout) -> serde_json::Value {
         "attn_pdrop": 0.0,
         "tie_word_embeddings": true,
     })
+}
+
+/// `--init-from PATH`: Hugging Face GPT-2 weights from a safetensors file, or from a model
+/// folder as `save_pretrained` writes it (`config.json` and `model.safetensors`, or a sharded
+/// `model.safetensors.index.json`; a scaletrain run folder is one). A folder's `config.json`
+/// must describe the model `layout` has (layers, heads, channels, vocabulary, positions): a
+/// difference is refused naming both values, so a model with another head count, whose
+/// weights would load with every shape right, never trains silently.
+pub fn load_init_weights(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>, TrainError> {
+    use crate::error::io;
+    if !path.is_dir() {
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        return load_hf_weights(path, &bytes, layout);
+    }
+    let cfg_path = path.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| TrainError::Weights {
+        path: path.to_path_buf(),
+        reason: format!(
+            "a Hugging Face model folder needs config.json ({e}); give the weights file itself \
+             (--init-from {}) to load it without the check",
+            path.join("model.safetensors").display()
+        ),
+    })?;
+    check_hf_config(&cfg_path, &text, layout)?;
+    let single = path.join("model.safetensors");
+    let files: Vec<std::path::PathBuf> = if single.exists() {
+        vec![single]
+    } else {
+        let index = path.join(super::HF_INDEX);
+        let text = std::fs::read_to_string(&index).map_err(|e| TrainError::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "has neither model.safetensors nor {} ({e})",
+                super::HF_INDEX
+            ),
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TrainError::Weights {
+                path: index.clone(),
+                reason: format!("not JSON: {e}"),
+            })?;
+        let map = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| TrainError::Weights {
+                path: index.clone(),
+                reason: "has no weight_map object".into(),
+            })?;
+        let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut files = Vec::new();
+        for n in names {
+            // Only plain file names: an index cannot point outside its folder.
+            if n.contains('/') || n.contains('\\') || n.starts_with('.') {
+                return Err(TrainError::Weights {
+                    path: index.clone(),
+                    reason: format!("names {n:?}, which is not a file name in the folder"),
+                });
+            }
+            files.push(path.join(n));
+        }
+        files
+    };
+    let bytes = files
+        .iter()
+        .map(|f| std::fs::read(f).map_err(io(f)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pairs: Vec<(&Path, &[u8])> = files
+        .iter()
+        .zip(&bytes)
+        .map(|(f, b)| (f.as_path(), b.as_slice()))
+        .collect();
+    load_hf_weights_from(&pairs, layout)
+}
+
+/// Refuses a Hugging Face `config.json` (`text`) that describes another model than `layout`.
+pub fn check_hf_config(path: &Path, text: &str, layout: &ParamLayout) -> Result<(), TrainError> {
+    let bad = |reason: String| TrainError::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
+        if t != "gpt2" {
+            return Err(bad(format!(
+                "model_type is {t:?}; only GPT-2 weights (\"gpt2\") load into this runtime"
+            )));
+        }
+    }
+    let c = &layout.cfg;
+    let fields: [(&str, Option<&str>, usize, &str); 5] = [
+        ("n_layer", None, c.n_layer, "model.n_layer"),
+        ("n_head", None, c.n_head, "model.n_head"),
+        ("n_embd", None, c.channels, "model.channels"),
+        ("n_positions", Some("n_ctx"), c.max_seq_len, "model.seq_len"),
+        ("vocab_size", None, c.vocab_size, "the data's vocabulary"),
+    ];
+    let mut diffs = Vec::new();
+    for (key, alt, ours, name) in fields {
+        let theirs = v
+            .get(key)
+            .or_else(|| alt.and_then(|a| v.get(a)))
+            .and_then(|x| x.as_u64());
+        match theirs {
+            None => diffs.push(format!("{key} is missing (expected {ours})")),
+            Some(t) if t != ours as u64 => diffs.push(format!(
+                "{key} is {t}, but the run's {name} is {ours}{}",
+                if name.starts_with("model.") {
+                    format!(" (--set {name}={t} to match)")
+                } else {
+                    String::new()
+                }
+            )),
+            Some(_) => {}
+        }
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "describes another model than this run's: {}",
+            diffs.join("; ")
+        )))
+    }
 }
 
 /// Reads HF GPT-2 weights from safetensors `bytes` into the runtime's flat layout. Accepts the

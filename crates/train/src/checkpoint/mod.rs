@@ -44,20 +44,29 @@
 //! Files: `hf.rs` (Hugging Face names, safetensors writing and reading), `manifest.rs` (the
 //! manifest and verified reads), `save.rs` (one rank's share of writing a checkpoint),
 //! `resume.rs` (loading, re-sharding and the resume policy), `shards.rs` (which optimizer file
-//! holds which ranges).
+//! holds which ranges), `folder.rs` (pruning, leftovers of interrupted writes, and the run
+//! folder's Hugging Face files).
+//!
+//! **The run folder loads in `transformers` as it is.** After every published checkpoint the
+//! run folder gets `config.json` (a `GPT2Config`) and `model.safetensors.index.json`, the
+//! sharded-checkpoint index `transformers` reads when a folder has no `model.safetensors`: it
+//! maps every tensor name to the newest checkpoint's weights file (or a pipeline checkpoint's
+//! stage files), so `GPT2LMHeadModel.from_pretrained(run_folder)` loads the newest weights.
 
 use crate::data::DataPosition;
 use std::path::{Path, PathBuf};
 
+mod folder;
 mod hf;
 mod manifest;
 mod resume;
 mod save;
 mod shards;
 
+pub use folder::{prune, remove_leftovers, write_hf_folder, HF_INDEX};
 pub use hf::{
-    hf_config, hf_names, load_hf_weights, load_hf_weights_from, write_hf_chunks,
-    write_hf_safetensors,
+    check_hf_config, hf_config, hf_names, load_hf_weights, load_hf_weights_from, load_init_weights,
+    write_hf_chunks, write_hf_safetensors,
 };
 pub use manifest::{files_present, read_manifest, FileEntry, Manifest, FORMAT, VERSION};
 pub use resume::{find_resume, load, load_ranges};
@@ -117,47 +126,4 @@ pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
         .collect();
     out.sort_by_key(|e| std::cmp::Reverse(e.0));
     out
-}
-
-/// Deletes all but the newest `keep` checkpoints (manifest first, so a half-deleted one is
-/// never mistaken for a checkpoint), and the data files of unpublished checkpoints older than
-/// the newest published one.
-pub fn prune(dir: &Path, keep: usize) {
-    for (_, manifest) in list(dir).into_iter().skip(keep) {
-        let m = read_manifest(&manifest).ok();
-        let _ = std::fs::remove_file(&manifest);
-        if let Some(m) = m {
-            let _ = std::fs::remove_file(dir.join(&m.model_file.name));
-            for f in &m.stage_model_files {
-                let _ = std::fs::remove_file(dir.join(&f.name));
-            }
-            for s in &m.optimizer.shards {
-                let _ = std::fs::remove_file(dir.join(&s.file.name));
-            }
-        }
-    }
-    // Data files of a checkpoint that was never published (a rank died while the ranks wrote
-    // it): no manifest names them, and a later checkpoint has been published since (or, with
-    // `keep` 0, the run starts afresh), so no writer can still be working on them.
-    let published = list(dir);
-    let newest = match (keep, published.first()) {
-        (0, _) => u64::MAX,
-        (_, Some(&(n, _))) => n,
-        (_, None) => return,
-    };
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("step-") else {
-            continue;
-        };
-        let Some((digits, ext)) = rest.split_once('.') else {
-            continue;
-        };
-        let Ok(step) = digits.parse::<u64>() else {
-            continue;
-        };
-        if ext.ends_with("safetensors") && step < newest && !published.iter().any(|p| p.0 == step) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
 }

@@ -183,7 +183,7 @@ pub fn find_resume(
                 }
                 return Ok((m, layout, state, warnings));
             }
-            Err(e) => warnings.push(format!("skipping {e}")),
+            Err(e) => warnings.push(format!("skipping {}", crate::error::chain_string(&e))),
         }
     }
     Err(TrainError::NoCheckpoint {

@@ -178,9 +178,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
         )
     } else {
         let params = match &opts.init_from {
-            Some(p) => std::fs::read(p)
-                .map_err(io(p))
-                .and_then(|bytes| checkpoint::load_hf_weights(p, &bytes, &full))
+            Some(p) => checkpoint::load_init_weights(p, &full)
                 .map(|w| crate::pipeline::slice_full(&stage, &full, &w)),
             None => {
                 let mut params = vec![0.0f32; n];
@@ -216,6 +214,14 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     }
     let state = loaded?;
     if writer {
+        // What an interrupted run left behind (temporary files of atomic writes, data files of
+        // checkpoints never published): no rank of this job is writing yet.
+        for name in checkpoint::remove_leftovers(out) {
+            warnings.push(format!(
+                "removed {name} from {}: left by an interrupted write",
+                out.display()
+            ));
+        }
         if opts.resume {
             truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
         } else {
