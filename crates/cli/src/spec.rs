@@ -149,6 +149,9 @@ pub struct SpecArgs {
     /// Pipeline-parallel degree (default 1).
     #[arg(long, help_heading = "Layout")]
     pub pp: Option<u64>,
+    /// Context-parallel degree (default 1): each sequence split across cp ranks (ring attention).
+    #[arg(long, help_heading = "Layout")]
+    pub cp: Option<u64>,
     /// Virtual pipeline stages per device (default 1).
     #[arg(long, help_heading = "Layout")]
     pub vpp: Option<u64>,
@@ -258,6 +261,7 @@ impl SpecArgs {
     pub fn has_layout(&self) -> bool {
         self.dp.is_some()
             || self.tp.is_some()
+            || self.cp.is_some()
             || self.pp.is_some()
             || self.vpp.is_some()
             || self.sequence_parallel
@@ -494,6 +498,7 @@ impl SpecArgs {
             dp: self.dp,
             tp: self.tp,
             pp: self.pp,
+            cp: self.cp,
             vpp: self.vpp,
             sp: self.sequence_parallel,
             zero: self.zero,

@@ -67,3 +67,39 @@ fn validate_states_the_split_for_every_gpu_type() {
     }
     assert!(out.contains("In sample: `fp8_matmul_scale` of `h100-sxm`"));
 }
+
+#[test]
+fn cp_layout_is_reported_and_checked() {
+    let args = [
+        "estimate",
+        "--model",
+        "llama3-70b",
+        "--gpus",
+        "64",
+        "--tp",
+        "8",
+        "--cp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "1",
+    ];
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dp 2 x tp 8 x pp 2 x cp 2"), "{out}");
+    let (code, _, err) = run(&[
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpus",
+        "8",
+        "--cp",
+        "3",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("cp(3)") && err.contains("not divisible"),
+        "{err}"
+    );
+}
