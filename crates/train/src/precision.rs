@@ -14,8 +14,8 @@
 
 use kernels::{Bf16, Elem, Par, F16};
 use model::{
-    backward_with, ActSaved, ActScratch, GradInput, GradSink, ModelError, NoTp, ParamLayout,
-    StageInput,
+    backward_with, ActSaved, ActScratch, GradInput, GradSink, ModelError, ParamLayout, StageInput,
+    TpReduce,
 };
 
 /// A storage type the trainer runs in: `f32`, [`Bf16`] or [`F16`].
@@ -35,6 +35,7 @@ pub trait Storage: Elem {
         input: StageInput<'_>,
         grad_in: GradInput<'_>,
         par: Par,
+        tp: &mut dyn TpReduce,
     ) -> Result<(), ModelError>;
 }
 
@@ -50,9 +51,10 @@ impl Storage for f32 {
         input: StageInput<'_>,
         grad_in: GradInput<'_>,
         par: Par,
+        tp: &mut dyn TpReduce,
     ) -> Result<(), ModelError> {
         backward_with(
-            layout, params, sink, saved, scratch, input, grad_in, par, &mut NoTp,
+            layout, params, sink, saved, scratch, input, grad_in, par, tp,
         )
     }
 }
@@ -71,6 +73,7 @@ macro_rules! widened_storage {
                 input: StageInput<'_>,
                 grad_in: GradInput<'_>,
                 par: Par,
+                tp: &mut dyn TpReduce,
             ) -> Result<(), ModelError> {
                 assert_eq!(
                     staging.len(),
@@ -80,7 +83,7 @@ macro_rules! widened_storage {
                 staging.fill(<$t>::default());
                 let mut w = Widen::new(sink, staging, unscale);
                 backward_with(
-                    layout, params, &mut w, saved, scratch, input, grad_in, par, &mut NoTp,
+                    layout, params, &mut w, saved, scratch, input, grad_in, par, tp,
                 )?;
                 w.ready(0);
                 Ok(())

@@ -58,6 +58,7 @@ mod zero;
 pub use agree::{agree_on_start, all_gather_bytes, fingerprint};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
+pub(crate) use zero::subtract;
 
 use crate::error::TrainError;
 use buckets::Zero2Pool;
@@ -170,6 +171,16 @@ fn dist(what: &str) -> impl FnOnce(comm::CommError) -> TrainError + '_ {
         what: format!("data parallel: {what}"),
         source,
     }
+}
+
+/// What the global gradient norm needs beyond the data-parallel group (tensor parallelism):
+/// the ranges of this rank's buffer another rank counts (`StageModel::copies`), and the sum of
+/// the data-parallel groups' totals over the other mesh axes (the identity without them).
+pub struct MeshNorm<'a> {
+    /// Ranges not counted here.
+    pub copies: &'a [std::ops::Range<usize>],
+    /// The group's sum of squares → the job's.
+    pub combine: &'a mut dyn FnMut(f64) -> Result<f64, TrainError>,
 }
 
 impl Dp {
@@ -315,15 +326,24 @@ impl Dp {
         cfg: &AdamWConfig,
         par: Par,
     ) -> Result<f64, TrainError> {
-        self.step_guarded(layout, params, grads, opt, cfg, par, &mut |_| Ok(true))
+        let mut same = Ok;
+        let mesh = MeshNorm {
+            copies: &[],
+            combine: &mut same,
+        };
+        self.step_in_mesh(layout, params, grads, opt, cfg, par, mesh, &mut |_| {
+            Ok(true)
+        })
     }
 
-    /// [`Dp::step`], asking `apply(global gradient norm)` before anything reaches the weights:
-    /// `false` skips the update (the step's gradients are dropped, the optimizer state is left
-    /// as it was). Under ZeRO and the synchronous parameter server every rank sees the same
-    /// norm, so every rank decides alike (the trainer's stability guards and loss scale).
+    /// [`Dp::step`] for a rank of a mesh with other axes (tensor parallelism): the global norm
+    /// leaves out `mesh.copies` and sums over the other axes with `mesh.combine`. Before
+    /// anything reaches the weights it asks `apply(global gradient norm)`: `false` skips the
+    /// update (the step's gradients are dropped, the optimizer state is left as it was). Under
+    /// ZeRO and the synchronous parameter server every rank sees the same norm, so every rank
+    /// decides alike (the trainer's stability guards and loss scale).
     #[allow(clippy::too_many_arguments)]
-    pub fn step_guarded(
+    pub fn step_in_mesh(
         &mut self,
         layout: &ParamLayout,
         params: &mut [f32],
@@ -331,6 +351,7 @@ impl Dp {
         opt: &mut AdamW,
         cfg: &AdamWConfig,
         par: Par,
+        mesh: MeshNorm<'_>,
         apply: &mut dyn FnMut(f64) -> Result<bool, TrainError>,
     ) -> Result<f64, TrainError> {
         if self.ps.is_some() {
@@ -346,7 +367,7 @@ impl Dp {
                 Ok(opt.step(layout, params, grads, cfg, par))
             }
             ZeroStage::One | ZeroStage::Two => {
-                self.zero_step(layout, params, grads, opt, cfg, par, apply)
+                self.zero_step(layout, params, grads, opt, cfg, par, mesh, apply)
             }
         }
     }

@@ -3,16 +3,14 @@
 //!
 //! Legend: b = micro-batch, t = sequence, c = channels, bt = b·t, m = micro-batches per step.
 
-use super::{boundaries, Kind, Pipeline};
+use super::{boundaries, with_tp, Kind, Pipeline};
 use crate::dp::Dp;
 use crate::error::TrainError;
 use crate::precision::Storage;
 use crate::trace::Trace;
 use kernels::Par;
-use model::{
-    forward_with, ActSaved, ActScratch, GradInput, ModelConfig, NoTp, ParamLayout, Recompute,
-    StageInput,
-};
+use model::Recompute;
+use model::{forward_with, ActSaved, ActScratch, GradInput, ModelConfig, ParamLayout, StageInput};
 use plan::schedule::Op;
 use std::ops::Range;
 use std::time::Instant;
@@ -35,10 +33,21 @@ impl StageModel {
         parts: &[Range<usize>],
         vstages_held: &[usize],
     ) -> Result<StageModel, TrainError> {
+        StageModel::new_tp(cfg, parts, vstages_held, (0, 1))
+    }
+
+    /// [`StageModel::new`] for tensor-parallel rank `tp_rank` of `tp`: each chunk holds its
+    /// rank's part of the split tensors (Megatron-LM's layout, `model::ParamLayout`).
+    pub fn new_tp(
+        cfg: &ModelConfig,
+        parts: &[Range<usize>],
+        vstages_held: &[usize],
+        (tp_rank, tp): (usize, usize),
+    ) -> Result<StageModel, TrainError> {
         let mut at = 0;
         let mut chunks = Vec::with_capacity(vstages_held.len());
         for &k in vstages_held {
-            let layout = ParamLayout::new(cfg, &crate::mesh::shard_of(parts, k, 0, 1))?;
+            let layout = ParamLayout::new(cfg, &crate::mesh::shard_of(parts, k, tp_rank, tp))?;
             let n = layout.len();
             chunks.push((k, layout, at..at + n));
             at += n;
@@ -66,6 +75,36 @@ impl StageModel {
     /// True when the rank holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Tensor-parallel rank and degree of the chunks.
+    pub fn tp(&self) -> (usize, usize) {
+        self.chunks
+            .first()
+            .map_or((0, 1), |(_, l, _)| (l.shard.tp_rank, l.shard.tp_size))
+    }
+
+    /// Windows of this rank's buffers that another rank holds too and counts instead (in the
+    /// gradient norm, in checkpoints): the LM head's copy of the tied embedding on the last
+    /// stage, and on tensor-parallel ranks other than 0 every replicated tensor (norms, the
+    /// row-parallel biases, what the model does not split) — rank 0's copy is the one counted.
+    pub fn copies(&self) -> Vec<Range<usize>> {
+        let (tp_rank, _) = self.tp();
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for (_, l, w) in &self.chunks {
+            for t in &l.tensors {
+                let copy = t.name == "lm_head.weight"
+                    || (tp_rank > 0 && t.split == model::TpSplit::Replicated);
+                if copy {
+                    let r = w.start + t.offset..w.start + t.range().end;
+                    match out.last_mut() {
+                        Some(p) if p.end == r.start => p.end = r.end,
+                        _ => out.push(r),
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The window of the tied embedding's gradient this rank sums with the other end of the
@@ -129,53 +168,62 @@ impl StageActs {
     /// fp32 buffers (no recomputation) for micro-batches of (b, t) running the list `ops` over
     /// `stage`'s chunks.
     pub fn new(stage: &StageModel, ops: &[Op], b: usize, t: usize) -> StageActs {
-        StageActs::with(stage, ops, b, t, Recompute::None)
+        StageActs::with_sp(stage, ops, b, t, Recompute::None, false).expect("no sequence split")
+    }
+
+    /// [`StageActs::new`] with sequence parallelism on or off (Korthikanti et al. 2022): with
+    /// it the residual stream, the norms and the hidden states between stages hold this
+    /// tensor-parallel rank's b·t/tp rows. An error when tp does not divide b·t.
+    pub fn new_sp(
+        stage: &StageModel,
+        ops: &[Op],
+        b: usize,
+        t: usize,
+        sequence_parallel: bool,
+    ) -> Result<StageActs, TrainError> {
+        StageActs::with_sp(stage, ops, b, t, Recompute::None, sequence_parallel)
     }
 }
 
 impl<E: Storage> StageActs<E> {
-    /// Buffers in storage type `E` under `recompute` for micro-batches of (b, t) running the
-    /// list `ops` over `stage`'s chunks.
-    pub fn with(
+    /// Buffers in storage type `E` under `recompute` (and sequence parallelism on or off, as
+    /// [`StageActs::new_sp`]) for micro-batches of (b, t) running the list `ops` over
+    /// `stage`'s chunks.
+    pub fn with_sp(
         stage: &StageModel,
         ops: &[Op],
         b: usize,
         t: usize,
         recompute: Recompute,
-    ) -> StageActs<E> {
+        sequence_parallel: bool,
+    ) -> Result<StageActs<E>, TrainError> {
         let m = ops.len() / (2 * stage.chunks.len()).max(1);
-        let saved: Vec<Vec<ActSaved<E>>> = stage
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(c, (_, l, _))| {
-                (0..in_flight(ops, c as u32).max(1))
-                    .map(|_| ActSaved::with(l, b, t, recompute))
-                    .collect()
-            })
-            .collect();
-        let c = stage.chunks[0].1.cfg.channels;
-        StageActs {
+        let mut saved: Vec<Vec<ActSaved<E>>> = Vec::with_capacity(stage.chunks.len());
+        for (c, (_, l, _)) in stage.chunks.iter().enumerate() {
+            let sets = (0..in_flight(ops, c as u32).max(1))
+                .map(|_| ActSaved::with_sp(l, b, t, recompute, sequence_parallel))
+                .collect::<Result<Vec<_>, _>>()?;
+            saved.push(sets);
+        }
+        let first = &stage.chunks[0].1;
+        let c = first.cfg.channels;
+        let rows = if sequence_parallel {
+            b * t / first.shard.tp_size
+        } else {
+            b * t
+        };
+        let recv = if stage.vstages > 1 { rows * c } else { 0 };
+        // 16-bit storage: the outgoing activation is widened to f32 here before it is sent.
+        let widen = if E::f32s(&[]).is_none() { recv } else { 0 };
+        Ok(StageActs {
             free: saved.iter().map(|s| (0..s.len()).rev().collect()).collect(),
             slot_of: vec![vec![usize::MAX; m.max(1)]; saved.len()],
             saved,
-            scratch: ActScratch::with(&stage.chunks[0].1, b, t, recompute),
-            act_in: if stage.vstages > 1 {
-                vec![0.0; b * t * c]
-            } else {
-                Vec::new()
-            },
-            grad_in: if stage.vstages > 1 {
-                vec![0.0; b * t * c]
-            } else {
-                Vec::new()
-            },
-            act_out: if stage.vstages > 1 && E::f32s(&[]).is_none() {
-                vec![0.0; b * t * c]
-            } else {
-                Vec::new()
-            },
-        }
+            scratch: ActScratch::with_sp(first, b, t, recompute, sequence_parallel)?,
+            act_in: vec![0.0; recv],
+            grad_in: vec![0.0; recv],
+            act_out: vec![0.0; widen],
+        })
     }
 
     /// Elements held, of either type (saved sets, scratch, buffers between stages).
@@ -318,16 +366,18 @@ pub fn run_ops<E: Storage>(
                     StageInput::Hidden(act_in)
                 };
                 let last = *vs + 1 == stage.vstages;
-                let loss = forward_with(
-                    layout,
-                    &params[w.clone()],
-                    &mut saved[c][slot],
-                    scratch,
-                    input,
-                    last.then_some(y),
-                    par,
-                    &mut NoTp,
-                )?;
+                let loss = with_tp(pipe.as_deref_mut(), |tp| {
+                    forward_with(
+                        layout,
+                        &params[w.clone()],
+                        &mut saved[c][slot],
+                        scratch,
+                        input,
+                        last.then_some(y),
+                        par,
+                        tp,
+                    )
+                })?;
                 if let Some(l) = loss {
                     losses[mb] = l;
                     has_loss = true;
@@ -369,13 +419,20 @@ pub fn run_ops<E: Storage>(
                 };
                 let set = &mut saved[c][slot];
                 let u = data.unscale;
+                let tp_pipe = pipe.as_deref_mut();
                 match dp.as_deref_mut() {
                     Some(d) => d.backward(last_bwd[c] == Some(i), g, |sink| {
-                        E::backward_to(layout, p, sink, st, u, set, scratch, input, grad_input, par)
+                        with_tp(tp_pipe, |tp| {
+                            E::backward_to(
+                                layout, p, sink, st, u, set, scratch, input, grad_input, par, tp,
+                            )
+                        })
                     })?,
-                    None => {
-                        E::backward_to(layout, p, g, st, u, set, scratch, input, grad_input, par)?
-                    }
+                    None => with_tp(tp_pipe, |tp| {
+                        E::backward_to(
+                            layout, p, g, st, u, set, scratch, input, grad_input, par, tp,
+                        )
+                    })?,
                 }
                 free[c].push(slot);
             }
@@ -478,16 +535,18 @@ pub fn forward_only<E: Storage>(
         };
         let last = vs + 1 == stage.vstages;
         let set = &mut acts.saved[c][0];
-        let loss = forward_with(
-            layout,
-            &params[w.clone()],
-            set,
-            &mut acts.scratch,
-            input,
-            last.then_some(y),
-            par,
-            &mut NoTp,
-        )?;
+        let loss = with_tp(pipe.as_deref_mut(), |tp| {
+            forward_with(
+                layout,
+                &params[w.clone()],
+                set,
+                &mut acts.scratch,
+                input,
+                last.then_some(y),
+                par,
+                tp,
+            )
+        })?;
         if last {
             out = loss;
         } else {

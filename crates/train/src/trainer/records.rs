@@ -58,6 +58,10 @@ pub struct StepRecord {
     /// included (the bubble and the transfers); `None` without a pipeline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p2p_secs: Option<f64>,
+    /// Tensor parallel: seconds of this step this rank spent in the tensor-parallel group's
+    /// collectives, waiting included; `None` without tensor parallelism.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tp_secs: Option<f64>,
     /// fp16: the loss scale this step's loss gradient was multiplied by (`None` otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f32>,
@@ -115,6 +119,8 @@ pub struct PipelineInfo {
     pub stage: usize,
     /// Stages.
     pub stages: usize,
+    /// This rank's tensor-parallel index and the tensor-parallel degree (0, 1 without).
+    pub tp: (usize, usize),
     /// Schedule name.
     pub schedule: &'static str,
     /// Micro-batches per step.
