@@ -124,10 +124,15 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
     };
     let _ = writeln!(
         s,
-        "  {:<24}{:>12}  of {} -> {verdict}",
+        "  {:<24}{:>12}  of {}{} -> {verdict}",
         "total",
         gib(m.total),
-        gib(m.capacity)
+        gib(m.capacity),
+        if recipe.memory_margin > 0.0 {
+            format!(" (after a {:.0}% margin)", recipe.memory_margin * 100.0)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(s, "\nFLOPs       {:.3e} per token (model), {:.3e} per step (model), {:.3e} per step (hardware, with recompute), {:.3e} total", e.flops_per_token, e.flops_per_step, e.hardware_flops_per_step, e.total_flops);
     let t = &e.step_time_secs;

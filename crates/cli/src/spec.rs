@@ -135,6 +135,9 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub overlap_param_gather: bool,
+    /// Fraction of device memory to keep free (default 0): layouts must fit in (1 − margin) of it.
+    #[arg(long, help_heading = "Recipe")]
+    pub memory_margin: Option<f64>,
     /// Training stack profile: megatron (tensor-parallel and weight-gather overlap on), fsdp or
     /// deepspeed (neither; ZeRO-3 re-gathers every micro-batch). Efficiency stays 1.0 unless
     /// --efficiency or --calibration says otherwise.
@@ -262,6 +265,7 @@ impl SpecArgs {
             efficiency,
             stack,
             calibration,
+            memory_margin,
             gpu,
             gpu_file,
             gpus,
@@ -524,6 +528,9 @@ impl SpecArgs {
         r.overlap_grad_reduce = !self.no_overlap;
         r.zero3_keep_weights = self.zero3_keep_weights;
         r.fp8 = fp8;
+        if let Some(m) = self.memory_margin {
+            r.memory_margin = m;
+        }
         r.tp_comm_overlap = self.tp_comm_overlap;
         r.overlap_param_gather = self.overlap_param_gather;
         match self.stack.as_deref().map(|s| s.trim().to_ascii_lowercase()) {

@@ -187,3 +187,24 @@ fn calibrate_round_trip_through_the_cli() {
     assert!(err.contains("megatron, fsdp, deepspeed"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn memory_margin_is_reported_and_checked() {
+    let (code, out, err) = run(&[
+        "estimate",
+        "--gpus",
+        "8",
+        "--tp",
+        "8",
+        "--memory-margin",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(after a 10% margin)"), "{out}");
+    let (code, _, err) = run(&["estimate", "--memory-margin", "1.5"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--memory-margin") && err.contains("0..0.9"),
+        "{err}"
+    );
+}
