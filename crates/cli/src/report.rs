@@ -158,6 +158,29 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         "Training    {:.0} steps, {:.1} days, {:.0} GPU-hours, ${:.0}",
         e.steps, e.training_days, e.gpu_hours, e.cost_usd
     );
+    let g = &e.goodput;
+    if g.expected_days.is_finite() {
+        let _ = writeln!(
+            s,
+            "Failures    {:.1} days expected with failures (goodput {}): cluster MTBF {:.1} h, ~{:.0} failures; checkpoint {} in {:.0} s every {:.0} min (Young/Daly); restart {:.0} min",
+            g.expected_days,
+            pct(g.goodput),
+            g.cluster_mtbf_hours,
+            g.expected_failures,
+            gib(g.checkpoint_bytes),
+            g.checkpoint_secs,
+            g.checkpoint_interval_secs / 60.0,
+            g.restart_secs / 60.0
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "Failures    the run never finishes: restarts and lost work ({:.0} min restart, checkpoint every {:.0} min) exceed the cluster MTBF of {:.2} h; lower --restart-minutes or use fewer GPUs",
+            g.restart_secs / 60.0,
+            g.checkpoint_interval_secs / 60.0,
+            g.cluster_mtbf_hours
+        );
+    }
     s
 }
 

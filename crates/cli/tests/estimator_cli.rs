@@ -208,3 +208,47 @@ fn memory_margin_is_reported_and_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn goodput_is_printed_and_in_the_json() {
+    let base = [
+        "estimate",
+        "--model",
+        "llama3-70b",
+        "--gpus",
+        "1024",
+        "--tp",
+        "8",
+        "--pp",
+        "4",
+        "--global-batch",
+        "1024",
+    ];
+    let (code, out, err) = run(&base);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("days expected with failures") && out.contains("(Young/Daly)"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[
+        &base[..],
+        &[
+            "--json",
+            "--gpu-mtbf-hours",
+            "25000",
+            "--restart-minutes",
+            "20",
+        ],
+    ]
+    .concat());
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let g = &v["goodput"];
+    // 1,024 GPUs at one failure per 25,000 GPU-hours: MTBF 24.4 h.
+    assert!((g["cluster_mtbf_hours"].as_f64().unwrap() - 25000.0 / 1024.0).abs() < 1e-9);
+    assert_eq!(g["restart_secs"].as_f64().unwrap(), 1200.0);
+    assert!(g["expected_days"].as_f64().unwrap() > v["training_days"].as_f64().unwrap());
+    let (code, _, err) = run(&["estimate", "--checkpoint-gbps", "0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--checkpoint-gbps"), "{err}");
+}

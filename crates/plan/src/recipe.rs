@@ -303,6 +303,8 @@ pub struct Recipe {
     /// Fraction of device memory kept free (`--memory-margin`): a layout fits when its total is
     /// at most (1 − margin) × capacity.
     pub memory_margin: f64,
+    /// Failure rate, checkpoint bandwidth and restart time for the whole-run estimate.
+    pub failures: crate::goodput::FailureModel,
 }
 
 impl Recipe {
@@ -331,6 +333,7 @@ impl Recipe {
             tp_comm_overlap: false,
             overlap_param_gather: false,
             memory_margin: 0.0,
+            failures: crate::goodput::FailureModel::default(),
         }
     }
 
@@ -390,6 +393,7 @@ impl Recipe {
                 ),
             ));
         }
+        self.failures.validate()?;
         if self.ps_servers == 0 {
             return Err(invalid("--ps-servers", "must be at least 1"));
         }
