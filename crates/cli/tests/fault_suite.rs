@@ -154,16 +154,6 @@ fn wait_job(c: &mut Child, limit: Duration) -> Option<(bool, String, Instant)> {
     }
 }
 
-fn shm_files() -> Vec<String> {
-    std::fs::read_dir("/dev/shm")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("scaletrain-"))
-        .collect()
-}
-
 /// Every checkpoint the folder lists loads; returns how many do not (torn).
 fn torn_checkpoints(out: &Path) -> usize {
     train::checkpoint::list(out)
@@ -270,7 +260,6 @@ fn case(fault: Fault, layout: Layout, rng: &mut Rng, dir: &Path, base: &Path) ->
         _ => (1_000_000, 5, vec![]),
     };
     let flags = train_flags(&out, steps, every, layout);
-    let shm_before = shm_files();
     let mut job = start_job(dp, layout, &flags, &extra);
     let launcher = job.id();
     // The moment: a random step (metrics.jsonl is flushed at every checkpoint).
@@ -304,6 +293,14 @@ fn case(fault: Fault, layout: Layout, rng: &mut Rng, dir: &Path, base: &Path) ->
         }
         _ => ranks[rng.below(ranks.len() as u64) as usize],
     };
+    // The job's port, from a rank's environment (names its shared-memory file).
+    let port: Option<u16> = std::fs::read(format!("/proc/{pid}/environ"))
+        .ok()
+        .and_then(|env| {
+            env.split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"MASTER_PORT="))
+                .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
+        });
     let t_fault = Instant::now();
     // SAFETY: signalling processes this test started (through its launcher).
     unsafe {
@@ -338,17 +335,16 @@ fn case(fault: Fault, layout: Layout, rng: &mut Rng, dir: &Path, base: &Path) ->
             unsafe { libc::kill(r.1, libc::SIGKILL) };
         }
     }
-    let new_shm: Vec<String> = shm_files()
-        .into_iter()
-        .filter(|f| !shm_before.contains(f))
-        .collect();
-    if fault != Fault::KillLauncher && !new_shm.is_empty() {
-        seen.left += new_shm.len();
-        seen.problems
-            .push(format!("shared-memory files left behind: {new_shm:?}"));
-    }
-    for f in new_shm {
-        let _ = std::fs::remove_file(Path::new("/dev/shm").join(f));
+    // This job's shared-memory file (other jobs on the machine have their own).
+    if let Some(f) = port.map(|p| comm::shm::job_file("127.0.0.1", p)) {
+        if f.exists() {
+            if fault != Fault::KillLauncher {
+                seen.left += 1;
+                seen.problems
+                    .push(format!("shared-memory file left behind: {}", f.display()));
+            }
+            let _ = std::fs::remove_file(f);
+        }
     }
     match (fault, ended) {
         (_, None) => {
