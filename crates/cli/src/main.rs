@@ -7,6 +7,7 @@ mod bench_comm;
 mod bench_plan;
 mod bench_serve;
 mod bench_train;
+mod calibrate;
 mod data;
 mod launch;
 mod report;
@@ -47,6 +48,8 @@ enum Cmd {
     Plan(PlanArgs),
     /// Compare the estimator with published measurements (prints docs/validation.md's table).
     Validate(ValidateArgs),
+    /// Fit the efficiency to your measured step times (CSV) and write a calibration file.
+    Calibrate(calibrate::CalibrateArgs),
     /// List model and GPU presets.
     Presets(PresetArgs),
     /// Start a multi-process job on this node (torchrun-style environment); see docs/comm.md.
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         Cmd::Estimate(a) => run_estimate(a),
         Cmd::Plan(a) => run_plan(a),
         Cmd::Validate(a) => run_validate(a),
+        Cmd::Calibrate(a) => calibrate::run(&a),
         Cmd::Presets(a) => run_presets(a),
         Cmd::Bench(BenchCmd::Plan(a)) => bench_plan::run(*a),
         Cmd::Bench(BenchCmd::Train(a)) => bench_train::run(&a),
@@ -173,7 +177,7 @@ fn main() -> ExitCode {
 }
 
 /// `--gpus`, else dp·tp·pp when --dp is given, else 64.
-fn default_gpus(spec: &SpecArgs) -> u64 {
+pub(crate) fn default_gpus(spec: &SpecArgs) -> u64 {
     match (spec.gpus, spec.dp) {
         (Some(g), _) => g,
         (None, Some(dp)) => dp * spec.tp.unwrap_or(1) * spec.pp.unwrap_or(1),
@@ -232,7 +236,15 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
         }
     };
     notes.extend(note);
-    let est = plan::estimate(&ctx, &layout, explain);
+    let mut est = plan::estimate(&ctx, &layout, explain);
+    if let (Some(f), None) = (spec.calibration_file()?, spec.efficiency) {
+        let [lo, hi] = f.interval(est.step_time_secs.total);
+        est.step_time_interval_90 = Some([lo, hi]);
+        notes.push(format!(
+            "step time {:.3} s [{lo:.3}, {hi:.3}] 90% prediction interval (calibration: efficiency {} [{}, {}] 90% CI from {} runs)",
+            est.step_time_secs.total, f.efficiency, f.efficiency_ci90[0], f.efficiency_ci90[1], f.runs
+        ));
+    }
     Ok(EstimateAnswer { est, ctx, notes })
 }
 

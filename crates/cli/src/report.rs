@@ -47,7 +47,7 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         e.gpus, e.gpu, e.gpus_per_node, e.price_per_gpu_hour
     );
     let _ = writeln!(s, "Recipe      {}, {}, {} tokens, global batch {} x {} tokens, recompute {}, flash attention {}", match recipe.fp8 { Some(f) => format!("{} with {f} linears", recipe.precision), None => recipe.precision.to_string() }, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
-    let _ = writeln!(s, "Layout      dp {} x tp {} x pp {} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
+    let _ = writeln!(s, "Layout      dp {} x tp {} x pp {}{} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, if l.cp > 1 { format!(" x cp {}", l.cp) } else { String::new() }, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
     if l.pp * l.vpp > 1 {
         let how = match l.partition {
             plan::Partition::Even => "even",

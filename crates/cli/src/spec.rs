@@ -135,6 +135,19 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub overlap_param_gather: bool,
+    /// Training stack profile: megatron (tensor-parallel and weight-gather overlap on), fsdp or
+    /// deepspeed (neither; ZeRO-3 re-gathers every micro-batch). Efficiency stays 1.0 unless
+    /// --efficiency or --calibration says otherwise.
+    #[arg(long, help_heading = "Recipe")]
+    pub stack: Option<String>,
+    /// Your stack's matmul efficiency relative to Megatron-LM's (the fit of docs/validation.md):
+    /// 0.8 = 80% of it. Overrides --calibration's fitted value.
+    #[arg(long, help_heading = "Recipe")]
+    pub efficiency: Option<f64>,
+    /// Calibration file written by `scaletrain calibrate` (efficiency and a 90% prediction
+    /// interval for the step time).
+    #[arg(long, value_name = "FILE", help_heading = "Recipe")]
+    pub calibration: Option<PathBuf>,
     /// Pipeline schedule: 1f1b (default) or gpipe.
     #[arg(long, help_heading = "Recipe")]
     pub schedule: Option<String>,
@@ -149,6 +162,9 @@ pub struct SpecArgs {
     /// Pipeline-parallel degree (default 1).
     #[arg(long, help_heading = "Layout")]
     pub pp: Option<u64>,
+    /// Context-parallel degree (default 1): each sequence split across cp ranks (ring attention).
+    #[arg(long, help_heading = "Layout")]
+    pub cp: Option<u64>,
     /// Virtual pipeline stages per device (default 1).
     #[arg(long, help_heading = "Layout")]
     pub vpp: Option<u64>,
@@ -238,10 +254,14 @@ impl SpecArgs {
             dp,
             tp,
             pp,
+            cp,
             vpp,
             zero,
             grad_accum,
             pp_layers,
+            efficiency,
+            stack,
+            calibration,
             gpu,
             gpu_file,
             gpus,
@@ -251,13 +271,42 @@ impl SpecArgs {
         self.no_overlap |= file.no_overlap;
         self.zero3_keep_weights |= file.zero3_keep_weights;
         self.sequence_parallel |= file.sequence_parallel;
+        self.tp_comm_overlap |= file.tp_comm_overlap;
+        self.overlap_param_gather |= file.overlap_param_gather;
         Ok(self)
+    }
+
+    /// The calibration file, read and checked, when `--calibration` is given.
+    pub fn calibration_file(&self) -> Result<Option<plan::calibrate::CalibrationFile>> {
+        let Some(path) = &self.calibration else {
+            return Ok(None);
+        };
+        let text = read_text(path, "--calibration")?;
+        let f: plan::calibrate::CalibrationFile = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "--calibration {}: {e}; write the file with `scaletrain calibrate`",
+                path.display()
+            )
+        })?;
+        f.validate()
+            .with_context(|| format!("--calibration {}", path.display()))?;
+        Ok(Some(f))
+    }
+
+    /// The efficiency multiplier in force: `--efficiency`, else the calibration file's.
+    pub fn efficiency_used(&self) -> Result<Option<f64>> {
+        if let Some(e) = self.efficiency {
+            plan::calibrate::check_efficiency(e)?;
+            return Ok(Some(e));
+        }
+        Ok(self.calibration_file()?.map(|f| f.efficiency))
     }
 
     /// True when the user set any layout flag.
     pub fn has_layout(&self) -> bool {
         self.dp.is_some()
             || self.tp.is_some()
+            || self.cp.is_some()
             || self.pp.is_some()
             || self.vpp.is_some()
             || self.sequence_parallel
@@ -477,6 +526,15 @@ impl SpecArgs {
         r.fp8 = fp8;
         r.tp_comm_overlap = self.tp_comm_overlap;
         r.overlap_param_gather = self.overlap_param_gather;
+        match self.stack.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+            None => {}
+            Some(s) if s == "megatron" => {
+                r.tp_comm_overlap = true;
+                r.overlap_param_gather = true;
+            }
+            Some(s) if s == "fsdp" || s == "deepspeed" => {}
+            Some(s) => bail!("--stack '{s}' is not one of megatron, fsdp, deepspeed"),
+        }
         r.validate()?;
         Ok(r)
     }
@@ -494,6 +552,7 @@ impl SpecArgs {
             dp: self.dp,
             tp: self.tp,
             pp: self.pp,
+            cp: self.cp,
             vpp: self.vpp,
             sp: self.sequence_parallel,
             zero: self.zero,
@@ -516,12 +575,16 @@ impl SpecArgs {
             );
         }
         let cluster = ClusterSpec::new(gpu, gpus, self.gpus_per_node, self.price_per_gpu_hour)?;
+        let mut calib = Calibration::default();
+        if let Some(eff) = self.efficiency_used()? {
+            calib.matmul_eff *= eff;
+        }
         Ok((
             Context {
                 model: m,
                 cluster,
                 recipe,
-                calib: Calibration::default(),
+                calib,
             },
             note,
         ))

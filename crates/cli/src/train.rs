@@ -122,7 +122,7 @@ fn print_start(info: &StartInfo) {
         if info.params == info.model_params {
             info.model_params.to_string()
         } else {
-            format!("{} (this stage {})", info.model_params, info.params)
+            format!("{} (this rank {})", info.model_params, info.params)
         }
     );
     match c.data.source {
@@ -185,7 +185,13 @@ fn print_start(info: &StartInfo) {
         1e3 * t.optimizer_secs,
         1e3 * t.overhead_secs
     );
-    if let Some(pi) = &info.pipeline {
+    if let Some(pi) = info.pipeline.as_ref().filter(|pi| pi.tp.1 > 1) {
+        println!(
+            "tensor parallel: {} ranks per group (this rank {}): every layer's attention heads and MLP columns split {} ways (Megatron-LM), two all-reduces per layer forward and two backward",
+            pi.tp.1, pi.tp.0, pi.tp.1
+        );
+    }
+    if let Some(pi) = info.pipeline.as_ref().filter(|pi| pi.stages > 1) {
         let layers = |k: usize| {
             let r = &pi.parts[k];
             format!("layers {}..{}", r.start, r.end)
@@ -475,7 +481,22 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             );
         }
     }
-    if let Some(pi) = &st.pipeline {
+    if let Some(pi) = st.pipeline.as_ref().filter(|pi| pi.tp.1 > 1) {
+        let mut xs: Vec<f64> = s
+            .records
+            .iter()
+            .filter_map(|r| r.tp_secs.map(|x| x / r.step_secs))
+            .collect();
+        xs.sort_by(f64::total_cmp);
+        let median = xs.get(xs.len() / 2).copied().unwrap_or(0.0);
+        println!(
+            "  tensor parallel: rank {} of {} spent {:.1}% of the step in its group's collectives (median; waiting included)",
+            pi.tp.0,
+            pi.tp.1,
+            100.0 * median
+        );
+    }
+    if let Some(pi) = st.pipeline.as_ref().filter(|pi| pi.stages > 1) {
         let mut xs: Vec<f64> = s
             .records
             .iter()

@@ -88,6 +88,11 @@ pub struct DpArgs {
     /// Layers of each pipeline stage, e.g. 3,5 (default: an even split).
     #[arg(long, value_delimiter = ',')]
     pub pp_layers: Option<Vec<usize>>,
+    /// Tensor-parallel degree (Megatron-LM): each rank of a group holds 1/tp of every layer's
+    /// attention heads and MLP columns and runs the layer's collectives with the others. Must
+    /// divide model.n_head; dp × pp × tp ranks in all.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
 }
 
 impl DpArgs {
@@ -146,6 +151,12 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     if a.pp == 0 {
         bail!("--pp must be at least 1");
+    }
+    if a.tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    if a.tp > 1 && a.grad_sync == GradSyncArg::Ps {
+        bail!("--tp with --grad-sync ps: the parameter server is not combined with tensor parallelism; use --grad-sync ring");
     }
     let schedule: Schedule = a
         .schedule
@@ -207,12 +218,12 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         }
         cfg.train.grad_accum = g / per;
     }
-    if a.pp > 1 {
+    if a.pp > 1 || a.tp > 1 {
         let mcfg = mesh_model(cfg);
         let req = plan::layout::LayoutRequest {
             dp: Some(a.dp as u64),
             pp: Some(a.pp as u64),
-            tp: Some(1),
+            tp: Some(a.tp as u64),
             vpp: Some(a.vpp as u64),
             zero: Some(a.zero),
             ..Default::default()
@@ -226,7 +237,7 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         train::mesh::resolve(
             &mcfg,
             &req,
-            a.dp * a.pp,
+            a.dp * a.pp * a.tp,
             cfg.train.batch_size,
             cfg.train.grad_accum,
             &parts,
@@ -337,7 +348,7 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
         );
     }
     if !in_job {
-        return Ok(if a.dp * a.pp > 1 {
+        return Ok(if a.dp * a.pp * a.tp > 1 {
             Setup::Launch
         } else {
             Setup::Single
@@ -401,12 +412,13 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     } else {
         comm::init_from_env().context("joining the job")?
     };
-    if c.size() != a.dp * a.pp {
+    if c.size() != a.dp * a.pp * a.tp {
         bail!(
-            "dp({}) * pp({}) = {}, but the job has {} ranks ({})",
+            "dp({}) * pp({}) * tp({}) = {}, but the job has {} ranks ({})",
             a.dp,
             a.pp,
-            a.dp * a.pp,
+            a.tp,
+            a.dp * a.pp * a.tp,
             c.size(),
             if mpirun { "mpirun -n" } else { "WORLD_SIZE" }
         );
@@ -419,7 +431,7 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
                 .with_spare_core(spare_core),
         ))
     };
-    if a.pp == 1 {
+    if a.pp == 1 && a.tp == 1 {
         return Ok(Setup::Worker {
             dp: Some(ring(c)),
             pipeline: None,
@@ -428,7 +440,7 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     let shape = train::mesh::MeshShape {
         dp: a.dp,
         pp: a.pp,
-        tp: 1,
+        tp: a.tp,
         vpp: a.vpp,
     };
     let parts = train::mesh::partition(
@@ -461,7 +473,7 @@ pub fn launch_self(a: &DpArgs) -> Result<()> {
     let mut command = vec![exe.display().to_string()];
     command.extend(std::env::args().skip(1));
     let la = crate::launch::LaunchArgs {
-        nproc_per_node: a.dp * a.pp,
+        nproc_per_node: a.dp * a.pp * a.tp,
         nnodes: 1,
         node_rank: 0,
         master_addr: "127.0.0.1".into(),

@@ -67,3 +67,123 @@ fn validate_states_the_split_for_every_gpu_type() {
     }
     assert!(out.contains("In sample: `fp8_matmul_scale` of `h100-sxm`"));
 }
+
+#[test]
+fn cp_layout_is_reported_and_checked() {
+    let args = [
+        "estimate",
+        "--model",
+        "llama3-70b",
+        "--gpus",
+        "64",
+        "--tp",
+        "8",
+        "--cp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batch",
+        "1",
+    ];
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dp 2 x tp 8 x pp 2 x cp 2"), "{out}");
+    let (code, _, err) = run(&[
+        "estimate",
+        "--model",
+        "llama3-8b",
+        "--gpus",
+        "8",
+        "--cp",
+        "3",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("cp(3)") && err.contains("not divisible"),
+        "{err}"
+    );
+}
+
+/// Step times 25% slower than predicted at efficiency 1 fit to an efficiency below 1; the
+/// calibrated estimate is within a few percent of the "measurement" and prints its interval.
+#[test]
+fn calibrate_round_trip_through_the_cli() {
+    let dir = common::tmp_dir("estimator", "calibrate");
+    let layouts = [
+        ("llama2-7b", "8", "1", "1", "64"),
+        ("llama2-13b", "16", "2", "1", "64"),
+        ("llama3-8b", "16", "2", "2", "128"),
+    ];
+    let mut csv =
+        String::from("# measured\nmodel,gpu,gpus,tp,micro_batch,global_batch,step_secs\n");
+    let mut measured = Vec::new();
+    for (m, g, tp, mb, gb) in layouts {
+        let args = [
+            "estimate",
+            "--json",
+            "--model",
+            m,
+            "--gpu",
+            "h100-sxm",
+            "--gpus",
+            g,
+            "--tp",
+            tp,
+            "--micro-batch",
+            mb,
+            "--global-batch",
+            gb,
+        ];
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let t = v["step_time_secs"]["total"].as_f64().unwrap() * 1.25;
+        measured.push((args, t));
+        csv.push_str(&format!("{m},h100-sxm,{g},{tp},{mb},{gb},{t}\n"));
+    }
+    let file = dir.join("runs.csv");
+    std::fs::write(&file, csv).unwrap();
+    let cal = dir.join("cal.json");
+    let (code, out, err) = run(&[
+        "calibrate",
+        file.to_str().unwrap(),
+        "--out",
+        cal.to_str().unwrap(),
+        "--bootstrap",
+        "100",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("efficiency 0.") && out.contains("90% bootstrap CI"),
+        "{out}"
+    );
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cal).unwrap()).unwrap();
+    let eff = f["efficiency"].as_f64().unwrap();
+    assert!(eff < 0.9 && eff > 0.6, "{eff}");
+    assert!(f["mean_abs_error_after"].as_f64().unwrap() < 0.05);
+    let (args, t) = &measured[0];
+    let (code, out, err) = run(&[&args[..], &["--calibration", cal.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let p = v["step_time_secs"]["total"].as_f64().unwrap();
+    assert!((p - t).abs() / t < 0.05, "{p} vs {t}");
+    let iv = v["step_time_interval_90"].as_array().unwrap();
+    assert!(iv[0].as_f64().unwrap() < p && p < iv[1].as_f64().unwrap());
+    // Bad input: no step_secs column, and a row without its layout.
+    std::fs::write(&file, "model,gpus\nllama2-7b,8\n").unwrap();
+    let (code, _, err) = run(&["calibrate", file.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("step_secs"), "{err}");
+    std::fs::write(&file, "model,gpus,step_secs\nllama2-7b,8,3.0\n").unwrap();
+    let (code, _, err) = run(&["calibrate", file.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("layout"), "{err}");
+    let (code, _, err) = run(&["estimate", "--efficiency", "3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--efficiency"), "{err}");
+    let (code, _, err) = run(&["estimate", "--stack", "jax"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("megatron, fsdp, deepspeed"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,8 +11,12 @@
 //!   are allocated once per (micro-batch, sequence) shape; their size is
 //!   `plan::cpu_runtime::activation_bytes`, checked by a counting-allocator test.
 //!
-//! This crate never talks to the network: the tensor-parallel all-reduce is a [`TpReduce`]
-//! argument supplied by the caller ([`NoTp`] for a single rank).
+//! This crate never talks to the network: the tensor-parallel collectives are a [`TpReduce`]
+//! argument supplied by the caller ([`NoTp`] for a single rank); a failed one is
+//! [`ModelError::TensorParallel`]. Tensor parallelism splits the layers Megatron-style and the
+//! tied embedding / LM head / cross-entropy by vocabulary; sequence parallelism
+//! ([`Activations::with_sp`]) also splits the norms and residual stream by tokens. See
+//! `docs/tensor-parallel.md`.
 
 mod activations;
 mod config;

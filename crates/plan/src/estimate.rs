@@ -72,6 +72,9 @@ pub struct Estimate {
     pub cost_usd: f64,
     /// Price used, USD per GPU-hour.
     pub price_per_gpu_hour: f64,
+    /// 90% prediction interval of the step time, seconds, when a calibration file is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_time_interval_90: Option<[f64; 2]>,
     /// Every formula, when asked for (`--explain`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub explain: Vec<Line>,
@@ -159,6 +162,7 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
         gpus_per_node: ctx.cluster.gpus_per_node,
         precision: ctx.recipe.precision,
         fp8: ctx.recipe.fp8,
+        step_time_interval_90: None,
         layout: *layout,
         memory_per_device_bytes: MemoryReport {
             memory: eval.memory,

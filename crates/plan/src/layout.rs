@@ -17,6 +17,9 @@ pub struct Layout {
     pub tp: u64,
     /// Pipeline-parallel degree.
     pub pp: u64,
+    /// Context-parallel degree: each sequence split across `cp` ranks (ring attention over the
+    /// K/V chunks, Megatron-LM's load-balanced causal split); next to tp in the rank order.
+    pub cp: u64,
     /// Virtual pipeline stages per device (interleaved 1F1B when > 1).
     pub vpp: u64,
     /// Sequence parallelism for norms/dropout across the tp group (Korthikanti et al. 2022).
@@ -44,6 +47,8 @@ pub struct LayoutRequest {
     pub tp: Option<u64>,
     /// `--pp`.
     pub pp: Option<u64>,
+    /// `--cp`.
+    pub cp: Option<u64>,
     /// `--vpp`.
     pub vpp: Option<u64>,
     /// `--sequence-parallel`.
@@ -71,7 +76,8 @@ impl LayoutRequest {
     pub fn resolve(&self, model: &ModelSpec, gpus: u64, global_batch: u64) -> Result<Layout> {
         let tp = self.tp.unwrap_or(1);
         let pp = self.pp.unwrap_or(1);
-        for (name, v) in [("tp", tp), ("pp", pp)] {
+        let cp = self.cp.unwrap_or(1);
+        for (name, v) in [("tp", tp), ("pp", pp), ("cp", cp)] {
             if v == 0 {
                 return Err(PlanError::Layout(format!("{name} must be at least 1")));
             }
@@ -79,19 +85,22 @@ impl LayoutRequest {
         let dp = match self.dp {
             Some(d) => d,
             None => {
-                if tp * pp > gpus {
+                let (mp, what) = if cp > 1 {
+                    (tp * pp * cp, format!("tp({tp}) * pp({pp}) * cp({cp})"))
+                } else {
+                    (tp * pp, format!("tp({tp}) * pp({pp})"))
+                };
+                if mp > gpus {
                     return Err(PlanError::Layout(format!(
-                        "tp({tp}) * pp({pp}) = {} needs more GPUs than the cluster's {gpus}; lower --tp/--pp or raise --gpus",
-                        tp * pp
+                        "{what} = {mp} needs more GPUs than the cluster's {gpus}; lower --tp/--pp/--cp or raise --gpus"
                     )));
                 }
-                if gpus % (tp * pp) != 0 {
+                if gpus % mp != 0 {
                     return Err(PlanError::Layout(format!(
-                        "cannot infer dp: {gpus} GPUs is not divisible by tp({tp}) * pp({pp}) = {}",
-                        tp * pp
+                        "cannot infer dp: {gpus} GPUs is not divisible by {what} = {mp}"
                     )));
                 }
-                gpus / (tp * pp)
+                gpus / mp
             }
         };
         let micro_batch = self.micro_batch.unwrap_or(1);
@@ -134,6 +143,7 @@ impl LayoutRequest {
             dp,
             tp,
             pp,
+            cp,
             vpp,
             sp: self.sp,
             zero: self.zero.unwrap_or(0),
@@ -150,7 +160,13 @@ impl LayoutRequest {
 impl Layout {
     /// Total devices.
     pub fn world(&self) -> u64 {
-        self.dp * self.tp * self.pp
+        self.dp * self.tp * self.pp * self.cp
+    }
+
+    /// Ranks that hold the same weights and sum their gradients: dp · cp (context-parallel
+    /// ranks see different tokens of the same sequences).
+    pub fn grad_ranks(&self) -> u64 {
+        self.dp * self.cp
     }
 
     /// Transformer layers on pipeline device `d` (the sum of its virtual stages) for a model of
@@ -193,6 +209,7 @@ impl Layout {
             dp,
             tp,
             pp,
+            cp,
             vpp,
             sp,
             zero,
@@ -202,15 +219,35 @@ impl Layout {
             partition,
         } = *self;
         let err = |s: String| Err(PlanError::Layout(s));
-        if dp == 0 || tp == 0 || pp == 0 || vpp == 0 || micro_batch == 0 || grad_accum == 0 {
+        if dp == 0
+            || tp == 0
+            || pp == 0
+            || cp == 0
+            || vpp == 0
+            || micro_batch == 0
+            || grad_accum == 0
+        {
             return err(
-                "every degree (dp, tp, pp, vpp, micro-batch, grad-accum) must be at least 1".into(),
+                "every degree (dp, tp, pp, cp, vpp, micro-batch, grad-accum) must be at least 1"
+                    .into(),
             );
         }
-        if dp * tp * pp != gpus {
+        if dp * tp * pp * cp != gpus {
+            let cp_part = if cp > 1 {
+                format!(" * cp({cp})")
+            } else {
+                String::new()
+            };
             return err(format!(
-                "dp({dp}) * tp({tp}) * pp({pp}) = {}, but the cluster has {gpus} GPUs",
-                dp * tp * pp
+                "dp({dp}) * tp({tp}) * pp({pp}){cp_part} = {}, but the cluster has {gpus} GPUs",
+                dp * tp * pp * cp
+            ));
+        }
+        if cp > 1 && m.seq_len % (2 * cp) != 0 {
+            return err(format!(
+                "context parallelism splits each sequence into 2·cp = {} load-balanced chunks; the sequence ({}) is not divisible by it",
+                2 * cp,
+                m.seq_len
             ));
         }
         if m.heads % tp != 0 {

@@ -5,6 +5,7 @@
 //! the search takes a shard index so a caller may split it across threads. Every quantity can be
 //! explained (see [`explain`]).
 
+pub mod calibrate;
 pub mod cost;
 pub mod cpu_comm;
 pub mod cpu_runtime;

@@ -315,6 +315,7 @@ pub fn search(
                                         dp,
                                         tp,
                                         pp,
+                                        cp: 1,
                                         vpp,
                                         sp,
                                         zero,

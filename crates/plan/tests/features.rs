@@ -21,6 +21,7 @@ fn layout(dp: u64, tp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
         dp,
         tp,
         pp: 1,
+        cp: 1,
         vpp: 1,
         sp: tp > 1,
         zero,
@@ -127,5 +128,65 @@ fn fp8_peaks_are_twice_bf16() {
             let r = g.peak_fp8_flops / g.peak_bf16_flops;
             assert!((r - 2.0).abs() < 0.01, "{name}: {r}");
         }
+    }
+}
+
+/// Context parallelism halves (cp = 2) every per-token activation; with flash attention the
+/// only attention state is 4 bytes per row, also per token, so the whole layer's bytes halve.
+#[test]
+fn cp_divides_activations_by_cp() {
+    let c = ctx("llama3-8b", "h100-sxm", 16);
+    let l1 = layout(16, 1, 1, 1, 64);
+    let l2 = Layout {
+        dp: 8,
+        cp: 2,
+        grad_accum: 8,
+        ..l1
+    };
+    let a1 = layer_activation_bytes(&c.model, &c.recipe, &l1, Recompute::None);
+    let a2 = layer_activation_bytes(&c.model, &c.recipe, &l2, Recompute::None);
+    assert_eq!(a1, 2.0 * a2);
+    l2.validate(&c.model, 16, 64).unwrap();
+}
+
+/// The ring's exposed time, hand-derived for Llama 3 8B at 128K tokens, cp 8 on one node of
+/// H100s (b = 1, t = 1): each step passes b·(s/cp)·2·kv·2 bytes = 16384·2·1024·2 = 64 MiB at
+/// 450·0.77 GB/s, seven steps; at s = 128K the attention core (16K queries × 128K keys) takes
+/// longer than that, so nothing is exposed. At cp = 8 with s = 8192 the chunks are tiny and
+/// the core is short: the exposed part is (7·(chunk/bw + α) − core)⁺ and must match.
+#[test]
+fn cp_ring_hides_behind_the_attention_core() {
+    let mut c = ctx("llama3-8b", "h100-sxm", 8);
+    let l = Layout {
+        dp: 1,
+        cp: 8,
+        grad_accum: 8,
+        ..layout(1, 1, 0, 1, 8)
+    };
+    let plain = Layout {
+        cp: 1,
+        dp: 8,
+        grad_accum: 1,
+        ..l
+    };
+    for seq in [131_072u64, 8192] {
+        c.model.seq_len = seq;
+        let with = c.layer_times(&l);
+        let s_loc = seq as f64 / 8.0;
+        let chunk = s_loc * 2.0 * 1024.0 * 2.0;
+        let g = &c.cluster.gpu;
+        let comm = 7.0 * (chunk / (g.intra_node_bw * c.calib.intra_eff) + g.intra_node_latency);
+        let want = (comm - with.core_mm).max(0.0);
+        assert!(
+            (with.tp_fwd - want).abs() < 1e-12,
+            "s={seq}: {} vs {want}",
+            with.tp_fwd
+        );
+        if seq == 131_072 {
+            assert_eq!(with.tp_fwd, 0.0, "the 128K core covers the ring");
+        }
+        // Per-token work is an eighth of the unsplit layer's.
+        let base = c.layer_times(&plain);
+        assert!((with.proj * 8.0 - base.proj).abs() / base.proj < 0.2);
     }
 }

@@ -23,6 +23,7 @@ fn layout(dp: u64, tp: u64, pp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
         dp,
         tp,
         pp,
+        cp: 1,
         vpp: 1,
         sp: false,
         zero,

@@ -82,7 +82,9 @@ fn layer_activation_terms(
     policy: Recompute,
 ) -> (f64, f64, f64, f64, f64) {
     let e = r.precision.compute_bytes();
-    let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+    // With context parallelism each rank keeps the activations of its s/cp tokens.
+    let s_full = m.seq_len as f64;
+    let (b, s, h) = (l.micro_batch as f64, s_full / l.cp as f64, m.hidden as f64);
     let t = l.tp as f64;
     let a = m.heads as f64;
     let f = m.ffn_hidden as f64;
@@ -111,7 +113,7 @@ fn layer_activation_terms(
     } else if policy == Recompute::Selective {
         0.0
     } else {
-        (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s * b
+        (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s_full * b
     };
     (replicated, rep, sharded, core, t)
 }
@@ -122,7 +124,7 @@ impl Context {
         let m = &self.model;
         let r = &self.recipe;
         let sb = &r.state_bytes;
-        let n = l.dp as f64;
+        let n = l.grad_ranks() as f64;
         let (per_layer_dev, first_extra, last_extra) = stage_param_parts(m, l);
         let zero = l.zero;
         let states = |p: f64| {
@@ -159,13 +161,17 @@ impl Context {
             0.0
         };
         let e = r.precision.compute_bytes();
-        let (b, s, h) = (l.micro_batch as f64, m.seq_len as f64, m.hidden as f64);
+        let (b, s, h) = (
+            l.micro_batch as f64,
+            m.seq_len as f64 / l.cp as f64,
+            m.hidden as f64,
+        );
         let t = l.tp as f64;
         let emb_out =
             (e + if r.dropout { 1.0 } else { 0.0 }) * s * b * h / if l.sp { t } else { 1.0 };
         let logits = 4.0 * s * b * (m.vocab as f64 / t).ceil() + e * s * b * h;
         // Communication buffers.
-        let comm = if l.dp > 1 {
+        let comm = if l.grad_ranks() > 1 {
             match zero {
                 0 => r.bucket_bytes,
                 1 | 2 => 2.0 * r.bucket_bytes,

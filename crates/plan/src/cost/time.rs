@@ -65,9 +65,11 @@ impl Context {
         };
         let bw = g.memory_bw;
         let membw = bw * c.mem_eff;
+        // Context parallelism: this rank's s/cp tokens (queries) against all s keys.
+        let s_full = m.seq_len as f64;
         let (b, s, h, f) = (
             l.micro_batch as f64,
-            m.seq_len as f64,
+            s_full / l.cp as f64,
             m.hidden as f64,
             m.ffn_hidden as f64,
         );
@@ -107,7 +109,7 @@ impl Context {
         let heads_dev = b * a / t;
         // Attention core: QKᵀ and ·V. Flash kernels skip masked blocks (half the work, causal).
         let core_scale = if r.flash_attention { 0.5 } else { 1.0 };
-        let core_mm = core_scale * (mm(heads_dev, s, s, d) + mm(heads_dev, s, d, s));
+        let core_mm = core_scale * (mm(heads_dev, s, s_full, d) + mm(heads_dev, s, d, s_full));
         // Memory-bound kernels of one layer, forward (bytes moved).
         let rows = if l.sp { tok / t } else { tok };
         let mask = if r.dropout { 1.0 } else { 0.0 };
@@ -122,7 +124,7 @@ impl Context {
         let softmax = if r.flash_attention {
             0.0
         } else {
-            (2.0 * e + if r.dropout { 2.0 * e + 1.0 } else { 0.0 }) * heads_dev * s * s
+            (2.0 * e + if r.dropout { 2.0 * e + 1.0 } else { 0.0 }) * heads_dev * s * s_full
         };
         // FP8 casts of the four linears' inputs (read e, write 1 byte, plus the scaling's own
         // traffic); backward casts the output gradients (covered by the 1.5x below).
@@ -180,6 +182,27 @@ impl Context {
         } else {
             (tp_fwd, tp_bwd)
         };
+        // Context parallelism (ring attention, Liu et al. 2023; Megatron-LM's cp): cp − 1 steps
+        // each pass this rank's K and V chunk (b·s/cp·2·kv/t elements) to the next rank, behind
+        // the attention core of the chunk in hand; backward passes K, V and their gradients.
+        // Only what the core cannot cover is exposed.
+        let (cp_fwd, cp_bwd) = if l.cp > 1 {
+            let (cp_bw, cp_alpha) = if l.tp * l.cp <= gpn {
+                (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
+            } else {
+                (g.network_bw * c.net_eff, g.network_latency)
+            };
+            let steps = l.cp as f64 - 1.0;
+            let chunk = b * s * 2.0 * kv / t * e;
+            let fwd_comm = steps * (chunk / cp_bw + cp_alpha);
+            (
+                (fwd_comm - core_mm).max(0.0),
+                (2.0 * fwd_comm - core_bwd_factor * core_mm).max(0.0),
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        let (tp_fwd, tp_bwd) = (tp_fwd + cp_fwd, tp_bwd + cp_bwd);
         let tp_recompute = if r.recompute == Recompute::Full {
             tp_fwd
         } else {
@@ -213,7 +236,7 @@ impl Context {
         let e = self.recipe.precision.compute_bytes();
         let membw = g.memory_bw * c.mem_eff;
         let (h, t) = (m.hidden as f64, l.tp as f64);
-        let tok = l.micro_batch as f64 * m.seq_len as f64;
+        let tok = l.micro_batch as f64 * m.seq_len as f64 / l.cp as f64;
         let tp_alpha = if l.tp <= self.cluster.gpus_per_node {
             g.intra_node_latency
         } else {
@@ -300,7 +323,7 @@ impl Context {
         let bw = g.memory_bw;
         let membw = bw * c.mem_eff;
         let t = l.tp as f64;
-        let tok = l.micro_batch as f64 * m.seq_len as f64;
+        let tok = l.micro_batch as f64 * m.seq_len as f64 / l.cp as f64;
         let gpn = self.cluster.gpus_per_node;
         let layer_compute = fwd + bwd + recompute;
         let layer_comm = tp_fwd + tp_bwd + tp_recompute;
@@ -382,10 +405,10 @@ impl Context {
         let v = l.vpp as f64;
         let bubble = if l.pp > 1 { (sum_t - t_max) / v } else { 0.0 };
         // Data-parallel gradient sync of the worst device's parameters.
-        let n = l.dp as f64;
+        let n = l.grad_ranks() as f64;
         let pdev = mem.params_on_device;
         let sb = &r.state_bytes;
-        let world = l.dp * l.tp * l.pp;
+        let world = l.world();
         let dp_intra = world <= gpn;
         // Across nodes a collective's bandwidth is the network per GPU times the k members of
         // the group inside one node (NCCL runs one ring channel per NIC, so every NIC of the
@@ -394,7 +417,7 @@ impl Context {
         let (dp_bw, dp_alpha) = if dp_intra {
             (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
         } else {
-            let k = (gpn / (l.tp * l.pp)).clamp(1, l.dp) as f64;
+            let k = (gpn / (l.tp * l.pp)).clamp(1, l.grad_ranks()) as f64;
             (
                 (k * g.network_bw * c.net_eff).min(g.intra_node_bw * c.intra_eff),
                 g.network_latency,
@@ -407,7 +430,7 @@ impl Context {
         // step when the gathered weights are kept (Rajbhandari et al. 2019 §5.3: 1.5x the
         // all-reduce volume per step without accumulation).
         let mbs_f = l.grad_accum as f64;
-        let zero3 = l.dp > 1 && l.zero >= 3 && r.grad_sync != GradSync::ParameterServer;
+        let zero3 = l.grad_ranks() > 1 && l.zero >= 3 && r.grad_sync != GradSync::ParameterServer;
         let gathers = if !zero3 {
             0.0
         } else if r.zero3_keep_weights {
@@ -422,7 +445,7 @@ impl Context {
         } * dp_alpha;
         let one_gather = gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat;
         let zero3_gathers = gathers * one_gather;
-        let dp_comm = if l.dp == 1 {
+        let dp_comm = if l.grad_ranks() == 1 {
             0.0
         } else {
             match r.grad_sync {
@@ -468,7 +491,7 @@ impl Context {
         // ZeRO-1/2 with Megatron's `overlap_param_gather`: the all-gather of the updated weights
         // runs behind the next step's first forward, bucket by bucket; the gradients'
         // reduce-scatter stays behind the last backward.
-        let param_gather = if l.dp > 1
+        let param_gather = if l.grad_ranks() > 1
             && matches!(l.zero, 1 | 2)
             && r.overlap_param_gather
             && r.overlap_grad_reduce

@@ -212,6 +212,7 @@ pub fn predict(run: &Run, gpu: &GpuSpec, calib: &Calibration) -> Result<f64, Str
         dp: Some(dp),
         tp: Some(run.tp),
         pp: Some(run.pp),
+        cp: Some(run.cp),
         vpp: Some(run.vp),
         sp: run.tp > 1,
         zero: Some(zero),

@@ -58,6 +58,7 @@ mod zero;
 pub use agree::{agree_on_start, all_gather_bytes, fingerprint};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
+pub(crate) use zero::subtract;
 
 use crate::error::TrainError;
 use buckets::Zero2Pool;
@@ -170,6 +171,16 @@ fn dist(what: &str) -> impl FnOnce(comm::CommError) -> TrainError + '_ {
         what: format!("data parallel: {what}"),
         source,
     }
+}
+
+/// What the global gradient norm needs beyond the data-parallel group (tensor parallelism):
+/// the ranges of this rank's buffer another rank counts (`StageModel::copies`), and the sum of
+/// the data-parallel groups' totals over the other mesh axes (the identity without them).
+pub struct MeshNorm<'a> {
+    /// Ranges not counted here.
+    pub copies: &'a [std::ops::Range<usize>],
+    /// The group's sum of squares → the job's.
+    pub combine: &'a mut dyn FnMut(f64) -> Result<f64, TrainError>,
 }
 
 impl Dp {
@@ -315,13 +326,36 @@ impl Dp {
         cfg: &AdamWConfig,
         par: Par,
     ) -> Result<f64, TrainError> {
+        let mut same = Ok;
+        let mesh = MeshNorm {
+            copies: &[],
+            combine: &mut same,
+        };
+        self.step_in_mesh(layout, params, grads, opt, cfg, par, mesh)
+    }
+
+    /// [`Dp::step`] for a rank of a mesh with other axes (tensor parallelism): the global norm
+    /// leaves out `mesh.copies` and sums over the other axes with `mesh.combine`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_in_mesh(
+        &mut self,
+        layout: &ParamLayout,
+        params: &mut [f32],
+        grads: &mut [f32],
+        opt: &mut AdamW,
+        cfg: &AdamWConfig,
+        par: Par,
+        mesh: MeshNorm<'_>,
+    ) -> Result<f64, TrainError> {
         if self.ps.is_some() {
             return self.ps_step(layout, params, grads, opt, cfg, par);
         }
         match self.zero {
             // Ring: the buckets were all-reduced in `backward`.
             ZeroStage::Off => Ok(opt.step(layout, params, grads, cfg, par)),
-            ZeroStage::One | ZeroStage::Two => self.zero_step(layout, params, grads, opt, cfg, par),
+            ZeroStage::One | ZeroStage::Two => {
+                self.zero_step(layout, params, grads, opt, cfg, par, mesh)
+            }
         }
     }
 }

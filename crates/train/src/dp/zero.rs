@@ -73,6 +73,7 @@ impl Dp {
 
 impl Dp {
     /// [`Dp::step`] under ZeRO-1/2.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn zero_step(
         &mut self,
         layout: &ParamLayout,
@@ -81,6 +82,7 @@ impl Dp {
         opt: &mut AdamW,
         cfg: &AdamWConfig,
         par: Par,
+        mesh: super::MeshNorm<'_>,
     ) -> Result<f64, TrainError> {
         // ZeRO: this rank's pieces of the reduced gradient, reduce-scattered in `backward`:
         // in place in `grads` (stage 1) or accumulated in the shard (stage 2).
@@ -92,10 +94,28 @@ impl Dp {
         let owned = self.owned_ranges(len);
         let zero2 = self.zero == ZeroStage::Two;
         let mut shard = std::mem::take(&mut self.grad_shard);
-        let partial: f64 = if zero2 {
-            sum_squares(&shard)
+        let partial: f64 = if mesh.copies.is_empty() {
+            if zero2 {
+                sum_squares(&shard)
+            } else {
+                owned.iter().map(|r| sum_squares(&grads[r.clone()])).sum()
+            }
         } else {
-            owned.iter().map(|r| sum_squares(&grads[r.clone()])).sum()
+            // Only what this rank counts: its pieces less the copies another rank counts.
+            let mut at = 0;
+            let mut sq = 0.0f64;
+            for r in &owned {
+                for piece in subtract(r.clone(), mesh.copies) {
+                    let local = at + piece.start - r.start..at + piece.end - r.start;
+                    sq += if zero2 {
+                        sum_squares(&shard[local])
+                    } else {
+                        sum_squares(&grads[piece])
+                    };
+                }
+                at += r.len();
+            }
+            sq
         };
         // Global norm: each rank's f64 sum of squares, combined in rank order on every rank.
         let n = self.size();
@@ -117,6 +137,7 @@ impl Dp {
                 )
             })
             .sum();
+        let total = (mesh.combine)(total)?;
         let secs = t1.elapsed().as_secs_f64();
         self.comm_secs += secs;
         self.exposed_secs += secs;
@@ -167,9 +188,38 @@ impl Dp {
     }
 }
 
+/// `r` less the (sorted, disjoint) ranges `holes`, in order.
+pub(crate) fn subtract(r: Range<usize>, holes: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = r.start;
+    for h in holes {
+        if h.end <= at || h.start >= r.end {
+            continue;
+        }
+        if h.start > at {
+            out.push(at..h.start);
+        }
+        at = at.max(h.end);
+    }
+    if at < r.end {
+        out.push(at..r.end);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::*;
+
+    #[test]
+    fn subtract_leaves_the_pieces_outside_the_holes() {
+        use super::subtract;
+        assert_eq!(subtract(0..10, &[]), [0..10]);
+        assert_eq!(subtract(0..10, &[2..4, 6..7]), [0..2, 4..6, 7..10]);
+        assert_eq!(subtract(3..8, &[0..4, 7..20]), [4..7]);
+        assert_eq!(subtract(3..8, &[0..20]), Vec::<Range<usize>>::new());
+        assert_eq!(subtract(3..8, &[0..3, 8..9]), [3..8]);
+    }
     use model::{ModelConfig, Shard};
 
     fn layout(n_layer: usize) -> ParamLayout {

@@ -3,13 +3,13 @@
 //!
 //! Legend: b = micro-batch, t = sequence, c = channels, bt = b·t, m = micro-batches per step.
 
-use super::{boundaries, Kind, Pipeline};
+use super::{boundaries, with_tp, Kind, Pipeline};
 use crate::dp::Dp;
 use crate::error::TrainError;
 use crate::trace::Trace;
 use kernels::Par;
 use model::{
-    backward_with, forward_with, ActSaved, ActScratch, GradInput, ModelConfig, NoTp, ParamLayout,
+    backward_with, forward_with, ActSaved, ActScratch, GradInput, ModelConfig, ParamLayout,
     StageInput,
 };
 use plan::schedule::Op;
@@ -34,10 +34,21 @@ impl StageModel {
         parts: &[Range<usize>],
         vstages_held: &[usize],
     ) -> Result<StageModel, TrainError> {
+        StageModel::new_tp(cfg, parts, vstages_held, (0, 1))
+    }
+
+    /// [`StageModel::new`] for tensor-parallel rank `tp_rank` of `tp`: each chunk holds its
+    /// rank's part of the split tensors (Megatron-LM's layout, `model::ParamLayout`).
+    pub fn new_tp(
+        cfg: &ModelConfig,
+        parts: &[Range<usize>],
+        vstages_held: &[usize],
+        (tp_rank, tp): (usize, usize),
+    ) -> Result<StageModel, TrainError> {
         let mut at = 0;
         let mut chunks = Vec::with_capacity(vstages_held.len());
         for &k in vstages_held {
-            let layout = ParamLayout::new(cfg, &crate::mesh::shard_of(parts, k, 0, 1))?;
+            let layout = ParamLayout::new(cfg, &crate::mesh::shard_of(parts, k, tp_rank, tp))?;
             let n = layout.len();
             chunks.push((k, layout, at..at + n));
             at += n;
@@ -65,6 +76,36 @@ impl StageModel {
     /// True when the rank holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Tensor-parallel rank and degree of the chunks.
+    pub fn tp(&self) -> (usize, usize) {
+        self.chunks
+            .first()
+            .map_or((0, 1), |(_, l, _)| (l.shard.tp_rank, l.shard.tp_size))
+    }
+
+    /// Windows of this rank's buffers that another rank holds too and counts instead (in the
+    /// gradient norm, in checkpoints): the LM head's copy of the tied embedding on the last
+    /// stage, and on tensor-parallel ranks other than 0 every replicated tensor (norms, the
+    /// row-parallel biases, what the model does not split) — rank 0's copy is the one counted.
+    pub fn copies(&self) -> Vec<Range<usize>> {
+        let (tp_rank, _) = self.tp();
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for (_, l, w) in &self.chunks {
+            for t in &l.tensors {
+                let copy = t.name == "lm_head.weight"
+                    || (tp_rank > 0 && t.split == model::TpSplit::Replicated);
+                if copy {
+                    let r = w.start + t.offset..w.start + t.range().end;
+                    match out.last_mut() {
+                        Some(p) if p.end == r.start => p.end = r.end,
+                        _ => out.push(r),
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The window of the tied embedding's gradient this rank sums with the other end of the
@@ -275,16 +316,18 @@ pub fn run_ops(
                     StageInput::Hidden(act_in)
                 };
                 let last = *vs + 1 == stage.vstages;
-                let loss = forward_with(
-                    layout,
-                    &params[w.clone()],
-                    &mut saved[c][slot],
-                    scratch,
-                    input,
-                    last.then_some(y),
-                    par,
-                    &mut NoTp,
-                )?;
+                let loss = with_tp(pipe.as_deref_mut(), |tp| {
+                    forward_with(
+                        layout,
+                        &params[w.clone()],
+                        &mut saved[c][slot],
+                        scratch,
+                        input,
+                        last.then_some(y),
+                        par,
+                        tp,
+                    )
+                })?;
                 if let Some(l) = loss {
                     losses[mb] = l;
                     has_loss = true;
@@ -320,15 +363,16 @@ pub fn run_ops(
                     &mut grads[w.clone()]
                 };
                 let set = &mut saved[c][slot];
+                let tp_pipe = pipe.as_deref_mut();
                 match dp.as_deref_mut() {
                     Some(d) => d.backward(last_bwd[c] == Some(i), g, |sink| {
-                        backward_with(
-                            layout, p, sink, set, scratch, input, grad_input, par, &mut NoTp,
-                        )
+                        with_tp(tp_pipe, |tp| {
+                            backward_with(layout, p, sink, set, scratch, input, grad_input, par, tp)
+                        })
                     })?,
-                    None => backward_with(
-                        layout, p, g, set, scratch, input, grad_input, par, &mut NoTp,
-                    )?,
+                    None => with_tp(tp_pipe, |tp| {
+                        backward_with(layout, p, g, set, scratch, input, grad_input, par, tp)
+                    })?,
                 }
                 free[c].push(slot);
             }
@@ -420,16 +464,18 @@ pub fn forward_only(
         };
         let last = vs + 1 == stage.vstages;
         let set = &mut acts.saved[c][0];
-        let loss = forward_with(
-            layout,
-            &params[w.clone()],
-            set,
-            &mut acts.scratch,
-            input,
-            last.then_some(y),
-            par,
-            &mut NoTp,
-        )?;
+        let loss = with_tp(pipe.as_deref_mut(), |tp| {
+            forward_with(
+                layout,
+                &params[w.clone()],
+                set,
+                &mut acts.scratch,
+                input,
+                last.then_some(y),
+                par,
+                tp,
+            )
+        })?;
         if last {
             out = loss;
         } else {

@@ -204,8 +204,12 @@ pub struct Pipeline {
     tie: Option<Box<dyn Communicator>>,
     /// Every rank of the job (checkpoint reports).
     world: Box<dyn Communicator>,
+    /// The tensor-parallel group: same (dp, pp), rank `t` is tensor-parallel rank `t`.
+    tp_group: Box<dyn Communicator>,
     /// Seconds spent in stage-to-stage exchanges so far (waiting included).
     pub p2p_secs: f64,
+    /// Seconds spent in tensor-parallel collectives so far (waiting included).
+    pub tp_secs: f64,
     /// Step number stamped on messages (checked by the receiver).
     step: u32,
     send_buf: Vec<u8>,
@@ -267,6 +271,10 @@ impl Pipeline {
         let dp = world
             .split(key(me.pp * shape.tp + me.tp), key(me.dp))
             .map_err(comm_err("forming the data-parallel groups".into()))?;
+        // Same (pp, dp): one tensor-parallel group (adjacent world ranks).
+        let tp_group = world
+            .split(key(me.pp * shape.dp + me.dp), key(me.tp))
+            .map_err(comm_err("forming the tensor-parallel groups".into()))?;
         // First and last stage of a pipeline share the embedding; the others get a group of
         // their own (split is collective), which they drop.
         let ends = me.pp == 0 || me.pp + 1 == shape.pp;
@@ -293,7 +301,9 @@ impl Pipeline {
                 group,
                 tie,
                 world,
+                tp_group,
                 p2p_secs: 0.0,
+                tp_secs: 0.0,
                 step: 0,
                 send_buf: Vec::new(),
                 recv_buf: Vec::new(),
@@ -480,21 +490,55 @@ impl Pipeline {
     /// The global sum of squares from each stage's own (`mine`): every stage's value, summed in
     /// stage order in f64, so every rank gets the same bits.
     pub fn sum_over_stages(&mut self, mine: f64) -> Result<f64, TrainError> {
-        let n = self.shape.pp;
-        let mut all = vec![0.0f32; 2 * n];
-        let bits = mine.to_bits();
-        all[2 * self.me.pp] = f32::from_bits(bits as u32);
-        all[2 * self.me.pp + 1] = f32::from_bits((bits >> 32) as u32);
-        self.group
-            .all_gather(&mut all)
+        let all = gather_f64(self.group.as_mut(), mine)
             .map_err(comm_err("gathering the gradient norm".into()))?;
-        Ok((0..n)
-            .map(|k| {
-                f64::from_bits(
-                    all[2 * k].to_bits() as u64 | (all[2 * k + 1].to_bits() as u64) << 32,
-                )
-            })
-            .sum())
+        Ok(all.iter().sum())
+    }
+
+    /// The global sum of squares from each rank's own: summed over the tensor-parallel group
+    /// in rank order (f64), then over the stages ([`Pipeline::sum_over_stages`]).
+    pub fn sum_over_mesh(&mut self, mine: f64) -> Result<f64, TrainError> {
+        let mine = if self.shape.tp > 1 {
+            let t0 = Instant::now();
+            let all = gather_f64(self.tp_group.as_mut(), mine).map_err(comm_err(
+                "gathering the gradient norm over tensor parallelism".into(),
+            ))?;
+            self.tp_secs += t0.elapsed().as_secs_f64();
+            all.iter().sum()
+        } else {
+            mine
+        };
+        self.sum_over_stages(mine)
+    }
+
+    /// This rank's tensor-parallel index and the degree.
+    pub fn tp(&self) -> (usize, usize) {
+        (self.me.tp, self.shape.tp)
+    }
+
+    /// Whether this rank writes the run folder's files (metrics, config): the first stage's
+    /// tensor-parallel rank 0 (data-parallel rank 0 is checked by the caller).
+    pub fn is_writer(&self) -> bool {
+        self.me.pp == 0 && self.me.tp == 0
+    }
+
+    /// The tensor-parallel group as the model's collectives, timed into `tp_secs`.
+    pub fn tp_reduce(&mut self) -> TpGroup<'_> {
+        TpGroup {
+            comm: self.tp_group.as_mut(),
+            secs: &mut self.tp_secs,
+        }
+    }
+
+    /// All-gathers `buf` over the tensor-parallel group (each rank's part at
+    /// `comm::shard_range`), timed into `tp_secs`.
+    pub fn tp_all_gather(&mut self, buf: &mut [f32], what: &str) -> Result<(), TrainError> {
+        let t0 = Instant::now();
+        self.tp_group
+            .all_gather(buf)
+            .map_err(comm_err(what.to_string()))?;
+        self.tp_secs += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// The stage that holds the loss (the last virtual stage).
@@ -511,10 +555,10 @@ impl Pipeline {
             .map_err(comm_err(what.to_string()))
     }
 
-    /// Whether any stage says yes (e.g. was asked to stop).
+    /// Whether any rank of the job says yes (e.g. was asked to stop).
     pub fn any(&mut self, mine: bool, what: &str) -> Result<bool, TrainError> {
         let mut buf = [if mine { 1.0f32 } else { 0.0 }];
-        self.group
+        self.world
             .all_reduce(&mut buf, ReduceOp::Max)
             .map_err(comm_err(what.to_string()))?;
         Ok(buf[0] != 0.0)
@@ -570,6 +614,71 @@ impl Pipeline {
     /// Forward-only receive of a stage input (validation).
     pub fn recv_act(&mut self, m: Msg, out: &mut [f32]) -> Result<(), TrainError> {
         self.exchange(None, Some((m, out)))
+    }
+}
+
+/// Every rank's `mine`, in rank order, bit for bit (two f32 words each).
+fn gather_f64(group: &mut dyn Communicator, mine: f64) -> Result<Vec<f64>, comm::CommError> {
+    let n = group.size();
+    let mut all = vec![0.0f32; 2 * n];
+    let bits = mine.to_bits();
+    let r = group.rank();
+    all[2 * r] = f32::from_bits(bits as u32);
+    all[2 * r + 1] = f32::from_bits((bits >> 32) as u32);
+    group.all_gather(&mut all)?;
+    Ok((0..n)
+        .map(|k| {
+            f64::from_bits(all[2 * k].to_bits() as u64 | (all[2 * k + 1].to_bits() as u64) << 32)
+        })
+        .collect())
+}
+
+/// A rank's tensor-parallel group lent to the model (`model::TpReduce`): Megatron-LM's f / g
+/// operators and the vocabulary-parallel loss run their collectives through it.
+pub struct TpGroup<'a> {
+    comm: &'a mut dyn Communicator,
+    secs: &'a mut f64,
+}
+
+impl TpGroup<'_> {
+    fn timed(
+        &mut self,
+        f: impl FnOnce(&mut dyn Communicator) -> Result<(), comm::CommError>,
+    ) -> Result<(), model::TpError> {
+        let t0 = Instant::now();
+        let r = f(&mut *self.comm);
+        *self.secs += t0.elapsed().as_secs_f64();
+        r.map_err(|e| Box::new(e) as model::TpError)
+    }
+}
+
+impl model::TpReduce for TpGroup<'_> {
+    fn size(&self) -> usize {
+        self.comm.size()
+    }
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), model::TpError> {
+        self.timed(|c| c.all_reduce(buf, ReduceOp::Sum))
+    }
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<(), model::TpError> {
+        self.timed(|c| c.all_reduce(buf, ReduceOp::Max))
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), model::TpError> {
+        self.timed(|c| c.reduce_scatter(buf, ReduceOp::Sum).map(|_| ()))
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), model::TpError> {
+        self.timed(|c| c.all_gather(buf))
+    }
+}
+
+/// Runs `f` with the tensor-parallel collectives of `pipe` (the identity without tensor
+/// parallelism, so a one-rank group costs nothing).
+pub fn with_tp<R>(pipe: Option<&mut Pipeline>, f: impl FnOnce(&mut dyn model::TpReduce) -> R) -> R {
+    match pipe {
+        Some(p) if p.shape.tp > 1 => f(&mut p.tp_reduce()),
+        _ => f(&mut model::NoTp),
     }
 }
 

@@ -78,7 +78,7 @@ pub fn run(
     let mut dp = opts.dp.as_ref().map(|d| lock(d));
     let mut pipe = opts.pipeline.as_ref().map(|p| lock(p));
     let writer =
-        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.stage() == 0);
+        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.is_writer());
     let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
     let out = &opts.out_dir;
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
@@ -222,13 +222,15 @@ pub fn run(
     // this rank trains its `accum` consecutive ones (crate::dp).
     let d_loss = 1.0 / (b * t * accum * dp_size) as f32;
     // The LM head's copy of the tied embedding (last stage of a pipeline) counts once in the
-    // gradient norm: on the first stage.
+    // gradient norm: on the first stage; tensors replicated over tensor parallelism count on
+    // its rank 0.
     let tied = stage.tied_range();
-    let skip_in_norm = tied.clone().filter(|(_, copy)| *copy).map(|(r, _)| r);
+    let copies = stage.copies();
     while state.step < end {
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
         let p2p_at_start = pipe.as_ref().map(|p| p.p2p_secs);
+        let tp_at_start = pipe.as_ref().filter(|p| p.shape.tp > 1).map(|p| p.tp_secs);
         let t0 = Instant::now();
         let lr = lr_at(&cfg.optim, step, decay);
         grads.fill(0.0);
@@ -317,15 +319,31 @@ pub fn run(
         let grad_norm = match dp.as_mut() {
             // ZeRO and parameter servers reduce or shard inside their own step.
             Some(d) if d.zero() != crate::dp::ZeroStage::Off || d.is_parameter_server() => {
-                d.step(&layout, &mut state.params, &mut grads, &mut opt, &ocfg, par)?
+                let mut combine = |sq: f64| match pipe.as_deref_mut() {
+                    Some(p) => p.sum_over_mesh(sq),
+                    None => Ok(sq),
+                };
+                let mesh = crate::dp::MeshNorm {
+                    copies: &copies,
+                    combine: &mut combine,
+                };
+                d.step_in_mesh(
+                    &layout,
+                    &mut state.params,
+                    &mut grads,
+                    &mut opt,
+                    &ocfg,
+                    par,
+                    mesh,
+                )?
             }
             _ => {
-                let mut sq = match &skip_in_norm {
-                    Some(r) => sum_squares(&grads[..r.start]) + sum_squares(&grads[r.end..]),
-                    None => sum_squares(&grads),
-                };
+                let mut sq = 0.0f64;
+                for piece in crate::dp::subtract(0..grads.len(), &copies) {
+                    sq += sum_squares(&grads[piece]);
+                }
                 if let Some(p) = pipe.as_mut() {
-                    sq = p.sum_over_stages(sq)?;
+                    sq = p.sum_over_mesh(sq)?;
                 }
                 let norm = sq.sqrt();
                 if let Some(max_norm) = ocfg.grad_clip {
@@ -372,7 +390,11 @@ pub fn run(
             step_secs,
             comm_secs: comm.map(|c| c.0),
             exposed_comm_secs: comm.map(|c| c.1),
-            p2p_secs: p2p_at_start.zip(pipe.as_ref()).map(|(s, p)| p.p2p_secs - s),
+            p2p_secs: p2p_at_start
+                .zip(pipe.as_ref())
+                .filter(|(_, p)| p.shape.pp > 1)
+                .map(|(s, p)| p.p2p_secs - s),
+            tp_secs: tp_at_start.zip(pipe.as_ref()).map(|(s, p)| p.tp_secs - s),
         };
         let line = serde_json::to_string(&rec).expect("record serialises");
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -452,7 +474,11 @@ pub fn run(
                     &rcfg,
                     &stage,
                     &state,
-                    (dp_rank, dp_size),
+                    (
+                        dp_rank,
+                        dp_size,
+                        dp.as_ref().map_or(0, |d| d.zero().number()),
+                    ),
                     &owned,
                 ),
                 (None, Some(d)) => {

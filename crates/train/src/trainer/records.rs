@@ -58,6 +58,10 @@ pub struct StepRecord {
     /// included (the bubble and the transfers); `None` without a pipeline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p2p_secs: Option<f64>,
+    /// Tensor parallel: seconds of this step this rank spent in the tensor-parallel group's
+    /// collectives, waiting included; `None` without tensor parallelism.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tp_secs: Option<f64>,
 }
 
 /// What the run knows before its first step.
@@ -101,6 +105,8 @@ pub struct PipelineInfo {
     pub stage: usize,
     /// Stages.
     pub stages: usize,
+    /// This rank's tensor-parallel index and the tensor-parallel degree (0, 1 without).
+    pub tp: (usize, usize),
     /// Schedule name.
     pub schedule: &'static str,
     /// Micro-batches per step.

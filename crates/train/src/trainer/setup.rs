@@ -131,7 +131,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
         d.check_fingerprint(&fingerprint)?;
     }
     let writer =
-        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.stage() == 0);
+        dp.as_ref().is_none_or(|d| d.rank() == 0) && pipe.as_ref().is_none_or(|p| p.is_writer());
     let (b, t) = (cfg.train.batch_size, cfg.model.seq_len);
     if window_count(data.val.len(), t) < b {
         return Err(TrainError::Data(format!(
@@ -148,7 +148,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     let mcfg = model_config(&rcfg, data.vocab_size);
     let full = ParamLayout::new(&mcfg, &Shard::full(&mcfg))?;
     let stage = match &pipe {
-        Some(p) => StageModel::new(&mcfg, &p.parts, &p.chunks())?,
+        Some(p) => StageModel::new_tp(&mcfg, &p.parts, &p.chunks(), p.tp())?,
         None => StageModel::whole(full.clone()),
     };
     // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
@@ -271,6 +271,7 @@ pub(super) fn pipeline_info(
     PipelineInfo {
         stage: p.stage(),
         stages: p.shape.pp,
+        tp: p.tp(),
         schedule: p.schedule.name(),
         microbatches: m,
         parts: p.parts.clone(),
