@@ -106,6 +106,26 @@ fn every_tensor_parallel_layout_trains_the_one_process_model() {
         ("tp2", &["--tp", "2", "--set", "train.grad_accum=4"]),
         ("tp4", &["--tp", "4", "--set", "train.grad_accum=4"]),
         (
+            "tp2-sp",
+            &[
+                "--tp",
+                "2",
+                "--sequence-parallel",
+                "--set",
+                "train.grad_accum=4",
+            ],
+        ),
+        (
+            "tp4-sp",
+            &[
+                "--tp",
+                "4",
+                "--sequence-parallel",
+                "--set",
+                "train.grad_accum=4",
+            ],
+        ),
+        (
             "dp2-tp2-zero1",
             &[
                 "--dp",
@@ -121,6 +141,18 @@ fn every_tensor_parallel_layout_trains_the_one_process_model() {
         (
             "dp2-pp2-tp2",
             &["--dp", "2", "--pp", "2", "--tp", "2", "--microbatches", "2"],
+        ),
+        (
+            "pp2-tp2-sp",
+            &[
+                "--pp",
+                "2",
+                "--tp",
+                "2",
+                "--sequence-parallel",
+                "--microbatches",
+                "4",
+            ],
         ),
     ];
     for (name, flags) in layouts {
@@ -190,6 +222,8 @@ fn bad_tensor_parallel_layouts_are_refused_with_the_reason() {
     assert!(e.contains("heads") && e.contains('3'), "{e}");
     let e = try_(&["--tp", "0"]);
     assert!(e.contains("--tp must be at least 1"), "{e}");
+    let e = try_(&["--sequence-parallel"]);
+    assert!(e.contains("needs --tp 2 or more"), "{e}");
     let e = try_(&["--tp", "2", "--grad-sync", "ps"]);
     assert!(e.contains("not combined with tensor parallelism"), "{e}");
 }

@@ -181,6 +181,42 @@ pub fn stage_memory(
     }
 }
 
+/// [`stage_memory`] for a tensor-parallel rank with sequence parallelism on or off
+/// ([`saved_activation_elems_sp`], [`scratch_activation_elems_sp`]; the receive buffers hold
+/// this rank's b·t/tp rows under it).
+pub fn stage_memory_sp(
+    chunks: &[(CpuRuntimeDims, u64)],
+    batch: u64,
+    seq: u64,
+    pipelined: bool,
+    sequence_parallel: bool,
+) -> CpuRuntimeMemory {
+    let sum = |f: &dyn Fn(&CpuRuntimeDims) -> u64| chunks.iter().map(|(d, _)| f(d)).sum::<u64>();
+    let sp = sequence_parallel;
+    let saved: u64 = chunks
+        .iter()
+        .map(|(d, sets)| {
+            sets.max(&1) * saved_activation_elems_sp(d, batch, seq, Recompute::None, sp).bytes(4)
+        })
+        .sum();
+    let scratch = chunks.first().map_or(0, |(d, _)| {
+        scratch_activation_elems_sp(d, batch, seq, Recompute::None, sp).bytes(4)
+    });
+    let recv = match chunks.first() {
+        Some((d, _)) if pipelined => {
+            let rows = if sp { batch * seq / d.tp } else { batch * seq };
+            F32_BYTES * 2 * rows * d.channels
+        }
+        _ => 0,
+    };
+    CpuRuntimeMemory {
+        param_bytes: sum(&param_bytes),
+        grad_bytes: sum(&grad_bytes),
+        optimizer_bytes: sum(&optimizer_bytes),
+        activation_bytes: saved + scratch + recv,
+    }
+}
+
 /// Elements of rank `rank`'s shard when a `len`-element flat buffer is split over `dp` ranks by
 /// contiguous offset ranges, the first `len % dp` shards one element longer (the split
 /// `comm::shard_range` and the trainer's ZeRO use).

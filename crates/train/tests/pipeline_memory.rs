@@ -68,4 +68,59 @@ fn stage_buffers_match_plan_including_the_in_flight_sets() {
         }
     }
     assert_eq!(checked, 7);
+    // Tensor parallelism, with and without sequence parallelism: every rank of tp 2 and 4, a
+    // whole model and both stages of pp 2 (1F1B), against `stage_memory_sp`.
+    let mut saved_sp = Vec::new();
+    for tp in [2usize, 4] {
+        for pp in [1usize, 2] {
+            let parts = train::mesh::partition(&cfg, (b, t), pp, None).unwrap();
+            let lists = build(Kind::OneFOneB, pp as u32, m, 1);
+            for (s, ops) in lists.iter().enumerate() {
+                for sp in [false, true] {
+                    for r in 0..tp {
+                        let before = live();
+                        let stage = StageModel::new_tp(&cfg, &parts, &[s], (r, tp)).unwrap();
+                        let n = stage.len();
+                        let state: Vec<Vec<f32>> = (0..4).map(|_| vec![0.0f32; n]).collect();
+                        let acts = StageActs::new_sp(&stage, ops, b, t, sp).unwrap();
+                        let measured = live() - before;
+                        let chunks: Vec<_> = stage
+                            .chunks
+                            .iter()
+                            .zip(acts.sets())
+                            .map(|((_, l, _), k)| (l.shard.dims(&cfg), k as u64))
+                            .collect();
+                        let predicted = plan::cpu_runtime::stage_memory_sp(
+                            &chunks,
+                            b as u64,
+                            t as u64,
+                            pp > 1,
+                            sp,
+                        );
+                        let p = predicted.total_bytes() as i64;
+                        let rel = (measured - p) as f64 / p as f64;
+                        assert!(
+                            (0.0..0.01).contains(&rel),
+                            "tp {tp} rank {r} pp {pp} stage {s} sp {sp}: measured {measured} B vs predicted {p} B"
+                        );
+                        if r == 0 && s == 0 {
+                            saved_sp.push((tp, pp, sp, predicted.activation_bytes));
+                        }
+                        drop((acts, state, stage));
+                    }
+                }
+            }
+        }
+    }
+    // Sequence parallelism's saving shows in the activation bytes of every layout.
+    for w in saved_sp.chunks(2) {
+        let [(tp, pp, false, off), (_, _, true, on)] = w else {
+            panic!("pairs of sp off/on: {w:?}")
+        };
+        eprintln!("tp {tp} pp {pp}: activations {off} B without sequence parallelism, {on} B with");
+        assert!(
+            on < off,
+            "tp {tp} pp {pp}: {on} B with sp vs {off} B without"
+        );
+    }
 }

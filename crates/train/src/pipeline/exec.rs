@@ -8,6 +8,7 @@ use crate::dp::Dp;
 use crate::error::TrainError;
 use crate::trace::Trace;
 use kernels::Par;
+use model::Recompute;
 use model::{
     backward_with, forward_with, ActSaved, ActScratch, GradInput, ModelConfig, ParamLayout,
     StageInput,
@@ -165,34 +166,43 @@ pub fn in_flight(ops: &[Op], chunk: u32) -> usize {
 impl StageActs {
     /// Buffers for micro-batches of (b, t) running the list `ops` over `stage`'s chunks.
     pub fn new(stage: &StageModel, ops: &[Op], b: usize, t: usize) -> StageActs {
+        StageActs::new_sp(stage, ops, b, t, false).expect("no sequence split")
+    }
+
+    /// [`StageActs::new`] with sequence parallelism on or off (Korthikanti et al. 2022): with
+    /// it the residual stream, the norms and the hidden states between stages hold this
+    /// tensor-parallel rank's b·t/tp rows. An error when tp does not divide b·t.
+    pub fn new_sp(
+        stage: &StageModel,
+        ops: &[Op],
+        b: usize,
+        t: usize,
+        sequence_parallel: bool,
+    ) -> Result<StageActs, TrainError> {
         let m = ops.len() / (2 * stage.chunks.len()).max(1);
-        let saved: Vec<Vec<ActSaved>> = stage
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(c, (_, l, _))| {
-                (0..in_flight(ops, c as u32).max(1))
-                    .map(|_| ActSaved::new(l, b, t))
-                    .collect()
-            })
-            .collect();
-        let c = stage.chunks[0].1.cfg.channels;
-        StageActs {
+        let mut saved: Vec<Vec<ActSaved>> = Vec::with_capacity(stage.chunks.len());
+        for (c, (_, l, _)) in stage.chunks.iter().enumerate() {
+            let sets = (0..in_flight(ops, c as u32).max(1))
+                .map(|_| ActSaved::with_sp(l, b, t, Recompute::None, sequence_parallel))
+                .collect::<Result<Vec<_>, _>>()?;
+            saved.push(sets);
+        }
+        let first = &stage.chunks[0].1;
+        let c = first.cfg.channels;
+        let rows = if sequence_parallel {
+            b * t / first.shard.tp_size
+        } else {
+            b * t
+        };
+        let recv = if stage.vstages > 1 { rows * c } else { 0 };
+        Ok(StageActs {
             free: saved.iter().map(|s| (0..s.len()).rev().collect()).collect(),
             slot_of: vec![vec![usize::MAX; m.max(1)]; saved.len()],
             saved,
-            scratch: ActScratch::new(&stage.chunks[0].1, b, t),
-            act_in: if stage.vstages > 1 {
-                vec![0.0; b * t * c]
-            } else {
-                Vec::new()
-            },
-            grad_in: if stage.vstages > 1 {
-                vec![0.0; b * t * c]
-            } else {
-                Vec::new()
-            },
-        }
+            scratch: ActScratch::with_sp(first, b, t, Recompute::None, sequence_parallel)?,
+            act_in: vec![0.0; recv],
+            grad_in: vec![0.0; recv],
+        })
     }
 
     /// `f32` elements held (saved sets, scratch, receive buffers).

@@ -198,6 +198,8 @@ pub struct Pipeline {
     pub schedule: Schedule,
     /// Layers of every virtual stage (`pp · vpp` ranges, in order).
     pub parts: Vec<Range<usize>>,
+    /// Sequence parallelism over the tensor-parallel group (Korthikanti et al. 2022).
+    pub sequence_parallel: bool,
     /// The pipeline group: rank `s` is stage `s` (same data-parallel index).
     group: Box<dyn Communicator>,
     /// First and last stage (the tied embedding / LM head); `None` on the stages between.
@@ -298,6 +300,7 @@ impl Pipeline {
                 me,
                 schedule,
                 parts,
+                sequence_parallel: false,
                 group,
                 tie,
                 world,
@@ -311,6 +314,12 @@ impl Pipeline {
             },
             dp,
         ))
+    }
+
+    /// Turns sequence parallelism on or off (needs tp > 1 to mean anything).
+    pub fn with_sequence_parallel(mut self, on: bool) -> Pipeline {
+        self.sequence_parallel = on;
+        self
     }
 
     /// This rank's stage.
@@ -568,14 +577,15 @@ impl Pipeline {
     /// (schedule, partition); a rank that differs from rank 0 stops the job, named.
     pub fn check_fingerprint(&mut self, fingerprint: &[u8; 32]) -> Result<(), TrainError> {
         let mine = format!(
-            "{} {:?} {:?} {}",
+            "{} {:?} {:?} {} sp={}",
             fingerprint
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>(),
             self.shape,
             self.parts,
-            self.schedule.name()
+            self.schedule.name(),
+            self.sequence_parallel
         );
         let all = self.world_gather_bytes(
             mine.as_bytes(),

@@ -113,7 +113,8 @@ pub fn run(
             plan::schedule::build(plan::schedule::Kind::OneFOneB, 1, accum as u32, 1).swap_remove(0)
         }
     };
-    let mut acts = StageActs::new(&stage, &ops, b, t);
+    let sp = pipe.as_ref().is_some_and(|p| p.sequence_parallel);
+    let mut acts = StageActs::new_sp(&stage, &ops, b, t, sp)?;
     let mut batcher = Batcher::new(
         data.train.len(),
         t,
@@ -159,7 +160,7 @@ pub fn run(
                 .zip(acts.sets())
                 .map(|(s, k)| (s.dims(&mcfg), k as u64))
                 .collect();
-            plan::cpu_runtime::stage_memory(&chunks, b as u64, t as u64, true)
+            plan::cpu_runtime::stage_memory_sp(&chunks, b as u64, t as u64, stage.vstages > 1, sp)
         }
         (None, None) => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
     };
