@@ -238,8 +238,12 @@ fn describe(s: ExitStatus) -> String {
 fn stop_all(children: &mut [(usize, Child)], grace: Duration) {
     for (_, c) in children.iter_mut() {
         if let Ok(None) = c.try_wait() {
-            // SAFETY: signalling our own child by its pid.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            // SAFETY: signalling our own child by its pid. SIGCONT after SIGTERM: a stopped
+            // (SIGSTOP) child handles its SIGTERM now rather than at the SIGKILL.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
+            }
         }
     }
     let t = Instant::now();
@@ -444,6 +448,21 @@ fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcom
     let (children, pumps) = spawn(&plan, program, args)?;
     let out = supervise(children, Duration::from_secs_f64(a.grace_secs.max(0.0)));
     drain(pumps, Duration::from_secs(2));
+    // Shared memory: rank 0 unlinks the job's file once every rank has joined; a rank that
+    // died before that leaves it behind.
+    let shm = a.transport.as_deref() == Some("shm")
+        || (a.transport.is_none()
+            && std::env::var("SCALETRAIN_TRANSPORT").is_ok_and(|t| t == "shm"));
+    if shm && a.nnodes == 1 {
+        let port = plan.procs[0]
+            .env
+            .iter()
+            .find(|(k, _)| k == "MASTER_PORT")
+            .and_then(|(_, v)| v.parse().ok());
+        if let Some(port) = port {
+            let _ = std::fs::remove_file(comm::shm::job_file(&a.master_addr, port));
+        }
+    }
     out
 }
 

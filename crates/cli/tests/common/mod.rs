@@ -77,3 +77,51 @@ pub const TINY_MODEL: &[&str] = &[
 pub fn tiny_with(extra: &[&'static str]) -> Vec<&'static str> {
     TINY_MODEL.iter().chain(extra).copied().collect()
 }
+
+/// The newest step in a run folder's `metrics.jsonl` (0 if none yet).
+pub fn last_step(out: &std::path::Path) -> u64 {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("step")?.as_u64())
+        .unwrap_or(0)
+}
+
+/// The children of process `parent` that have `RANK` in their environment, as (rank, pid).
+pub fn ranks_of(parent: u32) -> Vec<(usize, i32)> {
+    let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+        .unwrap_or_default();
+    kids.split_whitespace()
+        .filter_map(|p| {
+            let pid: i32 = p.parse().ok()?;
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let rank = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"RANK="))
+                .and_then(|r| std::str::from_utf8(r).ok()?.parse().ok())?;
+            Some((rank, pid))
+        })
+        .collect()
+}
+
+/// Whether process `pid` still exists (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Polls `f` every 5 ms until it holds; false after `limit`.
+pub fn poll(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while !f() {
+        if t.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
