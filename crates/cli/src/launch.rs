@@ -234,12 +234,28 @@ fn describe(s: ExitStatus) -> String {
     }
 }
 
-/// SIGTERM everyone still running, then SIGKILL after `grace`.
+/// Whether process `pid` is stopped (SIGSTOP / SIGTSTP; state `T` in `/proc/PID/stat`).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// SIGTERM everyone still running (SIGKILL a stopped one), then SIGKILL after `grace`.
 fn stop_all(children: &mut [(usize, Child)], grace: Duration) {
     for (_, c) in children.iter_mut() {
         if let Ok(None) = c.try_wait() {
+            // A stopped (SIGSTOP) child would handle SIGTERM only once continued, and then
+            // run on (and write a flight-recorder dump of calls made after the failure): it is
+            // killed at once.
+            let sig = if is_stopped(c.id()) {
+                libc::SIGKILL
+            } else {
+                libc::SIGTERM
+            };
             // SAFETY: signalling our own child by its pid.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
         }
     }
     let t = Instant::now();
@@ -292,7 +308,13 @@ impl Outcome {
 
 /// Wait for the job: [`Outcome::Done`] when every process exits 0; otherwise stop the rest
 /// and say who failed.
-pub fn supervise(mut children: Vec<(usize, Child)>, grace: Duration) -> Result<Outcome> {
+/// With `ask_dumps`, the processes still running (and not stopped) are first sent SIGUSR1, so
+/// that their flight recorders write what each was doing when the job failed.
+pub fn supervise(
+    mut children: Vec<(usize, Child)>,
+    grace: Duration,
+    ask_dumps: bool,
+) -> Result<Outcome> {
     let mut running: Vec<bool> = vec![true; children.len()];
     loop {
         if STOP.load(Ordering::SeqCst) {
@@ -328,6 +350,18 @@ pub fn supervise(mut children: Vec<(usize, Child)>, grace: Duration) -> Result<O
                 }
             }
             let others = running.iter().filter(|r| **r).count();
+            if ask_dumps && others > 0 {
+                for (i, (_, c)) in children.iter().enumerate() {
+                    // Not a stopped one: its dump would come after it is continued, showing
+                    // calls made after the failure.
+                    if running[i] && !is_stopped(c.id()) {
+                        // SAFETY: signalling our own child by its pid.
+                        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGUSR1) };
+                    }
+                }
+                // The recorders' threads look for the signal every 20 ms.
+                std::thread::sleep(Duration::from_millis(200));
+            }
             stop_all(&mut children, grace);
             return Ok(Outcome::Failed {
                 rank,
@@ -417,7 +451,17 @@ fn with_command(a: &LaunchArgs) -> Result<LaunchArgs> {
 /// wait for them, and say how it ended.
 fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcome> {
     let mut plan = plan(a)?;
+    // A training job: every process (parameter servers too) records its calls and dumps them
+    // into the run folder on an error or SIGUSR1, unless told otherwise.
+    let train = restart::TrainJob::detect(&a.command);
+    let flight_dir = train
+        .as_ref()
+        .filter(|_| std::env::var_os("SCALETRAIN_FLIGHT_DIR").is_none())
+        .map(|t| t.out.display().to_string());
     for p in &mut plan.procs {
+        if let Some(d) = &flight_dir {
+            p.env.push(("SCALETRAIN_FLIGHT_DIR".into(), d.clone()));
+        }
         for (k, v) in [
             ("SCALETRAIN_RESTART_COUNT", attempt),
             ("TORCHELASTIC_RESTART_COUNT", attempt),
@@ -442,8 +486,27 @@ fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcom
         a.command.join(" ")
     );
     let (children, pumps) = spawn(&plan, program, args)?;
-    let out = supervise(children, Duration::from_secs_f64(a.grace_secs.max(0.0)));
+    let out = supervise(
+        children,
+        Duration::from_secs_f64(a.grace_secs.max(0.0)),
+        train.is_some(),
+    );
     drain(pumps, Duration::from_secs(2));
+    // Shared memory: rank 0 unlinks the job's file once every rank has joined; a rank that
+    // died before that leaves it behind.
+    let shm = a.transport.as_deref() == Some("shm")
+        || (a.transport.is_none()
+            && std::env::var("SCALETRAIN_TRANSPORT").is_ok_and(|t| t == "shm"));
+    if shm && a.nnodes == 1 {
+        let port = plan.procs[0]
+            .env
+            .iter()
+            .find(|(k, _)| k == "MASTER_PORT")
+            .and_then(|(_, v)| v.parse().ok());
+        if let Some(port) = port {
+            let _ = std::fs::remove_file(comm::shm::job_file(&a.master_addr, port));
+        }
+    }
     out
 }
 

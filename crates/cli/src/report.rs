@@ -124,10 +124,15 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
     };
     let _ = writeln!(
         s,
-        "  {:<24}{:>12}  of {} -> {verdict}",
+        "  {:<24}{:>12}  of {}{} -> {verdict}",
         "total",
         gib(m.total),
-        gib(m.capacity)
+        gib(m.capacity),
+        if recipe.memory_margin > 0.0 {
+            format!(" (after a {:.0}% margin)", recipe.memory_margin * 100.0)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(s, "\nFLOPs       {:.3e} per token (model), {:.3e} per step (model), {:.3e} per step (hardware, with recompute), {:.3e} total", e.flops_per_token, e.flops_per_step, e.hardware_flops_per_step, e.total_flops);
     let t = &e.step_time_secs;
@@ -153,6 +158,29 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         "Training    {:.0} steps, {:.1} days, {:.0} GPU-hours, ${:.0}",
         e.steps, e.training_days, e.gpu_hours, e.cost_usd
     );
+    let g = &e.goodput;
+    if g.expected_days.is_finite() {
+        let _ = writeln!(
+            s,
+            "Failures    {:.1} days expected with failures (goodput {}): cluster MTBF {:.1} h, ~{:.0} failures; checkpoint {} in {:.0} s every {:.0} min (Young/Daly); restart {:.0} min",
+            g.expected_days,
+            pct(g.goodput),
+            g.cluster_mtbf_hours,
+            g.expected_failures,
+            gib(g.checkpoint_bytes),
+            g.checkpoint_secs,
+            g.checkpoint_interval_secs / 60.0,
+            g.restart_secs / 60.0
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "Failures    the run never finishes: restarts and lost work ({:.0} min restart, checkpoint every {:.0} min) exceed the cluster MTBF of {:.2} h; lower --restart-minutes or use fewer GPUs",
+            g.restart_secs / 60.0,
+            g.checkpoint_interval_secs / 60.0,
+            g.cluster_mtbf_hours
+        );
+    }
     s
 }
 

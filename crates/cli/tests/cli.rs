@@ -19,6 +19,7 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 fn tmp(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("scaletrain-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    common::remove_at_exit(&dir);
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p

@@ -187,3 +187,68 @@ fn calibrate_round_trip_through_the_cli() {
     assert!(err.contains("megatron, fsdp, deepspeed"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn memory_margin_is_reported_and_checked() {
+    let (code, out, err) = run(&[
+        "estimate",
+        "--gpus",
+        "8",
+        "--tp",
+        "8",
+        "--memory-margin",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(after a 10% margin)"), "{out}");
+    let (code, _, err) = run(&["estimate", "--memory-margin", "1.5"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--memory-margin") && err.contains("0..0.9"),
+        "{err}"
+    );
+}
+
+#[test]
+fn goodput_is_printed_and_in_the_json() {
+    let base = [
+        "estimate",
+        "--model",
+        "llama3-70b",
+        "--gpus",
+        "1024",
+        "--tp",
+        "8",
+        "--pp",
+        "4",
+        "--global-batch",
+        "1024",
+    ];
+    let (code, out, err) = run(&base);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("days expected with failures") && out.contains("(Young/Daly)"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[
+        &base[..],
+        &[
+            "--json",
+            "--gpu-mtbf-hours",
+            "25000",
+            "--restart-minutes",
+            "20",
+        ],
+    ]
+    .concat());
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let g = &v["goodput"];
+    // 1,024 GPUs at one failure per 25,000 GPU-hours: MTBF 24.4 h.
+    assert!((g["cluster_mtbf_hours"].as_f64().unwrap() - 25000.0 / 1024.0).abs() < 1e-9);
+    assert_eq!(g["restart_secs"].as_f64().unwrap(), 1200.0);
+    assert!(g["expected_days"].as_f64().unwrap() > v["training_days"].as_f64().unwrap());
+    let (code, _, err) = run(&["estimate", "--checkpoint-gbps", "0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--checkpoint-gbps"), "{err}");
+}

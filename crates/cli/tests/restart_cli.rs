@@ -80,38 +80,11 @@ fn launch(out: &Path, extra: &[&str]) -> Child {
         .expect("launch starts")
 }
 
-fn last_step(out: &Path) -> u64 {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("step")?.as_u64())
-        .unwrap_or(0)
-}
-
 fn restarts_logged(out: &Path) -> usize {
     std::fs::read_to_string(out.join("restarts.jsonl"))
         .unwrap_or_default()
         .lines()
         .count()
-}
-
-/// The launcher's children (the ranks) as (rank, pid).
-fn ranks_of(launcher: u32) -> Vec<(usize, i32)> {
-    let kids = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
-        .unwrap_or_default();
-    kids.split_whitespace()
-        .filter_map(|p| {
-            let pid: i32 = p.parse().ok()?;
-            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-            let rank = env
-                .split(|b| *b == 0)
-                .find_map(|kv| kv.strip_prefix(b"RANK="))
-                .and_then(|r| std::str::from_utf8(r).ok()?.parse().ok())?;
-            Some((rank, pid))
-        })
-        .collect()
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
@@ -180,9 +153,9 @@ fn a_3_rank_run_killed_at_random_points_restarts_to_the_same_weights_bitwise() {
     let pid = job.id();
     for (i, &(step, rank)) in points.iter().enumerate() {
         wait_until(&format!("step {step}"), Duration::from_secs(60), || {
-            restarts_logged(&out) == i && last_step(&out) >= step
+            restarts_logged(&out) == i && common::last_step(&out) >= step
         });
-        let victim = ranks_of(pid)
+        let victim = common::ranks_of(pid)
             .into_iter()
             .find(|r| r.0 == rank)
             .unwrap_or_else(|| panic!("rank {rank} is not running"));

@@ -516,5 +516,97 @@ pub fn diagnose(dumps: &[Dump]) -> Vec<String> {
             }
         }
     }
+    // Calls that are not collectives (point to point, parameter-server pushes and pulls) have
+    // no common call number; a call that failed waiting on named ranks names them itself.
+    for d in dumps {
+        let Some(r) = d.records.iter().rev().find(|r| r.status != "ok") else {
+            continue;
+        };
+        for w in waited_on(&r.status) {
+            if out.iter().any(|l| l.starts_with(&format!("rank {w} "))) {
+                continue;
+            }
+            let last = by_rank.get(&w).and_then(|dw| dw.records.last());
+            out.push(format!(
+                "rank {w} {}; rank {} waited on it in {} #{} on group {:#x} (status: {})",
+                match last {
+                    Some(l) => format!(
+                        "did not answer; its last call: {} #{} ({})",
+                        l.op, l.call, l.status
+                    ),
+                    None if !by_rank.contains_key(&w) => "left no dump".into(),
+                    None => "did not answer (no call recorded)".into(),
+                },
+                r.rank,
+                r.op,
+                r.call,
+                r.group,
+                r.status
+            ));
+        }
+    }
     out
+}
+
+/// The ranks a status names as "waiting on rank(s) [1, 3]".
+fn waited_on(status: &str) -> Vec<usize> {
+    status
+        .split("waiting on rank(s) [")
+        .skip(1)
+        .filter_map(|rest| rest.split(']').next())
+        .flat_map(|l| l.split(',').filter_map(|x| x.trim().parse().ok()))
+        .collect()
+}
+
+#[cfg(test)]
+mod waited_tests {
+    use super::*;
+
+    fn rec(rank: usize, op: &str, call: u64, status: &str) -> CallRecord {
+        CallRecord {
+            rank,
+            seq: call,
+            group: 0,
+            group_rank: rank,
+            group_size: 3,
+            op: op.into(),
+            call,
+            bytes: 8,
+            peers: vec![],
+            start_us: 1,
+            end_us: None,
+            status: status.into(),
+        }
+    }
+
+    /// A parameter server's push that timed out on a stopped worker names it, though
+    /// parameter-server calls have no common call number to compare.
+    #[test]
+    fn a_timed_out_non_collective_call_names_the_ranks_it_waited_on() {
+        let server = Dump {
+            header: DumpHeader {
+                rank: 2,
+                reason: "timeout".into(),
+                time_us: 1,
+                groups: vec![],
+            },
+            records: vec![
+                rec(2, "ps_push", 7, "ok"),
+                rec(
+                    2,
+                    "ps_push",
+                    8,
+                    "rank 2: ps_push: timed out after 2.0s with no progress waiting on rank(s) [1]",
+                ),
+            ],
+        };
+        let why = diagnose(&[server]);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(
+            why[0].starts_with("rank 1 left no dump; rank 2 waited on it in ps_push #8"),
+            "{why:?}"
+        );
+        assert_eq!(waited_on("… waiting on rank(s) [0, 3]"), vec![0, 3]);
+        assert!(waited_on("ok").is_empty());
+    }
 }

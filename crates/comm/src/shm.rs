@@ -66,6 +66,14 @@ fn map(file: &std::fs::File, len: usize, rank: usize) -> Result<Region> {
     Ok(unsafe { Region::mapped(ptr as *mut u8, len) })
 }
 
+/// The shared-memory file of the job whose rank 0 is at `master_addr:master_port`. Rank 0
+/// unlinks it once every rank has joined; a launcher removes it after the job in case a rank
+/// died before that.
+pub fn job_file(master_addr: &str, master_port: u16) -> PathBuf {
+    let job = fnv64(&[master_addr.as_bytes(), &master_port.to_le_bytes()]);
+    PathBuf::from(format!("/dev/shm/scaletrain-{job:016x}"))
+}
+
 /// Join the job through shared memory (all ranks on this host).
 pub fn connect(env: &JobEnv) -> Result<Comm> {
     let (me, n) = (env.rank, env.world_size);
@@ -77,8 +85,7 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
     let len = Region::bytes(n, cap);
     let deadline = Instant::now() + cfg.timeout;
     let token_hash = fnv64(&[&env.token]);
-    let job = fnv64(&[env.master_addr.as_bytes(), &env.master_port.to_le_bytes()]);
-    let path = PathBuf::from(format!("/dev/shm/scaletrain-{job:016x}"));
+    let path = job_file(&env.master_addr, env.master_port);
     let io = |context: &str, source: std::io::Error| CommError::Io {
         rank: me,
         op: "init",

@@ -72,6 +72,8 @@ pub struct Estimate {
     pub cost_usd: f64,
     /// Price used, USD per GPU-hour.
     pub price_per_gpu_hour: f64,
+    /// The run with failures, checkpoints and restarts (see `goodput`).
+    pub goodput: crate::goodput::Goodput,
     /// 90% prediction interval of the step time, seconds, when a calibration file is used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step_time_interval_90: Option<[f64; 2]>,
@@ -163,6 +165,18 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
         precision: ctx.recipe.precision,
         fp8: ctx.recipe.fp8,
         step_time_interval_90: None,
+        goodput: {
+            let sb = &ctx.recipe.state_bytes;
+            let ckpt = ctx.model.params().total as f64 * (sb.weight + sb.master + sb.optimizer);
+            let nodes = layout.world().div_ceil(ctx.cluster.gpus_per_node.max(1));
+            crate::goodput::goodput(
+                &ctx.recipe.failures,
+                totals.secs,
+                layout.world(),
+                nodes,
+                ckpt,
+            )
+        },
         layout: *layout,
         memory_per_device_bytes: MemoryReport {
             memory: eval.memory,

@@ -14,6 +14,7 @@ pub mod cpu_time;
 pub mod error;
 pub mod estimate;
 pub mod explain;
+pub mod goodput;
 pub mod hardware;
 pub mod layout;
 pub mod model;

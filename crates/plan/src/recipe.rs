@@ -300,6 +300,11 @@ pub struct Recipe {
     /// ZeRO-1/2: the all-gather of updated weights overlapped with the next forward (Megatron
     /// distributed optimizer `--overlap-param-gather`); off, it follows the optimizer step.
     pub overlap_param_gather: bool,
+    /// Fraction of device memory kept free (`--memory-margin`): a layout fits when its total is
+    /// at most (1 − margin) × capacity.
+    pub memory_margin: f64,
+    /// Failure rate, checkpoint bandwidth and restart time for the whole-run estimate.
+    pub failures: crate::goodput::FailureModel,
 }
 
 impl Recipe {
@@ -327,6 +332,8 @@ impl Recipe {
             fp8: None,
             tp_comm_overlap: false,
             overlap_param_gather: false,
+            memory_margin: 0.0,
+            failures: crate::goodput::FailureModel::default(),
         }
     }
 
@@ -377,6 +384,16 @@ impl Recipe {
                 "FP8 linears run inside bf16 mixed precision; fp8 cannot be combined with fp32 or fp16",
             ));
         }
+        if !(self.memory_margin.is_finite() && (0.0..0.9).contains(&self.memory_margin)) {
+            return Err(invalid(
+                "--memory-margin",
+                format!(
+                    "{} must be a fraction of device memory within 0..0.9 (e.g. 0.1 keeps 10% free)",
+                    self.memory_margin
+                ),
+            ));
+        }
+        self.failures.validate()?;
         if self.ps_servers == 0 {
             return Err(invalid("--ps-servers", "must be at least 1"));
         }

@@ -190,3 +190,31 @@ fn cp_ring_hides_behind_the_attention_core() {
         assert!((with.proj * 8.0 - base.proj).abs() / base.proj < 0.2);
     }
 }
+
+/// `--memory-margin 0.1`: capacity is 90% of the device, so a layout using 80–90% of it stops
+/// fitting and the planner accepts no more layouts than without the margin.
+#[test]
+fn memory_margin_shrinks_the_usable_capacity() {
+    use plan::search::{search, Objective, SearchSpace};
+    let mut c = ctx("llama2-13b", "a100-80gb", 16);
+    let space = SearchSpace::for_gpus(vec![16], 8);
+    let before = search(&c, &space, Objective::Time, 5, (0, 1));
+    let l = layout(16, 1, 1, 1, 64);
+    let m0 = c.memory(&l, &mut NoTrace);
+    c.recipe.memory_margin = 0.1;
+    let m1 = c.memory(&l, &mut NoTrace);
+    assert_eq!(m1.capacity, 0.9 * m0.capacity);
+    assert_eq!(m1.total, m0.total);
+    let after = search(&c, &space, Objective::Time, 5, (0, 1));
+    assert!(
+        after.accepted <= before.accepted,
+        "{} > {}",
+        after.accepted,
+        before.accepted
+    );
+    for cand in &after.top {
+        assert!(cand.eval.memory.total <= 0.9 * 80.0 * 1024f64.powi(3));
+    }
+    c.recipe.memory_margin = 0.95;
+    assert!(c.recipe.validate().is_err());
+}

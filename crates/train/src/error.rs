@@ -103,6 +103,13 @@ pub enum TrainError {
         #[source]
         source: comm::CommError,
     },
+    /// The model's predicted memory exceeds what the machine offers (checked before
+    /// allocating; `train::fits`).
+    #[error("the model does not fit in memory: {reason}")]
+    DoesNotFit {
+        /// Both numbers and what would make it fit.
+        reason: String,
+    },
     /// The parallel layout does not fit the model, the batch or the job.
     #[error("layout: {0}")]
     Layout(String),

@@ -29,6 +29,7 @@ pub mod config;
 pub mod data;
 pub mod dp;
 mod error;
+pub mod fits;
 pub mod fsutil;
 pub mod guard;
 pub mod loss_scale;

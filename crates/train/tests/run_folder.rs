@@ -240,3 +240,23 @@ fn an_os_error_is_printed_once() {
     assert_eq!(e.matches("os error 2").count(), 1, "{e}");
     assert!(e.contains("missing.safetensors"), "{e}");
 }
+
+#[test]
+fn a_model_too_large_for_the_machine_is_refused_before_allocating() {
+    // 2,000 layers of 4,096 channels: about 400 billion parameters (6.5 TB with gradients,
+    // AdamW and activations), which used to abort in the allocator.
+    let mut cfg = common::tiny(1);
+    cfg.model.n_layer = 2000;
+    cfg.model.channels = 4096;
+    cfg.model.n_head = 32;
+    let d = tmp("too-large");
+    let e = run(&cfg, &opts(&d.0), &mut Quiet).unwrap_err();
+    let e = chain(&e);
+    assert!(
+        e.contains("does not fit in memory")
+            && e.contains("GiB per rank")
+            && e.contains("this machine offers")
+            && e.contains("--pp"),
+        "{e}"
+    );
+}

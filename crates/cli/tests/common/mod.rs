@@ -23,11 +23,43 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
     run_env(args, &[])
 }
 
+/// Folders made by [`tmp_dir`] in this test process, removed when it exits (`atexit`), so a test
+/// run leaves nothing in the temporary folder; `SCALETRAIN_KEEP_TEST_DIRS=1` keeps them for a
+/// look after a failure.
+static CREATED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn remove_created() {
+    if std::env::var_os("SCALETRAIN_KEEP_TEST_DIRS").is_some() {
+        return;
+    }
+    if let Ok(dirs) = CREATED.lock() {
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Registers `d` for removal at exit (installing the hook once).
+pub fn remove_at_exit(d: &std::path::Path) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    extern "C" {
+        fn atexit(f: extern "C" fn()) -> std::os::raw::c_int;
+    }
+    // SAFETY: registers a function with the C runtime; it runs once, at normal exit.
+    HOOK.call_once(|| unsafe {
+        atexit(remove_created);
+    });
+    if let Ok(mut dirs) = CREATED.lock() {
+        dirs.push(d.to_path_buf());
+    }
+}
+
 /// A fresh, empty temporary folder named after the test file (`prefix`) and the test.
 pub fn tmp_dir(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("st-cli-{prefix}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
+    remove_at_exit(&d);
     d
 }
 
@@ -76,4 +108,52 @@ pub const TINY_MODEL: &[&str] = &[
 /// [`TINY_MODEL`] followed by `extra`.
 pub fn tiny_with(extra: &[&'static str]) -> Vec<&'static str> {
     TINY_MODEL.iter().chain(extra).copied().collect()
+}
+
+/// The newest step in a run folder's `metrics.jsonl` (0 if none yet).
+pub fn last_step(out: &std::path::Path) -> u64 {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("step")?.as_u64())
+        .unwrap_or(0)
+}
+
+/// The children of process `parent` that have `RANK` in their environment, as (rank, pid).
+pub fn ranks_of(parent: u32) -> Vec<(usize, i32)> {
+    let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+        .unwrap_or_default();
+    kids.split_whitespace()
+        .filter_map(|p| {
+            let pid: i32 = p.parse().ok()?;
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let rank = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"RANK="))
+                .and_then(|r| std::str::from_utf8(r).ok()?.parse().ok())?;
+            Some((rank, pid))
+        })
+        .collect()
+}
+
+/// Whether process `pid` still exists (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Polls `f` every 5 ms until it holds; false after `limit`.
+pub fn poll(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while !f() {
+        if t.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
 }

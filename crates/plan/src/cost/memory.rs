@@ -180,7 +180,9 @@ impl Context {
         } else {
             0.0
         };
-        let cap = self.cluster.gpu.memory_bytes;
+        // Usable capacity: the device's memory less the safety margin (fragmentation, NCCL and
+        // cuBLAS workspaces the model does not itemise, peaks between the counted tensors).
+        let cap = self.cluster.gpu.memory_bytes * (1.0 - r.memory_margin);
         // Every device: its layers (the sum of its virtual stages), their activations times the
         // micro-batches each chunk keeps in flight, plus the embedding (device 0) and the LM head
         // and logits (last device). The largest total is reported.

@@ -153,6 +153,13 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     };
     // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
     // optimizer ranges this rank holds (the whole buffer without ZeRO).
+    // Refuse what cannot fit before allocating anything of the model's size.
+    crate::fits::check_stage(
+        &stage,
+        &mcfg,
+        (b, t),
+        dp.as_ref().map(|d| (d.zero().number(), d.size())),
+    )?;
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {
         Some(d) => {

@@ -4,11 +4,43 @@
 use std::path::PathBuf;
 use train::TrainConfig;
 
+/// Folders made by [`tmp`] in this test process, removed when it exits (`atexit`), so a test
+/// run leaves nothing in the temporary folder; `SCALETRAIN_KEEP_TEST_DIRS=1` keeps them for a
+/// look after a failure.
+static CREATED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn remove_created() {
+    if std::env::var_os("SCALETRAIN_KEEP_TEST_DIRS").is_some() {
+        return;
+    }
+    if let Ok(dirs) = CREATED.lock() {
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Registers `d` for removal at exit (installing the hook once).
+pub fn remove_at_exit(d: &std::path::Path) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    extern "C" {
+        fn atexit(f: extern "C" fn()) -> std::os::raw::c_int;
+    }
+    // SAFETY: registers a function with the C runtime; it runs once, at normal exit.
+    HOOK.call_once(|| unsafe {
+        atexit(remove_created);
+    });
+    if let Ok(mut dirs) = CREATED.lock() {
+        dirs.push(d.to_path_buf());
+    }
+}
+
 /// A fresh, empty temporary folder named after the test file (`prefix`) and the test.
 pub fn tmp(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("st-{prefix}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
+    remove_at_exit(&d);
     d
 }
 
