@@ -92,7 +92,18 @@ compare "$TMP/mpi2seq" "$TMP/ring2" 0
 if timeout 120 mpirun -n 2 "$ST" train --dp 3 --grad-sync mpi --out "$TMP/bad" "${TINY[@]}" 2>"$TMP/bad.err"; then
   echo "mpirun -n 2 with --dp 3 succeeded"; exit 1
 fi
-grep -qF "dp(3) * pp(1) = 3, but the job has 2 ranks (mpirun -n)" "$TMP/bad.err" || { cat "$TMP/bad.err"; exit 1; }
+grep -qF "dp(3) * tp(1) * pp(1) = 3, but the job has 2 ranks (mpirun -n)" "$TMP/bad.err" || { cat "$TMP/bad.err"; exit 1; }
+# The mesh under mpirun: pipeline stages exchange over MPI point-to-point (sendrecv) and tensor-
+# parallel ranks meet in MPI collectives on split communicators. With 2 ranks every sum is one
+# commutative addition and point-to-point moves bits unchanged, so each must equal the same
+# layout self-launched over TCP bitwise.
+TINY2=("${TINY[@]}" --set model.n_layer=2)
+timeout 300 mpirun -n 2 "$ST" train --pp 2 --microbatches 2 --grad-sync mpi --out "$TMP/mpipp2" "${TINY2[@]}" >"$TMP/mpipp2.log"
+timeout 300 "$ST" train --pp 2 --microbatches 2 --out "$TMP/ringpp2" "${TINY2[@]}" >"$TMP/ringpp2.log"
+compare "$TMP/mpipp2" "$TMP/ringpp2" 0
+timeout 300 mpirun -n 2 "$ST" train --tp 2 --grad-sync mpi --out "$TMP/mpitp2" "${TINY2[@]}" >"$TMP/mpitp2.log"
+timeout 300 "$ST" train --tp 2 --out "$TMP/ringtp2" "${TINY2[@]}" >"$TMP/ringtp2.log"
+compare "$TMP/mpitp2" "$TMP/ringtp2" 0
 # An error on one rank only (here rank 1's --out already holds checkpoints, rank 0's is fresh)
 # stops the job through MPI_Abort; without it rank 0 waited in its first collective forever and
 # rank 1 in MPI_Finalize (seen: killed by this timeout).

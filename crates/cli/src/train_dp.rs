@@ -430,10 +430,10 @@ pub fn setup(a: &DpArgs, cfg: &mut TrainConfig) -> Result<Setup> {
     };
     if c.size() != a.dp * a.pp * a.tp {
         bail!(
-            "dp({}) * pp({}) * tp({}) = {}, but the job has {} ranks ({})",
+            "dp({}) * tp({}) * pp({}) = {}, but the job has {} ranks ({})",
             a.dp,
-            a.pp,
             a.tp,
+            a.pp,
             a.dp * a.pp * a.tp,
             c.size(),
             if mpirun { "mpirun -n" } else { "WORLD_SIZE" }

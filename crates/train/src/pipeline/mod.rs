@@ -251,10 +251,10 @@ impl Pipeline {
     ) -> Result<(Pipeline, Box<dyn Communicator>), TrainError> {
         if world.size() != shape.world() {
             return Err(TrainError::Layout(format!(
-                "dp({}) * pp({}) * tp({}) = {}, but the job has {} ranks",
+                "dp({}) * tp({}) * pp({}) = {}, but the job has {} ranks",
                 shape.dp,
-                shape.pp,
                 shape.tp,
+                shape.pp,
                 shape.world(),
                 world.size()
             )));
