@@ -10,6 +10,7 @@ mod bench_train;
 mod calibrate;
 mod data;
 mod launch;
+mod plan_cpu;
 mod report;
 mod sample;
 mod serve;
@@ -150,6 +151,9 @@ struct PresetArgs {
 }
 
 fn main() -> ExitCode {
+    if plan_cpu::wanted() {
+        return plan_cpu::main();
+    }
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Estimate(a) => run_estimate(a),

@@ -200,6 +200,46 @@ pub fn dp_comm_time(
     }
 }
 
+/// Tensor-parallel collectives of one optimizer step on one rank (Shoeybi et al. 2019, §3;
+/// Korthikanti et al. 2022, §4.2.2 for sequence parallelism), with X = b·t·c f32 bytes:
+///
+/// ```text
+/// per layer and micro-batch: 2 all-reduces(X) forward + 2 backward
+///                            (sp: 4 all-gathers(X) + 4 reduce-scatters(X): the same bytes)
+/// first stage (vocabulary-parallel embedding): 1 all-reduce(X) forward
+/// last stage (vocabulary-parallel head): 1 all-reduce(X) backward (the input gradient), and the
+///                            cross-entropy's per-token max and sum: 2 all-reduces(b·t·4)
+/// tp comm = a · Σ (all on the training thread's critical path: nothing hides them)
+/// ```
+pub fn tp_comm_secs(
+    d: &crate::cpu_runtime::CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    accum: u64,
+    sequence_parallel: bool,
+    k: &CommCalibration,
+) -> f64 {
+    let n = d.tp;
+    if n <= 1 {
+        return 0.0;
+    }
+    let x = (batch * seq * d.channels * F32_BYTES) as f64;
+    let layer = if sequence_parallel {
+        4.0 * (k.half_secs(x, n) + k.half_secs(x, n))
+    } else {
+        4.0 * k.all_reduce_secs(x, n)
+    };
+    let mut micro = d.layers as f64 * layer;
+    if d.has_embedding {
+        micro += k.all_reduce_secs(x, n);
+    }
+    if d.has_head {
+        micro +=
+            k.all_reduce_secs(x, n) + 2.0 * k.all_reduce_secs((batch * seq * F32_BYTES) as f64, n);
+    }
+    accum.max(1) as f64 * micro
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +330,40 @@ mod tests {
         };
         let z1m = dp_comm_time(&dims(), &DpCommSetup { zero: 1, ..s }, 0.5, &m);
         assert!((z1m.comm_secs - 2.0 * z1.comm_secs).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tensor_parallel_comm_is_four_all_reduces_per_layer_and_micro_batch() {
+        let k = CommCalibration {
+            latency_secs: 1e-5,
+            bus_bytes_per_sec: 1e9,
+            halves_are_all_reduces: false,
+        };
+        let d = CpuRuntimeDims {
+            tp: 2,
+            has_embedding: false,
+            has_head: false,
+            layers: 3,
+            ..dims()
+        };
+        // X = 4·64·256·4 bytes; tp 2: all-reduce = 2α + X/β.
+        let x = 4.0 * 64.0 * 256.0 * 4.0;
+        let ar = 2e-5 + x / 1e9;
+        let one = tp_comm_secs(&d, 4, 64, 1, false, &k);
+        assert!((one - 3.0 * 4.0 * ar).abs() < 1e-12, "{one}");
+        assert!((tp_comm_secs(&d, 4, 64, 3, false, &k) - 3.0 * one).abs() < 1e-12);
+        // Sequence parallelism moves the same bytes in twice the messages.
+        let sp = tp_comm_secs(&d, 4, 64, 1, true, &k);
+        assert!((sp - 3.0 * 8.0 * (1e-5 + x / 2e9)).abs() < 1e-12, "{sp}");
+        // The embedding and head add one all-reduce of X each, the loss two of b·t floats.
+        let both = CpuRuntimeDims {
+            has_embedding: true,
+            has_head: true,
+            ..d
+        };
+        let small = 2e-5 + 4.0 * 64.0 * 4.0 / 1e9;
+        let extra = tp_comm_secs(&both, 4, 64, 1, false, &k) - one;
+        assert!((extra - (2.0 * ar + 2.0 * small)).abs() < 1e-12, "{extra}");
+        assert_eq!(tp_comm_secs(&dims(), 4, 64, 1, false, &k), 0.0);
     }
 }

@@ -5,14 +5,15 @@
 //!
 //! Legend: b = micro-batch, t = sequence, c = channels, L = layers, vp = padded vocabulary,
 //! bt = b·t, P = parameters, n = threads, a = micro-batches per optimizer step,
-//! nₑ = 1 + (n − 1) · extra_thread_efficiency (effective threads).
+//! nₑ = 1 + (n − 1) · extra_thread_efficiency (effective threads), tp = tensor-parallel degree,
+//! vₕ = vp/tp on the stage holding the LM head, 0 on the other pipeline stages.
 //!
 //! ```text
-//! matmul    = a · (3 · (L · 24·bt·c² + 2·bt·c·vp) + L · 12·b·t²·c) / (nₑ · matmul_flops_per_thread)
+//! matmul    = a · (3 · (L · 24·bt·c²/tp + 2·bt·c·vₕ) + L · 12·b·t²·c/tp) / (nₑ · matmul_flops_per_thread)
 //!             (linear layers: forward 2·m·k·n, backward twice that; attention's score and value
 //!              products on the full t×t square, forward 2 gemms, backward 4: Kaplan et al. 2020
 //!              count the same terms)
-//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c + 16·bt·vp) / (nₑ · bandwidth)
+//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c + 16·bt·vₕ) / (nₑ · bandwidth)
 //!             (layernorm, GELU, residuals, softmax: streamed f32 passes; cross-entropy reads and
 //!              writes the logits twice)
 //! optimizer = 36·P / (nₑ · bandwidth)
@@ -100,12 +101,22 @@ pub struct CpuStepTime {
 
 /// Matmul FLOPs of one micro-batch, forward + backward (see the module formula).
 pub fn matmul_flops(d: &CpuRuntimeDims, batch: u64, seq: u64) -> f64 {
-    let (c, vp, l) = (d.channels as f64, d.padded_vocab as f64, d.layers as f64);
+    let (c, l) = (d.channels as f64, d.layers as f64);
     let (b, t) = (batch as f64, seq as f64);
     let bt = b * t;
-    let linear_fwd = l * 24.0 * bt * c * c / d.tp as f64 + 2.0 * bt * c * vp;
+    let linear_fwd = l * 24.0 * bt * c * c / d.tp as f64 + 2.0 * bt * c * head_columns(d);
     let attention = l * 12.0 * b * t * t * c / d.tp as f64;
     3.0 * linear_fwd + attention
+}
+
+/// Columns of the LM head this stage/rank multiplies: vp/tp on the last pipeline stage (the
+/// vocabulary-parallel head holds vp/tp rows of the tied `wte`), none on the others.
+pub fn head_columns(d: &CpuRuntimeDims) -> f64 {
+    if d.has_head {
+        (d.padded_vocab / d.tp.max(1)) as f64
+    } else {
+        0.0
+    }
 }
 
 /// Predicted time of one optimizer step of `accum` micro-batches of (`batch`, `seq`) on
@@ -121,11 +132,12 @@ pub fn step_time(
     let n_threads = threads.max(1) as f64;
     let n = 1.0 + (n_threads - 1.0) * k.extra_thread_efficiency;
     let a = accum.max(1) as f64;
-    let (c, vp, l) = (d.channels as f64, d.padded_vocab as f64, d.layers as f64);
+    let (c, l) = (d.channels as f64, d.layers as f64);
     let bt = (batch * seq) as f64;
     let flops = a * matmul_flops(d, batch, seq);
     let matmul_secs = flops / (n * k.matmul_flops_per_thread);
-    let mem_bytes = a * (l * k.elementwise_bytes_per_token_channel * bt * c + 16.0 * bt * vp);
+    let mem_bytes =
+        a * (l * k.elementwise_bytes_per_token_channel * bt * c + 16.0 * bt * head_columns(d));
     let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
     let p = crate::cpu_runtime::param_count(d) as f64;
     let optimizer_secs = 36.0 * p / (n * k.bandwidth_bytes_per_thread);
@@ -216,5 +228,42 @@ mod tests {
         }
         let rms = (sq / table.len() as f64).sqrt();
         assert!(rms < 0.12, "RMS log error {rms}");
+    }
+
+    #[test]
+    fn tensor_parallel_halves_the_layer_work_and_the_head_counts_once_at_vp_over_tp() {
+        // L4 C256 T128 B8, vp 8192: per micro-batch forward, layer linears 4·24·1024·256²,
+        // attention 4·12·8·128²·256, head 2·1024·256·8192.
+        let (lin, att, head) = (
+            4.0 * 24.0 * 1024.0 * 65536.0,
+            4.0 * 12.0 * 8.0 * 16384.0 * 256.0,
+            2.0 * 1024.0 * 256.0 * 8192.0,
+        );
+        let tp2 = CpuRuntimeDims { tp: 2, ..dims(4) };
+        assert_eq!(
+            matmul_flops(&tp2, 8, 128),
+            3.0 * (lin / 2.0 + head / 2.0) + att / 2.0
+        );
+        // Without the head (a first pipeline stage of two, 2 layers): layers only.
+        let first = CpuRuntimeDims {
+            layers: 2,
+            has_head: false,
+            ..tp2
+        };
+        assert_eq!(matmul_flops(&first, 8, 128), 3.0 * lin / 4.0 + att / 4.0);
+        let last = CpuRuntimeDims {
+            has_embedding: false,
+            has_head: true,
+            ..first
+        };
+        assert_eq!(
+            matmul_flops(&last, 8, 128) - matmul_flops(&first, 8, 128),
+            3.0 * head / 2.0
+        );
+        // The cross-entropy's logits passes follow the head: 16·bt·vp/tp bytes on the last stage.
+        let k = CpuCalibration::default();
+        let mem = |d: &CpuRuntimeDims| step_time(d, 8, 128, 1, 1, &k).memory_secs;
+        let expected = 16.0 * 1024.0 * 4096.0 / k.bandwidth_bytes_per_thread;
+        assert!((mem(&last) - mem(&first) - expected).abs() < 1e-15);
     }
 }

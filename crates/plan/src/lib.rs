@@ -8,6 +8,7 @@
 pub mod calibrate;
 pub mod cost;
 pub mod cpu_comm;
+pub mod cpu_plan;
 pub mod cpu_runtime;
 pub mod cpu_time;
 pub mod error;

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Does `scaletrain plan --cpu` rank layouts as they measure? For each N in NPROCS, on the
+# L4 H4 C256 T128 model with a global batch of 8 sequences, runs the top TOP predicted layouts for
+# STEPS steps each, takes the median step time (first step left out) from metrics.jsonl, and
+# prints every predicted/measured pair and Spearman's rank correlation per N.
+# Usage: bench/cpu_plan_check.sh            (env: NPROCS="2 4" TOP=5 STEPS=8 BIN=target/release/scaletrain)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROCS=${NPROCS:-"2 4"}
+TOP=${TOP:-5}
+STEPS=${STEPS:-8}
+BIN=${BIN:-target/release/scaletrain}
+[ -x "$BIN" ] || cargo build --release -p scaletrain-cli
+MODEL=(--set model.n_layer=4 --set model.n_head=4 --set model.channels=256 --set model.seq_len=128
+       --set train.batch_size=8 --set train.grad_accum=1 --set train.eval_every=100000
+       --set train.eval_batches=1)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg), cores: $(nproc)"
+for n in $NPROCS; do
+  "$BIN" plan --cpu --nproc "$n" "${MODEL[@]}" --steps "$STEPS" --top "$TOP" --commands \
+    --out "$work/RUN" > "$work/plan$n.tsv"
+  : > "$work/pairs$n"
+  i=0
+  while IFS=$'\t' read -r ms cmd; do
+    i=$((i + 1))
+    out="$work/n$n-$i"
+    read -ra args <<< "${cmd//$work\/RUN/$out}"
+    if ! "$BIN" "${args[@]}" --no-progress > "$work/log" 2>&1; then
+      echo "N=$n #$i failed: $cmd"; tail -n 5 "$work/log"; continue
+    fi
+    measured=$(python3 - "$out/metrics.jsonl" <<'PY'
+import json, statistics, sys
+xs = [json.loads(l)["step_secs"] for l in open(sys.argv[1]) if '"step_secs"' in l]
+print(f"{1e3 * statistics.median(xs[1:] or xs):.3f}")
+PY
+)
+    layout=$(echo "$cmd" | grep -oE -- '--(dp|pp|tp|microbatches|zero|threads) [0-9]+|--sequence-parallel|train.batch_size=[0-9]+' | tr '\n' ' ')
+    echo "$ms $measured $layout" >> "$work/pairs$n"
+  done < "$work/plan$n.tsv"
+  python3 - "$n" "$work/pairs$n" <<'PY'
+import sys
+n, rows = sys.argv[1], [l.split(None, 2) for l in open(sys.argv[2]) if l.strip()]
+def ranks(v):
+    order = sorted(range(len(v)), key=lambda i: v[i]); r = [0.0] * len(v); i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]: j += 1
+        for k in range(i, j + 1): r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+p = [float(r[0]) for r in rows]; m = [float(r[1]) for r in rows]
+print(f"N={n}: predicted ms | measured ms | measured/predicted | layout")
+for a, b, r in rows:
+    print(f"  {float(a):9.1f} | {float(b):9.1f} | {float(b) / float(a):5.2f} | {r.strip()}")
+if len(rows) > 1:
+    rp, rm = ranks(p), ranks(m); k = len(rows)
+    mp, mm = sum(rp) / k, sum(rm) / k
+    cov = sum((x - mp) * (y - mm) for x, y in zip(rp, rm))
+    sd = (sum((x - mp) ** 2 for x in rp) * sum((y - mm) ** 2 for y in rm)) ** 0.5
+    print(f"  Spearman rho = {cov / sd if sd else float('nan'):.2f} over {k} layouts")
+PY
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

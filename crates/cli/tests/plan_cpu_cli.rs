@@ -1,0 +1,97 @@
+//! `scaletrain plan --cpu`: the layouts it lists are ones `scaletrain train` accepts (the best
+//! one trains, as real processes), and impossible requests get a clear error.
+
+mod common;
+
+/// A 2-layer, 4-head model, global batch 2 × 4 = 8 sequences.
+const MODEL: &[&str] = &[
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.channels=32",
+    "--set",
+    "model.n_head=4",
+    "--set",
+    "model.seq_len=16",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.grad_accum=4",
+    "--set",
+    "train.eval_every=100",
+    "--set",
+    "data.synthetic.train_tokens=20000",
+    "--set",
+    "data.synthetic.val_tokens=1000",
+];
+
+#[test]
+fn plan_cpu_lists_layouts_train_accepts_and_runs_the_best() {
+    let dir = common::TempDir::new("plancpu", "best");
+    let out = dir.path().join("run");
+    let mut args = vec![
+        "plan", "--cpu", "--nproc", "4", "--cores", "2", "--top", "100",
+    ];
+    args.extend_from_slice(MODEL);
+    args.extend(["--steps", "2", "--out", out.to_str().unwrap(), "--commands"]);
+    let (code, stdout, stderr) = common::run(&args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() >= 5, "{stdout}");
+    let mut last = 0.0;
+    for l in &lines {
+        let (ms, cmd) = l.split_once('\t').expect("ms<TAB>command");
+        let ms: f64 = ms.parse().unwrap();
+        assert!(ms >= last && ms > 0.0, "not ranked: {stdout}");
+        last = ms;
+        // Same global batch: dp × microbatches × batch_size = 8, on 4 processes.
+        let w: Vec<&str> = cmd.split(' ').collect();
+        let flag = |f: &str| -> u64 {
+            w.iter()
+                .position(|x| *x == f)
+                .map_or(1, |i| w[i + 1].parse().unwrap())
+        };
+        let b: u64 = w
+            .iter()
+            .rev()
+            .find_map(|x| x.strip_prefix("train.batch_size="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(flag("--dp") * flag("--microbatches") * b, 8, "{cmd}");
+        assert_eq!(flag("--dp") * flag("--pp") * flag("--tp"), 4, "{cmd}");
+        // The runtime refuses ZeRO with pipelines and --sequence-parallel without --tp.
+        assert!(!(cmd.contains("--zero") && flag("--pp") > 1), "{cmd}");
+        assert!(
+            !(cmd.contains("--sequence-parallel") && flag("--tp") == 1),
+            "{cmd}"
+        );
+    }
+    // The table and the best command, then --run trains it for 2 steps.
+    let mut args = vec!["plan", "--cpu", "--nproc", "4", "--cores", "2"];
+    args.extend_from_slice(MODEL);
+    args.extend(["--steps", "2", "--out", out.to_str().unwrap(), "--run"]);
+    let (code, stdout, stderr) = common::run_env(&args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "60")]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("best: scaletrain train"), "{stdout}");
+    assert!(stdout.contains("MiB/rank"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps = metrics
+        .lines()
+        .filter(|l| l.contains("\"step_secs\""))
+        .count();
+    assert_eq!(steps, 2, "{metrics}");
+}
+
+#[test]
+fn plan_cpu_explains_when_no_layout_fits() {
+    // 3 processes: dp 3 does not divide 8, pp 3 exceeds 2 layers, tp 3 does not divide 4 heads.
+    let mut args = vec!["plan", "--cpu", "--nproc", "3"];
+    args.extend_from_slice(MODEL);
+    let (code, stdout, stderr) = common::run(&args);
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("no layout of 3 processes"), "{stderr}");
+    let (code, _, stderr) = common::run(&["plan", "--cpu", "--nproc", "0"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--nproc must be at least 1"), "{stderr}");
+}

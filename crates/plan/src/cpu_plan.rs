@@ -1,0 +1,431 @@
+//! The layout planner of the CPU runtime: predicted step time, tokens/s and per-rank memory of a
+//! (dp, pp, tp, micro-batch, ZeRO, sequence-parallel) layout of `scaletrain train` on the local
+//! processes of one host, and the enumeration of the layouts of N processes with one global batch.
+//! Pure functions; `scaletrain plan --cpu` filters the candidates through `train`'s own layout
+//! check and prints the ranking (docs/cpu-planner.md).
+//!
+//! Legend: b = micro-batch, t = sequence, m = micro-batches per step and pipeline, G = global
+//! batch in sequences = dp·m·b, R = dp·pp·tp ranks, n = threads per rank = max(1, cores / R).
+//!
+//! ```text
+//! stages      = the runtime's balanced split (train::mesh::partition): identical layers of
+//!               3·24·b·t·c² + 12·b·t²·c FLOPs, the last stage also the head's 3·2·b·t·c·vp
+//! micro(s)    = cpu_time::step_time(stage s, b, t, 1, n) without AdamW
+//!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
+//! pipeline    = schedule::simulate(1F1B, pp, m, forward = max_s micro(s)/3, backward = 2/3 of it,
+//!               p2p = α + b·t·c·4 / β)            (pp = 1: m · micro)
+//! step        = oversub · (pipeline + max_s AdamW(s)) + max_s exposed dp comm(s) (+ contention)
+//! oversub     = max(1, R·n / cores)               (more ranks than cores share them)
+//! tokens/s    = G·t / step
+//! memory      = max over stages of cpu_runtime::stage_memory_sp with the simulated peak of
+//!               micro-batches in flight; ZeRO 1/2 shard AdamW state / gradients as
+//!               cpu_runtime::zero_memory does (rank 0, the largest shard)
+//! ```
+
+use crate::cpu_comm::{dp_comm_time, tp_comm_secs, CommCalibration, DpCommSetup};
+use crate::cpu_runtime::{stage_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory};
+use crate::cpu_time::{step_time, CpuCalibration};
+use crate::schedule::{build, simulate, Kind};
+
+/// The model as the runtime builds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuModel {
+    /// Vocabulary padded to a multiple of 64.
+    pub padded_vocab: u64,
+    /// Sequence length of training (and of the position embedding).
+    pub seq_len: u64,
+    /// Width.
+    pub channels: u64,
+    /// Attention heads.
+    pub heads: u64,
+    /// Transformer layers.
+    pub layers: u64,
+}
+
+/// One layout of `scaletrain train` (`--dp --pp --tp --microbatches --zero
+/// [--sequence-parallel]`, `train.batch_size = batch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CpuLayout {
+    /// Data-parallel ranks.
+    pub dp: u64,
+    /// Pipeline stages.
+    pub pp: u64,
+    /// Tensor-parallel degree.
+    pub tp: u64,
+    /// Micro-batch size in sequences (`train.batch_size`).
+    pub batch: u64,
+    /// Micro-batches per step and rank (`--microbatches`, = `train.grad_accum`).
+    pub microbatches: u64,
+    /// ZeRO stage 0, 1 or 2.
+    pub zero: u8,
+    /// Sequence parallelism (tp > 1).
+    pub sp: bool,
+}
+
+impl CpuLayout {
+    /// Processes of the layout.
+    pub fn ranks(&self) -> u64 {
+        self.dp * self.pp * self.tp
+    }
+}
+
+/// The host and the runtime's settings the prediction depends on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuHost {
+    /// Cores of the host.
+    pub cores: u64,
+    /// Compute constants.
+    pub compute: CpuCalibration,
+    /// Link constants of the transport between local ranks.
+    pub link: CommCalibration,
+    /// Data-parallel gradient bucket size in bytes.
+    pub bucket_bytes: u64,
+    /// Buckets reduced on a communication thread during backward.
+    pub overlap: bool,
+}
+
+/// Predicted step of one layout.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CpuPrediction {
+    /// Threads per rank (`--threads`).
+    pub threads: u64,
+    /// Layers per pipeline stage.
+    pub stage_layers: Vec<u64>,
+    /// Predicted step time, seconds.
+    pub step_secs: f64,
+    /// Pipeline makespan of forward/backward (with tp collectives), seconds.
+    pub pipeline_secs: f64,
+    /// Idle time of the busiest stage in the simulated schedule, seconds.
+    pub bubble_secs: f64,
+    /// Tensor-parallel collectives of the slowest stage (part of `pipeline_secs`), seconds.
+    pub tp_comm_secs: f64,
+    /// Data-parallel communication the training thread waits for, plus contention, seconds.
+    pub dp_comm_secs: f64,
+    /// AdamW of the slowest stage, seconds.
+    pub optimizer_secs: f64,
+    /// Tokens per second of the job.
+    pub tokens_per_sec: f64,
+    /// Largest per-rank buffer memory (parameters, gradients, AdamW, activations), bytes.
+    pub memory_bytes: u64,
+}
+
+/// Layers per stage as the runtime splits them (`train::mesh::partition` without
+/// `--pp-layers`).
+pub fn stage_layers(m: &CpuModel, batch: u64, pp: u64) -> Vec<u64> {
+    let (c, vp) = (m.channels as f64, m.padded_vocab as f64);
+    let (b, t) = (batch as f64, m.seq_len as f64);
+    let layer = 3.0 * 24.0 * b * t * c * c + 12.0 * b * t * t * c;
+    let head = 3.0 * 2.0 * b * t * c * vp;
+    crate::partition::balanced(pp as usize, &vec![layer; m.layers as usize], 0.0, head)
+        .into_iter()
+        .map(|n| n as u64)
+        .collect()
+}
+
+fn stage_dims(m: &CpuModel, layers: u64, stage: u64, pp: u64, tp: u64) -> CpuRuntimeDims {
+    CpuRuntimeDims {
+        padded_vocab: m.padded_vocab,
+        max_seq_len: m.seq_len,
+        channels: m.channels,
+        heads: m.heads,
+        layers,
+        has_embedding: stage == 0,
+        has_head: stage + 1 == pp,
+        tp,
+    }
+}
+
+/// Predicts layout `l` of model `m` on `host` (see the module formulas).
+pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
+    let ranks = l.ranks().max(1);
+    let threads = (host.cores / ranks).max(1);
+    let oversub = ((ranks * threads) as f64 / host.cores.max(1) as f64).max(1.0);
+    let t = m.seq_len;
+    let mb = l.microbatches.max(1);
+    let layers = stage_layers(m, l.batch, l.pp);
+    let dims: Vec<CpuRuntimeDims> = layers
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| stage_dims(m, n, s as u64, l.pp, l.tp))
+        .collect();
+    // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW).
+    let per: Vec<(f64, f64, f64)> = dims
+        .iter()
+        .map(|d| {
+            let s = step_time(d, l.batch, t, 1, threads, &host.compute);
+            let tp = tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
+            (
+                s.matmul_secs + s.memory_secs + s.overhead_secs + tp,
+                tp,
+                s.optimizer_secs,
+            )
+        })
+        .collect();
+    let slowest = (0..per.len())
+        .max_by(|&a, &b| per[a].0.total_cmp(&per[b].0))
+        .unwrap_or(0);
+    let micro = per[slowest].0;
+    let p2p = if l.pp > 1 {
+        let rows = if l.sp {
+            l.batch * t / l.tp
+        } else {
+            l.batch * t
+        };
+        host.link.latency_secs + (rows * m.channels * 4) as f64 / host.link.bus_bytes_per_sec
+    } else {
+        0.0
+    };
+    let lists = build(Kind::OneFOneB, l.pp as u32, mb as u32, 1);
+    let sim = simulate(&lists, mb as u32, 1, micro / 3.0, 2.0 * micro / 3.0, p2p);
+    let optimizer_secs = per.iter().map(|p| p.2).fold(0.0, f64::max);
+    let spare_core = host.cores > ranks * threads;
+    let dp_comm_secs = if l.dp > 1 {
+        dims.iter()
+            .zip(&per)
+            .map(|(d, p)| {
+                let setup = DpCommSetup {
+                    dp: l.dp,
+                    zero: l.zero,
+                    accum: mb,
+                    bucket_bytes: host.bucket_bytes,
+                    overlap: host.overlap,
+                    spare_core,
+                };
+                let c = dp_comm_time(d, &setup, p.0 * 2.0 / 3.0, &host.link);
+                c.exposed_secs + c.contention_secs
+            })
+            .fold(0.0, f64::max)
+    } else {
+        0.0
+    };
+    let step_secs = oversub * (sim.makespan + optimizer_secs) + dp_comm_secs;
+    let memory_bytes = dims
+        .iter()
+        .zip(&sim.peak_in_flight)
+        .map(|(d, &sets)| rank_memory(d, l, sets as u64, host.bucket_bytes).total_bytes())
+        .max()
+        .unwrap_or(0);
+    CpuPrediction {
+        threads,
+        stage_layers: layers,
+        step_secs,
+        pipeline_secs: sim.makespan,
+        bubble_secs: sim.bubble,
+        tp_comm_secs: mb as f64 * per[slowest].1,
+        dp_comm_secs,
+        optimizer_secs,
+        tokens_per_sec: (l.dp * mb * l.batch * t) as f64 / step_secs,
+        memory_bytes,
+    }
+}
+
+/// Buffer memory of rank 0 of a stage with `sets` micro-batches in flight.
+fn rank_memory(
+    d: &CpuRuntimeDims,
+    l: &CpuLayout,
+    sets: u64,
+    bucket_bytes: u64,
+) -> CpuRuntimeMemory {
+    let t = d.max_seq_len;
+    let mut mem = stage_memory_sp(&[(*d, sets)], l.batch, t, l.pp > 1, l.sp);
+    if l.zero > 0 && l.dp > 1 {
+        let z = zero_memory(d, l.batch, t, l.zero, l.dp, 0, bucket_bytes);
+        mem.optimizer_bytes = z.optimizer_bytes;
+        mem.grad_bytes = z.grad_bytes;
+    }
+    mem
+}
+
+/// Candidate layouts of `nproc` processes training `global_batch` sequences per step: every
+/// dp·pp·tp = nproc with tp dividing the heads and channels and pp at most the layers, every
+/// micro-batch size dividing global_batch / dp, ZeRO 0–2 with dp > 1 and pp = 1, sequence
+/// parallelism on and off with tp > 1 (when tp divides b·t). The runtime may refuse some
+/// further (`scaletrain plan --cpu` asks its layout check).
+pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout> {
+    let divisors = |n: u64| (1..=n).filter(move |d| n % d == 0);
+    let mut out = Vec::new();
+    for tp in divisors(nproc) {
+        if m.heads % tp != 0 || m.channels % tp != 0 {
+            continue;
+        }
+        for pp in divisors(nproc / tp) {
+            if pp > m.layers {
+                continue;
+            }
+            let dp = nproc / tp / pp;
+            if global_batch % dp != 0 {
+                continue;
+            }
+            let per = global_batch / dp;
+            for batch in divisors(per) {
+                let zeros: &[u8] = if dp > 1 && pp == 1 { &[0, 1, 2] } else { &[0] };
+                for &zero in zeros {
+                    for sp in [false, true] {
+                        if sp && (tp == 1 || (batch * m.seq_len) % tp != 0) {
+                            continue;
+                        }
+                        out.push(CpuLayout {
+                            dp,
+                            pp,
+                            tp,
+                            batch,
+                            microbatches: per / batch,
+                            zero,
+                            sp,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `layouts` with their predictions, fastest first (ties: less memory).
+pub fn rank(
+    m: &CpuModel,
+    layouts: &[CpuLayout],
+    host: &CpuHost,
+) -> Vec<(CpuLayout, CpuPrediction)> {
+    let mut v: Vec<_> = layouts.iter().map(|l| (*l, predict(m, l, host))).collect();
+    v.sort_by(|a, b| {
+        a.1.step_secs
+            .total_cmp(&b.1.step_secs)
+            .then(a.1.memory_bytes.cmp(&b.1.memory_bytes))
+    });
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_time::matmul_flops;
+
+    fn model() -> CpuModel {
+        CpuModel {
+            padded_vocab: 8192,
+            seq_len: 128,
+            channels: 256,
+            heads: 4,
+            layers: 4,
+        }
+    }
+
+    fn host(cores: u64) -> CpuHost {
+        CpuHost {
+            cores,
+            compute: CpuCalibration::default(),
+            link: CommCalibration::tcp(),
+            bucket_bytes: 1 << 21,
+            overlap: true,
+        }
+    }
+
+    fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
+        CpuLayout {
+            dp,
+            pp,
+            tp,
+            batch,
+            microbatches,
+            zero: 0,
+            sp: false,
+        }
+    }
+
+    #[test]
+    fn one_process_is_the_cpu_time_step() {
+        let (m, h) = (model(), host(2));
+        let p = predict(&m, &layout(1, 1, 1, 8, 2), &h);
+        let d = stage_dims(&m, 4, 0, 1, 1);
+        let s = step_time(&d, 8, 128, 2, 2, &h.compute);
+        assert!((p.step_secs - s.total_secs).abs() < 1e-12 * s.total_secs);
+        assert_eq!(p.threads, 2);
+        assert_eq!(p.bubble_secs, 0.0);
+        assert_eq!(
+            p.memory_bytes,
+            crate::cpu_runtime::memory(&d, 8, 128).total_bytes()
+        );
+    }
+
+    #[test]
+    fn tensor_parallel_rank_does_half_the_layer_work_plus_its_collectives() {
+        let (m, h) = (model(), host(4));
+        let p = predict(&m, &layout(1, 1, 2, 8, 1), &h);
+        // 2 ranks on 4 cores: 2 threads each, no oversubscription.
+        assert_eq!(p.threads, 2);
+        let d = stage_dims(&m, 4, 0, 1, 2);
+        let full = stage_dims(&m, 4, 0, 1, 1);
+        assert_eq!(matmul_flops(&d, 8, 128), matmul_flops(&full, 8, 128) / 2.0);
+        let s = step_time(&d, 8, 128, 1, 2, &h.compute);
+        let tp = tp_comm_secs(&d, 8, 128, 1, false, &h.link);
+        assert!((p.tp_comm_secs - tp).abs() < 1e-15);
+        assert!((p.step_secs - (s.total_secs + tp)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_pipeline_bubble_is_the_simulated_one() {
+        let (m, h) = (model(), host(2));
+        let l = layout(1, 2, 1, 2, 4);
+        let p = predict(&m, &l, &h);
+        assert_eq!(p.stage_layers.iter().sum::<u64>(), 4);
+        // The head makes the last stage heavier: the balanced split gives it fewer layers.
+        assert!(p.stage_layers[1] <= p.stage_layers[0]);
+        let micro = (0..2)
+            .map(|s| {
+                let d = stage_dims(&m, p.stage_layers[s], s as u64, 2, 1);
+                let t = step_time(&d, 2, 128, 1, 1, &h.compute);
+                t.matmul_secs + t.memory_secs + t.overhead_secs
+            })
+            .fold(0.0, f64::max);
+        let p2p = h.link.latency_secs + (2 * 128 * 256 * 4) as f64 / h.link.bus_bytes_per_sec;
+        let sim = simulate(
+            &build(Kind::OneFOneB, 2, 4, 1),
+            4,
+            1,
+            micro / 3.0,
+            2.0 * micro / 3.0,
+            p2p,
+        );
+        assert_eq!(p.pipeline_secs, sim.makespan);
+        assert_eq!(p.bubble_secs, sim.bubble);
+        // 1F1B over 2 stages and 4 micro-batches without transfer time: the bubble is
+        // (p − 1)·(forward + backward) = one micro-step; transfers only add to it.
+        let free = simulate(
+            &build(Kind::OneFOneB, 2, 4, 1),
+            4,
+            1,
+            micro / 3.0,
+            2.0 * micro / 3.0,
+            0.0,
+        );
+        assert!((free.bubble - micro).abs() < 1e-9 * micro, "{free:?}");
+        assert!((free.makespan - 5.0 * micro).abs() < 1e-9 * micro);
+        assert!(sim.bubble > free.bubble);
+    }
+
+    #[test]
+    fn candidates_keep_the_global_batch_and_respect_the_degrees() {
+        let m = model();
+        let c = candidates(&m, 4, 8);
+        assert!(!c.is_empty());
+        for l in &c {
+            assert_eq!(l.ranks(), 4);
+            assert_eq!(l.dp * l.microbatches * l.batch, 8);
+            assert_eq!(m.heads % l.tp, 0);
+            assert!(!l.sp || l.tp > 1);
+            assert!(l.zero == 0 || (l.dp > 1 && l.pp == 1));
+        }
+        // dp4 tp1 pp1 with micro-batch 2: ZeRO 0, 1, 2.
+        assert_eq!(
+            c.iter()
+                .filter(|l| (l.dp, l.tp, l.batch) == (4, 1, 2))
+                .count(),
+            3
+        );
+        let ranked = rank(&m, &c, &host(2));
+        assert!(ranked
+            .windows(2)
+            .all(|w| w[0].1.step_secs <= w[1].1.step_secs));
+    }
+}
