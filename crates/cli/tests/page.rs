@@ -246,7 +246,15 @@ fn check_numbers_against(d: &mut Driver, want: &Value) -> usize {
             .as_f64()
             .unwrap_or_else(|| panic!("{key} not in the CLI's JSON"));
         let got: f64 = value.parse().unwrap();
-        assert_eq!(got, want_v, "{key}: page {got} vs CLI {want_v}");
+        // Equal to the last bits until the estimator's 2026 additions; since then one value
+        // (the step time's total) can differ in its last bit between the page's request and
+        // the printed command (cause not yet found — see docs/planner-page.md). 1e-12 relative
+        // still fails on any number the page shows wrongly.
+        let tol = 1e-12 * want_v.abs().max(got.abs());
+        assert!(
+            (got - want_v).abs() <= tol,
+            "{key}: page {got} vs CLI {want_v}"
+        );
     }
     shown.len()
 }
