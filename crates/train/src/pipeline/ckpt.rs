@@ -82,7 +82,8 @@ fn tensor_runs(t: &model::ParamTensor, r: usize, tp: usize) -> Vec<(usize, usize
 }
 
 /// The whole model's buffer from every tensor-parallel rank's buffer of the same stage
-/// (`gathered[r·n..(r+1)·n]` is rank `r`'s): each element from the rank that counts it.
+/// (`gathered[r·n..(r+1)·n]` is rank `r`'s), put back by the model's own
+/// `ParamLayout::shard_to_full` (replicated tensors are the same bits on every rank).
 fn assemble_full(
     stage: &StageModel,
     parts: &[Range<usize>],
@@ -92,15 +93,11 @@ fn assemble_full(
     let (_, tp) = stage.tp();
     let n = stage.len();
     let held: Vec<usize> = stage.chunks.iter().map(|(k, _, _)| *k).collect();
-    let cfg = &full.cfg;
     let mut out = vec![0.0f32; full.len()];
     for r in 0..tp {
-        let other = StageModel::new_tp(cfg, parts, &held, (r, tp))?;
-        for (seg, f, copy) in full_segments(&other, full) {
-            if !copy {
-                out[f..f + seg.len()]
-                    .copy_from_slice(&gathered[r * n + seg.start..r * n + seg.end]);
-            }
+        let other = StageModel::new_tp(&full.cfg, parts, &held, (r, tp))?;
+        for (_, l, w) in &other.chunks {
+            l.shard_to_full(&gathered[r * n + w.start..r * n + w.end], full, &mut out);
         }
     }
     Ok(out)
