@@ -38,6 +38,7 @@ pub mod mesh;
 pub mod pipeline;
 pub mod plot;
 pub mod precision;
+pub mod run_dir;
 pub mod sample;
 pub mod synthetic;
 pub mod tokenizer;
