@@ -23,6 +23,17 @@ pub(super) fn bytemuck_bytes(xs: &[f32]) -> Vec<u8> {
     xs.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// What [`Dp::gather_losses`] brings back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gathered {
+    /// Every rank's per-micro-batch losses, rank 0's first.
+    pub losses: Vec<f32>,
+    /// Whether any rank was asked to stop.
+    pub any_stop: bool,
+    /// Every rank's busy seconds of the step, in rank order (`None`: asynchronous workers).
+    pub busy_secs: Option<Vec<f32>>,
+}
+
 impl Dp {
     /// All-gathers a 32-byte digest from every rank; returns the ranks whose digest differs
     /// from rank 0's.
@@ -87,10 +98,14 @@ impl Dp {
         mine: &[f32],
         stop: bool,
         busy_secs: f32,
-    ) -> Result<(Vec<f32>, bool, Option<Vec<f32>>), TrainError> {
+    ) -> Result<Gathered, TrainError> {
         let n = self.size();
         if self.async_base.is_some() {
-            return Ok((mine.repeat(n), stop, None));
+            return Ok(Gathered {
+                losses: mine.repeat(n),
+                any_stop: stop,
+                busy_secs: None,
+            });
         }
         let k = mine.len() + 2;
         let mut all = vec![0.0f32; k * n];
@@ -107,7 +122,11 @@ impl Dp {
             .chunks(k)
             .flat_map(|c| c[..k - 2].iter().copied())
             .collect();
-        Ok((losses, any_stop, Some(busy)))
+        Ok(Gathered {
+            losses,
+            any_stop,
+            busy_secs: Some(busy),
+        })
     }
 
     /// All-gathers a byte string of any length from every rank; returns them in rank order

@@ -369,9 +369,9 @@ fn run_with<E: Storage>(
             }
             let (mut all, mut any_stop) = match dp.as_mut() {
                 Some(d) => {
-                    let (all, any_stop, busy) = d.gather_losses(&losses, stop, busy as f32)?;
-                    rank_busy = busy;
-                    (all, any_stop)
+                    let g = d.gather_losses(&losses, stop, busy as f32)?;
+                    rank_busy = g.busy_secs;
+                    (g.losses, g.any_stop)
                 }
                 None => (losses, stop),
             };
