@@ -271,6 +271,14 @@ fn run_with<E: Storage>(
     // gradient norm: on the first stage; tensors replicated over tensor parallelism count on
     // its rank 0.
     let tied = stage.tied_range();
+    // Data-parallel gradients reduced after the step's list instead of bucket by bucket inside
+    // backward: with interleaved chunks (each chunk's last backward is a different op), and
+    // under ZeRO-1 in a pipeline (the tied embedding's stages must be summed first).
+    let deferred = dp.as_ref().is_some_and(|d| {
+        stage.chunks.len() > 1
+            || (d.zero() != crate::dp::ZeroStage::Off
+                && pipe.as_ref().is_some_and(|p| p.shape.pp > 1))
+    });
     let copies = stage.copies();
     let vocab = mcfg.vocab_size as u32;
     refresh_working(&mut work, &state.params);
@@ -339,9 +347,20 @@ fn run_with<E: Storage>(
             },
             par,
             pipe.as_deref_mut(),
-            dp.as_deref_mut(),
+            if deferred { None } else { dp.as_deref_mut() },
             trace.as_mut(),
         )?;
+        if deferred {
+            // The tied embedding's gradient is summed over its two stages first, then every
+            // bucket over data parallelism (under ZeRO-1 only this rank's pieces are reduced,
+            // so the tie could not come after).
+            if let (Some(p), Some((r, _))) = (pipe.as_mut(), &tied) {
+                p.reduce_tied(&mut grads[r.clone()])?;
+            }
+            if let Some(d) = dp.as_mut() {
+                d.reduce_all(&mut grads)?;
+            }
+        }
         if let (Some(tr), Some(d)) = (trace.as_mut(), dp.as_mut()) {
             for (k, a, b) in d.take_bucket_spans() {
                 tr.span(crate::trace::COMM, "dp", &format!("bucket {k}"), a, b);
@@ -393,7 +412,7 @@ fn run_with<E: Storage>(
             weight_decay: cfg.optim.weight_decay,
             grad_clip: (cfg.optim.grad_clip > 0.0).then_some(cfg.optim.grad_clip),
         };
-        if let (Some(p), Some((r, _))) = (pipe.as_mut(), &tied) {
+        if let (false, Some(p), Some((r, _))) = (deferred, pipe.as_mut(), &tied) {
             p.reduce_tied(&mut grads[r.clone()])?;
         }
         let t_opt = Instant::now();

@@ -163,7 +163,12 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {
         Some(d) => {
-            d.attach(&stage.chunks[0].1);
+            if stage.chunks.len() == 1 {
+                d.attach(&stage.chunks[0].1);
+            } else {
+                let windows: Vec<_> = stage.chunks.iter().map(|(_, l, w)| (l, w.start)).collect();
+                d.attach_windows(&windows);
+            }
             (d.size(), d.owned_ranges(n))
         }
         None => (1, vec![0..n]),
