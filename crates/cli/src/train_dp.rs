@@ -523,3 +523,30 @@ pub fn fail(e: anyhow::Error) -> anyhow::Error {
     }
     e
 }
+
+/// The report's per-rank step times (data parallel, rank 0: `train::straggler`).
+pub fn rank_times_line(times: &[train::straggler::RankTimes]) -> Option<String> {
+    if times.is_empty() {
+        return None;
+    }
+    let ranks: Vec<String> = times
+        .iter()
+        .map(|r| {
+            format!(
+                "rank {} busy {:.1} / waiting {:.1}{}",
+                r.rank,
+                1e3 * r.busy_secs,
+                1e3 * r.wait_secs,
+                if r.named > 0 {
+                    format!(" (named a straggler {} time(s))", r.named)
+                } else {
+                    String::new()
+                }
+            )
+        })
+        .collect();
+    Some(format!(
+        "  per-rank step time (mean ms per step): {}",
+        ranks.join(" | ")
+    ))
+}

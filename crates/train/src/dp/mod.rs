@@ -55,7 +55,7 @@ mod buckets;
 mod ps;
 mod zero;
 
-pub use agree::{agree_on_start, all_gather_bytes, fingerprint};
+pub use agree::{agree_on_start, all_gather_bytes, fingerprint, Gathered};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
 pub(crate) use zero::subtract;

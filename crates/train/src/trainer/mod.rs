@@ -270,6 +270,22 @@ fn run_with<E: Storage>(
     let copies = stage.copies();
     let vocab = mcfg.vocab_size as u32;
     refresh_working(&mut work, &state.params);
+    // Straggler detection (data parallel without a pipeline): every rank's busy time rides on
+    // the losses' all-gather; rank 0 judges (crate::straggler).
+    let dp_only = dp.is_some() && pipe.is_none();
+    let slow_drill = match dp_only {
+        true => crate::straggler::injected_delay(dp_rank)?,
+        false => None,
+    };
+    let mut stragglers = (writer && dp_only).then(|| {
+        crate::straggler::Detector::new(
+            crate::straggler::StragglerConfig {
+                margin: cfg.train.straggler_margin,
+                window: cfg.train.straggler_window,
+            },
+            dp_size,
+        )
+    });
     while state.step < end {
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
@@ -341,8 +357,16 @@ fn run_with<E: Storage>(
         // Every rank learns every micro-batch's loss (from the stage that has them) and whether
         // any rank was asked to stop, so all stop at the same step.
         let mut dist_stop = None;
+        let mut rank_busy = None;
         let mut losses = micro_losses;
+        if let Some(d) = slow_drill {
+            std::thread::sleep(d);
+        }
         if dp.is_some() || pipe.is_some() {
+            let busy = t0.elapsed().as_secs_f64()
+                - comm_at_start
+                    .zip(dp.as_ref())
+                    .map_or(0.0, |((_, e), d)| d.exposed_secs - e);
             let stop = opts
                 .stop
                 .as_ref()
@@ -351,7 +375,11 @@ fn run_with<E: Storage>(
                 losses = vec![0.0; accum];
             }
             let (mut all, mut any_stop) = match dp.as_mut() {
-                Some(d) => d.gather_losses(&losses, stop)?,
+                Some(d) => {
+                    let g = d.gather_losses(&losses, stop, busy as f32)?;
+                    rank_busy = g.busy_secs;
+                    (g.losses, g.any_stop)
+                }
                 None => (losses, stop),
             };
             if let Some(p) = pipe.as_mut() {
@@ -482,6 +510,13 @@ fn run_with<E: Storage>(
         };
         run_dir.record(&rec)?;
         obs.on_step(&rec, total);
+        if let (Some(det), Some(busy)) = (stragglers.as_mut(), &rank_busy) {
+            let busy: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
+            for s in det.observe(state.step, &busy, step_secs) {
+                eprintln!("{}", s.message());
+                writeln!(metrics, "{}", s.record()).map_err(io(&metrics_path))?;
+            }
+        }
         records.push(rec);
         if let Decision::Rollback { loss, threshold } = decision {
             // Back to the last checkpoint's weights, optimizer and step; the batcher keeps its
@@ -651,6 +686,7 @@ fn run_with<E: Storage>(
         skipped_steps: stab.skipped,
         rollbacks: stab.rollbacks,
         final_loss_scale: stab.loss_scale(),
+        rank_times: stragglers.map_or_else(Vec::new, |d| d.summary()),
         start,
         last_checkpoint,
     })
