@@ -514,7 +514,7 @@ fn run_with<E: Storage>(
             let busy: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
             for s in det.observe(state.step, &busy, step_secs) {
                 eprintln!("{}", s.message());
-                writeln!(metrics, "{}", s.record()).map_err(io(&metrics_path))?;
+                run_dir.record(&s.record())?;
             }
         }
         records.push(rec);
