@@ -12,7 +12,7 @@
 //! sum in a fixed order whatever the thread split, then scaled and stored (rounded if 16-bit).
 
 use crate::elem::Elem;
-use crate::matmul::View;
+use crate::gemm::View;
 use std::cell::RefCell;
 
 /// Rows of `a` packed per block; `b` packed per block of at most `B_BLOCK_BYTES`.
