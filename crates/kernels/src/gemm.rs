@@ -183,13 +183,15 @@ fn stage<'a, E: Elem>(
 }
 
 /// [`gemm`] over any storage types, single-threaded: `c = alpha · a · b + beta · c` with every
-/// product and sum in `f32`. All-`f32` is exactly [`gemm`]. Otherwise it works on
+/// sum in `f32`. All-`f32` is exactly [`gemm`]. bf16 operands (both bf16, or one bf16 and one
+/// `f32`, which is then rounded to bf16) run on AMX (`amx.rs`) or AVX512_BF16
+/// (`avx512bf16.rs`) where the CPU has them and they are switched on. Otherwise it works on
 /// `MB × NB` blocks of `c`, accumulating `KB`-deep slices of the inner dimension; 16-bit blocks
 /// of `a`, `b` (and `c`, when it is 16-bit) are converted into per-thread staging buffers first
 /// (`b`'s blocks once per `MB` rows of `c`, `a`'s once per `NB` columns), and `c` is rounded
 /// once per block when stored.
 #[track_caller]
-pub(crate) fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
+pub fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
     c: &mut [C],
     cv: View,
     a: &[A],
@@ -206,8 +208,13 @@ pub(crate) fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
     check_views("gemm_mixed", cv, av, bv, (c.len(), a.len(), b.len()));
     let (m, n, k) = (cv.rows, cv.cols, av.cols);
     assert!(k > 0, "gemm_mixed: empty inner dimension");
-    if use_amx::<A, B>() {
-        return crate::amx::gemm(c, cv, a, av, b, bv, alpha, beta);
+    if bf16_operands::<A, B>() {
+        if amx_active() {
+            return crate::amx::gemm(c, cv, a, av, b, bv, alpha, beta);
+        }
+        if avx512_bf16_active() {
+            return crate::avx512bf16::gemm(c, cv, a, av, b, bv, alpha, beta);
+        }
     }
     with_staging(MB * KB, |abuf| {
         with_staging(KB * NB, |bbuf| {
@@ -269,16 +276,14 @@ pub(crate) fn gemm_mixed<C: Elem, A: Elem, B: Elem>(
     });
 }
 
-/// Whether [`gemm_mixed`] runs on the AMX bf16 kernel (`amx.rs`): both operands bf16 or `f32`,
-/// at least one bf16 (so `f32` activation gradients meet bf16 weights there, rounded to bf16 as
-/// bf16 training frameworks keep them), the CPU and OS allow AMX, and [`set_amx`] has not
-/// turned it off.
-fn use_amx<A: Elem, B: Elem>() -> bool {
+/// Whether [`gemm_mixed`] treats this pair as bf16 operands (for the AMX or AVX512_BF16
+/// kernels): both bf16 or `f32`, at least one bf16 (so `f32` activation gradients meet bf16
+/// weights there, rounded to bf16 as bf16 training frameworks keep them).
+fn bf16_operands<A: Elem, B: Elem>() -> bool {
     use std::any::TypeId;
     let (bf, f) = (TypeId::of::<crate::Bf16>(), TypeId::of::<f32>());
     let (ta, tb) = (TypeId::of::<A>(), TypeId::of::<B>());
-    let ok = (ta == bf || ta == f) && (tb == bf || tb == f) && (ta == bf || tb == bf);
-    ok && amx_active()
+    (ta == bf || ta == f) && (tb == bf || tb == f) && (ta == bf || tb == bf)
 }
 
 static AMX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -319,6 +324,20 @@ pub fn avx512_active() -> bool {
         };
     }
     s == 1 && crate::avx512::available()
+}
+
+static AVX512_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns our AVX512_BF16 matmul kernel (`vdpbf16ps`, for bf16 operands where AMX is not used)
+/// on (the default where the CPU has it) or off (bf16 operands are then converted to `f32`
+/// panels for the `f32` GEMM), process-wide; for measurements and tests.
+pub fn set_avx512_bf16(on: bool) {
+    AVX512_BF16.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether bf16 matmuls that do not run on AMX run on the AVX512_BF16 kernel in this process.
+pub fn avx512_bf16_active() -> bool {
+    AVX512_BF16.load(std::sync::atomic::Ordering::Relaxed) && crate::avx512bf16::available()
 }
 
 /// `f32` view of a slice known to be `f32`.

@@ -30,6 +30,7 @@ pub mod adamw;
 mod amx;
 pub mod attention;
 mod avx512;
+mod avx512bf16;
 pub mod crossentropy;
 pub mod elem;
 pub mod encoder;

@@ -8,7 +8,9 @@
 //! *output rows* across `Par` threads ourselves; every thread packs its own panels, which for
 //! our shapes (m = b*t ≥ 256) costs a few percent at most. See `docs/runtime.md`.
 
-pub use crate::gemm::{amx_active, avx512_active, set_amx, set_avx512};
+pub use crate::gemm::{
+    amx_active, avx512_active, avx512_bf16_active, set_amx, set_avx512, set_avx512_bf16,
+};
 pub(crate) use crate::gemm::{gemm, gemm_mixed, View};
 
 use crate::elem::{with_f32, with_f32_mut, with_staging, Elem};
