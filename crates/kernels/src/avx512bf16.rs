@@ -23,12 +23,14 @@ const NR: usize = 32;
 const MC: usize = 16 * MR;
 const NC: usize = 1024;
 
-/// Whether this CPU has AVX-512F and AVX512_BF16 (run-time check, cached by std).
+/// Whether this CPU has AVX-512F/BW/VL and AVX512_BF16 (run-time check, cached by std).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -143,6 +145,14 @@ fn pack<E: Elem>(
                     panel[q * width + r] = t[2 * q] as u32 | hi << 16;
                 }
             }
+        } else if v.rs == 1 && (is_f32::<E>() || is_bf16::<E>()) {
+            // Each inner index is contiguous across the panel's rows: 16 rows at a time in
+            // registers (masked loads stop at `live`).
+            let last = p0 + live - 1 + (k - 1) * v.cs;
+            assert!(last < x.len() && panel.len() == k2 * width);
+            // SAFETY: AVX512_BF16/BW/VL are available (the caller checked); every element read
+            // is at most `last` (asserted), every word written inside `panel` (asserted).
+            unsafe { pairs_down(panel.as_mut_ptr(), width, x.as_ptr().add(p0), v.cs, live, k) };
         } else if v.rs == 1 {
             // Each inner index is contiguous across the panel's rows: round `live` at a time.
             panel.fill(0);
@@ -168,6 +178,68 @@ fn pack<E: Elem>(
             }
         }
     }
+}
+
+fn is_f32<E: 'static>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+}
+
+fn is_bf16<E: 'static>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<crate::Bf16>()
+}
+
+/// Panel words `[q·width + r]` = the pair (`x[r + 2q·cs]`, `x[r + (2q+1)·cs]`) rounded to bf16
+/// (nearest-even; `vcvtneps2bf16` for `f32`, whose denormal inputs become zero as `vdpbf16ps`
+/// would treat them anyway), `0` for `r ≥ live` and for the missing partner of an odd `k`.
+/// `E` is `f32` or `Bf16`.
+///
+/// # Safety
+/// AVX-512F/BW/VL and AVX512_BF16 are available; `x + r + p·cs` is readable for `r < live`,
+/// `p < k`; `panel` holds `ceil(k/2)·width` words; `live ≤ width`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn pairs_down<E: Elem>(
+    panel: *mut u32,
+    width: usize,
+    x: *const E,
+    cs: usize,
+    live: usize,
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    let f32_src = is_f32::<E>();
+    // SAFETY: per the function's contract; masked-off lanes are not read.
+    unsafe {
+        let load = |p: usize, r0: usize, mask: __mmask16| -> __m512i {
+            if f32_src {
+                let v = _mm512_maskz_loadu_ps(mask, (x as *const f32).add(r0 + p * cs));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm512_cvtepu16_epi32(h)
+            } else {
+                let h = _mm256_maskz_loadu_epi16(mask, (x as *const i16).add(r0 + p * cs));
+                _mm512_cvtepu16_epi32(h)
+            }
+        };
+        for r0 in (0..width).step_by(16) {
+            let n_live = live.saturating_sub(r0).min(16);
+            let mask = ((1u32 << n_live) - 1) as __mmask16;
+            let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
+            for q in 0..k.div_ceil(2) {
+                let lo = load(2 * q, r0, mask);
+                let w = if 2 * q + 1 < k {
+                    _mm512_or_si512(lo, _mm512_slli_epi32(load(2 * q + 1, r0, mask), 16))
+                } else {
+                    lo
+                };
+                _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs_down<E: Elem>(_: *mut u32, _: usize, _: *const E, _: usize, _: usize, _: usize) {
+    unreachable!("avx512bf16::pairs_down without AVX512_BF16");
 }
 
 /// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` when it is `f32`,

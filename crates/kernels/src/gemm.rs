@@ -340,6 +340,18 @@ pub fn avx512_bf16_active() -> bool {
     AVX512_BF16.load(std::sync::atomic::Ordering::Relaxed) && crate::avx512bf16::available()
 }
 
+/// Which kernel bf16 matmuls (bf16 with bf16 or `f32` operands) run on in this process now:
+/// `"amx"`, `"avx512-bf16"` or `"f32-panels"` (converted to `f32` panels for the f32 GEMM).
+pub fn bf16_matmul_kind() -> &'static str {
+    if amx_active() {
+        "amx"
+    } else if avx512_bf16_active() {
+        "avx512-bf16"
+    } else {
+        "f32-panels"
+    }
+}
+
 /// `f32` view of a slice known to be `f32`.
 trait F32Unwrap {
     fn f32_unwrap(&self) -> &[f32];

@@ -9,7 +9,8 @@
 //! our shapes (m = b*t ≥ 256) costs a few percent at most. See `docs/runtime.md`.
 
 pub use crate::gemm::{
-    amx_active, avx512_active, avx512_bf16_active, set_amx, set_avx512, set_avx512_bf16,
+    amx_active, avx512_active, avx512_bf16_active, bf16_matmul_kind, set_amx, set_avx512,
+    set_avx512_bf16,
 };
 pub(crate) use crate::gemm::{gemm, gemm_mixed, View};
 
