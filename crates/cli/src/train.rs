@@ -58,6 +58,14 @@ pub struct TrainArgs {
     /// or full (whole layers).
     #[arg(long)]
     pub recompute: Option<String>,
+    /// Data parallel: name a rank whose busy time per step is this fraction above the median
+    /// rank's (train.straggler_margin, default 0.2).
+    #[arg(long)]
+    pub straggler_margin: Option<f64>,
+    /// Steps the straggler medians are taken over; 0 turns detection off
+    /// (train.straggler_window, default 20).
+    #[arg(long)]
+    pub straggler_window: Option<usize>,
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -311,6 +319,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         let r = plan::recipe::Recompute::parse(r)?;
         overrides.push(format!("train.recompute={}", serde_json::to_string(&r)?));
     }
+    if let Some(m) = a.straggler_margin {
+        overrides.push(format!("train.straggler_margin={m:?}"));
+    }
+    if let Some(w) = a.straggler_window {
+        overrides.push(format!("train.straggler_window={w}"));
+    }
     overrides.extend(a.set.iter().cloned());
     let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
     crate::train_dp::check_layout(&a.dp, &mut cfg)?;
@@ -512,6 +526,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 1e3 * exposed
             );
         }
+    }
+    if let Some(line) = crate::train_dp::rank_times_line(&s.rank_times) {
+        println!("{line}");
     }
     if let Some(pi) = st.pipeline.as_ref().filter(|pi| pi.tp.1 > 1) {
         let mut xs: Vec<f64> = s

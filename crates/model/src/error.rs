@@ -49,4 +49,14 @@ pub enum ModelError {
         #[source]
         source: crate::TpError,
     },
+    /// A [`crate::ParamSource`] could not supply a unit's weights (e.g. a failed all-gather of
+    /// a fully sharded rank; the source's error is the source).
+    #[error("fetching the weights of {unit:?} failed")]
+    Fetch {
+        /// The unit asked for.
+        unit: crate::Unit,
+        /// The source's error.
+        #[source]
+        source: crate::TpError,
+    },
 }

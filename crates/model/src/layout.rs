@@ -73,6 +73,27 @@ pub struct LayerParams {
     pub fcproj_b: Range<usize>, // (c), replicated
 }
 
+impl LayerParams {
+    /// The same offsets relative to `base` (the layer's start, for a buffer holding only it).
+    pub fn rebased(&self, base: usize) -> LayerParams {
+        let r = |x: &Range<usize>| x.start - base..x.end - base;
+        LayerParams {
+            ln1_w: r(&self.ln1_w),
+            ln1_b: r(&self.ln1_b),
+            qkv_w: r(&self.qkv_w),
+            qkv_b: r(&self.qkv_b),
+            proj_w: r(&self.proj_w),
+            proj_b: r(&self.proj_b),
+            ln2_w: r(&self.ln2_w),
+            ln2_b: r(&self.ln2_b),
+            fc_w: r(&self.fc_w),
+            fc_b: r(&self.fc_b),
+            fcproj_w: r(&self.fcproj_w),
+            fcproj_b: r(&self.fcproj_b),
+        }
+    }
+}
+
 /// Offsets of the embeddings (first stage).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EmbedParams {

@@ -11,6 +11,11 @@
 //!   are allocated once per (micro-batch, sequence) shape; their size is
 //!   `plan::cpu_runtime::activation_bytes`, checked by a counting-allocator test.
 //!
+//! - [`forward_sourced`] / [`backward_sourced`] take the weights from a [`ParamSource`] one
+//!   [`Unit`] (embedding, layer, head) at a time, fetched just before use and released after
+//!   (how a fully sharded data-parallel rank gathers them); the plain functions are these over
+//!   the whole buffer ([`Whole`]).
+//!
 //! This crate never talks to the network: the tensor-parallel collectives are a [`TpReduce`]
 //! argument supplied by the caller ([`NoTp`] for a single rank); a failed one is
 //! [`ModelError::TensorParallel`]. Tensor parallelism splits the layers Megatron-style and the
@@ -24,6 +29,7 @@ mod error;
 mod layer;
 mod layout;
 mod optim;
+mod source;
 mod step;
 
 pub use activations::{ActSaved, ActScratch, Activations};
@@ -33,8 +39,9 @@ pub use kernels::{Bf16, Elem, F16};
 pub use layout::{EmbedParams, HeadParams, LayerParams, ParamLayout, ParamTensor, TpSplit};
 pub use optim::{update_range as adamw_update_range, AdamW, AdamWConfig};
 pub use plan::recipe::{Precision, Recompute};
+pub use source::{ParamSource, Unit, Whole};
 pub use step::shard_range;
 pub use step::{
-    backward, backward_into, backward_with, forward, forward_with, GradInput, GradSink, NoTp,
-    StageInput, TpError, TpReduce,
+    backward, backward_into, backward_sourced, backward_with, forward, forward_sourced,
+    forward_with, GradInput, GradSink, NoTp, StageInput, TpError, TpReduce,
 };

@@ -24,7 +24,8 @@ use crate::layer::{
     add_f32_into, gather_rows, layer_backward, layer_forward, reduce_partial, Dims, GradScratch,
     LayerRefs,
 };
-use crate::{ActSaved, ActScratch, Activations, ModelError, ParamLayout};
+use crate::source::Fetches;
+use crate::{ActSaved, ActScratch, Activations, ModelError, ParamLayout, ParamSource, Unit, Whole};
 use kernels::crossentropy::{
     crossentropy_forward, crossentropy_shard_finish, crossentropy_shard_rescale,
     crossentropy_shard_stats, crossentropy_softmax_backward_shard,
@@ -145,16 +146,10 @@ pub enum GradInput<'a> {
 /// that `params` fits the layout and the buffers agree (a caller bug otherwise).
 fn shapes<E: Elem>(
     layout: &ParamLayout,
-    params: &[E],
     saved: &ActSaved<E>,
     scratch: &ActScratch<E>,
     pass: &str,
 ) -> (Dims, [usize; 2]) {
-    assert_eq!(
-        params.len(),
-        layout.len(),
-        "{pass}: params length vs layout"
-    );
     assert_eq!(
         (saved.b, saved.t),
         (scratch.b, scratch.t),
@@ -268,15 +263,39 @@ pub fn forward_with<E: Elem>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<Option<f32>, ModelError> {
-    let (d, [v, vpl]) = shapes(layout, params, saved, scratch, "forward");
+    assert_eq!(
+        params.len(),
+        layout.len(),
+        "forward: params length vs layout"
+    );
+    let mut src = Whole(params);
+    forward_sourced(layout, &mut src, saved, scratch, input, targets, par, tp)
+}
+
+/// [`forward_with`] taking the weights from `src`, one [`Unit`] at a time in
+/// [`ParamLayout::forward_fetches`] order, each released after use.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_sourced<E: Elem>(
+    layout: &ParamLayout,
+    src: &mut dyn ParamSource<E>,
+    saved: &mut ActSaved<E>,
+    scratch: &mut ActScratch<E>,
+    input: StageInput<'_>,
+    targets: Option<&[u32]>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<Option<f32>, ModelError> {
+    let (d, [v, vpl]) = shapes(layout, saved, scratch, "forward");
     let Dims { b, t, c, bt, .. } = d;
     let vocab_parallel = layout.shard.tp_size > 1;
-    let p = |r: &Range<usize>| &params[r.clone()];
+    let mut fetches = Fetches::new(layout.forward_fetches());
     let acts = saved;
     // Stage input.
     match (input, &layout.embed) {
         (StageInput::Tokens(tokens), Some(e)) => {
             check_tokens("tokens", tokens, acts, v)?;
+            fetches.fetch(src, Unit::Embed)?;
+            let p = |r: &Range<usize>| src.get(r.clone());
             if vocab_parallel {
                 let sum = &mut scratch.tmp;
                 let first = layout.vocab_rows().start;
@@ -290,6 +309,7 @@ pub fn forward_with<E: Elem>(
             } else {
                 encoder_forward(&mut acts.input, tokens, p(&e.wte), p(&e.wpe), b, t, c);
             }
+            src.release(Unit::Embed);
         }
         (StageInput::Hidden(x), None) => {
             check_hidden("hidden input", x, acts)?;
@@ -310,7 +330,11 @@ pub fn forward_with<E: Elem>(
         let (done, rest) = acts.layers.split_at_mut(i);
         let x: &[E] = done.last().map_or(&acts.input, |prev| &prev.res3);
         let mut a = LayerRefs::new(&mut rest[0], &mut scratch.work);
-        layer_forward(lp, params, x, &mut a, &mut scratch.tmp, d, true, par, tp)?;
+        fetches.fetch(src, Unit::Layer(i))?;
+        let lr = layout.layer_range(i);
+        let (lp, w) = (lp.rebased(lr.start), src.get(lr));
+        layer_forward(&lp, w, x, &mut a, &mut scratch.tmp, d, true, par, tp)?;
+        src.release(Unit::Layer(i));
     }
     // Head and loss.
     let Some(hp) = &layout.head else {
@@ -321,6 +345,8 @@ pub fn forward_with<E: Elem>(
         return Ok(None);
     };
     let targets = targets.expect("forward: the last stage needs targets");
+    fetch_head(layout, &mut fetches, src)?;
+    let p = |r: &Range<usize>| src.get(r.clone());
     let x: &[E] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
     let h = acts.head.as_mut().expect("activations built for a head");
     layernorm_forward(
@@ -385,6 +411,7 @@ pub fn forward_with<E: Elem>(
             par,
         );
     }
+    release_head(layout, src);
     let mean = h.losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64;
     Ok(Some(mean as f32))
 }
@@ -451,10 +478,35 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
     par: Par,
     tp: &mut dyn TpReduce,
 ) -> Result<(), ModelError> {
-    let (d, [v, vpl]) = shapes(layout, params, saved, scratch, "backward");
+    assert_eq!(
+        params.len(),
+        layout.len(),
+        "backward: params length vs layout"
+    );
+    let mut src = Whole(params);
+    backward_sourced(
+        layout, &mut src, grads, saved, scratch, input, grad_in, par, tp,
+    )
+}
+
+/// [`backward_with`] taking the weights from `src`, one [`Unit`] at a time in
+/// [`ParamLayout::backward_fetches`] order, each released after use.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sourced<E: Elem, G: GradSink<E> + ?Sized>(
+    layout: &ParamLayout,
+    src: &mut dyn ParamSource<E>,
+    grads: &mut G,
+    saved: &mut ActSaved<E>,
+    scratch: &mut ActScratch<E>,
+    input: StageInput<'_>,
+    grad_in: GradInput<'_>,
+    par: Par,
+    tp: &mut dyn TpReduce,
+) -> Result<(), ModelError> {
+    let (d, [v, vpl]) = shapes(layout, saved, scratch, "backward");
     let Dims { b, t, c, bt, .. } = d;
     let (first, vl) = (layout.vocab_rows().start, layout.vocab_rows_real());
-    let p = |r: &Range<usize>| &params[r.clone()];
+    let mut fetches = Fetches::new(layout.backward_fetches());
     let nl = layout.layers.len();
     let acts = saved;
     let recompute = acts.recompute;
@@ -473,6 +525,8 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
     match (grad_in, &layout.head) {
         (GradInput::Loss { targets, d_loss }, Some(hp)) => {
             check_tokens("targets", targets, acts, v)?;
+            fetch_head(layout, &mut fetches, src)?;
+            let p = |r: &Range<usize>| src.get(r.clone());
             let x: &[E] = acts.layers.last().map_or(&acts.input, |l| &l.res3);
             let h = acts.head.as_mut().expect("activations built for a head");
             crossentropy_softmax_backward_shard(
@@ -520,6 +574,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
                     .split_at_mut(hp.lnf_w.len());
                 layernorm_backward(d_res, d_w, d_b, d_ln, x, w, mean, rstd, bt, c);
             }
+            release_head(layout, src);
         }
         (GradInput::Hidden(d_out), None) => {
             check_hidden("output gradient", d_out, acts)?;
@@ -548,17 +603,19 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
         let (done, rest) = acts.layers.split_at_mut(i);
         let x: &[E] = done.last().map_or(&acts.input, |prev| &prev.res3);
         let mut a = LayerRefs::new(&mut rest[0], work);
-        if recompute == Recompute::Full {
-            layer_forward(lp, params, x, &mut a, s.tmp, d, false, par, tp)?;
-        }
+        fetches.fetch(src, Unit::Layer(i))?;
         let lr = layout.layer_range(i);
         let base = lr.start;
+        let (lp, params) = (lp.rebased(base), src.get(lr.clone()));
+        if recompute == Recompute::Full {
+            layer_forward(&lp, params, x, &mut a, s.tmp, d, false, par, tp)?;
+        }
         let selective = recompute == Recompute::Selective;
         layer_backward(
-            lp,
+            &lp,
             params,
             grads.slice(lr),
-            base,
+            0,
             x,
             &mut a,
             &mut s,
@@ -567,6 +624,7 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
             par,
             tp,
         )?;
+        src.release(Unit::Layer(i));
         grads.ready(base);
     }
     // Embedding.
@@ -591,4 +649,25 @@ pub fn backward_with<E: Elem, G: GradSink<E> + ?Sized>(
     }
     grads.ready(0);
     Ok(())
+}
+
+/// Fetches what the head reads: `ln_f` (and a last stage's own LM head), then — tied to it —
+/// the embedding's `wte`.
+fn fetch_head<E: Elem>(
+    layout: &ParamLayout,
+    fetches: &mut Fetches,
+    src: &mut dyn ParamSource<E>,
+) -> Result<(), ModelError> {
+    fetches.fetch(src, Unit::Head)?;
+    if layout.embed.is_some() {
+        fetches.fetch(src, Unit::Embed)?;
+    }
+    Ok(())
+}
+
+fn release_head<E: Elem>(layout: &ParamLayout, src: &mut dyn ParamSource<E>) {
+    src.release(Unit::Head);
+    if layout.embed.is_some() {
+        src.release(Unit::Embed);
+    }
 }

@@ -192,6 +192,9 @@ pub struct RunSummary {
     pub rollbacks: u64,
     /// fp16: the loss scale at the end.
     pub final_loss_scale: Option<f32>,
+    /// Data parallel, on rank 0: every rank's mean busy and waiting time per step, and how
+    /// often it was named a straggler (`crate::straggler`); empty otherwise.
+    pub rank_times: Vec<crate::straggler::RankTimes>,
 }
 
 /// `VmHWM` / `VmRSS` from /proc/self/status in bytes (0 when unavailable).
