@@ -15,6 +15,7 @@ mod report;
 mod sample;
 mod serve;
 mod spec;
+mod spec_model;
 mod train;
 mod train_dp;
 
@@ -214,7 +215,8 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
         l
     } else {
         // No layout flags: take the fastest layout that fits, as `plan` would (recompute as given).
-        let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node);
+        let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node)
+            .with_model_axes(&ctx.model);
         space.recompute = vec![ctx.recipe.recompute];
         let r = parallel_search(&ctx, &space, Objective::Time, 1, None);
         match r.top.first() {
@@ -372,7 +374,32 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
             a.max_gpus
         );
     }
-    let mut space = SearchSpace::for_gpus(sizes, gpn);
+    let mut space = SearchSpace::for_gpus(sizes, gpn).with_model_axes(&ctx.model);
+    if let Some(cp) = spec.cp {
+        if cp == 0 || (cp > 1 && ctx.model.seq_len % (2 * cp) != 0) {
+            bail!(
+                "--cp {cp}: context parallelism splits each sequence into 2·cp chunks; the sequence ({}) is not divisible by {}",
+                ctx.model.seq_len,
+                2 * cp
+            );
+        }
+        space.cp = vec![cp];
+    }
+    if let Some(ep) = spec.ep {
+        match &ctx.model.moe {
+            _ if ep == 0 => bail!("--ep must be at least 1"),
+            None if ep > 1 => bail!(
+                "--ep {ep}: expert parallelism needs a mixture-of-experts model (this one is dense); drop --ep or add --experts"
+            ),
+            Some(e) if e.experts % ep != 0 => bail!(
+                "--ep {ep}: the {} experts are not divisible by it; pick ep dividing {}",
+                e.experts,
+                e.experts
+            ),
+            _ => {}
+        }
+        space.ep = vec![ep];
+    }
     if let Some(mb) = spec.micro_batch {
         space.micro_batches = vec![mb];
     }

@@ -157,6 +157,14 @@ fn every_tensor_parallel_layout_trains_the_one_process_model() {
     ];
     for (name, flags) in layouts {
         let got = train(&d.0.join(name), "20", flags);
+        // The report predicts the whole layout with plan --cpu's model (1F1B, even stages) and
+        // names the tensor-parallel collectives predicted beside measured.
+        assert!(
+            got.2.contains("layout model (plan --cpu): pipeline"),
+            "{name}: {}",
+            got.2
+        );
+        assert!(got.2.contains("| predicted "), "{name}: {}", got.2);
         let w = assert_close(name, &base.0, &got.0, 1e-5);
         assert_close(&format!("{name} validation"), &base.1, &got.1, 1e-5);
         eprintln!("{name}: largest relative loss difference {w:e}");

@@ -39,6 +39,7 @@ pub mod mesh;
 pub mod pipeline;
 pub mod plot;
 pub mod precision;
+pub mod run_dir;
 pub mod sample;
 pub mod straggler;
 pub mod synthetic;

@@ -24,20 +24,19 @@ pub use records::{
     proc_status_bytes, Observer, PipelineInfo, Quiet, RunOptions, RunSummary, StartInfo, StepRecord,
 };
 
-use crate::checkpoint;
 use crate::config::Precision;
 use crate::config::{OptimSection, TrainConfig};
 use crate::data::Batcher;
-use crate::error::{io, TrainError};
+use crate::error::TrainError;
 use crate::fsutil::write_atomic;
 use crate::pipeline::{run_ops, MicroBatches, StageActs};
 use crate::precision::{master_as, Storage};
+use crate::run_dir::RunDir;
 use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
 use kernels::{Bf16, Par, F16};
 use model::{AdamW, AdamWConfig, ModelConfig, ParamLayout, Shard};
-use setup::{lock, mean_val_loss, pipeline_info, setup, truncate_metrics, Setup};
+use setup::{lock, mean_val_loss, pipeline_info, setup, Setup};
 use stability::{load_last_checkpoint, Decision, Stability};
-use std::io::Write;
 use std::time::Instant;
 
 /// Learning rate at (0-based) `step`: linear warmup to `lr` over `warmup_steps`, then a cosine
@@ -232,18 +231,7 @@ fn run_with<E: Storage>(
     };
     obs.on_start(&start);
 
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(if writer {
-        Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(io(&metrics_path))?,
-        )
-    } else {
-        Box::new(std::io::sink())
-    });
+    let mut run_dir = RunDir::open(out, writer)?;
     let total = cfg.train.steps;
     let end = opts.stop_after.map_or(total, |s| s.min(total));
     let decay = cfg.decay_steps();
@@ -520,14 +508,13 @@ fn run_with<E: Storage>(
             loss_spike: stab.counts().loss_spikes > counts_before.loss_spikes,
             grad_norm_spike: stab.counts().grad_norm_spikes > counts_before.grad_norm_spikes,
         };
-        let line = serde_json::to_string(&rec).expect("record serialises");
-        writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+        run_dir.record(&rec)?;
         obs.on_step(&rec, total);
         if let (Some(det), Some(busy)) = (stragglers.as_mut(), &rank_busy) {
             let busy: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
             for s in det.observe(state.step, &busy, step_secs) {
                 eprintln!("{}", s.message());
-                writeln!(metrics, "{}", s.record()).map_err(io(&metrics_path))?;
+                run_dir.record(&s.record())?;
             }
         }
         records.push(rec);
@@ -549,24 +536,13 @@ fn run_with<E: Storage>(
                 state.best_val_loss = st.best_val_loss;
                 state.evals_without_improvement = st.evals_without_improvement;
                 refresh_working(&mut work, &state.params);
-                metrics.flush().map_err(io(&metrics_path))?;
-                if writer {
-                    drop(metrics);
-                    truncate_metrics(&metrics_path, state.step)?;
-                    metrics = std::io::BufWriter::new(Box::new(
-                        std::fs::OpenOptions::new()
-                            .append(true)
-                            .open(&metrics_path)
-                            .map_err(io(&metrics_path))?,
-                    ));
-                }
-                let event = serde_json::json!({
+                run_dir.rewind(state.step)?;
+                run_dir.record(&serde_json::json!({
                     "step": state.step,
                     "rollback_from": from,
                     "spike_loss": loss,
                     "threshold": threshold,
-                });
-                writeln!(metrics, "{event}").map_err(io(&metrics_path))?;
+                }))?;
                 obs.on_rollback(from, state.step, loss, threshold);
                 continue;
             }
@@ -585,13 +561,8 @@ fn run_with<E: Storage>(
                 par,
                 pipe.as_deref_mut(),
             )?;
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({"step": state.step, "val_loss": vl})
-            )
-            .map_err(io(&metrics_path))?;
-            metrics.flush().map_err(io(&metrics_path))?;
+            run_dir.record(&serde_json::json!({"step": state.step, "val_loss": vl}))?;
+            run_dir.flush()?;
             if let Some(tr) = trace.as_mut() {
                 tr.span(
                     crate::trace::MAIN,
@@ -628,7 +599,7 @@ fn run_with<E: Storage>(
             || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
         if ckpt_due {
             let t_ckpt = Instant::now();
-            metrics.flush().map_err(io(&metrics_path))?;
+            run_dir.flush()?;
             // Rank 0 writes the weights; under ZeRO every rank writes the optimizer ranges it
             // holds and rank 0 publishes the manifest once all have (checkpoint::save_rank).
             state.m = std::mem::take(&mut opt.m);
@@ -639,33 +610,13 @@ fn run_with<E: Storage>(
             let owned = dp
                 .as_ref()
                 .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
-            let saved = match (pipe.as_mut(), dp.as_mut()) {
-                (Some(p), _) => crate::pipeline::save_checkpoint(
-                    p,
-                    out,
-                    &rcfg,
-                    &stage,
-                    &state,
-                    (
-                        dp_rank,
-                        dp_size,
-                        dp.as_ref().map_or(0, |d| d.zero().number()),
-                    ),
-                    &owned,
-                ),
-                (None, Some(d)) => {
-                    let part = checkpoint::RankPart {
-                        rank: dp_rank,
-                        dp_size,
-                        zero_stage: d.zero().number(),
-                        ranges: &owned,
-                    };
-                    checkpoint::save_rank(out, &rcfg, &layout, &state, &part, &mut |b| {
-                        d.all_gather_bytes(b, "checkpoint: telling the ranks what each wrote")
-                    })
-                }
-                (None, None) => checkpoint::save(out, &rcfg, &layout, &state).map(Some),
-            };
+            let saved = run_dir.save_checkpoint(
+                pipe.as_deref_mut(),
+                dp.as_deref_mut(),
+                (&rcfg, &stage),
+                &state,
+                &owned,
+            );
             opt.m = std::mem::take(&mut state.m);
             opt.v = std::mem::take(&mut state.v);
             if let Some(tr) = trace.as_mut() {
@@ -678,7 +629,6 @@ fn run_with<E: Storage>(
                 );
             }
             if let Some(path) = saved? {
-                checkpoint::prune(out, cfg.train.keep_checkpoints);
                 obs.on_checkpoint(state.step, &path);
                 last_checkpoint = Some(path);
             }
@@ -687,8 +637,7 @@ fn run_with<E: Storage>(
             break;
         }
     }
-    metrics.flush().map_err(io(&metrics_path))?;
-    drop(metrics);
+    run_dir.flush()?;
     let wall_secs = loop_start.elapsed().as_secs_f64();
     let mut secs: Vec<f64> = records.iter().map(|r| r.step_secs).collect();
     secs.sort_by(f64::total_cmp);
@@ -719,10 +668,7 @@ fn run_with<E: Storage>(
             write_atomic(path, crate::trace::file(&bodies).as_bytes())?;
         }
     }
-    if let (true, Ok(text)) = (writer, std::fs::read_to_string(&metrics_path)) {
-        let svg = crate::plot::loss_svg(&text, start.loss_floor);
-        write_atomic(&out.join("loss.svg"), svg.as_bytes())?;
-    }
+    run_dir.finish(start.loss_floor)?;
     Ok(RunSummary {
         config: rcfg,
         steps_done: state.step,
