@@ -132,6 +132,10 @@ pub struct PipelineInfo {
     /// `plan::schedule::simulate`'s bubble of the busiest stage, as a fraction of the makespan,
     /// for equal per-layer forward/backward times.
     pub simulated_bubble: f64,
+    /// Sequence parallelism in the tensor-parallel group.
+    pub sequence_parallel: bool,
+    /// The job's transport ("tcp", "shm", "mpi", "threads").
+    pub transport: &'static str,
 }
 
 /// Receives progress; every method has a no-op default.

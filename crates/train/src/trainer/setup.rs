@@ -248,5 +248,7 @@ pub(super) fn pipeline_info<E: crate::precision::Storage>(
         parts: p.parts.clone(),
         chunks: p.chunks().into_iter().zip(acts.sets()).collect(),
         simulated_bubble: sim.bubble / sim.makespan,
+        sequence_parallel: p.sequence_parallel,
+        transport: p.transport(),
     }
 }
