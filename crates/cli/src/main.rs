@@ -210,6 +210,7 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
             ctx.cluster.gpus,
             ctx.recipe.global_batch,
         )?;
+        ctx.recipe.check_layout(&l)?;
         // Without --pp-layers the stages are balanced from their predicted times.
         ctx.balance(&mut l);
         l
@@ -218,6 +219,9 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
         let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node)
             .with_model_axes(&ctx.model);
         space.recompute = vec![ctx.recipe.recompute];
+        if ctx.recipe.offload.params {
+            space.zero = vec![3];
+        }
         let r = parallel_search(&ctx, &space, Objective::Time, 1, None);
         match r.top.first() {
             Some(c) => {
@@ -231,11 +235,11 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
                     ctx.cluster.gpu.name,
                     report::no_fit_hint(&r)
                 ));
-                let mut l = spec.layout_request()?.resolve(
-                    &ctx.model,
-                    ctx.cluster.gpus,
-                    ctx.recipe.global_batch,
-                )?;
+                let mut req = spec.layout_request()?;
+                if ctx.recipe.offload.params {
+                    req.zero = Some(3);
+                }
+                let mut l = req.resolve(&ctx.model, ctx.cluster.gpus, ctx.recipe.global_batch)?;
                 ctx.balance(&mut l);
                 l
             }
@@ -409,6 +413,31 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     if let Some(v) = spec.vpp {
         space.vpp = vec![v];
     }
+    let off = ctx.recipe.offload;
+    if spec
+        .offload
+        .as_deref()
+        .is_some_and(|o| o.trim().eq_ignore_ascii_case("auto"))
+    {
+        use plan::recipe::Offload;
+        space.offload = vec![
+            Offload::default(),
+            Offload {
+                optimizer: true,
+                ..off
+            },
+            Offload {
+                optimizer: true,
+                params: true,
+                ..off
+            },
+        ];
+    } else if off.params {
+        if let Some(z) = spec.zero.filter(|&z| z < 3) {
+            bail!("--offload params keeps each GPU's parameter shard on the host, which needs ZeRO-3; drop --zero {z} or use --zero 3");
+        }
+        space.zero = vec![3];
+    }
     if spec.recompute.is_some() {
         space.recompute = vec![ctx.recipe.recompute];
     }
@@ -435,6 +464,7 @@ pub(crate) fn plan_json(p: &PlanAnswer) -> serde_json::Value {
         "top": r.top.iter().map(|c| {
             let mut cc = ctx.clone();
             cc.recipe.recompute = c.recompute;
+            cc.recipe.offload = c.offload;
             cc.cluster.gpus = c.layout.world();
             plan::estimate(&cc, &c.layout, false)
         }).collect::<Vec<_>>(),
@@ -474,6 +504,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     let detail = r.top.first().map(|c| {
         let mut cc = ctx.clone();
         cc.recipe.recompute = c.recompute;
+        cc.recipe.offload = c.offload;
         cc.cluster.gpus = c.layout.world();
         let est = plan::estimate(&cc, &c.layout, a.explain);
         let mut s = report::estimate_table(&est, &cc.recipe);

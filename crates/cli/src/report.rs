@@ -61,7 +61,7 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         "Cluster     {} x {} ({} per node), ${:.2}/GPU-hour",
         e.gpus, e.gpu, e.gpus_per_node, e.price_per_gpu_hour
     );
-    let _ = writeln!(s, "Recipe      {}, {}, {} tokens, global batch {} x {} tokens, recompute {}, flash attention {}", match recipe.fp8 { Some(f) => format!("{} with {f} linears", recipe.precision), None => recipe.precision.to_string() }, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
+    let _ = writeln!(s, "Recipe      {}, {}, {} tokens, global batch {} x {} tokens, recompute {}, flash attention {}{}", match recipe.fp8 { Some(f) => format!("{} with {f} linears", recipe.precision), None => recipe.precision.to_string() }, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention, if recipe.offload.any() { format!(", offload {}", recipe.offload) } else { String::new() });
     let _ = writeln!(s, "Layout      dp {} x tp {} x pp {}{} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, if l.cp > 1 { format!(" x cp {}", l.cp) } else { String::new() } + &if l.ep > 1 { format!(", ep {}", l.ep) } else { String::new() }, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
     if l.pp * l.vpp > 1 {
         let how = match l.partition {
@@ -126,6 +126,14 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         m.comm_buffers,
         String::new(),
     );
+    if m.host_bytes > 0.0 {
+        row(
+            &mut s,
+            "(on the host)",
+            m.host_bytes,
+            format!("offloaded ({}), not in the total", recipe.offload),
+        );
+    }
     row(
         &mut s,
         "runtime overhead",

@@ -153,6 +153,14 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub overlap_param_gather: bool,
+    /// Keep model states off the GPU: none (default), optimizer (ZeRO-Offload: master weights,
+    /// moments, gradients; CPU-Adam), params (ZeRO-Infinity: 16-bit parameter shards, needs
+    /// --zero 3), both; `plan` also takes auto (searches none, optimizer, both).
+    #[arg(long, help_heading = "Recipe")]
+    pub offload: Option<String>,
+    /// Where offloaded states live: cpu (default) or nvme.
+    #[arg(long, help_heading = "Recipe")]
+    pub offload_device: Option<String>,
     /// Fraction of device memory to keep free (default 0): layouts must fit in (1 − margin) of it.
     #[arg(long, help_heading = "Recipe")]
     pub memory_margin: Option<f64>,
@@ -304,6 +312,8 @@ impl SpecArgs {
             stack,
             calibration,
             memory_margin,
+            offload,
+            offload_device,
             gpu_mtbf_hours,
             checkpoint_gbps,
             restart_minutes,
@@ -479,6 +489,17 @@ impl SpecArgs {
         if let Some(m) = self.restart_minutes {
             r.failures.restart_secs = m * 60.0;
         }
+        r.offload = match self.offload.as_deref() {
+            // `plan --offload auto` searches; as a recipe it starts from none.
+            Some(a) if a.trim().eq_ignore_ascii_case("auto") => {
+                plan::recipe::Offload::parse("none", self.offload_device.as_deref())?
+            }
+            Some(o) => plan::recipe::Offload::parse(o, self.offload_device.as_deref())?,
+            None if self.offload_device.is_some() => {
+                bail!("--offload-device says where offloaded states go; add --offload optimizer|params|both")
+            }
+            None => plan::recipe::Offload::default(),
+        };
         r.tp_comm_overlap = self.tp_comm_overlap;
         r.overlap_param_gather = self.overlap_param_gather;
         match self.stack.as_deref().map(|s| s.trim().to_ascii_lowercase()) {

@@ -15,7 +15,7 @@ use crate::explain::NoTrace;
 use crate::layout::Layout;
 use crate::model::ModelSpec;
 use crate::partition::{Partition, StageLayers, MAX_STAGES};
-use crate::recipe::Recompute;
+use crate::recipe::{Offload, Recompute};
 
 /// What to optimise.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -108,6 +108,8 @@ pub struct SearchSpace {
     pub cp: Vec<u64>,
     /// Expert-parallel degrees to try (MoE models; those dividing the experts and tp·cp·dp).
     pub ep: Vec<u64>,
+    /// Offload settings to try (empty: the recipe's). Offloading parameters needs ZeRO-3.
+    pub offload: Vec<Offload>,
     /// Try sequence parallelism (when tp > 1).
     pub sequence_parallel: bool,
     /// Largest tensor-parallel degree (default: one node).
@@ -145,6 +147,7 @@ impl SearchSpace {
             vpp: vec![1, 2, 3, 4],
             cp: vec![1],
             ep: vec![1],
+            offload: Vec::new(),
             sequence_parallel: true,
             max_tp,
             cost_all: false,
@@ -159,6 +162,8 @@ pub struct Candidate {
     pub layout: Layout,
     /// Recompute policy.
     pub recompute: Recompute,
+    /// Offload (the recipe's, or what `plan --offload auto` chose).
+    pub offload: Offload,
     /// Everything the cost model said.
     pub eval: Eval,
     /// Training days for the token budget.
@@ -262,25 +267,33 @@ pub fn search(
     // With flash attention the attention core is already recomputed inside its backward, so
     // selective recompute equals none: search it once.
     let flash = base.recipe.flash_attention;
-    let ctxs: Vec<(Recompute, Vec<(Context, Flops)>)> = space
+    let offloads = if space.offload.is_empty() {
+        vec![base.recipe.offload]
+    } else {
+        space.offload.clone()
+    };
+    type Ctxs = Vec<(Recompute, Offload, Vec<(Context, Flops)>)>;
+    let ctxs: Ctxs = space
         .recompute
         .iter()
         .filter(|&&rc| {
             !(flash && rc == Recompute::Selective && space.recompute.contains(&Recompute::None))
         })
-        .map(|&rc| {
+        .flat_map(|&rc| offloads.iter().map(move |&off| (rc, off)))
+        .map(|(rc, off)| {
             let per_size = space
                 .gpus
                 .iter()
                 .map(|&n| {
                     let mut c = base.clone();
                     c.recipe.recompute = rc;
+                    c.recipe.offload = off;
                     c.cluster.gpus = n;
                     let flops = c.flops(&mut NoTrace);
                     (c, flops)
                 })
                 .collect();
-            (rc, per_size)
+            (rc, off, per_size)
         })
         .collect();
     let mut stage_cost_cache: Vec<Option<StageCosts>> = Vec::new();
@@ -318,7 +331,10 @@ pub fn search(
                                 if zero > 0 && dp == 1 {
                                     continue;
                                 }
-                                for (ri, (rc, per_size)) in ctxs.iter().enumerate() {
+                                for (ri, (rc, off, per_size)) in ctxs.iter().enumerate() {
+                                    if off.params && zero < 3 {
+                                        continue;
+                                    }
                                     let ri = &ri;
                                     let sps: &[bool] = if tp > 1 && space.sequence_parallel {
                                         &[false, true]
@@ -444,6 +460,7 @@ pub fn search(
                                                 Candidate {
                                                     layout,
                                                     recompute: *rc,
+                                                    offload: *off,
                                                     eval,
                                                     days,
                                                     cost_usd: t.cost,

@@ -22,6 +22,7 @@ use crate::layout::Layout;
 use crate::model::ModelSpec;
 use crate::recipe::{Precision, Recipe};
 
+mod flops;
 mod layer;
 mod memory;
 mod time;
@@ -108,6 +109,8 @@ pub struct Memory {
     pub params_on_device: f64,
     /// Of those, routed-expert parameters (sharded over ep; 0 for a dense model).
     pub expert_params_on_device: f64,
+    /// Model-state bytes of this device kept in host memory or NVMe (`--offload`; 0 without).
+    pub host_bytes: f64,
 }
 
 /// Seconds per optimizer step, split the way users reason about it.
@@ -121,6 +124,9 @@ pub struct StepTime {
     pub bubble: f64,
     /// Optimizer step (memory-bound) and fixed overhead.
     pub optimizer: f64,
+    /// Part of `optimizer`: with `--offload optimizer`, the exposed gradient download, CPU
+    /// optimizer step, NVMe traffic and weight upload.
+    pub offload: f64,
     /// Sum.
     pub total: f64,
     /// Part of `communication`: tensor-parallel collectives (with the context-parallel ring and

@@ -2,7 +2,7 @@
 
 use crate::explain::{line, Trace};
 use crate::layout::Layout;
-use crate::recipe::{GradSync, Precision, Recompute};
+use crate::recipe::{GradSync, OffloadDevice, Precision, Recompute};
 use crate::units::count;
 
 use crate::partition::{balanced_uniform, Partition};
@@ -217,7 +217,22 @@ impl Context {
         } else {
             0.0
         };
-        let one_gather = gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat + expert_gather;
+        // Offloaded parameters (ZeRO-Infinity): each gather first fetches this rank's shard from
+        // host memory (or NVMe through it) over the host link, pipelined layer by layer like the
+        // gather itself.
+        let off = r.offload;
+        let host_fetch = if off.params && zero3 {
+            let shard = (wbytes / n + experts * sb.weight / n_e).max(0.0);
+            let bw = match off.device {
+                OffloadDevice::Cpu => g.host_link_bw,
+                OffloadDevice::Nvme => g.host_link_bw.min(g.nvme_bw),
+            };
+            shard / bw
+        } else {
+            0.0
+        };
+        let one_gather =
+            gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat + expert_gather + host_fetch;
         let zero3_gathers = gathers * one_gather;
         let sync = |n: f64, gbytes: f64, wbytes: f64| -> f64 {
             if n <= 1.0 {
@@ -331,7 +346,37 @@ impl Context {
             + (sb.master + sb.weight)
             + sb.grad;
         let opt_bytes = opt_params * per_param;
-        let optimizer = opt_bytes / membw + c.step_overhead_secs;
+        // Offloaded optimizer (ZeRO-Offload, Ren et al. 2021 §4–5): the gradient shard streams to
+        // the host during backward (exposed beyond the backward window), CPU-Adam updates it —
+        // bound by host memory bandwidth: read the gradient, read and write master and moments,
+        // write the 16-bit weight — with NVMe the states are read and written once per step,
+        // pipelined with the CPU work (ZeRO-Infinity's overlap-centric design, Rajbhandari et
+        // al. 2021 §6); then the updated 16-bit weights go back to the GPU.
+        let offload = if off.optimizer {
+            let d2h = opt_params * sb.grad / g.host_link_bw;
+            let d2h_exposed = if r.overlap_grad_reduce {
+                (d2h - bwd_window).max(0.0)
+            } else {
+                d2h
+            };
+            let cpu = opt_params * (sb.grad + 2.0 * sb.master + 2.0 * sb.optimizer + sb.weight)
+                / (g.host_mem_bw * c.mem_eff);
+            let nvme = if off.device == OffloadDevice::Nvme {
+                opt_params * 2.0 * (sb.master + sb.optimizer) / g.nvme_bw
+            } else {
+                0.0
+            };
+            let h2d = opt_params * sb.weight / g.host_link_bw;
+            d2h_exposed + cpu.max(nvme) + h2d
+        } else {
+            0.0
+        };
+        let gpu_opt = if off.optimizer {
+            0.0
+        } else {
+            opt_bytes / membw
+        };
+        let optimizer = gpu_opt + offload + c.step_overhead_secs;
         let communication = tp_comm + pp_comm + dp_exposed;
         let total = compute + communication + bubble + optimizer;
         tr.line(|| line("time", "forward matmuls per layer per micro-batch", format!(
@@ -449,12 +494,27 @@ impl Context {
                 "memory-bound fused Adam",
             )
         });
+        if off.optimizer {
+            tr.line(|| line("time", "offloaded optimizer step", format!(
+                "{} params: gradients {} B down and weights {} B up over the host link at {:.0} GB/s, CPU-Adam {:.0} B/param at {:.0} GB/s x {}{} (gradient download hidden behind backward where it fits)",
+                count(opt_params), sb.grad, sb.weight, g.host_link_bw / 1e9,
+                sb.grad + 2.0 * sb.master + 2.0 * sb.optimizer + sb.weight, g.host_mem_bw / 1e9, c.mem_eff,
+                if off.device == OffloadDevice::Nvme { format!(", NVMe {:.0} B/param at {:.1} GB/s pipelined with it", 2.0 * (sb.master + sb.optimizer), g.nvme_bw / 1e9) } else { String::new() }),
+                offload, "s", "ZeRO-Offload (Ren et al. 2021 §4-5), ZeRO-Infinity (Rajbhandari et al. 2021 §6)"));
+        }
+        if host_fetch > 0.0 {
+            tr.line(|| line("time", "offloaded parameter fetch per gather", format!(
+                "this rank's 16-bit shard from {} before each all-gather: {:.4} s (inside the ZeRO-3 gather time above)",
+                if off.device == OffloadDevice::Nvme { "NVMe" } else { "host memory" }, host_fetch),
+                host_fetch, "s", "ZeRO-Infinity (Rajbhandari et al. 2021 §5)"));
+        }
         tr.line(|| line("time", "step total", format!("compute {compute:.4} + communication {communication:.4} + bubble {bubble:.4} + optimizer {optimizer:.4}"), total, "s", "sum"));
         StepTime {
             compute,
             communication,
             bubble,
             optimizer,
+            offload,
             total,
             tp_comm,
             ep_comm,
