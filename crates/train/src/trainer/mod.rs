@@ -28,6 +28,7 @@ use crate::checkpoint;
 use crate::config::Precision;
 use crate::config::{OptimSection, TrainConfig};
 use crate::data::Batcher;
+use crate::dp::ZeroStage;
 use crate::error::{io, TrainError};
 use crate::fsutil::write_atomic;
 use crate::pipeline::{run_ops, MicroBatches, StageActs};
@@ -128,6 +129,10 @@ fn run_with<E: Storage>(
     if let Some(d) = dp.as_mut() {
         d.sync_params(&mut state.params)?;
         d.shard_optimizer(&opt, n);
+        if d.zero() == ZeroStage::Three {
+            // ZeRO-3 keeps only this rank's pieces of the weights (state.params is emptied).
+            d.zero3_shard_params(&layout, &mut state.params);
+        }
         let end = opts
             .stop_after
             .map_or(cfg.train.steps, |s| s.min(cfg.train.steps));
@@ -173,6 +178,14 @@ fn run_with<E: Storage>(
     );
     let pipeline = pipe.as_ref().map(|p| pipeline_info(p, &ops, &acts, accum));
     let base = match (&dp, &pipe) {
+        (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory(
+            &dims,
+            b as u64,
+            t as u64,
+            dp_size as u64,
+            dp_rank as u64,
+            d.overlap(),
+        ),
         (Some(d), None) => plan::cpu_runtime::zero_memory(
             &dims,
             b as u64,
@@ -274,6 +287,9 @@ fn run_with<E: Storage>(
     let copies = stage.copies();
     let vocab = mcfg.vocab_size as u32;
     refresh_working(&mut work, &state.params);
+    // ZeRO-3 (crate::dp): micro-batches gather their weights; the full weights exist only
+    // while a checkpoint is written.
+    let zero3 = dp.as_ref().is_some_and(|d| d.zero() == ZeroStage::Three);
     while state.step < end {
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
@@ -307,25 +323,31 @@ fn run_with<E: Storage>(
         } else {
             d_loss * scale
         };
-        let micro_losses = run_ops(
-            &ops,
-            &stage,
-            master_as::<E>(&state.params).unwrap_or(&work),
-            &mut grads,
-            &mut staging,
-            &mut acts,
-            &MicroBatches {
-                xs: &xs,
-                ys: &ys,
-                bt,
-                d_loss: step_d_loss,
-                unscale: 1.0 / scale,
-            },
-            par,
-            pipe.as_deref_mut(),
-            dp.as_deref_mut(),
-            trace.as_mut(),
-        )?;
+        let micro_batches = MicroBatches {
+            xs: &xs,
+            ys: &ys,
+            bt,
+            d_loss: step_d_loss,
+            unscale: 1.0 / scale,
+        };
+        let micro_losses = if zero3 {
+            let d = dp.as_deref_mut().expect("ZeRO-3 is data parallel");
+            crate::dp::zero3_micro_batches(d, &layout, &mut acts, &micro_batches, par)?
+        } else {
+            run_ops(
+                &ops,
+                &stage,
+                master_as::<E>(&state.params).unwrap_or(&work),
+                &mut grads,
+                &mut staging,
+                &mut acts,
+                &micro_batches,
+                par,
+                pipe.as_deref_mut(),
+                dp.as_deref_mut(),
+                trace.as_mut(),
+            )?
+        };
         if let (Some(tr), Some(d)) = (trace.as_mut(), dp.as_mut()) {
             for (k, a, b) in d.take_bucket_spans() {
                 tr.span(crate::trace::COMM, "dp", &format!("bucket {k}"), a, b);
@@ -487,6 +509,10 @@ fn run_with<E: Storage>(
                 let from = state.step;
                 stab.rolled_back(from, st.step)?;
                 state.params = st.params;
+                if let Some(d) = dp.as_mut().filter(|_| zero3) {
+                    d.zero3_set_params(&state.params);
+                    state.params = Vec::new();
+                }
                 opt.m = st.m;
                 opt.v = st.v;
                 opt.step = st.adam_step;
@@ -522,15 +548,25 @@ fn run_with<E: Storage>(
         let eval_due = last || (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0);
         if eval_due {
             let t_eval = Instant::now();
-            let vl = mean_val_loss(
-                &stage,
-                master_as::<E>(&state.params).unwrap_or(&work),
-                &mut acts,
-                &data.val,
-                (b, t, cfg.train.eval_batches),
-                par,
-                pipe.as_deref_mut(),
-            )?;
+            let vl = match dp.as_deref_mut().filter(|_| zero3) {
+                Some(d) => setup::zero3_val_loss(
+                    d,
+                    &layout,
+                    &mut acts,
+                    &data.val,
+                    (b, t, cfg.train.eval_batches),
+                    par,
+                )?,
+                None => mean_val_loss(
+                    &stage,
+                    master_as::<E>(&state.params).unwrap_or(&work),
+                    &mut acts,
+                    &data.val,
+                    (b, t, cfg.train.eval_batches),
+                    par,
+                    pipe.as_deref_mut(),
+                )?,
+            };
             writeln!(
                 metrics,
                 "{}",
@@ -582,6 +618,9 @@ fn run_with<E: Storage>(
             state.adam_step = opt.step;
             state.stability = Some(stab.state());
             state.data_position = batcher.position();
+            if let Some(d) = dp.as_mut().filter(|_| zero3) {
+                state.params = d.zero3_full_params()?;
+            }
             let owned = dp
                 .as_ref()
                 .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
@@ -614,6 +653,9 @@ fn run_with<E: Storage>(
             };
             opt.m = std::mem::take(&mut state.m);
             opt.v = std::mem::take(&mut state.v);
+            if zero3 {
+                state.params = Vec::new();
+            }
             if let Some(tr) = trace.as_mut() {
                 tr.span(
                     crate::trace::MAIN,
@@ -635,6 +677,9 @@ fn run_with<E: Storage>(
     }
     metrics.flush().map_err(io(&metrics_path))?;
     drop(metrics);
+    if let Some(d) = dp.as_mut().filter(|_| zero3) {
+        state.params = d.zero3_full_params()?;
+    }
     let wall_secs = loop_start.elapsed().as_secs_f64();
     let mut secs: Vec<f64> = records.iter().map(|r| r.step_secs).collect();
     secs.sort_by(f64::total_cmp);
