@@ -72,7 +72,7 @@ pub struct BenchTrainArgs {
     /// Activation recomputation policies to time, comma-separated: none, selective, full.
     #[arg(long, default_value = "none", value_delimiter = ',', value_parser = parse_recompute)]
     pub recompute: Vec<Recompute>,
-    /// Run bf16 matmuls on f32 panels even where the CPU has AMX (to compare the two).
+    /// Run bf16 matmuls on f32 panels even where the CPU has AMX or AVX512_BF16 (to compare).
     #[arg(long)]
     pub no_amx: bool,
 }
@@ -366,12 +366,9 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
 
     if args.no_amx {
         kernels::matmul::set_amx(false);
+        kernels::matmul::set_avx512_bf16(false);
     }
-    let bf16_matmul = if kernels::matmul::amx_active() {
-        "amx"
-    } else {
-        "f32-panels"
-    };
+    let bf16_matmul = kernels::matmul::bf16_matmul_kind();
     let mm_gflops = matmul_gflops(&cfg, b, t, par);
     // rounds[i][v]: variant v's median phases in round i; torch[i]: the peer's round.
     let mut rounds: Vec<Vec<[f64; 4]>> = Vec::new();

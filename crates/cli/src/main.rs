@@ -15,6 +15,7 @@ mod report;
 mod sample;
 mod serve;
 mod spec;
+mod spec_model;
 mod train;
 mod train_dp;
 
@@ -209,13 +210,18 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
             ctx.cluster.gpus,
             ctx.recipe.global_batch,
         )?;
+        ctx.recipe.check_layout(&l)?;
         // Without --pp-layers the stages are balanced from their predicted times.
         ctx.balance(&mut l);
         l
     } else {
         // No layout flags: take the fastest layout that fits, as `plan` would (recompute as given).
-        let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node);
+        let mut space = SearchSpace::for_gpus(vec![ctx.cluster.gpus], ctx.cluster.gpus_per_node)
+            .with_model_axes(&ctx.model);
         space.recompute = vec![ctx.recipe.recompute];
+        if ctx.recipe.offload.params {
+            space.zero = vec![3];
+        }
         let r = parallel_search(&ctx, &space, Objective::Time, 1, None);
         match r.top.first() {
             Some(c) => {
@@ -229,11 +235,11 @@ pub(crate) fn estimate_answer(spec: &SpecArgs, explain: bool) -> Result<Estimate
                     ctx.cluster.gpu.name,
                     report::no_fit_hint(&r)
                 ));
-                let mut l = spec.layout_request()?.resolve(
-                    &ctx.model,
-                    ctx.cluster.gpus,
-                    ctx.recipe.global_batch,
-                )?;
+                let mut req = spec.layout_request()?;
+                if ctx.recipe.offload.params {
+                    req.zero = Some(3);
+                }
+                let mut l = req.resolve(&ctx.model, ctx.cluster.gpus, ctx.recipe.global_batch)?;
                 ctx.balance(&mut l);
                 l
             }
@@ -372,7 +378,32 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
             a.max_gpus
         );
     }
-    let mut space = SearchSpace::for_gpus(sizes, gpn);
+    let mut space = SearchSpace::for_gpus(sizes, gpn).with_model_axes(&ctx.model);
+    if let Some(cp) = spec.cp {
+        if cp == 0 || (cp > 1 && ctx.model.seq_len % (2 * cp) != 0) {
+            bail!(
+                "--cp {cp}: context parallelism splits each sequence into 2·cp chunks; the sequence ({}) is not divisible by {}",
+                ctx.model.seq_len,
+                2 * cp
+            );
+        }
+        space.cp = vec![cp];
+    }
+    if let Some(ep) = spec.ep {
+        match &ctx.model.moe {
+            _ if ep == 0 => bail!("--ep must be at least 1"),
+            None if ep > 1 => bail!(
+                "--ep {ep}: expert parallelism needs a mixture-of-experts model (this one is dense); drop --ep or add --experts"
+            ),
+            Some(e) if e.experts % ep != 0 => bail!(
+                "--ep {ep}: the {} experts are not divisible by it; pick ep dividing {}",
+                e.experts,
+                e.experts
+            ),
+            _ => {}
+        }
+        space.ep = vec![ep];
+    }
     if let Some(mb) = spec.micro_batch {
         space.micro_batches = vec![mb];
     }
@@ -381,6 +412,31 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     }
     if let Some(v) = spec.vpp {
         space.vpp = vec![v];
+    }
+    let off = ctx.recipe.offload;
+    if spec
+        .offload
+        .as_deref()
+        .is_some_and(|o| o.trim().eq_ignore_ascii_case("auto"))
+    {
+        use plan::recipe::Offload;
+        space.offload = vec![
+            Offload::default(),
+            Offload {
+                optimizer: true,
+                ..off
+            },
+            Offload {
+                optimizer: true,
+                params: true,
+                ..off
+            },
+        ];
+    } else if off.params {
+        if let Some(z) = spec.zero.filter(|&z| z < 3) {
+            bail!("--offload params keeps each GPU's parameter shard on the host, which needs ZeRO-3; drop --zero {z} or use --zero 3");
+        }
+        space.zero = vec![3];
     }
     if spec.recompute.is_some() {
         space.recompute = vec![ctx.recipe.recompute];
@@ -408,6 +464,7 @@ pub(crate) fn plan_json(p: &PlanAnswer) -> serde_json::Value {
         "top": r.top.iter().map(|c| {
             let mut cc = ctx.clone();
             cc.recipe.recompute = c.recompute;
+            cc.recipe.offload = c.offload;
             cc.cluster.gpus = c.layout.world();
             plan::estimate(&cc, &c.layout, false)
         }).collect::<Vec<_>>(),
@@ -447,6 +504,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
     let detail = r.top.first().map(|c| {
         let mut cc = ctx.clone();
         cc.recipe.recompute = c.recompute;
+        cc.recipe.offload = c.offload;
         cc.cluster.gpus = c.layout.world();
         let est = plan::estimate(&cc, &c.layout, a.explain);
         let mut s = report::estimate_table(&est, &cc.recipe);

@@ -41,13 +41,28 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         p.final_norm,
         count(p.head as f64)
     );
+    if let Some(moe) = &e.model.moe {
+        let _ = writeln!(
+            s,
+            "Experts     {} routed experts of ffn {}, top-{}{}{}, {} of {} layers MoE; {} active parameters per token ({} in routed experts)",
+            moe.experts,
+            moe.expert_ffn,
+            moe.top_k,
+            if moe.shared_ffn > 0 { format!(", shared experts ffn {}", moe.shared_ffn) } else { String::new() },
+            match moe.capacity_factor { Some(c) => format!(", capacity factor {c}"), None => ", dropless".into() },
+            e.model.layers - moe.dense_layers,
+            e.model.layers,
+            count(p.active as f64),
+            count(p.routed_experts as f64)
+        );
+    }
     let _ = writeln!(
         s,
         "Cluster     {} x {} ({} per node), ${:.2}/GPU-hour",
         e.gpus, e.gpu, e.gpus_per_node, e.price_per_gpu_hour
     );
-    let _ = writeln!(s, "Recipe      {}, {}, {} tokens, global batch {} x {} tokens, recompute {}, flash attention {}", match recipe.fp8 { Some(f) => format!("{} with {f} linears", recipe.precision), None => recipe.precision.to_string() }, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention);
-    let _ = writeln!(s, "Layout      dp {} x tp {} x pp {}{} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, if l.cp > 1 { format!(" x cp {}", l.cp) } else { String::new() }, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
+    let _ = writeln!(s, "Recipe      {}, {}, {} tokens, global batch {} x {} tokens, recompute {}, flash attention {}{}", match recipe.fp8 { Some(f) => format!("{} with {f} linears", recipe.precision), None => recipe.precision.to_string() }, recipe.optimizer, count(recipe.tokens), recipe.global_batch, e.model.seq_len, recipe.recompute, recipe.flash_attention, if recipe.offload.any() { format!(", offload {}", recipe.offload) } else { String::new() });
+    let _ = writeln!(s, "Layout      dp {} x tp {} x pp {}{} (vpp {}), sequence parallel {}, ZeRO-{}, micro-batch {}, grad-accum {}", l.dp, l.tp, l.pp, if l.cp > 1 { format!(" x cp {}", l.cp) } else { String::new() } + &if l.ep > 1 { format!(", ep {}", l.ep) } else { String::new() }, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, l.grad_accum);
     if l.pp * l.vpp > 1 {
         let how = match l.partition {
             plan::Partition::Even => "even",
@@ -111,6 +126,14 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         m.comm_buffers,
         String::new(),
     );
+    if m.host_bytes > 0.0 {
+        row(
+            &mut s,
+            "(on the host)",
+            m.host_bytes,
+            format!("offloaded ({}), not in the total", recipe.offload),
+        );
+    }
     row(
         &mut s,
         "runtime overhead",
@@ -145,7 +168,7 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
         duration(t.bubble),
         duration(t.optimizer)
     );
-    let _ = writeln!(s, "            communication: tensor-parallel {}, pipeline {}, data-parallel {} exposed of {}", duration(t.tp_comm), duration(t.pp_comm), duration(t.dp_exposed), duration(t.dp_comm));
+    let _ = writeln!(s, "            communication: tensor-parallel {}{}, pipeline {}, data-parallel {} exposed of {}", duration(t.tp_comm), if t.ep_comm > 0.0 { format!(" (of which expert all-to-all {})", duration(t.ep_comm)) } else { String::new() }, duration(t.pp_comm), duration(t.dp_exposed), duration(t.dp_comm));
     let _ = writeln!(
         s,
         "            MFU {}, HFU {}, {:.0} tokens/s",
@@ -220,8 +243,8 @@ fn candidate_row(i: usize, c: &Candidate) -> String {
     let l = &c.layout;
     let t = &c.eval.time;
     format!(
-        "{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}",
-        i + 1, l.world(), l.dp, l.tp, l.pp, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, c.recompute.to_string(),
+        "{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}",
+        i + 1, l.world(), l.dp, l.tp, l.pp, l.cp, l.ep, l.vpp, if l.sp { "on" } else { "off" }, l.zero, l.micro_batch, c.recompute.to_string(),
         format!("{:.1}", c.eval.memory.total / plan::units::GIB), duration(t.total), duration(t.compute), duration(t.communication), duration(t.bubble), pct(c.eval.mfu), format!("{:.1}", c.days), format!("${:.0}", c.cost_usd)
     )
 }
@@ -248,7 +271,7 @@ pub fn plan_table(r: &SearchResult, secs: f64, breakdown_of_best: Option<String>
     if r.top.is_empty() {
         let _ = writeln!(s, "\n{}", no_fit_hint(r));
     } else {
-        let _ = writeln!(s, "\n{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}", "#", "gpus", "dp", "tp", "pp", "vpp", "sp", "zero", "mb", "recompute", "GiB/GPU", "step", "compute", "comm", "bubble", "MFU", "days", "cost");
+        let _ = writeln!(s, "\n{:>3}  {:>5} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>4} {:>3} {:>4} {:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>8} {:>12}", "#", "gpus", "dp", "tp", "pp", "cp", "ep", "vpp", "sp", "zero", "mb", "recompute", "GiB/GPU", "step", "compute", "comm", "bubble", "MFU", "days", "cost");
         for (i, c) in r.top.iter().enumerate() {
             let _ = writeln!(s, "{}", candidate_row(i, c));
         }

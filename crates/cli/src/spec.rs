@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use plan::hardware::{gpu_preset, validate_gpu, ClusterSpec, GpuSpec};
 use plan::layout::LayoutRequest;
-use plan::model::{self, ModelSpec};
+use plan::model::ModelSpec;
 use plan::recipe::{
     CausalFlops, GradSync, Optimizer, Precision, Recipe, Recompute, Schedule, StateBytes,
 };
@@ -66,6 +66,24 @@ pub struct SpecArgs {
     /// Norm: layernorm or rmsnorm.
     #[arg(long, help_heading = "Model")]
     pub norm: Option<String>,
+    /// Mixture of experts: routed experts per MoE layer (with --top-k and --expert-ffn).
+    #[arg(long, help_heading = "Model")]
+    pub experts: Option<u64>,
+    /// Routed experts each token uses (default 2 with --experts).
+    #[arg(long, help_heading = "Model")]
+    pub top_k: Option<u64>,
+    /// FFN width of one routed expert (default: --ffn-hidden).
+    #[arg(long, help_heading = "Model")]
+    pub expert_ffn: Option<u64>,
+    /// Total FFN width of the shared (always active) experts (default 0).
+    #[arg(long, help_heading = "Model")]
+    pub shared_expert_ffn: Option<u64>,
+    /// Expert capacity factor (tokens beyond it are dropped, below it padded); default dropless.
+    #[arg(long, help_heading = "Model")]
+    pub capacity_factor: Option<f64>,
+    /// Leading layers that keep a dense MLP (DeepSeek's first_k_dense_replace; default 0).
+    #[arg(long, help_heading = "Model")]
+    pub dense_layers: Option<u64>,
 
     // ---- recipe ----
     /// Training tokens (e.g. 300B). Default: 20 tokens per parameter (Hoffmann et al. 2022).
@@ -135,6 +153,14 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub overlap_param_gather: bool,
+    /// Keep model states off the GPU: none (default), optimizer (ZeRO-Offload: master weights,
+    /// moments, gradients; CPU-Adam), params (ZeRO-Infinity: 16-bit parameter shards, needs
+    /// --zero 3), both; `plan` also takes auto (searches none, optimizer, both).
+    #[arg(long, help_heading = "Recipe")]
+    pub offload: Option<String>,
+    /// Where offloaded states live: cpu (default) or nvme.
+    #[arg(long, help_heading = "Recipe")]
+    pub offload_device: Option<String>,
     /// Fraction of device memory to keep free (default 0): layouts must fit in (1 − margin) of it.
     #[arg(long, help_heading = "Recipe")]
     pub memory_margin: Option<f64>,
@@ -178,6 +204,9 @@ pub struct SpecArgs {
     /// Context-parallel degree (default 1): each sequence split across cp ranks (ring attention).
     #[arg(long, help_heading = "Layout")]
     pub cp: Option<u64>,
+    /// Expert-parallel degree for MoE models (default 1): divides the experts and tp x cp x dp.
+    #[arg(long, help_heading = "Layout")]
+    pub ep: Option<u64>,
     /// Virtual pipeline stages per device (default 1).
     #[arg(long, help_heading = "Layout")]
     pub vpp: Option<u64>,
@@ -248,6 +277,12 @@ impl SpecArgs {
             tied_embeddings,
             mlp,
             norm,
+            experts,
+            top_k,
+            expert_ffn,
+            shared_expert_ffn,
+            capacity_factor,
+            dense_layers,
             tokens,
             global_batch,
             micro_batch,
@@ -268,6 +303,7 @@ impl SpecArgs {
             tp,
             pp,
             cp,
+            ep,
             vpp,
             zero,
             grad_accum,
@@ -276,6 +312,8 @@ impl SpecArgs {
             stack,
             calibration,
             memory_margin,
+            offload,
+            offload_device,
             gpu_mtbf_hours,
             checkpoint_gbps,
             restart_minutes,
@@ -324,6 +362,7 @@ impl SpecArgs {
         self.dp.is_some()
             || self.tp.is_some()
             || self.cp.is_some()
+            || self.ep.is_some()
             || self.pp.is_some()
             || self.vpp.is_some()
             || self.sequence_parallel
@@ -331,112 +370,6 @@ impl SpecArgs {
             || self.micro_batch.is_some()
             || self.grad_accum.is_some()
             || self.pp_layers.is_some()
-    }
-
-    /// The model: preset, --params, --hf-config, then explicit dimensions on top.
-    pub fn model(&self) -> Result<(ModelSpec, Option<String>)> {
-        let sources = [
-            self.model.is_some(),
-            self.params.is_some(),
-            self.hf_config.is_some(),
-        ]
-        .iter()
-        .filter(|x| **x)
-        .count();
-        if sources > 1 {
-            bail!("give only one of --model, --params and --hf-config");
-        }
-        let explicit = self.layers.is_some() || self.hidden.is_some() || self.heads.is_some();
-        let mut note = None;
-        let mut m = if let Some(name) = &self.model {
-            model::preset(name)?
-        } else if let Some(p) = &self.params {
-            let m = model::from_params(parse_count("--params", p)?)?;
-            note = Some(format!(
-                "--params {p}: chose a GPT shape of {} layers x {} hidden, {} heads (head dim 128), ffn {}, vocab {}, seq {} -> {} parameters (rule: h = 128 l, docs/estimator.md)",
-                m.layers, m.hidden, m.heads, m.ffn_hidden, m.vocab, m.seq_len, plan::units::count(m.params().total as f64)
-            ));
-            m
-        } else if let Some(path) = &self.hf_config {
-            let text = read_text(path, "--hf-config")?;
-            model::from_hf_config(&text)
-                .with_context(|| format!("--hf-config {}", path.display()))?
-        } else if explicit {
-            let (Some(layers), Some(hidden), Some(heads)) = (self.layers, self.hidden, self.heads)
-            else {
-                bail!("explicit dimensions need at least --layers, --hidden and --heads (or start from --model PRESET)");
-            };
-            let mut m = model::preset("gpt2-124m")?;
-            m.name = "custom".into();
-            m.layers = layers;
-            m.hidden = hidden;
-            m.heads = heads;
-            m.kv_heads = heads;
-            m.ffn_hidden = 4 * hidden;
-            m.vocab = 50304;
-            m.seq_len = 2048;
-            m.learned_positions = 2048;
-            m
-        } else {
-            let m = model::from_params(10e9)?;
-            note = Some(format!(
-                "no model given: using --params 10B -> GPT shape {} layers x {} hidden, {} heads ({} parameters)",
-                m.layers, m.hidden, m.heads, plan::units::count(m.params().total as f64)
-            ));
-            m
-        };
-        if explicit && (self.model.is_some() || self.params.is_some() || self.hf_config.is_some()) {
-            m.name = format!("{} (modified)", m.name);
-        }
-        if let Some(v) = self.layers {
-            m.layers = v;
-        }
-        if let Some(v) = self.hidden {
-            m.hidden = v;
-        }
-        if let Some(v) = self.heads {
-            m.heads = v;
-            if self.kv_heads.is_none() && m.kv_heads > v {
-                m.kv_heads = v;
-            }
-        }
-        if let Some(v) = self.kv_heads {
-            m.kv_heads = v;
-        }
-        if let Some(v) = self.ffn_hidden {
-            m.ffn_hidden = v;
-        }
-        if let Some(v) = self.vocab {
-            m.vocab = v;
-        }
-        if let Some(v) = self.seq_len {
-            m.seq_len = v;
-            if m.learned_positions > 0
-                && v > m.learned_positions
-                && (self.model.is_none() || explicit)
-            {
-                m.learned_positions = v;
-            }
-        }
-        if let Some(v) = self.tied_embeddings {
-            m.tied_embeddings = v;
-        }
-        if let Some(v) = &self.mlp {
-            m.mlp = match v.as_str() {
-                "gelu" => model::Mlp::Gelu,
-                "gated" | "swiglu" => model::Mlp::Gated,
-                _ => bail!("--mlp '{v}' is not one of gelu, gated"),
-            };
-        }
-        if let Some(v) = &self.norm {
-            m.norm = match v.as_str() {
-                "layernorm" => model::Norm::LayerNorm,
-                "rmsnorm" => model::Norm::RmsNorm,
-                _ => bail!("--norm '{v}' is not one of layernorm, rmsnorm"),
-            };
-        }
-        m.validate()?;
-        Ok((m, note))
     }
 
     /// The GPU: preset or TOML file.
@@ -556,6 +489,17 @@ impl SpecArgs {
         if let Some(m) = self.restart_minutes {
             r.failures.restart_secs = m * 60.0;
         }
+        r.offload = match self.offload.as_deref() {
+            // `plan --offload auto` searches; as a recipe it starts from none.
+            Some(a) if a.trim().eq_ignore_ascii_case("auto") => {
+                plan::recipe::Offload::parse("none", self.offload_device.as_deref())?
+            }
+            Some(o) => plan::recipe::Offload::parse(o, self.offload_device.as_deref())?,
+            None if self.offload_device.is_some() => {
+                bail!("--offload-device says where offloaded states go; add --offload optimizer|params|both")
+            }
+            None => plan::recipe::Offload::default(),
+        };
         r.tp_comm_overlap = self.tp_comm_overlap;
         r.overlap_param_gather = self.overlap_param_gather;
         match self.stack.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
@@ -585,6 +529,7 @@ impl SpecArgs {
             tp: self.tp,
             pp: self.pp,
             cp: self.cp,
+            ep: self.ep,
             vpp: self.vpp,
             sp: self.sequence_parallel,
             zero: self.zero,

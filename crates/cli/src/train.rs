@@ -58,6 +58,14 @@ pub struct TrainArgs {
     /// or full (whole layers).
     #[arg(long)]
     pub recompute: Option<String>,
+    /// Data parallel: name a rank whose busy time per step is this fraction above the median
+    /// rank's (train.straggler_margin, default 0.2).
+    #[arg(long)]
+    pub straggler_margin: Option<f64>,
+    /// Steps the straggler medians are taken over; 0 turns detection off
+    /// (train.straggler_window, default 20).
+    #[arg(long)]
+    pub straggler_window: Option<usize>,
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -311,6 +319,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         let r = plan::recipe::Recompute::parse(r)?;
         overrides.push(format!("train.recompute={}", serde_json::to_string(&r)?));
     }
+    if let Some(m) = a.straggler_margin {
+        overrides.push(format!("train.straggler_margin={m:?}"));
+    }
+    if let Some(w) = a.straggler_window {
+        overrides.push(format!("train.straggler_window={w}"));
+    }
     overrides.extend(a.set.iter().cloned());
     let mut cfg = TrainConfig::load(a.config.as_deref(), &overrides)?;
     crate::train_dp::check_layout(&a.dp, &mut cfg)?;
@@ -474,11 +488,19 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 .map_or(String::new(), |x| format!("; fp16 loss scale now {x}"))
         );
     }
-    // Compute plus the communication the training thread waits for.
-    let predicted_step = st.predicted_step.total_secs
-        / (1.0 - st.pipeline.as_ref().map_or(0.0, |p| p.simulated_bubble))
-        + st.predicted_comm
-            .map_or(0.0, |c| c.exposed_secs + c.contention_secs);
+    // Compute plus the communication the training thread waits for: for a mesh the very
+    // prediction `plan --cpu` ranks layouts by, else this rank's compute and its
+    // data-parallel communication.
+    let mesh = mesh_prediction(st);
+    let predicted_step = match &mesh {
+        Some(p) => p.step_secs,
+        None => {
+            st.predicted_step.total_secs
+                / (1.0 - st.pipeline.as_ref().map_or(0.0, |p| p.simulated_bubble))
+                + st.predicted_comm
+                    .map_or(0.0, |c| c.exposed_secs + c.contention_secs)
+        }
+    };
     println!(
         "  step time: predicted {:.1} ms | measured {:.1} ms (median over {} steps), ratio measured/predicted {:.2}",
         1e3 * predicted_step,
@@ -486,6 +508,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         s.records.len(),
         s.median_step_secs / predicted_step
     );
+    if let Some(p) = &mesh {
+        println!(
+            "  layout model (plan --cpu): pipeline {:.1} ms of which idle {:.1} ms, tensor-parallel collectives {:.1} ms, data-parallel exposed {:.1} ms, AdamW {:.1} ms, {} thread(s)/rank",
+            1e3 * p.pipeline_secs,
+            1e3 * p.bubble_secs,
+            1e3 * p.tp_comm_secs,
+            1e3 * p.dp_comm_secs,
+            1e3 * p.optimizer_secs,
+            p.threads
+        );
+    }
     if let Some((_, n, zero)) = st.dp {
         // Means, not medians: the three must add up (a median of each does not), and the
         // exposed part is often bimodal (a peer a little late or not).
@@ -538,6 +571,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             );
         }
     }
+    if let Some(line) = crate::train_dp::rank_times_line(&s.rank_times) {
+        println!("{line}");
+    }
     if let Some(pi) = st.pipeline.as_ref().filter(|pi| pi.tp.1 > 1) {
         let mut xs: Vec<f64> = s
             .records
@@ -546,11 +582,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             .collect();
         xs.sort_by(f64::total_cmp);
         let median = xs.get(xs.len() / 2).copied().unwrap_or(0.0);
+        let mut ms: Vec<f64> = s.records.iter().filter_map(|r| r.tp_secs).collect();
+        ms.sort_by(f64::total_cmp);
+        let measured = ms.get(ms.len() / 2).copied().unwrap_or(0.0);
         println!(
-            "  tensor parallel: rank {} of {} spent {:.1}% of the step in its group's collectives (median; waiting included)",
+            "  tensor parallel: rank {} of {} spent {:.1}% of the step in its group's collectives (median; waiting included): measured {:.1} ms{}",
             pi.tp.0,
             pi.tp.1,
-            100.0 * median
+            100.0 * median,
+            1e3 * measured,
+            mesh.as_ref()
+                .map_or(String::new(), |p| format!(" | predicted {:.1} ms", 1e3 * p.tp_comm_secs))
         );
     }
     if let Some(pi) = st.pipeline.as_ref().filter(|pi| pi.stages > 1) {
@@ -580,6 +622,49 @@ pub fn run(a: &TrainArgs) -> Result<()> {
 }
 
 /// The estimator's name of a precision (`bf16-mixed`).
+/// `plan::cpu_plan::predict` for this run's layout, when the run is a mesh (pipeline and/or
+/// tensor parallel) that the planner's model covers: one chunk per stage, 1F1B (or no
+/// pipeline), the default balanced stages. Cores: those the run's ranks × threads use, at most
+/// the machine's.
+fn mesh_prediction(st: &StartInfo) -> Option<plan::cpu_plan::CpuPrediction> {
+    use plan::cpu_plan::{predict, stage_layers, CpuHost, CpuLayout, CpuModel};
+    let pi = st.pipeline.as_ref()?;
+    if pi.chunks.len() != 1 || (pi.stages > 1 && pi.schedule != "1f1b") {
+        return None;
+    }
+    let c = &st.config;
+    let m = CpuModel {
+        padded_vocab: plan::cpu_runtime::padded_vocab(c.model.vocab_size? as u64),
+        seq_len: c.model.seq_len as u64,
+        channels: c.model.channels as u64,
+        heads: c.model.n_head as u64,
+        layers: c.model.n_layer as u64,
+    };
+    let (dp, zero) = st.dp.map_or((1, 0), |(_, n, z)| (n as u64, z));
+    let l = CpuLayout {
+        dp,
+        pp: pi.stages as u64,
+        tp: pi.tp.1 as u64,
+        batch: c.train.batch_size as u64,
+        microbatches: pi.microbatches as u64,
+        zero,
+        sp: pi.sequence_parallel,
+    };
+    let layers: Vec<u64> = pi.parts.iter().map(|r| r.len() as u64).collect();
+    if layers != stage_layers(&m, l.batch, l.pp) {
+        return None;
+    }
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let host = CpuHost {
+        cores: (l.ranks() * st.threads as u64).min(machine).max(1),
+        compute: plan::cpu_time::CpuCalibration::default(),
+        link: plan::cpu_comm::CommCalibration::for_transport(pi.transport),
+        bucket_bytes: train::dp::DEFAULT_BUCKET_BYTES as u64,
+        overlap: true,
+    };
+    Some(predict(&m, &l, &host))
+}
+
 fn precision_name(p: plan::recipe::Precision) -> String {
     serde_json::to_value(p)
         .ok()

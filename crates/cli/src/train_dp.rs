@@ -196,8 +196,19 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         if a.grad_sync == GradSyncArg::Ps {
             bail!("--pp with --grad-sync ps: the parameter server is not combined with pipelines; use --grad-sync ring");
         }
-        if zero != ZeroStage::Off {
-            bail!("--zero {} with --pp {}: ZeRO is not combined with pipelines in the runtime yet; use --zero 0", a.zero, a.pp);
+        // DeepSpeed's pipeline engine refuses ZeRO-2/3 too: they reduce gradients every
+        // micro-batch, which a pipeline's interleaved forwards and backwards make costly.
+        if zero == ZeroStage::Two {
+            bail!(
+                "--zero 2 with --pp {}: ZeRO-2 reduces gradients after every micro-batch, which pipelines do not combine with (as in DeepSpeed); use --zero 1 (optimizer state sharded, gradients reduced once per step)",
+                a.pp
+            );
+        }
+        if zero != ZeroStage::Off && a.vpp > 1 {
+            bail!(
+                "--zero {} with --vpp {}: ZeRO over interleaved chunks is not built yet; use --vpp 1 with ZeRO-1, or --zero 0 with --vpp {}",
+                a.zero, a.vpp, a.vpp
+            );
         }
     }
     if schedule == Schedule::Interleaved && a.vpp < 2 {
@@ -211,13 +222,6 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
             bail!(
                 "--vpp {} runs the interleaved 1F1B schedule; drop --schedule gpipe",
                 a.vpp
-            );
-        }
-        if a.dp > 1 {
-            bail!(
-                "--vpp {} with --dp {}: data-parallel buckets over interleaved chunks are not built yet; \
-                 use --vpp 1 (1F1B) with data parallelism",
-                a.vpp, a.dp
             );
         }
     }
@@ -532,4 +536,31 @@ pub fn fail(e: anyhow::Error) -> anyhow::Error {
         comm::mpi_comm::abort_job(2);
     }
     e
+}
+
+/// The report's per-rank step times (data parallel, rank 0: `train::straggler`).
+pub fn rank_times_line(times: &[train::straggler::RankTimes]) -> Option<String> {
+    if times.is_empty() {
+        return None;
+    }
+    let ranks: Vec<String> = times
+        .iter()
+        .map(|r| {
+            format!(
+                "rank {} busy {:.1} / waiting {:.1}{}",
+                r.rank,
+                1e3 * r.busy_secs,
+                1e3 * r.wait_secs,
+                if r.named > 0 {
+                    format!(" (named a straggler {} time(s))", r.named)
+                } else {
+                    String::new()
+                }
+            )
+        })
+        .collect();
+    Some(format!(
+        "  per-rank step time (mean ms per step): {}",
+        ranks.join(" | ")
+    ))
 }

@@ -19,7 +19,7 @@ fn fp8_estimate_reports_the_scaling_and_is_faster() {
     let (code, out, err) = run(&[&base[..], &["--json"]].concat());
     assert_eq!(code, 0, "{err}");
     let bf16: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(bf16["schema_version"], 2);
+    assert_eq!(bf16["schema_version"], 3);
     assert!(bf16["fp8"].is_null());
     let (code, out, err) = run(&[&base[..], &["--json", "--precision", "fp8-current"]].concat());
     assert_eq!(code, 0, "{err}");

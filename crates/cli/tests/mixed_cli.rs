@@ -4,7 +4,7 @@
 //! skipped on every rank and stage (and K in a row stopping the run), and an injected bad batch
 //! logged, skipped or rolled back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 
@@ -12,15 +12,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
     common::run_env(args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "20")])
 }
 
-struct Tmp(PathBuf);
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmp(name: &str) -> Tmp {
-    Tmp(common::tmp_dir("mixed", name))
+fn tmp(name: &str) -> common::TempDir {
+    common::TempDir::new("mixed", name)
 }
 
 /// A 2-layer model (so 2 stages split it evenly), tiny corpus, one thread.
@@ -117,9 +110,9 @@ fn mixed_precision_resumes_bit_exact_at_pp1_and_pp2() {
                 extra.extend(fp16);
             }
             let what = format!("{precision} {layout}");
-            let straight = d.0.join(format!("{precision}-{layout}-straight"));
+            let straight = d.path().join(format!("{precision}-{layout}-straight"));
             train(&straight, "12", &extra);
-            let part = d.0.join(format!("{precision}-{layout}-part"));
+            let part = d.path().join(format!("{precision}-{layout}-part"));
             train(&part, "5", &extra);
             let mut resumed = extra.clone();
             resumed.push("--resume");
@@ -182,7 +175,7 @@ fn recomputation_gives_bitwise_the_same_run_in_fp32() {
     let d = tmp("recompute");
     let mut runs = Vec::new();
     for r in ["none", "selective", "full"] {
-        let dir = d.0.join(r);
+        let dir = d.path().join(r);
         let out = train(
             &dir,
             "8",
@@ -224,7 +217,7 @@ fn an_injected_nan_is_skipped_on_every_rank_and_stage() {
     let pp2 = [inject.as_slice(), &["--pp", "2", "--microbatches", "2"]].concat();
     let mut all = Vec::new();
     for (name, flags) in [("one", one), ("dp2", dp2), ("pp2", pp2)] {
-        let dir = d.0.join(name);
+        let dir = d.path().join(name);
         let out = train(&dir, "6", &flags);
         let s = steps(&dir);
         assert_eq!(s[2]["skipped"], true, "{name}: {:?}", s[2]);
@@ -254,7 +247,7 @@ fn an_injected_nan_is_skipped_on_every_rank_and_stage() {
 
     // Too many in a row stop the run with an error naming the step.
     let mut args = vec!["train", "--out"];
-    let dir = d.0.join("diverged");
+    let dir = d.path().join("diverged");
     args.push(dir.to_str().unwrap());
     args.extend(["--steps", "8"]);
     args.extend(model());
@@ -300,7 +293,7 @@ fn an_injected_bad_batch_is_a_spike_that_is_logged_skipped_or_rolled_back() {
         "train.eval_every=0",
     ];
     for action in ["log", "skip", "rollback"] {
-        let dir = d.0.join(action);
+        let dir = d.path().join(action);
         let set = format!("stability.spike_action=\"{action}\"");
         let mut flags = base.to_vec();
         flags.extend(["--set", &set]);
@@ -337,7 +330,7 @@ fn an_injected_bad_batch_is_a_spike_that_is_logged_skipped_or_rolled_back() {
                 );
                 assert!(out.contains("1 rollbacks"), "{out}");
                 // Steps 141.. were trained again on later data: not the log run's losses.
-                let log = losses(&d.0.join("log"));
+                let log = losses(&d.path().join("log"));
                 let l = losses(&dir);
                 assert_eq!(l[..140], log[..140]);
                 assert_ne!(l[140], log[140]);
@@ -353,7 +346,7 @@ fn bf16_data_parallel_layouts_train_the_one_process_model() {
     let d = tmp("dp");
     let common = ["--precision", "bf16-mixed", "--set", "train.eval_every=0"];
     let run_losses = |name: &str, flags: &[&str]| {
-        let dir = d.0.join(name);
+        let dir = d.path().join(name);
         train(&dir, "6", &[common.as_slice(), flags].concat());
         losses(&dir)
     };

@@ -9,7 +9,7 @@
 //! the gradient norm is summed per stage. Both are f32/f64 rounding; we require 1e-6 relative
 //! on every step's loss (observed: up to 6e-8 over 20 steps).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 
@@ -17,15 +17,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
     common::run_env(args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "20")])
 }
 
-struct Tmp(PathBuf);
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmp(name: &str) -> Tmp {
-    Tmp(common::tmp_dir("pp", name))
+fn tmp(name: &str) -> common::TempDir {
+    common::TempDir::new("pp", name)
 }
 
 /// A 4-layer model (so 2 and 4 stages split it evenly), 20 steps.
@@ -62,41 +55,14 @@ fn train(dir: &Path, layers: &'static str, steps: &str, extra: &[&str]) -> (Vec<
     args.extend_from_slice(extra);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
-    read_losses(dir)
-}
-
-fn read_losses(dir: &Path) -> (Vec<f64>, Vec<f64>) {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let (mut l, mut v) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let j: serde_json::Value = serde_json::from_str(line).unwrap();
-        if let Some(x) = j.get("loss") {
-            l.push(x.as_f64().unwrap());
-        }
-        if let Some(x) = j.get("val_loss") {
-            v.push(x.as_f64().unwrap());
-        }
-    }
-    (l, v)
-}
-
-fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let rel = (x - y).abs() / x.abs().max(1e-12);
-        assert!(
-            rel <= tol,
-            "{what}: step {} differs: {x} vs {y} (relative {rel:e})",
-            i + 1
-        );
-    }
+    common::read_losses(dir)
 }
 
 #[test]
 fn every_pipeline_layout_trains_the_one_process_model() {
     let d = tmp("layouts");
     let base = train(
-        &d.0.join("one"),
+        &d.path().join("one"),
         "model.n_layer=4",
         "20",
         &["--set", "train.grad_accum=4"],
@@ -130,11 +96,41 @@ fn every_pipeline_layout_trains_the_one_process_model() {
             "dp2-pp2",
             &["--dp", "2", "--pp", "2", "--microbatches", "2"],
         ),
+        // Data parallelism over interleaved chunks (gradients reduced after the step's list).
+        (
+            "dp2-pp2-interleaved",
+            &[
+                "--dp",
+                "2",
+                "--pp",
+                "2",
+                "--vpp",
+                "2",
+                "--schedule",
+                "interleaved",
+                "--microbatches",
+                "2",
+            ],
+        ),
+        // ZeRO-1 in a pipeline: optimizer state sharded over dp within each stage.
+        (
+            "dp2-pp2-zero1",
+            &[
+                "--dp",
+                "2",
+                "--pp",
+                "2",
+                "--microbatches",
+                "2",
+                "--zero",
+                "1",
+            ],
+        ),
     ];
     for (name, flags) in layouts {
-        let got = train(&d.0.join(name), "model.n_layer=4", "20", flags);
-        assert_close(name, &base.0, &got.0, 1e-6);
-        assert_close(&format!("{name} validation"), &base.1, &got.1, 1e-6);
+        let got = train(&d.path().join(name), "model.n_layer=4", "20", flags);
+        common::assert_close(name, &base.0, &got.0, 1e-6);
+        common::assert_close(&format!("{name} validation"), &base.1, &got.1, 1e-6);
     }
 }
 
@@ -142,21 +138,21 @@ fn every_pipeline_layout_trains_the_one_process_model() {
 fn five_layers_on_two_stages() {
     let d = tmp("uneven");
     let base = train(
-        &d.0.join("one"),
+        &d.path().join("one"),
         "model.n_layer=5",
         "20",
         &["--set", "train.grad_accum=4"],
     );
     let got = train(
-        &d.0.join("pp2"),
+        &d.path().join("pp2"),
         "model.n_layer=5",
         "20",
         &["--pp", "2", "--microbatches", "4", "--pp-layers", "2,3"],
     );
-    assert_close("5 layers as 2+3", &base.0, &got.0, 1e-6);
+    common::assert_close("5 layers as 2+3", &base.0, &got.0, 1e-6);
     // Without --pp-layers the planner balances: the last stage also runs the LM head.
-    let dir = d.0.join("balanced");
-    let trace = d.0.join("trace.json");
+    let dir = d.path().join("balanced");
+    let trace = d.path().join("trace.json");
     let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--steps", "2"];
     args.extend(model("model.n_layer=5"));
     args.extend([
@@ -196,9 +192,9 @@ fn five_layers_on_two_stages() {
 fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
     let d = tmp("resume");
     let pp2 = ["--pp", "2", "--microbatches", "4"];
-    let straight = train(&d.0.join("straight"), "model.n_layer=4", "20", &pp2);
+    let straight = train(&d.path().join("straight"), "model.n_layer=4", "20", &pp2);
     // Interrupted after 10 steps, then resumed with the same layout: the same bits.
-    let part = d.0.join("part");
+    let part = d.path().join("part");
     train(&part, "model.n_layer=4", "10", &pp2);
     let mut resumed: Vec<&str> = pp2.to_vec();
     resumed.push("--resume");
@@ -207,15 +203,23 @@ fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
     let w = |dir: &Path, s: usize| {
         std::fs::read(dir.join(format!("step-00000020.stage-{s}-of-2.safetensors"))).unwrap()
     };
-    assert_eq!(w(&d.0.join("straight"), 0), w(&part, 0), "stage 0 weights");
-    assert_eq!(w(&d.0.join("straight"), 1), w(&part, 1), "stage 1 weights");
+    assert_eq!(
+        w(&d.path().join("straight"), 0),
+        w(&part, 0),
+        "stage 0 weights"
+    );
+    assert_eq!(
+        w(&d.path().join("straight"), 1),
+        w(&part, 1),
+        "stage 1 weights"
+    );
     // The same checkpoint resumed as one process, and as dp 2 × pp 2: the global batch is
     // kept, the weights and AdamW state re-shard; the losses follow the pp=2 run to rounding.
     for (name, flags) in [
         ("as-one", vec!["--resume", "--set", "train.grad_accum=4"]),
         ("as-dp2-pp2", vec!["--resume", "--dp", "2", "--pp", "2"]),
     ] {
-        let dir = d.0.join(name);
+        let dir = d.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         for e in std::fs::read_dir(&part).unwrap().flatten() {
             let n = e.file_name();
@@ -227,14 +231,14 @@ fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
             }
         }
         let got = train(&dir, "model.n_layer=4", "20", &flags);
-        assert_close(name, &straight.0, &got.0, 1e-6);
+        common::assert_close(name, &straight.0, &got.0, 1e-6);
     }
 }
 
 #[test]
 fn bad_pipeline_layouts_are_refused_with_the_arithmetic() {
     let d = tmp("bad");
-    let out = d.0.join("x");
+    let out = d.path().join("x");
     let try_ = |extra: &[&str]| {
         let mut args = vec!["train", "--out", out.to_str().unwrap(), "--steps", "1"];
         args.extend(model("model.n_layer=5"));
@@ -251,8 +255,62 @@ fn bad_pipeline_layouts_are_refused_with_the_arithmetic() {
     assert!(e.contains("--pp must be at least 1"), "{e}");
     let e = try_(&["--pp", "2", "--pp-layers", "2,3", "--schedule", "zigzag"]);
     assert!(e.contains("unknown schedule"), "{e}");
-    let e = try_(&["--pp", "2", "--pp-layers", "2,3", "--zero", "1"]);
-    assert!(e.contains("ZeRO is not combined with pipelines"), "{e}");
+    let e = try_(&["--pp", "2", "--pp-layers", "2,3", "--zero", "2"]);
+    assert!(
+        e.contains("--zero 2 with --pp 2") && e.contains("use --zero 1"),
+        "{e}"
+    );
+    let e = try_(&[
+        "--pp",
+        "2",
+        "--vpp",
+        "2",
+        "--zero",
+        "1",
+        "--microbatches",
+        "2",
+    ]);
+    assert!(e.contains("ZeRO over interleaved chunks"), "{e}");
     let e = try_(&["--pp-layers", "2,3"]);
     assert!(e.contains("--pp-layers needs --pp > 1"), "{e}");
+}
+
+#[test]
+fn zero1_pipeline_checkpoints_resume_bit_exact_and_as_one_process() {
+    let d = tmp("zero1");
+    let zero1: &[&str] = &[
+        "--dp",
+        "2",
+        "--pp",
+        "2",
+        "--microbatches",
+        "2",
+        "--zero",
+        "1",
+    ];
+    let straight = train(&d.path().join("straight"), "model.n_layer=4", "20", zero1);
+    // Interrupted after 10 steps and resumed in the same layout: the same bits (each rank's
+    // AdamW ranges come back from its own file).
+    let part = d.path().join("part");
+    train(&part, "model.n_layer=4", "10", zero1);
+    let mut resumed = zero1.to_vec();
+    resumed.push("--resume");
+    let again = train(&part, "model.n_layer=4", "20", &resumed);
+    assert_eq!(straight.0, again.0, "losses after a ZeRO-1 pipeline resume");
+    // The 10-step checkpoint as one process (4 micro-batches keep the global batch).
+    let one = d.path().join("one");
+    std::fs::create_dir_all(&one).unwrap();
+    train(&one, "model.n_layer=4", "10", zero1);
+    let got = train(
+        &one,
+        "model.n_layer=4",
+        "20",
+        &["--resume", "--set", "train.grad_accum=4"],
+    );
+    common::assert_close(
+        "ZeRO-1 pipeline checkpoint as one process",
+        &straight.0,
+        &got.0,
+        1e-6,
+    );
 }

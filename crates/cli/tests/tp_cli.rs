@@ -9,7 +9,7 @@
 //! We require 1e-5 relative on every step's loss and validation loss (the bound);
 //! observed values are in docs/tensor-parallel.md.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 
@@ -17,15 +17,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
     common::run_env(args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "30")])
 }
 
-struct Tmp(PathBuf);
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmp(name: &str) -> Tmp {
-    Tmp(common::tmp_dir("tp", name))
+fn tmp(name: &str) -> common::TempDir {
+    common::TempDir::new("tp", name)
 }
 
 /// A 2-layer model with 4 heads (so tp 2 and 4 divide it), 20 steps of global batch 4 × 2.
@@ -62,45 +55,20 @@ fn train(dir: &Path, steps: &str, extra: &[&str]) -> (Vec<f64>, Vec<f64>, String
     args.extend_from_slice(extra);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
-    let (l, v) = read_losses(dir);
+    let (l, v) = common::read_losses(dir);
     (l, v, out)
 }
 
-fn read_losses(dir: &Path) -> (Vec<f64>, Vec<f64>) {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let (mut l, mut v) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let j: serde_json::Value = serde_json::from_str(line).unwrap();
-        if let Some(x) = j.get("loss") {
-            l.push(x.as_f64().unwrap());
-        }
-        if let Some(x) = j.get("val_loss") {
-            v.push(x.as_f64().unwrap());
-        }
-    }
-    (l, v)
-}
-
 /// The largest relative difference, after checking each is within `tol`.
-fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) -> f64 {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let mut worst = 0.0f64;
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let rel = (x - y).abs() / x.abs().max(1e-12);
-        assert!(
-            rel <= tol,
-            "{what}: step {} differs: {x} vs {y} (relative {rel:e})",
-            i + 1
-        );
-        worst = worst.max(rel);
-    }
-    worst
-}
 
 #[test]
 fn every_tensor_parallel_layout_trains_the_one_process_model() {
     let d = tmp("layouts");
-    let base = train(&d.0.join("one"), "20", &["--set", "train.grad_accum=4"]);
+    let base = train(
+        &d.path().join("one"),
+        "20",
+        &["--set", "train.grad_accum=4"],
+    );
     assert_eq!(base.0.len(), 20);
     let layouts: &[(&str, &[&str])] = &[
         ("tp2", &["--tp", "2", "--set", "train.grad_accum=4"]),
@@ -156,9 +124,17 @@ fn every_tensor_parallel_layout_trains_the_one_process_model() {
         ),
     ];
     for (name, flags) in layouts {
-        let got = train(&d.0.join(name), "20", flags);
-        let w = assert_close(name, &base.0, &got.0, 1e-5);
-        assert_close(&format!("{name} validation"), &base.1, &got.1, 1e-5);
+        let got = train(&d.path().join(name), "20", flags);
+        // The report predicts the whole layout with plan --cpu's model (1F1B, even stages) and
+        // names the tensor-parallel collectives predicted beside measured.
+        assert!(
+            got.2.contains("layout model (plan --cpu): pipeline"),
+            "{name}: {}",
+            got.2
+        );
+        assert!(got.2.contains("| predicted "), "{name}: {}", got.2);
+        let w = common::assert_close(name, &base.0, &got.0, 1e-5);
+        common::assert_close(&format!("{name} validation"), &base.1, &got.1, 1e-5);
         eprintln!("{name}: largest relative loss difference {w:e}");
     }
 }
@@ -167,8 +143,8 @@ fn every_tensor_parallel_layout_trains_the_one_process_model() {
 fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
     let d = tmp("resume");
     let tp2 = ["--tp", "2", "--set", "train.grad_accum=4"];
-    let straight = train(&d.0.join("straight"), "20", &tp2);
-    let part = d.0.join("part");
+    let straight = train(&d.path().join("straight"), "20", &tp2);
+    let part = d.path().join("part");
     train(&part, "10", &tp2);
     let mut resumed: Vec<&str> = tp2.to_vec();
     resumed.push("--resume");
@@ -176,7 +152,7 @@ fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
     assert_eq!(straight.0, again.0, "losses after a tp=2 resume");
     let w = |dir: &Path| std::fs::read(dir.join("step-00000020.stage-0-of-1.safetensors")).unwrap();
     assert_eq!(
-        w(&d.0.join("straight")),
+        w(&d.path().join("straight")),
         w(&part),
         "weights after a tp=2 resume"
     );
@@ -190,7 +166,7 @@ fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
             vec!["--resume", "--dp", "2", "--tp", "2", "--zero", "1"],
         ),
     ] {
-        let dir = d.0.join(name);
+        let dir = d.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         for e in std::fs::read_dir(&part).unwrap().flatten() {
             let n = e.file_name();
@@ -202,14 +178,14 @@ fn resume_is_bit_exact_within_a_layout_and_reshards_across_layouts() {
             }
         }
         let got = train(&dir, "20", &flags);
-        assert_close(name, &straight.0, &got.0, 1e-5);
+        common::assert_close(name, &straight.0, &got.0, 1e-5);
     }
 }
 
 #[test]
 fn bad_tensor_parallel_layouts_are_refused_with_the_reason() {
     let d = tmp("bad");
-    let out = d.0.join("x");
+    let out = d.path().join("x");
     let try_ = |extra: &[&str]| {
         let mut args = vec!["train", "--out", out.to_str().unwrap(), "--steps", "1"];
         args.extend(model());

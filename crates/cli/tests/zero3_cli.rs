@@ -29,14 +29,7 @@ fn model() -> Vec<&'static str> {
 
 /// Every step's loss in `metrics.jsonl`, as written (the run's own f32).
 fn losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            v.get("loss")?.as_f64()
-        })
-        .collect()
+    common::read_losses(dir).0
 }
 
 fn train(out: &Path, extra: &[&str]) -> String {
@@ -48,13 +41,11 @@ fn train(out: &Path, extra: &[&str]) -> String {
     stdout
 }
 
-/// The largest |a − b| / |b| over two runs' losses, which must have `n` steps each.
-fn max_rel(a: &[f64], b: &[f64], n: usize) -> f64 {
-    assert_eq!((a.len(), b.len()), (n, n), "steps recorded");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / y.abs())
-        .fold(0.0, f64::max)
+/// Asserts both runs have `n` steps, each loss within 1e-5 relative; returns the largest.
+#[track_caller]
+fn close(what: &str, a: &[f64], b: &[f64], n: usize) -> f64 {
+    assert_eq!(b.len(), n, "{what}: steps recorded");
+    common::assert_close(what, a, b, 1e-5)
 }
 
 #[test]
@@ -70,10 +61,10 @@ fn zero3_equals_one_process_and_gathers_what_the_planner_predicts() {
             &out,
             &["--dp", dp, "--zero", "3", "--steps", "20", "--set", accum],
         );
-        let rel = max_rel(&losses(&out), &base, 20);
         // Not bitwise: the reduce-scatter sums the ranks' gradients in another order than
         // one process accumulating its micro-batches.
-        assert!(rel < 1e-5, "dp {dp}: max relative loss difference {rel:e}");
+        let rel = close(&format!("ZeRO-3 dp {dp}"), &losses(&out), &base, 20);
+        eprintln!("ZeRO-3 dp {dp} vs one process: largest relative loss difference {rel:e}");
         assert!(stdout.contains("ZeRO 3"), "{stdout}");
         // 2 layers: forward embedding, 2 layers, head, embedding; backward head, embedding,
         // 2 layers = 9 gathers; the runtime's count equals the planner's.
@@ -152,14 +143,12 @@ fn zero3_resumes_bit_exactly_and_as_zero1_or_one_process() {
     let mut a = vec!["--steps", "20", "--resume", "--dp", "2", "--zero", "1"];
     a.extend_from_slice(&["--set", "train.grad_accum=2"]);
     train(&as_z1, &a);
-    let rel = max_rel(&losses(&as_z1), &want, 20);
-    assert!(rel < 1e-5, "as ZeRO-1: {rel:e}");
+    close("as ZeRO-1", &losses(&as_z1), &want, 20);
     train(
         &as_one,
         &["--steps", "20", "--resume", "--set", "train.grad_accum=4"],
     );
-    let rel = max_rel(&losses(&as_one), &want, 20);
-    assert!(rel < 1e-5, "as one process: {rel:e}");
+    close("as one process", &losses(&as_one), &want, 20);
 }
 
 #[test]

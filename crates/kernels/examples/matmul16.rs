@@ -6,6 +6,7 @@
 //! - `bf16 staged`, `fp16 staged`: our `gemm_mixed` (16-bit blocks converted into f32 panels,
 //!   then the f32 GEMM), through `matmul_forward`;
 //! - `bf16 AMX`: our AMX kernel (`tdpbf16ps`), where the CPU and OS allow it;
+//! - `bf16 AVX512-BF16`: our `vdpbf16ps` kernel, where the CPU has AVX512_BF16;
 //! - `fp16 gemm-crate`: the `gemm` crate's own f16 GEMM (it converts to f32 while packing);
 //!   all operands f16, output f16;
 //! - `bf16 convert-all`: convert both whole operands to f32 first, then the f32 GEMM (the
@@ -14,7 +15,7 @@
 //! `cargo run --release -p scaletrain-kernels --example matmul16 [rounds]`
 
 use kernels::elem::convert;
-use kernels::matmul::{amx_active, matmul_forward, set_amx};
+use kernels::matmul::{amx_active, avx512_bf16_active, matmul_forward, set_amx, set_avx512_bf16};
 use kernels::rng::Rng;
 use kernels::{Bf16, Elem, Par, F16};
 use std::time::Instant;
@@ -42,6 +43,7 @@ fn main() {
         "fp16 gemm-crate",
         "bf16 convert-all",
         "bf16 AMX",
+        "bf16 AVX512-BF16",
     ];
     let mut gflops: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut rng = Rng::new(1);
@@ -69,7 +71,8 @@ fn main() {
                 );
                 let (mut a32, mut w32) = (vec![0.0f32; m * k], vec![0.0f32; n * k]);
                 set_amx(v == 5);
-                if v == 5 && !amx_active() {
+                set_avx512_bf16(v == 6);
+                if (v == 5 && !amx_active()) || (v == 6 && !avx512_bf16_active()) {
                     continue;
                 }
                 let mut run = || match v {
@@ -77,7 +80,7 @@ fn main() {
                     1 => matmul_forward(&mut ob, &ab, &wb, None, m, k, n, Par::Seq),
                     2 => matmul_forward(&mut oh, &ah, &wh, None, m, k, n, Par::Seq),
                     3 => gemm_crate_f16(&mut oh, &ah, &wh, m, k, n),
-                    5 => matmul_forward(&mut ob, &ab, &wb, None, m, k, n, Par::Seq),
+                    5 | 6 => matmul_forward(&mut ob, &ab, &wb, None, m, k, n, Par::Seq),
                     4 => {
                         convert(&ab, &mut a32);
                         convert(&wb, &mut w32);

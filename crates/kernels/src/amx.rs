@@ -12,7 +12,7 @@
 //! sum in a fixed order whatever the thread split, then scaled and stored (rounded if 16-bit).
 
 use crate::elem::Elem;
-use crate::matmul::View;
+use crate::gemm::View;
 use std::cell::RefCell;
 
 /// Rows of `a` packed per block; `b` packed per block of at most `B_BLOCK_BYTES`.
@@ -81,7 +81,7 @@ thread_local! {
 
 /// `dst[i]` = `src[i]` rounded to bf16 (bit patterns): a copy for bf16, a vectorised rounding
 /// for `f32`, conversion through `f32` otherwise.
-fn to_bf16<E: Elem>(src: &[E], dst: &mut [u16]) {
+pub(crate) fn to_bf16<E: Elem>(src: &[E], dst: &mut [u16]) {
     use std::any::TypeId;
     if TypeId::of::<E>() == TypeId::of::<crate::Bf16>() {
         // SAFETY: E is Bf16, repr(transparent) over u16.

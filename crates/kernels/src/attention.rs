@@ -166,7 +166,7 @@ fn head_backward(
 #[track_caller]
 fn check_heads(what: &str, cl: usize, nh: usize) -> usize {
     assert!(
-        nh >= 1 && cl % nh == 0,
+        nh >= 1 && cl.is_multiple_of(nh),
         "{what}: cl ({cl}) not divisible by nh ({nh})"
     );
     cl / nh

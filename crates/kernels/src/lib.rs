@@ -29,11 +29,14 @@
 pub mod adamw;
 mod amx;
 pub mod attention;
+mod avx512;
+mod avx512bf16;
 pub mod crossentropy;
 pub mod elem;
 pub mod encoder;
 pub mod fastmath;
 pub mod gelu;
+pub mod gemm;
 pub mod layernorm;
 pub mod matmul;
 pub mod residual;

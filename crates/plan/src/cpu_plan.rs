@@ -238,7 +238,8 @@ fn rank_memory(
 
 /// Candidate layouts of `nproc` processes training `global_batch` sequences per step: every
 /// dp·pp·tp = nproc with tp dividing the heads and channels and pp at most the layers, every
-/// micro-batch size dividing global_batch / dp, ZeRO 0–2 with dp > 1 and pp = 1, sequence
+/// micro-batch size dividing global_batch / dp, ZeRO 0–2 with dp > 1 (ZeRO-1 at most with
+/// pp > 1), sequence
 /// parallelism on and off with tp > 1 (when tp divides b·t). The runtime may refuse some
 /// further (`scaletrain plan --cpu` asks its layout check).
 pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout> {
@@ -258,7 +259,12 @@ pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout>
             }
             let per = global_batch / dp;
             for batch in divisors(per) {
-                let zeros: &[u8] = if dp > 1 && pp == 1 { &[0, 1, 2] } else { &[0] };
+                // ZeRO-2 is refused inside pipelines (it reduces every micro-batch).
+                let zeros: &[u8] = match (dp > 1, pp == 1) {
+                    (false, _) => &[0],
+                    (true, true) => &[0, 1, 2],
+                    (true, false) => &[0, 1],
+                };
                 for &zero in zeros {
                     for sp in [false, true] {
                         if sp && (tp == 1 || (batch * m.seq_len) % tp != 0) {
@@ -414,7 +420,8 @@ mod tests {
             assert_eq!(l.dp * l.microbatches * l.batch, 8);
             assert_eq!(m.heads % l.tp, 0);
             assert!(!l.sp || l.tp > 1);
-            assert!(l.zero == 0 || (l.dp > 1 && l.pp == 1));
+            assert!(l.zero == 0 || l.dp > 1);
+            assert!(l.zero <= 1 || l.pp == 1, "ZeRO-2 only without a pipeline");
         }
         // dp4 tp1 pp1 with micro-batch 2: ZeRO 0, 1, 2.
         assert_eq!(

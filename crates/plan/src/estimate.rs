@@ -28,6 +28,8 @@ pub struct Estimate {
     pub model: crate::model::ModelSpec,
     /// Total parameters.
     pub parameters: u64,
+    /// Parameters one token uses (= `parameters` for a dense model; MoE: k of E routed experts).
+    pub active_parameters: u64,
     /// Parameters by part.
     pub parameter_breakdown: ParamCount,
     /// GPU name.
@@ -83,7 +85,7 @@ pub struct Estimate {
 }
 
 /// Current `--json` schema version.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Builds the report for one (validated) layout.
 pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
@@ -158,6 +160,7 @@ pub fn estimate(ctx: &Context, layout: &Layout, explain: bool) -> Estimate {
         schema_version: SCHEMA_VERSION,
         model: ctx.model.clone(),
         parameters: ctx.model.params().total,
+        active_parameters: ctx.model.params().active,
         parameter_breakdown: ctx.model.params(),
         gpu: ctx.cluster.gpu.name.clone(),
         gpus: layout.world(),
@@ -263,6 +266,29 @@ fn parameter_lines(ctx: &Context, ex: &mut Explain) {
             "sum",
         )
     });
+    if let (Some(e), Some((ms, mr, me))) = (m.moe, m.moe_layer_params_split()) {
+        ex.line(|| line("parameters", "one MoE layer", format!(
+            "attention and norms + shared experts {} x h x f_s({}) (tp-sharded {}) + router h x E ({}) + routed experts E({}) x {} x h x f_e({}) = {}; {} of {} layers are MoE",
+            m.mlp_matrices(), e.shared_ffn, ms, mr, e.experts, m.mlp_matrices(), e.expert_ffn, me, m.moe_layers(), m.layers),
+            (ms + mr + me) as f64, "params", "Shazeer et al. 2017; Fedus et al. 2021 (Switch); DeepSeekMoE shared experts (Dai et al. 2024)"));
+        ex.line(|| {
+            line(
+                "parameters",
+                "active parameters per token",
+                format!(
+                    "total {} - {} MoE layers x (E - k) = {} unused experts x {} = {}",
+                    p.total,
+                    m.moe_layers(),
+                    e.experts - e.top_k,
+                    me / e.experts,
+                    p.active
+                ),
+                p.active as f64,
+                "params",
+                "each token runs its top-k routed experts",
+            )
+        });
+    }
     let sb = ctx.recipe.state_bytes;
     let n = p.total as f64;
     ex.line(|| line("parameters", "classic answer: model states without sharding", format!(

@@ -57,8 +57,32 @@ pub struct GpuSpec {
     /// published NeMo / Megatron-Bridge FP8 runs (see `validation::fit_fp8_scales`).
     #[serde(default = "one")]
     pub fp8_matmul_scale: f64,
+    /// GPU ↔ host link per direction, bytes/s (PCIe, or NVLink-C2C on Grace superchips):
+    /// what CPU offload moves over.
+    #[serde(default = "default_host_link")]
+    pub host_link_bw: f64,
+    /// Host DRAM bandwidth available to this GPU's share of the CPU, bytes/s (the node's
+    /// channels × rate ÷ GPUs per node): what the CPU optimizer step is bound by.
+    #[serde(default = "default_host_mem")]
+    pub host_mem_bw: f64,
+    /// NVMe bandwidth per GPU, bytes/s (an assumption: one PCIe Gen4 drive's sustained ~3 GB/s
+    /// per GPU; set it from `fio` on your nodes).
+    #[serde(default = "default_nvme")]
+    pub nvme_bw: f64,
     /// Citation for the numbers above.
     pub source: String,
+}
+
+fn default_host_link() -> f64 {
+    64e9
+}
+
+fn default_host_mem() -> f64 {
+    76.8e9
+}
+
+fn default_nvme() -> f64 {
+    3e9
 }
 
 /// A cluster: a GPU type, how many, and how they are grouped.
@@ -139,6 +163,15 @@ pub const FP8_SCALE_B200: f64 = 0.73;
 /// See [`FP8_SCALE_H100`].
 pub const FP8_SCALE_GB200: f64 = 0.68;
 
+// Host side of the presets (for offload): PCIe per direction from the datasheets (A100: PCIe
+// Gen4 64 GB/s bidirectional; H100/H200/B200/MI300X: PCIe Gen5 128 GB/s bidirectional); GB200:
+// NVLink-C2C 900 GB/s bidirectional per Grace–Blackwell superchip of 2 GPUs (225 GB/s per GPU
+// per direction). Host memory per GPU: DGX A100 2× EPYC 7742, 16 channels DDR4-3200 (409.6 GB/s
+// per node); DGX H100/H200 2× Xeon 8480C, 16 channels DDR5-4800 (614.4 GB/s); DGX B200 2× Xeon
+// 8570, 16 channels DDR5-5600 (716.8 GB/s); MI300X platforms 2× EPYC 9004, 24 channels DDR5-4800
+// (921.6 GB/s); all ÷ 8 GPUs; GB200: Grace LPDDR5X 512 GB/s per 2 GPUs. NVMe 3 GB/s per GPU is an
+// assumption (see `GpuSpec::nvme_bw`).
+
 /// Every GPU preset name.
 pub const GPU_PRESETS: &[&str] = &[
     "a100-40gb",
@@ -170,6 +203,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 1.0,
             peak_fp8_flops: 0.0,
             fp8_matmul_scale: 1.0,
+            host_link_bw: 32.0 * GB,
+            host_mem_bw: 51.2 * GB,
+            nvme_bw: 3.0 * GB,
             source: format!("{nv_a100}; 40 GB HBM2 at 1,555 GB/s"),
         },
         "a100-80gb" => GpuSpec {
@@ -187,6 +223,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 1.0,
             peak_fp8_flops: 0.0,
             fp8_matmul_scale: 1.0,
+            host_link_bw: 32.0 * GB,
+            host_mem_bw: 51.2 * GB,
+            nvme_bw: 3.0 * GB,
             source: format!("{nv_a100}; 80 GB HBM2e at 2,039 GB/s (SXM)"),
         },
         "h100-sxm" => GpuSpec {
@@ -204,6 +243,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 0.85,
             peak_fp8_flops: 1979.0 * T,
             fp8_matmul_scale: FP8_SCALE_H100,
+            host_link_bw: 64.0 * GB,
+            host_mem_bw: 76.8 * GB,
+            nvme_bw: 3.0 * GB,
             source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 1,979 TFLOP/s FP8 dense (3,958 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "h200" => GpuSpec {
@@ -221,6 +263,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 0.85,
             peak_fp8_flops: 1979.0 * T,
             fp8_matmul_scale: FP8_SCALE_H100,
+            host_link_bw: 64.0 * GB,
+            host_mem_bw: 76.8 * GB,
+            nvme_bw: 3.0 * GB,
             source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 and 1,979 TFLOP/s FP8 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "b200" => GpuSpec {
@@ -238,6 +283,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 0.8,
             peak_fp8_flops: 4500.0 * T,
             fp8_matmul_scale: FP8_SCALE_B200,
+            host_link_bw: 64.0 * GB,
+            host_mem_bw: 89.6 * GB,
+            nvme_bw: 3.0 * GB,
             source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 4.5 PFLOP/s FP8 and 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
         },
         "gb200" => GpuSpec {
@@ -255,6 +303,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 0.8,
             peak_fp8_flops: 5000.0 * T,
             fp8_matmul_scale: FP8_SCALE_GB200,
+            host_link_bw: 225.0 * GB,
+            host_mem_bw: 256.0 * GB,
+            nvme_bw: 3.0 * GB,
             source: "NVIDIA GB200 NVL72 datasheet: 360 PFLOP/s bf16 and 720 PFLOP/s FP8 per 72 GPUs (sparse) -> 2.5 / 5 PFLOP/s dense per GPU, 13.4 TB HBM3e at 576 TB/s (186 GB, 8 TB/s per GPU), NVLink 5 at 1.8 TB/s bidirectional across all 72 GPUs of the rack (one NVLink domain: gpus_per_node 72); fp32 80 TFLOP/s (datasheet 5,760 TFLOP/s per rack); 400 Gb/s ConnectX-7 per GPU".into(),
         },
         "mi300x" => GpuSpec {
@@ -272,6 +323,9 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             matmul_scale: 0.7,
             peak_fp8_flops: 2614.9 * T,
             fp8_matmul_scale: 0.7,
+            host_link_bw: 64.0 * GB,
+            host_mem_bw: 115.2 * GB,
+            nvme_bw: 3.0 * GB,
             source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 and 2,614.9 TFLOP/s FP8 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
         },
         _ => {
@@ -287,7 +341,10 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
 
 /// Parses a custom GPU from TOML-decoded fields, checking every number.
 pub fn validate_gpu(g: &GpuSpec) -> Result<()> {
-    let checks: [(&'static str, f64); 8] = [
+    let checks: [(&'static str, f64); 11] = [
+        ("host_link_bw", g.host_link_bw),
+        ("host_mem_bw", g.host_mem_bw),
+        ("nvme_bw", g.nvme_bw),
         ("peak_bf16_flops", g.peak_bf16_flops),
         ("peak_fp32_flops", g.peak_fp32_flops),
         ("memory_bytes", g.memory_bytes),

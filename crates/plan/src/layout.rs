@@ -20,6 +20,11 @@ pub struct Layout {
     /// Context-parallel degree: each sequence split across `cp` ranks (ring attention over the
     /// K/V chunks, Megatron-LM's load-balanced causal split); next to tp in the rank order.
     pub cp: u64,
+    /// Expert-parallel degree: each MoE layer's routed experts split over `ep` ranks, which
+    /// exchange tokens by all-to-all. Megatron-Core's MoE parallel folding with expert tensor
+    /// parallelism 1: the experts' grid EP × expert-DP re-folds the attention's TP × CP × DP, so
+    /// `ep` divides tp·cp·dp (Liu et al. 2025, arXiv 2504.14960).
+    pub ep: u64,
     /// Virtual pipeline stages per device (interleaved 1F1B when > 1).
     pub vpp: u64,
     /// Sequence parallelism for norms/dropout across the tp group (Korthikanti et al. 2022).
@@ -49,6 +54,8 @@ pub struct LayoutRequest {
     pub pp: Option<u64>,
     /// `--cp`.
     pub cp: Option<u64>,
+    /// `--ep`.
+    pub ep: Option<u64>,
     /// `--vpp`.
     pub vpp: Option<u64>,
     /// `--sequence-parallel`.
@@ -77,7 +84,8 @@ impl LayoutRequest {
         let tp = self.tp.unwrap_or(1);
         let pp = self.pp.unwrap_or(1);
         let cp = self.cp.unwrap_or(1);
-        for (name, v) in [("tp", tp), ("pp", pp), ("cp", cp)] {
+        let ep = self.ep.unwrap_or(1);
+        for (name, v) in [("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)] {
             if v == 0 {
                 return Err(PlanError::Layout(format!("{name} must be at least 1")));
             }
@@ -144,6 +152,7 @@ impl LayoutRequest {
             tp,
             pp,
             cp,
+            ep,
             vpp,
             sp: self.sp,
             zero: self.zero.unwrap_or(0),
@@ -167,6 +176,12 @@ impl Layout {
     /// ranks see different tokens of the same sequences).
     pub fn grad_ranks(&self) -> u64 {
         self.dp * self.cp
+    }
+
+    /// Ranks that hold the same routed experts and sum their gradients: tp·cp·dp / ep (the
+    /// expert-data-parallel group of Megatron-Core's parallel folding).
+    pub fn expert_grad_ranks(&self) -> u64 {
+        (self.tp * self.cp * self.dp / self.ep.max(1)).max(1)
     }
 
     /// Transformer layers on pipeline device `d` (the sum of its virtual stages) for a model of
@@ -210,6 +225,7 @@ impl Layout {
             tp,
             pp,
             cp,
+            ep,
             vpp,
             sp,
             zero,
@@ -223,12 +239,13 @@ impl Layout {
             || tp == 0
             || pp == 0
             || cp == 0
+            || ep == 0
             || vpp == 0
             || micro_batch == 0
             || grad_accum == 0
         {
             return err(
-                "every degree (dp, tp, pp, cp, vpp, micro-batch, grad-accum) must be at least 1"
+                "every degree (dp, tp, pp, cp, ep, vpp, micro-batch, grad-accum) must be at least 1"
                     .into(),
             );
         }
@@ -249,6 +266,33 @@ impl Layout {
                 2 * cp,
                 m.seq_len
             ));
+        }
+        match &m.moe {
+            None if ep > 1 => {
+                return err(format!(
+                    "ep({ep}) > 1 needs a mixture-of-experts model (this one is dense); drop --ep"
+                ))
+            }
+            None => {}
+            Some(moe) => {
+                if moe.experts % ep != 0 {
+                    return err(format!(
+                        "experts ({}) are not divisible by ep({ep}); pick ep dividing {}",
+                        moe.experts, moe.experts
+                    ));
+                }
+                if (tp * cp * dp) % ep != 0 {
+                    return err(format!(
+                        "ep({ep}) must divide tp({tp}) * cp({cp}) * dp({dp}) = {}: the expert ranks re-fold the attention's tp x cp x dp grid (Megatron-Core MoE parallel folding, expert tensor parallelism 1)",
+                        tp * cp * dp
+                    ));
+                }
+                if tp > 1 && ep > 1 && !sp {
+                    return err(format!(
+                        "ep({ep}) with tp({tp}) needs --sequence-parallel (Megatron-LM requires it: each tp rank then routes its own tokens)"
+                    ));
+                }
+            }
         }
         if m.heads % tp != 0 {
             return err(format!(

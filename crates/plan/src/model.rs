@@ -9,6 +9,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, PlanError, Result};
+use crate::moe::{moe_mlp_params, MoeSpec};
+
+pub use crate::hf_config::{from_hf_config, SUPPORTED_HF};
 
 /// MLP form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +74,15 @@ pub struct ModelSpec {
     pub norm: Norm,
     /// Linear biases.
     pub bias: Bias,
+    /// d when it is not h / a (Qwen3's `head_dim`); queries are a·d wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<u64>,
+    /// RMSNorm on each head's queries and keys (Qwen3): 2·d parameters per layer.
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// Mixture-of-experts MLP (see [`crate::moe`]); `None` for a dense model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeSpec>,
 }
 
 /// Parameter counts by part, for one full (unsharded) model.
@@ -88,12 +100,27 @@ pub struct ParamCount {
     pub head: u64,
     /// Everything.
     pub total: u64,
+    /// Routed-expert parameters of all MoE layers (0 for a dense model).
+    pub routed_experts: u64,
+    /// Parameters one token uses: the total less the routed experts it is not sent to
+    /// (= total for a dense model).
+    pub active: u64,
 }
 
 impl ModelSpec {
-    /// d = h / a.
+    /// d = h / a, or the config's own head dimension.
     pub fn head_dim(&self) -> u64 {
-        self.hidden / self.heads
+        self.head_dim.unwrap_or(self.hidden / self.heads)
+    }
+
+    /// a·d: width of the query projection and the attention output (= h unless `head_dim` is set).
+    pub fn q_dim(&self) -> u64 {
+        self.heads * self.head_dim()
+    }
+
+    /// Layers with a MoE MLP (0 for a dense model).
+    pub fn moe_layers(&self) -> u64 {
+        self.moe.map_or(0, |e| self.layers - e.dense_layers)
     }
 
     /// g·d: width of the K and V projections.
@@ -122,21 +149,48 @@ impl ModelSpec {
     /// output and MLP-down projections are row-parallel (weights sharded, biases replicated), and
     /// norms are replicated (Shoeybi et al. 2019, Section 3).
     pub fn layer_params_split(&self) -> (u64, u64) {
+        let (s, r) = self.attention_params_split();
         let h = self.hidden;
-        let qkv_out = h + 2 * self.kv_dim();
         let f = self.ffn_hidden;
         let up_out = (self.mlp_matrices() - 1) * f;
-        let mut sharded = h * qkv_out + h * h + h * up_out + f * h;
+        let mut sharded = s + h * up_out + f * h;
+        let mut replicated = r;
+        if self.bias == Bias::All {
+            sharded += up_out;
+            replicated += h;
+        }
+        (sharded, replicated)
+    }
+
+    /// The attention block and the two norms of one layer as (tp-sharded, replicated): QKV and
+    /// output projections with their biases, the norms, Qwen3's per-head Q/K norms.
+    pub fn attention_params_split(&self) -> (u64, u64) {
+        let h = self.hidden;
+        let q = self.q_dim();
+        let qkv_out = q + 2 * self.kv_dim();
+        let mut sharded = h * qkv_out + q * h;
         let mut replicated = 2 * self.norm_params();
+        if self.qk_norm {
+            replicated += 2 * self.head_dim();
+        }
         match self.bias {
             Bias::None => {}
             Bias::QkvOnly => sharded += qkv_out,
             Bias::All => {
-                sharded += qkv_out + up_out;
-                replicated += 2 * h;
+                sharded += qkv_out;
+                replicated += h;
             }
         }
         (sharded, replicated)
+    }
+
+    /// One MoE layer as (tp-sharded: attention and shared experts, replicated: norms, router,
+    /// shared gate, routed experts: sharded over expert parallelism). `None` for a dense model.
+    pub fn moe_layer_params_split(&self) -> Option<(u64, u64, u64)> {
+        let moe = self.moe?;
+        let (s, r) = self.attention_params_split();
+        let (shared, router, routed) = moe_mlp_params(self.hidden, self.mlp_matrices(), &moe);
+        Some((s + shared, r + router, routed))
     }
 
     /// Exact parameter count by part.
@@ -144,21 +198,38 @@ impl ModelSpec {
         let h = self.hidden;
         let embedding = self.vocab * h + self.learned_positions * h;
         let (s, r) = self.layer_params_split();
-        let per_layer = s + r;
-        let layers = per_layer * self.layers;
+        let dense = s + r;
+        // A MoE model's `per_layer` is one MoE layer; `layers` adds its leading dense layers.
+        let (per_layer, layers, routed_experts, inactive) =
+            match (self.moe, self.moe_layer_params_split()) {
+                (Some(moe), Some((ms, mr, me))) => {
+                    let n = self.moe_layers();
+                    let unused = (moe.experts - moe.top_k) * (me / moe.experts);
+                    (
+                        ms + mr + me,
+                        n * (ms + mr + me) + moe.dense_layers * dense,
+                        n * me,
+                        n * unused,
+                    )
+                }
+                _ => (dense, dense * self.layers, 0, 0),
+            };
         let final_norm = self.norm_params();
         let head = if self.tied_embeddings {
             0
         } else {
             self.vocab * h
         };
+        let total = embedding + layers + final_norm + head;
         ParamCount {
             embedding,
             per_layer,
             layers,
             final_norm,
             head,
-            total: embedding + layers + final_norm + head,
+            total,
+            routed_experts,
+            active: total - inactive,
         }
     }
 
@@ -178,7 +249,9 @@ impl ModelSpec {
         pos("ffn_hidden", self.ffn_hidden)?;
         pos("vocab", self.vocab)?;
         pos("seq_len", self.seq_len)?;
-        if self.hidden % self.heads != 0 {
+        if let Some(d) = self.head_dim {
+            pos("head_dim", d)?;
+        } else if self.hidden % self.heads != 0 {
             return Err(invalid(
                 "heads",
                 format!(
@@ -220,6 +293,9 @@ impl ModelSpec {
                 ),
             ));
         }
+        if let Some(moe) = &self.moe {
+            moe.validate(self.layers)?;
+        }
         Ok(())
     }
 }
@@ -247,6 +323,9 @@ pub(crate) fn gpt(
         mlp: Mlp::Gelu,
         norm: Norm::LayerNorm,
         bias: Bias::All,
+        head_dim: None,
+        qk_norm: false,
+        moe: None,
     }
 }
 
@@ -276,6 +355,9 @@ pub(crate) fn llama(
         mlp: Mlp::Gated,
         norm: Norm::RmsNorm,
         bias: Bias::None,
+        head_dim: None,
+        qk_norm: false,
+        moe: None,
     }
 }
 
@@ -378,89 +460,6 @@ pub fn from_params(target: f64) -> Result<ModelSpec> {
     Ok(gpt(&name, layers, hidden, hidden / head_dim, vocab, seq))
 }
 
-/// Reads a Hugging Face `config.json` (gpt2, llama, mistral, qwen2 keys) from its text.
-pub fn from_hf_config(json: &str) -> Result<ModelSpec> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| PlanError::HfConfig(format!("not JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| PlanError::HfConfig("top level must be a JSON object".into()))?;
-    let get = |keys: &[&str]| -> Option<u64> {
-        keys.iter()
-            .find_map(|k| obj.get(*k).and_then(|x| x.as_u64()))
-    };
-    let need = |keys: &[&str]| -> Result<u64> {
-        get(keys).ok_or_else(|| {
-            PlanError::HfConfig(format!(
-                "missing positive integer key '{}' (or {:?})",
-                keys[0],
-                &keys[1..]
-            ))
-        })
-    };
-    let model_type = obj
-        .get("model_type")
-        .and_then(|x| x.as_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let spec = match model_type.as_str() {
-        "gpt2" => {
-            let h = need(&["n_embd", "hidden_size"])?;
-            let positions = need(&["n_positions", "n_ctx", "max_position_embeddings"])?;
-            let mut m = gpt(
-                "hf:gpt2",
-                need(&["n_layer", "num_hidden_layers"])?,
-                h,
-                need(&["n_head", "num_attention_heads"])?,
-                need(&["vocab_size"])?,
-                positions,
-            );
-            if let Some(inner) = get(&["n_inner"]) {
-                m.ffn_hidden = inner;
-            }
-            m.tied_embeddings = obj
-                .get("tie_word_embeddings")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(true);
-            m
-        }
-        "llama" | "mistral" | "qwen2" => {
-            let heads = need(&["num_attention_heads"])?;
-            let mut m = llama(
-                &format!("hf:{model_type}"),
-                need(&["num_hidden_layers"])?,
-                need(&["hidden_size"])?,
-                heads,
-                get(&["num_key_value_heads"]).unwrap_or(heads),
-                need(&["intermediate_size"])?,
-                need(&["vocab_size"])?,
-                need(&["max_position_embeddings"])?.min(8192),
-            );
-            m.tied_embeddings = obj
-                .get("tie_word_embeddings")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false);
-            if model_type == "qwen2" {
-                m.bias = Bias::QkvOnly;
-            }
-            m
-        }
-        "" => {
-            return Err(PlanError::HfConfig(
-                "no 'model_type' key; supported: gpt2, llama, mistral, qwen2".into(),
-            ))
-        }
-        other => {
-            return Err(PlanError::HfConfig(format!(
-                "model_type '{other}' is not supported; supported: gpt2, llama, mistral, qwen2"
-            )))
-        }
-    };
-    spec.validate()
-        .map_err(|e| PlanError::HfConfig(format!("config describes an invalid model: {e}")))?;
-    Ok(spec)
-}
-
 impl std::fmt::Display for Mlp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -550,34 +549,5 @@ mod tests {
         assert_eq!(shape(10e9), (30, 5120, 40));
         assert_eq!(shape(1.3e9), (24, 2048, 16));
         assert_eq!(shape(175e9), (96, 12288, 96));
-    }
-
-    #[test]
-    fn hf_configs_parse() {
-        let gpt2 = r#"{"model_type":"gpt2","n_layer":12,"n_embd":768,"n_head":12,"vocab_size":50257,"n_positions":1024}"#;
-        assert_eq!(from_hf_config(gpt2).unwrap().params().total, 124_439_808);
-        let llama = r#"{"model_type":"llama","num_hidden_layers":32,"hidden_size":4096,
-            "num_attention_heads":32,"num_key_value_heads":8,"intermediate_size":14336,
-            "vocab_size":128256,"max_position_embeddings":8192,"tie_word_embeddings":false}"#;
-        assert_eq!(from_hf_config(llama).unwrap().params().total, 8_030_261_248);
-        // Qwen2-0.5B: 494,032,768 parameters (tied, QKV biases).
-        let qwen = r#"{"model_type":"qwen2","num_hidden_layers":24,"hidden_size":896,
-            "num_attention_heads":14,"num_key_value_heads":2,"intermediate_size":4864,
-            "vocab_size":151936,"max_position_embeddings":32768,"tie_word_embeddings":true}"#;
-        assert_eq!(from_hf_config(qwen).unwrap().params().total, 494_032_768);
-    }
-
-    #[test]
-    fn hf_config_errors_are_clear() {
-        let e = from_hf_config("{").unwrap_err().to_string();
-        assert!(e.contains("not JSON"), "{e}");
-        let e = from_hf_config(r#"{"model_type":"bert"}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("bert") && e.contains("supported"), "{e}");
-        let e = from_hf_config(r#"{"model_type":"llama","hidden_size":4096}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("num_attention_heads"), "{e}");
     }
 }

@@ -212,6 +212,87 @@ impl Schedule {
     }
 }
 
+/// Where offloaded model states live (ZeRO-Offload: CPU memory; ZeRO-Infinity: NVMe as well).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffloadDevice {
+    /// Host (CPU) memory, over the GPU's host link.
+    #[default]
+    Cpu,
+    /// NVMe drives, through host memory (the drive is the slower leg).
+    Nvme,
+}
+
+/// Which model states live off the GPU (Ren et al. 2021, "ZeRO-Offload", USENIX ATC;
+/// Rajbhandari et al. 2021, "ZeRO-Infinity", SC).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offload {
+    /// fp32 master weights and optimizer moments on the host; gradients stream there during
+    /// backward, the optimizer step runs on the CPU (CPU-Adam) and the updated 16-bit weights
+    /// come back.
+    pub optimizer: bool,
+    /// 16-bit parameter shards on the host (ZeRO-3 only), fetched for the forward and backward
+    /// passes that use them.
+    pub params: bool,
+    /// CPU memory or NVMe.
+    pub device: OffloadDevice,
+}
+
+impl Offload {
+    /// Parses `--offload none|optimizer|params|both` with `--offload-device cpu|nvme`.
+    pub fn parse(what: &str, device: Option<&str>) -> Result<Self> {
+        let (optimizer, params) = match what.trim().to_ascii_lowercase().as_str() {
+            "none" => (false, false),
+            "optimizer" => (true, false),
+            "params" | "parameters" => (false, true),
+            "both" => (true, true),
+            _ => {
+                return Err(invalid(
+                    "--offload",
+                    format!("'{what}' is not one of none, optimizer, params, both"),
+                ))
+            }
+        };
+        let device = match device.map(|d| d.trim().to_ascii_lowercase()) {
+            None => OffloadDevice::Cpu,
+            Some(d) if d == "cpu" => OffloadDevice::Cpu,
+            Some(d) if d == "nvme" => OffloadDevice::Nvme,
+            Some(d) => {
+                return Err(invalid(
+                    "--offload-device",
+                    format!("'{d}' is not one of cpu, nvme"),
+                ))
+            }
+        };
+        Ok(Offload {
+            optimizer,
+            params,
+            device,
+        })
+    }
+
+    /// Anything offloaded.
+    pub fn any(&self) -> bool {
+        self.optimizer || self.params
+    }
+}
+
+impl std::fmt::Display for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match (self.optimizer, self.params) {
+            (false, false) => return f.write_str("none"),
+            (true, false) => "optimizer",
+            (false, true) => "params",
+            (true, true) => "both",
+        };
+        let dev = match self.device {
+            OffloadDevice::Cpu => "cpu",
+            OffloadDevice::Nvme => "nvme",
+        };
+        write!(f, "{what} to {dev}")
+    }
+}
+
 /// Bytes stored per parameter for each model state.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StateBytes {
@@ -305,6 +386,8 @@ pub struct Recipe {
     pub memory_margin: f64,
     /// Failure rate, checkpoint bandwidth and restart time for the whole-run estimate.
     pub failures: crate::goodput::FailureModel,
+    /// Model states kept off the GPU (`--offload`).
+    pub offload: Offload,
 }
 
 impl Recipe {
@@ -334,6 +417,7 @@ impl Recipe {
             overlap_param_gather: false,
             memory_margin: 0.0,
             failures: crate::goodput::FailureModel::default(),
+            offload: Offload::default(),
         }
     }
 
@@ -396,6 +480,19 @@ impl Recipe {
         self.failures.validate()?;
         if self.ps_servers == 0 {
             return Err(invalid("--ps-servers", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl Recipe {
+    /// The checks that need both the recipe and the layout.
+    pub fn check_layout(&self, l: &crate::layout::Layout) -> Result<()> {
+        if self.offload.params && l.zero < 3 {
+            return Err(crate::error::PlanError::Layout(format!(
+                "--offload params keeps each GPU's parameter shard on the host, which needs ZeRO-3 (--zero 3); ZeRO-{} keeps whole weights on every GPU",
+                l.zero
+            )));
         }
         Ok(())
     }

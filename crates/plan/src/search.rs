@@ -15,7 +15,7 @@ use crate::explain::NoTrace;
 use crate::layout::Layout;
 use crate::model::ModelSpec;
 use crate::partition::{Partition, StageLayers, MAX_STAGES};
-use crate::recipe::Recompute;
+use crate::recipe::{Offload, Recompute};
 
 /// What to optimise.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -104,6 +104,12 @@ pub struct SearchSpace {
     pub recompute: Vec<Recompute>,
     /// Virtual pipeline stages to try.
     pub vpp: Vec<u64>,
+    /// Context-parallel degrees to try (those whose 2·cp chunks divide the sequence).
+    pub cp: Vec<u64>,
+    /// Expert-parallel degrees to try (MoE models; those dividing the experts and tp·cp·dp).
+    pub ep: Vec<u64>,
+    /// Offload settings to try (empty: the recipe's). Offloading parameters needs ZeRO-3.
+    pub offload: Vec<Offload>,
     /// Try sequence parallelism (when tp > 1).
     pub sequence_parallel: bool,
     /// Largest tensor-parallel degree (default: one node).
@@ -114,6 +120,23 @@ pub struct SearchSpace {
 }
 
 impl SearchSpace {
+    /// Adds the axes a model calls for: expert parallelism 1, 2, 4, … up to the experts for a
+    /// MoE model, and context parallelism 1, 2, 4, 8 for sequences of 8,192 tokens or more
+    /// (shorter ones do not need it: the activations of one sequence are small and the ring's
+    /// transfers have little attention work to hide behind).
+    pub fn with_model_axes(mut self, m: &ModelSpec) -> Self {
+        if let Some(moe) = &m.moe {
+            self.ep = (0..17)
+                .map(|i| 1u64 << i)
+                .take_while(|&e| e <= moe.experts)
+                .collect();
+        }
+        if m.seq_len >= 8192 {
+            self.cp = vec![1, 2, 4, 8];
+        }
+        self
+    }
+
     /// The default space for a fixed cluster.
     pub fn for_gpus(gpus: Vec<u64>, max_tp: u64) -> Self {
         SearchSpace {
@@ -122,6 +145,9 @@ impl SearchSpace {
             zero: vec![0, 1, 2, 3],
             recompute: vec![Recompute::None, Recompute::Selective, Recompute::Full],
             vpp: vec![1, 2, 3, 4],
+            cp: vec![1],
+            ep: vec![1],
+            offload: Vec::new(),
             sequence_parallel: true,
             max_tp,
             cost_all: false,
@@ -136,6 +162,8 @@ pub struct Candidate {
     pub layout: Layout,
     /// Recompute policy.
     pub recompute: Recompute,
+    /// Offload (the recipe's, or what `plan --offload auto` chose).
+    pub offload: Offload,
     /// Everything the cost model said.
     pub eval: Eval,
     /// Training days for the token budget.
@@ -239,163 +267,207 @@ pub fn search(
     // With flash attention the attention core is already recomputed inside its backward, so
     // selective recompute equals none: search it once.
     let flash = base.recipe.flash_attention;
-    let ctxs: Vec<(Recompute, Vec<(Context, Flops)>)> = space
+    let offloads = if space.offload.is_empty() {
+        vec![base.recipe.offload]
+    } else {
+        space.offload.clone()
+    };
+    type Ctxs = Vec<(Recompute, Offload, Vec<(Context, Flops)>)>;
+    let ctxs: Ctxs = space
         .recompute
         .iter()
         .filter(|&&rc| {
             !(flash && rc == Recompute::Selective && space.recompute.contains(&Recompute::None))
         })
-        .map(|&rc| {
+        .flat_map(|&rc| offloads.iter().map(move |&off| (rc, off)))
+        .map(|(rc, off)| {
             let per_size = space
                 .gpus
                 .iter()
                 .map(|&n| {
                     let mut c = base.clone();
                     c.recipe.recompute = rc;
+                    c.recipe.offload = off;
                     c.cluster.gpus = n;
                     let flops = c.flops(&mut NoTrace);
                     (c, flops)
                 })
                 .collect();
-            (rc, per_size)
+            (rc, off, per_size)
         })
         .collect();
     let mut stage_cost_cache: Vec<Option<StageCosts>> = Vec::new();
     let mut part_cache: Vec<Option<StageLayers>> = Vec::new();
-    let mut shared_parts: std::collections::HashMap<(u64, usize, usize, bool, u64), StageLayers> =
+    type PartKey = (u64, u64, u64, usize, usize, bool, u64);
+    let mut shared_parts: std::collections::HashMap<PartKey, StageLayers> =
         std::collections::HashMap::new();
     for (gi, &n) in space.gpus.iter().enumerate() {
         for tp in divisors(n) {
             if tp > space.max_tp {
                 continue;
             }
-            // Stage costs depend on (micro-batch, recompute, sp) for this tp, not on pp, vpp or
-            // dp: computed once each, on first use.
-            stage_cost_cache.clear();
-            stage_cost_cache.resize(space.micro_batches.len() * ctxs.len() * 2, None);
-            for pp in divisors(n / tp) {
-                let dp = n / (tp * pp);
-                for &vpp in &space.vpp {
-                    if !degrees_ok(m, tp, pp, vpp) {
-                        continue;
-                    }
-                    part_cache.clear();
-                    part_cache.resize(stage_cost_cache.len(), None);
-                    for (mi, &mb) in space.micro_batches.iter().enumerate() {
-                        for &zero in &space.zero {
-                            if zero >= 2 && pp > 1 {
-                                continue;
-                            }
-                            if zero > 0 && dp == 1 {
-                                continue;
-                            }
-                            for (ri, (rc, per_size)) in ctxs.iter().enumerate() {
-                                let ri = &ri;
-                                let sps: &[bool] = if tp > 1 && space.sequence_parallel {
-                                    &[false, true]
-                                } else {
-                                    &[false]
-                                };
-                                for &sp in sps {
-                                    k += 1;
-                                    if k % shard.1 != shard.0 {
+            for &cp in &space.cp {
+                if cp == 0 || (n / tp) % cp != 0 || (cp > 1 && m.seq_len % (2 * cp) != 0) {
+                    continue;
+                }
+                // Stage costs depend on (micro-batch, recompute, sp, ep) for this tp and cp, not on
+                // pp, vpp or dp: computed once each, on first use.
+                let n_ep = space.ep.len().max(1);
+                stage_cost_cache.clear();
+                stage_cost_cache.resize(space.micro_batches.len() * ctxs.len() * 2 * n_ep, None);
+                for pp in divisors(n / (tp * cp)) {
+                    let dp = n / (tp * pp * cp);
+                    for &vpp in &space.vpp {
+                        if !degrees_ok(m, tp, pp, vpp) {
+                            continue;
+                        }
+                        part_cache.clear();
+                        part_cache.resize(stage_cost_cache.len(), None);
+                        for (mi, &mb) in space.micro_batches.iter().enumerate() {
+                            for &zero in &space.zero {
+                                if zero >= 2 && pp > 1 {
+                                    continue;
+                                }
+                                if zero > 0 && dp == 1 {
+                                    continue;
+                                }
+                                for (ri, (rc, off, per_size)) in ctxs.iter().enumerate() {
+                                    if off.params && zero < 3 {
                                         continue;
                                     }
-                                    res.candidates += 1;
-                                    if gb % (dp * mb) != 0 {
-                                        res.bump(Reject::BatchNotDivisible);
-                                        continue;
-                                    }
-                                    let ga = gb / (dp * mb);
-                                    if vpp > 1 && ga % pp != 0 {
-                                        res.bump(Reject::InterleaveMicroBatches);
-                                        continue;
-                                    }
-                                    let mut layout = Layout {
-                                        dp,
-                                        tp,
-                                        pp,
-                                        cp: 1,
-                                        vpp,
-                                        sp,
-                                        zero,
-                                        micro_batch: mb,
-                                        grad_accum: ga,
-                                        stage_layers: StageLayers::default(),
-                                        partition: Partition::Balanced,
-                                    };
-                                    let (ctx, flops) = &per_size[gi];
-                                    if pp * vpp > 1 {
-                                        // Balanced partition: depends on (pp, vpp) and the
-                                        // cached stage costs, not on dp or ZeRO.
-                                        let slot = (mi * ctxs.len() + ri) * 2 + usize::from(sp);
-                                        if let Some(part) = part_cache[slot] {
-                                            layout.stage_layers = part;
-                                        } else {
-                                            // Stage costs do not depend on the cluster size, so
-                                            // partitions are shared across sizes too.
-                                            let key = (tp, mi, *ri, sp, pp * vpp);
-                                            if let Some(part) = shared_parts.get(&key) {
-                                                layout.stage_layers = *part;
-                                            } else {
-                                                let costs = *stage_cost_cache[slot]
-                                                    .get_or_insert_with(|| {
-                                                        ctx.stage_costs(&layout)
-                                                    });
-                                                ctx.balance_with(&mut layout, &costs);
-                                                shared_parts.insert(key, layout.stage_layers);
-                                            }
-                                            part_cache[slot] = Some(layout.stage_layers);
-                                        }
+                                    let ri = &ri;
+                                    let sps: &[bool] = if tp > 1 && space.sequence_parallel {
+                                        &[false, true]
                                     } else {
-                                        layout.stage_layers = StageLayers::spread(m.layers, 1);
-                                        layout.partition = Partition::Even;
-                                    }
-                                    let mem = ctx.memory(&layout, &mut NoTrace);
-                                    res.evaluated += 1;
-                                    if space.cost_all {
-                                        let eval =
-                                            ctx.evaluate_parts(&layout, mem, *flops, &mut NoTrace);
-                                        std::hint::black_box(eval);
-                                    }
-                                    if mem.total > mem.capacity {
-                                        res.bump(if mem.worst_stage == 0 {
-                                            Reject::OomFirstStage
-                                        } else if mem.worst_stage + 1 == pp {
-                                            Reject::OomLastStage
-                                        } else {
-                                            Reject::OomMiddleStage
-                                        });
-                                        continue;
-                                    }
-                                    let eval =
-                                        ctx.evaluate_parts(&layout, mem, *flops, &mut NoTrace);
-                                    let t = totals(ctx, &layout, &eval);
-                                    let days = t.secs / 86400.0;
-                                    match obj {
-                                        Objective::Deadline(d) if days > d => {
-                                            res.bump(Reject::MissesDeadline);
-                                            continue;
+                                        &[false]
+                                    };
+                                    for &sp in sps {
+                                        for (ei, &ep) in space.ep.iter().enumerate() {
+                                            let ep_ok = ep == 1
+                                                || m.moe.is_some_and(|e| {
+                                                    e.experts % ep == 0
+                                                        && (tp * cp * dp) % ep == 0
+                                                        && (tp == 1 || sp)
+                                                });
+                                            if !ep_ok {
+                                                continue;
+                                            }
+                                            k += 1;
+                                            if k % shard.1 != shard.0 {
+                                                continue;
+                                            }
+                                            res.candidates += 1;
+                                            if gb % (dp * mb) != 0 {
+                                                res.bump(Reject::BatchNotDivisible);
+                                                continue;
+                                            }
+                                            let ga = gb / (dp * mb);
+                                            if vpp > 1 && ga % pp != 0 {
+                                                res.bump(Reject::InterleaveMicroBatches);
+                                                continue;
+                                            }
+                                            let mut layout = Layout {
+                                                dp,
+                                                tp,
+                                                pp,
+                                                cp,
+                                                ep,
+                                                vpp,
+                                                sp,
+                                                zero,
+                                                micro_batch: mb,
+                                                grad_accum: ga,
+                                                stage_layers: StageLayers::default(),
+                                                partition: Partition::Balanced,
+                                            };
+                                            let (ctx, flops) = &per_size[gi];
+                                            if pp * vpp > 1 {
+                                                // Balanced partition: depends on (pp, vpp) and the
+                                                // cached stage costs, not on dp or ZeRO.
+                                                let slot = ((mi * ctxs.len() + ri) * 2
+                                                    + usize::from(sp))
+                                                    * n_ep
+                                                    + ei;
+                                                if let Some(part) = part_cache[slot] {
+                                                    layout.stage_layers = part;
+                                                } else {
+                                                    // Stage costs do not depend on the cluster size, so
+                                                    // partitions are shared across sizes too.
+                                                    let key = (tp, cp, ep, mi, *ri, sp, pp * vpp);
+                                                    if let Some(part) = shared_parts.get(&key) {
+                                                        layout.stage_layers = *part;
+                                                    } else {
+                                                        let costs = *stage_cost_cache[slot]
+                                                            .get_or_insert_with(|| {
+                                                                ctx.stage_costs(&layout)
+                                                            });
+                                                        ctx.balance_with(&mut layout, &costs);
+                                                        shared_parts
+                                                            .insert(key, layout.stage_layers);
+                                                    }
+                                                    part_cache[slot] = Some(layout.stage_layers);
+                                                }
+                                            } else {
+                                                layout.stage_layers =
+                                                    StageLayers::spread(m.layers, 1);
+                                                layout.partition = Partition::Even;
+                                            }
+                                            let mem = ctx.memory(&layout, &mut NoTrace);
+                                            res.evaluated += 1;
+                                            if space.cost_all {
+                                                let eval = ctx.evaluate_parts(
+                                                    &layout,
+                                                    mem,
+                                                    *flops,
+                                                    &mut NoTrace,
+                                                );
+                                                std::hint::black_box(eval);
+                                            }
+                                            if mem.total > mem.capacity {
+                                                res.bump(if mem.worst_stage == 0 {
+                                                    Reject::OomFirstStage
+                                                } else if mem.worst_stage + 1 == pp {
+                                                    Reject::OomLastStage
+                                                } else {
+                                                    Reject::OomMiddleStage
+                                                });
+                                                continue;
+                                            }
+                                            let eval = ctx.evaluate_parts(
+                                                &layout,
+                                                mem,
+                                                *flops,
+                                                &mut NoTrace,
+                                            );
+                                            let t = totals(ctx, &layout, &eval);
+                                            let days = t.secs / 86400.0;
+                                            match obj {
+                                                Objective::Deadline(d) if days > d => {
+                                                    res.bump(Reject::MissesDeadline);
+                                                    continue;
+                                                }
+                                                Objective::Budget(b) if t.cost > b => {
+                                                    res.bump(Reject::OverBudget);
+                                                    continue;
+                                                }
+                                                _ => {}
+                                            }
+                                            res.accepted += 1;
+                                            insert_top(
+                                                &mut res.top,
+                                                top_n,
+                                                obj,
+                                                Candidate {
+                                                    layout,
+                                                    recompute: *rc,
+                                                    offload: *off,
+                                                    eval,
+                                                    days,
+                                                    cost_usd: t.cost,
+                                                },
+                                            );
                                         }
-                                        Objective::Budget(b) if t.cost > b => {
-                                            res.bump(Reject::OverBudget);
-                                            continue;
-                                        }
-                                        _ => {}
                                     }
-                                    res.accepted += 1;
-                                    insert_top(
-                                        &mut res.top,
-                                        top_n,
-                                        obj,
-                                        Candidate {
-                                            layout,
-                                            recompute: *rc,
-                                            eval,
-                                            days,
-                                            cost_usd: t.cost,
-                                        },
-                                    );
                                 }
                             }
                         }

@@ -18,6 +18,7 @@ fn run(model: &str, gpus: u64, tp: u64, mb: u64, gb: u64, noise: f64, truth: f64
         tp,
         pp: 1,
         cp: 1,
+        ep: 1,
         vpp: 1,
         sp: tp > 1,
         zero: 1,

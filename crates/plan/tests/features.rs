@@ -22,6 +22,7 @@ fn layout(dp: u64, tp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
         tp,
         pp: 1,
         cp: 1,
+        ep: 1,
         vpp: 1,
         sp: tp > 1,
         zero,

@@ -24,6 +24,7 @@ fn layout(dp: u64, tp: u64, pp: u64, zero: u8, mb: u64, gb: u64) -> Layout {
         tp,
         pp,
         cp: 1,
+        ep: 1,
         vpp: 1,
         sp: false,
         zero,

@@ -169,6 +169,12 @@ pub struct LoopSection {
     /// `"selective"` (the attention softmax) or `"full"` (whole layers). Changes memory and
     /// time, never the result (bitwise in fp32).
     pub recompute: Recompute,
+    /// Data parallel: a rank whose busy time per step (median over `straggler_window` steps)
+    /// is more than this fraction above the median rank's is named a straggler (default 0.2;
+    /// `crate::straggler`).
+    pub straggler_margin: f64,
+    /// Steps the straggler medians are taken over; 0 turns detection off (default 20).
+    pub straggler_window: usize,
 }
 
 impl Default for LoopSection {
@@ -187,6 +193,8 @@ impl Default for LoopSection {
             min_delta: 1e-3,
             precision: Precision::Fp32,
             recompute: Recompute::None,
+            straggler_margin: 0.2,
+            straggler_window: 20,
         }
     }
 }
@@ -275,6 +283,8 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.patience",
     "train.min_delta",
     "train.recompute",
+    "train.straggler_margin",
+    "train.straggler_window",
     "stability.max_bad_steps",
     "stability.spike_action",
     "stability.spike_margin",
@@ -433,6 +443,13 @@ impl TrainConfig {
         }
         if !(o.grad_clip >= 0.0 && o.grad_clip.is_finite()) {
             return bad("optim.grad_clip", format!("{} must be >= 0", o.grad_clip));
+        }
+        let m = self.train.straggler_margin;
+        if !(m > 0.0 && m.is_finite()) {
+            return bad(
+                "train.straggler_margin",
+                format!("{m} must be a finite number > 0 (0.2: 20% slower than the median rank)"),
+            );
         }
         let st = &self.stability;
         if st.max_bad_steps == 0 {

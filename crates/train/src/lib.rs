@@ -11,6 +11,7 @@
 //!   optimizer state per data-parallel rank under ZeRO; bit-exact resume, re-sharding resume.
 //! - [`dp`]: data parallelism (ring or parameter-server gradient sync, ZeRO-1/2), hooked
 //!   into the trainer through [`RunOptions::dp`].
+//! - [`straggler`]: which data-parallel rank is consistently slower than the others.
 //! - [`sample`]: text generation from a checkpoint (temperature, top-k).
 //! - [`tokenizer`]: byte-level BPE (the `tokenizers` crate) and `data prepare`.
 //! - [`plot`]: the loss curve as SVG.
@@ -38,7 +39,9 @@ pub mod mesh;
 pub mod pipeline;
 pub mod plot;
 pub mod precision;
+pub mod run_dir;
 pub mod sample;
+pub mod straggler;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod tokens;

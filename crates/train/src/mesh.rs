@@ -113,6 +113,9 @@ pub fn model_spec(cfg: &ModelConfig) -> plan::model::ModelSpec {
         mlp: Mlp::Gelu,
         norm: Norm::LayerNorm,
         bias: Bias::All,
+        head_dim: None,
+        qk_norm: false,
+        moe: None,
     }
 }
 

@@ -157,3 +157,37 @@ pub fn poll(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     true
 }
+
+/// A run folder's training losses (one per step) and validation losses, from `metrics.jsonl`.
+pub fn read_losses(dir: &std::path::Path) -> (Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let (mut l, mut v) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let j: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(x) = j.get("loss") {
+            l.push(x.as_f64().unwrap());
+        }
+        if let Some(x) = j.get("val_loss") {
+            v.push(x.as_f64().unwrap());
+        }
+    }
+    (l, v)
+}
+
+/// Asserts `a` and `b` have the same length and every pair is within `tol` relative (of `a`);
+/// returns the largest relative difference seen.
+#[track_caller]
+pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let mut worst = 0.0f64;
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let rel = (x - y).abs() / x.abs().max(1e-12);
+        assert!(
+            rel <= tol,
+            "{what}: step {} differs: {x} vs {y} (relative {rel:e})",
+            i + 1
+        );
+        worst = worst.max(rel);
+    }
+    worst
+}

@@ -3,18 +3,30 @@
 use crate::explain::{line, Trace};
 use crate::layout::Layout;
 use crate::model::ModelSpec;
-use crate::recipe::{CausalFlops, Recipe, Recompute, Schedule};
+use crate::recipe::{Recipe, Recompute, Schedule};
 use crate::units::{count, gib};
 
-use super::{Context, Flops, Memory};
+use super::{Context, Memory};
 
-/// Per-device parameters (before ZeRO) of one transformer layer, of the first stage's extras
-/// (embedding shard, learned positions) and of the last stage's extras (final norm, LM head).
-/// With one stage both extras sit on it.
-pub(super) fn stage_param_parts(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
+/// Per-device parameters (before ZeRO) of one transformer layer without its routed experts, of
+/// one layer's routed experts, of the first stage's extras (embedding shard, learned positions)
+/// and of the last stage's extras (final norm, LM head). With one stage both extras sit on it.
+/// A MoE model with leading dense layers gets the average layer (the layers of one stage are
+/// counted as if dense and MoE layers were spread evenly; docs/estimator.md).
+pub(super) fn stage_param_parts(m: &ModelSpec, l: &Layout) -> (f64, f64, f64, f64) {
     let t = l.tp as f64;
     let (sharded, replicated) = m.layer_params_split();
-    let per_layer = sharded as f64 / t + replicated as f64;
+    let dense = sharded as f64 / t + replicated as f64;
+    let (per_layer, experts) = match m.moe_layer_params_split() {
+        Some((ms, mr, me)) => {
+            let moe_share = m.moe_layers() as f64 / m.layers as f64;
+            (
+                (1.0 - moe_share) * dense + moe_share * (ms as f64 / t + mr as f64),
+                moe_share * me as f64 / l.ep as f64,
+            )
+        }
+        None => (dense, 0.0),
+    };
     let h = m.hidden as f64;
     let vocab_shard = (m.vocab as f64 / t).ceil() * h;
     let first_extra = vocab_shard + (m.learned_positions as f64) * h;
@@ -26,7 +38,7 @@ pub(super) fn stage_param_parts(m: &ModelSpec, l: &Layout) -> (f64, f64, f64) {
         0.0
     };
     let last_extra = m.norm_params() as f64 + head;
-    (per_layer, first_extra, last_extra)
+    (per_layer, experts, first_extra, last_extra)
 }
 
 /// Chunk-activations (one micro-batch on one virtual stage) of chunk `k` of `v` that device `d`
@@ -68,19 +80,20 @@ fn chunk_flight(gpipe: bool, p: u64, v: u64, m: u64, d: u64, k: u64, split: (u64
 /// Activation bytes one layer keeps for one micro-batch until its backward, by recompute policy
 /// (Korthikanti et al. 2022, §4, generalised term by term; see docs/estimator.md).
 pub fn layer_activation_bytes(m: &ModelSpec, r: &Recipe, l: &Layout, policy: Recompute) -> f64 {
-    let (outside, rep, inside, core, t) = layer_activation_terms(m, r, l, policy);
-    outside * rep + (inside + core) / t
+    let (outside, rep, inside, core, t, experts) = layer_activation_terms(m, r, l, policy);
+    outside * rep + (inside + core) / t + experts
 }
 
 /// The terms of [`layer_activation_bytes`]: bytes outside the tensor-parallel regions, the factor
 /// they are kept at (1, or 1/t with sequence parallelism), bytes inside them (Q, K, V, attention
-/// output, MLP), the attention core, and t. Total = outside · factor + (inside + core) / t.
+/// output, MLP), the attention core, t, and the routed experts' bytes on this rank. Total =
+/// outside · factor + (inside + core) / t + experts. A MoE model's layer is the average layer.
 fn layer_activation_terms(
     m: &ModelSpec,
     r: &Recipe,
     l: &Layout,
     policy: Recompute,
-) -> (f64, f64, f64, f64, f64) {
+) -> (f64, f64, f64, f64, f64, f64) {
     let e = r.precision.compute_bytes();
     // With context parallelism each rank keeps the activations of its s/cp tokens.
     let s_full = m.seq_len as f64;
@@ -95,16 +108,37 @@ fn layer_activation_terms(
     let rep = if l.sp { 1.0 / t } else { 1.0 };
     if policy == Recompute::Full {
         // Only the layer input survives (2sbh for fp16 in Korthikanti's notation).
-        return (e * sbh, rep, 0.0, 0.0, t);
+        return (e * sbh, rep, 0.0, 0.0, t, 0.0);
     }
     // The inputs of linear layers are kept in FP8 (1 byte) when the linears run in FP8.
     let lin_e = if r.fp8.is_some() { 1.0 } else { e };
     // Norm inputs (2 norms), QKV input, MLP input, two dropout masks.
     let replicated = (2.0 * e + lin_e + lin_e + 2.0 * mask) * sbh;
     // Q, K, V; attention output (input to proj); MLP up output(s) and activation output.
-    let q_k_v = e * s * b * (h + 2.0 * kv);
-    let attn_out = lin_e * sbh;
-    let mlp = e * s * b * f * (m.mlp_matrices() as f64 - 1.0) + lin_e * s * b * f;
+    let q = m.q_dim() as f64;
+    let q_k_v = e * s * b * (q + 2.0 * kv);
+    let attn_out = lin_e * s * b * q;
+    let mats = m.mlp_matrices() as f64;
+    let mlp_of = |width: f64| e * s * b * width * (mats - 1.0) + lin_e * s * b * width;
+    // MoE layers: the shared experts like a dense MLP of their width (tp-sharded), and on this
+    // rank the routed token copies (b·s·k·c tokens, / t with sequence parallelism: each tp rank
+    // routes its own tokens): the permuted input, the experts' up and activation outputs, the
+    // experts' outputs kept for the weighted combine, plus the router's fp32 probabilities.
+    let (mlp, experts) = match &m.moe {
+        None => (mlp_of(f), 0.0),
+        Some(moe) => {
+            let share = m.moe_layers() as f64 / m.layers as f64;
+            let toks = s * b * rep;
+            let fe = moe.expert_ffn as f64;
+            let routed = toks
+                * (moe.routed_copies() * ((lin_e + e) * h + (mats - 1.0) * e * fe + lin_e * fe)
+                    + 4.0 * moe.experts as f64);
+            (
+                (1.0 - share) * mlp_of(f) + share * mlp_of(moe.shared_ffn as f64),
+                share * routed,
+            )
+        }
+    };
     let sharded = q_k_v + attn_out + mlp;
     // Softmax output, dropout mask and dropout output: a·s²·b each (absent with flash attention,
     // which keeps only the row statistics, 4 bytes per row, and with selective recompute).
@@ -115,7 +149,7 @@ fn layer_activation_terms(
     } else {
         (e + mask + if r.dropout { e } else { 0.0 }) * a * s * s_full * b
     };
-    (replicated, rep, sharded, core, t)
+    (replicated, rep, sharded, core, t, experts)
 }
 
 impl Context {
@@ -124,10 +158,12 @@ impl Context {
         let m = &self.model;
         let r = &self.recipe;
         let sb = &r.state_bytes;
-        let n = l.grad_ranks() as f64;
-        let (per_layer_dev, first_extra, last_extra) = stage_param_parts(m, l);
+        let n_dense = l.grad_ranks() as f64;
+        let n_experts = l.expert_grad_ranks() as f64;
+        let (per_layer_dev, expert_layer_dev, first_extra, last_extra) = stage_param_parts(m, l);
         let zero = l.zero;
-        let states = |p: f64| {
+        // Model states of p parameters whose replicas (the ZeRO group) number n.
+        let raw_states = |p: f64, n: f64| {
             let w = if zero >= 3 && r.zero3_keep_weights {
                 // The shard plus the gathered copy kept across micro-batches.
                 p * sb.weight / n + p * sb.weight
@@ -153,6 +189,32 @@ impl Context {
             };
             (w, g, o, ms)
         };
+        // Offload (ZeRO-Offload, Ren et al. 2021 §4; ZeRO-Infinity, Rajbhandari et al. 2021 §5):
+        // the optimizer's states and the gradients (streamed out during backward, accumulated on
+        // the host) leave the GPU; offloaded parameter shards leave it too (the gathered layers
+        // in flight are the communication buffers; a gathered copy kept across micro-batches
+        // stays). What leaves is counted as host bytes.
+        let off = r.offload;
+        let on_gpu = |p: f64, n: f64| {
+            let (mut w, mut g, mut o, mut ms) = raw_states(p, n);
+            if off.optimizer {
+                (g, o, ms) = (0.0, 0.0, 0.0);
+            }
+            if off.params {
+                w = if r.zero3_keep_weights {
+                    p * sb.weight
+                } else {
+                    0.0
+                };
+            }
+            (w, g, o, ms)
+        };
+        let host = |p: f64, n: f64| {
+            let (a, b, c, d) = raw_states(p, n);
+            let (x, y, z, u) = on_gpu(p, n);
+            (a - x) + (b - y) + (c - z) + (d - u)
+        };
+        let states = on_gpu;
         // Activations.
         let per_layer = layer_activation_bytes(m, r, l, r.recompute);
         let working = if r.recompute == Recompute::Full {
@@ -175,7 +237,7 @@ impl Context {
             match zero {
                 0 => r.bucket_bytes,
                 1 | 2 => 2.0 * r.bucket_bytes,
-                _ => 2.0 * per_layer_dev * sb.weight,
+                _ => 2.0 * (per_layer_dev + expert_layer_dev) * sb.weight,
             }
         } else {
             0.0
@@ -189,10 +251,12 @@ impl Context {
         let (pp, v) = (l.pp, l.vpp.max(1));
         let gpipe = r.schedule == Schedule::Gpipe;
         // Model-state bytes per parameter on this device (linear in the parameters).
-        let state_bytes = {
-            let (w, g, o, ms) = states(1.0);
+        let state_bytes = |n: f64| {
+            let (w, g, o, ms) = states(1.0, n);
             w + g + o + ms
         };
+        let (dense_state_bytes, expert_state_bytes) =
+            (state_bytes(n_dense), state_bytes(n_experts));
         let fixed = comm + r.runtime_overhead_bytes;
         let mut worst = (f64::NEG_INFINITY, 0u64, 0.0, 0.0, 0.0, 0.0);
         for d in 0..pp {
@@ -221,6 +285,7 @@ impl Context {
             }
             let in_flight = flight_sum / v as f64;
             let mut params = per_layer_dev * layers_d;
+            let experts = expert_layer_dev * layers_d;
             let mut act = per_layer * act_layers + working;
             if pp == 1 {
                 params += first_extra + last_extra;
@@ -232,19 +297,35 @@ impl Context {
                 params += last_extra;
                 act += logits;
             }
-            let total = params * state_bytes + act + fixed;
+            let total = params * dense_state_bytes + experts * expert_state_bytes + act + fixed;
             if total > worst.0 {
                 worst = (total, d, params, act, layers_d, in_flight);
             }
         }
-        let (_, worst_stage, params, act, layers_dev, in_flight) = worst;
+        let (_, worst_stage, dense_params, act, layers_dev, in_flight) = worst;
         let per_mb = per_layer * layers_dev;
-        let (w, g, o, ms) = states(params);
+        let expert_params = expert_layer_dev * layers_dev;
+        let params = dense_params + expert_params;
+        let (w, g, o, ms) = {
+            let (a, b, c, d) = states(dense_params, n_dense);
+            let (x, y, z, u) = states(expert_params, n_experts);
+            (a + x, b + y, c + z, d + u)
+        };
+        let host_bytes = if off.any() {
+            host(dense_params, n_dense) + host(expert_params, n_experts)
+        } else {
+            0.0
+        };
         let total = w + g + o + ms + act + comm + r.runtime_overhead_bytes;
         tr.line(|| {
+            let experts = if expert_params > 0.0 {
+                format!(" + routed experts {} layers x {}/layer (ep {}; their ZeRO group is the expert-data-parallel {} ranks)", layers_dev, count(expert_layer_dev), l.ep, l.expert_grad_ranks())
+            } else {
+                String::new()
+            };
             line("memory", "parameters on the worst device", format!(
-                "stage {worst_stage} of {}: {} layers x {} params/layer (tp {}) + embedding/head shards", l.pp, layers_dev, count(per_layer_dev), l.tp),
-                params, "params", "Shoeybi et al. 2019 (Megatron column/row split)")
+                "stage {worst_stage} of {}: {} layers x {} params/layer (tp {}){experts} + embedding/head shards", l.pp, layers_dev, count(per_layer_dev), l.tp),
+                params, "params", "Shoeybi et al. 2019 (Megatron column/row split); experts split over ep (Lepikhin et al. 2020, GShard)")
         });
         let zdiv = |on: bool| {
             if on {
@@ -334,9 +415,14 @@ impl Context {
             )
         });
         tr.line(|| {
-            let (outside, rep, inside, core, t) = layer_activation_terms(m, r, l, r.recompute);
+            let (outside, rep, inside, core, t, experts) = layer_activation_terms(m, r, l, r.recompute);
+            let experts = if m.moe.is_some() {
+                format!(" + routed experts {:.2} MB (b·s·k·c token copies on this rank)", experts / 1e6)
+            } else {
+                String::new()
+            };
             line("memory", "activations per layer per micro-batch", format!(
-            "recompute {}, b={}, s={}, h={}, t={}, sp={}, flash={}: outside the tp regions {:.2} MB x {} + (inside {:.2} MB + attention core {:.2} MB) / {} = {}",
+            "recompute {}, b={}, s={}, h={}, t={}, sp={}, flash={}: outside the tp regions {:.2} MB x {} + (inside {:.2} MB + attention core {:.2} MB) / {}{experts} = {}",
             r.recompute, l.micro_batch, m.seq_len, m.hidden, l.tp, l.sp, r.flash_attention,
             outside / 1e6, if rep < 1.0 { format!("1/{t}") } else { "1".into() }, inside / 1e6, core / 1e6, t, gib(per_layer)),
             per_layer, "bytes", "Korthikanti et al. 2022 §4: sbh(10 + 24/t + 5as/(ht)) for fp16 MHA with dropout, generalised")
@@ -345,6 +431,22 @@ impl Context {
             "{} layers x {} x {:.2} micro-batches in flight ({}, p={}, v={}, m={}) + embedding/logits + one recompute working set {}",
             layers_dev, gib(per_layer), in_flight, r.schedule, l.pp, l.vpp, l.grad_accum, gib(working)),
             act, "bytes", "1F1B keeps p micro-batches on stage 0; interleaving multiplies by 1+(p-1)/(pv) (Korthikanti et al. 2022 §4.2.3)"));
+        if off.any() {
+            tr.line(|| {
+                line(
+                    "memory",
+                    "offloaded to the host",
+                    format!(
+                        "{}: {} per GPU leave device memory (optimizer: gradients, master weights, moments; params: the 16-bit shard)",
+                        off,
+                        gib(host_bytes)
+                    ),
+                    host_bytes,
+                    "bytes",
+                    "ZeRO-Offload (Ren et al. 2021 §4), ZeRO-Infinity (Rajbhandari et al. 2021 §5)",
+                )
+            });
+        }
         tr.line(|| {
             line(
                 "memory",
@@ -394,81 +496,8 @@ impl Context {
             capacity: cap,
             worst_stage,
             params_on_device: params,
-        }
-    }
-
-    /// Model and hardware FLOPs of one step (global batch), whole cluster.
-    pub fn flops<T: Trace>(&self, tr: &mut T) -> Flops {
-        let m = &self.model;
-        let r = &self.recipe;
-        let (s, h, f, kv, v) = (
-            m.seq_len as f64,
-            m.hidden as f64,
-            m.ffn_hidden as f64,
-            m.kv_dim() as f64,
-            m.vocab as f64,
-        );
-        let tokens = r.global_batch as f64 * s;
-        let causal = match r.causal_flops {
-            CausalFlops::Full => 1.0,
-            CausalFlops::Half => 0.5,
-        };
-        // Forward FLOPs per token of one layer: projections 2h(h+2kv) + 2h², MLP 2·mats·h·f,
-        // attention scores and ·V 4·s·h (×causal).
-        let proj = 2.0 * h * (h + 2.0 * kv) + 2.0 * h * h;
-        let mlp = 2.0 * m.mlp_matrices() as f64 * h * f;
-        let attn = 4.0 * s * h * causal;
-        let layer_fwd = proj + mlp + attn;
-        let head_fwd = 2.0 * h * v;
-        let l = m.layers as f64;
-        let fwd_per_token = l * layer_fwd + head_fwd;
-        let model_per_token = 3.0 * fwd_per_token;
-        let recompute_per_token = match r.recompute {
-            Recompute::None => 0.0,
-            Recompute::Selective => {
-                if r.flash_attention {
-                    0.0
-                } else {
-                    l * attn
-                }
-            }
-            Recompute::Full => l * layer_fwd,
-        };
-        let model = model_per_token * tokens;
-        let hw = (model_per_token + recompute_per_token) * tokens;
-        tr.line(|| line("flops", "forward FLOPs per token per layer", format!(
-            "2h(h+2kv)+2h^2 + 2*{}*h*f + 4*s*h*{causal} = {:.4e} (h={h}, kv={kv}, f={f}, s={s})", m.mlp_matrices(), layer_fwd), layer_fwd, "FLOP",
-            "Narayanan et al. 2021 eq. 3 (24h^2 + 4sh per token for GPT)"));
-        tr.line(|| line("flops", "model FLOPs per token", format!(
-            "3 x (l({l}) x {layer_fwd:.4e} + 2hV {head_fwd:.4e}) = {model_per_token:.4e}; the 6N rule gives 6 x {} = {:.4e}", count(m.params().total as f64), 6.0 * m.params().total as f64),
-            model_per_token, "FLOP", "backward = 2x forward (Kaplan et al. 2020)"));
-        tr.line(|| {
-            line(
-                "flops",
-                "model FLOPs per step",
-                format!("{model_per_token:.4e} x {tokens} tokens = {model:.4e}"),
-                model,
-                "FLOP",
-                "global batch x sequence",
-            )
-        });
-        tr.line(|| {
-            line(
-                "flops",
-                "hardware FLOPs per step",
-                format!(
-                    "model + recompute ({}) {:.4e}/token = {hw:.4e}",
-                    r.recompute, recompute_per_token
-                ),
-                hw,
-                "FLOP",
-                "Korthikanti et al. 2022 §6 (HFU counts the recomputed forward)",
-            )
-        });
-        Flops {
-            model_per_step: model,
-            hardware_per_step: hw,
-            per_token: model_per_token,
+            expert_params_on_device: expert_params,
+            host_bytes,
         }
     }
 }

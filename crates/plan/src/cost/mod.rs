@@ -22,6 +22,8 @@ use crate::layout::Layout;
 use crate::model::ModelSpec;
 use crate::recipe::{Precision, Recipe};
 
+mod flops;
+mod layer;
 mod memory;
 mod time;
 
@@ -103,8 +105,12 @@ pub struct Memory {
     pub capacity: f64,
     /// Which pipeline stage is the worst (0-based).
     pub worst_stage: u64,
-    /// Parameters held by that device (before ZeRO sharding).
+    /// Parameters held by that device (before ZeRO sharding), routed experts included.
     pub params_on_device: f64,
+    /// Of those, routed-expert parameters (sharded over ep; 0 for a dense model).
+    pub expert_params_on_device: f64,
+    /// Model-state bytes of this device kept in host memory or NVMe (`--offload`; 0 without).
+    pub host_bytes: f64,
 }
 
 /// Seconds per optimizer step, split the way users reason about it.
@@ -118,10 +124,16 @@ pub struct StepTime {
     pub bubble: f64,
     /// Optimizer step (memory-bound) and fixed overhead.
     pub optimizer: f64,
+    /// Part of `optimizer`: with `--offload optimizer`, the exposed gradient download, CPU
+    /// optimizer step, NVMe traffic and weight upload.
+    pub offload: f64,
     /// Sum.
     pub total: f64,
-    /// Part of `communication`: tensor-parallel collectives.
+    /// Part of `communication`: tensor-parallel collectives (with the context-parallel ring and
+    /// the expert-parallel all-to-alls).
     pub tp_comm: f64,
+    /// Part of `tp_comm`: the expert-parallel all-to-alls.
+    pub ep_comm: f64,
     /// Part of `communication`: pipeline point-to-point sends.
     pub pp_comm: f64,
     /// Full data-parallel gradient-sync time (before overlap).
@@ -156,6 +168,10 @@ pub struct LayerTimes {
     pub tp_bwd: f64,
     /// Tensor-parallel communication of the recomputed forward.
     pub tp_recompute: f64,
+    /// Part of `tp_fwd`: the expert-parallel all-to-alls of the forward (dispatch, combine).
+    pub ep_fwd: f64,
+    /// Part of `tp_bwd`: the expert-parallel all-to-alls of the backward.
+    pub ep_bwd: f64,
     /// Forward projection + MLP matmuls.
     pub proj: f64,
     /// Forward attention-core matmuls.

@@ -2,258 +2,16 @@
 
 use crate::explain::{line, Trace};
 use crate::layout::Layout;
-use crate::recipe::{GradSync, Precision, Recompute};
+use crate::recipe::{GradSync, OffloadDevice, Precision, Recompute};
 use crate::units::count;
 
 use crate::partition::{balanced_uniform, Partition};
 
-use super::{Calibration, Context, LayerTimes, Memory, StageCosts, StepTime};
+use super::{Context, LayerTimes, Memory, StageCosts, StepTime};
 
-/// Time of one (batched) matmul: roofline of FLOPs at a shape-dependent efficiency and the bytes
-/// of its operands at memory bandwidth.
-#[inline]
-#[allow(clippy::too_many_arguments)]
-fn matmul_secs(
-    c: &Calibration,
-    scale: f64,
-    peak: f64,
-    bw: f64,
-    e: f64,
-    batch: f64,
-    m: f64,
-    n: f64,
-    k: f64,
-) -> f64 {
-    let knee = c.matmul_knee;
-    let eff = c.matmul_eff * scale * (m / (m + knee)) * (n / (n + knee)) * (k / (k + knee));
-    let compute = 2.0 * batch * m * n * k / (peak * eff);
-    let memory = e * batch * (m * k + k * n + m * n) / (bw * c.mem_eff);
-    compute.max(memory)
-}
-
-/// Ring all-reduce: 2(n−1)/n·bytes at the link's bus bandwidth plus 2(n−1) latencies.
-#[inline]
-fn all_reduce_secs(n: f64, bytes: f64, bw: f64, alpha: f64) -> f64 {
-    if n <= 1.0 {
-        return 0.0;
-    }
-    2.0 * (n - 1.0) / n * bytes / bw + 2.0 * (n - 1.0) * alpha
-}
-
-/// Ring all-gather or reduce-scatter of a `bytes`-sized (gathered) buffer.
-#[inline]
-fn gather_secs(n: f64, bytes: f64, bw: f64, alpha: f64) -> f64 {
-    if n <= 1.0 {
-        return 0.0;
-    }
-    (n - 1.0) / n * bytes / bw + (n - 1.0) * alpha
-}
+use super::layer::{all_reduce_secs, gather_secs};
 
 impl Context {
-    /// Times of one transformer layer for one micro-batch on one device (Korthikanti et al. 2022
-    /// Table 4 measures exactly this).
-    pub fn layer_times(&self, l: &Layout) -> LayerTimes {
-        let m = &self.model;
-        let r = &self.recipe;
-        let c = &self.calib;
-        let g = &self.cluster.gpu;
-        let e = r.precision.compute_bytes();
-        let peak = if r.precision == Precision::Fp32 {
-            g.peak_fp32_flops
-        } else {
-            g.peak_bf16_flops
-        };
-        let bw = g.memory_bw;
-        let membw = bw * c.mem_eff;
-        // Context parallelism: this rank's s/cp tokens (queries) against all s keys.
-        let s_full = m.seq_len as f64;
-        let (b, s, h, f) = (
-            l.micro_batch as f64,
-            s_full / l.cp as f64,
-            m.hidden as f64,
-            m.ffn_hidden as f64,
-        );
-        let (t, kv, a, d) = (
-            l.tp as f64,
-            m.kv_dim() as f64,
-            m.heads as f64,
-            m.head_dim() as f64,
-        );
-        let tok = b * s;
-        let mats = m.mlp_matrices() as f64;
-        let mm = |batch: f64, mm_: f64, n: f64, k: f64| {
-            matmul_secs(c, g.matmul_scale, peak, bw, e, batch, mm_, n, k)
-        };
-        // FP8 linears (Transformer Engine): 1-byte operands on the FP8 peak at the GPU's fitted
-        // FP8 efficiency; a GPU without FP8 tensor cores keeps bf16 (the CLI refuses that case).
-        let fp8 = r.fp8.filter(|_| g.peak_fp8_flops > 0.0);
-        let lin = |mm_: f64, n: f64, k: f64| match fp8 {
-            Some(_) => matmul_secs(
-                c,
-                g.fp8_matmul_scale,
-                g.peak_fp8_flops,
-                bw,
-                1.0,
-                1.0,
-                mm_,
-                n,
-                k,
-            ),
-            None => mm(1.0, mm_, n, k),
-        };
-        // Forward matmuls of one layer on one tp rank.
-        let proj = lin(tok, (h + 2.0 * kv) / t, h)
-            + lin(tok, h, h / t)
-            + lin(tok, (mats - 1.0) * f / t, h)
-            + lin(tok, h, f / t);
-        let heads_dev = b * a / t;
-        // Attention core: QKᵀ and ·V. Flash kernels skip masked blocks (half the work, causal).
-        let core_scale = if r.flash_attention { 0.5 } else { 1.0 };
-        let core_mm = core_scale * (mm(heads_dev, s, s_full, d) + mm(heads_dev, s, d, s_full));
-        // Memory-bound kernels of one layer, forward (bytes moved).
-        let rows = if l.sp { tok / t } else { tok };
-        let mask = if r.dropout { 1.0 } else { 0.0 };
-        let norms = 2.0 * 2.0 * e * rows * h;
-        let residual = 2.0 * (3.0 * e + mask) * rows * h;
-        let act_fn = e * tok * f * mats / t;
-        let rotary = if m.learned_positions == 0 {
-            2.0 * e * tok * (h + kv) / t
-        } else {
-            0.0
-        };
-        let softmax = if r.flash_attention {
-            0.0
-        } else {
-            (2.0 * e + if r.dropout { 2.0 * e + 1.0 } else { 0.0 }) * heads_dev * s * s_full
-        };
-        // FP8 casts of the four linears' inputs (read e, write 1 byte, plus the scaling's own
-        // traffic); backward casts the output gradients (covered by the 1.5x below).
-        let cast = match fp8 {
-            Some(f8) => (e + 1.0 + f8.extra_cast_bytes()) * tok * (3.0 * h + f) / t,
-            None => 0.0,
-        };
-        let mem_fwd = (norms + residual + act_fn + rotary + cast) / membw;
-        let core_mem = softmax / membw;
-        // Backward: matmuls twice the forward (data and weight gradients; flash backward does
-        // 2.5x its forward), element-wise kernels read input and output gradient and write one (1.5x).
-        let core_bwd_factor = if r.flash_attention { 2.5 } else { 2.0 };
-        let fwd = proj + core_mm + mem_fwd + core_mem;
-        let bwd = 2.0 * proj + core_bwd_factor * core_mm + 1.5 * (mem_fwd + core_mem);
-        let recompute = match r.recompute {
-            Recompute::None => 0.0,
-            Recompute::Selective => {
-                if r.flash_attention {
-                    0.0
-                } else {
-                    core_mm + core_mem
-                }
-            }
-            Recompute::Full => fwd,
-        };
-        // Tensor-parallel collectives of one layer (activation T·h·e bytes).
-        let gpn = self.cluster.gpus_per_node;
-        let (tp_bw, tp_alpha) = if l.tp <= gpn {
-            (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
-        } else {
-            (g.network_bw * c.net_eff, g.network_latency)
-        };
-        let act_bytes = tok * h * e;
-        let (tp_fwd, tp_bwd) = if l.tp == 1 {
-            (0.0, 0.0)
-        } else if l.sp {
-            let ag = gather_secs(t, act_bytes, tp_bw, tp_alpha);
-            // fwd: 2 all-gathers + 2 reduce-scatters; bwd: the same plus 2 re-gathers for weight
-            // gradients (Korthikanti et al. 2022 §4.2.2).
-            (4.0 * ag, 6.0 * ag)
-        } else {
-            let ar = all_reduce_secs(t, act_bytes, tp_bw, tp_alpha);
-            (2.0 * ar, 2.0 * ar)
-        };
-        // Userbuffers-style overlap (Transformer Engine `tp_comm_overlap`; Wang et al. 2023,
-        // "Overlap Communication with Dependent Computation via Decomposition", ASPLOS): each
-        // all-gather / reduce-scatter is split into tp chunks pipelined with the GEMM that
-        // consumes or produces it, so only the larger of (communication − GEMM) and one chunk
-        // stays exposed.
-        let (tp_fwd, tp_bwd) = if r.tp_comm_overlap && l.tp > 1 {
-            (
-                (tp_fwd - proj).max(tp_fwd / t),
-                (tp_bwd - 2.0 * proj).max(tp_bwd / t),
-            )
-        } else {
-            (tp_fwd, tp_bwd)
-        };
-        // Context parallelism (ring attention, Liu et al. 2023; Megatron-LM's cp): cp − 1 steps
-        // each pass this rank's K and V chunk (b·s/cp·2·kv/t elements) to the next rank, behind
-        // the attention core of the chunk in hand; backward passes K, V and their gradients.
-        // Only what the core cannot cover is exposed.
-        let (cp_fwd, cp_bwd) = if l.cp > 1 {
-            let (cp_bw, cp_alpha) = if l.tp * l.cp <= gpn {
-                (g.intra_node_bw * c.intra_eff, g.intra_node_latency)
-            } else {
-                (g.network_bw * c.net_eff, g.network_latency)
-            };
-            let steps = l.cp as f64 - 1.0;
-            let chunk = b * s * 2.0 * kv / t * e;
-            let fwd_comm = steps * (chunk / cp_bw + cp_alpha);
-            (
-                (fwd_comm - core_mm).max(0.0),
-                (2.0 * fwd_comm - core_bwd_factor * core_mm).max(0.0),
-            )
-        } else {
-            (0.0, 0.0)
-        };
-        let (tp_fwd, tp_bwd) = (tp_fwd + cp_fwd, tp_bwd + cp_bwd);
-        let tp_recompute = if r.recompute == Recompute::Full {
-            tp_fwd
-        } else {
-            0.0
-        };
-        LayerTimes {
-            fwd,
-            bwd,
-            recompute,
-            tp_fwd,
-            tp_bwd,
-            tp_recompute,
-            proj,
-            core_mm,
-            mem_fwd,
-            core_mem,
-            norms_bytes: norms + residual + act_fn + rotary + cast,
-            softmax_bytes: softmax,
-            act_bytes,
-            tp_bw,
-            peak,
-        }
-    }
-
-    /// Per micro-batch (forward + backward), seconds: the embedding (first stage), the LM head
-    /// and loss (last stage), and the head's tensor-parallel collectives.
-    fn end_stage_secs(&self, l: &Layout, tp_bw: f64, peak: f64) -> (f64, f64, f64) {
-        let m = &self.model;
-        let c = &self.calib;
-        let g = &self.cluster.gpu;
-        let e = self.recipe.precision.compute_bytes();
-        let membw = g.memory_bw * c.mem_eff;
-        let (h, t) = (m.hidden as f64, l.tp as f64);
-        let tok = l.micro_batch as f64 * m.seq_len as f64 / l.cp as f64;
-        let tp_alpha = if l.tp <= self.cluster.gpus_per_node {
-            g.intra_node_latency
-        } else {
-            g.network_latency
-        };
-        let vshard = (m.vocab as f64 / t).ceil();
-        let head = 3.0 * matmul_secs(c, g.matmul_scale, peak, g.memory_bw, e, 1.0, tok, vshard, h)
-            + tok * vshard * (2.0 * e + 8.0) / membw;
-        let head_comm = if l.tp > 1 {
-            3.0 * all_reduce_secs(t, tok * 4.0, tp_bw, tp_alpha)
-        } else {
-            0.0
-        };
-        let embed = tok * h * (e + 4.0 + 2.0 * e) / membw;
-        (embed, head, head_comm)
-    }
-
     /// What a pipeline stage costs per micro-batch (forward + backward), for balancing: one
     /// layer (compute and tensor-parallel communication), the embedding (first stage) and the LM
     /// head with its loss (last stage). Depends on tp, micro-batch, sp and the recipe, not on
@@ -309,6 +67,8 @@ impl Context {
             tp_fwd,
             tp_bwd,
             tp_recompute,
+            ep_fwd,
+            ep_bwd,
             proj,
             core_mm,
             mem_fwd,
@@ -402,11 +162,20 @@ impl Context {
         let compute = mbs * mb_compute;
         let tp_comm = mbs * mb_comm;
         let pp_comm = mbs * p2p;
+        let ep_recompute = if r.recompute == Recompute::Full {
+            ep_fwd
+        } else {
+            0.0
+        };
+        let ep_comm = mbs * slow_layers * (ep_fwd + ep_bwd + ep_recompute);
         let v = l.vpp as f64;
         let bubble = if l.pp > 1 { (sum_t - t_max) / v } else { 0.0 };
         // Data-parallel gradient sync of the worst device's parameters.
         let n = l.grad_ranks() as f64;
-        let pdev = mem.params_on_device;
+        // Routed experts are summed over their own expert-data-parallel group (n_e ranks).
+        let n_e = l.expert_grad_ranks() as f64;
+        let experts = mem.expert_params_on_device;
+        let pdev = mem.params_on_device - experts;
         let sb = &r.state_bytes;
         let world = l.world();
         let dp_intra = world <= gpn;
@@ -443,11 +212,32 @@ impl Context {
         } else {
             2.0 * n.log2().ceil()
         } * dp_alpha;
-        let one_gather = gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat;
-        let zero3_gathers = gathers * one_gather;
-        let dp_comm = if l.grad_ranks() == 1 {
-            0.0
+        let expert_gather = if experts > 0.0 {
+            gather_secs(n_e, experts * sb.weight, dp_bw, 0.0)
         } else {
+            0.0
+        };
+        // Offloaded parameters (ZeRO-Infinity): each gather first fetches this rank's shard from
+        // host memory (or NVMe through it) over the host link, pipelined layer by layer like the
+        // gather itself.
+        let off = r.offload;
+        let host_fetch = if off.params && zero3 {
+            let shard = (wbytes / n + experts * sb.weight / n_e).max(0.0);
+            let bw = match off.device {
+                OffloadDevice::Cpu => g.host_link_bw,
+                OffloadDevice::Nvme => g.host_link_bw.min(g.nvme_bw),
+            };
+            shard / bw
+        } else {
+            0.0
+        };
+        let one_gather =
+            gather_secs(n, wbytes, dp_bw, 0.0) + 0.5 * ring_lat + expert_gather + host_fetch;
+        let zero3_gathers = gathers * one_gather;
+        let sync = |n: f64, gbytes: f64, wbytes: f64| -> f64 {
+            if n <= 1.0 {
+                return 0.0;
+            }
             match r.grad_sync {
                 GradSync::Ring | GradSync::Tree => {
                     let alpha_count = if r.grad_sync == GradSync::Ring {
@@ -477,6 +267,12 @@ impl Context {
                 }
             }
         };
+        let dp_comm = sync(n, gbytes, wbytes)
+            + if experts > 0.0 {
+                sync(n_e, experts * r.grad_comm_bytes, experts * sb.weight)
+            } else {
+                0.0
+            };
         let mem_layers = l.device_layers(m.layers, mem.worst_stage) as f64;
         let bwd_window = if r.overlap_grad_reduce {
             mem_layers * (bwd + recompute + tp_bwd + tp_recompute)
@@ -533,7 +329,11 @@ impl Context {
         // clipping (read + write g), fp16 unscale and overflow check (read + write g), the fused
         // Adam update (read g, master, moments; write master, moments), the copy of the masters
         // into the working weights (read master, write weights) and zeroing the gradients.
-        let opt_params = if l.zero >= 1 { pdev / n } else { pdev };
+        let opt_params = if l.zero >= 1 {
+            pdev / n + experts / n_e
+        } else {
+            pdev + experts
+        };
         let unscale = if r.precision == Precision::Fp16Mixed {
             2.0 * sb.grad
         } else {
@@ -546,7 +346,37 @@ impl Context {
             + (sb.master + sb.weight)
             + sb.grad;
         let opt_bytes = opt_params * per_param;
-        let optimizer = opt_bytes / membw + c.step_overhead_secs;
+        // Offloaded optimizer (ZeRO-Offload, Ren et al. 2021 §4–5): the gradient shard streams to
+        // the host during backward (exposed beyond the backward window), CPU-Adam updates it —
+        // bound by host memory bandwidth: read the gradient, read and write master and moments,
+        // write the 16-bit weight — with NVMe the states are read and written once per step,
+        // pipelined with the CPU work (ZeRO-Infinity's overlap-centric design, Rajbhandari et
+        // al. 2021 §6); then the updated 16-bit weights go back to the GPU.
+        let offload = if off.optimizer {
+            let d2h = opt_params * sb.grad / g.host_link_bw;
+            let d2h_exposed = if r.overlap_grad_reduce {
+                (d2h - bwd_window).max(0.0)
+            } else {
+                d2h
+            };
+            let cpu = opt_params * (sb.grad + 2.0 * sb.master + 2.0 * sb.optimizer + sb.weight)
+                / (g.host_mem_bw * c.mem_eff);
+            let nvme = if off.device == OffloadDevice::Nvme {
+                opt_params * 2.0 * (sb.master + sb.optimizer) / g.nvme_bw
+            } else {
+                0.0
+            };
+            let h2d = opt_params * sb.weight / g.host_link_bw;
+            d2h_exposed + cpu.max(nvme) + h2d
+        } else {
+            0.0
+        };
+        let gpu_opt = if off.optimizer {
+            0.0
+        } else {
+            opt_bytes / membw
+        };
+        let optimizer = gpu_opt + offload + c.step_overhead_secs;
         let communication = tp_comm + pp_comm + dp_exposed;
         let total = compute + communication + bubble + optimizer;
         tr.line(|| line("time", "forward matmuls per layer per micro-batch", format!(
@@ -574,6 +404,12 @@ impl Context {
             "{} on {} bytes over {} at {:.0} GB/s: fwd {:.3} + bwd {:.3} + recompute {:.3} ms",
             if l.sp { "all-gather/reduce-scatter" } else { "all-reduce" }, act_bytes, if l.tp <= gpn { "intra-node links" } else { "network" }, tp_bw / 1e9, tp_fwd * 1e3, tp_bwd * 1e3, tp_recompute * 1e3),
             layer_comm, "s", "alpha-beta ring: 2(n-1)/n bytes/bw + 2(n-1) alpha (nccl-tests bus bandwidth)"));
+        if l.ep > 1 {
+            tr.line(|| line("time", "expert-parallel all-to-all per step", format!(
+                "2 all-to-alls (dispatch, combine) per MoE layer forward and 2 backward among ep({}) ranks, each (ep-1)/ep of tokens x k x c x h x {} B: fwd {:.3} + bwd {:.3} ms per layer (MoE share of the layers included) x {} layers x {} micro-batches",
+                l.ep, r.precision.compute_bytes(), ep_fwd * 1e3, ep_bwd * 1e3, slow_layers, l.grad_accum),
+                ep_comm, "s", "GShard (Lepikhin et al. 2020) dispatch/combine; link: intra-node share over NVLink, the rest over the GPU's network port"));
+        }
         tr.line(|| {
             line(
                 "time",
@@ -658,14 +494,30 @@ impl Context {
                 "memory-bound fused Adam",
             )
         });
+        if off.optimizer {
+            tr.line(|| line("time", "offloaded optimizer step", format!(
+                "{} params: gradients {} B down and weights {} B up over the host link at {:.0} GB/s, CPU-Adam {:.0} B/param at {:.0} GB/s x {}{} (gradient download hidden behind backward where it fits)",
+                count(opt_params), sb.grad, sb.weight, g.host_link_bw / 1e9,
+                sb.grad + 2.0 * sb.master + 2.0 * sb.optimizer + sb.weight, g.host_mem_bw / 1e9, c.mem_eff,
+                if off.device == OffloadDevice::Nvme { format!(", NVMe {:.0} B/param at {:.1} GB/s pipelined with it", 2.0 * (sb.master + sb.optimizer), g.nvme_bw / 1e9) } else { String::new() }),
+                offload, "s", "ZeRO-Offload (Ren et al. 2021 §4-5), ZeRO-Infinity (Rajbhandari et al. 2021 §6)"));
+        }
+        if host_fetch > 0.0 {
+            tr.line(|| line("time", "offloaded parameter fetch per gather", format!(
+                "this rank's 16-bit shard from {} before each all-gather: {:.4} s (inside the ZeRO-3 gather time above)",
+                if off.device == OffloadDevice::Nvme { "NVMe" } else { "host memory" }, host_fetch),
+                host_fetch, "s", "ZeRO-Infinity (Rajbhandari et al. 2021 §5)"));
+        }
         tr.line(|| line("time", "step total", format!("compute {compute:.4} + communication {communication:.4} + bubble {bubble:.4} + optimizer {optimizer:.4}"), total, "s", "sum"));
         StepTime {
             compute,
             communication,
             bubble,
             optimizer,
+            offload,
             total,
             tp_comm,
+            ep_comm,
             pp_comm,
             dp_comm,
             dp_exposed,

@@ -183,7 +183,7 @@ pub fn recipe(run: &Run) -> Result<Recipe, String> {
 
 /// NVLink domain of the run: the preset's node, or for rack-scale NVLink (GB200 NVL72) the
 /// largest divisor of the job not above the rack (a 256-GPU job as four domains of 64).
-fn nvlink_domain(gpu: &GpuSpec, gpus: u64) -> u64 {
+pub(super) fn nvlink_domain(gpu: &GpuSpec, gpus: u64) -> u64 {
     let gpn = gpu.gpus_per_node;
     if gpus <= gpn || gpus % gpn == 0 {
         return gpn;
@@ -213,6 +213,7 @@ pub fn predict(run: &Run, gpu: &GpuSpec, calib: &Calibration) -> Result<f64, Str
         tp: Some(run.tp),
         pp: Some(run.pp),
         cp: Some(run.cp),
+        ep: None,
         vpp: Some(run.vp),
         sp: run.tp > 1,
         zero: Some(zero),

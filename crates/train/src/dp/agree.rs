@@ -23,6 +23,17 @@ pub(super) fn bytemuck_bytes(xs: &[f32]) -> Vec<u8> {
     xs.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// What [`Dp::gather_losses`] brings back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gathered {
+    /// Every rank's per-micro-batch losses, rank 0's first.
+    pub losses: Vec<f32>,
+    /// Whether any rank was asked to stop.
+    pub any_stop: bool,
+    /// Every rank's busy seconds of the step, in rank order (`None`: asynchronous workers).
+    pub busy_secs: Option<Vec<f32>>,
+}
+
 impl Dp {
     /// All-gathers a 32-byte digest from every rank; returns the ranks whose digest differs
     /// from rank 0's.
@@ -76,33 +87,46 @@ impl Dp {
         Ok(())
     }
 
-    /// Every rank's per-micro-batch losses, in global micro-batch order (rank 0's first), and
+    /// Every rank's per-micro-batch losses, in global micro-batch order (rank 0's first),
     /// whether any rank was asked to stop (Ctrl-C): the ranks agree on the step they stop at,
-    /// so they checkpoint together. (Asynchronous workers do not wait for each other: their own
-    /// losses stand for all, and the stop request is local.)
+    /// so they checkpoint together, and every rank's `busy_secs` of the step, in rank order
+    /// (`crate::straggler`: the same message carries them). (Asynchronous workers do not wait
+    /// for each other: their own losses stand for all, the stop request is local, and no busy
+    /// times come back.)
     pub fn gather_losses(
         &mut self,
         mine: &[f32],
         stop: bool,
-    ) -> Result<(Vec<f32>, bool), TrainError> {
+        busy_secs: f32,
+    ) -> Result<Gathered, TrainError> {
         let n = self.size();
         if self.async_base.is_some() {
-            return Ok((mine.repeat(n), stop));
+            return Ok(Gathered {
+                losses: mine.repeat(n),
+                any_stop: stop,
+                busy_secs: None,
+            });
         }
-        let k = mine.len() + 1;
+        let k = mine.len() + 2;
         let mut all = vec![0.0f32; k * n];
         let r = shard_range(all.len(), n, self.rank());
-        all[r.start..r.end - 1].copy_from_slice(mine);
-        all[r.end - 1] = if stop { 1.0 } else { 0.0 };
+        all[r.start..r.end - 2].copy_from_slice(mine);
+        all[r.end - 2] = if stop { 1.0 } else { 0.0 };
+        all[r.end - 1] = busy_secs;
         self.group
             .all_gather(&mut all)
             .map_err(dist("gathering the losses"))?;
-        let any_stop = all.chunks(k).any(|c| c[k - 1] != 0.0);
+        let any_stop = all.chunks(k).any(|c| c[k - 2] != 0.0);
+        let busy = all.chunks(k).map(|c| c[k - 1]).collect();
         let losses = all
             .chunks(k)
-            .flat_map(|c| c[..k - 1].iter().copied())
+            .flat_map(|c| c[..k - 2].iter().copied())
             .collect();
-        Ok((losses, any_stop))
+        Ok(Gathered {
+            losses,
+            any_stop,
+            busy_secs: Some(busy),
+        })
     }
 
     /// All-gathers a byte string of any length from every rank; returns them in rank order

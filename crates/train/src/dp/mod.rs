@@ -48,7 +48,8 @@
 //!
 //! Files: `agree.rs` (fingerprint, identical weights, losses, start step: what the ranks agree
 //! on), `buckets.rs` (gradient buckets, their sinks and the communication thread), `zero.rs`
-//! (ZeRO-1/2: owned ranges, the sharded optimizer step), `ps.rs` (the parameter-server role).
+//! (ZeRO-1/2: owned ranges, the sharded optimizer step), `zero3.rs` (ZeRO-3: weights sharded
+//! too, each unit gathered just before use), `ps.rs` (the parameter-server role).
 
 mod agree;
 mod buckets;
@@ -56,7 +57,7 @@ mod ps;
 mod zero;
 mod zero3;
 
-pub use agree::{agree_on_start, all_gather_bytes, fingerprint};
+pub use agree::{agree_on_start, all_gather_bytes, fingerprint, Gathered};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
 pub(crate) use zero::subtract;
@@ -254,6 +255,45 @@ impl Dp {
         if self.zero == ZeroStage::Two {
             self.pool = Zero2Pool::new(&self.buckets);
         }
+    }
+
+    /// [`Dp::attach`] for a stage of several model chunks (interleaved pipelines): chunk `c`'s
+    /// layout at offset `at` of the stage's flat buffer, the chunks consecutive in the order
+    /// given. The buckets of each chunk, shifted to its window, highest offsets first, so they
+    /// tile the stage's buffer top down as [`buckets`] does for one layout.
+    pub fn attach_windows(&mut self, chunks: &[(&ParamLayout, usize)]) {
+        let mut all = Vec::new();
+        let mut len = 0;
+        for &(layout, at) in chunks.iter().rev() {
+            debug_assert!(all
+                .last()
+                .is_none_or(|b: &Range<usize>| b.start == at + layout.len()));
+            all.extend(
+                buckets(layout, self.bucket_bytes / 4)
+                    .into_iter()
+                    .map(|b| b.start + at..b.end + at),
+            );
+            len += layout.len();
+        }
+        self.buckets = all;
+        self.len = len;
+        if self.zero == ZeroStage::Two {
+            self.pool = Zero2Pool::new(&self.buckets);
+        }
+    }
+
+    /// Reduces the whole gradient buffer now (every bucket, as the last micro-step's backward
+    /// would): for steps whose backward ran without [`Dp::backward`] — interleaved chunks,
+    /// and ZeRO-1 in a pipeline, whose tied embedding must be summed over its stages first.
+    pub fn reduce_all(&mut self, grads: &mut [f32]) -> Result<(), TrainError> {
+        assert!(
+            !matches!(self.zero, ZeroStage::Two | ZeroStage::Three),
+            "ZeRO-2/3 reduce every micro-step inside backward"
+        );
+        self.backward(true, grads, |sink| {
+            sink.ready(0);
+            Ok(())
+        })
     }
 
     /// Whether backward needs the trainer's full-size gradient buffer (not under ZeRO-2/3).

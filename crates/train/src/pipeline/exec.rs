@@ -284,7 +284,7 @@ pub struct MicroBatches<'a> {
 /// micro-batch on every chunk, gradients accumulated (`+=`) into `grads` (`f32`; in 16-bit
 /// storage each backward first writes `staging`, see `crate::precision`), with the exchanges
 /// between stages (`pipe`) and, on each micro-step that communicates, the data-parallel
-/// gradient buckets reduced as backward finishes them (`dp`; without interleaving). Returns
+/// gradient buckets reduced as backward finishes them (`dp`; one chunk only). Returns
 /// the loss of each micro-batch on the rank that holds the loss (empty elsewhere).
 #[allow(clippy::too_many_arguments)]
 pub fn run_ops<E: Storage>(
@@ -313,9 +313,10 @@ pub fn run_ops<E: Storage>(
                 .rposition(|op| matches!(*op, Op::Backward { chunk, .. } if chunk as usize == c))
         })
         .collect();
-    if dp.is_some() && stage.chunks.len() > 1 {
-        panic!("data-parallel buckets over interleaved chunks are refused at setup");
-    }
+    assert!(
+        dp.is_none() || stage.chunks.len() == 1,
+        "the trainer reduces interleaved chunks' gradients after the list (Dp::reduce_all)"
+    );
     let StageActs {
         saved,
         scratch,

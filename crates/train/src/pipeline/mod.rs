@@ -573,6 +573,11 @@ impl Pipeline {
         Ok(buf[0] != 0.0)
     }
 
+    /// The job's transport ("tcp", "shm", "mpi", "threads").
+    pub fn transport(&self) -> &'static str {
+        self.world.transport_name()
+    }
+
     /// Start of a run: every rank of the job must have the same config, data and pipeline
     /// (schedule, partition); a rank that differs from rank 0 stops the job, named.
     pub fn check_fingerprint(&mut self, fingerprint: &[u8; 32]) -> Result<(), TrainError> {

@@ -24,21 +24,20 @@ pub use records::{
     proc_status_bytes, Observer, PipelineInfo, Quiet, RunOptions, RunSummary, StartInfo, StepRecord,
 };
 
-use crate::checkpoint;
 use crate::config::Precision;
 use crate::config::{OptimSection, TrainConfig};
 use crate::data::Batcher;
 use crate::dp::ZeroStage;
-use crate::error::{io, TrainError};
+use crate::error::TrainError;
 use crate::fsutil::write_atomic;
 use crate::pipeline::{run_ops, MicroBatches, StageActs};
 use crate::precision::{master_as, Storage};
+use crate::run_dir::RunDir;
 use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
 use kernels::{Bf16, Par, F16};
 use model::{AdamW, AdamWConfig, ModelConfig, ParamLayout, Shard};
-use setup::{lock, mean_val_loss, pipeline_info, setup, truncate_metrics, Setup};
+use setup::{lock, mean_val_loss, pipeline_info, setup, Setup};
 use stability::{load_last_checkpoint, Decision, Stability};
-use std::io::Write;
 use std::time::Instant;
 
 /// Learning rate at (0-based) `step`: linear warmup to `lr` over `warmup_steps`, then a cosine
@@ -245,18 +244,7 @@ fn run_with<E: Storage>(
     };
     obs.on_start(&start);
 
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(if writer {
-        Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(io(&metrics_path))?,
-        )
-    } else {
-        Box::new(std::io::sink())
-    });
+    let mut run_dir = RunDir::open(out, writer)?;
     let total = cfg.train.steps;
     let end = opts.stop_after.map_or(total, |s| s.min(total));
     let decay = cfg.decay_steps();
@@ -284,12 +272,36 @@ fn run_with<E: Storage>(
     // gradient norm: on the first stage; tensors replicated over tensor parallelism count on
     // its rank 0.
     let tied = stage.tied_range();
+    // Data-parallel gradients reduced after the step's list instead of bucket by bucket inside
+    // backward: with interleaved chunks (each chunk's last backward is a different op), and
+    // under ZeRO-1 in a pipeline (the tied embedding's stages must be summed first).
+    let deferred = dp.as_ref().is_some_and(|d| {
+        stage.chunks.len() > 1
+            || (d.zero() != crate::dp::ZeroStage::Off
+                && pipe.as_ref().is_some_and(|p| p.shape.pp > 1))
+    });
     let copies = stage.copies();
     let vocab = mcfg.vocab_size as u32;
     refresh_working(&mut work, &state.params);
     // ZeRO-3 (crate::dp): micro-batches gather their weights; the full weights exist only
     // while a checkpoint is written.
     let zero3 = dp.as_ref().is_some_and(|d| d.zero() == ZeroStage::Three);
+    // Straggler detection (data parallel without a pipeline): every rank's busy time rides on
+    // the losses' all-gather; rank 0 judges (crate::straggler).
+    let dp_only = dp.is_some() && pipe.is_none();
+    let slow_drill = match dp_only {
+        true => crate::straggler::injected_delay(dp_rank)?,
+        false => None,
+    };
+    let mut stragglers = (writer && dp_only).then(|| {
+        crate::straggler::Detector::new(
+            crate::straggler::StragglerConfig {
+                margin: cfg.train.straggler_margin,
+                window: cfg.train.straggler_window,
+            },
+            dp_size,
+        )
+    });
     while state.step < end {
         let step = state.step;
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
@@ -344,10 +356,21 @@ fn run_with<E: Storage>(
                 &micro_batches,
                 par,
                 pipe.as_deref_mut(),
-                dp.as_deref_mut(),
+                if deferred { None } else { dp.as_deref_mut() },
                 trace.as_mut(),
             )?
         };
+        if deferred {
+            // The tied embedding's gradient is summed over its two stages first, then every
+            // bucket over data parallelism (under ZeRO-1 only this rank's pieces are reduced,
+            // so the tie could not come after).
+            if let (Some(p), Some((r, _))) = (pipe.as_mut(), &tied) {
+                p.reduce_tied(&mut grads[r.clone()])?;
+            }
+            if let Some(d) = dp.as_mut() {
+                d.reduce_all(&mut grads)?;
+            }
+        }
         if let (Some(tr), Some(d)) = (trace.as_mut(), dp.as_mut()) {
             for (k, a, b) in d.take_bucket_spans() {
                 tr.span(crate::trace::COMM, "dp", &format!("bucket {k}"), a, b);
@@ -356,8 +379,16 @@ fn run_with<E: Storage>(
         // Every rank learns every micro-batch's loss (from the stage that has them) and whether
         // any rank was asked to stop, so all stop at the same step.
         let mut dist_stop = None;
+        let mut rank_busy = None;
         let mut losses = micro_losses;
+        if let Some(d) = slow_drill {
+            std::thread::sleep(d);
+        }
         if dp.is_some() || pipe.is_some() {
+            let busy = t0.elapsed().as_secs_f64()
+                - comm_at_start
+                    .zip(dp.as_ref())
+                    .map_or(0.0, |((_, e), d)| d.exposed_secs - e);
             let stop = opts
                 .stop
                 .as_ref()
@@ -366,7 +397,11 @@ fn run_with<E: Storage>(
                 losses = vec![0.0; accum];
             }
             let (mut all, mut any_stop) = match dp.as_mut() {
-                Some(d) => d.gather_losses(&losses, stop)?,
+                Some(d) => {
+                    let g = d.gather_losses(&losses, stop, busy as f32)?;
+                    rank_busy = g.busy_secs;
+                    (g.losses, g.any_stop)
+                }
                 None => (losses, stop),
             };
             if let Some(p) = pipe.as_mut() {
@@ -387,7 +422,7 @@ fn run_with<E: Storage>(
             weight_decay: cfg.optim.weight_decay,
             grad_clip: (cfg.optim.grad_clip > 0.0).then_some(cfg.optim.grad_clip),
         };
-        if let (Some(p), Some((r, _))) = (pipe.as_mut(), &tied) {
+        if let (false, Some(p), Some((r, _))) = (deferred, pipe.as_mut(), &tied) {
             p.reduce_tied(&mut grads[r.clone()])?;
         }
         let t_opt = Instant::now();
@@ -495,9 +530,15 @@ fn run_with<E: Storage>(
             loss_spike: stab.counts().loss_spikes > counts_before.loss_spikes,
             grad_norm_spike: stab.counts().grad_norm_spikes > counts_before.grad_norm_spikes,
         };
-        let line = serde_json::to_string(&rec).expect("record serialises");
-        writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+        run_dir.record(&rec)?;
         obs.on_step(&rec, total);
+        if let (Some(det), Some(busy)) = (stragglers.as_mut(), &rank_busy) {
+            let busy: Vec<f64> = busy.iter().map(|&b| b as f64).collect();
+            for s in det.observe(state.step, &busy, step_secs) {
+                eprintln!("{}", s.message());
+                run_dir.record(&s.record())?;
+            }
+        }
         records.push(rec);
         if let Decision::Rollback { loss, threshold } = decision {
             // Back to the last checkpoint's weights, optimizer and step; the batcher keeps its
@@ -521,24 +562,13 @@ fn run_with<E: Storage>(
                 state.best_val_loss = st.best_val_loss;
                 state.evals_without_improvement = st.evals_without_improvement;
                 refresh_working(&mut work, &state.params);
-                metrics.flush().map_err(io(&metrics_path))?;
-                if writer {
-                    drop(metrics);
-                    truncate_metrics(&metrics_path, state.step)?;
-                    metrics = std::io::BufWriter::new(Box::new(
-                        std::fs::OpenOptions::new()
-                            .append(true)
-                            .open(&metrics_path)
-                            .map_err(io(&metrics_path))?,
-                    ));
-                }
-                let event = serde_json::json!({
+                run_dir.rewind(state.step)?;
+                run_dir.record(&serde_json::json!({
                     "step": state.step,
                     "rollback_from": from,
                     "spike_loss": loss,
                     "threshold": threshold,
-                });
-                writeln!(metrics, "{event}").map_err(io(&metrics_path))?;
+                }))?;
                 obs.on_rollback(from, state.step, loss, threshold);
                 continue;
             }
@@ -567,13 +597,8 @@ fn run_with<E: Storage>(
                     pipe.as_deref_mut(),
                 )?,
             };
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({"step": state.step, "val_loss": vl})
-            )
-            .map_err(io(&metrics_path))?;
-            metrics.flush().map_err(io(&metrics_path))?;
+            run_dir.record(&serde_json::json!({"step": state.step, "val_loss": vl}))?;
+            run_dir.flush()?;
             if let Some(tr) = trace.as_mut() {
                 tr.span(
                     crate::trace::MAIN,
@@ -610,7 +635,7 @@ fn run_with<E: Storage>(
             || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
         if ckpt_due {
             let t_ckpt = Instant::now();
-            metrics.flush().map_err(io(&metrics_path))?;
+            run_dir.flush()?;
             // Rank 0 writes the weights; under ZeRO every rank writes the optimizer ranges it
             // holds and rank 0 publishes the manifest once all have (checkpoint::save_rank).
             state.m = std::mem::take(&mut opt.m);
@@ -624,33 +649,13 @@ fn run_with<E: Storage>(
             let owned = dp
                 .as_ref()
                 .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
-            let saved = match (pipe.as_mut(), dp.as_mut()) {
-                (Some(p), _) => crate::pipeline::save_checkpoint(
-                    p,
-                    out,
-                    &rcfg,
-                    &stage,
-                    &state,
-                    (
-                        dp_rank,
-                        dp_size,
-                        dp.as_ref().map_or(0, |d| d.zero().number()),
-                    ),
-                    &owned,
-                ),
-                (None, Some(d)) => {
-                    let part = checkpoint::RankPart {
-                        rank: dp_rank,
-                        dp_size,
-                        zero_stage: d.zero().number(),
-                        ranges: &owned,
-                    };
-                    checkpoint::save_rank(out, &rcfg, &layout, &state, &part, &mut |b| {
-                        d.all_gather_bytes(b, "checkpoint: telling the ranks what each wrote")
-                    })
-                }
-                (None, None) => checkpoint::save(out, &rcfg, &layout, &state).map(Some),
-            };
+            let saved = run_dir.save_checkpoint(
+                pipe.as_deref_mut(),
+                dp.as_deref_mut(),
+                (&rcfg, &stage),
+                &state,
+                &owned,
+            );
             opt.m = std::mem::take(&mut state.m);
             opt.v = std::mem::take(&mut state.v);
             if zero3 {
@@ -666,7 +671,6 @@ fn run_with<E: Storage>(
                 );
             }
             if let Some(path) = saved? {
-                checkpoint::prune(out, cfg.train.keep_checkpoints);
                 obs.on_checkpoint(state.step, &path);
                 last_checkpoint = Some(path);
             }
@@ -675,8 +679,7 @@ fn run_with<E: Storage>(
             break;
         }
     }
-    metrics.flush().map_err(io(&metrics_path))?;
-    drop(metrics);
+    run_dir.flush()?;
     if let Some(d) = dp.as_mut().filter(|_| zero3) {
         state.params = d.zero3_full_params()?;
     }
@@ -710,10 +713,7 @@ fn run_with<E: Storage>(
             write_atomic(path, crate::trace::file(&bodies).as_bytes())?;
         }
     }
-    if let (true, Ok(text)) = (writer, std::fs::read_to_string(&metrics_path)) {
-        let svg = crate::plot::loss_svg(&text, start.loss_floor);
-        write_atomic(&out.join("loss.svg"), svg.as_bytes())?;
-    }
+    run_dir.finish(start.loss_floor)?;
     Ok(RunSummary {
         config: rcfg,
         steps_done: state.step,
@@ -731,6 +731,7 @@ fn run_with<E: Storage>(
         skipped_steps: stab.skipped,
         rollbacks: stab.rollbacks,
         final_loss_scale: stab.loss_scale(),
+        rank_times: stragglers.map_or_else(Vec::new, |d| d.summary()),
         start,
         last_checkpoint,
     })

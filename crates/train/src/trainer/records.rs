@@ -132,6 +132,10 @@ pub struct PipelineInfo {
     /// `plan::schedule::simulate`'s bubble of the busiest stage, as a fraction of the makespan,
     /// for equal per-layer forward/backward times.
     pub simulated_bubble: f64,
+    /// Sequence parallelism in the tensor-parallel group.
+    pub sequence_parallel: bool,
+    /// The job's transport ("tcp", "shm", "mpi", "threads").
+    pub transport: &'static str,
 }
 
 /// Receives progress; every method has a no-op default.
@@ -192,6 +196,9 @@ pub struct RunSummary {
     pub rollbacks: u64,
     /// fp16: the loss scale at the end.
     pub final_loss_scale: Option<f32>,
+    /// Data parallel, on rank 0: every rank's mean busy and waiting time per step, and how
+    /// often it was named a straggler (`crate::straggler`); empty otherwise.
+    pub rank_times: Vec<crate::straggler::RankTimes>,
 }
 
 /// `VmHWM` / `VmRSS` from /proc/self/status in bytes (0 when unavailable).

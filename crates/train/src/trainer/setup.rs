@@ -7,12 +7,11 @@ use super::records::{proc_status_bytes, PipelineInfo, RunOptions};
 use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
 use crate::data::{val_batch, window_count, DataPosition, Dataset};
-use crate::error::{io, TrainError};
-use crate::fsutil::{ensure_writable_dir, write_atomic};
+use crate::error::TrainError;
+use crate::fsutil::ensure_writable_dir;
 use crate::pipeline::{forward_only, Pipeline, StageActs, StageModel};
 use kernels::Par;
 use model::{ParamLayout, Shard};
-use std::path::Path;
 
 pub(super) fn mean_val_loss<E: crate::precision::Storage>(
     stage: &StageModel,
@@ -96,26 +95,6 @@ pub(super) fn zero3_val_loss<E: crate::precision::Storage>(
         n += 1;
     }
     Ok(sum / n.max(1) as f64)
-}
-
-/// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its
-/// checkpoint).
-pub(super) fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(_) => return Ok(()),
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes())
 }
 
 /// Everything validated and loaded before the first step.
@@ -217,7 +196,12 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {
         Some(d) => {
-            d.attach(&stage.chunks[0].1);
+            if stage.chunks.len() == 1 {
+                d.attach(&stage.chunks[0].1);
+            } else {
+                let windows: Vec<_> = stage.chunks.iter().map(|(_, l, w)| (l, w.start)).collect();
+                d.attach_windows(&windows);
+            }
             (d.size(), d.owned_ranges(n))
         }
         None => (1, vec![0..n]),
@@ -275,27 +259,13 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
         d.agree_on_start(start)?;
     }
     let state = loaded?;
-    if writer {
-        // What an interrupted run left behind (temporary files of atomic writes, data files of
-        // checkpoints never published): no rank of this job is writing yet.
-        for name in checkpoint::remove_leftovers(out) {
-            warnings.push(format!(
-                "removed {name} from {}: left by an interrupted write",
-                out.display()
-            ));
-        }
-        if opts.resume {
-            truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
-        } else {
-            checkpoint::prune(out, 0);
-            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-        }
-        write_atomic(&out.join("config.toml"), rcfg.to_toml().as_bytes())?;
-        if let Some(tp) = &cfg.data.tokenizer {
-            let bytes = std::fs::read(tp).map_err(io(tp))?;
-            write_atomic(&out.join("tokenizer.json"), &bytes)?;
-        }
-    }
+    warnings.extend(crate::run_dir::RunDir::prepare(
+        out,
+        writer,
+        opts.resume.then_some(state.step),
+        &rcfg.to_toml(),
+        cfg.data.tokenizer.as_deref(),
+    )?);
     Ok(Setup {
         rcfg,
         data,
@@ -332,5 +302,7 @@ pub(super) fn pipeline_info<E: crate::precision::Storage>(
         parts: p.parts.clone(),
         chunks: p.chunks().into_iter().zip(acts.sets()).collect(),
         simulated_bubble: sim.bubble / sim.makespan,
+        sequence_parallel: p.sequence_parallel,
+        transport: p.transport(),
     }
 }

@@ -1,0 +1,554 @@
+//! bf16 GEMM on AVX512_BF16 (`vdpbf16ps`): for each of 16 `f32` lanes, one instruction adds
+//! the two products of a pair of bf16 values to the lane (Intel SDM vol. 2, VDPBF16PS; a
+//! product of two bf16 numbers is exact in `f32`; denormal inputs and outputs are flushed to
+//! zero). Used by `gemm::gemm_mixed` where [`crate::amx`] is not, when both operands are bf16
+//! or `f32` with at least one bf16 (an `f32` operand is rounded to bf16 as it is packed, as the
+//! AMX kernel does).
+//!
+//! Per call, `NC` columns of `b` are packed into 32-column panels of bf16 *pairs* (`[k/2][32]`
+//! u32, the pair `(b[2q][j], b[2q+1][j])` in word `q·32 + j`) and `MC` rows of `a` into 12-row
+//! panels of pairs (`[k/2][12]`), both over the whole inner dimension (an odd `k` gets a zero
+//! last partner). The micro-kernel keeps a 12 × 32 `f32` tile in 24 zmm accumulators; per pair
+//! it broadcasts each row's pair and issues 24 `vdpbf16ps`. Each output element is therefore one
+//! chain `acc = dp(acc, pair q)` for `q = 0, 1, …, ⌈k/2⌉−1` from `0` / `c` / `beta·c`, times
+//! `alpha` when `≠ 1`, stored once (rounded if `c` is 16-bit): its bits depend on its row of
+//! `a`, column of `b` and `k` only, not on the thread split or tile position.
+
+use crate::elem::Elem;
+use crate::gemm::View;
+use std::cell::RefCell;
+
+const MR: usize = 12;
+const NR: usize = 32;
+const MC: usize = 16 * MR;
+const NC: usize = 1024;
+
+/// Whether this CPU has AVX-512F/BW/VL and AVX512_BF16 (run-time check, cached by std).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// 16 words on a 64-byte boundary (packing buffer unit).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+thread_local! {
+    /// Per-thread buffers: `a` panels, `b` panels, one row/column rounded to bf16.
+    static PACK: RefCell<(Vec<Line>, Vec<Line>, Vec<u16>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// The first `n` words of `v`, grown when needed (contents unspecified).
+fn words(v: &mut Vec<Line>, n: usize) -> &mut [u32] {
+    if v.len() < n.div_ceil(16) {
+        v.resize(n.div_ceil(16), Line([0; 16]));
+    }
+    // SAFETY: `Line` is `repr(C)` over 16 u32s with no padding, and `v` holds ≥ `n` words.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u32, n) }
+}
+
+/// `c = alpha · a · b + beta · c` with `a`, `b` rounded to bf16 (see the module doc). The caller
+/// ([`crate::gemm::gemm_mixed`]) checked shapes and extents, `k > 0` and [`available`].
+pub(crate) fn gemm<C: Elem, A: Elem, B: Elem>(
+    c: &mut [C],
+    cv: View,
+    a: &[A],
+    av: View,
+    b: &[B],
+    bv: View,
+    alpha: f32,
+    beta: f32,
+) {
+    let (m, n, k) = (cv.rows, cv.cols, av.cols);
+    let k2 = k.div_ceil(2);
+    PACK.with(|bufs| {
+        let (abuf, bbuf, tmp) = &mut *bufs.borrow_mut();
+        let need = k.max(NR).max(MR);
+        if tmp.len() < need {
+            tmp.resize(need, 0);
+        }
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            let npanels = nc.div_ceil(NR);
+            let bp = words(bbuf, npanels * k2 * NR);
+            pack(bp, tmp, b, bv.t(), (jc, nc), k, NR);
+            for ic in (0..m).step_by(MC) {
+                let mc = MC.min(m - ic);
+                let mpanels = mc.div_ceil(MR);
+                let ap = words(abuf, mpanels * k2 * MR);
+                pack(ap, tmp, a, av, (ic, mc), k, MR);
+                for q in 0..npanels {
+                    let bpan = &bp[q * k2 * NR..(q + 1) * k2 * NR];
+                    for s in 0..mpanels {
+                        let apan = &ap[s * k2 * MR..(s + 1) * k2 * MR];
+                        tile(
+                            c,
+                            cv,
+                            (ic + s * MR, jc + q * NR),
+                            apan,
+                            bpan,
+                            k2,
+                            alpha,
+                            beta,
+                        );
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Packs rows `r0..r0+rows` of `x` (a `rows × k` view: `a`, or `b` transposed) into
+/// `ceil(rows/width)` panels `[k2][width]` of bf16 pairs (missing rows and the odd partner 0).
+fn pack<E: Elem>(
+    dst: &mut [u32],
+    tmp: &mut [u16],
+    x: &[E],
+    v: View,
+    (r0, rows): (usize, usize),
+    k: usize,
+    width: usize,
+) {
+    let k2 = k.div_ceil(2);
+    for (s, panel) in dst.chunks_exact_mut(k2 * width).enumerate() {
+        let p0 = r0 + s * width;
+        let live = width.min(r0 + rows - p0);
+        if v.cs == 1 {
+            // Each row is contiguous: round it, then write its pairs down the panel column.
+            let t = &mut tmp[..k];
+            for r in 0..width {
+                if r >= live {
+                    for q in 0..k2 {
+                        panel[q * width + r] = 0;
+                    }
+                    continue;
+                }
+                let o = (p0 + r) * v.rs;
+                crate::amx::to_bf16(&x[o..o + k], t);
+                for q in 0..k2 {
+                    let hi = if 2 * q + 1 < k {
+                        t[2 * q + 1] as u32
+                    } else {
+                        0
+                    };
+                    panel[q * width + r] = t[2 * q] as u32 | hi << 16;
+                }
+            }
+        } else if v.rs == 1 && (is_f32::<E>() || is_bf16::<E>()) {
+            // Each inner index is contiguous across the panel's rows: 16 rows at a time in
+            // registers (masked loads stop at `live`).
+            let last = p0 + live - 1 + (k - 1) * v.cs;
+            assert!(last < x.len() && panel.len() == k2 * width);
+            // SAFETY: AVX512_BF16/BW/VL are available (the caller checked); every element read
+            // is at most `last` (asserted), every word written inside `panel` (asserted).
+            unsafe { pairs_down(panel.as_mut_ptr(), width, x.as_ptr().add(p0), v.cs, live, k) };
+        } else if v.rs == 1 {
+            // Each inner index is contiguous across the panel's rows: round `live` at a time.
+            panel.fill(0);
+            let t = &mut tmp[..live];
+            for p in 0..k {
+                let o = p0 + p * v.cs;
+                crate::amx::to_bf16(&x[o..o + live], t);
+                let (row, shift) = (
+                    &mut panel[(p / 2) * width..(p / 2) * width + live],
+                    16 * (p % 2),
+                );
+                for (w, &h) in row.iter_mut().zip(t.iter()) {
+                    *w |= (h as u32) << shift;
+                }
+            }
+        } else {
+            panel.fill(0);
+            for r in 0..live {
+                for p in 0..k {
+                    let h = x[(p0 + r) * v.rs + p * v.cs].to_bf16_bits() as u32;
+                    panel[(p / 2) * width + r] |= h << (16 * (p % 2));
+                }
+            }
+        }
+    }
+}
+
+fn is_f32<E: 'static>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+}
+
+fn is_bf16<E: 'static>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<crate::Bf16>()
+}
+
+/// Panel words `[q·width + r]` = the pair (`x[r + 2q·cs]`, `x[r + (2q+1)·cs]`) rounded to bf16
+/// (nearest-even; `vcvtneps2bf16` for `f32`, whose denormal inputs become zero as `vdpbf16ps`
+/// would treat them anyway), `0` for `r ≥ live` and for the missing partner of an odd `k`.
+/// `E` is `f32` or `Bf16`.
+///
+/// # Safety
+/// AVX-512F/BW/VL and AVX512_BF16 are available; `x + r + p·cs` is readable for `r < live`,
+/// `p < k`; `panel` holds `ceil(k/2)·width` words; `live ≤ width`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn pairs_down<E: Elem>(
+    panel: *mut u32,
+    width: usize,
+    x: *const E,
+    cs: usize,
+    live: usize,
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    let f32_src = is_f32::<E>();
+    // SAFETY: per the function's contract; masked-off lanes are not read.
+    unsafe {
+        let load = |p: usize, r0: usize, mask: __mmask16| -> __m512i {
+            if f32_src {
+                let v = _mm512_maskz_loadu_ps(mask, (x as *const f32).add(r0 + p * cs));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm512_cvtepu16_epi32(h)
+            } else {
+                let h = _mm256_maskz_loadu_epi16(mask, (x as *const i16).add(r0 + p * cs));
+                _mm512_cvtepu16_epi32(h)
+            }
+        };
+        for r0 in (0..width).step_by(16) {
+            let n_live = live.saturating_sub(r0).min(16);
+            let mask = ((1u32 << n_live) - 1) as __mmask16;
+            let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
+            for q in 0..k.div_ceil(2) {
+                let lo = load(2 * q, r0, mask);
+                let w = if 2 * q + 1 < k {
+                    _mm512_or_si512(lo, _mm512_slli_epi32(load(2 * q + 1, r0, mask), 16))
+                } else {
+                    lo
+                };
+                _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs_down<E: Elem>(_: *mut u32, _: usize, _: *const E, _: usize, _: usize, _: usize) {
+    unreachable!("avx512bf16::pairs_down without AVX512_BF16");
+}
+
+/// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` when it is `f32`,
+/// whole and row-contiguous, else through an `f32` scratch tile.
+#[allow(clippy::too_many_arguments)]
+fn tile<C: Elem>(
+    c: &mut [C],
+    cv: View,
+    (i, j): (usize, usize),
+    apan: &[u32],
+    bpan: &[u32],
+    k2: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    let (mr, nr) = (MR.min(cv.rows - i), NR.min(cv.cols - j));
+    assert!(apan.len() == k2 * MR && bpan.len() == k2 * NR);
+    let base = i * cv.rs + j * cv.cs;
+    let init = if beta == 0.0 {
+        Init::Zero
+    } else if beta == 1.0 {
+        Init::Load
+    } else {
+        Init::Scale(beta)
+    };
+    if let Some(c32) = C::f32s_mut(c) {
+        if mr == MR && nr == NR && cv.cs == 1 {
+            assert!(base + (MR - 1) * cv.rs + NR <= c32.len());
+            // SAFETY: AVX512_BF16 is available (the caller checked); the panels hold `k2`
+            // pair rows (asserted); every `c` index used lies inside `c32` (asserted).
+            unsafe {
+                micro(
+                    k2,
+                    apan.as_ptr(),
+                    bpan.as_ptr(),
+                    c32.as_mut_ptr().add(base),
+                    cv.rs,
+                    init,
+                    alpha,
+                )
+            };
+            return;
+        }
+    }
+    let mut t = [0.0f32; MR * NR];
+    if init != Init::Zero {
+        for r in 0..mr {
+            for q in 0..nr {
+                t[r * NR + q] = c[base + r * cv.rs + q * cv.cs].to_f32();
+            }
+        }
+    }
+    // SAFETY: as above; `t` is a whole tile with row stride `NR`.
+    unsafe {
+        micro(
+            k2,
+            apan.as_ptr(),
+            bpan.as_ptr(),
+            t.as_mut_ptr(),
+            NR,
+            init,
+            alpha,
+        )
+    };
+    for r in 0..mr {
+        for q in 0..nr {
+            c[base + r * cv.rs + q * cv.cs] = C::from_f32(t[r * NR + q]);
+        }
+    }
+}
+
+/// How the accumulators start: at zero, at `c`, or at `beta · c`.
+#[derive(Clone, Copy, PartialEq)]
+enum Init {
+    Zero,
+    Load,
+    Scale(f32),
+}
+
+/// The register tile: `c[r][q]` (row stride `ldc`) = the `vdpbf16ps` chain over the `k2` pairs
+/// `a[p·MR + r]` × `b[p·NR + q]`, started per `init`, times `alpha` when `≠ 1`.
+///
+/// # Safety
+/// AVX-512F and AVX512_BF16 are available; `a` points to `k2·MR` words, `b` to `k2·NR` words on
+/// a 64-byte boundary, `c` to `MR` rows of `NR` floats at stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn micro(
+    k2: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    alpha: f32,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the function's contract; `__m512i` and `__m512bh` are both 512-bit vectors.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        match init {
+            Init::Zero => {}
+            Init::Load => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
+                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                }
+            }
+            Init::Scale(beta) => {
+                let s = _mm512_set1_ps(beta);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_mul_ps(s, _mm512_loadu_ps(c.add(r * ldc)));
+                    row[1] = _mm512_mul_ps(s, _mm512_loadu_ps(c.add(r * ldc + 16)));
+                }
+            }
+        }
+        let (mut a, mut b) = (a, b);
+        for _ in 0..k2 {
+            let b0: __m512bh = std::mem::transmute(_mm512_load_si512(b as *const __m512i));
+            let b1: __m512bh = std::mem::transmute(_mm512_load_si512(b.add(16) as *const __m512i));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        if alpha != 1.0 {
+            let s = _mm512_set1_ps(alpha);
+            for row in acc.iter_mut() {
+                row[0] = _mm512_mul_ps(s, row[0]);
+                row[1] = _mm512_mul_ps(s, row[1]);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * ldc), row[0]);
+            _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: Init, _: f32) {
+    unreachable!("avx512bf16::micro without AVX512_BF16");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::testutil::randn;
+    use crate::Bf16;
+
+    fn bits(x: f32) -> f32 {
+        Bf16::from_f32(x).to_f32()
+    }
+
+    /// One lane of `vdpbf16ps` as the SDM's pseudo-code writes it: the odd product is added
+    /// first, then the even one (each product of bf16 values exact in f32, each add rounded).
+    /// Used as a reference within one rounding per add, since the exact internal rounding of
+    /// the pair sum is the CPU's.
+    fn chain_f64(a: &[f32], b: &[f32], c0: f64, k: usize) -> (f64, f64) {
+        let (mut s, mut mag) = (c0, c0.abs());
+        for p in 0..k {
+            let t = bits(a[p]) as f64 * bits(b[p]) as f64;
+            s += t;
+            mag += t.abs();
+        }
+        (s, mag)
+    }
+
+    /// Against an f64 sum of the bf16-rounded operands, within γ(k+1) of the sum of |terms|;
+    /// odd `k`, edge tiles, all layouts, `beta` 0 / 1 / 0.5, `alpha` ≠ 1, bf16 and f32 `c`.
+    #[test]
+    fn matches_f64_of_rounded_operands_within_derived_bound() {
+        if !available() {
+            eprintln!("skipped: no AVX512_BF16 on this CPU");
+            return;
+        }
+        let u = f64::powi(2.0, -24);
+        for (si, &(m, n, k)) in [
+            (1, 1, 1),
+            (13, 33, 31),
+            (25, 70, 257),
+            (200, 40, 6),
+            (12, 32, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut rng = Rng::new(40 + si as u64);
+            let (a, b, c0) = (
+                randn(&mut rng, m * k, 1.0),
+                randn(&mut rng, k * n, 1.0),
+                randn(&mut rng, m * n, 1.0),
+            );
+            let a16: Vec<Bf16> = a.iter().map(|&x| Bf16::from_f32(x)).collect();
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect(); // (n, k)
+            for (alpha, beta) in [(1.0, 0.0), (1.0, 1.0), (1.0, 0.5), (0.25, 0.0)] {
+                // a bf16 row-major, b f32 as the transpose of (n, k) (forward's wᵀ).
+                let mut c = c0.clone();
+                gemm(
+                    &mut c,
+                    View::rm(m, n, n),
+                    &a16,
+                    View::rm(m, k, k),
+                    &bt,
+                    View::rm(n, k, k).t(),
+                    alpha,
+                    beta,
+                );
+                // a f32 transposed (d_w's d_outᵀ), b bf16 row-major, c bf16.
+                let at: Vec<f32> = (0..m * k).map(|x| a[(x % m) * k + x / m]).collect(); // (k, m)
+                let b16: Vec<Bf16> = b.iter().map(|&x| Bf16::from_f32(x)).collect();
+                let mut c16: Vec<Bf16> = c0.iter().map(|&x| Bf16::from_f32(x)).collect();
+                gemm(
+                    &mut c16,
+                    View::rm(m, n, n),
+                    &at,
+                    View::rm(k, m, m).t(),
+                    &b16,
+                    View::rm(k, n, n),
+                    alpha,
+                    beta,
+                );
+                let g = (k + 1) as f64 * u / (1.0 - (k + 1) as f64 * u);
+                for i in 0..m {
+                    for j in 0..n {
+                        let bcol: Vec<f32> = (0..k).map(|p| b[p * n + j]).collect();
+                        for (name, got, cinit, out_u) in [
+                            ("f32 c", c[i * n + j] as f64, c0[i * n + j], 0.0),
+                            (
+                                "bf16 c",
+                                c16[i * n + j].to_f32() as f64,
+                                bits(c0[i * n + j]),
+                                1.0 / 256.0,
+                            ),
+                        ] {
+                            let init = if beta == 0.0 {
+                                0.0
+                            } else {
+                                (beta * cinit) as f64
+                            };
+                            let (s, mag) = chain_f64(&a[i * k..(i + 1) * k], &bcol, init, k);
+                            let want = alpha as f64 * s;
+                            let bound =
+                                alpha as f64 * g * mag * 1.01 + 1.01 * out_u * want.abs() + 1e-30;
+                            assert!(
+                                (got - want).abs() <= bound,
+                                "{name} {:?} alpha {alpha} beta {beta} [{i},{j}]: got {got} want {want} (bound {bound:e})",
+                                (m, n, k)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An element's bits do not depend on the rows and columns computed with it.
+    #[test]
+    fn element_bits_do_not_depend_on_the_block_computed() {
+        if !available() {
+            eprintln!("skipped: no AVX512_BF16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (45, 70, 301);
+        let mut rng = Rng::new(5);
+        let a: Vec<Bf16> = randn(&mut rng, m * k, 1.0)
+            .iter()
+            .map(|&x| Bf16::from_f32(x))
+            .collect();
+        let w: Vec<Bf16> = randn(&mut rng, n * k, 1.0)
+            .iter()
+            .map(|&x| Bf16::from_f32(x))
+            .collect();
+        let mut full = vec![f32::NAN; m * n];
+        gemm(
+            &mut full,
+            View::rm(m, n, n),
+            &a,
+            View::rm(m, k, k),
+            &w,
+            View::rm(n, k, k).t(),
+            1.0,
+            0.0,
+        );
+        let (r0, rows, c0, cols) = (5, 17, 3, 37);
+        let mut part = vec![f32::NAN; rows * cols];
+        gemm(
+            &mut part,
+            View::rm(rows, cols, cols),
+            &a[r0 * k..],
+            View::rm(rows, k, k),
+            &w[c0 * k..],
+            View::rm(cols, k, k).t(),
+            1.0,
+            0.0,
+        );
+        for i in 0..rows {
+            for j in 0..cols {
+                let (g, f) = (part[i * cols + j], full[(r0 + i) * n + c0 + j]);
+                assert_eq!(
+                    g.to_bits(),
+                    f.to_bits(),
+                    "[{i},{j}]: {g} in the block, {f} in the full product"
+                );
+            }
+        }
+    }
+}

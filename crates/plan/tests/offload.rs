@@ -1,0 +1,121 @@
+//! Offload (ZeRO-Offload / ZeRO-Infinity) against hand-derived cases: the bytes that leave the
+//! GPU, the time the transfers and the CPU optimizer add, the ZeRO-3 requirement for parameters,
+//! and the planner finding the offloaded layout when nothing else fits.
+
+use plan::explain::NoTrace;
+use plan::recipe::{Offload, OffloadDevice, Optimizer, Precision};
+use plan::search::{search, Objective, SearchSpace};
+use plan::{gpu_preset, preset, Calibration, ClusterSpec, Context, Layout, LayoutRequest, Recipe};
+
+fn ctx(model: &str, gpus: u64) -> Context {
+    Context {
+        model: preset(model).unwrap(),
+        cluster: ClusterSpec::new(gpu_preset("h100-sxm").unwrap(), gpus, None, None).unwrap(),
+        recipe: Recipe::new(1e11, 64, Precision::Bf16Mixed, Optimizer::Adamw),
+        calib: Calibration::default(),
+    }
+}
+
+fn layout(c: &Context, zero: u8) -> Layout {
+    LayoutRequest {
+        zero: Some(zero),
+        ..Default::default()
+    }
+    .resolve(&c.model, c.cluster.gpus, c.recipe.global_batch)
+    .unwrap()
+}
+
+const P: f64 = 6_738_415_616.0; // Llama 2 7B
+
+/// Llama 2 7B, dp 8, ZeRO-1, optimizer offloaded to CPU. Leaving the GPU: the gradients
+/// (P·2 B, streamed out) and the shard of masters and moments (P·12/8 B). Time: the gradient
+/// download (P/8·2 B at 64 GB/s, 26 ms) hides behind a backward of seconds; CPU-Adam moves
+/// 2 + 2·4 + 2·8 + 2 = 28 B per parameter of its shard at 76.8 GB/s × 0.8; the updated weights
+/// come back (P/8·2 B at 64 GB/s). The GPU's own optimizer step disappears.
+#[test]
+fn optimizer_offload_moves_states_and_adds_the_cpu_step() {
+    let mut c = ctx("llama2-7b", 8);
+    let l = layout(&c, 1);
+    let plain = c.evaluate(&l, &mut NoTrace);
+    c.recipe.offload = Offload::parse("optimizer", None).unwrap();
+    let off = c.evaluate(&l, &mut NoTrace);
+    let host = P * 2.0 + P * 12.0 / 8.0;
+    assert!((off.memory.host_bytes - host).abs() < 1e-6 * host);
+    assert!(((plain.memory.total - off.memory.total) - host).abs() < 1e-6 * host);
+    assert_eq!(
+        (
+            off.memory.gradients,
+            off.memory.master_weights,
+            off.memory.optimizer_states
+        ),
+        (0.0, 0.0, 0.0)
+    );
+    let shard = P / 8.0;
+    let want = shard * 28.0 / (76.8e9 * 0.8) + shard * 2.0 / 64e9;
+    assert!(
+        (off.time.offload - want).abs() < 1e-9 * want,
+        "{} vs {want}",
+        off.time.offload
+    );
+    assert!(off.time.total > plain.time.total);
+    // The GPU optimizer step (memory-bound on HBM) is gone; the step grows by less than the
+    // offload time.
+    assert!(off.time.total - plain.time.total < off.time.offload);
+
+    // NVMe: the 12 B/param of masters and moments are read and written once per step at
+    // 3 GB/s, slower than the CPU step it pipelines with.
+    c.recipe.offload.device = OffloadDevice::Nvme;
+    let nvme = c.evaluate(&l, &mut NoTrace);
+    let want = shard * 24.0 / 3e9 + shard * 2.0 / 64e9;
+    assert!((nvme.time.offload - want).abs() < 1e-9 * want);
+    assert_eq!(nvme.memory.total, off.memory.total);
+}
+
+/// Parameters offloaded (ZeRO-3): the 16-bit weight shard leaves the GPU (P·2/8 B more on the
+/// host) and every gather first fetches it over the host link, so the step gets slower.
+#[test]
+fn param_offload_needs_zero3_and_costs_gather_time() {
+    let mut c = ctx("llama2-7b", 8);
+    let l3 = layout(&c, 3);
+    let opt_only = {
+        c.recipe.offload = Offload::parse("optimizer", None).unwrap();
+        c.evaluate(&l3, &mut NoTrace)
+    };
+    c.recipe.offload = Offload::parse("both", None).unwrap();
+    let both = c.evaluate(&l3, &mut NoTrace);
+    let w = P * 2.0 / 8.0;
+    assert!(((both.memory.host_bytes - opt_only.memory.host_bytes) - w).abs() < 1e-6 * w);
+    assert_eq!(both.memory.weights, 0.0);
+    assert!(both.time.dp_comm > opt_only.time.dp_comm);
+    let e = c
+        .recipe
+        .check_layout(&layout(&c, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs ZeRO-3 (--zero 3)"), "{e}");
+    assert!(c.recipe.check_layout(&l3).is_ok());
+    let e = Offload::parse("gpu", None).unwrap_err().to_string();
+    assert!(e.contains("--offload") && e.contains("optimizer"), "{e}");
+    let e = Offload::parse("optimizer", Some("tape"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--offload-device"), "{e}");
+}
+
+/// Llama 2 13B on one H100: 13B parameters × 16 B do not fit in 80 GB in any layout, so
+/// without offload nothing is accepted; with the optimizer offloaded (26 GB of weights left on
+/// the GPU) the planner finds layouts, and every accepted one offloads.
+#[test]
+fn planner_offloads_when_nothing_else_fits() {
+    let c = ctx("llama2-13b", 1);
+    let mut space = SearchSpace::for_gpus(vec![1], 8);
+    let plain = search(&c, &space, Objective::Time, 5, (0, 1));
+    assert_eq!(plain.accepted, 0);
+    space.offload = vec![
+        Offload::default(),
+        Offload::parse("optimizer", None).unwrap(),
+    ];
+    let r = search(&c, &space, Objective::Time, 5, (0, 1));
+    assert!(r.accepted > 0);
+    assert!(r.top.iter().all(|t| t.offload.optimizer));
+}
