@@ -259,7 +259,7 @@ fn run_mpi(_: &BenchCommArgs, _: &[usize]) -> Result<()> {
 
 fn spawn_ranks(a: &BenchCommArgs, world: usize) -> Result<Vec<Row>> {
     let la = crate::launch::LaunchArgs {
-        nproc_per_node: world,
+        nproc_per_node: crate::launch::NprocPerNode::fixed(world),
         nnodes: 1,
         node_rank: 0,
         master_addr: "127.0.0.1".into(),

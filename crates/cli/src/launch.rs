@@ -1,6 +1,7 @@
 //! `scaletrain launch`: start the processes of a job on this host with torchrun's environment,
 //! prefix their output with their rank, and stop everything when one fails or on Ctrl-C; with
-//! `--max-restarts N`, start them all again (`restart.rs`).
+//! `--max-restarts N`, start them all again (`restart.rs`); with `--nproc-per-node MIN:MAX`,
+//! go on with fewer ranks and grow back (`elastic.rs`).
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{BufRead, BufReader, Write};
@@ -9,14 +10,20 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod elastic;
+mod nproc;
 pub mod restart;
+
+pub use nproc::NprocPerNode;
 
 /// Flags of `scaletrain launch`.
 #[derive(Debug, Args, Clone)]
 pub struct LaunchArgs {
-    /// Worker processes on this node.
-    #[arg(long, default_value_t = 2)]
-    pub nproc_per_node: usize,
+    /// Worker processes on this node, or MIN:MAX (torchrun's form) for an elastic training job
+    /// that goes on with fewer data-parallel ranks when one fails and grows back when its slot
+    /// returns (needs --max-restarts; see docs/reliability.md).
+    #[arg(long, default_value = "2")]
+    pub nproc_per_node: NprocPerNode,
     /// Nodes in the job.
     #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
@@ -85,9 +92,13 @@ fn free_port() -> Result<u16> {
 
 /// Check the flags and work out every local process's environment.
 pub fn plan(a: &LaunchArgs) -> Result<Plan> {
-    if a.nproc_per_node == 0 {
-        bail!("--nproc-per-node must be at least 1");
+    if a.nproc_per_node.is_elastic() {
+        bail!(
+            "--nproc-per-node {}: an elastic range is planned one size at a time (elastic::run)",
+            a.nproc_per_node
+        );
     }
+    let nproc_per_node = a.nproc_per_node.max;
     if a.nnodes == 0 || a.node_rank >= a.nnodes {
         bail!(
             "--node-rank {} is not in 0..{} (--nnodes)",
@@ -95,7 +106,7 @@ pub fn plan(a: &LaunchArgs) -> Result<Plan> {
             a.nnodes
         );
     }
-    let workers = a.nnodes * a.nproc_per_node;
+    let workers = a.nnodes * nproc_per_node;
     let world = workers + a.servers;
     let token = match (
         &a.token,
@@ -120,13 +131,13 @@ pub fn plan(a: &LaunchArgs) -> Result<Plan> {
         ),
     };
     let local_servers = if a.node_rank == 0 { a.servers } else { 0 };
-    let local_world = a.nproc_per_node + local_servers;
+    let local_world = nproc_per_node + local_servers;
     let mut procs = Vec::new();
     for local in 0..local_world {
-        let (rank, role) = if local < a.nproc_per_node {
-            (a.node_rank * a.nproc_per_node + local, "worker")
+        let (rank, role) = if local < nproc_per_node {
+            (a.node_rank * nproc_per_node + local, "worker")
         } else {
-            (workers + local - a.nproc_per_node, "server")
+            (workers + local - nproc_per_node, "server")
         };
         let mut env = vec![
             ("RANK".to_string(), rank.to_string()),
@@ -282,6 +293,9 @@ pub enum Outcome {
         /// Processes stopped.
         procs: usize,
     },
+    /// The launcher asked every process to checkpoint and stop (SIGINT, to resize an elastic
+    /// job), and every one exited with status 0.
+    Paused,
     /// A process failed; the others were stopped.
     Failed {
         /// World rank of the first process seen failing.
@@ -298,6 +312,7 @@ impl Outcome {
     pub fn message(&self) -> String {
         match self {
             Outcome::Done => "every process exited with status 0".into(),
+            Outcome::Paused => "every process checkpointed and stopped when asked".into(),
             Outcome::Interrupted { procs } => format!("interrupted: stopped all {procs} processes"),
             Outcome::Failed { rank, how, others } => {
                 format!("rank {rank} {how}; stopped the other {others} running process(es)")
@@ -306,17 +321,49 @@ impl Outcome {
     }
 }
 
+/// Whether process `pid` has a handler for SIGINT (`SigCgt` in `/proc/PID/status`): the
+/// trainer's, which checkpoints and stops at the next step.
+fn catches_sigint(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+}
+
 /// Wait for the job: [`Outcome::Done`] when every process exits 0; otherwise stop the rest
 /// and say who failed.
 /// With `ask_dumps`, the processes still running (and not stopped) are first sent SIGUSR1, so
 /// that their flight recorders write what each was doing when the job failed.
-pub fn supervise(
+/// `pause`: polled while the job runs; once it says so, every process is
+/// sent SIGINT (as soon as all have their handler), so a training job writes a checkpoint and
+/// stops; if all then exit 0, the outcome is [`Outcome::Paused`].
+pub fn supervise_watched(
     mut children: Vec<(usize, Child)>,
     grace: Duration,
     ask_dumps: bool,
+    mut pause: Option<&mut dyn FnMut() -> bool>,
 ) -> Result<Outcome> {
     let mut running: Vec<bool> = vec![true; children.len()];
+    let mut pausing = false;
+    let mut want_pause = false;
     loop {
+        if !pausing {
+            want_pause = want_pause || pause.as_mut().is_some_and(|f| f());
+            if want_pause && children.iter().all(|(_, c)| catches_sigint(c.id())) {
+                for (_, c) in &children {
+                    // SAFETY: signalling our own child by its pid.
+                    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
+                }
+                pausing = true;
+            }
+        }
         if STOP.load(Ordering::SeqCst) {
             stop_all(&mut children, grace);
             return Ok(Outcome::Interrupted {
@@ -370,7 +417,11 @@ pub fn supervise(
             });
         }
         if running.iter().all(|r| !r) {
-            return Ok(Outcome::Done);
+            return Ok(if pausing {
+                Outcome::Paused
+            } else {
+                Outcome::Done
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -434,7 +485,7 @@ fn with_command(a: &LaunchArgs) -> Result<LaunchArgs> {
         let exe = std::env::current_exe().context("finding this program")?;
         a.command = vec![exe.display().to_string(), "train".into()];
         a.command
-            .extend(["--dp", &(a.nnodes * a.nproc_per_node).to_string()].map(String::from));
+            .extend(["--dp", &(a.nnodes * a.nproc_per_node.max).to_string()].map(String::from));
         if a.servers > 0 {
             a.command.extend(
                 ["--grad-sync", "ps", "--servers", &a.servers.to_string()].map(String::from),
@@ -448,8 +499,13 @@ fn with_command(a: &LaunchArgs) -> Result<LaunchArgs> {
 }
 
 /// One attempt: start every process of `a` (restart number `attempt` in their environment),
-/// wait for them, and say how it ended.
-fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcome> {
+/// wait for them, and say how it ended; `pause` as in [`supervise_watched`].
+fn attempt(
+    a: &LaunchArgs,
+    attempt: usize,
+    max_restarts: usize,
+    pause: Option<&mut dyn FnMut() -> bool>,
+) -> Result<Outcome> {
     let mut plan = plan(a)?;
     // A training job: every process (parameter servers too) records its calls and dumps them
     // into the run folder on an error or SIGUSR1, unless told otherwise.
@@ -486,10 +542,11 @@ fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcom
         a.command.join(" ")
     );
     let (children, pumps) = spawn(&plan, program, args)?;
-    let out = supervise(
+    let out = supervise_watched(
         children,
         Duration::from_secs_f64(a.grace_secs.max(0.0)),
         train.is_some(),
+        pause,
     );
     drain(pumps, Duration::from_secs(2));
     // Shared memory: rank 0 unlinks the job's file once every rank has joined; a rank that
@@ -515,10 +572,13 @@ fn attempt(a: &LaunchArgs, attempt: usize, max_restarts: usize) -> Result<Outcom
 pub fn run_with(a: &LaunchArgs, r: &restart::RestartArgs) -> Result<()> {
     r.check()?;
     let mut a = with_command(a)?;
+    if a.nproc_per_node.is_elastic() {
+        return elastic::run(&a, r);
+    }
     install_signal_handlers();
     let mut sup = restart::Supervisor::new(&a.command, r);
     loop {
-        let outcome = attempt(&a, sup.restarts(), r.max_restarts)?;
+        let outcome = attempt(&a, sup.restarts(), r.max_restarts, None)?;
         match sup.next(&outcome)? {
             None => return Ok(()),
             Some(command) => a.command = command,

@@ -104,7 +104,9 @@ struct EstimateArgs {
 pub(crate) struct PlanArgs {
     #[command(flatten)]
     spec: SpecArgs,
-    /// Rank by: time (default) or cost (with --gpus N: the cheapest layout on up to N GPUs).
+    /// Rank by: time (default), cost (with --gpus N: the cheapest layout on up to N GPUs), or
+    /// goodput (shortest expected days with failures, checkpoints and restarts, over cluster
+    /// sizes up to --gpus or --max-gpus: more GPUs are faster but fail more often).
     #[arg(long, default_value = "time")]
     objective: String,
     /// Cheapest layout (over cluster sizes) that trains within this many days.
@@ -340,7 +342,8 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
         }
         (None, "time") => Objective::Time,
         (None, "cost") => Objective::Cost,
-        (None, o) => bail!("--objective '{o}' is not one of time, cost"),
+        (None, "goodput") => Objective::Goodput,
+        (None, o) => bail!("--objective '{o}' is not one of time, cost, goodput"),
     };
     if a.top == 0 {
         bail!("--top must be at least 1");
@@ -348,7 +351,7 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
     let (ctx, note) = spec.context(default_gpus(spec))?;
     let gpn = ctx.cluster.gpus_per_node;
     let sizes = match (spec.gpus, obj) {
-        (None, Objective::Deadline(_) | Objective::Budget(_)) => {
+        (None, Objective::Deadline(_) | Objective::Budget(_) | Objective::Goodput) => {
             if a.max_gpus > 1_000_000 {
                 bail!(
                     "--max-gpus {}: beyond any cluster (at most 1,000,000); check the value",
@@ -360,7 +363,7 @@ pub(crate) fn plan_answer(a: &PlanArgs, spec: &SpecArgs) -> Result<PlanAnswer> {
         }
         // With a fixed cluster, cost can differ from time only by using fewer GPUs: every
         // whole number of nodes up to --gpus (and --gpus itself).
-        (Some(g), Objective::Cost) => {
+        (Some(g), Objective::Cost | Objective::Goodput) => {
             let mut v: Vec<u64> = (1..=g / gpn).map(|k| k * gpn).collect();
             if v.last() != Some(&g) {
                 v.push(g);

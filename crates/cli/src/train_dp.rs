@@ -508,7 +508,7 @@ pub fn launch_self(a: &DpArgs) -> Result<()> {
     let mut command = vec![exe.display().to_string()];
     command.extend(std::env::args().skip(1));
     let la = crate::launch::LaunchArgs {
-        nproc_per_node: a.dp * a.pp * a.tp,
+        nproc_per_node: crate::launch::NprocPerNode::fixed(a.dp * a.pp * a.tp),
         nnodes: 1,
         node_rank: 0,
         master_addr: "127.0.0.1".into(),

@@ -340,8 +340,14 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
                 if h.world as usize != n {
                     return Err(format!("world size {} differs from rank 0's {n}", h.world));
                 }
-                if r == 0 || r >= n || seen[r] {
-                    return Err(format!("rank {r} is out of range or already joined"));
+                if r == 0 || r >= n {
+                    return Err(format!("rank {r} is not in 1..{n} (WORLD_SIZE {n})"));
+                }
+                if seen[r] {
+                    return Err(format!(
+                        "rank {r} already joined: two processes were started with RANK={r}; \
+                         give every process of the job its own rank"
+                    ));
                 }
                 if h.max_frame != cfg.max_frame_bytes {
                     return Err(format!(

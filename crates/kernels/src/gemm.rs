@@ -304,10 +304,24 @@ pub fn amx_active() -> bool {
 static AVX512: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Turns our AVX-512F f32 GEMM on (the default where the CPU has it, unless the environment
-/// variable `SCALETRAIN_NO_AVX512=1` was set when the first matmul ran) or off (the `gemm`
+/// variable `SCALETRAIN_NO_AVX512` was `1`, `true` or `yes` when the first matmul ran; other
+/// values than those and `0`, `false`, `no` get a warning on stderr) or off (the `gemm`
 /// crate's kernel then runs), process-wide; for measurements and tests.
 pub fn set_avx512(on: bool) {
     AVX512.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `SCALETRAIN_NO_AVX512`'s value (`None`: unset) as "turn our kernel off?", or a message for
+/// a value that is none of `1`/`true`/`yes`/`0`/`false`/`no`/empty (ours is then kept).
+fn no_avx512_setting(v: Option<&str>) -> Result<bool, String> {
+    match v.map(str::trim) {
+        None | Some("" | "0" | "false" | "no") => Ok(false),
+        Some("1" | "true" | "yes") => Ok(true),
+        Some(other) => Err(format!(
+            "SCALETRAIN_NO_AVX512={other:?} is not understood; set it to 1 to run matmuls on the \
+             gemm crate instead of our AVX-512 kernel, or 0 (or unset it) to keep ours. Keeping ours."
+        )),
+    }
 }
 
 /// Whether f32 matmuls run on our AVX-512F kernel in this process.
@@ -315,8 +329,15 @@ pub fn avx512_active() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     let mut s = AVX512.load(Relaxed);
     if s == 0 {
-        let off = std::env::var("SCALETRAIN_NO_AVX512").is_ok_and(|v| v.trim() == "1");
-        let want = if off { 2 } else { 1 };
+        let v = std::env::var("SCALETRAIN_NO_AVX512").ok();
+        let want = match no_avx512_setting(v.as_deref()) {
+            Ok(true) => 2,
+            Ok(false) => 1,
+            Err(msg) => {
+                eprintln!("warning: {msg}");
+                1
+            }
+        };
         // Only the first decision counts; a concurrent `set_avx512` wins.
         s = match AVX512.compare_exchange(0, want, Relaxed, Relaxed) {
             Ok(_) => want,
@@ -360,5 +381,25 @@ trait F32Unwrap {
 impl<E: Elem> F32Unwrap for [E] {
     fn f32_unwrap(&self) -> &[f32] {
         E::f32s(self).expect("an f32 slice")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::no_avx512_setting;
+
+    #[test]
+    fn no_avx512_values() {
+        for v in [None, Some(""), Some("0"), Some(" false"), Some("no")] {
+            assert_eq!(no_avx512_setting(v), Ok(false), "{v:?}");
+        }
+        for v in ["1", "true", "yes ", " 1"] {
+            assert_eq!(no_avx512_setting(Some(v)), Ok(true), "{v:?}");
+        }
+        let err = no_avx512_setting(Some("off")).unwrap_err();
+        assert!(
+            err.contains("SCALETRAIN_NO_AVX512=\"off\"") && err.contains("set it to 1"),
+            "{err}"
+        );
     }
 }

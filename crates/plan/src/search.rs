@@ -28,6 +28,9 @@ pub enum Objective {
     Deadline(f64),
     /// Fastest layout whose training costs at most this many USD.
     Budget(f64),
+    /// Shortest expected wall time with failures, checkpoints and restarts (`goodput.rs`):
+    /// more GPUs finish sooner but fail more often.
+    Goodput,
 }
 
 impl std::fmt::Display for Objective {
@@ -37,6 +40,7 @@ impl std::fmt::Display for Objective {
             Objective::Cost => f.write_str("lowest cost"),
             Objective::Deadline(d) => write!(f, "cheapest finishing within {d} days"),
             Objective::Budget(b) => write!(f, "fastest costing at most ${b:.0}"),
+            Objective::Goodput => f.write_str("shortest expected time with failures"),
         }
     }
 }
@@ -170,6 +174,9 @@ pub struct Candidate {
     pub days: f64,
     /// USD for the token budget.
     pub cost_usd: f64,
+    /// Expected days with failures, checkpoints and restarts (`goodput.rs`; infinite when
+    /// failures outpace progress).
+    pub expected_days: f64,
 }
 
 /// The outcome of a search (or of one shard of it).
@@ -192,6 +199,7 @@ fn key(obj: Objective, c: &Candidate) -> (f64, f64) {
         Objective::Time => (c.eval.time.total, c.layout.world() as f64),
         Objective::Cost | Objective::Deadline(_) => (c.cost_usd, c.days),
         Objective::Budget(_) => (c.days, c.cost_usd),
+        Objective::Goodput => (c.expected_days, c.cost_usd),
     }
 }
 
@@ -296,6 +304,12 @@ pub fn search(
             (rc, off, per_size)
         })
         .collect();
+    // Checkpoint: 16-bit weights, fp32 masters and optimizer states of the whole model (as
+    // `estimate` counts it).
+    let ckpt_bytes = {
+        let sb = &base.recipe.state_bytes;
+        m.params().total as f64 * (sb.weight + sb.master + sb.optimizer)
+    };
     let mut stage_cost_cache: Vec<Option<StageCosts>> = Vec::new();
     let mut part_cache: Vec<Option<StageLayers>> = Vec::new();
     type PartKey = (u64, u64, u64, usize, usize, bool, u64);
@@ -464,6 +478,16 @@ pub fn search(
                                                     eval,
                                                     days,
                                                     cost_usd: t.cost,
+                                                    expected_days: crate::goodput::goodput(
+                                                        &ctx.recipe.failures,
+                                                        t.secs,
+                                                        layout.world(),
+                                                        layout
+                                                            .world()
+                                                            .div_ceil(ctx.cluster.gpus_per_node),
+                                                        ckpt_bytes,
+                                                    )
+                                                    .expected_days,
                                                 },
                                             );
                                         }

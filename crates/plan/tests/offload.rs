@@ -1,6 +1,7 @@
-//! Offload (ZeRO-Offload / ZeRO-Infinity) against hand-derived cases: the bytes that leave the
-//! GPU, the time the transfers and the CPU optimizer add, the ZeRO-3 requirement for parameters,
-//! and the planner finding the offloaded layout when nothing else fits.
+//! Offload (ZeRO-Offload / ZeRO-Infinity) and the goodput objective against hand-derived cases:
+//! the bytes that leave the GPU, the time the transfers and the CPU optimizer add, the ZeRO-3
+//! requirement for parameters, the planner finding the offloaded layout when nothing else fits,
+//! and the goodput objective choosing fewer GPUs when failures dominate.
 
 use plan::explain::NoTrace;
 use plan::recipe::{Offload, OffloadDevice, Optimizer, Precision};
@@ -118,4 +119,25 @@ fn planner_offloads_when_nothing_else_fits() {
     let r = search(&c, &space, Objective::Time, 5, (0, 1));
     assert!(r.accepted > 0);
     assert!(r.top.iter().all(|t| t.offload.optimizer));
+}
+
+/// `Objective::Goodput` ranks by expected days with failures: with one failure per 50 GPU-hours
+/// and 10-minute restarts, 256 GPUs fail every ~12 minutes and barely progress, so the goodput
+/// plan uses fewer GPUs than the fastest-step plan, and its expected days are the shorter.
+#[test]
+fn goodput_objective_trades_speed_for_fewer_failures() {
+    let mut c = ctx("llama2-7b", 8);
+    c.recipe.global_batch = 256;
+    c.recipe.failures.failures_per_gpu_hour = 1.0 / 50.0;
+    let space = SearchSpace::for_gpus((1..=32).map(|k| 8 * k).collect(), 8);
+    let fast = search(&c, &space, Objective::Time, 1, (0, 1)).top[0];
+    let good = search(&c, &space, Objective::Goodput, 1, (0, 1)).top[0];
+    assert!(
+        good.layout.world() < fast.layout.world(),
+        "{} vs {}",
+        good.layout.world(),
+        fast.layout.world()
+    );
+    assert!(good.expected_days < fast.expected_days);
+    assert!(good.eval.time.total > fast.eval.time.total);
 }

@@ -207,6 +207,7 @@ impl Supervisor {
                 }
                 return Ok(None);
             }
+            Outcome::Paused => return Ok(None),
             Outcome::Interrupted { .. } => bail!("{}", o.message()),
             Outcome::Failed { rank, how, .. } => (*rank, how.clone()),
         };
