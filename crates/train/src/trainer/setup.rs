@@ -138,6 +138,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
         &mcfg,
         (b, t),
         dp.as_ref().map(|d| (d.zero().number(), d.size())),
+        (cfg.train.precision, cfg.train.recompute),
     )?;
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {
