@@ -188,7 +188,9 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                     zero: l.zero,
                     accum: mb,
                     bucket_bytes: host.bucket_bytes,
-                    overlap: host.overlap,
+                    // ZeRO-1 in a pipeline reduces after the step's list (the tied embedding
+                    // is summed first), not during backward.
+                    overlap: host.overlap && !(l.zero > 0 && l.pp > 1),
                     spare_core,
                 };
                 let c = dp_comm_time(d, &setup, p.0 * 2.0 / 3.0, &host.link);
