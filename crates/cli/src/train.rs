@@ -404,6 +404,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
+    let dp_handle = dp.clone();
     let opts = RunOptions {
         out_dir: a.out.clone(),
         resume: a.resume,
@@ -535,6 +536,30 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             1e3 * exposed,
             if comm > 0.0 { 100.0 * (1.0 - exposed / comm).max(0.0) } else { 0.0 }
         );
+        let gathers = dp_handle.as_ref().and_then(|d| {
+            d.lock()
+                .ok()
+                .and_then(|d| d.zero3_gathers_per_micro_batch())
+        });
+        if let Some((count, elems)) = gathers {
+            let m = &s.config.model;
+            let dims = plan::cpu_runtime::CpuRuntimeDims {
+                padded_vocab: plan::cpu_runtime::padded_vocab(m.vocab_size.unwrap_or(0) as u64),
+                max_seq_len: m.seq_len as u64,
+                channels: m.channels as u64,
+                heads: m.n_head as u64,
+                layers: m.n_layer as u64,
+                has_embedding: true,
+                has_head: true,
+                tp: 1,
+            };
+            let (pc, pe) = plan::cpu_runtime::zero3_gathers_per_micro_batch(&dims);
+            println!(
+                "  ZeRO-3 weight gathers per micro-batch (forward + backward): measured {count:.1} gathers, {:.2} MiB | predicted {pc} gathers, {:.2} MiB",
+                4.0 * elems / 1048576.0,
+                4.0 * pe as f64 / 1048576.0
+            );
+        }
         if let Some(p) = st.predicted_comm {
             println!(
                 "  communication: predicted {:.1} ms, exposed {:.1} ms ({} buckets) | measured {:.1} ms, exposed {:.1} ms",

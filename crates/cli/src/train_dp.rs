@@ -51,7 +51,8 @@ pub struct DpArgs {
     #[arg(long)]
     pub staleness: Option<usize>,
     /// ZeRO stage: 0 = replicated optimizer state, 1 = AdamW state sharded, 2 = AdamW state and
-    /// reduced gradients sharded (ring or mpi, not ps).
+    /// reduced gradients sharded, 3 = weights sharded too, each layer gathered just before use
+    /// (ring or mpi, not ps; 3: fp32, no --pp/--tp).
     #[arg(long, default_value_t = 0)]
     pub zero: u8,
     /// Global batch in sequences = dp × batch_size × grad_accum; sets train.grad_accum (must divide).
@@ -130,7 +131,20 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
         bail!("--dp must be at least 1");
     }
     let zero = ZeroStage::from_number(a.zero)
-        .with_context(|| format!("--zero {}: expected 0, 1 or 2", a.zero))?;
+        .with_context(|| format!("--zero {}: expected 0, 1, 2 or 3", a.zero))?;
+    if zero == ZeroStage::Three && (a.tp > 1 || a.pp > 1) {
+        bail!(
+            "--zero 3 with --tp {} --pp {}: ZeRO-3 gathers whole-model units along data parallelism only; \
+             use --zero 3 with --tp 1 --pp 1, or --zero 1/2 with a mesh",
+            a.tp,
+            a.pp
+        );
+    }
+    if zero == ZeroStage::Three && cfg.train.precision != train::config::Precision::Fp32 {
+        bail!(
+            "--zero 3 trains in fp32 only (it gathers fp32 weights); set train.precision = \"fp32\" or use --zero 2"
+        );
+    }
     if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0) {
         bail!(
             "--bucket-mb {}: expected a positive size in MiB (e.g. 2; larger than the model = one bucket)",

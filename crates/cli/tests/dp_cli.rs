@@ -161,12 +161,12 @@ fn bad_layouts_are_refused_with_the_arithmetic() {
         "--dp",
         "2",
         "--zero",
-        "3",
+        "4",
         "--out",
         o.to_str().unwrap(),
     ]);
     assert_ne!(code, 0);
-    assert!(err.contains("--zero 3"), "{err}");
+    assert!(err.contains("--zero 4: expected 0, 1, 2 or 3"), "{err}");
     let (code, _, err) = run(&[
         "train",
         "--dp",

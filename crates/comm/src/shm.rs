@@ -8,7 +8,8 @@
 //!          size it, write n, ring size, hash(token), then publish the magic
 //!  rank r: open it (retrying until the deadline), wait for the magic, check n, ring size and the
 //!          token hash (a mismatch is a rendezvous error), claim joined[r] with a compare-exchange
-//!          (a slot already taken means a previous job's file not yet unlinked: retry)
+//!          (a slot of this job already taken by a live process: a duplicate rank, refused;
+//!          of a previous job's file not yet unlinked: retry)
 //!  all:    store pid; wait until every rank joined; rank 0 unlinks the file
 //! ```
 //! A peer is gone when its `closed` flag is set outside the final barrier or its pid is dead or a
@@ -155,9 +156,34 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
             if region.word(3).load(Ordering::Relaxed) != token_hash && !stale {
                 return Err(rdv(me, "wrong job token"));
             }
-            region.pid(me).store(std::process::id(), Ordering::Release);
-            // Claim our slot. A taken slot means a previous job's file that rank 0 has not unlinked
-            // yet (e.g. the same ranks joining again on the same port): drop it and wait for ours.
+            // Our slot of this job (same token, not every rank joined yet) held by another live
+            // process: a second process was given our rank.
+            let holder = region.pid(me).load(Ordering::Acquire);
+            if !stale
+                && region.joined(me).load(Ordering::Acquire) != 0
+                && holder != 0
+                && holder != std::process::id()
+                && std::fs::read_to_string(format!("/proc/{holder}/stat")).is_ok_and(|st| {
+                    !matches!(
+                        st.rsplit(')')
+                            .next()
+                            .and_then(|x| x.split_whitespace().next()),
+                        Some("Z" | "X" | "x")
+                    )
+                })
+            {
+                return Err(rdv(
+                    me,
+                    format!(
+                        "rank {me} already joined (process {holder}): two processes were started \
+                         with RANK={me}; give every process of the job its own rank"
+                    ),
+                ));
+            }
+            // Claim our slot (our pid is stored once it is ours, so a loser never overwrites
+            // the holder's). A taken slot means a previous job's file that rank 0 has not
+            // unlinked yet (e.g. the same ranks joining again on the same port): drop it and
+            // wait for ours.
             if region
                 .joined(me)
                 .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)

@@ -1,4 +1,4 @@
-//! TCP rendezvous with real processes (this test binary re-runs itself as the ranks, as
+//! Rendezvous (TCP and shared memory) with real processes (this test binary re-runs itself as the ranks, as
 //! `processes.rs` does): a rank that joins late is waited for, and a second process claiming a
 //! rank that has already joined is refused with an error that says so.
 use comm::{init_from_env, ReduceOp};
@@ -40,7 +40,7 @@ impl Drop for Ranks {
     }
 }
 
-fn spawn(rank: usize, n: usize, port: u16, token: &str) -> Child {
+fn spawn(transport: &str, rank: usize, n: usize, port: u16, token: &str) -> Child {
     Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "rank_entry",
@@ -55,7 +55,7 @@ fn spawn(rank: usize, n: usize, port: u16, token: &str) -> Child {
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
         .env("SCALETRAIN_JOB_TOKEN", token)
-        .env("SCALETRAIN_TRANSPORT", "tcp")
+        .env("SCALETRAIN_TRANSPORT", transport)
         .env("SCALETRAIN_COMM_TIMEOUT_SECS", "30")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -82,21 +82,20 @@ fn result(c: &mut Child, limit: Duration) -> String {
         .to_string()
 }
 
-#[test]
-fn a_late_rank_is_waited_for_and_a_duplicate_rank_is_refused() {
+fn late_and_duplicate(transport: &str, refused_by: &str) {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("port");
     let token = format!("tok-{port}-{}", std::process::id());
     let mut ranks = Ranks(Vec::new());
-    ranks.0.push(spawn(0, 3, port, &token));
-    ranks.0.push(spawn(1, 3, port, &token));
+    ranks.0.push(spawn(transport, 0, 3, port, &token));
+    ranks.0.push(spawn(transport, 1, 3, port, &token));
     // The second "rank 1" comes while rank 0 still waits for rank 2, which comes last, late.
     std::thread::sleep(Duration::from_millis(1000));
-    ranks.0.push(spawn(1, 3, port, &token));
+    ranks.0.push(spawn(transport, 1, 3, port, &token));
     std::thread::sleep(Duration::from_millis(1500));
-    ranks.0.push(spawn(2, 3, port, &token));
+    ranks.0.push(spawn(transport, 2, 3, port, &token));
     let limit = Duration::from_secs(60);
     let got: Vec<String> = ranks.0.iter_mut().map(|c| result(c, limit)).collect();
     // The job of ranks 0, 1 (the first) and 2 ran: 1 + 1 + 1.
@@ -106,9 +105,19 @@ fn a_late_rank_is_waited_for_and_a_duplicate_rank_is_refused() {
     let dup = &got[2];
     assert!(
         dup.starts_with("ERROR")
-            && dup.contains("rank 0 refused us")
+            && dup.contains(refused_by)
             && dup.contains("rank 1 already joined")
             && dup.contains("RANK=1"),
         "{dup}"
     );
+}
+
+#[test]
+fn tcp_a_late_rank_is_waited_for_and_a_duplicate_rank_is_refused() {
+    late_and_duplicate("tcp", "rank 0 refused us");
+}
+
+#[test]
+fn shm_a_late_rank_is_waited_for_and_a_duplicate_rank_is_refused() {
+    late_and_duplicate("shm", "(process ");
 }

@@ -33,23 +33,45 @@ pub fn memory_limit_bytes() -> Option<(u64, String)> {
     best
 }
 
-/// [`check_fits`] for a rank holding `stage` (micro-batch `b` × `t`), with its AdamW state
-/// sharded over `zero_dp = (stage, dp size)` under ZeRO, sharing this host with
-/// `LOCAL_WORLD_SIZE` ranks. The prediction is the runtime's (`plan::cpu_runtime::memory` of
-/// the stage's layers, one saved activation set: a lower bound for a pipeline stage).
+/// [`check_fits`] for a rank holding `stage` (micro-batch `b` × `t`) in `precision` with
+/// `recompute`, with its AdamW state sharded over `zero_dp = (stage, dp size)` under ZeRO,
+/// sharing this host with `LOCAL_WORLD_SIZE` ranks. The prediction is the runtime's
+/// (`plan::cpu_runtime::memory` of the stage's layers, then `trainer_memory` for the
+/// precision's working copies and the recomputation's activations; one saved activation set
+/// per chunk: a lower bound for a pipeline stage, whose schedule may keep more in flight).
 pub fn check_stage(
     stage: &crate::pipeline::StageModel,
     mcfg: &model::ModelConfig,
     (b, t): (usize, usize),
     zero_dp: Option<(u8, usize)>,
+    prec: (plan::recipe::Precision, plan::recipe::Recompute),
 ) -> Result<(), TrainError> {
+    let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1);
+    check_fits(
+        stage_bytes(stage, mcfg, (b, t), zero_dp, prec),
+        ranks_here,
+        memory_limit_bytes(),
+    )
+}
+
+/// The bytes [`check_stage`] compares with the machine's memory.
+pub fn stage_bytes(
+    stage: &crate::pipeline::StageModel,
+    mcfg: &model::ModelConfig,
+    (b, t): (usize, usize),
+    zero_dp: Option<(u8, usize)>,
+    (precision, recompute): (plan::recipe::Precision, plan::recipe::Recompute),
+) -> u64 {
     let held: Vec<model::Shard> = stage
         .chunks
         .iter()
         .map(|(_, l, _)| l.shard.clone())
         .collect();
     let (Some(first), Some(last)) = (held.first(), held.last()) else {
-        return Ok(());
+        return 0;
     };
     let dims = model::Shard {
         layers: first.layers.start..last.layers.end,
@@ -64,11 +86,17 @@ pub fn check_stage(
             m.optimizer_bytes /= dp.max(1) as u64;
         }
     }
-    let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(1);
-    check_fits(m.total_bytes(), ranks_here, memory_limit_bytes())
+    let chunks: Vec<_> = held.iter().map(|s| (s.dims(mcfg), 1)).collect();
+    let m = plan::cpu_runtime::trainer_memory(
+        m,
+        &chunks,
+        b as u64,
+        t as u64,
+        stage.vstages > 1,
+        precision,
+        recompute,
+    );
+    m.total_bytes()
 }
 
 fn gib(b: u64) -> String {
@@ -94,8 +122,10 @@ pub fn check_fits(
             "the model needs {} per rank{} (predicted: weights, gradients, AdamW state and \
              activations), but this machine offers {} ({what}); nothing was allocated. Make it \
              fit with a smaller model (model.n_layer, model.channels), a smaller \
-             train.batch_size or model.seq_len, pipeline stages on more machines (--pp), or \
-             ZeRO optimizer sharding across data-parallel ranks (--zero 1 or 2)",
+             train.batch_size or model.seq_len, activation recomputation (--recompute full), \
+             pipeline stages or tensor-parallel ranks on more machines (--pp, --tp), or ZeRO \
+             optimizer sharding across data-parallel ranks (--zero 1 or 2); bf16/fp16 mixed \
+             precision shrinks activations but keeps fp32 master weights beside the 16-bit copy",
             gib(predicted_bytes),
             if ranks_here > 1 {
                 format!(" × {ranks_here} ranks on this host = {}", gib(need))
@@ -127,5 +157,37 @@ mod tests {
         assert!(check_fits(u64::MAX, 1, None).is_ok());
         let (b, what) = memory_limit_bytes().expect("Linux has /proc/meminfo");
         assert!(b > 1 << 20, "{b} from {what}");
+    }
+
+    #[test]
+    fn the_prediction_follows_precision_and_recomputation() {
+        use plan::recipe::{Precision, Recompute};
+        let cfg = model::ModelConfig {
+            vocab_size: 64,
+            max_seq_len: 64,
+            n_layer: 4,
+            n_head: 4,
+            channels: 64,
+        };
+        let full = model::ParamLayout::new(&cfg, &model::Shard::full(&cfg)).unwrap();
+        let stage = crate::pipeline::StageModel::whole(full);
+        let bytes = |p, r| stage_bytes(&stage, &cfg, (8, 64), None, (p, r));
+        let fp32 = bytes(Precision::Fp32, Recompute::None);
+        // fp32 without recomputation: the runtime's plain memory formula.
+        let dims = model::Shard::full(&cfg).dims(&cfg);
+        assert_eq!(fp32, plan::cpu_runtime::memory(&dims, 8, 64).total_bytes());
+        // Mixed precision adds the 16-bit weight copy and gradient (4 B/param) and halves the
+        // 16-bit activations (here activations dominate, so it needs less); full
+        // recomputation keeps far fewer activations.
+        let n = stage.len() as u64;
+        let bf16 = bytes(Precision::Bf16Mixed, Recompute::None);
+        assert_ne!(bf16, fp32);
+        let full_rc = bytes(Precision::Fp32, Recompute::Full);
+        assert!(full_rc < fp32, "{full_rc} vs {fp32}");
+        let bf16_full = bytes(Precision::Bf16Mixed, Recompute::Full);
+        assert!(
+            bf16_full < bf16,
+            "fp32 {fp32} bf16 {bf16} full {full_rc} bf16+full {bf16_full}, {n} params"
+        );
     }
 }

@@ -55,6 +55,10 @@ impl Dp {
     where
         F: FnOnce(&mut dyn GradSink) -> Result<(), ModelError>,
     {
+        assert!(
+            self.zero != ZeroStage::Three,
+            "ZeRO-3 runs its micro-batches through Dp::zero3_micro_batch"
+        );
         let communicate = self.ps.is_none() && (last || self.zero == ZeroStage::Two);
         if !communicate {
             return Ok(f(&mut Flat(grads))?);
@@ -100,6 +104,7 @@ impl Dp {
                         *a += *g;
                     }
                 }
+                ZeroStage::Three => unreachable!("refused at the top of Dp::backward"),
             }
             let t1 = Instant::now();
             spans.push((k, t0, t1));

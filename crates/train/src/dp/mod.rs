@@ -48,17 +48,20 @@
 //!
 //! Files: `agree.rs` (fingerprint, identical weights, losses, start step: what the ranks agree
 //! on), `buckets.rs` (gradient buckets, their sinks and the communication thread), `zero.rs`
-//! (ZeRO-1/2: owned ranges, the sharded optimizer step), `ps.rs` (the parameter-server role).
+//! (ZeRO-1/2: owned ranges, the sharded optimizer step), `zero3.rs` (ZeRO-3: weights sharded
+//! too, each unit gathered just before use), `ps.rs` (the parameter-server role).
 
 mod agree;
 mod buckets;
 mod ps;
 mod zero;
+mod zero3;
 
 pub use agree::{agree_on_start, all_gather_bytes, fingerprint, Gathered};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
 pub(crate) use zero::subtract;
+pub(crate) use zero3::zero3_micro_batches;
 
 use crate::error::TrainError;
 use buckets::Zero2Pool;
@@ -90,23 +93,27 @@ pub enum ZeroStage {
     One,
     /// Optimizer state and reduced gradients sharded.
     Two,
+    /// Weights too: each layer gathered just before use (`zero3.rs`).
+    Three,
 }
 
 impl ZeroStage {
-    /// 0, 1 or 2.
+    /// 0, 1, 2 or 3.
     pub fn number(self) -> u8 {
         match self {
             ZeroStage::Off => 0,
             ZeroStage::One => 1,
             ZeroStage::Two => 2,
+            ZeroStage::Three => 3,
         }
     }
-    /// From 0, 1 or 2.
+    /// From 0, 1, 2 or 3.
     pub fn from_number(n: u8) -> Option<ZeroStage> {
         match n {
             0 => Some(ZeroStage::Off),
             1 => Some(ZeroStage::One),
             2 => Some(ZeroStage::Two),
+            3 => Some(ZeroStage::Three),
             _ => None,
         }
     }
@@ -138,6 +145,8 @@ pub struct Dp {
     len: usize,
     /// ZeRO-2: the gradient buffers backward writes into instead of a full-size buffer.
     pool: Zero2Pool,
+    /// ZeRO-3: the sharded weights, gradient shard and gather buffers (`zero3.rs`).
+    z3: Option<Box<zero3::Zero3>>,
     /// When each gradient bucket was reduced (bucket, start, end), on the communication thread
     /// or not, since [`Dp::take_bucket_spans`] last emptied it (the trace).
     bucket_spans: Vec<(usize, std::time::Instant, std::time::Instant)>,
@@ -198,6 +207,7 @@ impl Dp {
             spare_core: true,
             len: 0,
             pool: Zero2Pool::default(),
+            z3: None,
             bucket_spans: Vec::new(),
             comm_secs: 0.0,
             exposed_secs: 0.0,
@@ -234,7 +244,13 @@ impl Dp {
     /// Lays the gradient buckets (and so the ZeRO pieces) out over `layout`. Call once, before
     /// the optimizer state is sharded or loaded.
     pub fn attach(&mut self, layout: &ParamLayout) {
-        self.buckets = buckets(layout, self.bucket_bytes / 4);
+        // ZeRO-3 gathers and reduces per unit (embedding, layer, head): one bucket each.
+        let elems = if self.zero == ZeroStage::Three {
+            1
+        } else {
+            self.bucket_bytes / 4
+        };
+        self.buckets = buckets(layout, elems);
         self.len = layout.len();
         if self.zero == ZeroStage::Two {
             self.pool = Zero2Pool::new(&self.buckets);
@@ -271,8 +287,8 @@ impl Dp {
     /// and ZeRO-1 in a pipeline, whose tied embedding must be summed over its stages first.
     pub fn reduce_all(&mut self, grads: &mut [f32]) -> Result<(), TrainError> {
         assert!(
-            self.zero != ZeroStage::Two,
-            "ZeRO-2 reduces every micro-step inside backward"
+            !matches!(self.zero, ZeroStage::Two | ZeroStage::Three),
+            "ZeRO-2/3 reduce every micro-step inside backward"
         );
         self.backward(true, grads, |sink| {
             sink.ready(0);
@@ -280,9 +296,9 @@ impl Dp {
         })
     }
 
-    /// Whether backward needs the trainer's full-size gradient buffer (not under ZeRO-2).
+    /// Whether backward needs the trainer's full-size gradient buffer (not under ZeRO-2/3).
     pub fn needs_full_grads(&self) -> bool {
-        self.zero != ZeroStage::Two
+        !matches!(self.zero, ZeroStage::Two | ZeroStage::Three)
     }
 
     /// The gradient bucket size in bytes.
@@ -303,7 +319,8 @@ impl Dp {
         accum: u64,
         compute: &plan::cpu_time::CpuStepTime,
     ) -> Option<plan::cpu_comm::DpCommTime> {
-        if self.ps.is_some() {
+        // Parameter servers and ZeRO-3's gathers are not modelled.
+        if self.ps.is_some() || self.zero == ZeroStage::Three {
             return None;
         }
         let setup = plan::cpu_comm::DpCommSetup {
@@ -407,6 +424,14 @@ impl Dp {
             }
             ZeroStage::One | ZeroStage::Two => {
                 self.zero_step(layout, params, grads, opt, cfg, par, mesh, apply)
+            }
+            // ZeRO-3 keeps its own weight pieces (`params` is empty) and gradient shard.
+            ZeroStage::Three => {
+                assert!(
+                    mesh.copies.is_empty(),
+                    "ZeRO-3 runs without other mesh axes"
+                );
+                self.zero3_step(layout, opt, cfg, par, apply)
             }
         }
     }

@@ -67,7 +67,35 @@ impl Dp {
     /// Bytes this module holds beyond the trainer's buffers (ZeRO-2: the reduced gradient shard
     /// and the bucket buffers).
     pub fn extra_bytes(&self) -> u64 {
-        4 * (self.grad_shard.len() + self.pool.elems()) as u64
+        4 * (self.grad_shard.len() + self.pool.elems()) as u64 + self.zero3_bytes()
+    }
+
+    /// The job's sum of squares from this rank's `partial`: every rank's f64 all-gathered and
+    /// summed in rank order on every rank (so every rank gets the same bits).
+    pub(super) fn global_sum_squares(&mut self, partial: f64) -> Result<f64, TrainError> {
+        let n = self.size();
+        let bits = partial.to_bits();
+        let mut all = vec![0.0f32; 2 * n];
+        let mine = shard_range(all.len(), n, self.rank());
+        all[mine].copy_from_slice(&[
+            f32::from_bits(bits as u32),
+            f32::from_bits((bits >> 32) as u32),
+        ]);
+        let t1 = Instant::now();
+        self.group
+            .all_gather(&mut all)
+            .map_err(dist("gathering the gradient norm"))?;
+        let total: f64 = (0..n)
+            .map(|k| {
+                f64::from_bits(
+                    all[2 * k].to_bits() as u64 | (all[2 * k + 1].to_bits() as u64) << 32,
+                )
+            })
+            .sum();
+        let secs = t1.elapsed().as_secs_f64();
+        self.comm_secs += secs;
+        self.exposed_secs += secs;
+        Ok(total)
     }
 }
 
@@ -119,25 +147,8 @@ impl Dp {
             sq
         };
         // Global norm: each rank's f64 sum of squares, combined in rank order on every rank.
-        let n = self.size();
-        let bits = partial.to_bits();
-        let mut all = vec![0.0f32; 2 * n];
-        let mine = shard_range(all.len(), n, self.rank());
-        all[mine].copy_from_slice(&[
-            f32::from_bits(bits as u32),
-            f32::from_bits((bits >> 32) as u32),
-        ]);
+        let total = self.global_sum_squares(partial)?;
         let t1 = Instant::now();
-        self.group
-            .all_gather(&mut all)
-            .map_err(dist("gathering the gradient norm"))?;
-        let total: f64 = (0..n)
-            .map(|k| {
-                f64::from_bits(
-                    all[2 * k].to_bits() as u64 | (all[2 * k + 1].to_bits() as u64) << 32,
-                )
-            })
-            .sum();
         let total = (mesh.combine)(total)?;
         let secs = t1.elapsed().as_secs_f64();
         self.comm_secs += secs;

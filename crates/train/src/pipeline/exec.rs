@@ -186,6 +186,12 @@ impl StageActs {
 }
 
 impl<E: Storage> StageActs<E> {
+    /// The first chunk's first saved set and the scratch (a whole model with one micro-batch
+    /// in flight: how ZeRO-3 runs its micro-batches, `crate::dp`).
+    pub(crate) fn first_set(&mut self) -> (&mut ActSaved<E>, &mut ActScratch<E>) {
+        (&mut self.saved[0][0], &mut self.scratch)
+    }
+
     /// Buffers in storage type `E` under `recompute` (and sequence parallelism on or off, as
     /// [`StageActs::new_sp`]) for micro-batches of (b, t) running the list `ops` over
     /// `stage`'s chunks.

@@ -27,6 +27,7 @@ pub use records::{
 use crate::config::Precision;
 use crate::config::{OptimSection, TrainConfig};
 use crate::data::Batcher;
+use crate::dp::ZeroStage;
 use crate::error::TrainError;
 use crate::fsutil::write_atomic;
 use crate::pipeline::{run_ops, MicroBatches, StageActs};
@@ -127,6 +128,10 @@ fn run_with<E: Storage>(
     if let Some(d) = dp.as_mut() {
         d.sync_params(&mut state.params)?;
         d.shard_optimizer(&opt, n);
+        if d.zero() == ZeroStage::Three {
+            // ZeRO-3 keeps only this rank's pieces of the weights (state.params is emptied).
+            d.zero3_shard_params(&layout, &mut state.params);
+        }
         let end = opts
             .stop_after
             .map_or(cfg.train.steps, |s| s.min(cfg.train.steps));
@@ -172,6 +177,14 @@ fn run_with<E: Storage>(
     );
     let pipeline = pipe.as_ref().map(|p| pipeline_info(p, &ops, &acts, accum));
     let base = match (&dp, &pipe) {
+        (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory(
+            &dims,
+            b as u64,
+            t as u64,
+            dp_size as u64,
+            dp_rank as u64,
+            d.overlap(),
+        ),
         (Some(d), None) => plan::cpu_runtime::zero_memory(
             &dims,
             b as u64,
@@ -199,14 +212,14 @@ fn run_with<E: Storage>(
             .collect(),
         None => vec![(dims, 1)],
     };
-    let predicted = plan::cpu_runtime::trainer_memory(
+    let predicted = plan::cpu_runtime::trainer_memory_sp(
         base,
         &chunk_sets,
         b as u64,
         t as u64,
         stage.vstages > 1,
-        cfg.train.precision,
-        cfg.train.recompute,
+        (cfg.train.precision, cfg.train.recompute),
+        sp,
     );
     let start = StartInfo {
         config: rcfg.clone(),
@@ -270,6 +283,9 @@ fn run_with<E: Storage>(
     let copies = stage.copies();
     let vocab = mcfg.vocab_size as u32;
     refresh_working(&mut work, &state.params);
+    // ZeRO-3 (crate::dp): micro-batches gather their weights; the full weights exist only
+    // while a checkpoint is written.
+    let zero3 = dp.as_ref().is_some_and(|d| d.zero() == ZeroStage::Three);
     // Straggler detection (data parallel without a pipeline): every rank's busy time rides on
     // the losses' all-gather; rank 0 judges (crate::straggler).
     let dp_only = dp.is_some() && pipe.is_none();
@@ -319,25 +335,31 @@ fn run_with<E: Storage>(
         } else {
             d_loss * scale
         };
-        let micro_losses = run_ops(
-            &ops,
-            &stage,
-            master_as::<E>(&state.params).unwrap_or(&work),
-            &mut grads,
-            &mut staging,
-            &mut acts,
-            &MicroBatches {
-                xs: &xs,
-                ys: &ys,
-                bt,
-                d_loss: step_d_loss,
-                unscale: 1.0 / scale,
-            },
-            par,
-            pipe.as_deref_mut(),
-            if deferred { None } else { dp.as_deref_mut() },
-            trace.as_mut(),
-        )?;
+        let micro_batches = MicroBatches {
+            xs: &xs,
+            ys: &ys,
+            bt,
+            d_loss: step_d_loss,
+            unscale: 1.0 / scale,
+        };
+        let micro_losses = if zero3 {
+            let d = dp.as_deref_mut().expect("ZeRO-3 is data parallel");
+            crate::dp::zero3_micro_batches(d, &layout, &mut acts, &micro_batches, par)?
+        } else {
+            run_ops(
+                &ops,
+                &stage,
+                master_as::<E>(&state.params).unwrap_or(&work),
+                &mut grads,
+                &mut staging,
+                &mut acts,
+                &micro_batches,
+                par,
+                pipe.as_deref_mut(),
+                if deferred { None } else { dp.as_deref_mut() },
+                trace.as_mut(),
+            )?
+        };
         if deferred {
             // The tied embedding's gradient is summed over its two stages first, then every
             // bucket over data parallelism (under ZeRO-1 only this rank's pieces are reduced,
@@ -528,6 +550,10 @@ fn run_with<E: Storage>(
                 let from = state.step;
                 stab.rolled_back(from, st.step)?;
                 state.params = st.params;
+                if let Some(d) = dp.as_mut().filter(|_| zero3) {
+                    d.zero3_set_params(&state.params);
+                    state.params = Vec::new();
+                }
                 opt.m = st.m;
                 opt.v = st.v;
                 opt.step = st.adam_step;
@@ -552,15 +578,25 @@ fn run_with<E: Storage>(
         let eval_due = last || (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0);
         if eval_due {
             let t_eval = Instant::now();
-            let vl = mean_val_loss(
-                &stage,
-                master_as::<E>(&state.params).unwrap_or(&work),
-                &mut acts,
-                &data.val,
-                (b, t, cfg.train.eval_batches),
-                par,
-                pipe.as_deref_mut(),
-            )?;
+            let vl = match dp.as_deref_mut().filter(|_| zero3) {
+                Some(d) => setup::zero3_val_loss(
+                    d,
+                    &layout,
+                    &mut acts,
+                    &data.val,
+                    (b, t, cfg.train.eval_batches),
+                    par,
+                )?,
+                None => mean_val_loss(
+                    &stage,
+                    master_as::<E>(&state.params).unwrap_or(&work),
+                    &mut acts,
+                    &data.val,
+                    (b, t, cfg.train.eval_batches),
+                    par,
+                    pipe.as_deref_mut(),
+                )?,
+            };
             run_dir.record(&serde_json::json!({"step": state.step, "val_loss": vl}))?;
             run_dir.flush()?;
             if let Some(tr) = trace.as_mut() {
@@ -607,6 +643,9 @@ fn run_with<E: Storage>(
             state.adam_step = opt.step;
             state.stability = Some(stab.state());
             state.data_position = batcher.position();
+            if let Some(d) = dp.as_mut().filter(|_| zero3) {
+                state.params = d.zero3_full_params()?;
+            }
             let owned = dp
                 .as_ref()
                 .map_or_else(|| vec![0..n], |d| d.owned_ranges(n));
@@ -619,6 +658,9 @@ fn run_with<E: Storage>(
             );
             opt.m = std::mem::take(&mut state.m);
             opt.v = std::mem::take(&mut state.v);
+            if zero3 {
+                state.params = Vec::new();
+            }
             if let Some(tr) = trace.as_mut() {
                 tr.span(
                     crate::trace::MAIN,
@@ -638,6 +680,9 @@ fn run_with<E: Storage>(
         }
     }
     run_dir.flush()?;
+    if let Some(d) = dp.as_mut().filter(|_| zero3) {
+        state.params = d.zero3_full_params()?;
+    }
     let wall_secs = loop_start.elapsed().as_secs_f64();
     let mut secs: Vec<f64> = records.iter().map(|r| r.step_secs).collect();
     secs.sort_by(f64::total_cmp);

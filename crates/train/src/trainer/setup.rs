@@ -53,6 +53,50 @@ pub(super) fn mean_val_loss<E: crate::precision::Storage>(
     }
 }
 
+/// What ZeRO-3 runs with: fp32, one stage without tensor parallelism, all-reduce ranks.
+fn zero3_supported(cfg: &TrainConfig, mesh: bool, ps: bool) -> Result<(), TrainError> {
+    let why = if mesh {
+        "pipeline or tensor parallelism (--pp/--tp > 1): ZeRO-3 gathers a whole model's units \
+         along data parallelism only; use --zero 1 or 2 with a mesh"
+    } else if ps {
+        "--grad-sync ps: the parameter servers keep whole gradients; use --grad-sync ring"
+    } else if cfg.train.precision != crate::config::Precision::Fp32 {
+        "train.precision bf16/fp16: ZeRO-3 gathers and keeps fp32 weights only; use \
+         train.precision = \"fp32\" or --zero 2"
+    } else {
+        return Ok(());
+    };
+    Err(TrainError::Layout(format!(
+        "--zero 3 is not combined with {why}"
+    )))
+}
+
+/// [`mean_val_loss`] under ZeRO-3: each validation batch's forward gathers its weights (every
+/// rank runs the same batches, so all get the same mean).
+pub(super) fn zero3_val_loss<E: crate::precision::Storage>(
+    d: &mut crate::dp::Dp,
+    layout: &ParamLayout,
+    acts: &mut StageActs<E>,
+    val: &[u32],
+    (b, t, batches): (usize, usize, usize),
+    par: Par,
+) -> Result<f64, TrainError> {
+    let acts = (acts as &mut dyn std::any::Any)
+        .downcast_mut::<StageActs<f32>>()
+        .expect("ZeRO-3 trains in fp32 (mixed precision is refused at setup)");
+    let (saved, scratch) = acts.first_set();
+    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for k in 0..batches {
+        if !val_batch(val, t, b, k, &mut x, &mut y) {
+            break;
+        }
+        sum += d.zero3_micro_batch(layout, saved, scratch, &x, &y, None, par)? as f64;
+        n += 1;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
 /// Everything validated and loaded before the first step.
 pub(super) struct Setup {
     /// The config with the data's vocabulary filled in.
@@ -102,6 +146,16 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     rcfg.model.vocab_size = Some(data.vocab_size);
     let fingerprint = crate::dp::fingerprint(&rcfg, &data.train, &data.val);
     let mut dp = opts.dp.as_ref().map(|d| lock(d));
+    if dp
+        .as_ref()
+        .is_some_and(|d| d.zero() == crate::dp::ZeroStage::Three)
+    {
+        zero3_supported(
+            cfg,
+            opts.pipeline.is_some(),
+            dp.as_ref().is_some_and(|d| d.is_parameter_server()),
+        )?;
+    }
     let mut pipe = opts.pipeline.as_ref().map(|p| lock(p));
     if let Some(p) = pipe.as_mut() {
         p.check_fingerprint(&fingerprint)?;
@@ -138,6 +192,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
         &mcfg,
         (b, t),
         dp.as_ref().map(|d| (d.zero().number(), d.size())),
+        (cfg.train.precision, cfg.train.recompute),
     )?;
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {

@@ -1,0 +1,137 @@
+//! ZeRO-3 (Rajbhandari et al. 2020, §5.3): the CPU runtime's memory per data-parallel rank and
+//! its weight gathers per micro-batch (`train::dp` ZeRO-3 allocates and gathers exactly this).
+//!
+//! The flat buffer is split into *units* — the embedding (`wte`, `wpe`), each layer, the head
+//! (`ln_f`) — and a rank owns the piece `shard_len(unit, dp, rank)` of each, of the weights,
+//! the reduced gradient and AdamW's `m`, `v`. Beside them it allocates:
+//! - gather buffers: one the size of the embedding unit, and [`ZERO3_GATHER_SLOTS`] (with
+//!   prefetch: the current unit and the next; one without) the size of the largest layer or
+//!   head unit;
+//! - gradient buffers: one embedding-sized (the tied `wte` is written by the LM head first and
+//!   final only after the embedding's backward) and [`super::ZERO2_GRAD_BUFFERS`] layer-sized
+//!   (one filled by backward while the other is reduce-scattered);
+//! - one micro-batch's activations, as without ZeRO.
+
+use super::{
+    activation_bytes, param_count, shard_len, CpuRuntimeDims, CpuRuntimeMemory, F32_BYTES,
+    ZERO2_GRAD_BUFFERS,
+};
+
+/// Layer-sized gather buffers with prefetch (the unit computing and the next one arriving).
+pub const ZERO3_GATHER_SLOTS: u64 = 2;
+
+/// Elements of the units of `d` in buffer order: embedding (first stage), each layer, head
+/// (last stage: `ln_f`, plus the LM head's own `wte` without the embedding).
+pub fn zero3_unit_lens(d: &CpuRuntimeDims) -> Vec<u64> {
+    let layer = param_count(&CpuRuntimeDims {
+        layers: 1,
+        has_embedding: false,
+        has_head: false,
+        ..*d
+    });
+    let vpl_c = d.padded_vocab / d.tp * d.channels;
+    let mut out = Vec::new();
+    if d.has_embedding {
+        out.push(vpl_c + d.max_seq_len * d.channels);
+    }
+    out.extend((0..d.layers).map(|_| layer));
+    if d.has_head {
+        out.push(2 * d.channels + if d.has_embedding { 0 } else { vpl_c });
+    }
+    out
+}
+
+/// Weight all-gathers of one micro-batch (forward + backward) and the elements they move into
+/// this rank's buffers. Forward gathers the embedding, each layer, the head and — the LM head
+/// is tied to `wte` — the embedding again; backward the head and the embedding, then each
+/// layer (the embedding's backward reads no weights): `2L + 5` gathers on a whole model.
+pub fn zero3_gathers_per_micro_batch(d: &CpuRuntimeDims) -> (u64, u64) {
+    let units = zero3_unit_lens(d);
+    let embed = if d.has_embedding { units[0] } else { 0 };
+    let head = if d.has_head {
+        units[units.len() - 1]
+    } else {
+        0
+    };
+    let layers: u64 = units.iter().sum::<u64>() - embed - head;
+    let (e, h) = (u64::from(d.has_embedding), u64::from(d.has_head));
+    // forward: embed, layers, head (+ embed if tied); backward: head (+ embed), layers
+    let count = e + d.layers + h + h * e + h + h * e + d.layers;
+    let elems = e * embed + layers + h * head + h * e * embed + h * head + h * e * embed + layers;
+    (count, elems)
+}
+
+/// The CPU runtime's memory on data-parallel rank `rank` of `dp` under ZeRO-3, with
+/// (`prefetch`) or without prefetching the next unit; fp32, one micro-batch in flight.
+pub fn zero3_memory(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    dp: u64,
+    rank: u64,
+    prefetch: bool,
+) -> CpuRuntimeMemory {
+    let units = zero3_unit_lens(d);
+    let owned: u64 = units.iter().map(|&u| shard_len(u, dp.max(1), rank)).sum();
+    let embed = if d.has_embedding { units[0] } else { 0 };
+    let small = units
+        .iter()
+        .skip(usize::from(d.has_embedding))
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let slots = if prefetch { ZERO3_GATHER_SLOTS } else { 1 };
+    CpuRuntimeMemory {
+        param_bytes: F32_BYTES * (owned + embed + slots * small),
+        grad_bytes: F32_BYTES * (owned + embed + ZERO2_GRAD_BUFFERS * small),
+        optimizer_bytes: 2 * F32_BYTES * owned,
+        activation_bytes: activation_bytes(d, batch, seq),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{padded_vocab, zero_memory};
+    use super::*;
+
+    fn dims() -> CpuRuntimeDims {
+        CpuRuntimeDims {
+            padded_vocab: padded_vocab(50257),
+            max_seq_len: 1024,
+            channels: 768,
+            heads: 12,
+            layers: 12,
+            has_embedding: true,
+            has_head: true,
+            tp: 1,
+        }
+    }
+
+    #[test]
+    fn units_tile_the_model_and_zero3_holds_less_than_zero2() {
+        let d = dims();
+        let p = param_count(&d);
+        let u = zero3_unit_lens(&d);
+        assert_eq!(u.len(), 14);
+        assert_eq!(u.iter().sum::<u64>(), p);
+        // forward E + layers + H + E, backward H + E + layers
+        assert_eq!(
+            zero3_gathers_per_micro_batch(&d),
+            (2 * 12 + 5, 2 * p + u[0])
+        );
+        for dp in [2, 4, 8] {
+            let z2 = zero_memory(&d, 4, 1024, 2, dp, 0, 512 << 10);
+            let z3 = zero3_memory(&d, 4, 1024, dp, 0, true);
+            assert!(z3.param_bytes < z2.param_bytes, "dp {dp}");
+            assert!(z3.total_bytes() < z2.total_bytes(), "dp {dp}");
+            // rank 0 owns ⌈unit/dp⌉ of each unit
+            let owned: u64 = u.iter().map(|x| x.div_ceil(dp)).sum();
+            assert_eq!(z3.optimizer_bytes, 8 * owned);
+            assert_eq!(z3.param_bytes, 4 * (owned + u[0] + 2 * u[1]));
+        }
+        // one rank: nothing sharded, the buffers come on top; no prefetch: one layer slot less
+        let one = zero3_memory(&d, 4, 1024, 1, 0, false);
+        assert_eq!(one.optimizer_bytes, 8 * p);
+        assert_eq!(one.param_bytes, 4 * (p + u[0] + u[1]));
+    }
+}
