@@ -503,9 +503,8 @@ pub fn memory_with(
 ///   read (Megatron-LM's fp32 gradient buffers: 4 + 2 + 2 + 4 + 8 = 20 B/param before
 ///   ZeRO; ZeRO-2's `f32` buckets replace the full `f32` buffer as in [`zero_memory`]).
 ///
-/// For fp32 without recomputation this is `base` unchanged (whatever `base` counted, e.g.
-/// sequence parallelism's shorter rows); otherwise activations are counted without sequence
-/// parallelism.
+/// For fp32 without recomputation this is `base` unchanged; otherwise activations are counted
+/// without sequence parallelism ([`trainer_memory_sp`] counts them with it).
 pub fn trainer_memory(
     base: CpuRuntimeMemory,
     chunks: &[(CpuRuntimeDims, u64)],
@@ -515,24 +514,51 @@ pub fn trainer_memory(
     precision: Precision,
     recompute: Recompute,
 ) -> CpuRuntimeMemory {
+    trainer_memory_sp(
+        base,
+        chunks,
+        batch,
+        seq,
+        pipelined,
+        (precision, recompute),
+        false,
+    )
+}
+
+/// [`trainer_memory`] for a tensor-parallel rank with sequence parallelism on or off: the saved
+/// sets and scratch of [`saved_activation_elems_sp`] / [`scratch_activation_elems_sp`], and the
+/// stage-boundary buffers hold this rank's b·t/tp rows under it.
+pub fn trainer_memory_sp(
+    base: CpuRuntimeMemory,
+    chunks: &[(CpuRuntimeDims, u64)],
+    batch: u64,
+    seq: u64,
+    pipelined: bool,
+    (precision, recompute): (Precision, Recompute),
+    sequence_parallel: bool,
+) -> CpuRuntimeMemory {
     if precision == Precision::Fp32 && recompute == Recompute::None {
         return base;
     }
+    let sp = sequence_parallel;
     let e = compute_bytes(precision);
     let mixed = precision != Precision::Fp32;
     let n: u64 = chunks.iter().map(|(d, _)| param_count(d)).sum();
     let saved: u64 = chunks
         .iter()
-        .map(|(d, sets)| sets.max(&1) * saved_activation_elems(d, batch, seq, recompute).bytes(e))
+        .map(|(d, sets)| {
+            sets.max(&1) * saved_activation_elems_sp(d, batch, seq, recompute, sp).bytes(e)
+        })
         .sum();
     let scratch = chunks.first().map_or(0, |(d, _)| {
-        scratch_activation_elems(d, batch, seq, recompute).bytes(e)
+        scratch_activation_elems_sp(d, batch, seq, recompute, sp).bytes(e)
     });
-    let c = chunks.first().map_or(0, |(d, _)| d.channels);
-    let boundary = if pipelined {
-        F32_BYTES * batch * seq * c * if mixed { 3 } else { 2 }
-    } else {
-        0
+    let boundary = match chunks.first() {
+        Some((d, _)) if pipelined => {
+            let rows = if sp { batch * seq / d.tp } else { batch * seq };
+            F32_BYTES * rows * d.channels * if mixed { 3 } else { 2 }
+        }
+        _ => 0,
     };
     CpuRuntimeMemory {
         param_bytes: base.param_bytes + if mixed { e * n } else { 0 },

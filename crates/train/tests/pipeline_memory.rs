@@ -5,7 +5,9 @@
 //! the receive buffers — equal the prediction within 1%. One #[test] only: the allocator
 //! counts every thread of this test binary.
 
+use kernels::Bf16;
 use model::ModelConfig;
+use plan::recipe::{Precision, Recompute};
 use plan::schedule::{build, Kind};
 use train::pipeline::{StageActs, StageModel};
 
@@ -108,6 +110,49 @@ fn stage_buffers_match_plan_including_the_in_flight_sets() {
                         }
                         drop((acts, state, stage));
                     }
+                }
+            }
+        }
+    }
+    // Mixed precision × recomputation with sequence parallelism: the 16-bit working copy and
+    // gradient, the 16-bit saved sets and scratch of b·t/tp rows, against `trainer_memory_sp`.
+    for (pp, tp) in [(1usize, 2usize), (2, 2)] {
+        let parts = train::mesh::partition(&cfg, (b, t), pp, None).unwrap();
+        let lists = build(Kind::OneFOneB, pp as u32, m, 1);
+        for (s, ops) in lists.iter().enumerate() {
+            for rc in [Recompute::None, Recompute::Selective, Recompute::Full] {
+                for sp in [false, true] {
+                    let before = live();
+                    let stage = StageModel::new_tp(&cfg, &parts, &[s], (0, tp)).unwrap();
+                    let n = stage.len();
+                    let state: Vec<Vec<f32>> = (0..4).map(|_| vec![0.0f32; n]).collect();
+                    let work: Vec<Vec<Bf16>> = (0..2).map(|_| vec![Bf16::default(); n]).collect();
+                    let acts = StageActs::<Bf16>::with_sp(&stage, ops, b, t, rc, sp).unwrap();
+                    let measured = live() - before;
+                    let chunks: Vec<_> = stage
+                        .chunks
+                        .iter()
+                        .zip(acts.sets())
+                        .map(|((_, l, _), k)| (l.shard.dims(&cfg), k as u64))
+                        .collect();
+                    let base =
+                        plan::cpu_runtime::stage_memory_sp(&chunks, b as u64, t as u64, pp > 1, sp);
+                    let predicted = plan::cpu_runtime::trainer_memory_sp(
+                        base,
+                        &chunks,
+                        b as u64,
+                        t as u64,
+                        pp > 1,
+                        (Precision::Bf16Mixed, rc),
+                        sp,
+                    );
+                    let p = predicted.total_bytes() as i64;
+                    let rel = (measured - p) as f64 / p as f64;
+                    assert!(
+                        (0.0..0.01).contains(&rel),
+                        "bf16 {rc:?} tp {tp} pp {pp} stage {s} sp {sp}: measured {measured} B vs predicted {p} B"
+                    );
+                    drop((acts, work, state, stage));
                 }
             }
         }

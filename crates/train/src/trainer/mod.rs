@@ -212,14 +212,14 @@ fn run_with<E: Storage>(
             .collect(),
         None => vec![(dims, 1)],
     };
-    let predicted = plan::cpu_runtime::trainer_memory(
+    let predicted = plan::cpu_runtime::trainer_memory_sp(
         base,
         &chunk_sets,
         b as u64,
         t as u64,
         stage.vstages > 1,
-        cfg.train.precision,
-        cfg.train.recompute,
+        (cfg.train.precision, cfg.train.recompute),
+        sp,
     );
     let start = StartInfo {
         config: rcfg.clone(),
