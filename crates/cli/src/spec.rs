@@ -581,7 +581,7 @@ fn token_batch(given: &str, num: &str, seq_len: u64) -> Result<u64> {
         _ => None,
     };
     let whole = |toks: f64| -> Option<u64> {
-        (toks.fract() == 0.0 && toks < 9.0e18 && (toks as u64) % seq_len == 0)
+        (toks.fract() == 0.0 && toks < 9.0e18 && (toks as u64).is_multiple_of(seq_len))
             .then(|| toks as u64 / seq_len)
     };
     if let Some(n) = whole(decimal) {

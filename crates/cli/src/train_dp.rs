@@ -177,7 +177,7 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
     if a.sequence_parallel && a.tp < 2 {
         bail!("--sequence-parallel splits activations across the tensor-parallel group: it needs --tp 2 or more");
     }
-    if a.sequence_parallel && (cfg.train.batch_size * cfg.model.seq_len) % a.tp != 0 {
+    if a.sequence_parallel && !(cfg.train.batch_size * cfg.model.seq_len).is_multiple_of(a.tp) {
         bail!(
             "--sequence-parallel: tp ({}) must divide batch_size × seq_len = {} × {} (the rows it splits)",
             a.tp,

@@ -267,7 +267,7 @@ mod tests {
                 *x = rng.next() as u8;
             }
             // Half the time, plant the magic so the checksum and field checks are exercised too.
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
             }
             assert!(

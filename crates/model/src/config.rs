@@ -39,7 +39,7 @@ impl ModelConfig {
                 format!("{} does not fit token ids (u32)", self.vocab_size),
             );
         }
-        if self.channels % self.n_head != 0 {
+        if !self.channels.is_multiple_of(self.n_head) {
             return bad(
                 "n_head",
                 format!(
@@ -98,7 +98,7 @@ impl Shard {
                 ),
             );
         }
-        if self.tp_size == 0 || cfg.n_head % self.tp_size != 0 {
+        if self.tp_size == 0 || !cfg.n_head.is_multiple_of(self.tp_size) {
             return bad(
                 "tp_size",
                 format!(

@@ -245,10 +245,10 @@ fn rank_memory(
 /// parallelism on and off with tp > 1 (when tp divides b·t). The runtime may refuse some
 /// further (`scaletrain plan --cpu` asks its layout check).
 pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout> {
-    let divisors = |n: u64| (1..=n).filter(move |d| n % d == 0);
+    let divisors = |n: u64| (1..=n).filter(move |d| n.is_multiple_of(*d));
     let mut out = Vec::new();
     for tp in divisors(nproc) {
-        if m.heads % tp != 0 || m.channels % tp != 0 {
+        if !m.heads.is_multiple_of(tp) || !m.channels.is_multiple_of(tp) {
             continue;
         }
         for pp in divisors(nproc / tp) {
@@ -256,7 +256,7 @@ pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout>
                 continue;
             }
             let dp = nproc / tp / pp;
-            if global_batch % dp != 0 {
+            if !global_batch.is_multiple_of(dp) {
                 continue;
             }
             let per = global_batch / dp;
@@ -269,7 +269,7 @@ pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout>
                 };
                 for &zero in zeros {
                     for sp in [false, true] {
-                        if sp && (tp == 1 || (batch * m.seq_len) % tp != 0) {
+                        if sp && (tp == 1 || !(batch * m.seq_len).is_multiple_of(tp)) {
                             continue;
                         }
                         out.push(CpuLayout {

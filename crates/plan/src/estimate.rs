@@ -336,7 +336,7 @@ fn partition_lines(ctx: &Context, layout: &Layout, ex: &mut Explain) {
     // The alternative: the balanced partition for an explicit or even one, the even split (if
     // any) for a balanced one.
     let other = if layout.partition == crate::partition::Partition::Balanced {
-        (layers % stages == 0).then(|| {
+        layers.is_multiple_of(stages).then(|| {
             let mut l = *layout;
             l.stage_layers = crate::partition::StageLayers::spread(layers, stages);
             ("the even split", l)

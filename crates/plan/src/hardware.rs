@@ -119,7 +119,7 @@ impl ClusterSpec {
                 format!("{gpus} GPUs is beyond any cluster; check the value"),
             ));
         }
-        if gpus > gpn && gpus % gpn != 0 {
+        if gpus > gpn && !gpus.is_multiple_of(gpn) {
             return Err(invalid(
                 "--gpus",
                 format!("{gpus} GPUs do not fill whole nodes of {gpn}; use a multiple of {gpn} or set --gpus-per-node"),

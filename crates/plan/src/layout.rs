@@ -103,7 +103,7 @@ impl LayoutRequest {
                         "{what} = {mp} needs more GPUs than the cluster's {gpus}; lower --tp/--pp/--cp or raise --gpus"
                     )));
                 }
-                if gpus % mp != 0 {
+                if !gpus.is_multiple_of(mp) {
                     return Err(PlanError::Layout(format!(
                         "cannot infer dp: {gpus} GPUs is not divisible by {what} = {mp}"
                     )));
@@ -121,7 +121,7 @@ impl LayoutRequest {
             Some(g) => g,
             None => {
                 let per = dp * micro_batch;
-                if global_batch % per != 0 {
+                if !global_batch.is_multiple_of(per) {
                     return Err(PlanError::Layout(format!(
                         "global batch {global_batch} is not divisible by dp({dp}) * micro-batch({micro_batch}) = {per}; \
                          change --global-batch, --dp or --micro-batch"
@@ -137,7 +137,7 @@ impl LayoutRequest {
             None => {
                 if vpp == 0 || stages > MAX_STAGES as u64 {
                     (StageLayers::default(), Partition::Even)
-                } else if model.layers % stages == 0 {
+                } else if model.layers.is_multiple_of(stages) {
                     (StageLayers::spread(model.layers, stages), Partition::Even)
                 } else {
                     (
@@ -260,7 +260,7 @@ impl Layout {
                 dp * tp * pp * cp
             ));
         }
-        if cp > 1 && m.seq_len % (2 * cp) != 0 {
+        if cp > 1 && !m.seq_len.is_multiple_of(2 * cp) {
             return err(format!(
                 "context parallelism splits each sequence into 2·cp = {} load-balanced chunks; the sequence ({}) is not divisible by it",
                 2 * cp,
@@ -294,19 +294,19 @@ impl Layout {
                 }
             }
         }
-        if m.heads % tp != 0 {
+        if !m.heads.is_multiple_of(tp) {
             return err(format!(
                 "heads ({}) is not divisible by tp ({tp}); pick tp dividing {}",
                 m.heads, m.heads
             ));
         }
-        if m.kv_heads % tp != 0 {
+        if !m.kv_heads.is_multiple_of(tp) {
             return err(format!(
                 "kv heads ({}) is not divisible by tp ({tp}); pick tp dividing {}",
                 m.kv_heads, m.kv_heads
             ));
         }
-        if m.ffn_hidden % tp != 0 {
+        if !m.ffn_hidden.is_multiple_of(tp) {
             return err(format!(
                 "ffn hidden ({}) is not divisible by tp ({tp})",
                 m.ffn_hidden
@@ -332,7 +332,7 @@ impl Layout {
                 .collect();
             partition::check(m.layers as usize, &counts)?;
         }
-        if partition == Partition::Even && m.layers % stages != 0 {
+        if partition == Partition::Even && !m.layers.is_multiple_of(stages) {
             return err(format!(
                 "an even partition needs layers ({}) divisible by pp({pp}) * vpp({vpp}) = {stages}; give --pp-layers or let the planner balance the stages",
                 m.layers

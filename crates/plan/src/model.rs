@@ -251,7 +251,7 @@ impl ModelSpec {
         pos("seq_len", self.seq_len)?;
         if let Some(d) = self.head_dim {
             pos("head_dim", d)?;
-        } else if self.hidden % self.heads != 0 {
+        } else if !self.hidden.is_multiple_of(self.heads) {
             return Err(invalid(
                 "heads",
                 format!(
@@ -260,7 +260,7 @@ impl ModelSpec {
                 ),
             ));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(invalid(
                 "kv_heads",
                 format!(

@@ -244,16 +244,16 @@ impl SearchResult {
 }
 
 fn divisors(n: u64) -> Vec<u64> {
-    (1..=n).filter(|d| n % d == 0).collect()
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
 
 /// Structural constraints on (tp, pp, vpp) that do not depend on the batch. Layer counts that
 /// pp·vpp does not divide are searched too (balanced partitions); every virtual stage gets at
 /// least one layer.
 fn degrees_ok(m: &ModelSpec, tp: u64, pp: u64, vpp: u64) -> bool {
-    m.heads % tp == 0
-        && m.kv_heads % tp == 0
-        && m.ffn_hidden % tp == 0
+    m.heads.is_multiple_of(tp)
+        && m.kv_heads.is_multiple_of(tp)
+        && m.ffn_hidden.is_multiple_of(tp)
         && pp * vpp <= m.layers
         && pp * vpp <= MAX_STAGES as u64
         && (vpp == 1 || pp > 1)
@@ -321,7 +321,7 @@ pub fn search(
                 continue;
             }
             for &cp in &space.cp {
-                if cp == 0 || (n / tp) % cp != 0 || (cp > 1 && m.seq_len % (2 * cp) != 0) {
+                if cp == 0 || (n / tp) % cp != 0 || (cp > 1 && !m.seq_len.is_multiple_of(2 * cp)) {
                     continue;
                 }
                 // Stage costs depend on (micro-batch, recompute, sp, ep) for this tp and cp, not on
@@ -371,12 +371,12 @@ pub fn search(
                                                 continue;
                                             }
                                             res.candidates += 1;
-                                            if gb % (dp * mb) != 0 {
+                                            if !gb.is_multiple_of(dp * mb) {
                                                 res.bump(Reject::BatchNotDivisible);
                                                 continue;
                                             }
                                             let ga = gb / (dp * mb);
-                                            if vpp > 1 && ga % pp != 0 {
+                                            if vpp > 1 && !ga.is_multiple_of(pp) {
                                                 res.bump(Reject::InterleaveMicroBatches);
                                                 continue;
                                             }

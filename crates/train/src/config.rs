@@ -401,7 +401,7 @@ impl TrainConfig {
                 return bad(f, "must be at least 1".into());
             }
         }
-        if m.channels % m.n_head != 0 {
+        if !m.channels.is_multiple_of(m.n_head) {
             return bad(
                 "model.n_head",
                 format!(

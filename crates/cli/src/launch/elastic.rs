@@ -67,7 +67,9 @@ pub fn check(a: &LaunchArgs, r: &restart::RestartArgs) -> Result<Elastic> {
     } else {
         let k = grad_accum_of(&a.command)?;
         let g = n.max as u64 * k;
-        let bad: Vec<usize> = (n.min..=n.max).filter(|s| g % *s as u64 != 0).collect();
+        let bad: Vec<usize> = (n.min..=n.max)
+            .filter(|s| !g.is_multiple_of(*s as u64))
+            .collect();
         if !bad.is_empty() {
             let l = (n.min..=n.max).fold(1u64, |l, s| l / gcd(l, s as u64) * s as u64);
             let k_fix = l / gcd(l, n.max as u64);

@@ -185,10 +185,13 @@ pub fn recipe(run: &Run) -> Result<Recipe, String> {
 /// largest divisor of the job not above the rack (a 256-GPU job as four domains of 64).
 pub(super) fn nvlink_domain(gpu: &GpuSpec, gpus: u64) -> u64 {
     let gpn = gpu.gpus_per_node;
-    if gpus <= gpn || gpus % gpn == 0 {
+    if gpus <= gpn || gpus.is_multiple_of(gpn) {
         return gpn;
     }
-    (1..=gpn).rev().find(|d| gpus % d == 0).unwrap_or(1)
+    (1..=gpn)
+        .rev()
+        .find(|d| gpus.is_multiple_of(*d))
+        .unwrap_or(1)
 }
 
 /// Predicted tokens/s/GPU for a run on `gpu` (its `fp8_matmul_scale` as given).

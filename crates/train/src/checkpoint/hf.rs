@@ -93,7 +93,7 @@ pub(super) fn write_safetensors<'a>(
     }
     header.insert("__metadata__".into(), serde_json::json!(metadata));
     let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     w.write_all(&(text.len() as u64).to_le_bytes())?;

@@ -120,7 +120,7 @@ fn global_batch_change(m: &Manifest, dp_size: usize, cfg: &TrainConfig) -> Optio
         return None;
     }
     let b = cfg.train.batch_size as u64;
-    let fix = if g % d == 0 {
+    let fix = if g.is_multiple_of(d) {
         format!(
             "to keep it, resume with --global-batch {} (train.grad_accum = {} at dp {d})",
             g * b,
