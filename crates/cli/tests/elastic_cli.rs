@@ -43,28 +43,10 @@ fn args(out: &Path, nproc: &str) -> Vec<String> {
             "1",
             "--set",
             "train.grad_accum=2",
-            "--set",
-            "model.n_layer=2",
-            "--set",
-            "model.channels=64",
-            "--set",
-            "model.n_head=2",
-            "--set",
-            "model.seq_len=32",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "train.eval_batches=2",
-            "--set",
-            "train.eval_every=100",
-            "--set",
-            "train.checkpoint_every=20",
-            "--set",
-            "data.synthetic.val_tokens=1000",
-            "--no-progress",
         ]
         .map(String::from),
     );
+    a.extend(common::KILLABLE_MODEL.iter().map(|s| s.to_string()));
     a
 }
 

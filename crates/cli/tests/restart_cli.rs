@@ -11,28 +11,8 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_scaletrain");
 
-/// A model slow enough (about 6 ms a step for 3 ranks on 2 cores) that a kill lands mid-run.
-const MODEL: &[&str] = &[
-    "--set",
-    "model.n_layer=2",
-    "--set",
-    "model.channels=64",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.seq_len=32",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "train.eval_every=100",
-    "--set",
-    "train.checkpoint_every=20",
-    "--set",
-    "data.synthetic.val_tokens=1000",
-    "--no-progress",
-];
+/// A model slow enough that a kill lands mid-run ([`common::KILLABLE_MODEL`]).
+const MODEL: &[&str] = common::KILLABLE_MODEL;
 
 const STEPS: u64 = 300;
 

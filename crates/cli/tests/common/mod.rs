@@ -191,3 +191,27 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) -> f64 {
     }
     worst
 }
+
+/// A model slow enough (about 6 ms a step for 3 ranks on 2 cores) that a kill lands mid-run, with
+/// a checkpoint every 20 steps: the restart and elastic tests' model.
+pub const KILLABLE_MODEL: &[&str] = &[
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.channels=64",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.seq_len=32",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.eval_every=100",
+    "--set",
+    "train.checkpoint_every=20",
+    "--set",
+    "data.synthetic.val_tokens=1000",
+    "--no-progress",
+];
