@@ -1,11 +1,12 @@
-//! The fault-injection suite: real training jobs (`scaletrain launch`, 2–3 ranks; ring over TCP
-//! or shared memory, ZeRO-1, a parameter server) into which one fault is injected per case at a
-//! seeded random point:
+//! The fault-injection suite: real training jobs (`scaletrain launch`: 2–3 data-parallel ranks
+//! with ring over TCP or shared memory, ZeRO-1 or a parameter server, or the meshes pp 2, tp 2,
+//! dp 2 × pp 2 and dp 2 × tp 2) into which one fault is injected per case at a seeded random
+//! point:
 //!
 //! | fault | what is done | what must hold |
 //! |---|---|---|
 //! | `kill` | SIGKILL of a random rank (worker or server) at a random step | the job ends within the bound, naming that rank |
-//! | `stop` | SIGSTOP of a random worker (communication timeout 2 s; ring layouts) | the job ends within timeout + bound; the flight-recorder dumps name the stopped rank |
+//! | `stop` | SIGSTOP of a random worker (communication timeout 2 s; every layout but the parameter server) | the job ends within timeout + bound; the flight-recorder dumps name the stopped rank |
 //! | `kill-writer` | SIGKILL of rank 0 at a random moment while it checkpoints every step | as `kill` |
 //! | `kill-launcher` | SIGKILL of the launcher | every rank dies with it |
 //! | `restart` | `kill` under `--max-restarts 1` | the run completes, its final checkpoint loads |
@@ -17,7 +18,8 @@
 //!
 //! Not part of `cargo test` (ignored): `.ci/run` runs 30 cases
 //! (`cargo test --release -p scaletrain-cli --test fault_suite -- --ignored --nocapture`);
-//! `bench/fault_suite.sh --long` runs 300 (`SCALETRAIN_FAULT_CASES=N` any number).
+//! `bench/fault_suite.sh --long` runs 300 (`SCALETRAIN_FAULT_CASES=N` any number;
+//! `SCALETRAIN_FAULT_LAYOUTS=pp2,tp2` draws from those layouts only).
 
 mod common;
 
@@ -74,10 +76,42 @@ enum Layout {
     Ring,
     RingShm,
     Zero1,
+    /// Two pipeline stages (one layer each).
+    Pp2,
+    /// Two tensor-parallel ranks (one head each).
+    Tp2,
+    /// Two data-parallel replicas of two pipeline stages.
+    Dp2Pp2,
+    /// Two data-parallel replicas of two tensor-parallel ranks.
+    Dp2Tp2,
+    /// A parameter server (last: the `stop` cases leave it out).
     Ps,
 }
 
-const LAYOUTS: [Layout; 4] = [Layout::Ring, Layout::RingShm, Layout::Zero1, Layout::Ps];
+const LAYOUTS: [Layout; 8] = [
+    Layout::Ring,
+    Layout::RingShm,
+    Layout::Zero1,
+    Layout::Pp2,
+    Layout::Tp2,
+    Layout::Dp2Pp2,
+    Layout::Dp2Tp2,
+    Layout::Ps,
+];
+
+impl Layout {
+    /// (dp, pp, tp) of the layouts with model parallelism; None for the data-parallel ones,
+    /// whose rank count is drawn.
+    fn mesh(self) -> Option<(usize, usize, usize)> {
+        match self {
+            Layout::Pp2 => Some((1, 2, 1)),
+            Layout::Tp2 => Some((1, 1, 2)),
+            Layout::Dp2Pp2 => Some((2, 2, 1)),
+            Layout::Dp2Tp2 => Some((2, 1, 2)),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Default)]
 struct Tally {
@@ -110,17 +144,25 @@ fn train_flags(out: &Path, steps: u64, every: u64, layout: Layout) -> Vec<String
         v.extend(["--zero".into(), "1".into()]);
     }
     v.extend(common::TINY_MODEL.iter().map(|s| s.to_string()));
+    if matches!(layout, Layout::Pp2 | Layout::Dp2Pp2) {
+        // One layer per stage (the last `--set` wins).
+        v.extend(["--set".into(), "model.n_layer=2".into()]);
+    }
     v
 }
 
 fn start_job(
-    dp: usize,
+    workers: usize,
     layout: Layout,
     flags: &[String],
     extra: &[&str],
     timeout_secs: f64,
 ) -> Child {
-    let mut args: Vec<String> = vec!["launch".into(), "--nproc-per-node".into(), dp.to_string()];
+    let mut args: Vec<String> = vec![
+        "launch".into(),
+        "--nproc-per-node".into(),
+        workers.to_string(),
+    ];
     match layout {
         Layout::Ps => args.extend(["--servers".into(), "1".into()]),
         Layout::RingShm => args.extend(["--transport".into(), "shm".into()]),
@@ -128,6 +170,16 @@ fn start_job(
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push("--".into());
+    if let Some((d, p, t)) = layout.mesh() {
+        // The launcher's default command sets --dp to the process count: name the whole
+        // command for a mesh.
+        args.extend([BIN.into(), "train".into()]);
+        for (flag, n) in [("--dp", d), ("--pp", p), ("--tp", t)] {
+            args.extend([flag.into(), n.to_string()]);
+        }
+        // Two micro-batches per step (a pipeline needs them to overlap).
+        args.extend(["--set".into(), "train.grad_accum=2".into()]);
+    }
     args.extend(flags.iter().cloned());
     Command::new(BIN)
         .args(&args)
@@ -172,9 +224,14 @@ fn resume(out: &Path, layout: Layout) -> Result<(), String> {
     let Some(&(step, _)) = train::checkpoint::list(out).first() else {
         return Ok(()); // nothing published: nothing to resume
     };
-    let mut flags = train_flags(out, step + 2, 1000, Layout::Ring);
-    flags.retain(|f| f != "--zero");
-    let _ = layout;
+    // One process: the model of the layout, none of its parallelism (a pipeline's or tensor
+    // group's checkpoint holds whole tensors; grad_accum follows the checkpoint's global batch).
+    let model = if matches!(layout, Layout::Pp2 | Layout::Dp2Pp2) {
+        layout
+    } else {
+        Layout::Ring
+    };
+    let flags = train_flags(out, step + 2, 1000, model);
     let o = Command::new(BIN)
         .arg("train")
         .arg("--resume")
@@ -252,9 +309,12 @@ fn case(fault: Fault, layout: Layout, rng: &mut Rng, dir: &Path, base: &Path) ->
         }
         return seen;
     }
-    let dp = 2 + rng.below(2) as usize;
-    let workers = dp;
-    let world = dp + usize::from(layout == Layout::Ps);
+    // Training processes (all but a parameter server): dp × pp × tp.
+    let workers = match layout.mesh() {
+        Some((d, p, t)) => d * p * t,
+        None => 2 + rng.below(2) as usize,
+    };
+    let world = workers + usize::from(layout == Layout::Ps);
     let (steps, every, extra): (u64, u64, Vec<&str>) = match fault {
         Fault::Restart => (
             600,
@@ -272,7 +332,7 @@ fn case(fault: Fault, layout: Layout, rng: &mut Rng, dir: &Path, base: &Path) ->
     } else {
         OTHER_TIMEOUT_SECS
     };
-    let mut job = start_job(dp, layout, &flags, &extra, timeout);
+    let mut job = start_job(workers, layout, &flags, &extra, timeout);
     let launcher = job.id();
     // The moment: a random step (metrics.jsonl is flushed at every checkpoint).
     let at_step = match fault {
@@ -483,7 +543,24 @@ fn fault_injection_suite() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
         });
-    println!("fault suite: {cases} cases, seed {seed} (SCALETRAIN_FAULT_SEED={seed} replays it)");
+    // SCALETRAIN_FAULT_LAYOUTS=pp2,dp2tp2 draws from those layouts only.
+    let pool: Vec<Layout> = match std::env::var("SCALETRAIN_FAULT_LAYOUTS") {
+        Ok(v) => v
+            .split(',')
+            .map(|name| {
+                *LAYOUTS
+                    .iter()
+                    .find(|l| format!("{l:?}").eq_ignore_ascii_case(name.trim()))
+                    .unwrap_or_else(|| {
+                        panic!("SCALETRAIN_FAULT_LAYOUTS: no layout {name:?} in {LAYOUTS:?}")
+                    })
+            })
+            .collect(),
+        Err(_) => LAYOUTS.to_vec(),
+    };
+    println!(
+        "fault suite: {cases} cases over {pool:?}, seed {seed} (SCALETRAIN_FAULT_SEED={seed} replays it)"
+    );
     let tmp = common::TempDir::new("fault", "suite");
     // The corrupt cases' starting point: a one-process run with checkpoints at 5, 10, 15.
     let base = tmp.path().join("base");
@@ -502,11 +579,14 @@ fn fault_injection_suite() {
         // A stopped worker under a parameter server is diagnosed as the server (the other
         // workers time out on it, and the server's wait names no worker): stop cases use the
         // all-reduce layouts (docs/reliability.md, "Not covered yet").
-        let layouts: &[Layout] = if fault == Fault::Stop {
-            &LAYOUTS[..3]
-        } else {
-            &LAYOUTS
-        };
+        let layouts: Vec<Layout> = pool
+            .iter()
+            .copied()
+            .filter(|l| fault != Fault::Stop || *l != Layout::Ps)
+            .collect();
+        if layouts.is_empty() {
+            continue;
+        }
         let layout = layouts[rng.below(layouts.len() as u64) as usize];
         let case_seed = rng.next();
         let dir = tmp.path().join(format!("case-{i}"));

@@ -242,8 +242,9 @@ unsafe fn pairs_down<E: Elem>(_: *mut u32, _: usize, _: *const E, _: usize, _: u
     unreachable!("avx512bf16::pairs_down without AVX512_BF16");
 }
 
-/// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` when it is `f32`,
-/// whole and row-contiguous, else through an `f32` scratch tile.
+/// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` (masked loads and
+/// stores at the edges) when it is `f32` or bf16 with contiguous rows, else through an `f32`
+/// scratch tile.
 #[allow(clippy::too_many_arguments)]
 fn tile<C: Elem>(
     c: &mut [C],
@@ -265,24 +266,31 @@ fn tile<C: Elem>(
     } else {
         Init::Scale(beta)
     };
-    if let Some(c32) = C::f32s_mut(c) {
-        if mr == MR && nr == NR && cv.cs == 1 {
-            assert!(base + (MR - 1) * cv.rs + NR <= c32.len());
-            // SAFETY: AVX512_BF16 is available (the caller checked); the panels hold `k2`
-            // pair rows (asserted); every `c` index used lies inside `c32` (asserted).
-            unsafe {
-                micro(
-                    k2,
-                    apan.as_ptr(),
-                    bpan.as_ptr(),
-                    c32.as_mut_ptr().add(base),
-                    cv.rs,
-                    init,
-                    alpha,
-                )
-            };
-            return;
-        }
+    let out = if is_f32::<C>() {
+        Some(Out::F32)
+    } else if is_bf16::<C>() {
+        Some(Out::Bf16)
+    } else {
+        None
+    };
+    if let (Some(out), 1) = (out, cv.cs) {
+        assert!(base + (mr - 1) * cv.rs + nr <= c.len());
+        let cols = if nr == NR { u32::MAX } else { (1u32 << nr) - 1 };
+        // SAFETY: AVX512_BF16/BW/VL are available (the caller checked); the panels hold `k2`
+        // pair rows (asserted); `C` is `f32` or `Bf16` (`repr(transparent)` over `u16`) as
+        // `out` says, and every `c` index the masks select lies inside `c` (asserted).
+        unsafe {
+            micro(
+                k2,
+                apan.as_ptr(),
+                bpan.as_ptr(),
+                c.as_mut_ptr().add(base) as *mut u8,
+                (out, cv.rs, mr, cols),
+                init,
+                alpha,
+            )
+        };
+        return;
     }
     let mut t = [0.0f32; MR * NR];
     if init != Init::Zero {
@@ -292,14 +300,14 @@ fn tile<C: Elem>(
             }
         }
     }
-    // SAFETY: as above; `t` is a whole tile with row stride `NR`.
+    // SAFETY: as above; `t` is a whole `f32` tile with row stride `NR`.
     unsafe {
         micro(
             k2,
             apan.as_ptr(),
             bpan.as_ptr(),
-            t.as_mut_ptr(),
-            NR,
+            t.as_mut_ptr() as *mut u8,
+            (Out::F32, NR, MR, u32::MAX),
             init,
             alpha,
         )
@@ -311,6 +319,15 @@ fn tile<C: Elem>(
     }
 }
 
+/// The storage type of the tile `micro` reads and writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Out {
+    F32,
+    /// bf16 bits: loaded by a shift, stored rounded to nearest-even exactly as
+    /// [`crate::Bf16`]`::from_f32` rounds (NaN → quiet NaN with its sign; no flushing).
+    Bf16,
+}
+
 /// How the accumulators start: at zero, at `c`, or at `beta · c`.
 #[derive(Clone, Copy, PartialEq)]
 enum Init {
@@ -319,40 +336,73 @@ enum Init {
     Scale(f32),
 }
 
-/// The register tile: `c[r][q]` (row stride `ldc`) = the `vdpbf16ps` chain over the `k2` pairs
+/// The register tile: `c[r][q]` (row stride `ldc` elements of `out`'s type, rows `r < mr`,
+/// columns `q` whose bit is set in `cols`) = the `vdpbf16ps` chain over the `k2` pairs
 /// `a[p·MR + r]` × `b[p·NR + q]`, started per `init`, times `alpha` when `≠ 1`.
 ///
 /// # Safety
-/// AVX-512F and AVX512_BF16 are available; `a` points to `k2·MR` words, `b` to `k2·NR` words on
-/// a 64-byte boundary, `c` to `MR` rows of `NR` floats at stride `ldc`.
+/// AVX-512F/BW/VL and AVX512_BF16 are available; `a` points to `k2·MR` words, `b` to `k2·NR`
+/// words on a 64-byte boundary, `c` to `mr ≤ MR` rows at stride `ldc` of which the elements
+/// selected by `cols` are readable and writable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
 unsafe fn micro(
     k2: usize,
     a: *const u32,
     b: *const u32,
-    c: *mut f32,
-    ldc: usize,
+    c: *mut u8,
+    (out, ldc, mr, cols): (Out, usize, usize, u32),
     init: Init,
     alpha: f32,
 ) {
     use std::arch::x86_64::*;
-    // SAFETY: per the function's contract; `__m512i` and `__m512bh` are both 512-bit vectors.
+    let masks = [cols as __mmask16, (cols >> 16) as __mmask16];
+    // SAFETY: per the function's contract (masked-off lanes are neither read nor written);
+    // `__m512i` and `__m512bh` are both 512-bit vectors.
     unsafe {
+        let load = |r: usize, h: usize| -> __m512 {
+            let o = r * ldc + 16 * h;
+            match out {
+                Out::F32 => _mm512_maskz_loadu_ps(masks[h], (c as *const f32).add(o)),
+                Out::Bf16 => {
+                    let x = _mm256_maskz_loadu_epi16(masks[h], (c as *const i16).add(o));
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
+                }
+            }
+        };
+        let store = |r: usize, h: usize, v: __m512| {
+            let o = r * ldc + 16 * h;
+            match out {
+                Out::F32 => _mm512_mask_storeu_ps((c as *mut f32).add(o), masks[h], v),
+                Out::Bf16 => {
+                    // (bits + 0x7fff + lowest kept bit) >> 16, NaN → (bits >> 16) | 0x40.
+                    let x = _mm512_castps_si512(v);
+                    let hi = _mm512_srli_epi32(x, 16);
+                    let odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+                    let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+                    let rounded = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
+                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                    let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+                    let w = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                    let h16 = _mm512_cvtepi32_epi16(w);
+                    _mm256_mask_storeu_epi16((c as *mut i16).add(o), masks[h], h16);
+                }
+            }
+        };
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         match init {
             Init::Zero => {}
             Init::Load => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_loadu_ps(c.add(r * ldc));
-                    row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                    row[0] = load(r, 0);
+                    row[1] = load(r, 1);
                 }
             }
             Init::Scale(beta) => {
                 let s = _mm512_set1_ps(beta);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_mul_ps(s, _mm512_loadu_ps(c.add(r * ldc)));
-                    row[1] = _mm512_mul_ps(s, _mm512_loadu_ps(c.add(r * ldc + 16)));
+                for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                    row[0] = _mm512_mul_ps(s, load(r, 0));
+                    row[1] = _mm512_mul_ps(s, load(r, 1));
                 }
             }
         }
@@ -375,15 +425,23 @@ unsafe fn micro(
                 row[1] = _mm512_mul_ps(s, row[1]);
             }
         }
-        for (r, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * ldc), row[0]);
-            _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+        for (r, row) in acc.iter().enumerate().take(mr) {
+            store(r, 0, row[0]);
+            store(r, 1, row[1]);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: Init, _: f32) {
+unsafe fn micro(
+    _: usize,
+    _: *const u32,
+    _: *const u32,
+    _: *mut u8,
+    _: (Out, usize, usize, u32),
+    _: Init,
+    _: f32,
+) {
     unreachable!("avx512bf16::micro without AVX512_BF16");
 }
 
@@ -497,6 +555,48 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A bf16 `c` (rounded in registers, masked at the edges) holds exactly the bits of the
+    /// `f32` result rounded by `Bf16::from_f32`, NaN and infinities included, for `beta` 0 and 1.
+    #[test]
+    fn bf16_output_is_the_f32_result_rounded() {
+        if !available() {
+            eprintln!("skipped: no AVX512_BF16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (29, 75, 40);
+        let mut rng = Rng::new(9);
+        let mut a: Vec<Bf16> = randn(&mut rng, m * k, 1.0)
+            .iter()
+            .map(|&x| Bf16::from_f32(x))
+            .collect();
+        a[3 * k] = Bf16::from_f32(f32::NAN);
+        a[17 * k + 1] = Bf16::from_f32(f32::INFINITY);
+        let w: Vec<Bf16> = randn(&mut rng, n * k, 1.0)
+            .iter()
+            .map(|&x| Bf16::from_f32(x))
+            .collect();
+        let c0: Vec<Bf16> = randn(&mut rng, m * n, 1.0)
+            .iter()
+            .map(|&x| Bf16::from_f32(x))
+            .collect();
+        for beta in [0.0, 1.0] {
+            let mut want: Vec<f32> = c0.iter().map(|x| x.to_f32()).collect();
+            let mut got = c0.clone();
+            for c in [&mut want as &mut dyn std::any::Any, &mut got] {
+                let (av, wv) = (View::rm(m, k, k), View::rm(n, k, k).t());
+                if let Some(c) = c.downcast_mut::<Vec<f32>>() {
+                    gemm(c, View::rm(m, n, n), &a, av, &w, wv, 1.0, beta);
+                } else if let Some(c) = c.downcast_mut::<Vec<Bf16>>() {
+                    gemm(c, View::rm(m, n, n), &a, av, &w, wv, 1.0, beta);
+                }
+            }
+            for (x, (g, f)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.0, Bf16::from_f32(*f).0, "beta {beta} [{x}]: f32 {f}");
+            }
+            assert!(want[3 * n].is_nan() && want[17 * n].is_infinite());
         }
     }
 
