@@ -124,7 +124,25 @@ fn pack<E: Elem>(
     for (s, panel) in dst.chunks_exact_mut(k2 * width).enumerate() {
         let p0 = r0 + s * width;
         let live = width.min(r0 + rows - p0);
-        if v.cs == 1 {
+        let gather_ok = is_bf16::<E>() && k >= 2 && (p0 + width) * v.rs + k < i32::MAX as usize;
+        if v.cs == 1 && gather_ok {
+            // bf16 rows, each contiguous: gather pair `q` of 16 rows at a time.
+            let last = (p0 + live - 1) * v.rs + k - 1;
+            assert!(last < x.len() && panel.len() == k2 * width);
+            // SAFETY: AVX-512F/BW/VL are available (the caller checked); `E` is `Bf16`
+            // (checked); every element read is at most `last` (asserted) and every index fits
+            // an i32 (checked above); every word written lies inside `panel` (asserted).
+            unsafe {
+                pairs_across(
+                    panel.as_mut_ptr(),
+                    width,
+                    x.as_ptr().add(p0 * v.rs) as *const crate::Bf16,
+                    v.rs,
+                    live,
+                    k,
+                )
+            };
+        } else if v.cs == 1 {
             // Each row is contiguous: round it, then write its pairs down the panel column.
             let t = &mut tmp[..k];
             for r in 0..width {
@@ -186,6 +204,60 @@ fn is_f32<E: 'static>() -> bool {
 
 fn is_bf16<E: 'static>() -> bool {
     std::any::TypeId::of::<E>() == std::any::TypeId::of::<crate::Bf16>()
+}
+
+/// Panel words `[q·width + r]` = the pair (`x[r·rs + 2q]`, `x[r·rs + 2q + 1]`) of bf16 values
+/// as one little-endian word, `0` for `r ≥ live` and for the missing partner of an odd `k`:
+/// one `vpgatherdd` per pair and 16 rows. (An `f32` source, which must also be rounded, measured
+/// slower gathered than rounded row by row, so it keeps the scalar path.)
+///
+/// # Safety
+/// AVX-512F/BW/VL are available; `x + r·rs + p` is readable for `r < live`, `p < k`, and
+/// `(width − 1)·rs + k` fits an `i32`; `k ≥ 2`; `panel` holds `ceil(k/2)·width` words;
+/// `live ≤ width`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pairs_across(
+    panel: *mut u32,
+    width: usize,
+    x: *const crate::Bf16,
+    rs: usize,
+    live: usize,
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the function's contract; masked-off lanes are not read.
+    unsafe {
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let zero = _mm512_setzero_si512();
+        for r0 in (0..width).step_by(16) {
+            let n_live = live.saturating_sub(r0).min(16);
+            let mask = ((1u32 << n_live) - 1) as __mmask16;
+            let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
+            let rows = _mm512_mullo_epi32(
+                _mm512_add_epi32(_mm512_set1_epi32(r0 as i32), lanes),
+                _mm512_set1_epi32(rs as i32),
+            );
+            // the 4 bytes at bf16 element `p` of each row (scale 2: indices count elements)
+            let word = |p: usize| {
+                let at = _mm512_add_epi32(rows, _mm512_set1_epi32(p as i32));
+                _mm512_mask_i32gather_epi32::<2>(zero, mask, at, x as *const _)
+            };
+            for q in 0..k.div_ceil(2) {
+                let w = if 2 * q + 1 < k {
+                    word(2 * q) // element 2q low, 2q + 1 high
+                } else {
+                    _mm512_srli_epi32(word(2 * q - 1), 16) // odd k: (k − 1, 0)
+                };
+                _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs_across(_: *mut u32, _: usize, _: *const crate::Bf16, _: usize, _: usize, _: usize) {
+    unreachable!("avx512bf16::pairs_across without AVX512_BF16");
 }
 
 /// Panel words `[q·width + r]` = the pair (`x[r + 2q·cs]`, `x[r + (2q+1)·cs]`) rounded to bf16

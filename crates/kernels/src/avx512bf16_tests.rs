@@ -205,3 +205,68 @@ fn element_bits_do_not_depend_on_the_block_computed() {
         }
     }
 }
+
+/// The packing of row-contiguous operands (gathers) writes exactly the pair words of the
+/// definition: `Bf16::from_f32` of each element (ties, NaN, subnormals), zero partners and rows.
+#[test]
+fn row_packing_matches_the_definition_bitwise() {
+    if !available() {
+        eprintln!("skipped: no AVX512_BF16 on this CPU");
+        return;
+    }
+    fn check<E: Elem>(x: &[E], rs: usize, (r0, rows): (usize, usize), k: usize, width: usize) {
+        let k2 = k.div_ceil(2);
+        let panels = rows.div_ceil(width);
+        let mut got = vec![0xdead_beef_u32; panels * k2 * width];
+        let mut tmp = vec![0u16; k.max(width)];
+        pack(
+            &mut got,
+            &mut tmp,
+            x,
+            View::rm(r0 + rows, k, rs),
+            (r0, rows),
+            k,
+            width,
+        );
+        for (i, &w) in got.iter().enumerate() {
+            let (s, q, r) = (i / (k2 * width), i % (k2 * width) / width, i % width);
+            let row = s * width + r;
+            let half = |p: usize| {
+                if row < rows && p < k {
+                    x[(r0 + row) * rs + p].to_bf16_bits() as u32
+                } else {
+                    0
+                }
+            };
+            let want = half(2 * q) | half(2 * q + 1) << 16;
+            assert_eq!(
+                w,
+                want,
+                "{} k {k} width {width} panel {s} pair {q} row {r}",
+                E::NAME
+            );
+        }
+    }
+    let mut rng = Rng::new(12);
+    let mut x = randn(&mut rng, 40 * 70, 1.0);
+    let specials = [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        -0.0,
+        f32::from_bits(0x007f_ffff), // subnormal that rounds up to the smallest normal
+        f32::from_bits(0x0000_8000), // a tie
+        f32::from_bits(0x3f80_8000), // a tie to even
+        f32::from_bits(0x3f81_8000), // a tie up
+    ];
+    for (i, &v) in specials.iter().enumerate() {
+        x[i * 71] = v;
+    }
+    let xb: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
+    for k in [2, 3, 7, 64, 65] {
+        for (width, r0, rows) in [(12, 0, 12), (12, 3, 29), (32, 1, 37), (32, 0, 5)] {
+            check(&x, 70, (r0, rows), k, width);
+            check(&xb, 70, (r0, rows), k, width);
+        }
+    }
+}
