@@ -101,13 +101,18 @@ fn upgrade_v1(mut value: serde_json::Value) -> Result<serde_json::Value, String>
 /// Reads and parses a manifest (no data files); a version-1 manifest is read as version 2
 /// ([`upgrade_v1`]).
 pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    parse_manifest(path, &text)
+}
+
+/// Parses and checks a manifest's text (`path` only names it in errors).
+pub fn parse_manifest(path: &Path, text: &str) -> Result<Manifest, TrainError> {
     let bad = |reason: String| TrainError::Checkpoint {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("manifest is not valid: {e}")))?;
+        serde_json::from_str(text).map_err(|e| bad(format!("manifest is not valid: {e}")))?;
     // Format and version first: an older manifest fails with that, not with a missing field.
     let (format, version) = (value["format"].as_str(), value["version"].as_u64());
     let value = match (format, version) {
@@ -137,7 +142,12 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, TrainError> {
         .chain(m.stage_model_files.iter().map(|f| &f.name))
         .chain(m.optimizer.shards.iter().map(|s| &s.file.name));
     for name in names {
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        // 255 bytes: the longest file name Linux file systems take (NAME_MAX).
+        if name.is_empty()
+            || name.len() > 255
+            || name.contains(['/', '\\'])
+            || name.starts_with('.')
+        {
             return Err(bad(format!(
                 "manifest is not valid: file name {name:?} is not a plain file name"
             )));

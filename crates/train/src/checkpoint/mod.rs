@@ -68,7 +68,9 @@ pub use hf::{
     check_hf_config, hf_config, hf_names, load_hf_weights, load_hf_weights_from, load_init_weights,
     write_hf_chunks, write_hf_safetensors,
 };
-pub use manifest::{files_present, read_manifest, FileEntry, Manifest, FORMAT, VERSION};
+pub use manifest::{
+    files_present, parse_manifest, read_manifest, FileEntry, Manifest, FORMAT, VERSION,
+};
 pub use resume::{find_resume, load, load_ranges};
 pub use save::{save, save_rank, write_optimizer_file, Gather, RankPart};
 pub use shards::{OptimizerFiles, OptimizerShard};
