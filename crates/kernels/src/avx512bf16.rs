@@ -315,7 +315,8 @@ unsafe fn pairs_down<E: Elem>(_: *mut u32, _: usize, _: *const E, _: usize, _: u
 }
 
 /// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` (masked loads and
-/// stores at the edges) when it is `f32` or bf16 with contiguous rows, else through an `f32`
+/// stores at the right edge) when it is `f32` or bf16 with contiguous rows and the tile has all
+/// `MR` rows, else (the last rows of a block, other types, strided rows) through an `f32`
 /// scratch tile.
 #[allow(clippy::too_many_arguments)]
 fn tile<C: Elem>(
@@ -345,22 +346,25 @@ fn tile<C: Elem>(
     } else {
         None
     };
-    if let (Some(out), 1) = (out, cv.cs) {
-        assert!(base + (mr - 1) * cv.rs + nr <= c.len());
+    if let (Some(out), 1, MR) = (out, cv.cs, mr) {
+        assert!(base + (MR - 1) * cv.rs + nr <= c.len());
         let cols = if nr == NR { u32::MAX } else { (1u32 << nr) - 1 };
         // SAFETY: AVX512_BF16/BW/VL are available (the caller checked); the panels hold `k2`
         // pair rows (asserted); `C` is `f32` or `Bf16` (`repr(transparent)` over `u16`) as
         // `out` says, and every `c` index the masks select lies inside `c` (asserted).
         unsafe {
-            micro(
-                k2,
+            let (a, b, c) = (
                 apan.as_ptr(),
                 bpan.as_ptr(),
                 c.as_mut_ptr().add(base) as *mut u8,
-                (out, cv.rs, mr, cols),
-                init,
-                alpha,
-            )
+            );
+            let rc = (cv.rs, cols);
+            match (out, nr == NR) {
+                (Out::F32, true) => micro::<false, false>(k2, a, b, c, rc, init, alpha),
+                (Out::F32, false) => micro::<false, true>(k2, a, b, c, rc, init, alpha),
+                (Out::Bf16, true) => micro::<true, false>(k2, a, b, c, rc, init, alpha),
+                (Out::Bf16, false) => micro::<true, true>(k2, a, b, c, rc, init, alpha),
+            }
         };
         return;
     }
@@ -374,12 +378,12 @@ fn tile<C: Elem>(
     }
     // SAFETY: as above; `t` is a whole `f32` tile with row stride `NR`.
     unsafe {
-        micro(
+        micro::<false, false>(
             k2,
             apan.as_ptr(),
             bpan.as_ptr(),
             t.as_mut_ptr() as *mut u8,
-            (Out::F32, NR, MR, u32::MAX),
+            (NR, u32::MAX),
             init,
             alpha,
         )
@@ -408,71 +412,96 @@ enum Init {
     Scale(f32),
 }
 
-/// The register tile: `c[r][q]` (row stride `ldc` elements of `out`'s type, rows `r < mr`,
+/// The register tile: `c[r][q]` (row stride `ldc` elements, bf16 bits when `BF16` else `f32`;
 /// columns `q` whose bit is set in `cols`) = the `vdpbf16ps` chain over the `k2` pairs
-/// `a[p·MR + r]` × `b[p·NR + q]`, started per `init`, times `alpha` when `≠ 1`.
+/// `a[p·MR + r]` × `b[p·NR + q]`, started per `init`, times `alpha` when `≠ 1`; a bf16 `c` is
+/// loaded by a shift and stored rounded exactly as [`crate::Bf16`]`::from_f32` rounds.
 ///
 /// # Safety
 /// AVX-512F/BW/VL and AVX512_BF16 are available; `a` points to `k2·MR` words, `b` to `k2·NR`
-/// words on a 64-byte boundary, `c` to `mr ≤ MR` rows at stride `ldc` of which the elements
+/// words on a 64-byte boundary, `c` to `MR` rows at stride `ldc` of which the elements
 /// selected by `cols` are readable and writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-unsafe fn micro(
+unsafe fn micro<const BF16: bool, const MASKED: bool>(
     k2: usize,
     a: *const u32,
     b: *const u32,
     c: *mut u8,
-    (out, ldc, mr, cols): (Out, usize, usize, u32),
+    (ldc, cols): (usize, u32),
     init: Init,
     alpha: f32,
 ) {
     use std::arch::x86_64::*;
-    let masks = [cols as __mmask16, (cols >> 16) as __mmask16];
+    // (All `MR` rows, with a constant trip count everywhere: row-dependent masks or tests
+    // made the compiler keep the tile in a stack array instead of registers.)
+    let (m0, m1) = (cols as __mmask16, (cols >> 16) as __mmask16);
+    let mask = |h: usize| if h == 0 { m0 } else { m1 };
     // SAFETY: per the function's contract (masked-off lanes are neither read nor written);
     // `__m512i` and `__m512bh` are both 512-bit vectors.
     unsafe {
-        let load = |r: usize, h: usize| -> __m512 {
-            let o = r * ldc + 16 * h;
-            match out {
-                Out::F32 => _mm512_maskz_loadu_ps(masks[h], (c as *const f32).add(o)),
-                Out::Bf16 => {
-                    let x = _mm256_maskz_loadu_epi16(masks[h], (c as *const i16).add(o));
-                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
-                }
+        let (c32, c16) = (c as *mut f32, c as *mut i16);
+        let at = |r: usize, h: usize| r * ldc + 16 * h;
+        // Unmasked loads and stores where all 32 columns are live: with the masked intrinsics
+        // the compiler kept the tile in a stack array around the loop.
+        let load_f32 = |r: usize, h: usize| -> __m512 {
+            if MASKED {
+                _mm512_maskz_loadu_ps(mask(h), c32.add(at(r, h)))
+            } else {
+                _mm512_loadu_ps(c32.add(at(r, h)))
             }
         };
-        let store = |r: usize, h: usize, v: __m512| {
-            let o = r * ldc + 16 * h;
-            match out {
-                Out::F32 => _mm512_mask_storeu_ps((c as *mut f32).add(o), masks[h], v),
-                Out::Bf16 => {
-                    // (bits + 0x7fff + lowest kept bit) >> 16, NaN → (bits >> 16) | 0x40.
-                    let x = _mm512_castps_si512(v);
-                    let hi = _mm512_srli_epi32(x, 16);
-                    let odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-                    let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-                    let rounded = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
-                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                    let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
-                    let w = _mm512_mask_blend_epi32(nan, rounded, quiet);
-                    let h16 = _mm512_cvtepi32_epi16(w);
-                    _mm256_mask_storeu_epi16((c as *mut i16).add(o), masks[h], h16);
-                }
+        let load_bf16 = |r: usize, h: usize| -> __m512 {
+            let x = if MASKED {
+                _mm256_maskz_loadu_epi16(mask(h), c16.add(at(r, h)))
+            } else {
+                _mm256_loadu_si256(c16.add(at(r, h)) as *const __m256i)
+            };
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
+        };
+        let store_f32 = |r: usize, h: usize, v: __m512| {
+            if MASKED {
+                _mm512_mask_storeu_ps(c32.add(at(r, h)), mask(h), v)
+            } else {
+                _mm512_storeu_ps(c32.add(at(r, h)), v)
+            }
+        };
+        let store_bf16 = |r: usize, h: usize, v: __m512| {
+            // (bits + 0x7fff + lowest kept bit) >> 16, NaN → (bits >> 16) | 0x40.
+            let x = _mm512_castps_si512(v);
+            let hi = _mm512_srli_epi32(x, 16);
+            let odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+            let rounded = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+            let w = _mm512_mask_blend_epi32(nan, rounded, quiet);
+            let h16 = _mm512_cvtepi32_epi16(w);
+            if MASKED {
+                _mm256_mask_storeu_epi16(c16.add(at(r, h)), mask(h), h16);
+            } else {
+                _mm256_storeu_si256(c16.add(at(r, h)) as *mut __m256i, h16);
             }
         };
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let load = |r: usize, h: usize| {
+            if BF16 {
+                load_bf16(r, h)
+            } else {
+                load_f32(r, h)
+            }
+        };
         match init {
             Init::Zero => {}
             Init::Load => {
-                for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                for (r, row) in acc.iter_mut().enumerate() {
                     row[0] = load(r, 0);
                     row[1] = load(r, 1);
                 }
             }
             Init::Scale(beta) => {
                 let s = _mm512_set1_ps(beta);
-                for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                for (r, row) in acc.iter_mut().enumerate() {
                     row[0] = _mm512_mul_ps(s, load(r, 0));
                     row[1] = _mm512_mul_ps(s, load(r, 1));
                 }
@@ -497,20 +526,25 @@ unsafe fn micro(
                 row[1] = _mm512_mul_ps(s, row[1]);
             }
         }
-        for (r, row) in acc.iter().enumerate().take(mr) {
-            store(r, 0, row[0]);
-            store(r, 1, row[1]);
+        for (r, row) in acc.iter().enumerate() {
+            if BF16 {
+                store_bf16(r, 0, row[0]);
+                store_bf16(r, 1, row[1]);
+            } else {
+                store_f32(r, 0, row[0]);
+                store_f32(r, 1, row[1]);
+            }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro(
+unsafe fn micro<const BF16: bool, const MASKED: bool>(
     _: usize,
     _: *const u32,
     _: *const u32,
     _: *mut u8,
-    _: (Out, usize, usize, u32),
+    _: (usize, u32),
     _: Init,
     _: f32,
 ) {
