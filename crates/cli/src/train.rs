@@ -391,14 +391,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 let mut xs: Vec<f64> = s.records.iter().filter_map(|r| r.p2p_secs.map(|p| p / r.step_secs)).collect();
                 xs.sort_by(f64::total_cmp);
                 format!(
-                    "; stage {} ({}, recompute {}): memory predicted {} | allocated {}; waiting/exchanging {:.1}% of the step (simulated bubble {:.1}%)",
+                    "; stage {} ({}, recompute {}): memory predicted {} | allocated {}; waiting/exchanging {:.1}% of the step (simulated {} with this run's stage times, {:.1}% with the predicted ones)",
                     pi.stage,
                     precision_name(s.config.train.precision),
                     recompute_name(s.config.train.recompute),
                     mib(s.start.predicted.total_bytes()),
                     mib(s.start.allocated_bytes),
                     100.0 * xs.get(xs.len() / 2).copied().unwrap_or(0.0),
-                    100.0 * pi.simulated_bubble
+                    s.simulated_wait_secs.map_or("-".into(), |w| format!("{:.1}%", 100.0 * w / s.median_step_secs)),
+                    100.0 * pi.predicted_wait
                 )
             })
         );
@@ -604,10 +605,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         xs.sort_by(f64::total_cmp);
         let median = xs.get(xs.len() / 2).copied().unwrap_or(0.0);
         println!(
-            "  pipeline: stage {} of {} waited for or exchanged with other stages {:.1}% of the step (median; the bubble plus transfers) | simulated bubble {:.1}%",
+            "  pipeline: stage {} of {} waited for or exchanged with other stages {:.1}% of the step (median; the bubble plus transfers) | simulated {} with this run's stage times, {:.1}% with the predicted ones ({:.1}% for equal stages)",
             pi.stage,
             pi.stages,
             100.0 * median,
+            s.simulated_wait_secs.map_or("-".into(), |w| format!("{:.1}%", 100.0 * w / s.median_step_secs)),
+            100.0 * pi.predicted_wait,
             100.0 * pi.simulated_bubble
         );
     }

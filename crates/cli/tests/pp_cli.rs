@@ -166,6 +166,19 @@ fn five_layers_on_two_stages() {
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("layers per stage 3+2"), "{out}");
+    // The report's wait: measured, simulated with the run's own stage times and with the
+    // predicted ones, and the schedule's bubble for equal stages, (p − 1)/(m + p − 1) = 1/3.
+    let line = out
+        .lines()
+        .find(|l| l.contains("pipeline: stage 0 of 2 waited"))
+        .unwrap_or_else(|| panic!("no pipeline wait line in\n{out}"));
+    let pcts: Vec<f64> = line
+        .split('%')
+        .filter_map(|s| s.rsplit([' ', '(']).next()?.parse().ok())
+        .collect();
+    assert_eq!(pcts.len(), 4, "{line}");
+    assert!(pcts.iter().all(|p| (0.0..100.0).contains(p)), "{line}");
+    assert_eq!(pcts[3], 33.3, "{line}");
     // The trace: both ranks, a forward and a backward per micro-batch and step, the exchanges.
     let text = std::fs::read_to_string(&trace).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();

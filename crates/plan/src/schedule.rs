@@ -123,6 +123,12 @@ pub struct Simulation {
     /// Per device, the most chunk-activations alive at once (forwards not yet backwarded),
     /// in units of one micro-batch on one chunk.
     pub peak_in_flight: Vec<u32>,
+    /// Per device, the seconds it waited between the list's start and the end of its own last
+    /// operation (what a device can measure while it runs its list: the wait after its last
+    /// backward, for the stages before it to finish, falls outside).
+    pub idle_in_list: Vec<f64>,
+    /// Per device, the seconds it computed.
+    pub busy: Vec<f64>,
 }
 
 /// Simulates per-device lists with forward/backward times per chunk (same on every device) and a
@@ -135,8 +141,27 @@ pub fn simulate(
     bwd_secs: f64,
     p2p_secs: f64,
 ) -> Simulation {
+    let n = ops.len() * v as usize;
+    simulate_stages(ops, m, v, &vec![fwd_secs; n], &vec![bwd_secs; n], p2p_secs)
+}
+
+/// As [`simulate`], with each virtual stage's own forward and backward time (`fwd_secs[s]`,
+/// `bwd_secs[s]` for virtual stage `s = chunk · p + device`): unequal stages, such as a last
+/// stage that also holds the LM head and the loss.
+pub fn simulate_stages(
+    ops: &[Vec<Op>],
+    m: u32,
+    v: u32,
+    fwd_secs: &[f64],
+    bwd_secs: &[f64],
+    p2p_secs: f64,
+) -> Simulation {
     let p = ops.len() as u32;
     let stages = (p * v) as usize;
+    assert!(
+        fwd_secs.len() == stages && bwd_secs.len() == stages,
+        "one forward and one backward time per virtual stage"
+    );
     let idx = |mb: u32, vs: usize| mb as usize * stages + vs;
     let mut f_done = vec![f64::NAN; m as usize * stages];
     let mut b_done = vec![f64::NAN; m as usize * stages];
@@ -170,7 +195,7 @@ pub fn simulate(
                 };
                 let Some(ready) = ready else { break };
                 let start = ready.max(free[d]);
-                let dur = if is_fwd { fwd_secs } else { bwd_secs };
+                let dur = if is_fwd { fwd_secs[vs] } else { bwd_secs[vs] };
                 free[d] = start + dur;
                 busy[d] += dur;
                 if is_fwd {
@@ -194,6 +219,8 @@ pub fn simulate(
         makespan,
         bubble: makespan - max_busy,
         peak_in_flight: peak,
+        idle_in_list: free.iter().zip(&busy).map(|(f, b)| f - b).collect(),
+        busy,
     }
 }
 
@@ -226,6 +253,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn unequal_stages_move_the_wait_to_the_faster_stage() {
+        // 1F1B, p = 2, m = 4; stage 1 takes (1 + x) per forward and 2(1 + x) per backward.
+        // Stage 1 is busy 12(1 + x); it starts after stage 0's first forward (1) and, in the
+        // steady state, never waits again: makespan = 1 + 12(1 + x) + 2 (stage 0's last
+        // backward after it). Stage 0 is busy 12, so it waits 3 + 12x within its list;
+        // stage 1 waits 1 within its list (then 2 after it, outside).
+        let ops = build(Kind::OneFOneB, 2, 4, 1);
+        let x = 0.25;
+        let s = simulate_stages(&ops, 4, 1, &[1.0, 1.0 + x], &[2.0, 2.0 * (1.0 + x)], 0.0);
+        assert!(
+            (s.makespan - (3.0 + 12.0 * (1.0 + x))).abs() < 1e-9,
+            "{s:?}"
+        );
+        assert!((s.idle_in_list[0] - (3.0 + 12.0 * x)).abs() < 1e-9, "{s:?}");
+        assert!((s.idle_in_list[1] - 1.0).abs() < 1e-9, "{s:?}");
+        assert!((s.makespan - s.busy[1] - 3.0).abs() < 1e-9, "{s:?}");
+        // Equal stages: both wait (p − 1)(tf + tb) = 3 in all; the last stage 1 of it in its list.
+        let e = simulate(&ops, 4, 1, 1.0, 2.0, 0.0);
+        assert!((e.idle_in_list[0] - 3.0).abs() < 1e-9 && (e.idle_in_list[1] - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -34,20 +34,26 @@ pub struct Gathered {
     pub busy_secs: Option<Vec<f32>>,
 }
 
+/// All-gathers a 32-byte digest from every rank of `group`; returns the ranks whose digest
+/// differs from rank 0's. The data-parallel group's and the mesh's start checks share it.
+pub fn differing_ranks(
+    group: &mut dyn Communicator,
+    digest: &[u8; 32],
+) -> Result<Vec<usize>, comm::CommError> {
+    let n = group.size();
+    let words = bytes_to_words(digest);
+    let mut all = vec![0.0f32; 8 * n];
+    let mine = shard_range(all.len(), n, group.rank());
+    all[mine].copy_from_slice(&words);
+    group.all_gather(&mut all)?;
+    let of = |r: usize| -> Vec<u32> { all[8 * r..8 * r + 8].iter().map(|x| x.to_bits()).collect() };
+    let root = of(0);
+    Ok((1..n).filter(|&r| of(r) != root).collect())
+}
+
 impl Dp {
-    /// All-gathers a 32-byte digest from every rank; returns the ranks whose digest differs
-    /// from rank 0's.
     fn differing_ranks(&mut self, digest: &[u8; 32], what: &str) -> Result<Vec<usize>, TrainError> {
-        let n = self.size();
-        let words = bytes_to_words(digest);
-        let mut all = vec![0.0f32; 8 * n];
-        let mine = shard_range(all.len(), n, self.rank());
-        all[mine].copy_from_slice(&words);
-        self.group.all_gather(&mut all).map_err(dist(what))?;
-        let of =
-            |r: usize| -> Vec<u32> { all[8 * r..8 * r + 8].iter().map(|x| x.to_bits()).collect() };
-        let root = of(0);
-        Ok((1..n).filter(|&r| of(r) != root).collect())
+        differing_ranks(self.group.as_mut(), digest).map_err(dist(what))
     }
 
     /// Start of a run: every rank must have the same config and data (see the module docs).

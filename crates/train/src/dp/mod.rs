@@ -57,7 +57,7 @@ mod ps;
 mod zero;
 mod zero3;
 
-pub use agree::{agree_on_start, all_gather_bytes, fingerprint, Gathered};
+pub use agree::{agree_on_start, all_gather_bytes, differing_ranks, fingerprint, Gathered};
 pub use buckets::buckets;
 pub use ps::{PsServer, Role};
 pub(crate) use zero::subtract;

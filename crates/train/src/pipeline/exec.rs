@@ -444,6 +444,13 @@ pub fn run_ops<E: Storage>(
                 free[c].push(slot);
             }
         }
+        if let Some(p) = pipe.as_deref_mut() {
+            let (c, fwd) = match *op {
+                Op::Forward { chunk, .. } => (chunk, true),
+                Op::Backward { chunk, .. } => (chunk, false),
+            };
+            p.note_compute(c as usize, fwd, t_op.elapsed().as_secs_f64());
+        }
         if let Some(tr) = trace.as_deref_mut() {
             let (name, c) = match *op {
                 Op::Forward { mb, chunk } => (format!("F{mb}"), chunk),

@@ -22,10 +22,12 @@
 //! norm (each stage's sum of squares, the LM head copy excluded, summed in stage order), and the
 //! loss and stop requests known on every rank ([`Pipeline::share`]).
 
+mod bubble;
 mod ckpt;
 mod edges;
 mod exec;
 
+pub use bubble::PredictedWait;
 pub use ckpt::{full_segments, save_checkpoint, slice_full, to_full};
 
 pub use exec::{forward_only, in_flight, run_ops, MicroBatches, StageActs, StageModel};
@@ -33,6 +35,7 @@ pub use exec::{forward_only, in_flight, run_ops, MicroBatches, StageActs, StageM
 use crate::error::TrainError;
 use crate::mesh::{Coords, MeshShape};
 use comm::{Communicator, ReduceOp};
+use sha2::Digest;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -212,6 +215,8 @@ pub struct Pipeline {
     pub p2p_secs: f64,
     /// Seconds spent in tensor-parallel collectives so far (waiting included).
     pub tp_secs: f64,
+    /// Per chunk: seconds in forwards and backwards so far, and how many ran.
+    compute: Vec<([f64; 2], [u64; 2])>,
     /// Step number stamped on messages (checked by the receiver).
     step: u32,
     send_buf: Vec<u8>,
@@ -307,6 +312,7 @@ impl Pipeline {
                 tp_group,
                 p2p_secs: 0.0,
                 tp_secs: 0.0,
+                compute: vec![([0.0; 2], [0; 2]); shape.vpp],
                 step: 0,
                 send_buf: Vec::new(),
                 recv_buf: Vec::new(),
@@ -581,22 +587,20 @@ impl Pipeline {
     /// Start of a run: every rank of the job must have the same config, data and pipeline
     /// (schedule, partition); a rank that differs from rank 0 stops the job, named.
     pub fn check_fingerprint(&mut self, fingerprint: &[u8; 32]) -> Result<(), TrainError> {
-        let mine = format!(
-            "{} {:?} {:?} {} sp={}",
-            fingerprint
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
+        // The mesh settings that shape the exchanges join the config's fingerprint.
+        let mut h = sha2::Sha256::new();
+        h.update(fingerprint);
+        h.update(format!(
+            "{:?} {:?} {}",
             self.shape,
             self.parts,
-            self.schedule.name(),
-            self.sequence_parallel
-        );
-        let all = self.world_gather_bytes(
-            mine.as_bytes(),
-            "pipeline: exchanging the config fingerprint",
-        )?;
-        let bad: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
+            self.schedule.name()
+        ));
+        h.update([u8::from(self.sequence_parallel)]);
+        let digest: [u8; 32] = h.finalize().into();
+        let bad = crate::dp::differing_ranks(self.world.as_mut(), &digest).map_err(comm_err(
+            "pipeline: exchanging the config fingerprint".into(),
+        ))?;
         if !bad.is_empty() {
             return Err(TrainError::Pipeline(format!(
                 "rank(s) {bad:?} started with a different config, data, schedule or layer partition \

@@ -175,7 +175,9 @@ fn run_with<E: Storage>(
         threads as u64,
         &plan::cpu_time::CpuCalibration::default(),
     );
-    let pipeline = pipe.as_ref().map(|p| pipeline_info(p, &ops, &acts, accum));
+    let pipeline = pipe
+        .as_ref()
+        .map(|p| pipeline_info(p, &acts, &mcfg, (accum, b, t, threads)));
     let base = match (&dp, &pipe) {
         (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory(
             &dims,
@@ -302,8 +304,14 @@ fn run_with<E: Storage>(
             dp_size,
         )
     });
+    // The stages' forward/backward times from the second step on (the first warms up).
+    let first_step = state.step;
+    let mut compute_since = pipe.as_ref().map(|p| p.compute_totals());
     while state.step < end {
         let step = state.step;
+        if step == first_step + 1 {
+            compute_since = pipe.as_ref().map(|p| p.compute_totals());
+        }
         let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
         let p2p_at_start = pipe.as_ref().map(|p| p.p2p_secs);
         let tp_at_start = pipe.as_ref().filter(|p| p.shape.tp > 1).map(|p| p.tp_secs);
@@ -680,6 +688,12 @@ fn run_with<E: Storage>(
         }
     }
     run_dir.flush()?;
+    let simulated_wait_secs = match (pipe.as_mut(), &compute_since) {
+        (Some(p), Some(since)) if p.shape.pp > 1 => {
+            Some(p.simulated_wait(since, (accum, b, t, mcfg.channels))?)
+        }
+        _ => None,
+    };
     if let Some(d) = dp.as_mut().filter(|_| zero3) {
         state.params = d.zero3_full_params()?;
     }
@@ -726,6 +740,7 @@ fn run_with<E: Storage>(
         wall_secs,
         tokens_per_sec,
         median_step_secs,
+        simulated_wait_secs,
         peak_rss_bytes: proc_status_bytes("VmHWM:"),
         guard: stab.counts(),
         skipped_steps: stab.skipped,

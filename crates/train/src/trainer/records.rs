@@ -132,6 +132,10 @@ pub struct PipelineInfo {
     /// `plan::schedule::simulate`'s bubble of the busiest stage, as a fraction of the makespan,
     /// for equal per-layer forward/backward times.
     pub simulated_bubble: f64,
+    /// This stage's wait as a fraction of its predicted step, simulated with every virtual
+    /// stage's predicted time and the link's transfer delay (see `setup::pipeline_info`): the
+    /// figure to compare with the measured wait.
+    pub predicted_wait: f64,
     /// Sequence parallelism in the tensor-parallel group.
     pub sequence_parallel: bool,
     /// The job's transport ("tcp", "shm", "mpi", "threads").
@@ -182,6 +186,9 @@ pub struct RunSummary {
     pub tokens_per_sec: f64,
     /// Median step wall time.
     pub median_step_secs: f64,
+    /// Pipeline: seconds per step this stage waits in the schedule simulated with every
+    /// stage's measured forward/backward times (`Pipeline::simulated_wait`).
+    pub simulated_wait_secs: Option<f64>,
     /// Peak resident memory of the process, bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
     /// What `on_start` reported.

@@ -285,15 +285,11 @@ pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What the start report says about the pipeline.
 pub(super) fn pipeline_info<E: crate::precision::Storage>(
     p: &Pipeline,
-    ops: &[plan::schedule::Op],
     acts: &StageActs<E>,
-    m: usize,
+    mcfg: &model::ModelConfig,
+    (m, b, t, threads): (usize, usize, usize, usize),
 ) -> PipelineInfo {
-    let (pp, v) = (p.shape.pp as u32, p.shape.vpp as u32);
-    let lists = plan::schedule::build(p.schedule.kind(), pp, m as u32, v);
-    // Equal per-chunk times, backward twice forward, no transfer time: the schedule's own bubble.
-    let sim = plan::schedule::simulate(&lists, m as u32, v, 1.0, 2.0, 0.0);
-    let _ = ops;
+    let wait = p.predicted_wait(mcfg, (m, b, t, threads));
     PipelineInfo {
         stage: p.stage(),
         stages: p.shape.pp,
@@ -302,7 +298,8 @@ pub(super) fn pipeline_info<E: crate::precision::Storage>(
         microbatches: m,
         parts: p.parts.clone(),
         chunks: p.chunks().into_iter().zip(acts.sets()).collect(),
-        simulated_bubble: sim.bubble / sim.makespan,
+        simulated_bubble: wait.equal_stages,
+        predicted_wait: wait.stage,
         sequence_parallel: p.sequence_parallel,
         transport: p.transport(),
     }
