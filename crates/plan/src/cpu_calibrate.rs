@@ -59,6 +59,10 @@ pub struct CpuCalibrationFile {
     pub mean_abs_error_before: f64,
     /// The same with the fitted constants.
     pub mean_abs_error_after: f64,
+    /// √(mean (ln predicted − ln measured)²) with the default constants.
+    pub rms_log_error_before: f64,
+    /// The same with the fitted constants (what the fit minimises).
+    pub rms_log_error_after: f64,
 }
 
 impl CpuCalibrationFile {
@@ -183,6 +187,14 @@ pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibr
             .sum::<f64>()
             / runs.len() as f64
     };
+    let rms_log = |k: CpuCalibration| {
+        (runs
+            .iter()
+            .map(|r| (predicted(r, k) / r.step_secs).ln().powi(2))
+            .sum::<f64>()
+            / runs.len() as f64)
+            .sqrt()
+    };
     Ok(CpuCalibrationFile {
         format: "scaletrain-cpu-calibration".into(),
         version: 1,
@@ -194,6 +206,8 @@ pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibr
         bootstrap,
         mean_abs_error_before: mae(CpuCalibration::default()),
         mean_abs_error_after: mae(k),
+        rms_log_error_before: rms_log(CpuCalibration::default()),
+        rms_log_error_after: rms_log(k),
     })
 }
 
@@ -293,6 +307,7 @@ mod tests {
         );
         assert!(f.mean_abs_error_before > 0.15, "{f:?}");
         assert!(f.mean_abs_error_after < 0.04, "{f:?}");
+        assert!(f.rms_log_error_after < f.rms_log_error_before, "{f:?}");
         // The file reads back; a wrong format is refused with what it expected.
         let text = serde_json::to_string(&f).unwrap();
         let back = CpuCalibrationFile::parse(&text, "x").unwrap();
