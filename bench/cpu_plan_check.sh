@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Does `scaletrain plan --cpu` rank layouts as they measure? For each N in NPROCS, on the
-# L4 H4 C256 T128 model with a global batch of 8 sequences, runs the top TOP predicted layouts for
-# STEPS steps each, takes the median step time (first step left out) from metrics.jsonl, and
-# prints every predicted/measured pair and Spearman's rank correlation per N.
-# Usage: bench/cpu_plan_check.sh            (env: NPROCS="2 4" TOP=5 STEPS=8 BIN=target/release/scaletrain)
+# L4 H4 C256 T128 model with a global batch of 8 sequences, runs the top TOP predicted layouts
+# (one per dp × pp × tp × micro-batch shape, as `plan --cpu` lists them) for STEPS steps each,
+# ROUNDS times interleaved (round 1 runs every layout once, then round 2, …, so that a change of
+# the machine's load spreads over all layouts), takes each run's median step time (first step
+# left out) from metrics.jsonl and the median of those over the rounds, and prints every
+# predicted/measured pair, the rounds' values, and Spearman's rank correlation per N.
+# Usage: bench/cpu_plan_check.sh   (env: NPROCS="2 4" TOP=5 STEPS=8 ROUNDS=2 BIN=target/release/scaletrain)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROCS=${NPROCS:-"2 4"}
 TOP=${TOP:-5}
 STEPS=${STEPS:-8}
+ROUNDS=${ROUNDS:-2}
 BIN=${BIN:-target/release/scaletrain}
 [ -x "$BIN" ] || cargo build --release -p scaletrain-cli
 MODEL=(--set model.n_layer=4 --set model.n_head=4 --set model.channels=256 --set model.seq_len=128
@@ -20,24 +24,35 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg), cores: $(nproc)"
 for n in $NPROCS; do
   "$BIN" plan --cpu --nproc "$n" "${MODEL[@]}" --steps "$STEPS" --top "$TOP" --commands \
     --out "$work/RUN" > "$work/plan$n.tsv"
-  : > "$work/pairs$n"
-  i=0
-  while IFS=$'\t' read -r ms cmd; do
-    i=$((i + 1))
-    out="$work/n$n-$i"
-    read -ra args <<< "${cmd//$work\/RUN/$out}"
-    if ! "$BIN" "${args[@]}" --no-progress > "$work/log" 2>&1; then
-      echo "N=$n #$i failed: $cmd"; tail -n 5 "$work/log"; continue
-    fi
-    measured=$(python3 - "$out/metrics.jsonl" <<'PY'
+  mapfile -t lines < "$work/plan$n.tsv"
+  declare -A runs=()
+  for r in $(seq 1 "$ROUNDS"); do
+    for i in "${!lines[@]}"; do
+      cmd=${lines[$i]#*$'\t'}
+      out="$work/n$n-$i-r$r"
+      read -ra args <<< "${cmd//$work\/RUN/$out}"
+      if ! "$BIN" "${args[@]}" --no-progress > "$work/log" 2>&1; then
+        echo "N=$n #$((i + 1)) round $r failed: $cmd"; tail -n 5 "$work/log"; continue
+      fi
+      runs[$i]="${runs[$i]:-} $(python3 - "$out/metrics.jsonl" <<'PY'
 import json, statistics, sys
 xs = [json.loads(l)["step_secs"] for l in open(sys.argv[1]) if '"step_secs"' in l]
 print(f"{1e3 * statistics.median(xs[1:] or xs):.3f}")
 PY
-)
-    layout=$(echo "$cmd" | grep -oE -- '--(dp|pp|tp|microbatches|zero|threads) [0-9]+|--sequence-parallel|train.batch_size=[0-9]+' | tr '\n' ' ')
-    echo "$ms $measured $layout" >> "$work/pairs$n"
-  done < "$work/plan$n.tsv"
+)"
+      rm -rf "$out"
+    done
+  done
+  : > "$work/pairs$n"
+  for i in "${!lines[@]}"; do
+    [ -n "${runs[$i]:-}" ] || continue
+    ms=${lines[$i]%%$'\t'*}
+    cmd=${lines[$i]#*$'\t'}
+    measured=$(python3 -c 'import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):.3f}")' ${runs[$i]})
+    layout=$(echo "${cmd##*--out }" | grep -oE -- '--(dp|pp|tp|microbatches|zero|threads) [0-9]+|--sequence-parallel|train.batch_size=[0-9]+' | tr '\n' ' ')
+    echo "$ms $measured [rounds:${runs[$i]}] $layout" >> "$work/pairs$n"
+  done
+  unset runs
   python3 - "$n" "$work/pairs$n" <<'PY'
 import sys
 n, rows = sys.argv[1], [l.split(None, 2) for l in open(sys.argv[2]) if l.strip()]
@@ -59,6 +74,8 @@ if len(rows) > 1:
     cov = sum((x - mp) * (y - mm) for x, y in zip(rp, rm))
     sd = (sum((x - mp) ** 2 for x in rp) * sum((y - mm) ** 2 for y in rm)) ** 0.5
     print(f"  Spearman rho = {cov / sd if sd else float('nan'):.2f} over {k} layouts")
+within = sum(abs(float(b) / float(a) - 1) <= 0.15 for a, b, _ in rows)
+print(f"  within 15% of the prediction: {within} of {len(rows)}")
 PY
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

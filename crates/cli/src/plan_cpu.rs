@@ -6,7 +6,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use plan::cpu_plan::{candidates, rank, CpuHost, CpuLayout, CpuModel, CpuPrediction};
+use plan::cpu_plan::{
+    candidates, collapse, rank, CpuChoice, CpuHost, CpuLayout, CpuModel, CpuPrediction,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use train::TrainConfig;
@@ -58,6 +60,10 @@ pub struct PlanCpuArgs {
     /// Run the best layout (`scaletrain train` with the printed arguments).
     #[arg(long)]
     pub run: bool,
+    /// List every ZeRO / sequence-parallel variant as its own row (default: one row per
+    /// dp × pp × tp × micro-batch shape, its other variants named in the last column).
+    #[arg(long)]
+    pub all_variants: bool,
 }
 
 /// `train`'s data-parallel flags alone, parsed as `train` parses them.
@@ -156,6 +162,25 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// The other variants of a row: "zero1 sp +0.2% 40.7, …" (time relative to the row's).
+fn variants_text(c: &CpuChoice) -> String {
+    c.variants
+        .iter()
+        .map(|(l, p)| {
+            let mut name = format!("zero{}", l.zero);
+            if l.sp {
+                name.push_str(" sp");
+            }
+            format!(
+                "{name} {:+.1}% {:.1}",
+                100.0 * (p.step_secs / c.prediction.step_secs - 1.0),
+                p.memory_bytes as f64 / 1048576.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
     if a.nproc == 0 {
         bail!("--nproc must be at least 1 (the local processes of the layout)");
@@ -204,9 +229,25 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
         );
     }
     let ranked = rank(&m, &ok, &host);
-    let top = &ranked[..a.top.min(ranked.len())];
+    let choices: Vec<CpuChoice> = if a.all_variants {
+        ranked
+            .iter()
+            .map(|(l, p)| CpuChoice {
+                layout: *l,
+                prediction: p.clone(),
+                variants: Vec::new(),
+            })
+            .collect()
+    } else {
+        collapse(&ranked)
+    };
+    let top: Vec<(CpuLayout, CpuPrediction)> = choices
+        .iter()
+        .take(a.top)
+        .map(|c| (c.layout, c.prediction.clone()))
+        .collect();
     if a.commands {
-        for (l, p) in top {
+        for (l, p) in &top {
             println!(
                 "{:.3}\t{}",
                 1e3 * p.step_secs,
@@ -216,16 +257,18 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "CPU layouts of {} processes on {cores} cores: L{} H{} C{} T{}, vocabulary {} (padded {}), global batch {global} sequences; {} candidates, {} accepted by train",
-        a.nproc, m.layers, m.heads, m.channels, m.seq_len, vocab, m.padded_vocab, all.len(), ok.len()
+        "CPU layouts of {} processes on {cores} cores: L{} H{} C{} T{}, vocabulary {} (padded {}), global batch {global} sequences; {} candidates, {} accepted by train, {} shapes",
+        a.nproc, m.layers, m.heads, m.channels, m.seq_len, vocab, m.padded_vocab, all.len(), ok.len(),
+        collapse(&ranked).len()
     );
     println!(
-        "{:>3} {:>3} {:>3} {:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>10} {:>9} {:>8} {:>8} {:>8} {:>10}",
+        "{:>3} {:>3} {:>3} {:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>10} {:>9} {:>8} {:>8} {:>8} {:>10}  also (step %, MiB/rank)",
         "#", "dp", "pp", "tp", "batch", "mb", "zero", "sp", "thr", "step ms", "tokens/s", "bubble", "tp ms", "dp ms", "MiB/rank"
     );
-    for (i, (l, p)) in top.iter().enumerate() {
+    for (i, c) in choices.iter().take(a.top).enumerate() {
+        let (l, p) = (&c.layout, &c.prediction);
         println!(
-            "{:>3} {:>3} {:>3} {:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>10.1} {:>9.0} {:>7.1}% {:>8.1} {:>8.1} {:>10.1}",
+            "{:>3} {:>3} {:>3} {:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>10.1} {:>9.0} {:>7.1}% {:>8.1} {:>8.1} {:>10.1}  {}",
             i + 1,
             l.dp,
             l.pp,
@@ -240,7 +283,8 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
             100.0 * p.bubble_secs / p.pipeline_secs.max(f64::MIN_POSITIVE),
             1e3 * p.tp_comm_secs,
             1e3 * p.dp_comm_secs,
-            p.memory_bytes as f64 / 1048576.0
+            p.memory_bytes as f64 / 1048576.0,
+            variants_text(c)
         );
     }
     let (best, bp) = &top[0];

@@ -39,6 +39,7 @@ fn plan_cpu_lists_layouts_train_accepts_and_runs_the_best() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.len() >= 5, "{stdout}");
     let mut last = 0.0;
+    let mut shapes = std::collections::HashSet::new();
     for l in &lines {
         let (ms, cmd) = l.split_once('\t').expect("ms<TAB>command");
         let ms: f64 = ms.parse().unwrap();
@@ -66,7 +67,16 @@ fn plan_cpu_lists_layouts_train_accepts_and_runs_the_best() {
             !(cmd.contains("--sequence-parallel") && flag("--tp") == 1),
             "{cmd}"
         );
+        // One row per shape: ZeRO and sequence-parallel variants are collapsed.
+        let shape = (flag("--dp"), flag("--pp"), flag("--tp"), b);
+        assert!(shapes.insert(shape), "{shape:?} twice: {stdout}");
     }
+    // --all-variants lists every variant: more rows than shapes.
+    let mut all = args.clone();
+    all.push("--all-variants");
+    let (code, every, stderr) = common::run(&all);
+    assert_eq!(code, 0, "{every}\n{stderr}");
+    assert!(every.lines().count() > lines.len(), "{every}");
     // The table and the best command, then --run trains it for 2 steps.
     let mut args = vec!["plan", "--cpu", "--nproc", "4", "--cores", "2"];
     args.extend_from_slice(MODEL);

@@ -124,7 +124,25 @@ fn pack<E: Elem>(
     for (s, panel) in dst.chunks_exact_mut(k2 * width).enumerate() {
         let p0 = r0 + s * width;
         let live = width.min(r0 + rows - p0);
-        if v.cs == 1 {
+        let gather_ok = is_bf16::<E>() && k >= 2 && (p0 + width) * v.rs + k < i32::MAX as usize;
+        if v.cs == 1 && gather_ok {
+            // bf16 rows, each contiguous: gather pair `q` of 16 rows at a time.
+            let last = (p0 + live - 1) * v.rs + k - 1;
+            assert!(last < x.len() && panel.len() == k2 * width);
+            // SAFETY: AVX-512F/BW/VL are available (the caller checked); `E` is `Bf16`
+            // (checked); every element read is at most `last` (asserted) and every index fits
+            // an i32 (checked above); every word written lies inside `panel` (asserted).
+            unsafe {
+                pairs_across(
+                    panel.as_mut_ptr(),
+                    width,
+                    x.as_ptr().add(p0 * v.rs) as *const crate::Bf16,
+                    v.rs,
+                    live,
+                    k,
+                )
+            };
+        } else if v.cs == 1 {
             // Each row is contiguous: round it, then write its pairs down the panel column.
             let t = &mut tmp[..k];
             for r in 0..width {
@@ -188,6 +206,60 @@ fn is_bf16<E: 'static>() -> bool {
     std::any::TypeId::of::<E>() == std::any::TypeId::of::<crate::Bf16>()
 }
 
+/// Panel words `[q·width + r]` = the pair (`x[r·rs + 2q]`, `x[r·rs + 2q + 1]`) of bf16 values
+/// as one little-endian word, `0` for `r ≥ live` and for the missing partner of an odd `k`:
+/// one `vpgatherdd` per pair and 16 rows. (An `f32` source, which must also be rounded, measured
+/// slower gathered than rounded row by row, so it keeps the scalar path.)
+///
+/// # Safety
+/// AVX-512F/BW/VL are available; `x + r·rs + p` is readable for `r < live`, `p < k`, and
+/// `(width − 1)·rs + k` fits an `i32`; `k ≥ 2`; `panel` holds `ceil(k/2)·width` words;
+/// `live ≤ width`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pairs_across(
+    panel: *mut u32,
+    width: usize,
+    x: *const crate::Bf16,
+    rs: usize,
+    live: usize,
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the function's contract; masked-off lanes are not read.
+    unsafe {
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let zero = _mm512_setzero_si512();
+        for r0 in (0..width).step_by(16) {
+            let n_live = live.saturating_sub(r0).min(16);
+            let mask = ((1u32 << n_live) - 1) as __mmask16;
+            let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
+            let rows = _mm512_mullo_epi32(
+                _mm512_add_epi32(_mm512_set1_epi32(r0 as i32), lanes),
+                _mm512_set1_epi32(rs as i32),
+            );
+            // the 4 bytes at bf16 element `p` of each row (scale 2: indices count elements)
+            let word = |p: usize| {
+                let at = _mm512_add_epi32(rows, _mm512_set1_epi32(p as i32));
+                _mm512_mask_i32gather_epi32::<2>(zero, mask, at, x as *const _)
+            };
+            for q in 0..k.div_ceil(2) {
+                let w = if 2 * q + 1 < k {
+                    word(2 * q) // element 2q low, 2q + 1 high
+                } else {
+                    _mm512_srli_epi32(word(2 * q - 1), 16) // odd k: (k − 1, 0)
+                };
+                _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs_across(_: *mut u32, _: usize, _: *const crate::Bf16, _: usize, _: usize, _: usize) {
+    unreachable!("avx512bf16::pairs_across without AVX512_BF16");
+}
+
 /// Panel words `[q·width + r]` = the pair (`x[r + 2q·cs]`, `x[r + (2q+1)·cs]`) rounded to bf16
 /// (nearest-even; `vcvtneps2bf16` for `f32`, whose denormal inputs become zero as `vdpbf16ps`
 /// would treat them anyway), `0` for `r ≥ live` and for the missing partner of an odd `k`.
@@ -243,7 +315,8 @@ unsafe fn pairs_down<E: Elem>(_: *mut u32, _: usize, _: *const E, _: usize, _: u
 }
 
 /// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` (masked loads and
-/// stores at the edges) when it is `f32` or bf16 with contiguous rows, else through an `f32`
+/// stores at the right edge) when it is `f32` or bf16 with contiguous rows and the tile has all
+/// `MR` rows, else (the last rows of a block, other types, strided rows) through an `f32`
 /// scratch tile.
 #[allow(clippy::too_many_arguments)]
 fn tile<C: Elem>(
@@ -273,22 +346,25 @@ fn tile<C: Elem>(
     } else {
         None
     };
-    if let (Some(out), 1) = (out, cv.cs) {
-        assert!(base + (mr - 1) * cv.rs + nr <= c.len());
+    if let (Some(out), 1, MR) = (out, cv.cs, mr) {
+        assert!(base + (MR - 1) * cv.rs + nr <= c.len());
         let cols = if nr == NR { u32::MAX } else { (1u32 << nr) - 1 };
         // SAFETY: AVX512_BF16/BW/VL are available (the caller checked); the panels hold `k2`
         // pair rows (asserted); `C` is `f32` or `Bf16` (`repr(transparent)` over `u16`) as
         // `out` says, and every `c` index the masks select lies inside `c` (asserted).
         unsafe {
-            micro(
-                k2,
+            let (a, b, c) = (
                 apan.as_ptr(),
                 bpan.as_ptr(),
                 c.as_mut_ptr().add(base) as *mut u8,
-                (out, cv.rs, mr, cols),
-                init,
-                alpha,
-            )
+            );
+            let rc = (cv.rs, cols);
+            match (out, nr == NR) {
+                (Out::F32, true) => micro::<false, false>(k2, a, b, c, rc, init, alpha),
+                (Out::F32, false) => micro::<false, true>(k2, a, b, c, rc, init, alpha),
+                (Out::Bf16, true) => micro::<true, false>(k2, a, b, c, rc, init, alpha),
+                (Out::Bf16, false) => micro::<true, true>(k2, a, b, c, rc, init, alpha),
+            }
         };
         return;
     }
@@ -302,12 +378,12 @@ fn tile<C: Elem>(
     }
     // SAFETY: as above; `t` is a whole `f32` tile with row stride `NR`.
     unsafe {
-        micro(
+        micro::<false, false>(
             k2,
             apan.as_ptr(),
             bpan.as_ptr(),
             t.as_mut_ptr() as *mut u8,
-            (Out::F32, NR, MR, u32::MAX),
+            (NR, u32::MAX),
             init,
             alpha,
         )
@@ -336,71 +412,96 @@ enum Init {
     Scale(f32),
 }
 
-/// The register tile: `c[r][q]` (row stride `ldc` elements of `out`'s type, rows `r < mr`,
+/// The register tile: `c[r][q]` (row stride `ldc` elements, bf16 bits when `BF16` else `f32`;
 /// columns `q` whose bit is set in `cols`) = the `vdpbf16ps` chain over the `k2` pairs
-/// `a[p·MR + r]` × `b[p·NR + q]`, started per `init`, times `alpha` when `≠ 1`.
+/// `a[p·MR + r]` × `b[p·NR + q]`, started per `init`, times `alpha` when `≠ 1`; a bf16 `c` is
+/// loaded by a shift and stored rounded exactly as [`crate::Bf16`]`::from_f32` rounds.
 ///
 /// # Safety
 /// AVX-512F/BW/VL and AVX512_BF16 are available; `a` points to `k2·MR` words, `b` to `k2·NR`
-/// words on a 64-byte boundary, `c` to `mr ≤ MR` rows at stride `ldc` of which the elements
+/// words on a 64-byte boundary, `c` to `MR` rows at stride `ldc` of which the elements
 /// selected by `cols` are readable and writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-unsafe fn micro(
+unsafe fn micro<const BF16: bool, const MASKED: bool>(
     k2: usize,
     a: *const u32,
     b: *const u32,
     c: *mut u8,
-    (out, ldc, mr, cols): (Out, usize, usize, u32),
+    (ldc, cols): (usize, u32),
     init: Init,
     alpha: f32,
 ) {
     use std::arch::x86_64::*;
-    let masks = [cols as __mmask16, (cols >> 16) as __mmask16];
+    // (All `MR` rows, with a constant trip count everywhere: row-dependent masks or tests
+    // made the compiler keep the tile in a stack array instead of registers.)
+    let (m0, m1) = (cols as __mmask16, (cols >> 16) as __mmask16);
+    let mask = |h: usize| if h == 0 { m0 } else { m1 };
     // SAFETY: per the function's contract (masked-off lanes are neither read nor written);
     // `__m512i` and `__m512bh` are both 512-bit vectors.
     unsafe {
-        let load = |r: usize, h: usize| -> __m512 {
-            let o = r * ldc + 16 * h;
-            match out {
-                Out::F32 => _mm512_maskz_loadu_ps(masks[h], (c as *const f32).add(o)),
-                Out::Bf16 => {
-                    let x = _mm256_maskz_loadu_epi16(masks[h], (c as *const i16).add(o));
-                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
-                }
+        let (c32, c16) = (c as *mut f32, c as *mut i16);
+        let at = |r: usize, h: usize| r * ldc + 16 * h;
+        // Unmasked loads and stores where all 32 columns are live: with the masked intrinsics
+        // the compiler kept the tile in a stack array around the loop.
+        let load_f32 = |r: usize, h: usize| -> __m512 {
+            if MASKED {
+                _mm512_maskz_loadu_ps(mask(h), c32.add(at(r, h)))
+            } else {
+                _mm512_loadu_ps(c32.add(at(r, h)))
             }
         };
-        let store = |r: usize, h: usize, v: __m512| {
-            let o = r * ldc + 16 * h;
-            match out {
-                Out::F32 => _mm512_mask_storeu_ps((c as *mut f32).add(o), masks[h], v),
-                Out::Bf16 => {
-                    // (bits + 0x7fff + lowest kept bit) >> 16, NaN → (bits >> 16) | 0x40.
-                    let x = _mm512_castps_si512(v);
-                    let hi = _mm512_srli_epi32(x, 16);
-                    let odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-                    let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-                    let rounded = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
-                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                    let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
-                    let w = _mm512_mask_blend_epi32(nan, rounded, quiet);
-                    let h16 = _mm512_cvtepi32_epi16(w);
-                    _mm256_mask_storeu_epi16((c as *mut i16).add(o), masks[h], h16);
-                }
+        let load_bf16 = |r: usize, h: usize| -> __m512 {
+            let x = if MASKED {
+                _mm256_maskz_loadu_epi16(mask(h), c16.add(at(r, h)))
+            } else {
+                _mm256_loadu_si256(c16.add(at(r, h)) as *const __m256i)
+            };
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16))
+        };
+        let store_f32 = |r: usize, h: usize, v: __m512| {
+            if MASKED {
+                _mm512_mask_storeu_ps(c32.add(at(r, h)), mask(h), v)
+            } else {
+                _mm512_storeu_ps(c32.add(at(r, h)), v)
+            }
+        };
+        let store_bf16 = |r: usize, h: usize, v: __m512| {
+            // (bits + 0x7fff + lowest kept bit) >> 16, NaN → (bits >> 16) | 0x40.
+            let x = _mm512_castps_si512(v);
+            let hi = _mm512_srli_epi32(x, 16);
+            let odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+            let rounded = _mm512_srli_epi32(_mm512_add_epi32(x, bias), 16);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+            let w = _mm512_mask_blend_epi32(nan, rounded, quiet);
+            let h16 = _mm512_cvtepi32_epi16(w);
+            if MASKED {
+                _mm256_mask_storeu_epi16(c16.add(at(r, h)), mask(h), h16);
+            } else {
+                _mm256_storeu_si256(c16.add(at(r, h)) as *mut __m256i, h16);
             }
         };
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let load = |r: usize, h: usize| {
+            if BF16 {
+                load_bf16(r, h)
+            } else {
+                load_f32(r, h)
+            }
+        };
         match init {
             Init::Zero => {}
             Init::Load => {
-                for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                for (r, row) in acc.iter_mut().enumerate() {
                     row[0] = load(r, 0);
                     row[1] = load(r, 1);
                 }
             }
             Init::Scale(beta) => {
                 let s = _mm512_set1_ps(beta);
-                for (r, row) in acc.iter_mut().enumerate().take(mr) {
+                for (r, row) in acc.iter_mut().enumerate() {
                     row[0] = _mm512_mul_ps(s, load(r, 0));
                     row[1] = _mm512_mul_ps(s, load(r, 1));
                 }
@@ -425,20 +526,25 @@ unsafe fn micro(
                 row[1] = _mm512_mul_ps(s, row[1]);
             }
         }
-        for (r, row) in acc.iter().enumerate().take(mr) {
-            store(r, 0, row[0]);
-            store(r, 1, row[1]);
+        for (r, row) in acc.iter().enumerate() {
+            if BF16 {
+                store_bf16(r, 0, row[0]);
+                store_bf16(r, 1, row[1]);
+            } else {
+                store_f32(r, 0, row[0]);
+                store_f32(r, 1, row[1]);
+            }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro(
+unsafe fn micro<const BF16: bool, const MASKED: bool>(
     _: usize,
     _: *const u32,
     _: *const u32,
     _: *mut u8,
-    _: (Out, usize, usize, u32),
+    _: (usize, u32),
     _: Init,
     _: f32,
 ) {
@@ -446,209 +552,5 @@ unsafe fn micro(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rng::Rng;
-    use crate::testutil::randn;
-    use crate::Bf16;
-
-    fn bits(x: f32) -> f32 {
-        Bf16::from_f32(x).to_f32()
-    }
-
-    /// One lane of `vdpbf16ps` as the SDM's pseudo-code writes it: the odd product is added
-    /// first, then the even one (each product of bf16 values exact in f32, each add rounded).
-    /// Used as a reference within one rounding per add, since the exact internal rounding of
-    /// the pair sum is the CPU's.
-    fn chain_f64(a: &[f32], b: &[f32], c0: f64, k: usize) -> (f64, f64) {
-        let (mut s, mut mag) = (c0, c0.abs());
-        for p in 0..k {
-            let t = bits(a[p]) as f64 * bits(b[p]) as f64;
-            s += t;
-            mag += t.abs();
-        }
-        (s, mag)
-    }
-
-    /// Against an f64 sum of the bf16-rounded operands, within γ(k+1) of the sum of |terms|;
-    /// odd `k`, edge tiles, all layouts, `beta` 0 / 1 / 0.5, `alpha` ≠ 1, bf16 and f32 `c`.
-    #[test]
-    fn matches_f64_of_rounded_operands_within_derived_bound() {
-        if !available() {
-            eprintln!("skipped: no AVX512_BF16 on this CPU");
-            return;
-        }
-        let u = f64::powi(2.0, -24);
-        for (si, &(m, n, k)) in [
-            (1, 1, 1),
-            (13, 33, 31),
-            (25, 70, 257),
-            (200, 40, 6),
-            (12, 32, 64),
-        ]
-        .iter()
-        .enumerate()
-        {
-            let mut rng = Rng::new(40 + si as u64);
-            let (a, b, c0) = (
-                randn(&mut rng, m * k, 1.0),
-                randn(&mut rng, k * n, 1.0),
-                randn(&mut rng, m * n, 1.0),
-            );
-            let a16: Vec<Bf16> = a.iter().map(|&x| Bf16::from_f32(x)).collect();
-            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect(); // (n, k)
-            for (alpha, beta) in [(1.0, 0.0), (1.0, 1.0), (1.0, 0.5), (0.25, 0.0)] {
-                // a bf16 row-major, b f32 as the transpose of (n, k) (forward's wᵀ).
-                let mut c = c0.clone();
-                gemm(
-                    &mut c,
-                    View::rm(m, n, n),
-                    &a16,
-                    View::rm(m, k, k),
-                    &bt,
-                    View::rm(n, k, k).t(),
-                    alpha,
-                    beta,
-                );
-                // a f32 transposed (d_w's d_outᵀ), b bf16 row-major, c bf16.
-                let at: Vec<f32> = (0..m * k).map(|x| a[(x % m) * k + x / m]).collect(); // (k, m)
-                let b16: Vec<Bf16> = b.iter().map(|&x| Bf16::from_f32(x)).collect();
-                let mut c16: Vec<Bf16> = c0.iter().map(|&x| Bf16::from_f32(x)).collect();
-                gemm(
-                    &mut c16,
-                    View::rm(m, n, n),
-                    &at,
-                    View::rm(k, m, m).t(),
-                    &b16,
-                    View::rm(k, n, n),
-                    alpha,
-                    beta,
-                );
-                let g = (k + 1) as f64 * u / (1.0 - (k + 1) as f64 * u);
-                for i in 0..m {
-                    for j in 0..n {
-                        let bcol: Vec<f32> = (0..k).map(|p| b[p * n + j]).collect();
-                        for (name, got, cinit, out_u) in [
-                            ("f32 c", c[i * n + j] as f64, c0[i * n + j], 0.0),
-                            (
-                                "bf16 c",
-                                c16[i * n + j].to_f32() as f64,
-                                bits(c0[i * n + j]),
-                                1.0 / 256.0,
-                            ),
-                        ] {
-                            let init = if beta == 0.0 {
-                                0.0
-                            } else {
-                                (beta * cinit) as f64
-                            };
-                            let (s, mag) = chain_f64(&a[i * k..(i + 1) * k], &bcol, init, k);
-                            let want = alpha as f64 * s;
-                            let bound =
-                                alpha as f64 * g * mag * 1.01 + 1.01 * out_u * want.abs() + 1e-30;
-                            assert!(
-                                (got - want).abs() <= bound,
-                                "{name} {:?} alpha {alpha} beta {beta} [{i},{j}]: got {got} want {want} (bound {bound:e})",
-                                (m, n, k)
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// A bf16 `c` (rounded in registers, masked at the edges) holds exactly the bits of the
-    /// `f32` result rounded by `Bf16::from_f32`, NaN and infinities included, for `beta` 0 and 1.
-    #[test]
-    fn bf16_output_is_the_f32_result_rounded() {
-        if !available() {
-            eprintln!("skipped: no AVX512_BF16 on this CPU");
-            return;
-        }
-        let (m, n, k) = (29, 75, 40);
-        let mut rng = Rng::new(9);
-        let mut a: Vec<Bf16> = randn(&mut rng, m * k, 1.0)
-            .iter()
-            .map(|&x| Bf16::from_f32(x))
-            .collect();
-        a[3 * k] = Bf16::from_f32(f32::NAN);
-        a[17 * k + 1] = Bf16::from_f32(f32::INFINITY);
-        let w: Vec<Bf16> = randn(&mut rng, n * k, 1.0)
-            .iter()
-            .map(|&x| Bf16::from_f32(x))
-            .collect();
-        let c0: Vec<Bf16> = randn(&mut rng, m * n, 1.0)
-            .iter()
-            .map(|&x| Bf16::from_f32(x))
-            .collect();
-        for beta in [0.0, 1.0] {
-            let mut want: Vec<f32> = c0.iter().map(|x| x.to_f32()).collect();
-            let mut got = c0.clone();
-            for c in [&mut want as &mut dyn std::any::Any, &mut got] {
-                let (av, wv) = (View::rm(m, k, k), View::rm(n, k, k).t());
-                if let Some(c) = c.downcast_mut::<Vec<f32>>() {
-                    gemm(c, View::rm(m, n, n), &a, av, &w, wv, 1.0, beta);
-                } else if let Some(c) = c.downcast_mut::<Vec<Bf16>>() {
-                    gemm(c, View::rm(m, n, n), &a, av, &w, wv, 1.0, beta);
-                }
-            }
-            for (x, (g, f)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.0, Bf16::from_f32(*f).0, "beta {beta} [{x}]: f32 {f}");
-            }
-            assert!(want[3 * n].is_nan() && want[17 * n].is_infinite());
-        }
-    }
-
-    /// An element's bits do not depend on the rows and columns computed with it.
-    #[test]
-    fn element_bits_do_not_depend_on_the_block_computed() {
-        if !available() {
-            eprintln!("skipped: no AVX512_BF16 on this CPU");
-            return;
-        }
-        let (m, n, k) = (45, 70, 301);
-        let mut rng = Rng::new(5);
-        let a: Vec<Bf16> = randn(&mut rng, m * k, 1.0)
-            .iter()
-            .map(|&x| Bf16::from_f32(x))
-            .collect();
-        let w: Vec<Bf16> = randn(&mut rng, n * k, 1.0)
-            .iter()
-            .map(|&x| Bf16::from_f32(x))
-            .collect();
-        let mut full = vec![f32::NAN; m * n];
-        gemm(
-            &mut full,
-            View::rm(m, n, n),
-            &a,
-            View::rm(m, k, k),
-            &w,
-            View::rm(n, k, k).t(),
-            1.0,
-            0.0,
-        );
-        let (r0, rows, c0, cols) = (5, 17, 3, 37);
-        let mut part = vec![f32::NAN; rows * cols];
-        gemm(
-            &mut part,
-            View::rm(rows, cols, cols),
-            &a[r0 * k..],
-            View::rm(rows, k, k),
-            &w[c0 * k..],
-            View::rm(cols, k, k).t(),
-            1.0,
-            0.0,
-        );
-        for i in 0..rows {
-            for j in 0..cols {
-                let (g, f) = (part[i * cols + j], full[(r0 + i) * n + c0 + j]);
-                assert_eq!(
-                    g.to_bits(),
-                    f.to_bits(),
-                    "[{i},{j}]: {g} in the block, {f} in the full product"
-                );
-            }
-        }
-    }
-}
+#[path = "avx512bf16_tests.rs"]
+mod tests;

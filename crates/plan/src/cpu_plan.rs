@@ -14,6 +14,7 @@
 //!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
 //! pipeline    = schedule::simulate(1F1B, pp, m, forward = max_s micro(s)/3, backward = 2/3 of it,
 //!               p2p = α + b·t·c·4 / β)            (pp = 1: m · micro)
+//! AdamW(s)    = cpu_time's optimizer term of stage s, / dp under ZeRO-1/2 (the rank's shard)
 //! step        = oversub · (pipeline + max_s AdamW(s)) + max_s exposed dp comm(s) (+ contention)
 //! oversub     = max(1, R·n / cores)               (more ranks than cores share them)
 //! tokens/s    = G·t / step
@@ -148,6 +149,8 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .enumerate()
         .map(|(s, &n)| stage_dims(m, n, s as u64, l.pp, l.tp))
         .collect();
+    // ZeRO-1/2 run AdamW on this rank's 1/dp shard of the stage's parameters.
+    let shard = if l.zero > 0 && l.dp > 1 { l.dp } else { 1 } as f64;
     // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW).
     let per: Vec<(f64, f64, f64)> = dims
         .iter()
@@ -157,7 +160,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
             (
                 s.matmul_secs + s.memory_secs + s.overhead_secs + tp,
                 tp,
-                s.optimizer_secs,
+                s.optimizer_secs / shard,
             )
         })
         .collect();
@@ -304,6 +307,58 @@ pub fn rank(
     v
 }
 
+/// One genuinely different choice of the ranking: a (dp, pp, tp, micro-batch) shape shown by
+/// its best variant, with the variants that differ only in ZeRO stage or sequence parallelism.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuChoice {
+    /// The variant shown: the fastest predicted, or among those within [`TIE`] of it the one
+    /// with the least memory per rank.
+    pub layout: CpuLayout,
+    /// Its prediction.
+    pub prediction: CpuPrediction,
+    /// The other variants of the same shape, fastest first.
+    pub variants: Vec<(CpuLayout, CpuPrediction)>,
+}
+
+/// Relative step-time difference under which two variants of one shape count as the same
+/// speed (below the ±5 % spread of repeated measurements of one layout, docs/cpu-planner.md).
+pub const TIE: f64 = 0.01;
+
+/// Collapses a ranking (fastest first, as [`rank`] returns it) to one row per (dp, pp, tp,
+/// micro-batch size): the variants that differ only in ZeRO stage or sequence parallelism
+/// change memory far more than time, and five of them in a top 5 are not five choices.
+/// The rows keep the order of their shown variant.
+pub fn collapse(ranked: &[(CpuLayout, CpuPrediction)]) -> Vec<CpuChoice> {
+    let shape = |l: &CpuLayout| (l.dp, l.pp, l.tp, l.batch);
+    let mut out: Vec<CpuChoice> = Vec::new();
+    for (l, p) in ranked {
+        if out.iter().any(|c| shape(&c.layout) == shape(l)) {
+            continue;
+        }
+        let mut group: Vec<(CpuLayout, CpuPrediction)> = ranked
+            .iter()
+            .filter(|(o, _)| shape(o) == shape(l))
+            .cloned()
+            .collect();
+        let fastest = p.step_secs;
+        let shown = (0..group.len())
+            .filter(|&i| group[i].1.step_secs <= fastest * (1.0 + TIE))
+            .min_by_key(|&i| group[i].1.memory_bytes)
+            .unwrap_or(0);
+        let (layout, prediction) = group.remove(shown);
+        out.push(CpuChoice {
+            layout,
+            prediction,
+            variants: group,
+        });
+    }
+    out.sort_by(|a, b| a.prediction.step_secs.total_cmp(&b.prediction.step_secs));
+    out
+}
+
+#[cfg(test)]
+mod measured;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,5 +491,45 @@ mod tests {
         assert!(ranked
             .windows(2)
             .all(|w| w[0].1.step_secs <= w[1].1.step_secs));
+    }
+
+    #[test]
+    fn collapsing_keeps_one_row_per_shape_and_the_lean_variant_of_a_tie() {
+        let (m, h) = (model(), host(2));
+        let ranked = rank(&m, &candidates(&m, 4, 8), &h);
+        let choices = collapse(&ranked);
+        // Every candidate is in exactly one row.
+        let n: usize = choices.iter().map(|c| 1 + c.variants.len()).sum();
+        assert_eq!(n, ranked.len());
+        let shapes: std::collections::HashSet<_> = choices
+            .iter()
+            .map(|c| (c.layout.dp, c.layout.pp, c.layout.tp, c.layout.batch))
+            .collect();
+        assert_eq!(shapes.len(), choices.len(), "one row per shape");
+        for c in &choices {
+            for (v, p) in &c.variants {
+                assert_eq!(
+                    (v.dp, v.pp, v.tp, v.batch),
+                    (c.layout.dp, c.layout.pp, c.layout.tp, c.layout.batch)
+                );
+                // Nothing hidden is clearly faster than what is shown...
+                assert!(p.step_secs >= c.prediction.step_secs / (1.0 + TIE));
+                // ...and what is shown is the leanest of the variants that tie with the fastest.
+                if p.step_secs <= c.prediction.step_secs * (1.0 + TIE) {
+                    assert!(p.memory_bytes >= c.prediction.memory_bytes, "{v:?}");
+                }
+            }
+        }
+        assert!(choices
+            .windows(2)
+            .all(|w| w[0].prediction.step_secs <= w[1].prediction.step_secs));
+        // dp2 tp2 b4 comes as ZeRO 0/1/2 × sp on/off: six variants, one row; sequence
+        // parallelism costs the same time and saves activations, so the row shows it on.
+        let row = choices
+            .iter()
+            .find(|c| (c.layout.dp, c.layout.tp, c.layout.batch) == (2, 2, 4))
+            .expect("dp2 tp2 b4 is a candidate");
+        assert_eq!(row.variants.len(), 5);
+        assert!(row.layout.sp);
     }
 }

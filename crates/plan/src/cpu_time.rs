@@ -13,12 +13,14 @@
 //!             (linear layers: forward 2·m·k·n, backward twice that; attention's score and value
 //!              products on the full t×t square, forward 2 gemms, backward 4: Kaplan et al. 2020
 //!              count the same terms)
-//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c + 16·bt·vₕ) / (nₑ · bandwidth)
+//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c + 16·bt·vₕ
+//!                  + weight_bytes_per_param · P) / (nₑ · bandwidth)
 //!             (layernorm, GELU, residuals, softmax: streamed f32 passes; cross-entropy reads and
-//!              writes the logits twice)
-//! optimizer = 36·P / (nₑ · bandwidth)
+//!              writes the logits twice; every micro-batch packs the weights again for its
+//!              forward and input-gradient GEMMs and accumulates into the weight gradient)
+//! optimizer = optimizer_bytes_per_param · P / (nₑ · bandwidth)
 //!             (AdamW reads p, g, m, v and writes p, m, v = 28 bytes, the gradient norm reads g
-//!              and zeroing writes it: 8 more)
+//!              and zeroing writes it: 8 more, 36 by count; measured 16, see below)
 //! overhead  = a · (L · 22 + 12) · (n − 1) · spawn_secs   (waking the kernel pool's workers per
 //!              call; the calling thread is one of the n, so one thread wakes nothing)
 //! ```
@@ -54,6 +56,16 @@
 //! crate). The elementwise term is not separable from the matmul term in these data (its
 //! constant is a fitted ~35 f32 passes, not a count). A machine loaded by other work measured
 //! up to ~2× slower steps.
+//!
+//! The two per-parameter constants are not identifiable from one-micro-batch, one-process runs
+//! (they scale with the matmul work there). They were fitted (weighted least squares, with the
+//! constants above held) to the fifteen layouts of `bench/cpu_plan_check.sh` on the same quiet
+//! machine (2026-12-06 02:03 UTC, docs/cpu-planner.md): micro-batch count at equal tokens
+//! separates the weight passes (dp2 b1×4 85.7 ms, b2×2 77.1, b4×1 75.1: ~3.5 ms per extra
+//! micro-batch of 3.2 M parameters = 6.8 bytes per parameter), ZeRO's sharded AdamW separates
+//! the optimizer (ZeRO-1/2 saved 2–12 ms where 36 bytes per parameter predicted 10–39 ms: 16
+//! bytes, i.e. AdamW streams at ~2.2× the elementwise kernels' rate). With them the table above
+//! is still within 26 % (a one-micro-batch step moves 1–6 % between the two terms).
 
 use crate::cpu_runtime::CpuRuntimeDims;
 
@@ -71,6 +83,13 @@ pub struct CpuCalibration {
     pub spawn_secs: f64,
     /// Throughput each thread beyond the first adds, as a fraction of the first's.
     pub extra_thread_efficiency: f64,
+    /// Bytes streamed per parameter in every micro-batch beyond the activations' traffic:
+    /// packing the weights for the forward and input-gradient GEMMs and accumulating the
+    /// weight gradient.
+    pub weight_bytes_per_param: f64,
+    /// Effective bytes streamed per parameter by AdamW, the gradient norm and zeroing, once
+    /// per optimizer step.
+    pub optimizer_bytes_per_param: f64,
 }
 
 impl Default for CpuCalibration {
@@ -81,6 +100,8 @@ impl Default for CpuCalibration {
             elementwise_bytes_per_token_channel: 140.0,
             spawn_secs: 5e-6,
             extra_thread_efficiency: 0.5,
+            weight_bytes_per_param: 6.8,
+            optimizer_bytes_per_param: 16.0,
         }
     }
 }
@@ -90,7 +111,7 @@ impl Default for CpuCalibration {
 pub struct CpuStepTime {
     /// Matrix products (linear layers, LM head, attention scores and values).
     pub matmul_secs: f64,
-    /// Elementwise kernels (memory-bound).
+    /// Elementwise kernels and the per-micro-batch weight passes (memory-bound).
     pub memory_secs: f64,
     /// AdamW, gradient norm and zeroing.
     pub optimizer_secs: f64,
@@ -139,11 +160,13 @@ pub fn step_time(
     let bt = (batch * seq) as f64;
     let flops = a * matmul_flops(d, batch, seq);
     let matmul_secs = flops / (n * k.matmul_flops_per_thread);
-    let mem_bytes =
-        a * (l * k.elementwise_bytes_per_token_channel * bt * c + 16.0 * bt * head_columns(d));
-    let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
     let p = crate::cpu_runtime::param_count(d) as f64;
-    let optimizer_secs = 36.0 * p / (n * k.bandwidth_bytes_per_thread);
+    let mem_bytes = a
+        * (l * k.elementwise_bytes_per_token_channel * bt * c
+            + 16.0 * bt * head_columns(d)
+            + k.weight_bytes_per_param * p);
+    let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
+    let optimizer_secs = k.optimizer_bytes_per_param * p / (n * k.bandwidth_bytes_per_thread);
     let overhead_secs = a * (l * 22.0 + 12.0) * (n_threads - 1.0) * k.spawn_secs;
     CpuStepTime {
         matmul_secs,
@@ -266,7 +289,35 @@ mod tests {
         // The cross-entropy's logits passes follow the head: 16·bt·vp/tp bytes on the last stage.
         let k = CpuCalibration::default();
         let mem = |d: &CpuRuntimeDims| step_time(d, 8, 128, 1, 1, &k).memory_secs;
-        let expected = 16.0 * 1024.0 * 4096.0 / k.bandwidth_bytes_per_thread;
+        // Their parameters differ too (the last holds ln_f, the first the position
+        // embedding): the weight passes follow.
+        let dp = crate::cpu_runtime::param_count(&last) as f64
+            - crate::cpu_runtime::param_count(&first) as f64;
+        let expected =
+            (16.0 * 1024.0 * 4096.0 + k.weight_bytes_per_param * dp) / k.bandwidth_bytes_per_thread;
         assert!((mem(&last) - mem(&first) - expected).abs() < 1e-15);
+    }
+
+    #[test]
+    fn more_micro_batches_of_the_same_tokens_pay_the_weight_passes_again() {
+        // L4 C256 T128, vp 8192: P = 8192·256 (wte) + 128·256 (wpe) + 4·(12·256² + 13·256)
+        // + 2·256 (ln_f) = 5 289 472. Four micro-batches of 1 sequence against one of 4: the
+        // same matmul FLOPs (attention is linear in b), the same elementwise bytes, three more
+        // weight passes of 6.8 bytes per parameter; AdamW once either way.
+        let k = CpuCalibration::default();
+        let d = dims(4);
+        assert_eq!(crate::cpu_runtime::param_count(&d), 5_289_472);
+        let one = step_time(&d, 4, 128, 1, 1, &k);
+        let four = step_time(&d, 1, 128, 4, 1, &k);
+        assert!((four.matmul_secs - one.matmul_secs).abs() < 1e-12 * one.matmul_secs);
+        let extra = 3.0 * 6.8 * 5_289_472.0 / 6e9;
+        assert!(
+            (four.memory_secs - one.memory_secs - extra).abs() < 1e-12,
+            "{} vs {extra}",
+            four.memory_secs - one.memory_secs
+        );
+        assert_eq!(four.optimizer_secs, one.optimizer_secs);
+        // AdamW: 16 bytes per parameter at 6 GB/s on one thread.
+        assert!((one.optimizer_secs - 16.0 * 5_289_472.0 / 6e9).abs() < 1e-12);
     }
 }

@@ -47,6 +47,28 @@ pub fn load_ranges(
         .vocab_size
         .ok_or_else(|| bad_manifest("the manifest's config has no model.vocab_size".into()))?;
     let mcfg = crate::trainer::model_config(&m.config, vocab);
+    // The model the config describes must fit in its weights files before its layout (a
+    // descriptor per layer) or its parameters (an f32 each) are allocated: a manifest whose
+    // n_layer was changed to 2^32 would otherwise ask for terabytes. A GPT-2 layer holds
+    // 12·C² + 13·C parameters (counted as at least 1), the embeddings (V + T)·C.
+    let weight_bytes: u128 = weights.iter().map(|(_, b)| b.len() as u128).sum();
+    let (l, c) = (mcfg.n_layer as u128, mcfg.channels as u128);
+    let per_layer = c
+        .saturating_mul(c)
+        .saturating_mul(12)
+        .saturating_add(c.saturating_mul(13))
+        .max(1);
+    let at_least = l
+        .saturating_mul(per_layer)
+        .saturating_add((mcfg.vocab_size as u128 + mcfg.max_seq_len as u128).saturating_mul(c))
+        .saturating_mul(4);
+    if at_least > weight_bytes {
+        return Err(bad_manifest(format!(
+            "the manifest's config describes a model of at least {at_least} bytes (n_layer {}, \
+             channels {}, vocab_size {vocab}, seq_len {}), but its weights files hold {weight_bytes}",
+            mcfg.n_layer, mcfg.channels, mcfg.max_seq_len
+        )));
+    }
     let layout = ParamLayout::new(&mcfg, &model::Shard::full(&mcfg))?;
     let files: Vec<(&Path, &[u8])> = weights
         .iter()
