@@ -384,17 +384,28 @@ pub fn supervise_watched(
             }
         }
         if let Some((mut rank, mut status)) = failed {
-            // A peer of a killed rank often notices and exits with an error in the same
-            // polling interval: name the one a signal ended, the likelier culprit.
-            for (i, (r, c)) in children.iter_mut().enumerate() {
-                if running[i] {
-                    if let Ok(Some(s)) = c.try_wait() {
-                        running[i] = false;
-                        if s.signal().is_some() && status.signal().is_none() {
-                            (rank, status) = (*r, s);
+            // A peer of a killed rank often notices and exits with an error first (a
+            // shared-memory peer sees the process die before its parent can reap it): give
+            // the others up to 100 ms, and name the one a signal ended, the likelier culprit.
+            let until = Instant::now() + Duration::from_millis(100);
+            loop {
+                for (i, (r, c)) in children.iter_mut().enumerate() {
+                    if running[i] {
+                        if let Ok(Some(s)) = c.try_wait() {
+                            running[i] = false;
+                            if s.signal().is_some() && status.signal().is_none() {
+                                (rank, status) = (*r, s);
+                            }
                         }
                     }
                 }
+                if status.signal().is_some()
+                    || running.iter().all(|r| !r)
+                    || Instant::now() >= until
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
             let others = running.iter().filter(|r| **r).count();
             if ask_dumps && others > 0 {

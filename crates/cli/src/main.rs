@@ -577,6 +577,10 @@ fn run_validate(a: ValidateArgs) -> Result<()> {
             let preset = plan::gpu_preset(system)?.fp8_matmul_scale;
             println!("fit over the {system} rows marked `fit` in crates/plan/data/published_h100_b200.csv: fp8_matmul_scale = {scale} (mean abs error {:.2}%); preset: {preset}", err * 100.0);
         }
+        for (system, secs, err) in plan::validation::moe::fit_expert_secs_per_copy(&c) {
+            let preset = plan::gpu_preset(system)?.expert_secs_per_copy;
+            println!("fit over the {system} rows marked `fit` in crates/plan/data/published_moe.csv: expert_secs_per_copy = {secs:.3e} (mean abs error {:.2}%); preset: {preset:.3e}", err * 100.0);
+        }
     }
     let tables = plan::validation::all_tables(&c);
     if a.json {

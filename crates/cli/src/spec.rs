@@ -148,6 +148,11 @@ pub struct SpecArgs {
     #[arg(long, help_heading = "Recipe")]
     #[serde(default)]
     pub tp_comm_overlap: bool,
+    /// Overlap the expert-parallel all-to-alls with another micro-batch's compute (Megatron-Core
+    /// --overlap-moe-expert-parallel-comm); only what the layer's compute cannot cover is exposed.
+    #[arg(long, help_heading = "Recipe")]
+    #[serde(default)]
+    pub ep_comm_overlap: bool,
     /// ZeRO-1/2: overlap the all-gather of updated weights with the next forward (Megatron
     /// --overlap-param-gather).
     #[arg(long, help_heading = "Recipe")]
@@ -327,6 +332,7 @@ impl SpecArgs {
         self.zero3_keep_weights |= file.zero3_keep_weights;
         self.sequence_parallel |= file.sequence_parallel;
         self.tp_comm_overlap |= file.tp_comm_overlap;
+        self.ep_comm_overlap |= file.ep_comm_overlap;
         self.overlap_param_gather |= file.overlap_param_gather;
         Ok(self)
     }
@@ -501,6 +507,7 @@ impl SpecArgs {
             None => plan::recipe::Offload::default(),
         };
         r.tp_comm_overlap = self.tp_comm_overlap;
+        r.ep_comm_overlap = self.ep_comm_overlap;
         r.overlap_param_gather = self.overlap_param_gather;
         match self.stack.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
             None => {}

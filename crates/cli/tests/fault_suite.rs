@@ -190,7 +190,8 @@ fn start_job(
         .expect("launch starts")
 }
 
-/// Waits for the job; None if it outlived `limit` (then it is killed: a hang).
+/// Waits for the job; None if it outlived `limit` (then it is killed: a hang). The text is the
+/// launcher's stderr, ending with how the launcher itself ended.
 fn wait_job(c: &mut Child, limit: Duration) -> Option<(bool, String, Instant)> {
     let t = Instant::now();
     loop {
@@ -198,8 +199,11 @@ fn wait_job(c: &mut Child, limit: Duration) -> Option<(bool, String, Instant)> {
             let end = Instant::now();
             let mut err = String::new();
             if let Some(e) = c.stderr.as_mut() {
-                let _ = std::io::Read::read_to_string(e, &mut err);
+                let mut bytes = Vec::new();
+                let _ = std::io::Read::read_to_end(e, &mut bytes);
+                err = String::from_utf8_lossy(&bytes).into_owned();
             }
+            err.push_str(&format!("\n(the launcher ended: {s})"));
             return Some((s.success(), err, end));
         }
         if t.elapsed() > limit {

@@ -69,6 +69,13 @@ pub struct GpuSpec {
     /// per GPU; set it from `fio` on your nodes).
     #[serde(default = "default_nvme")]
     pub nvme_bw: f64,
+    /// Time per routed token copy per MoE layer, forward + backward, seconds, beyond the
+    /// roofline of the expert GEMMs, the router, the permutation bytes and the all-to-alls:
+    /// what grouped GEMMs over many small experts, per-expert FP8 quantisation and the token
+    /// dispatcher cost in practice. Empirical, fitted per GPU on a published Qwen3-30B-A3B run
+    /// (`validation::moe::fit_expert_secs_per_copy`); 0 = not modelled.
+    #[serde(default)]
+    pub expert_secs_per_copy: f64,
     /// Citation for the numbers above.
     pub source: String,
 }
@@ -163,6 +170,16 @@ pub const FP8_SCALE_B200: f64 = 0.73;
 /// See [`FP8_SCALE_H100`].
 pub const FP8_SCALE_GB200: f64 = 0.68;
 
+/// Fitted time per routed token copy per MoE layer (`expert_secs_per_copy`): the least |error|
+/// fit on each GPU's 25.11 Qwen3-30B-A3B row of `data/published_moe.csv` (rerun with
+/// `scaletrain validate --fit`; the test `expert_defaults_are_the_fit` keeps these equal to
+/// it). H200, A100 and MI300X take H100's value, an assumption.
+pub const EXPERT_SECS_PER_COPY_H100: f64 = 2.92e-7;
+/// See [`EXPERT_SECS_PER_COPY_H100`].
+pub const EXPERT_SECS_PER_COPY_B200: f64 = 1.97e-7;
+/// See [`EXPERT_SECS_PER_COPY_H100`].
+pub const EXPERT_SECS_PER_COPY_GB200: f64 = 3.16e-8;
+
 // Host side of the presets (for offload): PCIe per direction from the datasheets (A100: PCIe
 // Gen4 64 GB/s bidirectional; H100/H200/B200/MI300X: PCIe Gen5 128 GB/s bidirectional); GB200:
 // NVLink-C2C 900 GB/s bidirectional per Grace–Blackwell superchip of 2 GPUs (225 GB/s per GPU
@@ -206,6 +223,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 32.0 * GB,
             host_mem_bw: 51.2 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: format!("{nv_a100}; 40 GB HBM2 at 1,555 GB/s"),
         },
         "a100-80gb" => GpuSpec {
@@ -226,6 +244,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 32.0 * GB,
             host_mem_bw: 51.2 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: format!("{nv_a100}; 80 GB HBM2e at 2,039 GB/s (SXM)"),
         },
         "h100-sxm" => GpuSpec {
@@ -246,6 +265,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 76.8 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 1,979 TFLOP/s FP8 dense (3,958 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "h200" => GpuSpec {
@@ -266,6 +286,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 76.8 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 and 1,979 TFLOP/s FP8 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
         "b200" => GpuSpec {
@@ -286,6 +307,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 89.6 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_B200,
             source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 4.5 PFLOP/s FP8 and 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
         },
         "gb200" => GpuSpec {
@@ -306,6 +328,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 225.0 * GB,
             host_mem_bw: 256.0 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_GB200,
             source: "NVIDIA GB200 NVL72 datasheet: 360 PFLOP/s bf16 and 720 PFLOP/s FP8 per 72 GPUs (sparse) -> 2.5 / 5 PFLOP/s dense per GPU, 13.4 TB HBM3e at 576 TB/s (186 GB, 8 TB/s per GPU), NVLink 5 at 1.8 TB/s bidirectional across all 72 GPUs of the rack (one NVLink domain: gpus_per_node 72); fp32 80 TFLOP/s (datasheet 5,760 TFLOP/s per rack); 400 Gb/s ConnectX-7 per GPU".into(),
         },
         "mi300x" => GpuSpec {
@@ -326,6 +349,7 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 115.2 * GB,
             nvme_bw: 3.0 * GB,
+            expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 and 2,614.9 TFLOP/s FP8 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
         },
         _ => {

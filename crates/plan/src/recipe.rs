@@ -378,6 +378,11 @@ pub struct Recipe {
     /// Tensor-parallel collectives overlapped with the GEMMs they feed (Transformer Engine
     /// userbuffers, Megatron `--tp-comm-overlap`).
     pub tp_comm_overlap: bool,
+    /// Expert-parallel all-to-alls overlapped with the compute of another micro-batch
+    /// (Megatron-Core `--overlap-moe-expert-parallel-comm`, Megatron-Bridge `moe_a2a_overlap`:
+    /// the forward of one micro-batch runs beside the backward of another, so each one's
+    /// dispatch/combine hides behind the other's compute); off, they are exposed.
+    pub ep_comm_overlap: bool,
     /// ZeRO-1/2: the all-gather of updated weights overlapped with the next forward (Megatron
     /// distributed optimizer `--overlap-param-gather`); off, it follows the optimizer step.
     pub overlap_param_gather: bool,
@@ -414,6 +419,7 @@ impl Recipe {
             zero3_keep_weights: false,
             fp8: None,
             tp_comm_overlap: false,
+            ep_comm_overlap: false,
             overlap_param_gather: false,
             memory_margin: 0.0,
             failures: crate::goodput::FailureModel::default(),

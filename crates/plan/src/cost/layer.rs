@@ -149,14 +149,19 @@ impl Context {
             // All-to-all: dispatch and combine each send the token copies to the other ep − 1
             // ranks, (ep−1)/ep of tok_moe·k·c·h·e bytes per rank.
             let a2a_bytes = copies * h * e * (l.ep as f64 - 1.0) / l.ep as f64;
+            // What the routed path costs beyond the roofline above, per token copy this rank's
+            // experts compute (GpuSpec::expert_secs_per_copy, forward + backward; a third of it
+            // in forward, like the GEMMs).
+            let overhead = copies * g.expert_secs_per_copy;
             (
                 share,
                 shared + router + routed - dense_mlp,
                 bytes,
                 a2a_bytes,
+                overhead,
             )
         });
-        if let Some((share, extra, _, _)) = moe {
+        if let Some((share, extra, ..)) = moe {
             proj += share * extra;
         }
         let heads_dev = b * a / t;
@@ -186,7 +191,7 @@ impl Context {
             None => 0.0,
         };
         // A MoE layer replaces the dense MLP's activation function and casts by its own bytes.
-        let moe_bytes = moe.map_or(0.0, |(share, _, bytes, _)| {
+        let moe_bytes = moe.map_or(0.0, |(share, _, bytes, ..)| {
             let dense_cast = fp8.map_or(0.0, |f8| (e + 1.0 + f8.extra_cast_bytes()) * tok * f / t);
             share * (bytes - act_fn - dense_cast)
         });
@@ -195,8 +200,12 @@ impl Context {
         // Backward: matmuls twice the forward (data and weight gradients; flash backward does
         // 2.5x its forward), element-wise kernels read input and output gradient and write one (1.5x).
         let core_bwd_factor = if r.flash_attention { 2.5 } else { 2.0 };
-        let fwd = proj + core_mm + mem_fwd + core_mem;
-        let bwd = 2.0 * proj + core_bwd_factor * core_mm + 1.5 * (mem_fwd + core_mem);
+        let expert_fixed = moe.map_or(0.0, |(share, .., overhead)| share * overhead);
+        let fwd = proj + core_mm + mem_fwd + core_mem + expert_fixed / 3.0;
+        let bwd = 2.0 * proj
+            + core_bwd_factor * core_mm
+            + 1.5 * (mem_fwd + core_mem)
+            + 2.0 * expert_fixed / 3.0;
         let recompute = match r.recompute {
             Recompute::None => 0.0,
             Recompute::Selective => {
@@ -261,11 +270,19 @@ impl Context {
             (0.0, 0.0)
         };
         // Expert parallelism: 2 all-to-alls per MoE layer forward (dispatch, combine) and 2 in
-        // backward (their gradients), not overlapped (Lepikhin et al. 2020, GShard §2.2).
+        // backward (their gradients), not overlapped (Lepikhin et al. 2020, GShard §2.2). With
+        // `ep_comm_overlap` a micro-batch's forward runs beside another's backward, so the
+        // four all-to-alls hide behind the layer's forward + backward compute; only the excess
+        // is exposed, split like the all-to-alls.
         let (ep_fwd, ep_bwd) = match moe {
-            Some((share, _, _, bytes)) if l.ep > 1 => {
-                let one = self.all_to_all_secs(l, bytes);
-                (share * 2.0 * one, share * 2.0 * one)
+            Some((share, _, _, bytes, _)) if l.ep > 1 => {
+                let one = share * 2.0 * self.all_to_all_secs(l, bytes);
+                if r.ep_comm_overlap {
+                    let exposed = (2.0 * one - fwd - bwd).max(0.0) / 2.0;
+                    (exposed, exposed)
+                } else {
+                    (one, one)
+                }
             }
             _ => (0.0, 0.0),
         };

@@ -408,7 +408,22 @@ impl Context {
             tr.line(|| line("time", "expert-parallel all-to-all per step", format!(
                 "2 all-to-alls (dispatch, combine) per MoE layer forward and 2 backward among ep({}) ranks, each (ep-1)/ep of tokens x k x c x h x {} B: fwd {:.3} + bwd {:.3} ms per layer (MoE share of the layers included) x {} layers x {} micro-batches",
                 l.ep, r.precision.compute_bytes(), ep_fwd * 1e3, ep_bwd * 1e3, slow_layers, l.grad_accum),
-                ep_comm, "s", "GShard (Lepikhin et al. 2020) dispatch/combine; link: intra-node share over NVLink, the rest over the GPU's network port"));
+                ep_comm, "s", if r.ep_comm_overlap {
+                    "GShard (Lepikhin et al. 2020) dispatch/combine; overlapped with another micro-batch's compute (--ep-comm-overlap): only max(0, 4 all-to-alls - layer fwd - bwd) is exposed"
+                } else {
+                    "GShard (Lepikhin et al. 2020) dispatch/combine; link: intra-node share over NVLink, the rest over the GPU's network port"
+                }));
+        }
+        if let Some(moe) = &self.model.moe {
+            let per_copy = self.cluster.gpu.expert_secs_per_copy;
+            let tok = (l.micro_batch * self.model.seq_len) as f64 / l.cp as f64;
+            let tok_moe = if l.sp { tok / l.tp as f64 } else { tok };
+            let share = self.model.moe_layers() as f64 / self.model.layers as f64;
+            let copies = tok_moe * moe.routed_copies();
+            tr.line(|| line("time", "routed-expert cost beyond the roofline, per layer", format!(
+                "{copies:.0} token copies per rank and MoE layer x {per_copy:.3e} s ({}'s expert_secs_per_copy) x MoE share {share:.3} = {:.3} ms per layer and micro-batch (in the compute above; a third in forward)",
+                self.cluster.gpu.name, share * copies * per_copy * 1e3),
+                share * copies * per_copy, "s", "empirical, fitted per GPU on published Qwen3-30B-A3B runs (docs/validation.md)"));
         }
         tr.line(|| {
             line(
