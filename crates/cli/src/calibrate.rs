@@ -9,6 +9,9 @@
 //! ```
 //!
 //! Every row must give the layout it ran with. Lines starting with `#` are comments.
+//!
+//! With `--cpu` (or when every FILE is a folder) the FILEs are run folders of `scaletrain
+//! train` instead, and the fit is the CPU runtime's (`calibrate_cpu`).
 
 use std::path::PathBuf;
 
@@ -30,6 +33,10 @@ pub struct CalibrateArgs {
     /// Bootstrap resamples for the confidence interval.
     #[arg(long, default_value_t = 1000)]
     pub bootstrap: usize,
+    /// The FILEs are run folders of `scaletrain train` (`--out`): fit the CPU runtime's
+    /// constants for `plan --cpu --calibration` (implied when every FILE is a folder).
+    #[arg(long)]
+    pub cpu: bool,
 }
 
 /// One CSV cell as a TOML value of the type `SpecArgs` wants for `key`: the typed reading
@@ -125,6 +132,9 @@ fn rows(path: &std::path::Path) -> Result<Vec<Measured>> {
 
 /// Fits, prints the result and writes the file.
 pub fn run(a: &CalibrateArgs) -> Result<()> {
+    if a.cpu || a.files.iter().all(|f| f.is_dir()) {
+        return crate::calibrate_cpu::run(&a.files, &a.out, a.bootstrap);
+    }
     let mut runs = Vec::new();
     for f in &a.files {
         runs.extend(rows(f)?);

@@ -8,6 +8,7 @@ mod bench_plan;
 mod bench_serve;
 mod bench_train;
 mod calibrate;
+mod calibrate_cpu;
 mod data;
 mod launch;
 mod plan_cpu;

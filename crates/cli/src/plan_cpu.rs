@@ -60,6 +60,10 @@ pub struct PlanCpuArgs {
     /// Run the best layout (`scaletrain train` with the printed arguments).
     #[arg(long)]
     pub run: bool,
+    /// CPU calibration file (`scaletrain calibrate --cpu RUN_DIR…`): its fitted matmul rate and
+    /// bandwidth replace the defaults.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
     /// List every ZeRO / sequence-parallel variant as its own row (default: one row per
     /// dp × pp × tp × micro-batch shape, its other variants named in the last column).
     #[arg(long)]
@@ -215,7 +219,10 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
     }
     let host = CpuHost {
         cores: cores as u64,
-        compute: plan::cpu_time::CpuCalibration::default(),
+        compute: match &a.calibration {
+            Some(f) => crate::calibrate_cpu::read_calibration(f)?,
+            None => plan::cpu_time::CpuCalibration::default(),
+        },
         link: plan::cpu_comm::CommCalibration::tcp(),
         bucket_bytes: train::dp::DEFAULT_BUCKET_BYTES as u64,
         overlap: true,

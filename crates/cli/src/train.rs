@@ -614,6 +614,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             100.0 * pi.simulated_bubble
         );
     }
+    crate::calibrate_cpu::write_run_layout(a, st);
     println!(
         "run folder: {} (metrics.jsonl, loss.svg, config.toml{})",
         a.out.display(),

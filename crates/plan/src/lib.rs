@@ -7,6 +7,7 @@
 
 pub mod calibrate;
 pub mod cost;
+pub mod cpu_calibrate;
 pub mod cpu_comm;
 pub mod cpu_plan;
 pub mod cpu_runtime;

@@ -16,6 +16,7 @@
 //! `setup.rs` (checks, data, the starting state, validation loss), `stability.rs` (the
 //! per-step decision and the rollback), this file (the loop).
 
+mod predict;
 mod records;
 mod setup;
 mod stability;
@@ -36,7 +37,8 @@ use crate::run_dir::RunDir;
 use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
 use kernels::{Bf16, Par, F16};
 use model::{AdamW, AdamWConfig, ModelConfig, ParamLayout, Shard};
-use setup::{lock, mean_val_loss, pipeline_info, setup, Setup};
+use predict::{predict, Predictions};
+use setup::{lock, mean_val_loss, setup, Setup};
 use stability::{load_last_checkpoint, Decision, Stability};
 use std::time::Instant;
 
@@ -155,73 +157,18 @@ fn run_with<E: Storage>(
         state.data_position,
         "the training stream",
     )?;
-    let held: Vec<Shard> = stage
-        .chunks
-        .iter()
-        .map(|(_, l, _)| l.shard.clone())
-        .collect();
-    let dims = Shard {
-        layers: held[0].layers.start..held.last().expect("a chunk").layers.end,
-        has_embedding: held.iter().any(|s| s.has_embedding),
-        has_head: held.iter().any(|s| s.has_head),
-        ..held[0].clone()
-    }
-    .dims(&mcfg);
-    let predicted_step = plan::cpu_time::step_time(
-        &dims,
-        b as u64,
-        t as u64,
-        accum as u64,
-        threads as u64,
-        &plan::cpu_time::CpuCalibration::default(),
-    );
-    let pipeline = pipe
-        .as_ref()
-        .map(|p| pipeline_info(p, &acts, &mcfg, (accum, b, t, threads)));
-    let base = match (&dp, &pipe) {
-        (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory(
-            &dims,
-            b as u64,
-            t as u64,
-            dp_size as u64,
-            dp_rank as u64,
-            d.overlap(),
-        ),
-        (Some(d), None) => plan::cpu_runtime::zero_memory(
-            &dims,
-            b as u64,
-            t as u64,
-            d.zero().number(),
-            dp_size as u64,
-            dp_rank as u64,
-            d.bucket_bytes() as u64,
-        ),
-        (_, Some(_)) => {
-            let chunks: Vec<_> = held
-                .iter()
-                .zip(acts.sets())
-                .map(|(s, k)| (s.dims(&mcfg), k as u64))
-                .collect();
-            plan::cpu_runtime::stage_memory_sp(&chunks, b as u64, t as u64, stage.vstages > 1, sp)
-        }
-        (None, None) => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
-    };
-    let chunk_sets: Vec<_> = match &pipe {
-        Some(_) => held
-            .iter()
-            .zip(acts.sets())
-            .map(|(s, k)| (s.dims(&mcfg), k as u64))
-            .collect(),
-        None => vec![(dims, 1)],
-    };
-    let predicted = plan::cpu_runtime::trainer_memory_sp(
-        base,
-        &chunk_sets,
-        b as u64,
-        t as u64,
-        stage.vstages > 1,
-        (cfg.train.precision, cfg.train.recompute),
-        sp,
+    let Predictions {
+        dims,
+        step: predicted_step,
+        memory: predicted,
+        pipeline,
+    } = predict(
+        cfg,
+        &stage,
+        &acts,
+        dp.as_deref(),
+        pipe.as_deref(),
+        (b, t, accum, threads),
     );
     let start = StartInfo {
         config: rcfg.clone(),

@@ -3,7 +3,7 @@
 //! ranks agree on; and the validation loss.
 
 use super::model_config;
-use super::records::{proc_status_bytes, PipelineInfo, RunOptions};
+use super::records::{proc_status_bytes, RunOptions};
 use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
 use crate::data::{val_batch, window_count, DataPosition, Dataset};
@@ -280,27 +280,4 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
 
 pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// What the start report says about the pipeline.
-pub(super) fn pipeline_info<E: crate::precision::Storage>(
-    p: &Pipeline,
-    acts: &StageActs<E>,
-    mcfg: &model::ModelConfig,
-    (m, b, t, threads): (usize, usize, usize, usize),
-) -> PipelineInfo {
-    let wait = p.predicted_wait(mcfg, (m, b, t, threads));
-    PipelineInfo {
-        stage: p.stage(),
-        stages: p.shape.pp,
-        tp: p.tp(),
-        schedule: p.schedule.name(),
-        microbatches: m,
-        parts: p.parts.clone(),
-        chunks: p.chunks().into_iter().zip(acts.sets()).collect(),
-        simulated_bubble: wait.equal_stages,
-        predicted_wait: wait.stage,
-        sequence_parallel: p.sequence_parallel,
-        transport: p.transport(),
-    }
 }

@@ -1,0 +1,340 @@
+//! Calibration of the CPU runtime's step-time model (`cpu_time`, through `cpu_plan::predict`) to
+//! measured runs of `scaletrain train` on this machine: `scaletrain calibrate --cpu RUN_DIR…`.
+//!
+//! Two constants are fitted, as factors on the defaults: the matmul rate
+//! (`matmul_flops_per_thread`, scale `f_m`) and the streaming bandwidth
+//! (`bandwidth_bytes_per_thread`, scale `f_b`, which also scales the elementwise, weight-pass and
+//! AdamW terms). The others (elementwise bytes, spawn cost, the second thread's share, the weight
+//! and AdamW bytes per parameter, the link constants) stay as `cpu_time` / `cpu_comm` fitted them:
+//! a handful of runs does not identify them.
+//!
+//! ```text
+//! fit      = argmin over the grid f_m, f_b ∈ {2^(k/8), k = −24…24} of
+//!            Σ_runs (ln predicted(f_m, f_b) − ln measured)²   (least squares on log time)
+//! CI 90%   = 5th and 95th percentiles of each factor refitted on `bootstrap` resamples of the
+//!            runs with replacement (Efron 1979, percentile bootstrap), the same grid
+//! ```
+//!
+//! When the runs do not separate the two (all of one shape), the bootstrap intervals say so by
+//! being wide along the direction the data cannot see.
+
+use crate::cpu_plan::{predict, CpuHost, CpuLayout, CpuModel};
+use crate::cpu_time::CpuCalibration;
+
+/// One measured run: the model, layout and host it ran on and its median step time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuRun {
+    /// Where it came from (a run folder), for messages.
+    pub label: String,
+    /// The model as the runtime built it.
+    pub model: CpuModel,
+    /// The layout it ran.
+    pub layout: CpuLayout,
+    /// Host and runtime settings (the `compute` field is replaced by the fit's constants).
+    pub host: CpuHost,
+    /// Measured median step time, seconds.
+    pub step_secs: f64,
+}
+
+/// A CPU calibration: the fitted constants, their intervals and the fit's quality.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CpuCalibrationFile {
+    /// "scaletrain-cpu-calibration".
+    pub format: String,
+    /// 1.
+    pub version: u32,
+    /// Fitted matmul FLOP/s of one thread.
+    pub matmul_flops_per_thread: f64,
+    /// 90% bootstrap confidence interval of it.
+    pub matmul_flops_per_thread_ci90: [f64; 2],
+    /// Fitted streamed bytes/s of one thread.
+    pub bandwidth_bytes_per_thread: f64,
+    /// 90% bootstrap confidence interval of it.
+    pub bandwidth_bytes_per_thread_ci90: [f64; 2],
+    /// Runs fitted on.
+    pub runs: usize,
+    /// Bootstrap resamples.
+    pub bootstrap: usize,
+    /// Mean |predicted / measured − 1| with the default constants.
+    pub mean_abs_error_before: f64,
+    /// The same with the fitted constants.
+    pub mean_abs_error_after: f64,
+    /// √(mean (ln predicted − ln measured)²) with the default constants.
+    pub rms_log_error_before: f64,
+    /// The same with the fitted constants (what the fit minimises).
+    pub rms_log_error_after: f64,
+}
+
+impl CpuCalibrationFile {
+    /// The compute constants with this file's fitted values.
+    pub fn compute(&self) -> CpuCalibration {
+        CpuCalibration {
+            matmul_flops_per_thread: self.matmul_flops_per_thread,
+            bandwidth_bytes_per_thread: self.bandwidth_bytes_per_thread,
+            ..CpuCalibration::default()
+        }
+    }
+
+    /// Reads and checks a calibration file's text (`what` names it in errors).
+    pub fn parse(text: &str, what: &str) -> Result<CpuCalibrationFile, String> {
+        let f: CpuCalibrationFile = serde_json::from_str(text).map_err(|e| {
+            format!("{what}: not a CPU calibration file ({e}); write one with `scaletrain calibrate --cpu RUN_DIR…`")
+        })?;
+        if f.format != "scaletrain-cpu-calibration" || f.version != 1 {
+            return Err(format!(
+                "{what}: format {:?} version {}, expected \"scaletrain-cpu-calibration\" version 1",
+                f.format, f.version
+            ));
+        }
+        let ok = |x: f64| x.is_finite() && x > 0.0;
+        if !ok(f.matmul_flops_per_thread) || !ok(f.bandwidth_bytes_per_thread) {
+            return Err(format!(
+                "{what}: the fitted constants must be positive numbers (matmul {}, bandwidth {})",
+                f.matmul_flops_per_thread, f.bandwidth_bytes_per_thread
+            ));
+        }
+        Ok(f)
+    }
+}
+
+const STEPS: i32 = 24;
+const SIDE: usize = (2 * STEPS + 1) as usize;
+
+fn factor(i: usize) -> f64 {
+    2f64.powf((i as i32 - STEPS) as f64 / 8.0)
+}
+
+fn constants(g: usize) -> CpuCalibration {
+    let d = CpuCalibration::default();
+    CpuCalibration {
+        matmul_flops_per_thread: d.matmul_flops_per_thread * factor(g / SIDE),
+        bandwidth_bytes_per_thread: d.bandwidth_bytes_per_thread * factor(g % SIDE),
+        ..d
+    }
+}
+
+fn predicted(r: &CpuRun, k: CpuCalibration) -> f64 {
+    let host = CpuHost {
+        compute: k,
+        ..r.host
+    };
+    predict(&r.model, &r.layout, &host).step_secs
+}
+
+fn argmin(table: &[Vec<f64>], idx: &[usize]) -> usize {
+    (0..SIDE * SIDE)
+        .min_by(|&a, &b| {
+            let f = |g: usize| idx.iter().map(|&i| table[i][g]).sum::<f64>();
+            f(a).total_cmp(&f(b))
+        })
+        .unwrap_or(0)
+}
+
+/// SplitMix64, so that a set of runs always fits the same way.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Fits the constants to `runs` (see the module docs).
+pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibrationFile, String> {
+    if runs.is_empty() {
+        return Err("no runs to fit on: give run folders of `scaletrain train`".into());
+    }
+    for r in runs {
+        if !(r.step_secs.is_finite() && r.step_secs > 0.0) {
+            return Err(format!(
+                "{}: measured step {} s is not a positive number of seconds",
+                r.label, r.step_secs
+            ));
+        }
+    }
+    let table: Vec<Vec<f64>> = runs
+        .iter()
+        .map(|r| {
+            (0..SIDE * SIDE)
+                .map(|g| (predicted(r, constants(g)) / r.step_secs).ln().powi(2))
+                .collect()
+        })
+        .collect();
+    let all: Vec<usize> = (0..runs.len()).collect();
+    let best = argmin(&table, &all);
+    let mut state = seed;
+    let (mut ms, mut bs): (Vec<f64>, Vec<f64>) = (0..bootstrap)
+        .map(|_| {
+            let idx: Vec<usize> = (0..runs.len())
+                .map(|_| (splitmix(&mut state) % runs.len() as u64) as usize)
+                .collect();
+            let k = constants(argmin(&table, &idx));
+            (k.matmul_flops_per_thread, k.bandwidth_bytes_per_thread)
+        })
+        .unzip();
+    let k = constants(best);
+    let ci = |v: &mut Vec<f64>, at: f64| -> [f64; 2] {
+        if v.is_empty() {
+            return [at, at];
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+        [q(0.05), q(0.95)]
+    };
+    let mae = |k: CpuCalibration| {
+        runs.iter()
+            .map(|r| (predicted(r, k) / r.step_secs - 1.0).abs())
+            .sum::<f64>()
+            / runs.len() as f64
+    };
+    let rms_log = |k: CpuCalibration| {
+        (runs
+            .iter()
+            .map(|r| (predicted(r, k) / r.step_secs).ln().powi(2))
+            .sum::<f64>()
+            / runs.len() as f64)
+            .sqrt()
+    };
+    Ok(CpuCalibrationFile {
+        format: "scaletrain-cpu-calibration".into(),
+        version: 1,
+        matmul_flops_per_thread: k.matmul_flops_per_thread,
+        matmul_flops_per_thread_ci90: ci(&mut ms, k.matmul_flops_per_thread),
+        bandwidth_bytes_per_thread: k.bandwidth_bytes_per_thread,
+        bandwidth_bytes_per_thread_ci90: ci(&mut bs, k.bandwidth_bytes_per_thread),
+        runs: runs.len(),
+        bootstrap,
+        mean_abs_error_before: mae(CpuCalibration::default()),
+        mean_abs_error_after: mae(k),
+        rms_log_error_before: rms_log(CpuCalibration::default()),
+        rms_log_error_after: rms_log(k),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_comm::CommCalibration;
+
+    fn run(
+        layers: u64,
+        channels: u64,
+        seq: u64,
+        l: CpuLayout,
+        cores: u64,
+        k: CpuCalibration,
+    ) -> CpuRun {
+        let model = CpuModel {
+            padded_vocab: 64,
+            seq_len: seq,
+            channels,
+            heads: 4,
+            layers,
+        };
+        let host = CpuHost {
+            cores,
+            compute: k,
+            link: CommCalibration::tcp(),
+            bucket_bytes: 1 << 21,
+            overlap: true,
+        };
+        let step_secs = predict(&model, &l, &host).step_secs;
+        CpuRun {
+            label: format!("L{layers} C{channels} {l:?}"),
+            model,
+            layout: l,
+            host,
+            step_secs,
+        }
+    }
+
+    fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
+        CpuLayout {
+            dp,
+            pp,
+            tp,
+            batch,
+            microbatches,
+            zero: 0,
+            sp: false,
+        }
+    }
+
+    #[test]
+    fn synthetic_runs_give_back_the_constants_they_were_made_with() {
+        // A machine with half the default matmul rate and 1.5× its bandwidth: 2^(−8/8) and
+        // 2^(4.68/8) ≈ 1.5 — the bandwidth is off the grid, so the fit lands on a neighbour.
+        let truth = CpuCalibration {
+            matmul_flops_per_thread: 120e9,
+            bandwidth_bytes_per_thread: 9e9,
+            ..CpuCalibration::default()
+        };
+        // Wide models are matmul-bound, narrow ones with many micro-batches bandwidth-bound.
+        let mut runs = vec![
+            run(4, 256, 128, layout(1, 1, 1, 8, 1), 2, truth),
+            run(4, 256, 128, layout(2, 1, 1, 4, 1), 2, truth),
+            run(4, 256, 128, layout(1, 2, 1, 1, 8), 2, truth),
+            run(4, 256, 128, layout(2, 1, 2, 4, 1), 4, truth),
+            run(2, 64, 64, layout(1, 1, 1, 1, 8), 1, truth),
+            run(2, 64, 64, layout(2, 1, 1, 1, 4), 2, truth),
+            run(2, 32, 32, layout(1, 1, 1, 2, 4), 1, truth),
+            run(2, 32, 32, layout(1, 1, 1, 1, 8), 2, truth),
+            run(3, 128, 64, layout(1, 1, 2, 4, 2), 2, truth),
+            run(3, 128, 64, layout(1, 3, 1, 1, 6), 4, truth),
+        ];
+        // Measurement noise of ±3 %, deterministic.
+        for (i, r) in runs.iter_mut().enumerate() {
+            r.step_secs *= 1.0 + 0.03 * (2.3 * i as f64).sin();
+        }
+        let f = fit_cpu(&runs, 200, 7).unwrap();
+        assert!(
+            (f.matmul_flops_per_thread / 120e9 - 1.0).abs() < 0.05,
+            "{f:?}"
+        );
+        assert!(
+            (f.bandwidth_bytes_per_thread / 9e9 - 1.0).abs() < 0.05,
+            "{f:?}"
+        );
+        // Inside the intervals, widened by one grid step (2^(1/8): the truth is off the grid).
+        let step = 2f64.powf(1.0 / 8.0);
+        let inside = |x: f64, ci: [f64; 2]| ci[0] / step <= x && x <= ci[1] * step;
+        assert!(inside(120e9, f.matmul_flops_per_thread_ci90), "{f:?}");
+        assert!(inside(9e9, f.bandwidth_bytes_per_thread_ci90), "{f:?}");
+        // Noise makes the intervals more than a point.
+        assert!(
+            f.matmul_flops_per_thread_ci90[0] < f.matmul_flops_per_thread_ci90[1],
+            "{f:?}"
+        );
+        assert!(f.mean_abs_error_before > 0.15, "{f:?}");
+        assert!(f.mean_abs_error_after < 0.04, "{f:?}");
+        assert!(f.rms_log_error_after < f.rms_log_error_before, "{f:?}");
+        // The file reads back; a wrong format is refused with what it expected.
+        let text = serde_json::to_string(&f).unwrap();
+        let back = CpuCalibrationFile::parse(&text, "x").unwrap();
+        assert!(
+            (back.compute().bandwidth_bytes_per_thread / f.bandwidth_bytes_per_thread - 1.0).abs()
+                < 1e-12
+        );
+        assert_eq!(back.runs, 10);
+        let bad = text.replace("scaletrain-cpu-calibration", "other");
+        assert!(CpuCalibrationFile::parse(&bad, "x")
+            .unwrap_err()
+            .contains("expected \"scaletrain-cpu-calibration\""));
+    }
+
+    #[test]
+    fn no_runs_or_a_bad_time_is_an_error_naming_the_run() {
+        assert!(fit_cpu(&[], 10, 1).unwrap_err().contains("run folders"));
+        let mut r = run(
+            2,
+            64,
+            64,
+            layout(1, 1, 1, 2, 1),
+            1,
+            CpuCalibration::default(),
+        );
+        r.step_secs = f64::NAN;
+        let e = fit_cpu(&[r], 10, 1).unwrap_err();
+        assert!(e.contains("L2 C64") && e.contains("positive"), "{e}");
+    }
+}
