@@ -41,11 +41,15 @@ pub fn zero3_unit_lens(d: &CpuRuntimeDims) -> Vec<u64> {
     out
 }
 
-/// Weight all-gathers of one micro-batch (forward + backward) and the elements they move into
-/// this rank's buffers. Forward gathers the embedding, each layer, the head and — the LM head
-/// is tied to `wte` — the embedding again; backward the head and the embedding, then each
-/// layer (the embedding's backward reads no weights): `2L + 5` gathers on a whole model.
-pub fn zero3_gathers_per_micro_batch(d: &CpuRuntimeDims) -> (u64, u64) {
+/// Weight all-gathers of one optimizer step of `accum` micro-batches (forward + backward) and
+/// the elements they move into this rank's buffers. Forward fetches the embedding, each layer,
+/// the head and — the LM head is tied to `wte` — the embedding again; backward the head and
+/// the embedding, then each layer (the embedding's backward reads no weights). The embedding
+/// has a gather buffer of its own and its weights change only at the optimizer step, so the
+/// runtime gathers it once per step and keeps it (as FSDP keeps the root module's weights
+/// gathered between forward and backward); every other unit is gathered at each fetch:
+/// `1 + a · (2L + 2)` gathers on a whole model.
+pub fn zero3_gathers_per_step(d: &CpuRuntimeDims, accum: u64) -> (u64, u64) {
     let units = zero3_unit_lens(d);
     let embed = if d.has_embedding { units[0] } else { 0 };
     let head = if d.has_head {
@@ -55,9 +59,10 @@ pub fn zero3_gathers_per_micro_batch(d: &CpuRuntimeDims) -> (u64, u64) {
     };
     let layers: u64 = units.iter().sum::<u64>() - embed - head;
     let (e, h) = (u64::from(d.has_embedding), u64::from(d.has_head));
-    // forward: embed, layers, head (+ embed if tied); backward: head (+ embed), layers
-    let count = e + d.layers + h + h * e + h + h * e + d.layers;
-    let elems = e * embed + layers + h * head + h * e * embed + h * head + h * e * embed + layers;
+    let a = accum.max(1);
+    // per micro-batch: forward layers + head, backward head + layers; once: the embedding
+    let count = e + a * (2 * d.layers + 2 * h);
+    let elems = e * embed + a * (2 * layers + 2 * h * head);
     (count, elems)
 }
 
@@ -114,11 +119,14 @@ mod tests {
         let u = zero3_unit_lens(&d);
         assert_eq!(u.len(), 14);
         assert_eq!(u.iter().sum::<u64>(), p);
-        // forward E + layers + H + E, backward H + E + layers
-        assert_eq!(
-            zero3_gathers_per_micro_batch(&d),
-            (2 * 12 + 5, 2 * p + u[0])
-        );
+        // The embedding once per step; per micro-batch forward layers + H, backward H +
+        // layers: 1 + a(2·12 + 2) gathers. Elements: E + a(2·(p − E − H) + 2H) = E + a(2p − 2E).
+        for a in [1, 4] {
+            assert_eq!(
+                zero3_gathers_per_step(&d, a),
+                (1 + a * (2 * 12 + 2), u[0] + a * (2 * p - 2 * u[0]))
+            );
+        }
         for dp in [2, 4, 8] {
             let z2 = zero_memory(&d, 4, 1024, 2, dp, 0, 512 << 10);
             let z3 = zero3_memory(&d, 4, 1024, dp, 0, true);
