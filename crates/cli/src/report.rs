@@ -131,7 +131,26 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
             &mut s,
             "(on the host)",
             m.host_bytes,
-            format!("offloaded ({}), not in the total", recipe.offload),
+            if m.host_capacity > 0.0 {
+                format!(
+                    "offloaded ({}), not in the total; {} per GPU available on the host -> {}",
+                    recipe.offload,
+                    gib(m.host_capacity),
+                    if m.host_fits() {
+                        "fits".to_string()
+                    } else {
+                        format!(
+                            "DOES NOT FIT on the host: {} over",
+                            gib(m.host_bytes - m.host_capacity)
+                        )
+                    }
+                )
+            } else {
+                format!(
+                    "offloaded ({}), not in the total; host capacity unknown, not checked",
+                    recipe.offload
+                )
+            },
         );
     }
     row(
@@ -142,6 +161,12 @@ pub fn estimate_table(e: &Estimate, recipe: &plan::Recipe) -> String {
     );
     let verdict = if e.fits {
         format!("fits, headroom {}", gib(headroom))
+    } else if headroom >= 0.0 {
+        format!(
+            "fits on the GPU, but the offloaded states DO NOT FIT on the host ({} of {} per GPU; use NVMe, more nodes or ZeRO-3)",
+            gib(m.host_bytes),
+            gib(m.host_capacity)
+        )
     } else {
         format!("DOES NOT FIT: {} over", gib(-headroom))
     };
@@ -306,6 +331,10 @@ pub fn no_fit_hint(r: &SearchResult) -> String {
         "No layout to try: no tensor/pipeline degree fits this model on this cluster size.".into()
     } else if oom == 0 && arithmetic == r.candidates {
         "No layout divides the global batch: dp x micro-batch must divide it (and, when interleaving, the micro-batches must divide by pp). Pick a GPU count whose data-parallel degree divides the global batch, or change --global-batch.".into()
+    } else if count(Reject::HostCapacity) > 0
+        && oom + arithmetic + count(Reject::HostCapacity) == r.candidates
+    {
+        "No layout fits: the ones that fit on the GPUs offload more than the host holds (DRAM or NVMe per node, shared by its GPUs). Offload to NVMe (--offload-device nvme), use more nodes, or shard the states with ZeRO-3.".into()
     } else if count(Reject::MissesDeadline) + count(Reject::OverBudget) == 0 {
         "No layout fits in memory. Try more GPUs, a GPU with more memory, ZeRO-3, recompute, or a smaller micro-batch.".into()
     } else {

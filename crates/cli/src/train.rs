@@ -554,11 +554,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 has_head: true,
                 tp: 1,
             };
-            let (pc, pe) = plan::cpu_runtime::zero3_gathers_per_micro_batch(&dims);
+            let a = s.config.train.grad_accum as u64;
+            let (pc, pe) = plan::cpu_runtime::zero3_gathers_per_step(&dims, a);
             println!(
-                "  ZeRO-3 weight gathers per micro-batch (forward + backward): measured {count:.1} gathers, {:.2} MiB | predicted {pc} gathers, {:.2} MiB",
+                "  ZeRO-3 weight gathers per micro-batch (forward + backward; the embedding once per step): measured {count:.2} gathers, {:.2} MiB | predicted {:.2} gathers, {:.2} MiB",
                 4.0 * elems / 1048576.0,
-                4.0 * pe as f64 / 1048576.0
+                pc as f64 / a as f64,
+                4.0 * pe as f64 / a as f64 / 1048576.0
             );
         }
         if let Some(p) = st.predicted_comm {

@@ -137,3 +137,73 @@ fn offload_shrinks_memory_adds_time_and_is_checked() {
         "{top}"
     );
 }
+
+/// Offloaded states are checked against the host: GPT-3 175B on one DGX H100 with weights and
+/// optimizer offloaded to CPU needs 2·P ≈ 349 GB per GPU of the node's 2 TB / 8 = 250 GB
+/// (232.83 GiB); `estimate` says so in the table, the JSON and `--explain`, NVMe fits, and
+/// `plan` refuses with the reason and a non-zero status.
+#[test]
+fn offload_is_checked_against_host_dram_and_nvme() {
+    let base = [
+        "estimate",
+        "--model",
+        "gpt3-175b",
+        "--gpus",
+        "8",
+        "--zero",
+        "3",
+        "--recompute",
+        "full",
+        "--micro-batch",
+        "1",
+        "--global-batch",
+        "64",
+        "--offload",
+        "both",
+    ];
+    let (code, out, err) = run(&base);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("232.83 GiB per GPU available on the host -> DOES NOT FIT on the host"),
+        "{out}"
+    );
+    assert!(
+        out.contains("offloaded states DO NOT FIT on the host"),
+        "{out}"
+    );
+    let v = json(&[&base[..], &["--json"]].concat());
+    assert_eq!(v["fits"], false);
+    assert_eq!(v["memory_per_device_bytes"]["host_capacity"], 250e9);
+    let (code, out, err) = run(&[&base[..], &["--explain"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "232.83 GiB per GPU available (1862.65 GiB DRAM per node / 8 GPUs) -> DOES NOT FIT"
+        ),
+        "{out}"
+    );
+    let v = json(&[&base[..], &["--offload-device", "nvme", "--json"]].concat());
+    assert_eq!(v["fits"], true);
+    assert_eq!(v["memory_per_device_bytes"]["host_capacity"], 3.84e12);
+
+    let (code, out, err) = run(&[
+        "plan",
+        "--model",
+        "gpt3-175b",
+        "--gpus",
+        "8",
+        "--offload",
+        "both",
+        "--global-batch",
+        "64",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("offload more than the host holds") && err.contains("--offload-device nvme"),
+        "{err}"
+    );
+    assert!(
+        out.contains("offloaded states exceed the host's DRAM or NVMe per node"),
+        "{out}"
+    );
+}

@@ -69,6 +69,14 @@ pub struct GpuSpec {
     /// per GPU; set it from `fio` on your nodes).
     #[serde(default = "default_nvme")]
     pub nvme_bw: f64,
+    /// Host DRAM per node, bytes: the capacity CPU offload (`--offload … --offload-device cpu`)
+    /// fills. The node is the preset's `gpus_per_node` GPUs (a DGX; a GB200 NVL72 rack).
+    /// 0 = unknown: offload is not checked against it.
+    #[serde(default)]
+    pub host_mem_per_node_bytes: f64,
+    /// Local NVMe per node, bytes: the capacity NVMe offload fills (0 = unknown, not checked).
+    #[serde(default)]
+    pub nvme_per_node_bytes: f64,
     /// Time per routed token copy per MoE layer, forward + backward, seconds, beyond the
     /// roofline of the expert GEMMs, the router, the permutation bytes and the all-to-alls:
     /// what grouped GEMMs over many small experts, per-expert FP8 quantisation and the token
@@ -160,6 +168,8 @@ fn one() -> f64 {
 const GB: f64 = 1e9;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const T: f64 = 1e12;
+/// Decimal terabytes (drive and DIMM capacities as sold).
+const TB_: f64 = 1e12;
 
 /// Fitted FP8 GEMM efficiencies (`fp8_matmul_scale`) per GPU: the least mean |error| fit over
 /// the published rows marked `fit` in `data/published_h100_b200.csv` (rerun with
@@ -188,6 +198,13 @@ pub const EXPERT_SECS_PER_COPY_GB200: f64 = 3.16e-8;
 // 8570, 16 channels DDR5-5600 (716.8 GB/s); MI300X platforms 2× EPYC 9004, 24 channels DDR5-4800
 // (921.6 GB/s); all ÷ 8 GPUs; GB200: Grace LPDDR5X 512 GB/s per 2 GPUs. NVMe 3 GB/s per GPU is an
 // assumption (see `GpuSpec::nvme_bw`).
+// Host capacity per node (offload checks): DGX A100 320GB (a100-40gb) 1 TB DRAM and 15 TB NVMe
+// (4x 3.84 TB U.2), DGX A100 640GB (a100-80gb) 2 TB and 30 TB (8x 3.84 TB); DGX H100, DGX H200 and
+// DGX B200 2 TB DRAM and 8x 3.84 TB NVMe U.2 (30.72 TB) as shipped (DGX H100/H200 and DGX B200
+// datasheets and user guides); GB200 NVL72: 36 Grace CPUs with 480 GB LPDDR5X each (17.28 TB per
+// 72-GPU rack, datasheet "up to 17 TB LPDDR5X"); its local NVMe (E1.S drives per compute tray)
+// is an assumption of 4x 3.84 TB per 4-GPU tray (276.5 TB per rack). MI300X platforms: 2 TB DRAM
+// and 8x 3.84 TB NVMe assumed, as a DGX.
 
 /// Every GPU preset name.
 pub const GPU_PRESETS: &[&str] = &[
@@ -223,6 +240,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 32.0 * GB,
             host_mem_bw: 51.2 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 1.0 * TB_,
+            nvme_per_node_bytes: 15.36 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: format!("{nv_a100}; 40 GB HBM2 at 1,555 GB/s"),
         },
@@ -244,6 +263,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 32.0 * GB,
             host_mem_bw: 51.2 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 2.0 * TB_,
+            nvme_per_node_bytes: 30.72 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: format!("{nv_a100}; 80 GB HBM2e at 2,039 GB/s (SXM)"),
         },
@@ -265,6 +286,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 76.8 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 2.0 * TB_,
+            nvme_per_node_bytes: 30.72 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense (1,979 sparse), 1,979 TFLOP/s FP8 dense (3,958 sparse), 67 TFLOP/s fp32, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
@@ -286,6 +309,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 76.8 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 2.0 * TB_,
+            nvme_per_node_bytes: 30.72 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 and 1,979 TFLOP/s FP8 dense, 67 TFLOP/s fp32, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional; DGX H200: 8x 400 Gb/s ConnectX-7 per node".into(),
         },
@@ -307,6 +332,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 89.6 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 2.0 * TB_,
+            nvme_per_node_bytes: 30.72 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_B200,
             source: "NVIDIA DGX B200 datasheet: 72 PFLOP/s FP8 training per 8 GPUs (sparse) -> 4.5 PFLOP/s FP8 and 2.25 PFLOP/s bf16 dense per GPU, 1,440 GB HBM3e per node (180 GB/GPU), 64 TB/s per node (8 TB/s/GPU), NVLink 5 at 1.8 TB/s bidirectional, 8x 400 Gb/s ConnectX-7; fp32 75 TFLOP/s from the HGX B200 spec sheet".into(),
         },
@@ -328,6 +355,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 225.0 * GB,
             host_mem_bw: 256.0 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 17.28 * TB_,
+            nvme_per_node_bytes: 276.48 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_GB200,
             source: "NVIDIA GB200 NVL72 datasheet: 360 PFLOP/s bf16 and 720 PFLOP/s FP8 per 72 GPUs (sparse) -> 2.5 / 5 PFLOP/s dense per GPU, 13.4 TB HBM3e at 576 TB/s (186 GB, 8 TB/s per GPU), NVLink 5 at 1.8 TB/s bidirectional across all 72 GPUs of the rack (one NVLink domain: gpus_per_node 72); fp32 80 TFLOP/s (datasheet 5,760 TFLOP/s per rack); 400 Gb/s ConnectX-7 per GPU".into(),
         },
@@ -349,6 +378,8 @@ pub fn gpu_preset(name: &str) -> Result<GpuSpec> {
             host_link_bw: 64.0 * GB,
             host_mem_bw: 115.2 * GB,
             nvme_bw: 3.0 * GB,
+            host_mem_per_node_bytes: 2.0 * TB_,
+            nvme_per_node_bytes: 30.72 * TB_,
             expert_secs_per_copy: EXPERT_SECS_PER_COPY_H100,
             source: "AMD Instinct MI300X data sheet: 1,307.4 TFLOP/s bf16 and 2,614.9 TFLOP/s FP8 dense, 163.4 TFLOP/s fp32, 192 GB HBM3 at 5.3 TB/s, 7 Infinity Fabric links x 64 GB/s per direction (448 GB/s); 400 Gb/s NIC per GPU assumed".into(),
         },

@@ -58,6 +58,8 @@ pub enum Reject {
     OomLastStage,
     /// Out of memory on a pipeline stage between the first and the last.
     OomMiddleStage,
+    /// The offloaded states exceed the host DRAM or NVMe per node.
+    HostCapacity,
     /// Fits but misses the deadline.
     MissesDeadline,
     /// Fits but costs more than the budget.
@@ -66,13 +68,15 @@ pub enum Reject {
 
 impl Reject {
     /// All reasons, in report order.
-    pub const ALL: [Reject; 6] = [
+    pub const ALL: [Reject; 8] = [
         Reject::OomFirstStage,
         Reject::OomLastStage,
         Reject::OomMiddleStage,
+        Reject::HostCapacity,
         Reject::BatchNotDivisible,
         Reject::InterleaveMicroBatches,
         Reject::MissesDeadline,
+        Reject::OverBudget,
     ];
 
     /// Human text for the report.
@@ -88,6 +92,9 @@ impl Reject {
             }
             Reject::OomMiddleStage => {
                 "out of memory on a middle pipeline stage (more layers than stage 0)".into()
+            }
+            Reject::HostCapacity => {
+                "offloaded states exceed the host's DRAM or NVMe per node".into()
             }
             Reject::MissesDeadline => "fits, but training would miss the deadline".into(),
             Reject::OverBudget => "fits, but training would cost more than the budget".into(),
@@ -445,6 +452,10 @@ pub fn search(
                                                 } else {
                                                     Reject::OomMiddleStage
                                                 });
+                                                continue;
+                                            }
+                                            if !mem.host_fits() {
+                                                res.bump(Reject::HostCapacity);
                                                 continue;
                                             }
                                             let eval = ctx.evaluate_parts(

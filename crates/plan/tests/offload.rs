@@ -141,3 +141,69 @@ fn goodput_objective_trades_speed_for_fewer_failures() {
     assert!(good.expected_days < fast.expected_days);
     assert!(good.eval.time.total > fast.eval.time.total);
 }
+
+/// Offloaded states must fit in the host. GPT-3 175B (P parameters), ZeRO-3 over dp 8, weights
+/// and optimizer offloaded: each GPU's share on the host is (2 B gradients + 4 master + 8
+/// moments + 2 weights) · P/8 = 2·P ≈ 349 GB, more than a DGX H100's 2 TB of DRAM ÷ 8 GPUs =
+/// 250 GB, so the layout does not fit although the GPU holds only ~14 GB. To NVMe (8 × 3.84 TB
+/// = 30.72 TB ÷ 8 = 3.84 TB per GPU) it fits; on 16 GPUs (two nodes) the share halves to
+/// P ≈ 175 GB and CPU offload fits too.
+#[test]
+fn offload_must_fit_in_the_hosts_dram_or_nvme() {
+    let run = |gpus: u64, device: Option<&str>| {
+        let mut c = ctx("gpt3-175b", gpus);
+        c.recipe.recompute = plan::recipe::Recompute::Full;
+        c.recipe.offload = Offload::parse("both", device).unwrap();
+        let l = LayoutRequest {
+            zero: Some(3),
+            micro_batch: Some(1),
+            ..Default::default()
+        }
+        .resolve(&c.model, gpus, c.recipe.global_batch)
+        .unwrap();
+        (c.model.params().total as f64, c.evaluate(&l, &mut NoTrace))
+    };
+    let (p, cpu8) = run(8, None);
+    assert!((cpu8.memory.host_bytes - 2.0 * p).abs() < 1e-6 * p);
+    assert_eq!(cpu8.memory.host_capacity, 2e12 / 8.0);
+    assert!(cpu8.memory.total <= cpu8.memory.capacity);
+    assert!(!cpu8.memory.host_fits() && !cpu8.fits);
+    let (_, nvme8) = run(8, Some("nvme"));
+    assert_eq!(nvme8.memory.host_capacity, 30.72e12 / 8.0);
+    assert!(nvme8.memory.host_fits() && nvme8.fits);
+    let (_, cpu16) = run(16, None);
+    assert!((cpu16.memory.host_bytes - p).abs() < 1e-6 * p);
+    assert!(cpu16.memory.host_fits() && cpu16.fits);
+    // Without offload there is nothing to check: the capacity is 0 and does not reject.
+    let mut c = ctx("llama2-7b", 8);
+    let plain = c.evaluate(&layout(&c, 1), &mut NoTrace);
+    assert_eq!(plain.memory.host_capacity, 0.0);
+    assert!(plain.memory.host_fits());
+    // A GPU spec without host figures (0 = unknown) is not checked.
+    c.cluster.gpu.host_mem_per_node_bytes = 0.0;
+    c.recipe.offload = Offload::parse("optimizer", None).unwrap();
+    let unknown = c.evaluate(&layout(&c, 1), &mut NoTrace);
+    assert!(unknown.memory.host_bytes > 0.0 && unknown.memory.host_fits());
+}
+
+/// The planner drops layouts whose offloaded states overflow the host and counts them: GPT-3
+/// 175B on one DGX H100 with weights and optimizer offloaded to CPU finds nothing (each GPU's
+/// share is at least 2·P/8 ≈ 349 GB of 250 GB), to NVMe it does.
+#[test]
+fn planner_drops_layouts_that_overflow_the_host() {
+    let mut c = ctx("gpt3-175b", 8);
+    let mut space = SearchSpace::for_gpus(vec![8], 8);
+    space.offload = vec![Offload::parse("both", None).unwrap()];
+    let r = search(&c, &space, Objective::Time, 5, (0, 1));
+    assert_eq!(r.accepted, 0);
+    let host = r
+        .rejected
+        .iter()
+        .find(|(k, _)| *k == plan::search::Reject::HostCapacity)
+        .map_or(0, |(_, n)| *n);
+    assert!(host > 0, "{:?}", r.rejected);
+    c.recipe.offload = Offload::parse("both", Some("nvme")).unwrap();
+    space.offload = vec![Offload::parse("both", Some("nvme")).unwrap()];
+    let r = search(&c, &space, Objective::Time, 5, (0, 1));
+    assert!(r.accepted > 0, "{:?}", r.rejected);
+}

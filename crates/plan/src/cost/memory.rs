@@ -3,7 +3,7 @@
 use crate::explain::{line, Trace};
 use crate::layout::Layout;
 use crate::model::ModelSpec;
-use crate::recipe::{Recipe, Recompute, Schedule};
+use crate::recipe::{OffloadDevice, Recipe, Recompute, Schedule};
 use crate::units::{count, gib};
 
 use super::{Context, Memory};
@@ -316,6 +316,18 @@ impl Context {
         } else {
             0.0
         };
+        // The offload target's capacity per GPU: the node's DRAM or NVMe shared by the GPUs of
+        // the node it belongs to (the preset's node: a DGX, an NVL72 rack).
+        let gpu = &self.cluster.gpu;
+        let node_capacity = match off.device {
+            OffloadDevice::Cpu => gpu.host_mem_per_node_bytes,
+            OffloadDevice::Nvme => gpu.nvme_per_node_bytes,
+        };
+        let host_capacity = if off.any() {
+            node_capacity / gpu.gpus_per_node.max(1) as f64
+        } else {
+            0.0
+        };
         let total = w + g + o + ms + act + comm + r.runtime_overhead_bytes;
         tr.line(|| {
             let experts = if expert_params > 0.0 {
@@ -437,9 +449,25 @@ impl Context {
                     "memory",
                     "offloaded to the host",
                     format!(
-                        "{}: {} per GPU leave device memory (optimizer: gradients, master weights, moments; params: the 16-bit shard)",
+                        "{}: {} per GPU leave device memory (optimizer: gradients, master weights, moments; params: the 16-bit shard); {}",
                         off,
-                        gib(host_bytes)
+                        gib(host_bytes),
+                        if host_capacity > 0.0 {
+                            format!(
+                                "{} per GPU available ({} {} per node / {} GPUs) -> {}",
+                                gib(host_capacity),
+                                gib(node_capacity),
+                                if off.device == OffloadDevice::Cpu { "DRAM" } else { "NVMe" },
+                                gpu.gpus_per_node,
+                                if host_bytes <= host_capacity {
+                                    "fits".to_string()
+                                } else {
+                                    format!("DOES NOT FIT: {} over", gib(host_bytes - host_capacity))
+                                }
+                            )
+                        } else {
+                            format!("{}'s host capacity is unknown: not checked", gpu.name)
+                        }
                     ),
                     host_bytes,
                     "bytes",
@@ -498,6 +526,7 @@ impl Context {
             params_on_device: params,
             expert_params_on_device: expert_params,
             host_bytes,
+            host_capacity,
         }
     }
 }

@@ -111,6 +111,17 @@ pub struct Memory {
     pub expert_params_on_device: f64,
     /// Model-state bytes of this device kept in host memory or NVMe (`--offload`; 0 without).
     pub host_bytes: f64,
+    /// This device's share of the node's offload target: host DRAM (CPU offload) or NVMe (NVMe
+    /// offload) per node ÷ GPUs per node; 0 when unknown (not checked) or without offload.
+    pub host_capacity: f64,
+}
+
+impl Memory {
+    /// The offloaded states fit in this device's share of the host (always true without
+    /// offload or when the capacity is unknown).
+    pub fn host_fits(&self) -> bool {
+        self.host_capacity <= 0.0 || self.host_bytes <= self.host_capacity
+    }
 }
 
 /// Seconds per optimizer step, split the way users reason about it.
@@ -209,7 +220,7 @@ pub struct StageCosts {
 pub struct Eval {
     /// Memory per device.
     pub memory: Memory,
-    /// Fits in device memory.
+    /// Fits in device memory and, with offload, in the host's share ([`Memory::host_fits`]).
     pub fits: bool,
     /// Step time.
     pub time: StepTime,
@@ -244,7 +255,7 @@ impl Context {
         flops: Flops,
         tr: &mut T,
     ) -> Eval {
-        let fits = memory.total <= memory.capacity;
+        let fits = memory.total <= memory.capacity && memory.host_fits();
         let time = self.step_time(l, &memory, tr);
         let g = &self.cluster.gpu;
         let peak = if self.recipe.precision == Precision::Fp32 {

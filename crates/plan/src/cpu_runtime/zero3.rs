@@ -41,11 +41,15 @@ pub fn zero3_unit_lens(d: &CpuRuntimeDims) -> Vec<u64> {
     out
 }
 
-/// Weight all-gathers of one micro-batch (forward + backward) and the elements they move into
-/// this rank's buffers. Forward gathers the embedding, each layer, the head and — the LM head
-/// is tied to `wte` — the embedding again; backward the head and the embedding, then each
-/// layer (the embedding's backward reads no weights): `2L + 5` gathers on a whole model.
-pub fn zero3_gathers_per_micro_batch(d: &CpuRuntimeDims) -> (u64, u64) {
+/// Weight all-gathers of one optimizer step of `accum` micro-batches (forward + backward) and
+/// the elements they move into this rank's buffers. Forward fetches the embedding, each layer,
+/// the head and — the LM head is tied to `wte` — the embedding again; backward the head and
+/// the embedding, then each layer (the embedding's backward reads no weights). The embedding
+/// has a gather buffer of its own and its weights change only at the optimizer step, so the
+/// runtime gathers it once per step and keeps it (as FSDP keeps the root module's weights
+/// gathered between forward and backward); every other unit is gathered at each fetch:
+/// `1 + a · (2L + 2)` gathers on a whole model.
+pub fn zero3_gathers_per_step(d: &CpuRuntimeDims, accum: u64) -> (u64, u64) {
     let units = zero3_unit_lens(d);
     let embed = if d.has_embedding { units[0] } else { 0 };
     let head = if d.has_head {
@@ -55,10 +59,72 @@ pub fn zero3_gathers_per_micro_batch(d: &CpuRuntimeDims) -> (u64, u64) {
     };
     let layers: u64 = units.iter().sum::<u64>() - embed - head;
     let (e, h) = (u64::from(d.has_embedding), u64::from(d.has_head));
-    // forward: embed, layers, head (+ embed if tied); backward: head (+ embed), layers
-    let count = e + d.layers + h + h * e + h + h * e + d.layers;
-    let elems = e * embed + layers + h * head + h * e * embed + h * head + h * e * embed + layers;
+    let a = accum.max(1);
+    // per micro-batch: forward layers + head, backward head + layers; once: the embedding
+    let count = e + a * (2 * d.layers + 2 * h);
+    let elems = e * embed + a * (2 * layers + 2 * h * head);
     (count, elems)
+}
+
+/// ZeRO-3's communication of one optimizer step of `accum` micro-batches over `dp` ranks, given
+/// one micro-batch's compute (forward + backward) `micro_secs`. With g(u) the time of one ring
+/// all-gather (or reduce-scatter) of a unit of u f32 (`CommCalibration::half_secs`):
+///
+/// ```text
+/// gathers  = g(E) + a · Σ_layers,head 2·g(u)      (the embedding once per step, see above)
+/// reduces  = a · Σ_units g(u)                      (every unit's gradient, every micro-batch)
+/// comm     = gathers + reduces + the norm's exchange
+/// exposed  = comm                                  without prefetch (--no-overlap)
+///          = g(E) + a · (g(L) + g(H) + max(0, C − micro))   with prefetch, C = one micro-batch's
+///            collectives: the first layer's gather of forward and the head's of backward wait
+///            (nothing computes before them), the rest queue behind the compute
+/// contention = a · (C − max(0, C − micro))         with prefetch and no spare core: the hidden
+///            collectives' copying and summing run on the training threads' cores
+/// ```
+///
+/// One communication thread runs every collective in order, so gathers and reduce-scatters
+/// share its time (no concurrency between them).
+pub fn zero3_comm_time(
+    d: &CpuRuntimeDims,
+    accum: u64,
+    dp: u64,
+    micro_secs: f64,
+    (prefetch, spare_core): (bool, bool),
+    k: &crate::cpu_comm::CommCalibration,
+) -> crate::cpu_comm::DpCommTime {
+    let units = zero3_unit_lens(d);
+    let g = |u: u64| k.half_secs((u * F32_BYTES) as f64, dp);
+    let a = accum.max(1) as f64;
+    let first = usize::from(d.has_embedding);
+    let last = units.len() - usize::from(d.has_head);
+    let once = if d.has_embedding { g(units[0]) } else { 0.0 };
+    let gathers: f64 = units[first..].iter().map(|&u| 2.0 * g(u)).sum();
+    let reduces: f64 = units.iter().map(|&u| g(u)).sum();
+    let per_micro = gathers + reduces;
+    let norm = k.half_secs((2 * F32_BYTES * dp) as f64, dp);
+    let comm = once + a * per_micro + norm;
+    let (exposed, contention) = if prefetch {
+        let waited_first = units.get(first).map_or(0.0, |&u| g(u))
+            + if d.has_head && last < units.len() {
+                g(units[last])
+            } else {
+                0.0
+            };
+        let queued = (per_micro - micro_secs).max(0.0);
+        let hidden = per_micro - queued;
+        (
+            once + a * (waited_first + queued) + norm,
+            if spare_core { 0.0 } else { a * hidden },
+        )
+    } else {
+        (comm, 0.0)
+    };
+    crate::cpu_comm::DpCommTime {
+        comm_secs: comm,
+        exposed_secs: exposed,
+        contention_secs: contention,
+        buckets: units.len(),
+    }
 }
 
 /// The CPU runtime's memory on data-parallel rank `rank` of `dp` under ZeRO-3, with
@@ -108,17 +174,50 @@ mod tests {
     }
 
     #[test]
+    fn zero3_communication_by_hand() {
+        // A link of 1 ms latency and 1 GB/s: g(u) = (dp − 1)·1e-3 + (dp − 1)/dp · 4u / 1e9.
+        let k = crate::cpu_comm::CommCalibration {
+            latency_secs: 1e-3,
+            bus_bytes_per_sec: 1e9,
+            halves_are_all_reduces: false,
+        };
+        let d = dims();
+        let u = zero3_unit_lens(&d);
+        let g = |x: u64| 1e-3 + 0.5 * (4 * x) as f64 / 1e9;
+        let (e, l, h) = (g(u[0]), g(u[1]), g(u[13]));
+        let per_micro = 12.0 * 2.0 * l + 2.0 * h + (e + 12.0 * l + h);
+        let norm = 1e-3 + 0.5 * 16.0 / 1e9;
+        // Without prefetch everything waits: 1 + 4·(2·12 + 2) gathers and 4·14 reduce-scatters.
+        let t = zero3_comm_time(&d, 4, 2, 0.5, (false, true), &k);
+        assert!((t.comm_secs - (e + 4.0 * per_micro + norm)).abs() < 1e-12);
+        assert_eq!(t.exposed_secs, t.comm_secs);
+        assert_eq!(t.contention_secs, 0.0);
+        // With prefetch and compute longer than the collectives: only the first gathers wait;
+        // without a spare core the hidden part is lost compute.
+        let t = zero3_comm_time(&d, 4, 2, 10.0, (true, false), &k);
+        assert!((t.exposed_secs - (e + 4.0 * (l + h) + norm)).abs() < 1e-12);
+        assert!((t.contention_secs - 4.0 * per_micro).abs() < 1e-12);
+        // Compute shorter than the collectives: the rest queues.
+        let t = zero3_comm_time(&d, 1, 2, 0.01, (true, true), &k);
+        let want = e + l + h + (per_micro - 0.01) + norm;
+        assert!((t.exposed_secs - want).abs() < 1e-12, "{t:?}");
+    }
+
+    #[test]
     fn units_tile_the_model_and_zero3_holds_less_than_zero2() {
         let d = dims();
         let p = param_count(&d);
         let u = zero3_unit_lens(&d);
         assert_eq!(u.len(), 14);
         assert_eq!(u.iter().sum::<u64>(), p);
-        // forward E + layers + H + E, backward H + E + layers
-        assert_eq!(
-            zero3_gathers_per_micro_batch(&d),
-            (2 * 12 + 5, 2 * p + u[0])
-        );
+        // The embedding once per step; per micro-batch forward layers + H, backward H +
+        // layers: 1 + a(2·12 + 2) gathers. Elements: E + a(2·(p − E − H) + 2H) = E + a(2p − 2E).
+        for a in [1, 4] {
+            assert_eq!(
+                zero3_gathers_per_step(&d, a),
+                (1 + a * (2 * 12 + 2), u[0] + a * (2 * p - 2 * u[0]))
+            );
+        }
         for dp in [2, 4, 8] {
             let z2 = zero_memory(&d, 4, 1024, 2, dp, 0, 512 << 10);
             let z3 = zero3_memory(&d, 4, 1024, dp, 0, true);

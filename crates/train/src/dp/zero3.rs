@@ -57,6 +57,10 @@ pub(super) struct Zero3 {
     /// Gather buffers: `embed` (embedding-sized), `small` (largest layer/head).
     gather_embed: Option<Vec<f32>>,
     gather_small: Vec<Vec<f32>>,
+    /// `gather_embed` holds the embedding unit's current weights: gathered once per optimizer
+    /// step and kept (the buffer is the embedding's own, and its weights change only at the
+    /// step), so the tied LM head and backward fetch it without a gather.
+    embed_cached: bool,
     /// Gradient buffers, the same sizes.
     grad_embed: Option<Vec<f32>>,
     grad_small: Vec<Vec<f32>>,
@@ -156,6 +160,7 @@ impl Dp {
             grad,
             gather_embed: Some(vec![0.0; embed_len]),
             gather_small: (0..small_slots).map(|_| vec![0.0; small_len]).collect(),
+            embed_cached: false,
             grad_embed: Some(vec![0.0; embed_len]),
             grad_small: (0..GRAD_BUFFERS).map(|_| vec![0.0; small_len]).collect(),
             embed_len,
@@ -203,6 +208,7 @@ impl Dp {
         if r.is_err() {
             // Buffers may be left with the stopped thread; a partial gradient must not leak.
             z.grad.fill(0.0);
+            z.embed_cached = false;
         }
         z.gather_embed.get_or_insert_with(|| vec![0.0; z.embed_len]);
         z.grad_embed.get_or_insert_with(|| vec![0.0; z.embed_len]);
@@ -256,6 +262,7 @@ impl Dp {
                 in_flight: Vec::new(),
                 free_embed: free_gather.0,
                 free_small: free_gather.1,
+                embed_cached: zr.embed_cached,
                 waited: 0.0,
                 gathers: 0,
                 gathered_elems: 0,
@@ -307,6 +314,7 @@ impl Dp {
                 jobs,
                 free_embed: gather_embed,
                 free_small: gather_small,
+                embed_cached,
                 waited: src_waited,
                 gathers,
                 gathered_elems,
@@ -331,10 +339,11 @@ impl Dp {
                 failed,
                 (gather_embed, gather_small, grad_embed, grad_small),
                 src_waited + sink_waited + tail,
-                (gathers, gathered_elems),
+                (gathers, gathered_elems, embed_cached),
             )
         });
-        let (pass, comm, failed, bufs, exposed, (gathers, elems)) = out;
+        let (pass, comm, failed, bufs, exposed, (gathers, elems, embed_cached)) = out;
+        z.embed_cached = embed_cached && bufs.0.is_some();
         z.params = std::mem::take(&mut params);
         z.grad = std::mem::take(&mut grad);
         (z.gather_embed, z.gather_small, z.grad_embed, z.grad_small) = bufs;
@@ -381,6 +390,7 @@ impl Dp {
             z.params[at..at + p.len()].copy_from_slice(&full[u.start + p.start..u.start + p.end]);
         }
         z.grad.fill(0.0);
+        z.embed_cached = false;
     }
 
     /// Bytes ZeRO-3 holds beyond the trainer's buffers (its weight and gradient pieces and the
@@ -400,6 +410,9 @@ impl Dp {
         apply: &mut dyn FnMut(f64) -> Result<bool, TrainError>,
     ) -> Result<f64, TrainError> {
         let mut z = self.z3.take().expect("ZeRO-3 state");
+        // The weights change below (or a skipped step leaves them): the next step gathers
+        // the embedding afresh either way, so every step gathers alike.
+        z.embed_cached = false;
         let partial = sum_squares(&z.grad);
         let total = match self.global_sum_squares(partial) {
             Ok(t) => t,
@@ -456,6 +469,10 @@ pub(crate) fn zero3_micro_batches<E: crate::precision::Storage>(
         .expect("ZeRO-3 trains in fp32 (mixed precision is refused at setup)");
     let (saved, scratch) = acts.first_set();
     let m = mb.xs.len() / mb.bt;
+    // Each step gathers the embedding once, whatever validation did since the last step.
+    if let Some(z) = d.z3.as_mut() {
+        z.embed_cached = false;
+    }
     (0..m)
         .map(|k| {
             let r = k * mb.bt..(k + 1) * mb.bt;

@@ -89,6 +89,8 @@ pub(super) struct Source<'z> {
     pub(super) in_flight: Vec<usize>,
     pub(super) free_embed: Option<Vec<f32>>,
     pub(super) free_small: Vec<Vec<f32>>,
+    /// The free embedding buffer holds the embedding's current weights (`Zero3::embed_cached`).
+    pub(super) embed_cached: bool,
     /// Seconds the training thread waited for a gather.
     pub(super) waited: f64,
     pub(super) gathers: u64,
@@ -98,6 +100,14 @@ pub(super) struct Source<'z> {
 impl Source<'_> {
     /// Sends unit `k`'s gather if a buffer is free; false otherwise.
     fn request(&mut self, k: usize) -> Result<bool, TpError> {
+        if self.z.is_embed(k) && self.embed_cached {
+            // Gathered earlier this step and unchanged: no collective (every rank alike).
+            let Some(buf) = self.free_embed.take() else {
+                return Ok(false);
+            };
+            self.ready.push((k, buf));
+            return Ok(true);
+        }
         let buf = if self.z.is_embed(k) {
             self.free_embed.take()
         } else {
@@ -133,6 +143,7 @@ impl ParamSource<f32> for Source<'_> {
         while self.in_flight.contains(&k) {
             let (j, buf) = self.gathered.recv().map_err(|_| stopped())?;
             self.in_flight.retain(|&x| x != j);
+            self.embed_cached |= self.z.is_embed(j);
             self.ready.push((j, buf));
         }
         self.waited += t0.elapsed().as_secs_f64();
