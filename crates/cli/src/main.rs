@@ -154,7 +154,25 @@ struct PresetArgs {
     json: bool,
 }
 
+/// Report commands end quietly when their reader goes away (`scaletrain plan | head`), as
+/// Unix tools do: the default SIGPIPE action instead of Rust's ignored SIGPIPE, whose write
+/// error makes `println!` panic. Training, launching and serving keep Rust's default: a
+/// closed terminal pipe must not kill a run without its checkpoint.
+fn quiet_broken_pipe_for_reports() {
+    let report = matches!(
+        std::env::args().nth(1).as_deref(),
+        Some("estimate" | "plan" | "validate" | "calibrate" | "presets" | "bench")
+    );
+    if report {
+        // SAFETY: called once at the start of main, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_broken_pipe_for_reports();
     if plan_cpu::wanted() {
         return plan_cpu::main();
     }

@@ -105,3 +105,34 @@ fn plan_cpu_explains_when_no_layout_fits() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--nproc must be at least 1"), "{stderr}");
 }
+
+/// `scaletrain plan --cpu … | head` and the other reports end quietly when their reader is
+/// gone (killed by SIGPIPE, as Unix tools are), never with a panic.
+#[test]
+fn reports_end_quietly_when_the_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    for args in [
+        &["plan", "--cpu", "--nproc", "2"][..],
+        &["estimate"][..],
+        &["validate"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scaletrain"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary runs");
+        // Close the reading end before the report is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("waits");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}

@@ -270,3 +270,72 @@ fn row_packing_matches_the_definition_bitwise() {
         }
     }
 }
+
+/// The packing of column-contiguous operands (`a` transposed, as `d_w`'s `d_outᵀ`; `b` as
+/// `d_w`'s `inp`) writes the pair words of the definition: bf16 as is, `f32` rounded to
+/// nearest-even with subnormal inputs as zero (`vcvtneps2bf16`).
+#[test]
+fn column_packing_matches_the_definition_bitwise() {
+    if !available() {
+        eprintln!("skipped: no AVX512_BF16 on this CPU");
+        return;
+    }
+    fn check<E: Elem>(x: &[E], ld: usize, (r0, rows): (usize, usize), k: usize, width: usize) {
+        let k2 = k.div_ceil(2);
+        let panels = rows.div_ceil(width);
+        let mut got = vec![0xdead_beef_u32; panels * k2 * width];
+        let mut tmp = vec![0u16; k.max(width)];
+        // element (i, p) at x[i + p·ld]
+        let v = View::rm(k, r0 + rows, ld).t();
+        pack(&mut got, &mut tmp, x, v, (r0, rows), k, width);
+        for (n, &w) in got.iter().enumerate() {
+            let (s, q, r) = (n / (k2 * width), n % (k2 * width) / width, n % width);
+            let row = s * width + r;
+            let half = |p: usize| {
+                if row >= rows || p >= k {
+                    return 0;
+                }
+                let e = x[r0 + row + p * ld].to_f32();
+                let e = if e != 0.0 && e.abs() < f32::MIN_POSITIVE {
+                    0.0f32.copysign(e)
+                } else {
+                    e
+                };
+                Bf16::from_f32(e).0 as u32
+            };
+            let want = half(2 * q) | half(2 * q + 1) << 16;
+            assert_eq!(
+                w,
+                want,
+                "{} k {k} width {width} panel {s} pair {q} row {r}",
+                E::NAME
+            );
+        }
+    }
+    let mut rng = Rng::new(13);
+    let mut x = randn(&mut rng, 70 * 80, 1.0);
+    let specials = [
+        f32::INFINITY,
+        -0.0,
+        f32::from_bits(0x007f_ffff), // subnormal: zero in vcvtneps2bf16
+        f32::from_bits(0x3f80_8000), // a tie to even
+        f32::from_bits(0x3f81_8000), // a tie up
+        f32::NAN,
+    ];
+    for (i, &v) in specials.iter().enumerate() {
+        x[i * 81] = v;
+    }
+    let xb: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
+    for k in [1, 2, 3, 7, 64, 65] {
+        for (width, r0, rows) in [
+            (12, 0, 12),
+            (12, 3, 29),
+            (32, 1, 37),
+            (32, 0, 5),
+            (12, 2, 70),
+        ] {
+            check(&x, 80, (r0, rows), k, width);
+            check(&xb, 80, (r0, rows), k, width);
+        }
+    }
+}

@@ -25,7 +25,9 @@
 use crate::recipe::{Precision, Recompute};
 
 mod zero3;
-pub use zero3::{zero3_gathers_per_step, zero3_memory, zero3_unit_lens, ZERO3_GATHER_SLOTS};
+pub use zero3::{
+    zero3_comm_time, zero3_gathers_per_step, zero3_memory, zero3_unit_lens, ZERO3_GATHER_SLOTS,
+};
 
 /// Model dimensions as the CPU runtime sees them for one pipeline stage and one
 /// tensor-parallel rank.

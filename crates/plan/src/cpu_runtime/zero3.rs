@@ -66,6 +66,67 @@ pub fn zero3_gathers_per_step(d: &CpuRuntimeDims, accum: u64) -> (u64, u64) {
     (count, elems)
 }
 
+/// ZeRO-3's communication of one optimizer step of `accum` micro-batches over `dp` ranks, given
+/// one micro-batch's compute (forward + backward) `micro_secs`. With g(u) the time of one ring
+/// all-gather (or reduce-scatter) of a unit of u f32 (`CommCalibration::half_secs`):
+///
+/// ```text
+/// gathers  = g(E) + a · Σ_layers,head 2·g(u)      (the embedding once per step, see above)
+/// reduces  = a · Σ_units g(u)                      (every unit's gradient, every micro-batch)
+/// comm     = gathers + reduces + the norm's exchange
+/// exposed  = comm                                  without prefetch (--no-overlap)
+///          = g(E) + a · (g(L) + g(H) + max(0, C − micro))   with prefetch, C = one micro-batch's
+///            collectives: the first layer's gather of forward and the head's of backward wait
+///            (nothing computes before them), the rest queue behind the compute
+/// contention = a · (C − max(0, C − micro))         with prefetch and no spare core: the hidden
+///            collectives' copying and summing run on the training threads' cores
+/// ```
+///
+/// One communication thread runs every collective in order, so gathers and reduce-scatters
+/// share its time (no concurrency between them).
+pub fn zero3_comm_time(
+    d: &CpuRuntimeDims,
+    accum: u64,
+    dp: u64,
+    micro_secs: f64,
+    (prefetch, spare_core): (bool, bool),
+    k: &crate::cpu_comm::CommCalibration,
+) -> crate::cpu_comm::DpCommTime {
+    let units = zero3_unit_lens(d);
+    let g = |u: u64| k.half_secs((u * F32_BYTES) as f64, dp);
+    let a = accum.max(1) as f64;
+    let first = usize::from(d.has_embedding);
+    let last = units.len() - usize::from(d.has_head);
+    let once = if d.has_embedding { g(units[0]) } else { 0.0 };
+    let gathers: f64 = units[first..].iter().map(|&u| 2.0 * g(u)).sum();
+    let reduces: f64 = units.iter().map(|&u| g(u)).sum();
+    let per_micro = gathers + reduces;
+    let norm = k.half_secs((2 * F32_BYTES * dp) as f64, dp);
+    let comm = once + a * per_micro + norm;
+    let (exposed, contention) = if prefetch {
+        let waited_first = units.get(first).map_or(0.0, |&u| g(u))
+            + if d.has_head && last < units.len() {
+                g(units[last])
+            } else {
+                0.0
+            };
+        let queued = (per_micro - micro_secs).max(0.0);
+        let hidden = per_micro - queued;
+        (
+            once + a * (waited_first + queued) + norm,
+            if spare_core { 0.0 } else { a * hidden },
+        )
+    } else {
+        (comm, 0.0)
+    };
+    crate::cpu_comm::DpCommTime {
+        comm_secs: comm,
+        exposed_secs: exposed,
+        contention_secs: contention,
+        buckets: units.len(),
+    }
+}
+
 /// The CPU runtime's memory on data-parallel rank `rank` of `dp` under ZeRO-3, with
 /// (`prefetch`) or without prefetching the next unit; fp32, one micro-batch in flight.
 pub fn zero3_memory(
@@ -110,6 +171,36 @@ mod tests {
             has_head: true,
             tp: 1,
         }
+    }
+
+    #[test]
+    fn zero3_communication_by_hand() {
+        // A link of 1 ms latency and 1 GB/s: g(u) = (dp − 1)·1e-3 + (dp − 1)/dp · 4u / 1e9.
+        let k = crate::cpu_comm::CommCalibration {
+            latency_secs: 1e-3,
+            bus_bytes_per_sec: 1e9,
+            halves_are_all_reduces: false,
+        };
+        let d = dims();
+        let u = zero3_unit_lens(&d);
+        let g = |x: u64| 1e-3 + 0.5 * (4 * x) as f64 / 1e9;
+        let (e, l, h) = (g(u[0]), g(u[1]), g(u[13]));
+        let per_micro = 12.0 * 2.0 * l + 2.0 * h + (e + 12.0 * l + h);
+        let norm = 1e-3 + 0.5 * 16.0 / 1e9;
+        // Without prefetch everything waits: 1 + 4·(2·12 + 2) gathers and 4·14 reduce-scatters.
+        let t = zero3_comm_time(&d, 4, 2, 0.5, (false, true), &k);
+        assert!((t.comm_secs - (e + 4.0 * per_micro + norm)).abs() < 1e-12);
+        assert_eq!(t.exposed_secs, t.comm_secs);
+        assert_eq!(t.contention_secs, 0.0);
+        // With prefetch and compute longer than the collectives: only the first gathers wait;
+        // without a spare core the hidden part is lost compute.
+        let t = zero3_comm_time(&d, 4, 2, 10.0, (true, false), &k);
+        assert!((t.exposed_secs - (e + 4.0 * (l + h) + norm)).abs() < 1e-12);
+        assert!((t.contention_secs - 4.0 * per_micro).abs() < 1e-12);
+        // Compute shorter than the collectives: the rest queues.
+        let t = zero3_comm_time(&d, 1, 2, 0.01, (true, true), &k);
+        let want = e + l + h + (per_micro - 0.01) + norm;
+        assert!((t.exposed_secs - want).abs() < 1e-12, "{t:?}");
     }
 
     #[test]

@@ -319,9 +319,22 @@ impl Dp {
         accum: u64,
         compute: &plan::cpu_time::CpuStepTime,
     ) -> Option<plan::cpu_comm::DpCommTime> {
-        // Parameter servers and ZeRO-3's gathers are not modelled.
-        if self.ps.is_some() || self.zero == ZeroStage::Three {
+        // Parameter servers are not modelled.
+        if self.ps.is_some() {
             return None;
+        }
+        let k = plan::cpu_comm::CommCalibration::for_transport(self.transport());
+        if self.zero == ZeroStage::Three {
+            let micro = (compute.matmul_secs + compute.memory_secs + compute.overhead_secs)
+                / accum.max(1) as f64;
+            return Some(plan::cpu_runtime::zero3_comm_time(
+                dims,
+                accum,
+                self.size() as u64,
+                micro,
+                (self.overlap, self.spare_core),
+                &k,
+            ));
         }
         let setup = plan::cpu_comm::DpCommSetup {
             dp: self.size() as u64,
@@ -334,7 +347,6 @@ impl Dp {
         // Backward is about two thirds of a micro-step's forward + backward.
         let micro = (compute.matmul_secs + compute.memory_secs + compute.overhead_secs)
             / accum.max(1) as f64;
-        let k = plan::cpu_comm::CommCalibration::for_transport(self.transport());
         Some(plan::cpu_comm::dp_comm_time(
             dims,
             &setup,
