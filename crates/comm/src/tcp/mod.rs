@@ -106,13 +106,17 @@ pub fn connect(env: &JobEnv) -> Result<Comm> {
             streams[r] = Some(s);
         }
     } else if n > 1 {
+        // Reach rank 0 first, then take a port for our own listener: the master port is then
+        // rank 0's, so the kernel cannot hand it to us (a launcher picks the master port as a
+        // free one and releases it before rank 0 binds it; a rank binding port 0 in between
+        // could be given that very port, and rank 0 would fail with "address in use").
+        let mut s0 = connect_retry(&env.master_addr, env.master_port, me, deadline)?;
         let listener = TcpListener::bind((env.bind_addr, 0))
             .map_err(|e| rdv(me, format!("cannot listen on {}: {e}", env.bind_addr)))?;
         let port = listener
             .local_addr()
             .map_err(|e| rdv(me, e.to_string()))?
             .port();
-        let mut s0 = connect_retry(&env.master_addr, env.master_port, me, deadline)?;
         prove(&mut s0, me, &hello(port)?, &env.token, deadline, "rank 0")?;
         let (h, payload) = read_frame(&mut s0, WELCOME_MAX, deadline)
             .map_err(|why| rdv(me, format!("waiting for rank 0's answer: {why}")))?;
