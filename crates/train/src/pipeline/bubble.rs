@@ -1,8 +1,9 @@
 //! The pipeline's wait, simulated beside the measured one.
 //!
 //! A stage measures the seconds it spends in exchanges with the other stages (waiting for a
-//! neighbour included) and, on the first and last stage, in summing the tied embedding's
-//! gradient, which waits for the other end to finish its list. The report sets two simulations
+//! neighbour included) and, after its list, in agreeing with every stage on the losses and a
+//! stop request, which waits for the last stage to finish (and, on the first and last stage,
+//! summing the tied embedding's gradient). The report sets two simulations
 //! of the very lists the stages ran (`plan::schedule::simulate_stages`) beside it:
 //!
 //! - **predicted**: every virtual stage's micro-batch time from `plan::cpu_time` (forward a
@@ -28,15 +29,10 @@ pub struct PredictedWait {
     pub stage: f64,
 }
 
-/// Seconds stage `me` of `pp` waits in `sim`: within its list, and for the first and last
-/// stage also after it (they then sum the tied embedding's gradient, so each waits for the
-/// other to finish); the stages between go on to the optimizer.
-fn stage_wait(sim: &Simulation, me: usize, pp: usize) -> f64 {
-    if pp > 1 && (me == 0 || me + 1 == pp) {
-        sim.makespan - sim.busy[me]
-    } else {
-        sim.idle_in_list[me]
-    }
+/// Seconds stage `me` waits in `sim`: within its list, and after it until the last stage is
+/// done (every stage then agrees on the losses and a stop, which waits for all of them).
+fn stage_wait(sim: &Simulation, me: usize) -> f64 {
+    sim.makespan - sim.busy[me]
 }
 
 impl Pipeline {
@@ -104,7 +100,7 @@ impl Pipeline {
             .sum();
         PredictedWait {
             equal_stages: equal.bubble / equal.makespan,
-            stage: stage_wait(&sim, me, self.shape.pp) / (sim.makespan + optimizer),
+            stage: stage_wait(&sim, me) / (sim.makespan + optimizer),
         }
     }
 
@@ -153,6 +149,6 @@ impl Pipeline {
         let lists = build(self.schedule.kind(), pp as u32, m as u32, v as u32);
         let p2p = self.transfer_secs(b, t, channels);
         let sim = simulate_stages(&lists, m as u32, v as u32, &fwd, &bwd, p2p);
-        Ok(stage_wait(&sim, self.stage(), pp))
+        Ok(stage_wait(&sim, self.stage()))
     }
 }

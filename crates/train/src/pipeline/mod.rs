@@ -563,19 +563,30 @@ impl Pipeline {
 
     /// Copies `buf` from the stage that holds the loss to every stage, bit for bit (losses,
     /// the validation loss).
+    /// (A stage that finished its list early waits here for the others: counted as waiting
+    /// for other stages, `p2p_secs`.)
     pub fn share(&mut self, buf: &mut [f32], what: &str) -> Result<(), TrainError> {
         let root = self.loss_stage();
-        self.group
+        let t0 = Instant::now();
+        let r = self
+            .group
             .broadcast(buf, root)
-            .map_err(comm_err(what.to_string()))
+            .map_err(comm_err(what.to_string()));
+        self.p2p_secs += t0.elapsed().as_secs_f64();
+        r
     }
 
-    /// Whether any rank of the job says yes (e.g. was asked to stop).
+    /// Whether any rank of the job says yes (e.g. was asked to stop). Waiting here for the
+    /// other stages counts in `p2p_secs`.
     pub fn any(&mut self, mine: bool, what: &str) -> Result<bool, TrainError> {
         let mut buf = [if mine { 1.0f32 } else { 0.0 }];
-        self.world
+        let t0 = Instant::now();
+        let r = self
+            .world
             .all_reduce(&mut buf, ReduceOp::Max)
-            .map_err(comm_err(what.to_string()))?;
+            .map_err(comm_err(what.to_string()));
+        self.p2p_secs += t0.elapsed().as_secs_f64();
+        r?;
         Ok(buf[0] != 0.0)
     }
 
