@@ -64,13 +64,7 @@ fn record(a: &crate::train::TrainArgs, st: &StartInfo) -> Option<RunLayout> {
         return None;
     }
     let c = &st.config;
-    let m = CpuModel {
-        padded_vocab: plan::cpu_runtime::padded_vocab(c.model.vocab_size? as u64),
-        seq_len: c.model.seq_len as u64,
-        channels: c.model.channels as u64,
-        heads: c.model.n_head as u64,
-        layers: c.model.n_layer as u64,
-    };
+    let m = crate::train::cpu_model(st)?;
     let (dp, zero) = st.dp.map_or((1, 0), |(_, n, z)| (n as u64, z));
     let (pp, tp, microbatches, sp, transport) = match &st.pipeline {
         Some(pi) => {

@@ -627,25 +627,30 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The estimator's name of a precision (`bf16-mixed`).
+/// The run's model as `plan --cpu` sees it (`None` before the vocabulary is known).
+pub(crate) fn cpu_model(st: &StartInfo) -> Option<plan::cpu_plan::CpuModel> {
+    let c = &st.config.model;
+    Some(plan::cpu_plan::CpuModel {
+        padded_vocab: plan::cpu_runtime::padded_vocab(c.vocab_size? as u64),
+        seq_len: c.seq_len as u64,
+        channels: c.channels as u64,
+        heads: c.n_head as u64,
+        layers: c.n_layer as u64,
+    })
+}
+
 /// `plan::cpu_plan::predict` for this run's layout, when the run is a mesh (pipeline and/or
 /// tensor parallel) that the planner's model covers: one chunk per stage, 1F1B (or no
 /// pipeline), the default balanced stages. Cores: those the run's ranks × threads use, at most
 /// the machine's.
 fn mesh_prediction(st: &StartInfo) -> Option<plan::cpu_plan::CpuPrediction> {
-    use plan::cpu_plan::{predict, stage_layers, CpuHost, CpuLayout, CpuModel};
+    use plan::cpu_plan::{predict, stage_layers, CpuHost, CpuLayout};
     let pi = st.pipeline.as_ref()?;
     if pi.chunks.len() != 1 || (pi.stages > 1 && pi.schedule != "1f1b") {
         return None;
     }
     let c = &st.config;
-    let m = CpuModel {
-        padded_vocab: plan::cpu_runtime::padded_vocab(c.model.vocab_size? as u64),
-        seq_len: c.model.seq_len as u64,
-        channels: c.model.channels as u64,
-        heads: c.model.n_head as u64,
-        layers: c.model.n_layer as u64,
-    };
+    let m = cpu_model(st)?;
     let (dp, zero) = st.dp.map_or((1, 0), |(_, n, z)| (n as u64, z));
     let l = CpuLayout {
         dp,
@@ -671,6 +676,7 @@ fn mesh_prediction(st: &StartInfo) -> Option<plan::cpu_plan::CpuPrediction> {
     Some(predict(&m, &l, &host))
 }
 
+/// The estimator's name of a precision (`bf16-mixed`).
 fn precision_name(p: plan::recipe::Precision) -> String {
     serde_json::to_value(p)
         .ok()
