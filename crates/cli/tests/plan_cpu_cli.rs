@@ -117,15 +117,16 @@ fn reports_end_quietly_when_the_reader_goes_away() {
         &["estimate"][..],
         &["validate"][..],
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_scaletrain"))
+        // The reading end is closed before the process starts, so its first write finds no
+        // reader (closing it after the spawn would race a fast report).
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_scaletrain"))
             .args(args)
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(writer))
             .stderr(Stdio::piped())
-            .spawn()
+            .output()
             .expect("binary runs");
-        // Close the reading end before the report is written.
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("waits");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(
