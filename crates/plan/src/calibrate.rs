@@ -119,8 +119,10 @@ pub fn predict(m: &Measured, eff: f64) -> f64 {
     ctx.evaluate(&m.layout, &mut NoTrace).time.total
 }
 
-fn argmin(table: &[Vec<f64>], idx: &[usize]) -> usize {
-    (0..GRID_N)
+/// The grid point (column of `table`, one row per run) whose summed loss over the runs `idx`
+/// is least; `calibrate` and `cpu_calibrate` fit by it.
+pub(crate) fn argmin(table: &[Vec<f64>], idx: &[usize]) -> usize {
+    (0..table.first().map_or(0, |r| r.len()))
         .min_by(|&a, &b| {
             let f = |g: usize| idx.iter().map(|&i| table[i][g]).sum::<f64>();
             f(a).total_cmp(&f(b))
@@ -130,7 +132,7 @@ fn argmin(table: &[Vec<f64>], idx: &[usize]) -> usize {
 
 /// A small deterministic generator (SplitMix64) for the bootstrap, so a file fits the same way
 /// every time.
-fn splitmix(state: &mut u64) -> u64 {
+pub(crate) fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -18,6 +18,7 @@
 //! When the runs do not separate the two (all of one shape), the bootstrap intervals say so by
 //! being wide along the direction the data cannot see.
 
+use crate::calibrate::{argmin, splitmix};
 use crate::cpu_plan::{predict, CpuHost, CpuLayout, CpuModel};
 use crate::cpu_time::CpuCalibration;
 
@@ -119,24 +120,6 @@ fn predicted(r: &CpuRun, k: CpuCalibration) -> f64 {
         ..r.host
     };
     predict(&r.model, &r.layout, &host).step_secs
-}
-
-fn argmin(table: &[Vec<f64>], idx: &[usize]) -> usize {
-    (0..SIDE * SIDE)
-        .min_by(|&a, &b| {
-            let f = |g: usize| idx.iter().map(|&i| table[i][g]).sum::<f64>();
-            f(a).total_cmp(&f(b))
-        })
-        .unwrap_or(0)
-}
-
-/// SplitMix64, so that a set of runs always fits the same way.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Fits the constants to `runs` (see the module docs).
