@@ -149,6 +149,11 @@ fn run_with<E: Storage>(
     };
     let sp = pipe.as_ref().is_some_and(|p| p.sequence_parallel);
     let mut acts = StageActs::<E>::with_sp(&stage, &ops, b, t, cfg.train.recompute, sp)?;
+    // Weights packed once per step for the matmuls when a step runs several micro-batches
+    // (not under ZeRO-3, whose layers are gathered into shared buffers).
+    if dp.as_ref().is_none_or(|d| d.zero() != ZeroStage::Three) {
+        acts.use_weight_panels(&stage, &ops);
+    }
     let mut batcher = Batcher::new(
         data.train.len(),
         t,
@@ -184,7 +189,7 @@ fn run_with<E: Storage>(
             .filter(|_| pipe.is_none())
             .and_then(|d| d.predict_comm(&dims, accum as u64, &predicted_step)),
         allocated_bytes: 4 * (state.params.len() + grads.len() + opt.m.len() + opt.v.len()) as u64
-            + (E::BYTES * (work.len() + staging.len()) + acts.bytes()) as u64
+            + (E::BYTES * (work.len() + staging.len()) + acts.bytes() + acts.panel_bytes()) as u64
             + dp.as_ref().map_or(0, |d| d.extra_bytes()),
         rss_before_model_bytes,
         warnings,

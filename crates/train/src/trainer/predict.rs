@@ -94,7 +94,7 @@ pub(super) fn predict<E: Storage>(
             .collect(),
         None => vec![(dims, 1)],
     };
-    let predicted = plan::cpu_runtime::trainer_memory_sp(
+    let mut predicted = plan::cpu_runtime::trainer_memory_sp(
         base,
         &chunk_sets,
         b as u64,
@@ -103,6 +103,14 @@ pub(super) fn predict<E: Storage>(
         (cfg.train.precision, cfg.train.recompute),
         sp,
     );
+    if acts.panel_bytes() > 0 {
+        // The weight panels packed once per step (`kernels::panels`), counted with the
+        // parameters they copy.
+        predicted.param_bytes += held
+            .iter()
+            .map(|s| plan::cpu_runtime::weight_panel_bytes(&s.dims(mcfg)))
+            .sum::<u64>();
+    }
     Predictions {
         dims,
         step: predicted_step,
