@@ -149,7 +149,7 @@ unsafe fn pairs_rows(
     live: usize,
     k: usize,
 ) {
-    let full = if live == width && rs % 2 == 0 {
+    let full = if live == width && rs.is_multiple_of(2) {
         k / 2 / 16 * 16
     } else {
         0
