@@ -64,7 +64,7 @@ fn record(a: &crate::train::TrainArgs, st: &StartInfo) -> Option<RunLayout> {
         return None;
     }
     let c = &st.config;
-    let m = crate::train::cpu_model(st)?;
+    let m = crate::train_report::cpu_model(st)?;
     let (dp, zero) = st.dp.map_or((1, 0), |(_, n, z)| (n as u64, z));
     let (pp, tp, microbatches, sp, transport) = match &st.pipeline {
         Some(pi) => {

@@ -19,6 +19,7 @@ mod spec;
 mod spec_model;
 mod train;
 mod train_dp;
+mod train_report;
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -4,7 +4,7 @@
 
 mod common;
 
-fn train(out: &std::path::Path, layout: &[&'static str]) {
+fn train(out: &std::path::Path, layout: &[&str]) -> String {
     let mut args = vec!["train", "--out", out.to_str().unwrap(), "--steps", "4"];
     args.extend(common::tiny_with(&[
         "--set",
@@ -20,6 +20,24 @@ fn train(out: &std::path::Path, layout: &[&'static str]) {
     let (code, stdout, stderr) = common::run_env(&args, &[("SCALETRAIN_COMM_TIMEOUT_SECS", "60")]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(out.join("run-layout.json").is_file(), "{stdout}");
+    stdout
+}
+
+/// The report's predicted step, ms.
+fn predicted_ms(report: &str) -> f64 {
+    let line = report
+        .lines()
+        .find(|l| l.contains("step time: predicted"))
+        .unwrap_or_else(|| panic!("no step time line: {report}"));
+    line.split("predicted ")
+        .nth(1)
+        .unwrap()
+        .split(" ms")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -105,6 +123,48 @@ fn calibrate_cpu_fits_real_runs_and_plan_reads_the_file() {
     let fitted = plan(&["--calibration", cal.to_str().unwrap()]);
     assert_ne!(default, fitted);
 
+    // train --calibration: the end-of-run report predicts with the file's constants, without
+    // a pipeline (the whole model's compute) and in a mesh (plan --cpu's prediction).
+    // A machine 8× slower than the defaults' (the fitted file, its constants replaced).
+    let mut slow: serde_json::Value = file.clone();
+    slow["matmul_flops_per_thread"] = (240e9 / 8.0).into();
+    slow["bandwidth_bytes_per_thread"] = (6e9 / 8.0).into();
+    let slow_path = dir.path().join("slow.json");
+    std::fs::write(&slow_path, slow.to_string()).unwrap();
+    let c = slow_path.to_str().unwrap();
+    // One process: all compute, 8× the step; the tiny pipeline's step is mostly its messages.
+    for (name, layout, factor) in [
+        ("one", vec![], 4.0),
+        (
+            "pp2",
+            vec![
+                "--pp",
+                "2",
+                "--microbatches",
+                "4",
+                "--set",
+                "train.batch_size=1",
+            ],
+            1.2,
+        ),
+    ] {
+        let plain = train(&dir.path().join(format!("{name}-plain")), &layout);
+        let mut with = layout.clone();
+        with.extend(["--calibration", c]);
+        let calibrated = train(&dir.path().join(format!("{name}-cal")), &with);
+        assert!(!plain.contains("constants:"), "{plain}");
+        assert!(
+            calibrated.contains(&format!("constants: {c} (calibrate --cpu)"))
+                && !calibrated.contains("not applied"),
+            "{calibrated}"
+        );
+        let (p, q) = (predicted_ms(&plain), predicted_ms(&calibrated));
+        assert!(
+            q > factor * p,
+            "{name}: predicted {p} ms, with the slow constants {q} ms"
+        );
+    }
+
     // Bad input: a wrong calibration file, a folder that is no run, a mixed folder, no metrics.
     let (code, _, stderr) = common::run(&[
         "plan",
@@ -116,6 +176,21 @@ fn calibrate_cpu_fits_real_runs_and_plan_reads_the_file() {
     ]);
     assert_eq!(code, 2);
     assert!(stderr.contains("not a CPU calibration file"), "{stderr}");
+    // train refuses the same file before it trains.
+    let bad = dir.path().join("bad");
+    let (code, _, stderr) = common::run(&[
+        "train",
+        "--out",
+        bad.to_str().unwrap(),
+        "--calibration",
+        runs[0].join("run-layout.json").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--calibration") && stderr.contains("not a CPU calibration file"),
+        "{stderr}"
+    );
+    assert!(!bad.join("metrics.jsonl").exists());
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let (code, _, stderr) = common::run(&["calibrate", "--cpu", empty.to_str().unwrap()]);

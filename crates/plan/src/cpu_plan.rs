@@ -11,11 +11,15 @@
 //! stages      = the runtime's balanced split (train::mesh::partition): identical layers of
 //!               3·24·b·t·c² + 12·b·t²·c FLOPs, the last stage also the head's 3·2·b·t·c·vp
 //! micro(s)    = cpu_time::step_time(stage s, b, t, 1, n) without AdamW
-//!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
-//! pipeline    = schedule::simulate(1F1B, pp, m, forward = max_s micro(s)/3, backward = 2/3 of it,
-//!               p2p = α + b·t·c·4 / β)            (pp = 1: m · micro)
+//!               + TP_LINK_FACTOR · cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
+//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
+//!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · oversub,
+//!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
+//!               thread: schedule::simulate's makespan)
 //! AdamW(s)    = cpu_time's optimizer term of stage s, / dp under ZeRO-1/2 (the rank's shard)
-//! step        = oversub · (pipeline + max_s AdamW(s)) + max_s exposed dp comm(s) (+ contention)
+//! dp(s)       = oversub · (exposed dp comm(s) + contention)
+//!               + DP_WAKE_SECS · ring steps(s) · (oversub − 1)
+//! step        = pipeline + oversub · max_s AdamW(s) + max_s dp(s)
 //! oversub     = max(1, R·n / cores)               (more ranks than cores share them)
 //! tokens/s    = G·t / step
 //! memory      = max over stages of cpu_runtime::stage_memory_sp with the simulated peak of
@@ -156,7 +160,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .iter()
         .map(|d| {
             let s = step_time(d, l.batch, t, 1, threads, &host.compute);
-            let tp = tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
+            let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
             (
                 s.matmul_secs + s.memory_secs + s.overhead_secs + tp,
                 tp,
@@ -174,12 +178,22 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         } else {
             l.batch * t
         };
-        host.link.latency_secs + (rows * m.channels * 4) as f64 / host.link.bus_bytes_per_sec
+        host.link.latency_secs
+            + (rows * m.channels * 4) as f64 / host.link.bus_bytes_per_sec
+            + sharing::P2P_MESSAGE_SECS * oversub
     } else {
         0.0
     };
     let lists = build(Kind::OneFOneB, l.pp as u32, mb as u32, 1);
+    // Dedicated cores: the bubble and the activations in flight.
     let sim = simulate(&lists, mb as u32, 1, micro / 3.0, 2.0 * micro / 3.0, p2p);
+    // Shared cores: a waiting stage lends its core to the other ranks.
+    let makespan = sharing::shared_makespan(
+        &lists,
+        mb as u32,
+        (micro / 3.0, 2.0 * micro / 3.0, p2p),
+        (l.dp * l.tp, threads, host.cores),
+    );
     let optimizer_secs = per.iter().map(|p| p.2).fold(0.0, f64::max);
     let spare_core = host.cores > ranks * threads;
     let dp_comm_secs = if l.dp > 1 {
@@ -197,13 +211,24 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                     spare_core,
                 };
                 let c = dp_comm_time(d, &setup, p.0 * 2.0 / 3.0, &host.link);
-                c.exposed_secs + c.contention_secs
+                // All ranks communicate at once after backward: the collectives' CPU work
+                // shares the cores too, and every ring step waits for its rank to get one.
+                let rounds = if l.zero == 2 { mb } else { 1 } as f64;
+                let buckets = c.buckets as f64;
+                let ring_steps = (l.dp - 1) as f64
+                    * if l.zero == 0 {
+                        2.0 * buckets
+                    } else {
+                        buckets * rounds + buckets + 1.0
+                    };
+                oversub * (c.exposed_secs + c.contention_secs)
+                    + sharing::DP_WAKE_SECS * ring_steps * (oversub - 1.0)
             })
             .fold(0.0, f64::max)
     } else {
         0.0
     };
-    let step_secs = oversub * (sim.makespan + optimizer_secs) + dp_comm_secs;
+    let step_secs = makespan + oversub * optimizer_secs + dp_comm_secs;
     let memory_bytes = dims
         .iter()
         .zip(&sim.peak_in_flight)
@@ -214,7 +239,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         threads,
         stage_layers: layers,
         step_secs,
-        pipeline_secs: sim.makespan,
+        pipeline_secs: makespan,
         bubble_secs: sim.bubble,
         tp_comm_secs: mb as f64 * per[slowest].1,
         dp_comm_secs,
@@ -358,6 +383,7 @@ pub fn collapse(ranked: &[(CpuLayout, CpuPrediction)]) -> Vec<CpuChoice> {
 
 #[cfg(test)]
 mod measured;
+pub mod sharing;
 
 #[cfg(test)]
 mod tests {
@@ -421,7 +447,7 @@ mod tests {
         let full = stage_dims(&m, 4, 0, 1, 1);
         assert_eq!(matmul_flops(&d, 8, 128), matmul_flops(&full, 8, 128) / 2.0);
         let s = step_time(&d, 8, 128, 1, 2, &h.compute);
-        let tp = tp_comm_secs(&d, 8, 128, 1, false, &h.link);
+        let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(&d, 8, 128, 1, false, &h.link);
         assert!((p.tp_comm_secs - tp).abs() < 1e-15);
         assert!((p.step_secs - (s.total_secs + tp)).abs() < 1e-12);
     }
@@ -441,7 +467,9 @@ mod tests {
                 t.matmul_secs + t.memory_secs + t.overhead_secs
             })
             .fold(0.0, f64::max);
-        let p2p = h.link.latency_secs + (2 * 128 * 256 * 4) as f64 / h.link.bus_bytes_per_sec;
+        let p2p = h.link.latency_secs
+            + (2 * 128 * 256 * 4) as f64 / h.link.bus_bytes_per_sec
+            + sharing::P2P_MESSAGE_SECS;
         let sim = simulate(
             &build(Kind::OneFOneB, 2, 4, 1),
             4,
@@ -450,7 +478,8 @@ mod tests {
             2.0 * micro / 3.0,
             p2p,
         );
-        assert_eq!(p.pipeline_secs, sim.makespan);
+        // 2 ranks on 2 cores: no sharing, the dedicated simulation's makespan.
+        assert!((p.pipeline_secs - sim.makespan).abs() < 1e-12 * sim.makespan);
         assert_eq!(p.bubble_secs, sim.bubble);
         // 1F1B over 2 stages and 4 micro-batches without transfer time: the bubble is
         // (p − 1)·(forward + backward) = one micro-step; transfers only add to it.

@@ -28,7 +28,8 @@ mod panels;
 mod zero3;
 pub use panels::{weight_panel_bytes, weight_panel_floats};
 pub use zero3::{
-    zero3_comm_time, zero3_gathers_per_step, zero3_memory, zero3_unit_lens, ZERO3_GATHER_SLOTS,
+    zero3_comm_time, zero3_comm_time_with, zero3_gathers_per_step, zero3_memory, zero3_memory_with,
+    zero3_unit_lens, ZERO3_GATHER_SLOTS,
 };
 
 /// Model dimensions as the CPU runtime sees them for one pipeline stage and one

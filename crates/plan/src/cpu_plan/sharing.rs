@@ -1,0 +1,158 @@
+//! More ranks than cores: the pipeline under processor sharing, and the constants of the
+//! oversubscribed host (docs/cpu-planner.md, "Ranks sharing cores").
+//!
+//! With R ranks × n threads on C < R·n cores the operating system shares the cores among the
+//! runnable threads (Linux's fair scheduler approximates processor sharing: each of k runnable
+//! threads on C cores progresses at min(1, C/k) of a core; Kleinrock 1967 for the discipline).
+//! A pipeline stage that waits for its neighbour is not runnable, so its core goes to the
+//! others: the bubble of a pipeline on a shared host is not idle time, and the step is not
+//! `oversubscription × makespan` (the model before 2026-12-06 07:00, which overrated wide data
+//! parallelism and underrated pipelines by up to 46%). [`shared_makespan`] simulates the 1F1B
+//! lists with each running operation progressing at that rate; with a core per thread it is
+//! `schedule::simulate`'s makespan.
+
+use crate::schedule::Op;
+
+/// Tensor-parallel collectives cost this fraction of the loopback link's time
+/// (`CommCalibration::tcp`, fitted to data-parallel buckets of megabytes reduced by a
+/// communication thread competing with compute). The tensor-parallel all-reduces run on the
+/// training threads of ranks that arrive together, on 0.25–1 MiB tensors; fitted on the
+/// layouts of docs/cpu-planner.md (tables of 02:03 and 04:42 UTC, 2026-12-06).
+pub const TP_LINK_FACTOR: f64 = 0.25;
+
+/// Seconds each pipeline message (an activation forward, a gradient backward) adds to the
+/// dependency chain, times the oversubscription: the receiving rank sleeps in its receive and
+/// has to be woken and, with more ranks than cores, wait for a core. Fitted (same rows) far
+/// above a loopback round trip (~30 µs): it also carries per-micro-batch costs of the pipeline
+/// runtime that the compute model lacks.
+pub const P2P_MESSAGE_SECS: f64 = 1.1e-3;
+
+/// Seconds each data-parallel ring step (one message of a ring all-reduce, reduce-scatter or
+/// all-gather) adds per extra rank per core (`oversubscription − 1`): the ring's next rank is
+/// runnable only once its predecessor's message arrives and then waits for a core. Fitted
+/// (same rows).
+pub const DP_WAKE_SECS: f64 = 0.08e-3;
+
+/// Makespan of the 1F1B lists `ops` of `m` micro-batches (one chunk per stage) when each stage
+/// is `group` ranks of `threads` threads that run in lockstep (its data- and tensor-parallel
+/// copies) and all ranks share `cores` cores: every running operation progresses at
+/// min(1, cores / (group · threads · running stages)). Forward `fwd` and backward `bwd` seconds
+/// of work per operation, `p2p` seconds between a stage's operation and the neighbour's that
+/// depends on it. Returns NaN if the lists deadlock (a bug in `schedule::build`).
+pub fn shared_makespan(
+    ops: &[Vec<Op>],
+    m: u32,
+    (fwd, bwd, p2p): (f64, f64, f64),
+    (group, threads, cores): (u64, u64, u64),
+) -> f64 {
+    let p = ops.len();
+    let idx = |mb: u32, s: usize| mb as usize * p + s;
+    let mut f_done = vec![f64::NAN; m as usize * p];
+    let mut b_done = vec![f64::NAN; m as usize * p];
+    let mut pos = vec![0usize; p];
+    // The operation each stage runs and the work it has left.
+    let mut running: Vec<Option<(Op, f64)>> = vec![None; p];
+    let known = |x: f64| (!x.is_nan()).then_some(x);
+    // When stage s's next operation may start (None: a dependency is not done yet).
+    let ready = |s: usize, op: &Op, f_done: &[f64], b_done: &[f64]| -> Option<f64> {
+        match *op {
+            Op::Forward { .. } if s == 0 => Some(0.0),
+            Op::Forward { mb, .. } => known(f_done[idx(mb, s - 1)]).map(|t| t + p2p),
+            Op::Backward { mb, .. } if s + 1 == p => known(f_done[idx(mb, s)]),
+            Op::Backward { mb, .. } => known(b_done[idx(mb, s + 1)]).map(|t| t + p2p),
+        }
+    };
+    let share = (group.max(1) * threads.max(1)) as f64;
+    let mut t = 0.0f64;
+    loop {
+        let mut next = f64::INFINITY;
+        for s in 0..p {
+            if running[s].is_some() {
+                continue;
+            }
+            let Some(op) = ops[s].get(pos[s]) else {
+                continue;
+            };
+            match ready(s, op, &f_done, &b_done) {
+                Some(r) if r <= t => {
+                    let work = if matches!(op, Op::Forward { .. }) {
+                        fwd
+                    } else {
+                        bwd
+                    };
+                    running[s] = Some((*op, work));
+                }
+                Some(r) => next = next.min(r),
+                None => {}
+            }
+        }
+        let busy = running.iter().filter(|r| r.is_some()).count();
+        if busy == 0 && next.is_infinite() {
+            let finished = (0..p).all(|s| pos[s] == ops[s].len());
+            return if finished { t } else { f64::NAN };
+        }
+        let rate = if busy == 0 {
+            1.0
+        } else {
+            (cores.max(1) as f64 / (share * busy as f64)).min(1.0)
+        };
+        for (_, left) in running.iter().flatten() {
+            next = next.min(t + left / rate);
+        }
+        let dt = next - t;
+        t = next;
+        for s in 0..p {
+            let Some((op, left)) = running[s] else {
+                continue;
+            };
+            let left = left - dt * rate;
+            if left > 1e-12 * (fwd + bwd) {
+                running[s] = Some((op, left));
+                continue;
+            }
+            match op {
+                Op::Forward { mb, .. } => f_done[idx(mb, s)] = t,
+                Op::Backward { mb, .. } => b_done[idx(mb, s)] = t,
+            }
+            running[s] = None;
+            pos[s] += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{build, simulate, Kind};
+
+    #[test]
+    fn with_a_core_per_thread_it_is_the_dedicated_simulation() {
+        for (p, m) in [(1, 1), (1, 4), (2, 4), (4, 8), (4, 2), (3, 5)] {
+            let lists = build(Kind::OneFOneB, p, m, 1);
+            let sim = simulate(&lists, m, 1, 1.0, 2.0, 0.1);
+            let shared = shared_makespan(&lists, m, (1.0, 2.0, 0.1), (2, 1, 2 * p as u64));
+            assert!(
+                (shared - sim.makespan).abs() < 1e-9,
+                "p{p} m{m}: {shared} vs {}",
+                sim.makespan
+            );
+        }
+    }
+
+    #[test]
+    fn sharing_cores_costs_the_work_over_the_cores_and_the_bubble_is_lent_out() {
+        // One stage, 4 ranks on 2 cores: every operation runs at half speed.
+        let one = build(Kind::OneFOneB, 1, 3, 1);
+        let t = shared_makespan(&one, 3, (1.0, 2.0, 0.0), (4, 1, 2));
+        assert!((t - 2.0 * 9.0).abs() < 1e-9, "{t}");
+        // Two stages on one core each, 4 micro-batches: dedicated, the bubble is one micro-step
+        // (makespan 5 micro-steps); on ONE shared core the work is 2 × 4 micro-steps and the
+        // warm-up and cool-down run alone at full speed: between the work over the cores (8)
+        // and oversubscription × makespan (10).
+        let two = build(Kind::OneFOneB, 2, 4, 1);
+        let dedicated = shared_makespan(&two, 4, (1.0, 2.0, 0.0), (1, 1, 2));
+        assert!((dedicated - 15.0).abs() < 1e-9, "{dedicated}");
+        let shared = shared_makespan(&two, 4, (1.0, 2.0, 0.0), (1, 1, 1));
+        assert!(shared > 24.0 - 1e-9 && shared < 30.0, "{shared}");
+    }
+}
