@@ -13,24 +13,21 @@
 
 use crate::schedule::Op;
 
-/// Tensor-parallel collectives cost this fraction of the loopback link's time
-/// (`CommCalibration::tcp`, fitted to data-parallel buckets of megabytes reduced by a
-/// communication thread competing with compute). The tensor-parallel all-reduces run on the
-/// training threads of ranks that arrive together, on 0.25–1 MiB tensors; fitted on the
-/// layouts of docs/cpu-planner.md (tables of 02:03 and 04:42 UTC, 2026-12-06).
-pub const TP_LINK_FACTOR: f64 = 0.25;
+/// Tensor-parallel collectives cost this multiple of the loopback link's time
+/// (`CommCalibration::tcp`, fitted to data-parallel buckets). Fitted on the 65 layouts of
+/// docs/cpu-planner.md (three quiet tables, 2026-12-06), as the two constants below.
+pub const TP_LINK_FACTOR: f64 = 1.2;
 
 /// Seconds each pipeline message (an activation forward, a gradient backward) adds to the
 /// dependency chain, times the oversubscription: the receiving rank sleeps in its receive and
 /// has to be woken and, with more ranks than cores, wait for a core. Fitted (same rows) far
 /// above a loopback round trip (~30 µs): it also carries per-micro-batch costs of the pipeline
 /// runtime that the compute model lacks.
-pub const P2P_MESSAGE_SECS: f64 = 1.1e-3;
+pub const P2P_MESSAGE_SECS: f64 = 1.0e-3;
 
 /// Seconds each data-parallel ring step (one message of a ring all-reduce, reduce-scatter or
 /// all-gather) adds per extra rank per core (`oversubscription − 1`): the ring's next rank is
-/// runnable only once its predecessor's message arrives and then waits for a core. Fitted
-/// (same rows).
+/// runnable only once its predecessor's message arrives and then waits for a core.
 pub const DP_WAKE_SECS: f64 = 0.08e-3;
 
 /// Makespan of the 1F1B lists `ops` of `m` micro-batches (one chunk per stage) when each stage
