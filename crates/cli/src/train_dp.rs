@@ -140,11 +140,6 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
             a.pp
         );
     }
-    if zero == ZeroStage::Three && cfg.train.precision != train::config::Precision::Fp32 {
-        bail!(
-            "--zero 3 trains in fp32 only (it gathers fp32 weights); set train.precision = \"fp32\" or use --zero 2"
-        );
-    }
     if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0) {
         bail!(
             "--bucket-mb {}: expected a positive size in MiB (e.g. 2; larger than the model = one bucket)",

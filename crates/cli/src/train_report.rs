@@ -135,7 +135,7 @@ pub(crate) fn predicted_vs_measured(
                 .ok()
                 .and_then(|d| d.zero3_gathers_per_micro_batch())
         });
-        if let Some((count, elems)) = gathers {
+        if let Some((count, bytes)) = gathers {
             let m = &s.config.model;
             let dims = plan::cpu_runtime::CpuRuntimeDims {
                 padded_vocab: plan::cpu_runtime::padded_vocab(m.vocab_size.unwrap_or(0) as u64),
@@ -151,9 +151,11 @@ pub(crate) fn predicted_vs_measured(
             let (pc, pe) = plan::cpu_runtime::zero3_gathers_per_step(&dims, a);
             println!(
                 "  ZeRO-3 weight gathers per micro-batch (forward + backward; the embedding once per step): measured {count:.2} gathers, {:.2} MiB | predicted {:.2} gathers, {:.2} MiB",
-                4.0 * elems / 1048576.0,
+                bytes / 1048576.0,
                 pc as f64 / a as f64,
-                4.0 * pe as f64 / a as f64 / 1048576.0
+                (pe * plan::cpu_runtime::compute_bytes(s.config.train.precision)) as f64
+                    / a as f64
+                    / 1048576.0
             );
         }
         if let Some(p) = st.predicted_comm {

@@ -84,10 +84,25 @@ pub(crate) fn ring_reduce_scatter(ctx: &mut Ctx, buf: &mut [f32], combine: Combi
 /// ```
 /// Pipelined like the reduce-scatter: the shard received at step s is forwarded frame by frame.
 pub(crate) fn ring_all_gather(ctx: &mut Ctx, buf: &mut [f32]) -> Result<()> {
+    // SAFETY: `buf` is `buf.len()` elements of 4 bytes, borrowed mutably for the call.
+    unsafe { ring_all_gather_raw(ctx, buf.as_mut_ptr() as *mut u8, buf.len(), 4) }
+}
+
+/// [`ring_all_gather`] of 16-bit elements (bf16 / fp16 bit patterns): half the bytes.
+pub(crate) fn ring_all_gather_u16(ctx: &mut Ctx, buf: &mut [u16]) -> Result<()> {
+    // SAFETY: `buf` is `buf.len()` elements of 2 bytes, borrowed mutably for the call.
+    unsafe { ring_all_gather_raw(ctx, buf.as_mut_ptr() as *mut u8, buf.len(), 2) }
+}
+
+/// The ring all-gather over `len` elements of `elem` bytes at `base`; shards are
+/// `shard_range(len, n, rank)` in elements. Only bytes move, so any element type gathers
+/// exactly.
+///
+/// # Safety
+/// `base` must point to `len * elem` bytes that nothing else reads or writes during the call.
+unsafe fn ring_all_gather_raw(ctx: &mut Ctx, base: *mut u8, len: usize, elem: usize) -> Result<()> {
     let (n, r) = (ctx.n(), ctx.me);
     let (right, left) = ((r + 1) % n, (r + n - 1) % n);
-    let len = buf.len();
-    let base = buf.as_mut_ptr();
     let (mut sends, mut recvs) = (Vec::new(), Vec::new());
     for s in 0..n.saturating_sub(1) {
         let sc = shard_range(len, n, (r + n - s) % n);
@@ -95,17 +110,17 @@ pub(crate) fn ring_all_gather(ctx: &mut Ctx, buf: &mut [f32]) -> Result<()> {
         // SAFETY: as in `ring_reduce_scatter`: step s+1 forwards shard rc(s) as it arrives; step 0
         // sends our own shard r, which no step receives into.
         unsafe {
-            let avail = if s == 0 { sc.len() * 4 } else { 0 };
+            let avail = if s == 0 { sc.len() * elem } else { 0 };
             sends.push(SendOp::raw(
                 right,
-                base.add(sc.start) as *const u8,
-                sc.len() * 4,
+                base.add(sc.start * elem) as *const u8,
+                sc.len() * elem,
                 avail,
             ));
             recvs.push(RecvOp::raw_bytes(
                 left,
-                base.add(rc.start) as *mut u8,
-                rc.len() * 4,
+                base.add(rc.start * elem),
+                rc.len() * elem,
             ));
         }
     }

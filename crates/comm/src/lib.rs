@@ -170,6 +170,18 @@ pub trait Communicator: Send {
     fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<Range<usize>>;
     /// Each rank contributes `buf[shard_range(len, size, rank)]`; afterwards every rank holds all shards.
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// [`Communicator::all_gather`] of 16-bit elements (bf16 / fp16 bit patterns), shards in
+    /// elements. Bytes move unchanged. This default widens every element into a 32-bit word and
+    /// gathers those (exact, twice the bytes); transports override it to send 2 bytes each.
+    fn all_gather_u16(&mut self, buf: &mut [u16]) -> Result<()> {
+        let mut wide: Vec<f32> = buf.iter().map(|&x| f32::from_bits(u32::from(x))).collect();
+        self.all_gather(&mut wide)?;
+        for (d, w) in buf.iter_mut().zip(&wide) {
+            // Only the low 16 bits were ever set: every shard is some rank's widened u16.
+            *d = w.to_bits() as u16;
+        }
+        Ok(())
+    }
     /// Copy `buf` from `root` to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Send bytes to `dst`; the matching `recv` must ask for exactly `data.len()` bytes.

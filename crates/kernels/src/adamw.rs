@@ -150,16 +150,41 @@ pub fn adamw_update_mixed<G: Elem, W: Elem>(
     }
 }
 
-/// Σ g² over `grads` of any storage type, accumulated in f64 ([`sum_squares`] for `f32`).
+/// Σ g² over `grads` of any storage type, accumulated in f64 ([`sum_squares`] for `f32`). A
+/// 16-bit buffer is summed in [`LANES`] f64 partial sums (element `i` into sum `i mod LANES`,
+/// then the sums pairwise in a fixed tree): its order depends on the length only, never on a
+/// thread split. One sequential chain was bound by the f64 add's latency (≈ 2% of a
+/// bf16-mixed `bench train` step; `docs/performance.md`).
 pub fn sum_squares_of<G: Elem>(grads: &[G]) -> f64 {
     match G::f32s(grads) {
         Some(g) => sum_squares(g),
-        None => grads
-            .iter()
-            .map(|g| g.to_f32() as f64 * g.to_f32() as f64)
-            .sum(),
+        None => crate::fastmath::vectorized(|| {
+            let mut acc = [0.0f64; LANES];
+            let mut chunks = grads.chunks_exact(LANES);
+            for ch in &mut chunks {
+                for (a, g) in acc.iter_mut().zip(ch) {
+                    let x = g.to_f32() as f64;
+                    *a += x * x;
+                }
+            }
+            for (a, g) in acc.iter_mut().zip(chunks.remainder()) {
+                let x = g.to_f32() as f64;
+                *a += x * x;
+            }
+            let mut w = LANES;
+            while w > 1 {
+                w /= 2;
+                for i in 0..w {
+                    acc[i] += acc[i + w];
+                }
+            }
+            acc[0]
+        }),
     }
 }
+
+/// Partial sums of [`sum_squares_of`] on 16-bit gradients.
+pub const LANES: usize = 8;
 
 /// True when every element is finite (no inf or NaN), for any storage type.
 pub fn all_finite<G: Elem>(grads: &[G]) -> bool {
@@ -286,5 +311,34 @@ mod tests {
                 assert_eq!(w[j], Bf16::from_f32(p[j]), "step {step} working[{j}]");
             }
         }
+    }
+
+    #[test]
+    fn sum_squares_of_16_bit_gradients_is_the_lane_sum() {
+        use crate::Bf16;
+        // Integers: every partial sum is exact, so any order gives the exact total.
+        for n in [0, 1, 7, 8, 9, 8 * 1000 + 5] {
+            let g: Vec<Bf16> = (0..n)
+                .map(|i| Bf16::from_f32((i % 61) as f32 - 30.0))
+                .collect();
+            let want: f64 = (0..n).map(|i| ((i % 61) as f64 - 30.0).powi(2)).sum();
+            assert_eq!(sum_squares_of(&g), want, "n = {n}");
+        }
+        // General values: the lane order, written out, bit for bit; and close to the f32 path.
+        let mut rng = Rng::new(44);
+        let g16: Vec<Bf16> = randn(&mut rng, 1003, 0.3)
+            .iter()
+            .map(|&x| Bf16::from_f32(x))
+            .collect();
+        let mut lanes = [0.0f64; LANES];
+        for (i, g) in g16.iter().enumerate() {
+            lanes[i % LANES] += g.to_f32() as f64 * g.to_f32() as f64;
+        }
+        let tree = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+            + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+        assert_eq!(sum_squares_of(&g16).to_bits(), tree.to_bits());
+        let g32: Vec<f32> = g16.iter().map(|g| g.to_f32()).collect();
+        let rel = (sum_squares_of(&g16) - sum_squares(&g32)).abs() / sum_squares(&g32);
+        assert!(rel < 1e-14, "relative difference {rel}");
     }
 }

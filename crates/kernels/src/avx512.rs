@@ -326,7 +326,7 @@ fn pack_b(
 
 /// Transposing packers: `width` source rows (contiguous, `kc` long, `stride` apart) become a
 /// `[kc][width]` panel, 16 × 16 blocks at a time in registers.
-mod transpose {
+pub(crate) mod transpose {
     pub(super) fn available() -> bool {
         super::available()
     }
@@ -394,14 +394,21 @@ mod transpose {
     }
     const STEPS: [[[i32; 16]; 2]; 4] = steps();
 
-    /// The whole 16-column blocks (`full` a multiple of 16) of [`pack_rows`].
+    /// The whole 16-column blocks (`full` a multiple of 16) of [`pack_rows`]. Moves 32-bit
+    /// words unchanged (only permutes), so `avx512bf16` also transposes bf16 pairs with it.
     ///
     /// # Safety
     /// AVX-512F is available; `src + r·stride + p` (r < width, p < full) and
     /// `dst + p·width + r` are valid.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn blocks(dst: *mut f32, src: *const f32, stride: usize, width: usize, full: usize) {
+    pub(crate) unsafe fn blocks(
+        dst: *mut f32,
+        src: *const f32,
+        stride: usize,
+        width: usize,
+        full: usize,
+    ) {
         use std::arch::x86_64::*;
         // SAFETY: per the function's contract.
         unsafe {

@@ -74,10 +74,6 @@ pub(crate) fn gemm<C: Elem, A: Elem, B: Elem>(
     let k2 = k.div_ceil(2);
     PACK.with(|bufs| {
         let (abuf, bbuf, tmp) = &mut *bufs.borrow_mut();
-        let need = k.max(NR).max(MR);
-        if tmp.len() < need {
-            tmp.resize(need, 0);
-        }
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             let npanels = nc.div_ceil(NR);
@@ -109,209 +105,12 @@ pub(crate) fn gemm<C: Elem, A: Elem, B: Elem>(
     });
 }
 
-/// Packs rows `r0..r0+rows` of `x` (a `rows × k` view: `a`, or `b` transposed) into
-/// `ceil(rows/width)` panels `[k2][width]` of bf16 pairs (missing rows and the odd partner 0).
-fn pack<E: Elem>(
-    dst: &mut [u32],
-    tmp: &mut [u16],
-    x: &[E],
-    v: View,
-    (r0, rows): (usize, usize),
-    k: usize,
-    width: usize,
-) {
-    let k2 = k.div_ceil(2);
-    for (s, panel) in dst.chunks_exact_mut(k2 * width).enumerate() {
-        let p0 = r0 + s * width;
-        let live = width.min(r0 + rows - p0);
-        let gather_ok = is_bf16::<E>() && k >= 2 && (p0 + width) * v.rs + k < i32::MAX as usize;
-        if v.cs == 1 && gather_ok {
-            // bf16 rows, each contiguous: gather pair `q` of 16 rows at a time.
-            let last = (p0 + live - 1) * v.rs + k - 1;
-            assert!(last < x.len() && panel.len() == k2 * width);
-            // SAFETY: AVX-512F/BW/VL are available (the caller checked); `E` is `Bf16`
-            // (checked); every element read is at most `last` (asserted) and every index fits
-            // an i32 (checked above); every word written lies inside `panel` (asserted).
-            unsafe {
-                pairs_across(
-                    panel.as_mut_ptr(),
-                    width,
-                    x.as_ptr().add(p0 * v.rs) as *const crate::Bf16,
-                    v.rs,
-                    live,
-                    k,
-                )
-            };
-        } else if v.cs == 1 {
-            // Each row is contiguous: round it, then write its pairs down the panel column.
-            let t = &mut tmp[..k];
-            for r in 0..width {
-                if r >= live {
-                    for q in 0..k2 {
-                        panel[q * width + r] = 0;
-                    }
-                    continue;
-                }
-                let o = (p0 + r) * v.rs;
-                crate::amx::to_bf16(&x[o..o + k], t);
-                for q in 0..k2 {
-                    let hi = if 2 * q + 1 < k {
-                        t[2 * q + 1] as u32
-                    } else {
-                        0
-                    };
-                    panel[q * width + r] = t[2 * q] as u32 | hi << 16;
-                }
-            }
-        } else if v.rs == 1 && (is_f32::<E>() || is_bf16::<E>()) {
-            // Each inner index is contiguous across the panel's rows: 16 rows at a time in
-            // registers (masked loads stop at `live`).
-            let last = p0 + live - 1 + (k - 1) * v.cs;
-            assert!(last < x.len() && panel.len() == k2 * width);
-            // SAFETY: AVX512_BF16/BW/VL are available (the caller checked); every element read
-            // is at most `last` (asserted), every word written inside `panel` (asserted).
-            unsafe { pairs_down(panel.as_mut_ptr(), width, x.as_ptr().add(p0), v.cs, live, k) };
-        } else if v.rs == 1 {
-            // Each inner index is contiguous across the panel's rows: round `live` at a time.
-            panel.fill(0);
-            let t = &mut tmp[..live];
-            for p in 0..k {
-                let o = p0 + p * v.cs;
-                crate::amx::to_bf16(&x[o..o + live], t);
-                let (row, shift) = (
-                    &mut panel[(p / 2) * width..(p / 2) * width + live],
-                    16 * (p % 2),
-                );
-                for (w, &h) in row.iter_mut().zip(t.iter()) {
-                    *w |= (h as u32) << shift;
-                }
-            }
-        } else {
-            panel.fill(0);
-            for r in 0..live {
-                for p in 0..k {
-                    let h = x[(p0 + r) * v.rs + p * v.cs].to_bf16_bits() as u32;
-                    panel[(p / 2) * width + r] |= h << (16 * (p % 2));
-                }
-            }
-        }
-    }
-}
-
 fn is_f32<E: 'static>() -> bool {
     std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
 }
 
 fn is_bf16<E: 'static>() -> bool {
     std::any::TypeId::of::<E>() == std::any::TypeId::of::<crate::Bf16>()
-}
-
-/// Panel words `[q·width + r]` = the pair (`x[r·rs + 2q]`, `x[r·rs + 2q + 1]`) of bf16 values
-/// as one little-endian word, `0` for `r ≥ live` and for the missing partner of an odd `k`:
-/// one `vpgatherdd` per pair and 16 rows. (An `f32` source, which must also be rounded, measured
-/// slower gathered than rounded row by row, so it keeps the scalar path.)
-///
-/// # Safety
-/// AVX-512F/BW/VL are available; `x + r·rs + p` is readable for `r < live`, `p < k`, and
-/// `(width − 1)·rs + k` fits an `i32`; `k ≥ 2`; `panel` holds `ceil(k/2)·width` words;
-/// `live ≤ width`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pairs_across(
-    panel: *mut u32,
-    width: usize,
-    x: *const crate::Bf16,
-    rs: usize,
-    live: usize,
-    k: usize,
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: per the function's contract; masked-off lanes are not read.
-    unsafe {
-        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let zero = _mm512_setzero_si512();
-        for r0 in (0..width).step_by(16) {
-            let n_live = live.saturating_sub(r0).min(16);
-            let mask = ((1u32 << n_live) - 1) as __mmask16;
-            let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
-            let rows = _mm512_mullo_epi32(
-                _mm512_add_epi32(_mm512_set1_epi32(r0 as i32), lanes),
-                _mm512_set1_epi32(rs as i32),
-            );
-            // the 4 bytes at bf16 element `p` of each row (scale 2: indices count elements)
-            let word = |p: usize| {
-                let at = _mm512_add_epi32(rows, _mm512_set1_epi32(p as i32));
-                _mm512_mask_i32gather_epi32::<2>(zero, mask, at, x as *const _)
-            };
-            for q in 0..k.div_ceil(2) {
-                let w = if 2 * q + 1 < k {
-                    word(2 * q) // element 2q low, 2q + 1 high
-                } else {
-                    _mm512_srli_epi32(word(2 * q - 1), 16) // odd k: (k − 1, 0)
-                };
-                _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn pairs_across(_: *mut u32, _: usize, _: *const crate::Bf16, _: usize, _: usize, _: usize) {
-    unreachable!("avx512bf16::pairs_across without AVX512_BF16");
-}
-
-/// Panel words `[q·width + r]` = the pair (`x[r + 2q·cs]`, `x[r + (2q+1)·cs]`) rounded to bf16
-/// (nearest-even; `vcvtneps2bf16` for `f32`, whose denormal inputs become zero as `vdpbf16ps`
-/// would treat them anyway), `0` for `r ≥ live` and for the missing partner of an odd `k`.
-/// `E` is `f32` or `Bf16`.
-///
-/// # Safety
-/// AVX-512F/BW/VL and AVX512_BF16 are available; `x + r + p·cs` is readable for `r < live`,
-/// `p < k`; `panel` holds `ceil(k/2)·width` words; `live ≤ width`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-unsafe fn pairs_down<E: Elem>(
-    panel: *mut u32,
-    width: usize,
-    x: *const E,
-    cs: usize,
-    live: usize,
-    k: usize,
-) {
-    use std::arch::x86_64::*;
-    let f32_src = is_f32::<E>();
-    // SAFETY: per the function's contract; masked-off lanes are not read.
-    unsafe {
-        let load = |p: usize, r0: usize, mask: __mmask16| -> __m512i {
-            if f32_src {
-                let v = _mm512_maskz_loadu_ps(mask, (x as *const f32).add(r0 + p * cs));
-                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                _mm512_cvtepu16_epi32(h)
-            } else {
-                let h = _mm256_maskz_loadu_epi16(mask, (x as *const i16).add(r0 + p * cs));
-                _mm512_cvtepu16_epi32(h)
-            }
-        };
-        for r0 in (0..width).step_by(16) {
-            let n_live = live.saturating_sub(r0).min(16);
-            let mask = ((1u32 << n_live) - 1) as __mmask16;
-            let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
-            for q in 0..k.div_ceil(2) {
-                let lo = load(2 * q, r0, mask);
-                let w = if 2 * q + 1 < k {
-                    _mm512_or_si512(lo, _mm512_slli_epi32(load(2 * q + 1, r0, mask), 16))
-                } else {
-                    lo
-                };
-                _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn pairs_down<E: Elem>(_: *mut u32, _: usize, _: *const E, _: usize, _: usize, _: usize) {
-    unreachable!("avx512bf16::pairs_down without AVX512_BF16");
 }
 
 /// One 12 × 32 tile of `c` at `(i, j)`, clipped to the view: directly on `c` (masked loads and
@@ -550,6 +349,10 @@ unsafe fn micro<const BF16: bool, const MASKED: bool>(
 ) {
     unreachable!("avx512bf16::micro without AVX512_BF16");
 }
+
+#[path = "avx512bf16_pack.rs"]
+mod pack;
+use pack::pack;
 
 #[cfg(test)]
 #[path = "avx512bf16_tests.rs"]

@@ -218,7 +218,7 @@ fn row_packing_matches_the_definition_bitwise() {
         let k2 = k.div_ceil(2);
         let panels = rows.div_ceil(width);
         let mut got = vec![0xdead_beef_u32; panels * k2 * width];
-        let mut tmp = vec![0u16; k.max(width)];
+        let mut tmp = Vec::new(); // pack grows it
         pack(
             &mut got,
             &mut tmp,
@@ -284,8 +284,8 @@ fn column_packing_matches_the_definition_bitwise() {
         let k2 = k.div_ceil(2);
         let panels = rows.div_ceil(width);
         let mut got = vec![0xdead_beef_u32; panels * k2 * width];
-        let mut tmp = vec![0u16; k.max(width)];
-        // element (i, p) at x[i + p·ld]
+        let mut tmp = Vec::new(); // pack grows it
+                                  // element (i, p) at x[i + p·ld]
         let v = View::rm(k, r0 + rows, ld).t();
         pack(&mut got, &mut tmp, x, v, (r0, rows), k, width);
         for (n, &w) in got.iter().enumerate() {

@@ -176,15 +176,23 @@ pub fn matmul_backward<DI: Elem, G: Elem, DO: Elem, I: Elem, W: Elem>(
             check_len("matmul_backward d_bias", db.len(), n);
             par_rows2(par, n, MIN_ROWS, d_w, k, db, 1, |rows, dw, db| {
                 dw_rows(rows.clone(), dw);
-                with_f32_mut(db, true, |db| {
-                    with_staging(rows.len(), |g| {
+                with_f32_mut(db, true, |db| match DO::f32s(d_out) {
+                    // f32 `d_out` (the mixed layers'): summed in place, no staged copy.
+                    Some(d_out) => crate::fastmath::vectorized(|| {
+                        for row in d_out.chunks_exact(n) {
+                            for (acc, &x) in db.iter_mut().zip(&row[rows.clone()]) {
+                                *acc += x;
+                            }
+                        }
+                    }),
+                    None => with_staging(rows.len(), |g| {
                         for row in d_out.chunks_exact(n) {
                             DO::load(&row[rows.clone()], g);
                             for (acc, &x) in db.iter_mut().zip(g.iter()) {
                                 *acc += x;
                             }
                         }
-                    })
+                    }),
                 });
             });
         }

@@ -26,7 +26,8 @@ use crate::recipe::{Precision, Recompute};
 
 mod zero3;
 pub use zero3::{
-    zero3_comm_time, zero3_gathers_per_step, zero3_memory, zero3_unit_lens, ZERO3_GATHER_SLOTS,
+    zero3_comm_time, zero3_comm_time_with, zero3_gathers_per_step, zero3_memory, zero3_memory_with,
+    zero3_unit_lens, ZERO3_GATHER_SLOTS,
 };
 
 /// Model dimensions as the CPU runtime sees them for one pipeline stage and one

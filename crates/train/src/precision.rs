@@ -12,6 +12,7 @@
 //! are the fp32 code, unchanged; only one micro-batch's gradient ever lives in 16 bits.
 //! With `f32` storage nothing is staged: backward writes into the sink directly, as before.
 
+use comm::Communicator;
 use kernels::{Bf16, Elem, Par, F16};
 use model::{
     backward_with, ActSaved, ActScratch, GradInput, GradSink, ModelError, ParamLayout, StageInput,
@@ -37,6 +38,13 @@ pub trait Storage: Elem {
         par: Par,
         tp: &mut dyn TpReduce,
     ) -> Result<(), ModelError>;
+
+    /// All-gather `buf` (shards in elements, as [`comm::Communicator::all_gather`]) at this
+    /// type's width: 16-bit types move 2 bytes per element (ZeRO-3's weight gathers).
+    fn all_gather(group: &mut dyn Communicator, buf: &mut [Self]) -> comm::Result<()>;
+
+    /// `buf` itself when the type is `f32` (no widening needed), `None` otherwise.
+    fn as_f32_mut(buf: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Storage for f32 {
@@ -56,6 +64,14 @@ impl Storage for f32 {
         backward_with(
             layout, params, sink, saved, scratch, input, grad_in, par, tp,
         )
+    }
+
+    fn all_gather(group: &mut dyn Communicator, buf: &mut [f32]) -> comm::Result<()> {
+        group.all_gather(buf)
+    }
+
+    fn as_f32_mut(buf: &mut [f32]) -> Option<&mut [f32]> {
+        Some(buf)
     }
 }
 
@@ -87,6 +103,18 @@ macro_rules! widened_storage {
                 )?;
                 w.ready(0);
                 Ok(())
+            }
+
+            fn all_gather(group: &mut dyn Communicator, buf: &mut [$t]) -> comm::Result<()> {
+                // SAFETY: the type is `#[repr(transparent)]` over its `u16` bit pattern.
+                let bits = unsafe {
+                    std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u16, buf.len())
+                };
+                group.all_gather_u16(bits)
+            }
+
+            fn as_f32_mut(_buf: &mut [$t]) -> Option<&mut [f32]> {
+                None
             }
         }
     };
@@ -139,7 +167,7 @@ impl<E: Elem, G: GradSink + ?Sized> GradSink<E> for Widen<'_, E, G> {
 }
 
 /// `dst[i] += src[i] · unscale`, widening a block at a time (the type's fast conversion).
-fn add_widened<E: Elem>(dst: &mut [f32], src: &[E], unscale: f32) {
+pub(crate) fn add_widened<E: Elem>(dst: &mut [f32], src: &[E], unscale: f32) {
     const BLOCK: usize = 1024;
     let mut tmp = [0.0f32; BLOCK];
     for (d, s) in dst.chunks_mut(BLOCK).zip(src.chunks(BLOCK)) {

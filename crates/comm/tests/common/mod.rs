@@ -33,6 +33,26 @@ pub fn input(rank: usize, len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// 16-bit patterns (bf16 / fp16 bits), every value including NaN and infinity patterns: an
+/// all-gather must move them unchanged.
+pub fn input_u16(rank: usize, len: usize, seed: u64) -> Vec<u16> {
+    (0..len)
+        .map(|i| {
+            (fnv(&[
+                seed.to_le_bytes(),
+                (rank as u64).to_le_bytes(),
+                (i as u64).to_le_bytes(),
+            ]
+            .concat())
+                >> 13) as u16
+        })
+        .collect()
+}
+
+fn hash_u16(x: &[u16]) -> u64 {
+    fnv(bytemuck::cast_slice(x))
+}
+
 pub fn sizes(n: usize) -> Vec<usize> {
     let mut s = vec![0, 1, n - 1, n + 1, 1001, 70_003];
     s.dedup();
@@ -84,6 +104,9 @@ pub fn run_suite(c: &mut dyn Communicator) -> Vec<(String, u64)> {
             let mut b = input(r, len, 3);
             c.all_gather(&mut b).expect("all_gather");
             out.push((format!("all_gather/{tag}"), hash_f32(&b)));
+            let mut h = input_u16(r, len, 7);
+            c.all_gather_u16(&mut h).expect("all_gather_u16");
+            out.push((format!("all_gather_u16/{tag}"), hash_u16(&h)));
             let root = len % n;
             let mut b = input(r, len, 4);
             c.broadcast(&mut b, root).expect("broadcast");
@@ -157,6 +180,10 @@ pub fn expected_suite(n: usize, r: usize) -> Vec<(String, u64)> {
                 .flat_map(|k| ins[k][shard_range(len, n, k)].to_vec())
                 .collect();
             out.push((format!("all_gather/{tag}"), hash_f32(&gathered)));
+            let gathered: Vec<u16> = (0..n)
+                .flat_map(|k| input_u16(k, len, 7)[shard_range(len, n, k)].to_vec())
+                .collect();
+            out.push((format!("all_gather_u16/{tag}"), hash_u16(&gathered)));
             out.push((
                 format!("broadcast/{tag}"),
                 hash_f32(&input(len % n, len, 4)),

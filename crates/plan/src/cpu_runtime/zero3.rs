@@ -13,9 +13,10 @@
 //! - one micro-batch's activations, as without ZeRO.
 
 use super::{
-    activation_bytes, param_count, shard_len, CpuRuntimeDims, CpuRuntimeMemory, F32_BYTES,
-    ZERO2_GRAD_BUFFERS,
+    activation_bytes_with, compute_bytes, param_count, shard_len, CpuRuntimeDims, CpuRuntimeMemory,
+    F32_BYTES, ZERO2_GRAD_BUFFERS,
 };
+use crate::recipe::{Precision, Recompute};
 
 /// Layer-sized gather buffers with prefetch (the unit computing and the next one arriving).
 pub const ZERO3_GATHER_SLOTS: u64 = 2;
@@ -92,14 +93,36 @@ pub fn zero3_comm_time(
     (prefetch, spare_core): (bool, bool),
     k: &crate::cpu_comm::CommCalibration,
 ) -> crate::cpu_comm::DpCommTime {
+    zero3_comm_time_with(
+        d,
+        (accum, dp),
+        micro_secs,
+        (prefetch, spare_core),
+        Precision::Fp32,
+        k,
+    )
+}
+
+/// [`zero3_comm_time`] under `precision`: mixed precision gathers 16-bit weights (half the
+/// bytes of each gather; the exposed first gathers too) and reduce-scatters `f32` gradients.
+pub fn zero3_comm_time_with(
+    d: &CpuRuntimeDims,
+    (accum, dp): (u64, u64),
+    micro_secs: f64,
+    (prefetch, spare_core): (bool, bool),
+    precision: Precision,
+    k: &crate::cpu_comm::CommCalibration,
+) -> crate::cpu_comm::DpCommTime {
     let units = zero3_unit_lens(d);
-    let g = |u: u64| k.half_secs((u * F32_BYTES) as f64, dp);
+    let e = compute_bytes(precision);
+    let g = |u: u64| k.half_secs((u * e) as f64, dp);
+    let r = |u: u64| k.half_secs((u * F32_BYTES) as f64, dp);
     let a = accum.max(1) as f64;
     let first = usize::from(d.has_embedding);
     let last = units.len() - usize::from(d.has_head);
     let once = if d.has_embedding { g(units[0]) } else { 0.0 };
     let gathers: f64 = units[first..].iter().map(|&u| 2.0 * g(u)).sum();
-    let reduces: f64 = units.iter().map(|&u| g(u)).sum();
+    let reduces: f64 = units.iter().map(|&u| r(u)).sum();
     let per_micro = gathers + reduces;
     let norm = k.half_secs((2 * F32_BYTES * dp) as f64, dp);
     let comm = once + a * per_micro + norm;
@@ -137,6 +160,30 @@ pub fn zero3_memory(
     rank: u64,
     prefetch: bool,
 ) -> CpuRuntimeMemory {
+    zero3_memory_with(
+        d,
+        (batch, seq),
+        (dp, rank),
+        prefetch,
+        (Precision::Fp32, Recompute::None),
+    )
+}
+
+/// [`zero3_memory`] for `precision` and `recompute`. Under mixed precision (FSDP's "param
+/// dtype" bf16/fp16 with an fp32 reduction): the owned pieces stay fp32 (master weights, the
+/// reduced gradient, `m`, `v`: 16 B per owned parameter), the gather and gradient buffers hold
+/// 16-bit elements (the weights move at 2 bytes each), and one `f32` buffer the size of the
+/// largest unit receives each 16-bit unit gradient widened for the `f32` reduce-scatter. No
+/// whole-model working copy or gradient staging exists (unlike [`super::trainer_memory`]'s
+/// other layouts). Activations as [`super::activation_bytes_with`].
+pub fn zero3_memory_with(
+    d: &CpuRuntimeDims,
+    (batch, seq): (u64, u64),
+    (dp, rank): (u64, u64),
+    prefetch: bool,
+    (precision, recompute): (Precision, Recompute),
+) -> CpuRuntimeMemory {
+    let e = compute_bytes(precision);
     let units = zero3_unit_lens(d);
     let owned: u64 = units.iter().map(|&u| shard_len(u, dp.max(1), rank)).sum();
     let embed = if d.has_embedding { units[0] } else { 0 };
@@ -147,11 +194,16 @@ pub fn zero3_memory(
         .max()
         .unwrap_or(0);
     let slots = if prefetch { ZERO3_GATHER_SLOTS } else { 1 };
+    let wide = if precision == Precision::Fp32 {
+        0
+    } else {
+        embed.max(small)
+    };
     CpuRuntimeMemory {
-        param_bytes: F32_BYTES * (owned + embed + slots * small),
-        grad_bytes: F32_BYTES * (owned + embed + ZERO2_GRAD_BUFFERS * small),
+        param_bytes: F32_BYTES * owned + e * (embed + slots * small),
+        grad_bytes: F32_BYTES * (owned + wide) + e * (embed + ZERO2_GRAD_BUFFERS * small),
         optimizer_bytes: 2 * F32_BYTES * owned,
-        activation_bytes: activation_bytes(d, batch, seq),
+        activation_bytes: activation_bytes_with(d, batch, seq, precision, recompute, 1),
     }
 }
 
@@ -201,6 +253,57 @@ mod tests {
         let t = zero3_comm_time(&d, 1, 2, 0.01, (true, true), &k);
         let want = e + l + h + (per_micro - 0.01) + norm;
         assert!((t.exposed_secs - want).abs() < 1e-12, "{t:?}");
+    }
+
+    #[test]
+    fn zero3_mixed_precision_by_hand() {
+        // bf16: gathers move 2 bytes per weight, reduce-scatters 4 per gradient.
+        let k = crate::cpu_comm::CommCalibration {
+            latency_secs: 1e-3,
+            bus_bytes_per_sec: 1e9,
+            halves_are_all_reduces: false,
+        };
+        let d = dims();
+        let u = zero3_unit_lens(&d);
+        let g = |x: u64, b: u64| 1e-3 + 0.5 * (b * x) as f64 / 1e9;
+        let per_micro = 12.0 * 2.0 * g(u[1], 2)
+            + 2.0 * g(u[13], 2)
+            + (g(u[0], 4) + 12.0 * g(u[1], 4) + g(u[13], 4));
+        let norm = 1e-3 + 0.5 * 16.0 / 1e9;
+        let t = zero3_comm_time_with(&d, (4, 2), 0.5, (false, true), Precision::Bf16Mixed, &k);
+        assert!((t.comm_secs - (g(u[0], 2) + 4.0 * per_micro + norm)).abs() < 1e-12);
+        // Memory: fp32 pieces (weights, gradient, m, v), 16-bit gather and gradient buffers,
+        // one f32 widening buffer of the largest unit; bf16 activations.
+        let (embed, small) = (u[0], *u[1..].iter().max().unwrap());
+        let owned: u64 = u.iter().map(|x| x.div_ceil(2)).sum();
+        let m = zero3_memory_with(
+            &d,
+            (4, 1024),
+            (2, 0),
+            true,
+            (Precision::Bf16Mixed, Recompute::None),
+        );
+        assert_eq!(m.param_bytes, 4 * owned + 2 * (embed + 2 * small));
+        assert_eq!(
+            m.grad_bytes,
+            4 * (owned + embed.max(small)) + 2 * (embed + 2 * small)
+        );
+        assert_eq!(m.optimizer_bytes, 8 * owned);
+        assert_eq!(
+            m.activation_bytes,
+            activation_bytes_with(&d, 4, 1024, Precision::Bf16Mixed, Recompute::None, 1)
+        );
+        // fp32 through the general form is the fp32 formula.
+        assert_eq!(
+            zero3_memory_with(
+                &d,
+                (4, 1024),
+                (2, 1),
+                false,
+                (Precision::Fp32, Recompute::None)
+            ),
+            zero3_memory(&d, 4, 1024, 2, 1, false)
+        );
     }
 
     #[test]

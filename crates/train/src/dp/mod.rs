@@ -318,6 +318,7 @@ impl Dp {
         dims: &plan::cpu_runtime::CpuRuntimeDims,
         accum: u64,
         compute: &plan::cpu_time::CpuStepTime,
+        precision: plan::recipe::Precision,
     ) -> Option<plan::cpu_comm::DpCommTime> {
         // Parameter servers are not modelled.
         if self.ps.is_some() {
@@ -327,12 +328,12 @@ impl Dp {
         if self.zero == ZeroStage::Three {
             let micro = (compute.matmul_secs + compute.memory_secs + compute.overhead_secs)
                 / accum.max(1) as f64;
-            return Some(plan::cpu_runtime::zero3_comm_time(
+            return Some(plan::cpu_runtime::zero3_comm_time_with(
                 dims,
-                accum,
-                self.size() as u64,
+                (accum, self.size() as u64),
                 micro,
                 (self.overlap, self.spare_core),
+                precision,
                 &k,
             ));
         }

@@ -25,6 +25,7 @@
 
 use super::{dist, Dp, ZeroStage};
 use crate::error::TrainError;
+use crate::precision::Storage;
 use comm::shard_range;
 use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
 use kernels::Par;
@@ -32,6 +33,7 @@ use model::{
     ActSaved, ActScratch, AdamW, AdamWConfig, GradInput, ModelError, NoTp, ParamLayout, StageInput,
     Unit,
 };
+use std::any::Any;
 use std::ops::Range;
 use std::sync::mpsc::channel;
 use std::time::Instant;
@@ -51,19 +53,18 @@ pub(super) struct Zero3 {
     /// (`shard_range(unit length, dp, rank)`).
     piece_at: Vec<usize>,
     piece: Vec<Range<usize>>,
-    /// This rank's pieces of the weights and of the reduced gradient (summed over micro-steps).
+    /// This rank's pieces of the weights (fp32 master) and of the reduced gradient (summed
+    /// over micro-steps, `f32`).
     params: Vec<f32>,
     grad: Vec<f32>,
-    /// Gather buffers: `embed` (embedding-sized), `small` (largest layer/head).
-    gather_embed: Option<Vec<f32>>,
-    gather_small: Vec<Vec<f32>>,
-    /// `gather_embed` holds the embedding unit's current weights: gathered once per optimizer
-    /// step and kept (the buffer is the embedding's own, and its weights change only at the
-    /// step), so the tied LM head and backward fetch it without a gather.
+    /// The gather and gradient buffers, in the run's storage type: a [`Bufs<E>`].
+    bufs: Box<dyn Any + Send>,
+    /// Bytes per element of the storage type (4, or 2 under mixed precision).
+    elem_bytes: usize,
+    /// The embedding's gather buffer holds the embedding unit's current weights: gathered
+    /// once per optimizer step and kept (the buffer is the embedding's own, and its weights
+    /// change only at the step), so the tied LM head and backward fetch it without a gather.
     embed_cached: bool,
-    /// Gradient buffers, the same sizes.
-    grad_embed: Option<Vec<f32>>,
-    grad_small: Vec<Vec<f32>>,
     /// Sizes, to replace buffers a failed pass left with the communication thread.
     embed_len: usize,
     small_len: usize,
@@ -95,11 +96,62 @@ impl Zero3 {
 
     /// Bytes of every buffer above.
     fn bytes(&self) -> u64 {
-        let n = self.params.len()
-            + self.grad.len()
-            + 2 * self.embed_len
-            + (self.small_slots + GRAD_BUFFERS) * self.small_len;
-        4 * n as u64
+        let f32s = self.params.len() + self.grad.len() + self.wide_len();
+        let elems = 2 * self.embed_len + (self.small_slots + GRAD_BUFFERS) * self.small_len;
+        (4 * f32s + self.elem_bytes * elems) as u64
+    }
+
+    /// Length of the `f32` buffer 16-bit gradients are widened into (0 in fp32).
+    fn wide_len(&self) -> usize {
+        if self.elem_bytes == 4 {
+            0
+        } else {
+            self.embed_len.max(self.small_len)
+        }
+    }
+}
+
+/// The gather and gradient buffers in storage type `E`: gather buffers `embed`
+/// (embedding-sized) and `small` (largest layer/head; two with prefetch), gradient buffers the
+/// same sizes, and under mixed precision the `f32` buffer the reduction widens into.
+struct Bufs<E> {
+    gather_embed: Option<Vec<E>>,
+    gather_small: Vec<Vec<E>>,
+    grad_embed: Option<Vec<E>>,
+    grad_small: Vec<Vec<E>>,
+    wide: Vec<f32>,
+}
+
+impl<E: Storage> Bufs<E> {
+    fn new(z: &Zero3) -> Bufs<E> {
+        Bufs {
+            gather_embed: Some(vec![E::default(); z.embed_len]),
+            gather_small: (0..z.small_slots)
+                .map(|_| vec![E::default(); z.small_len])
+                .collect(),
+            grad_embed: Some(vec![E::default(); z.embed_len]),
+            grad_small: (0..GRAD_BUFFERS)
+                .map(|_| vec![E::default(); z.small_len])
+                .collect(),
+            wide: vec![0.0; z.wide_len()],
+        }
+    }
+
+    /// Replaces buffers a failed pass left with the communication thread.
+    fn refill(&mut self, z: &Zero3) {
+        self.gather_embed
+            .get_or_insert_with(|| vec![E::default(); z.embed_len]);
+        self.grad_embed
+            .get_or_insert_with(|| vec![E::default(); z.embed_len]);
+        debug_assert!(
+            self.gather_small.len() <= z.small_slots && self.grad_small.len() <= GRAD_BUFFERS
+        );
+        while self.gather_small.len() < z.small_slots {
+            self.gather_small.push(vec![E::default(); z.small_len]);
+        }
+        while self.grad_small.len() < GRAD_BUFFERS {
+            self.grad_small.push(vec![E::default(); z.small_len]);
+        }
     }
 }
 
@@ -107,7 +159,9 @@ impl Dp {
     /// Takes this rank's pieces of the weights out of the whole buffer `params` (identical on
     /// every rank: after [`Dp::sync_params`]) and frees it; allocates the gradient shard and the
     /// gather and gradient buffers. Call after [`Dp::attach`] under ZeRO-3.
-    pub fn zero3_shard_params(&mut self, layout: &ParamLayout, params: &mut Vec<f32>) {
+    /// `E` is the run's storage type: the weights are gathered and the gradients written in
+    /// it (fp32 master pieces, `f32` reduction and AdamW either way).
+    pub fn zero3_shard_params<E: Storage>(&mut self, layout: &ParamLayout, params: &mut Vec<f32>) {
         assert_eq!(
             self.zero,
             ZeroStage::Three,
@@ -151,18 +205,16 @@ impl Dp {
             .unwrap_or(0);
         let small_slots = if self.overlap { 2 } else { 1 };
         let grad = vec![0.0; shard.len()];
-        self.z3 = Some(Box::new(Zero3 {
+        let mut z = Box::new(Zero3 {
             units,
             ranges,
             piece_at,
             piece,
             params: shard,
             grad,
-            gather_embed: Some(vec![0.0; embed_len]),
-            gather_small: (0..small_slots).map(|_| vec![0.0; small_len]).collect(),
+            bufs: Box::new(()),
+            elem_bytes: E::BYTES,
             embed_cached: false,
-            grad_embed: Some(vec![0.0; embed_len]),
-            grad_small: (0..GRAD_BUFFERS).map(|_| vec![0.0; small_len]).collect(),
             embed_len,
             small_len,
             small_slots,
@@ -170,38 +222,58 @@ impl Dp {
             gathers: 0,
             gathered_elems: 0,
             micro_batches: 0,
-        }));
+        });
+        z.bufs = Box::new(Bufs::<E>::new(&z));
+        self.z3 = Some(z);
     }
 
-    /// ZeRO-3: gathers and elements gathered per micro-batch so far (mean), or `None` before
-    /// the first micro-batch or without ZeRO-3.
+    /// ZeRO-3: gathers and bytes gathered (in the storage type) per micro-batch so far
+    /// (mean), or `None` before the first micro-batch or without ZeRO-3.
     pub fn zero3_gathers_per_micro_batch(&self) -> Option<(f64, f64)> {
         let z = self.z3.as_ref()?;
         (z.micro_batches > 0).then(|| {
             let m = z.micro_batches as f64;
-            (z.gathers as f64 / m, z.gathered_elems as f64 / m)
+            (
+                z.gathers as f64 / m,
+                (z.gathered_elems * z.elem_bytes as u64) as f64 / m,
+            )
         })
     }
 
     /// One micro-batch under ZeRO-3: forward on tokens `x` with targets `y` (returns the mean
     /// loss) and, with `d_loss`, backward, whose gradients are reduce-scattered unit by unit
-    /// into this rank's gradient shard. `saved` and `scratch` are built for the whole model.
+    /// into this rank's gradient shard (16-bit gradients widened times `unscale` first).
+    /// `saved` and `scratch` are built for the whole model, in the storage type given to
+    /// [`Dp::zero3_shard_params`].
     #[allow(clippy::too_many_arguments)]
-    pub fn zero3_micro_batch(
+    pub fn zero3_micro_batch<E: Storage>(
         &mut self,
         layout: &ParamLayout,
-        saved: &mut ActSaved<f32>,
-        scratch: &mut ActScratch<f32>,
+        saved: &mut ActSaved<E>,
+        scratch: &mut ActScratch<E>,
         x: &[u32],
         y: &[u32],
-        d_loss: Option<f32>,
+        (d_loss, unscale): (Option<f32>, f32),
         par: Par,
     ) -> Result<f32, TrainError> {
         let mut z = self
             .z3
             .take()
             .expect("ZeRO-3 state: call zero3_shard_params first");
-        let r = self.zero3_run(&mut z, layout, saved, scratch, x, y, d_loss, par);
+        let mut bufs = std::mem::replace(&mut z.bufs, Box::new(()))
+            .downcast::<Bufs<E>>()
+            .expect("ZeRO-3 buffers in the storage type given to zero3_shard_params");
+        let r = self.zero3_run(
+            &mut z,
+            &mut bufs,
+            layout,
+            saved,
+            scratch,
+            x,
+            y,
+            (d_loss, unscale),
+            par,
+        );
         if d_loss.is_some() {
             z.micro_batches += 1;
         }
@@ -210,38 +282,36 @@ impl Dp {
             z.grad.fill(0.0);
             z.embed_cached = false;
         }
-        z.gather_embed.get_or_insert_with(|| vec![0.0; z.embed_len]);
-        z.grad_embed.get_or_insert_with(|| vec![0.0; z.embed_len]);
-        debug_assert!(z.gather_small.len() <= z.small_slots && z.grad_small.len() <= GRAD_BUFFERS);
-        while z.gather_small.len() < z.small_slots {
-            z.gather_small.push(vec![0.0; z.small_len]);
-        }
-        while z.grad_small.len() < GRAD_BUFFERS {
-            z.grad_small.push(vec![0.0; z.small_len]);
-        }
+        bufs.refill(&z);
+        z.bufs = bufs;
         self.z3 = Some(z);
         r
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn zero3_run(
+    fn zero3_run<E: Storage>(
         &mut self,
         z: &mut Zero3,
+        bufs: &mut Bufs<E>,
         layout: &ParamLayout,
-        saved: &mut ActSaved<f32>,
-        scratch: &mut ActScratch<f32>,
+        saved: &mut ActSaved<E>,
+        scratch: &mut ActScratch<E>,
         x: &[u32],
         y: &[u32],
-        d_loss: Option<f32>,
+        (d_loss, unscale): (Option<f32>, f32),
         par: Par,
     ) -> Result<f32, TrainError> {
-        let (job_tx, job_rx) = channel::<Job>();
+        let (job_tx, job_rx) = channel::<Job<E>>();
         let (gathered_tx, gathered_rx) = channel();
         let (reduced_tx, reduced_rx) = channel();
         let mut params = std::mem::take(&mut z.params);
         let mut grad = std::mem::take(&mut z.grad);
-        let free_gather = (z.gather_embed.take(), std::mem::take(&mut z.gather_small));
-        let free_grad = (z.grad_embed.take(), std::mem::take(&mut z.grad_small));
+        let free_gather = (
+            bufs.gather_embed.take(),
+            std::mem::take(&mut bufs.gather_small),
+        );
+        let free_grad = (bufs.grad_embed.take(), std::mem::take(&mut bufs.grad_small));
+        let wide = &mut bufs.wide;
         let group = &mut self.group;
         let zr = &*z;
         let out = std::thread::scope(|s| {
@@ -252,6 +322,8 @@ impl Dp {
                 ranges: &zr.ranges,
                 piece_at: &zr.piece_at,
                 piece: &zr.piece,
+                wide,
+                unscale,
             };
             let thread = s.spawn(move || worker.run(job_rx, gathered_tx, reduced_tx));
             let mut src = Source {
@@ -342,11 +414,16 @@ impl Dp {
                 (gathers, gathered_elems, embed_cached),
             )
         });
-        let (pass, comm, failed, bufs, exposed, (gathers, elems, embed_cached)) = out;
-        z.embed_cached = embed_cached && bufs.0.is_some();
+        let (pass, comm, failed, out_bufs, exposed, (gathers, elems, embed_cached)) = out;
+        z.embed_cached = embed_cached && out_bufs.0.is_some();
         z.params = std::mem::take(&mut params);
         z.grad = std::mem::take(&mut grad);
-        (z.gather_embed, z.gather_small, z.grad_embed, z.grad_small) = bufs;
+        (
+            bufs.gather_embed,
+            bufs.gather_small,
+            bufs.grad_embed,
+            bufs.grad_small,
+        ) = out_bufs;
         if d_loss.is_some() {
             // Training micro-batches only (validation forwards gather half as much).
             z.gathers += gathers;
@@ -456,17 +533,14 @@ impl Dp {
 }
 
 /// The trainer's micro-batches of one step under ZeRO-3 (every one reduce-scatters its
-/// gradients); returns their losses. ZeRO-3 trains in fp32 (refused otherwise at setup).
-pub(crate) fn zero3_micro_batches<E: crate::precision::Storage>(
+/// gradients); returns their losses.
+pub(crate) fn zero3_micro_batches<E: Storage>(
     d: &mut Dp,
     layout: &ParamLayout,
     acts: &mut crate::pipeline::StageActs<E>,
     mb: &crate::pipeline::MicroBatches<'_>,
     par: Par,
 ) -> Result<Vec<f32>, TrainError> {
-    let acts = (acts as &mut dyn std::any::Any)
-        .downcast_mut::<crate::pipeline::StageActs<f32>>()
-        .expect("ZeRO-3 trains in fp32 (mixed precision is refused at setup)");
     let (saved, scratch) = acts.first_set();
     let m = mb.xs.len() / mb.bt;
     // Each step gathers the embedding once, whatever validation did since the last step.
@@ -482,7 +556,7 @@ pub(crate) fn zero3_micro_batches<E: crate::precision::Storage>(
                 scratch,
                 &mb.xs[r.clone()],
                 &mb.ys[r],
-                Some(mb.d_loss),
+                (Some(mb.d_loss), mb.unscale),
                 par,
             )
         })

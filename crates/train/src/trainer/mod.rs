@@ -117,10 +117,12 @@ fn run_with<E: Storage>(
     let full_grads = dp.as_ref().is_none_or(|d| d.needs_full_grads());
     let mut grads = vec![0.0f32; if full_grads { n } else { 0 }];
     // Mixed precision: the 16-bit working copy of the weights and the 16-bit gradient of one
-    // micro-batch (crate::precision); empty in fp32.
-    let mixed = master_as::<E>(&state.params).is_none();
-    let mut work: Vec<E> = vec![E::default(); if mixed { n } else { 0 }];
-    let mut staging: Vec<E> = vec![E::default(); if mixed { n } else { 0 }];
+    // micro-batch (crate::precision); empty in fp32, and under ZeRO-3, whose gather and
+    // gradient buffers are in the storage type instead (crate::dp).
+    let zero3 = dp.as_ref().is_some_and(|d| d.zero() == ZeroStage::Three);
+    let whole_copy = master_as::<E>(&state.params).is_none() && !zero3;
+    let mut work: Vec<E> = vec![E::default(); if whole_copy { n } else { 0 }];
+    let mut staging: Vec<E> = vec![E::default(); if whole_copy { n } else { 0 }];
     let mut stab = Stability::new(cfg, state.stability.take());
     let mut opt = AdamW {
         m: std::mem::take(&mut state.m),
@@ -132,7 +134,7 @@ fn run_with<E: Storage>(
         d.shard_optimizer(&opt, n);
         if d.zero() == ZeroStage::Three {
             // ZeRO-3 keeps only this rank's pieces of the weights (state.params is emptied).
-            d.zero3_shard_params(&layout, &mut state.params);
+            d.zero3_shard_params::<E>(&layout, &mut state.params);
         }
         let end = opts
             .stop_after
@@ -179,10 +181,9 @@ fn run_with<E: Storage>(
         threads,
         predicted,
         predicted_step,
-        predicted_comm: dp
-            .as_ref()
-            .filter(|_| pipe.is_none())
-            .and_then(|d| d.predict_comm(&dims, accum as u64, &predicted_step)),
+        predicted_comm: dp.as_ref().filter(|_| pipe.is_none()).and_then(|d| {
+            d.predict_comm(&dims, accum as u64, &predicted_step, cfg.train.precision)
+        }),
         allocated_bytes: 4 * (state.params.len() + grads.len() + opt.m.len() + opt.v.len()) as u64
             + (E::BYTES * (work.len() + staging.len()) + acts.bytes()) as u64
             + dp.as_ref().map_or(0, |d| d.extra_bytes()),
@@ -232,9 +233,8 @@ fn run_with<E: Storage>(
     let copies = stage.copies();
     let vocab = mcfg.vocab_size as u32;
     refresh_working(&mut work, &state.params);
-    // ZeRO-3 (crate::dp): micro-batches gather their weights; the full weights exist only
-    // while a checkpoint is written.
-    let zero3 = dp.as_ref().is_some_and(|d| d.zero() == ZeroStage::Three);
+    // ZeRO-3 (crate::dp, `zero3` above): micro-batches gather their weights; the full weights
+    // exist only while a checkpoint is written.
     // Straggler detection (data parallel without a pipeline): every rank's busy time rides on
     // the losses' all-gather; rank 0 judges (crate::straggler).
     let dp_only = dp.is_some() && pipe.is_none();

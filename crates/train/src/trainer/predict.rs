@@ -59,13 +59,12 @@ pub(super) fn predict<E: Storage>(
     );
     let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
     let base = match (dp, pipe) {
-        (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory(
+        (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory_with(
             &dims,
-            b as u64,
-            t as u64,
-            dp_size as u64,
-            dp_rank as u64,
+            (b as u64, t as u64),
+            (dp_size as u64, dp_rank as u64),
             d.overlap(),
+            (cfg.train.precision, cfg.train.recompute),
         ),
         (Some(d), None) => plan::cpu_runtime::zero_memory(
             &dims,
@@ -94,15 +93,21 @@ pub(super) fn predict<E: Storage>(
             .collect(),
         None => vec![(dims, 1)],
     };
-    let predicted = plan::cpu_runtime::trainer_memory_sp(
-        base,
-        &chunk_sets,
-        b as u64,
-        t as u64,
-        stage.vstages > 1,
-        (cfg.train.precision, cfg.train.recompute),
-        sp,
-    );
+    let zero3 = dp.is_some_and(|d| d.zero() == ZeroStage::Three);
+    // ZeRO-3's own formula counts its precision and recomputation already.
+    let predicted = if zero3 {
+        base
+    } else {
+        plan::cpu_runtime::trainer_memory_sp(
+            base,
+            &chunk_sets,
+            b as u64,
+            t as u64,
+            stage.vstages > 1,
+            (cfg.train.precision, cfg.train.recompute),
+            sp,
+        )
+    };
     Predictions {
         dims,
         step: predicted_step,

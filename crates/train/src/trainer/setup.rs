@@ -53,16 +53,14 @@ pub(super) fn mean_val_loss<E: crate::precision::Storage>(
     }
 }
 
-/// What ZeRO-3 runs with: fp32, one stage without tensor parallelism, all-reduce ranks.
-fn zero3_supported(cfg: &TrainConfig, mesh: bool, ps: bool) -> Result<(), TrainError> {
+/// What ZeRO-3 runs with: one stage without tensor parallelism, all-reduce ranks (any
+/// precision).
+fn zero3_supported(_cfg: &TrainConfig, mesh: bool, ps: bool) -> Result<(), TrainError> {
     let why = if mesh {
         "pipeline or tensor parallelism (--pp/--tp > 1): ZeRO-3 gathers a whole model's units \
          along data parallelism only; use --zero 1 or 2 with a mesh"
     } else if ps {
         "--grad-sync ps: the parameter servers keep whole gradients; use --grad-sync ring"
-    } else if cfg.train.precision != crate::config::Precision::Fp32 {
-        "train.precision bf16/fp16: ZeRO-3 gathers and keeps fp32 weights only; use \
-         train.precision = \"fp32\" or --zero 2"
     } else {
         return Ok(());
     };
@@ -81,9 +79,6 @@ pub(super) fn zero3_val_loss<E: crate::precision::Storage>(
     (b, t, batches): (usize, usize, usize),
     par: Par,
 ) -> Result<f64, TrainError> {
-    let acts = (acts as &mut dyn std::any::Any)
-        .downcast_mut::<StageActs<f32>>()
-        .expect("ZeRO-3 trains in fp32 (mixed precision is refused at setup)");
     let (saved, scratch) = acts.first_set();
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
     let (mut sum, mut n) = (0.0f64, 0usize);
@@ -91,7 +86,7 @@ pub(super) fn zero3_val_loss<E: crate::precision::Storage>(
         if !val_batch(val, t, b, k, &mut x, &mut y) {
             break;
         }
-        sum += d.zero3_micro_batch(layout, saved, scratch, &x, &y, None, par)? as f64;
+        sum += d.zero3_micro_batch(layout, saved, scratch, &x, &y, (None, 1.0), par)? as f64;
         n += 1;
     }
     Ok(sum / n.max(1) as f64)

@@ -6,6 +6,7 @@
 use super::Zero3;
 use crate::dp::dist;
 use crate::error::TrainError;
+use crate::precision::{add_widened, Storage};
 use comm::{Communicator, ReduceOp};
 use model::{GradSink, ParamSource, TpError, Unit};
 use std::ops::Range;
@@ -13,30 +14,38 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 /// Work for the communication thread, in the order every rank asks for it.
-pub(super) enum Job {
-    /// All-gather unit `k` into the buffer.
-    Gather(usize, Vec<f32>),
+pub(super) enum Job<E> {
+    /// All-gather unit `k` into the buffer (in the storage type: 16-bit weights move 2 bytes
+    /// each).
+    Gather(usize, Vec<E>),
     /// Reduce-scatter unit `k`'s gradient in the buffer; add this rank's piece to the shard.
-    Reduce(usize, Vec<f32>),
+    /// A 16-bit gradient is first widened (times the loss scale's inverse) into `f32`.
+    Reduce(usize, Vec<E>),
 }
 
 /// What the communication thread works with.
 pub(super) struct Worker<'a> {
     pub(super) group: &'a mut Box<dyn Communicator>,
+    /// This rank's fp32 master pieces and gradient pieces.
     pub(super) params: &'a [f32],
     pub(super) grad: &'a mut [f32],
     pub(super) ranges: &'a [Range<usize>],
     pub(super) piece_at: &'a [usize],
     pub(super) piece: &'a [Range<usize>],
+    /// Mixed precision: the `f32` buffer a 16-bit unit gradient is widened into (the
+    /// reduction is in `f32`, as every other layout's); empty in fp32.
+    pub(super) wide: &'a mut [f32],
+    /// `1 / loss scale` (fp16), applied while widening.
+    pub(super) unscale: f32,
 }
 
 impl Worker<'_> {
     /// Runs the jobs until the channel closes; returns the seconds spent in collectives.
-    pub(super) fn run(
+    pub(super) fn run<E: Storage>(
         self,
-        jobs: Receiver<Job>,
-        gathered: Sender<(usize, Vec<f32>)>,
-        reduced: Sender<(usize, Vec<f32>)>,
+        jobs: Receiver<Job<E>>,
+        gathered: Sender<(usize, Vec<E>)>,
+        reduced: Sender<(usize, Vec<E>)>,
     ) -> Result<f64, TrainError> {
         let mut secs = 0.0;
         for job in jobs {
@@ -45,9 +54,10 @@ impl Worker<'_> {
                 Job::Gather(k, mut buf) => {
                     let len = self.ranges[k].len();
                     let (at, p) = (self.piece_at[k], self.piece[k].clone());
-                    buf[p.clone()].copy_from_slice(&self.params[at..at + p.len()]);
-                    self.group
-                        .all_gather(&mut buf[..len])
+                    // The piece in the storage type: the same rounding as the whole-model
+                    // working copy of the other layouts (element by element).
+                    E::store(&self.params[at..at + p.len()], &mut buf[p.clone()]);
+                    E::all_gather(self.group.as_mut(), &mut buf[..len])
                         .map_err(dist("ZeRO-3 weight all-gather"))?;
                     secs += t0.elapsed().as_secs_f64();
                     // The training thread may be gone after an error; nothing to return to.
@@ -55,13 +65,22 @@ impl Worker<'_> {
                 }
                 Job::Reduce(k, mut buf) => {
                     let len = self.ranges[k].len();
+                    let f: &mut [f32] = match E::as_f32_mut(&mut buf[..len]) {
+                        Some(f) => f,
+                        None => {
+                            let w = &mut self.wide[..len];
+                            w.fill(0.0);
+                            add_widened(w, &buf[..len], self.unscale);
+                            w
+                        }
+                    };
                     let p = self
                         .group
-                        .reduce_scatter(&mut buf[..len], ReduceOp::Sum)
+                        .reduce_scatter(f, ReduceOp::Sum)
                         .map_err(dist("ZeRO-3 gradient reduce-scatter"))?;
                     debug_assert_eq!(p, self.piece[k]);
                     let at = self.piece_at[k];
-                    for (a, g) in self.grad[at..at + p.len()].iter_mut().zip(&buf[p]) {
+                    for (a, g) in self.grad[at..at + p.len()].iter_mut().zip(&f[p]) {
                         *a += *g;
                     }
                     secs += t0.elapsed().as_secs_f64();
@@ -79,16 +98,16 @@ pub(super) fn stopped() -> TpError {
 }
 
 /// The training thread's side of the gathers: a [`ParamSource`].
-pub(super) struct Source<'z> {
+pub(super) struct Source<'z, E> {
     pub(super) z: &'z Zero3,
-    pub(super) jobs: Sender<Job>,
-    pub(super) gathered: Receiver<(usize, Vec<f32>)>,
+    pub(super) jobs: Sender<Job<E>>,
+    pub(super) gathered: Receiver<(usize, Vec<E>)>,
     /// Units gathered (fetched or prefetched) and not released, with their buffers.
-    pub(super) ready: Vec<(usize, Vec<f32>)>,
+    pub(super) ready: Vec<(usize, Vec<E>)>,
     /// Units asked for and not yet back, in order.
     pub(super) in_flight: Vec<usize>,
-    pub(super) free_embed: Option<Vec<f32>>,
-    pub(super) free_small: Vec<Vec<f32>>,
+    pub(super) free_embed: Option<Vec<E>>,
+    pub(super) free_small: Vec<Vec<E>>,
     /// The free embedding buffer holds the embedding's current weights (`Zero3::embed_cached`).
     pub(super) embed_cached: bool,
     /// Seconds the training thread waited for a gather.
@@ -97,7 +116,7 @@ pub(super) struct Source<'z> {
     pub(super) gathered_elems: u64,
 }
 
-impl Source<'_> {
+impl<E> Source<'_, E> {
     /// Sends unit `k`'s gather if a buffer is free; false otherwise.
     fn request(&mut self, k: usize) -> Result<bool, TpError> {
         if self.z.is_embed(k) && self.embed_cached {
@@ -126,7 +145,7 @@ impl Source<'_> {
     }
 }
 
-impl ParamSource<f32> for Source<'_> {
+impl<E> ParamSource<E> for Source<'_, E> {
     fn fetch(&mut self, unit: Unit, next: Option<Unit>) -> Result<(), TpError> {
         let k = self.z.index(unit);
         if !self.known(k) && !self.request(k)? {
@@ -150,7 +169,7 @@ impl ParamSource<f32> for Source<'_> {
         Ok(())
     }
 
-    fn get(&self, r: Range<usize>) -> &[f32] {
+    fn get(&self, r: Range<usize>) -> &[E] {
         let k = self.z.unit_at(r.start);
         let base = self.z.ranges[k].start;
         let (_, buf) = self
@@ -179,24 +198,24 @@ impl ParamSource<f32> for Source<'_> {
 
 /// The training thread's side of the gradient reduction: a [`GradSink`] writing each unit into
 /// a buffer that goes to the communication thread once the unit is final.
-pub(super) struct Sink<'z> {
+pub(super) struct Sink<'z, E> {
     pub(super) z: &'z Zero3,
-    pub(super) jobs: Sender<Job>,
-    pub(super) reduced: Receiver<(usize, Vec<f32>)>,
+    pub(super) jobs: Sender<Job<E>>,
+    pub(super) reduced: Receiver<(usize, Vec<E>)>,
     /// Per unit, the buffer backward is writing.
-    pub(super) writing: Vec<Option<Vec<f32>>>,
+    pub(super) writing: Vec<Option<Vec<E>>>,
     /// Units handed off so far (from the top of the buffer down).
     pub(super) handed: usize,
-    pub(super) free_embed: Option<Vec<f32>>,
-    pub(super) free_small: Vec<Vec<f32>>,
+    pub(super) free_embed: Option<Vec<E>>,
+    pub(super) free_small: Vec<Vec<E>>,
     pub(super) waited: f64,
     /// The first error (the channel closed): backward cannot fail through a sink, so it is kept
     /// and reported after backward.
     pub(super) failed: Option<TpError>,
 }
 
-impl Sink<'_> {
-    fn take_buffer(&mut self, k: usize) -> Vec<f32> {
+impl<E: Storage> Sink<'_, E> {
+    fn take_buffer(&mut self, k: usize) -> Vec<E> {
         let mut buf = if self.z.is_embed(k) {
             self.free_embed
                 .take()
@@ -217,18 +236,18 @@ impl Sink<'_> {
                         // The thread stopped: write into a scratch buffer; the error is
                         // reported after backward.
                         self.failed.get_or_insert_with(stopped);
-                        break vec![0.0; self.z.small_len];
+                        break vec![E::default(); self.z.small_len];
                     }
                 }
             }
         };
-        buf[..self.z.ranges[k].len()].fill(0.0);
+        buf[..self.z.ranges[k].len()].fill(E::default());
         buf
     }
 }
 
-impl GradSink for Sink<'_> {
-    fn slice(&mut self, r: Range<usize>) -> &mut [f32] {
+impl<E: Storage> GradSink<E> for Sink<'_, E> {
+    fn slice(&mut self, r: Range<usize>) -> &mut [E] {
         let k = self.z.unit_at(r.start);
         let base = self.z.ranges[k].start;
         assert!(
