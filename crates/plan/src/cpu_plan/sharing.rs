@@ -6,8 +6,9 @@
 //! threads on C cores progresses at min(1, C/k) of a core; Kleinrock 1967 for the discipline).
 //! A pipeline stage that waits for its neighbour is not runnable, so its core goes to the
 //! others: the bubble of a pipeline on a shared host is not idle time, and the step is not
-//! `oversubscription × makespan` (the model before 2026-12-06 07:00, which overrated wide data
-//! parallelism and underrated pipelines by up to 46%). [`shared_makespan`] simulates the 1F1B
+//! `oversubscription × makespan` (the model of commit 3caacd0, under which 4 and 8 processes on
+//! 2 cores measured 1.17–1.44× the prediction for data parallelism alone and 0.54–0.92× for
+//! pipelines). [`shared_makespan`] simulates the 1F1B
 //! lists with each running operation progressing at that rate; with a core per thread it is
 //! `schedule::simulate`'s makespan.
 
