@@ -12,8 +12,10 @@ global batch, so `--nproc 1` trains on exactly the same data and gives the same 
 Rank 0 prints one JSON line: median step (per step the slowest rank), tokens/s of the global batch,
 first and final loss (mean over ranks), parameter count (global tensor sizes).
 
+`--param-dtype bf16` adds FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32).
+
 Usage: python bench/torch_fsdp_bench.py --nproc 2 --batch 8 --layers 4 --heads 4 --channels 256 \
-           --seq-len 128 --vocab 32 --steps 10
+           --seq-len 128 --vocab 32 --steps 10 [--param-dtype bf16]
 """
 import argparse
 import os
@@ -35,11 +37,19 @@ def worker(rank, a):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (a.nproc,))
+        kw = {}
+        if a.param_dtype == "bf16":
+            # FSDP2 mixed precision: bf16 weights gathered and computed with, gradients reduced
+            # in fp32, fp32 sharded master weights and AdamW state (as scaletrain's
+            # --zero 3 --precision bf16-mixed).
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            kw["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         # PyTorch's defaults: blocks reshard after forward (gathered again for backward), the root
         # keeps its parameters gathered from forward to backward.
         for block in model.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, **kw)
+        fully_shard(model, mesh=mesh, **kw)
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)  # a DTensor's numel is the global tensor's
     opt = common.adamw(params)
@@ -73,6 +83,7 @@ def worker(rank, a):
             t.tolist(), losses, a.batch * a.seq_len,
             peer="torch.distributed.fsdp.fully_shard", nproc=a.nproc, global_batch=a.batch,
             batch_per_rank=per_rank, threads_per_rank=torch.get_num_threads(), params=n_params,
+            param_dtype=a.param_dtype,
             vocab=a.vocab, padded_vocab=common.padded_vocab(a.vocab)))
     dist.barrier()
     dist.destroy_process_group()
@@ -83,6 +94,8 @@ def main():
     common.add_model_args(ap)
     ap.add_argument("--nproc", type=int, default=2, help="data-parallel ranks = processes")
     ap.add_argument("--port", type=int, default=29543)
+    ap.add_argument("--param-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)")
     a = ap.parse_args()
     if a.batch % a.nproc:
         ap.error(f"--batch {a.batch} (global) must be a multiple of --nproc {a.nproc}")
