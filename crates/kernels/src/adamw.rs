@@ -129,7 +129,7 @@ pub fn adamw_update_mixed<G: Elem, W: Elem>(
     for (i, p) in params.chunks_mut(CHUNK).enumerate() {
         let r = i * CHUNK..i * CHUNK + p.len();
         let (m, v) = (&mut m[r.clone()], &mut v[r.clone()]);
-        // Zipped (no bounds checks) and under AVX2 so the loop runs 8 wide; every operation is
+        // Zipped (no bounds checks) and vectorised (16 or 8 wide); every operation is
         // an exactly rounded IEEE one (no FMA contraction in Rust), so the bits are the scalar
         // loop's.
         with_f32(&grads[r.clone()], |g| {

@@ -226,7 +226,10 @@ unsafe fn pairs_across(
 /// Panel words `[q·width + r]` = the pair (`x[r + 2q·cs]`, `x[r + (2q+1)·cs]`) rounded to bf16
 /// (nearest-even; `vcvtneps2bf16` for `f32`, whose denormal inputs become zero as `vdpbf16ps`
 /// would treat them anyway), `0` for `r ≥ live` and for the missing partner of an odd `k`.
-/// `E` is `f32` or `Bf16`.
+/// `E` is `f32` or `Bf16`. Complete pairs: from `f32`, both rows rounded by one
+/// `vcvtne2ps2bf16` (the same rounding) and interleaved by one `vpermw`; from bf16 with 32 live
+/// rows, 32 words by two unpacks and two permutes; otherwise (and the odd tail) each row
+/// widened to words and the upper one shifted in.
 ///
 /// # Safety
 /// AVX-512F/BW/VL and AVX512_BF16 are available; `x + r + p·cs` is readable for `r < live`,
@@ -255,11 +258,49 @@ unsafe fn pairs_down<E: Elem>(
                 _mm512_cvtepu16_epi32(h)
             }
         };
+        let pairs = k / 2;
+        let bf16_wide = !f32_src && width == 32 && live == 32;
+        if bf16_wide {
+            // unpacklo/hi give, per 128-bit lane L, the pair words of rows 8L..8L+3 / 8L+4..8L+7;
+            // the permutes put the lanes back in row order (qword indices ≥ 8 pick `uh`).
+            let i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+            let i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+            let x16 = x as *const i16;
+            for q in 0..pairs {
+                let a = _mm512_loadu_si512(x16.add(2 * q * cs) as *const _);
+                let b = _mm512_loadu_si512(x16.add((2 * q + 1) * cs) as *const _);
+                let (ul, uh) = (_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b));
+                let dst = panel.add(q * width) as *mut __m512i;
+                _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(ul, i0, uh));
+                _mm512_storeu_si512(dst.add(1), _mm512_permutex2var_epi64(ul, i1, uh));
+            }
+        }
+        // vpermw indices: word 2r ← row 2q's value r (low half), word 2r + 1 ← row 2q + 1's
+        let mut ix = [0i16; 32];
+        for (r, w) in ix.chunks_exact_mut(2).enumerate() {
+            (w[0], w[1]) = (r as i16, 16 + r as i16);
+        }
+        let interleave = _mm512_loadu_si512(ix.as_ptr() as *const _);
         for r0 in (0..width).step_by(16) {
             let n_live = live.saturating_sub(r0).min(16);
             let mask = ((1u32 << n_live) - 1) as __mmask16;
             let store = ((1u32 << (width - r0).min(16)) - 1) as __mmask16;
-            for q in 0..k.div_ceil(2) {
+            let mut q0 = 0;
+            if bf16_wide {
+                q0 = pairs;
+            } else if f32_src {
+                let xf = x as *const f32;
+                for q in 0..pairs {
+                    let lo = _mm512_maskz_loadu_ps(mask, xf.add(r0 + 2 * q * cs));
+                    let hi = _mm512_maskz_loadu_ps(mask, xf.add(r0 + (2 * q + 1) * cs));
+                    // words 0..16: lo rounded, 16..32: hi rounded
+                    let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                    let w = _mm512_permutexvar_epi16(interleave, both);
+                    _mm512_mask_storeu_epi32(panel.add(q * width + r0) as *mut i32, store, w);
+                }
+                q0 = pairs;
+            }
+            for q in q0..k.div_ceil(2) {
                 let lo = load(2 * q, r0, mask);
                 let w = if 2 * q + 1 < k {
                     _mm512_or_si512(lo, _mm512_slli_epi32(load(2 * q + 1, r0, mask), 16))
