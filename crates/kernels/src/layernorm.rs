@@ -52,10 +52,14 @@ pub fn layernorm_forward<E: Elem, W: Elem>(
                             }
                             let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
                             let o = &mut out_rows[local * c..(local + 1) * c];
+                            // Elementwise, zipped and vectorised: the same bits as indexed.
                             with_f32_mut(o, false, |o| {
-                                for j in 0..c {
-                                    o[j] = (x[j] - m) * s * w[j] + b[j];
-                                }
+                                crate::fastmath::vectorized(|| {
+                                    let xwb = x.iter().zip(w).zip(b);
+                                    for (o, ((&x, &w), &b)) in o.iter_mut().zip(xwb) {
+                                        *o = (x - m) * s * w + b;
+                                    }
+                                })
                             });
                             mean_rows[local] = m;
                             rstd_rows[local] = s;
@@ -110,12 +114,21 @@ pub fn layernorm_backward<E: Elem, W: Elem, G: Elem>(
                         dnorm_mean /= c as f32;
                         dnorm_norm_mean /= c as f32;
                         let dx = &mut d_inp[row * c..(row + 1) * c];
-                        for j in 0..c {
-                            let xhat = (x[j] - m) * s;
-                            d_b[j] += dy[j];
-                            d_w[j] += dy[j] * xhat;
-                            dx[j] = (dy[j] * w[j] - dnorm_mean - xhat * dnorm_norm_mean) * s;
-                        }
+                        // Elementwise per column (each d_w[j], d_b[j] gains one term per row, in
+                        // row order): zipped and vectorised, the same bits as indexed.
+                        crate::fastmath::vectorized(|| {
+                            let cols = dx.iter_mut().zip(d_w.iter_mut()).zip(d_b.iter_mut());
+                            for (((dx, (dw, db)), &x), (&dy, &w)) in cols
+                                .map(|((dx, dw), db)| (dx, (dw, db)))
+                                .zip(x)
+                                .zip(dy.iter().zip(w))
+                            {
+                                let xhat = (x - m) * s;
+                                *db += dy;
+                                *dw += dy * xhat;
+                                *dx = (dy * w - dnorm_mean - xhat * dnorm_norm_mean) * s;
+                            }
+                        });
                     });
                 }
             })

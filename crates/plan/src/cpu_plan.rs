@@ -11,6 +11,7 @@
 //! stages      = the runtime's balanced split (train::mesh::partition): identical layers of
 //!               3·24·b·t·c² + 12·b·t²·c FLOPs, the last stage also the head's 3·2·b·t·c·vp
 //! micro(s)    = cpu_time::step_time(stage s, b, t, 1, n) without AdamW
+//!               (− sp: the layer norms' and residuals' elementwise passes split over tp too)
 //!               + TP_LINK_FACTOR · cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
 //! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
 //!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · oversub,
@@ -29,7 +30,7 @@
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{stage_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory};
-use crate::cpu_time::{step_time, CpuCalibration};
+use crate::cpu_time::{elementwise_secs, step_time, tp_elementwise_share, CpuCalibration};
 use crate::schedule::{build, simulate, Kind};
 
 /// The model as the runtime builds it.
@@ -161,8 +162,15 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .map(|d| {
             let s = step_time(d, l.batch, t, 1, threads, &host.compute);
             let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
+            // Sequence parallelism also splits the layer norms' and residuals' passes.
+            let sp_saving = if l.sp {
+                elementwise_secs(d, l.batch, t, threads, &host.compute)
+                    * (tp_elementwise_share(d.tp, false) - tp_elementwise_share(d.tp, true))
+            } else {
+                0.0
+            };
             (
-                s.matmul_secs + s.memory_secs + s.overhead_secs + tp,
+                s.matmul_secs + s.memory_secs - sp_saving + s.overhead_secs + tp,
                 tp,
                 s.optimizer_secs / shard,
             )

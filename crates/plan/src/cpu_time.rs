@@ -13,9 +13,11 @@
 //!             (linear layers: forward 2·m·k·n, backward twice that; attention's score and value
 //!              products on the full t×t square, forward 2 gemms, backward 4: Kaplan et al. 2020
 //!              count the same terms)
-//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c + 16·bt·vₕ
+//! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c · (10 + 24/tp)/34 + 16·bt·vₕ
 //!                  + weight_bytes_per_param · P) / (nₑ · bandwidth)
-//!             (layernorm, GELU, residuals, softmax: streamed f32 passes; cross-entropy reads and
+//!             (layernorm, GELU, residuals, softmax: streamed f32 passes, the replicated 10 of
+//!              Korthikanti et al.'s 34 activation units whole on a tensor-parallel rank, the other
+//!              24 split; sequence parallelism splits all, see `cpu_plan`; cross-entropy reads and
 //!              writes the logits twice; every micro-batch packs the weights again for its
 //!              forward and input-gradient GEMMs and accumulates into the weight gradient)
 //! optimizer = optimizer_bytes_per_param · P / (nₑ · bandwidth)
@@ -143,6 +145,34 @@ pub fn head_columns(d: &CpuRuntimeDims) -> f64 {
     }
 }
 
+/// Share of a layer's elementwise traffic that one of `tp` tensor-parallel ranks streams.
+/// Korthikanti et al. 2022 (§4, Table 2) count a layer's activations as 34·s·b·h, of which 10
+/// (layer norms, residual adds, dropout) stay whole under tensor parallelism and 24 (attention
+/// and MLP internals) split over tp; sequence parallelism splits all 34. The elementwise passes
+/// follow the activations they read and write.
+pub fn tp_elementwise_share(tp: u64, sequence_parallel: bool) -> f64 {
+    let t = tp.max(1) as f64;
+    if sequence_parallel {
+        1.0 / t
+    } else {
+        (10.0 + 24.0 / t) / 34.0
+    }
+}
+
+/// Seconds of one micro-batch's elementwise passes over `d`'s layers at the whole width
+/// (before [`tp_elementwise_share`]).
+pub fn elementwise_secs(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    threads: u64,
+    k: &CpuCalibration,
+) -> f64 {
+    let n = 1.0 + (threads.max(1) as f64 - 1.0) * k.extra_thread_efficiency;
+    d.layers as f64 * k.elementwise_bytes_per_token_channel * (batch * seq * d.channels) as f64
+        / (n * k.bandwidth_bytes_per_thread)
+}
+
 /// Predicted time of one optimizer step of `accum` micro-batches of (`batch`, `seq`) on
 /// `threads` threads.
 pub fn step_time(
@@ -162,7 +192,7 @@ pub fn step_time(
     let matmul_secs = flops / (n * k.matmul_flops_per_thread);
     let p = crate::cpu_runtime::param_count(d) as f64;
     let mem_bytes = a
-        * (l * k.elementwise_bytes_per_token_channel * bt * c
+        * (l * k.elementwise_bytes_per_token_channel * bt * c * tp_elementwise_share(d.tp, false)
             + 16.0 * bt * head_columns(d)
             + k.weight_bytes_per_param * p);
     let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
@@ -296,6 +326,29 @@ mod tests {
         let expected =
             (16.0 * 1024.0 * 4096.0 + k.weight_bytes_per_param * dp) / k.bandwidth_bytes_per_thread;
         assert!((mem(&last) - mem(&first) - expected).abs() < 1e-15);
+    }
+
+    #[test]
+    fn tensor_parallel_ranks_stream_their_share_of_the_elementwise_passes() {
+        // Korthikanti et al. 2022: 10 of 34 activation units replicated, 24 split; sp splits all.
+        assert_eq!(tp_elementwise_share(1, false), 1.0);
+        assert!((tp_elementwise_share(2, false) - 22.0 / 34.0).abs() < 1e-15);
+        assert_eq!(tp_elementwise_share(4, true), 0.25);
+        let k = CpuCalibration::default();
+        let tp2 = CpuRuntimeDims { tp: 2, ..dims(4) };
+        let ew = elementwise_secs(&tp2, 8, 128, 1, &k);
+        assert!((ew - 4.0 * 140.0 * 1024.0 * 256.0 / 6e9).abs() < 1e-15);
+        // A tp2 stage without embedding or head: its memory term is the weight passes plus
+        // 22/34 of the whole width's elementwise passes.
+        let no_head = CpuRuntimeDims {
+            has_head: false,
+            has_embedding: false,
+            ..tp2
+        };
+        let m = step_time(&no_head, 8, 128, 1, 1, &k).memory_secs;
+        let weights = k.weight_bytes_per_param * crate::cpu_runtime::param_count(&no_head) as f64
+            / k.bandwidth_bytes_per_thread;
+        assert!((m - weights - ew * 22.0 / 34.0).abs() < 1e-12, "{m}");
     }
 
     #[test]

@@ -6,31 +6,29 @@
 //! threads on C cores progresses at min(1, C/k) of a core; Kleinrock 1967 for the discipline).
 //! A pipeline stage that waits for its neighbour is not runnable, so its core goes to the
 //! others: the bubble of a pipeline on a shared host is not idle time, and the step is not
-//! `oversubscription × makespan` (the model before 2026-12-06 07:00, which overrated wide data
-//! parallelism and underrated pipelines by up to 46%). [`shared_makespan`] simulates the 1F1B
+//! `oversubscription × makespan` (the model of commit 3caacd0, under which 4 and 8 processes on
+//! 2 cores measured 1.17–1.44× the prediction for data parallelism alone and 0.54–0.92× for
+//! pipelines). [`shared_makespan`] simulates the 1F1B
 //! lists with each running operation progressing at that rate; with a core per thread it is
 //! `schedule::simulate`'s makespan.
 
 use crate::schedule::Op;
 
-/// Tensor-parallel collectives cost this fraction of the loopback link's time
-/// (`CommCalibration::tcp`, fitted to data-parallel buckets of megabytes reduced by a
-/// communication thread competing with compute). The tensor-parallel all-reduces run on the
-/// training threads of ranks that arrive together, on 0.25–1 MiB tensors; fitted on the
-/// layouts of docs/cpu-planner.md (tables of 02:03 and 04:42 UTC, 2026-12-06).
-pub const TP_LINK_FACTOR: f64 = 0.25;
+/// Tensor-parallel collectives cost this multiple of the loopback link's time
+/// (`CommCalibration::tcp`, fitted to data-parallel buckets). Fitted on the 65 layouts of
+/// docs/cpu-planner.md (three quiet tables, 2026-12-06), as the two constants below.
+pub const TP_LINK_FACTOR: f64 = 1.2;
 
 /// Seconds each pipeline message (an activation forward, a gradient backward) adds to the
 /// dependency chain, times the oversubscription: the receiving rank sleeps in its receive and
 /// has to be woken and, with more ranks than cores, wait for a core. Fitted (same rows) far
 /// above a loopback round trip (~30 µs): it also carries per-micro-batch costs of the pipeline
 /// runtime that the compute model lacks.
-pub const P2P_MESSAGE_SECS: f64 = 1.1e-3;
+pub const P2P_MESSAGE_SECS: f64 = 1.0e-3;
 
 /// Seconds each data-parallel ring step (one message of a ring all-reduce, reduce-scatter or
 /// all-gather) adds per extra rank per core (`oversubscription − 1`): the ring's next rank is
-/// runnable only once its predecessor's message arrives and then waits for a core. Fitted
-/// (same rows).
+/// runnable only once its predecessor's message arrives and then waits for a core.
 pub const DP_WAKE_SECS: f64 = 0.08e-3;
 
 /// Makespan of the 1F1B lists `ops` of `m` micro-batches (one chunk per stage) when each stage
