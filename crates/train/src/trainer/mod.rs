@@ -304,7 +304,14 @@ fn run_with<E: Storage>(
         };
         let micro_losses = if zero3 {
             let d = dp.as_deref_mut().expect("ZeRO-3 is data parallel");
-            crate::dp::zero3_micro_batches(d, &layout, &mut acts, &micro_batches, par)?
+            crate::dp::zero3_micro_batches(
+                d,
+                &layout,
+                &mut acts,
+                &micro_batches,
+                par,
+                pipe.as_deref_mut(),
+            )?
         } else {
             run_ops(
                 &ops,
@@ -546,6 +553,7 @@ fn run_with<E: Storage>(
                     &data.val,
                     (b, t, cfg.train.eval_batches),
                     par,
+                    pipe.as_deref_mut(),
                 )?,
                 None => mean_val_loss(
                     &stage,

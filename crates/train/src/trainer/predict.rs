@@ -59,13 +59,26 @@ pub(super) fn predict<E: Storage>(
     );
     let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
     let base = match (dp, pipe) {
-        (Some(d), None) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory_with(
-            &dims,
-            (b as u64, t as u64),
-            (dp_size as u64, dp_rank as u64),
-            d.overlap(),
-            (cfg.train.precision, cfg.train.recompute),
-        ),
+        // ZeRO-3 runs one stage (tensor parallelism or not): its own formula.
+        (Some(d), _) if d.zero() == ZeroStage::Three => plan::cpu_runtime::CpuRuntimeMemory {
+            // sequence parallelism splits the activations along the sequence
+            activation_bytes: plan::cpu_runtime::activation_bytes_sp(
+                &dims,
+                b as u64,
+                t as u64,
+                cfg.train.precision,
+                cfg.train.recompute,
+                1,
+                sp,
+            ),
+            ..plan::cpu_runtime::zero3_memory_with(
+                &dims,
+                (b as u64, t as u64),
+                (dp_size as u64, dp_rank as u64),
+                d.overlap(),
+                (cfg.train.precision, cfg.train.recompute),
+            )
+        },
         (Some(d), None) => plan::cpu_runtime::zero_memory(
             &dims,
             b as u64,
