@@ -42,6 +42,19 @@ fn train(out: &Path, extra: &[&str]) -> String {
     stdout
 }
 
+/// Asserts the report's allocated buffers equal the prediction (printed to 0.1 MiB; the exact
+/// check is train's zero3_memory test).
+#[track_caller]
+fn memory_as_predicted(stdout: &str) {
+    let mem = stdout
+        .lines()
+        .find(|l| l.contains("predicted buffers"))
+        .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
+    let w: Vec<&str> = mem.split_whitespace().collect();
+    let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
+    assert_eq!(after("predicted"), after("allocated"), "{mem}");
+}
+
 /// Asserts both runs have `n` steps, each loss within 1e-5 relative; returns the largest.
 #[track_caller]
 fn close(what: &str, a: &[f64], b: &[f64], n: usize) -> f64 {
@@ -88,15 +101,7 @@ fn zero3_equals_one_process_and_gathers_what_the_planner_predicts() {
             .map(|(x, _)| *x)
             .collect();
         assert_eq!(sizes[0], sizes[1], "gathered bytes: {line}");
-        // Allocated buffers equal the prediction (printed to 0.1 MiB; the exact check is
-        // train's zero3_memory test).
-        let mem = stdout
-            .lines()
-            .find(|l| l.contains("predicted buffers"))
-            .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
-        let w: Vec<&str> = mem.split_whitespace().collect();
-        let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
-        assert_eq!(after("predicted"), after("allocated"), "{mem}");
+        memory_as_predicted(&stdout);
     }
 }
 
@@ -261,13 +266,7 @@ fn zero3_trains_in_bf16_and_fp16_with_16_bit_gathers() {
             (2.0 * measured - fp32_mib).abs() <= 0.011,
             "{precision}: {measured} MiB gathered vs fp32's {fp32_mib}"
         );
-        let mem = stdout
-            .lines()
-            .find(|l| l.contains("predicted buffers"))
-            .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
-        let w: Vec<&str> = mem.split_whitespace().collect();
-        let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
-        assert_eq!(after("predicted"), after("allocated"), "{mem}");
+        memory_as_predicted(&stdout);
     }
 }
 
@@ -300,13 +299,7 @@ fn zero3_with_tensor_parallelism_equals_one_process_and_resumes() {
         // sums the ranks' gradients in another order.
         let rel = close(&format!("ZeRO-3 dp2 tp2 sp {sp}"), &losses(&out), &base, 20);
         eprintln!("ZeRO-3 dp2 tp2 (sp {sp}) vs one process: largest relative difference {rel:e}");
-        let mem = stdout
-            .lines()
-            .find(|l| l.contains("predicted buffers"))
-            .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
-        let w: Vec<&str> = mem.split_whitespace().collect();
-        let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
-        assert_eq!(after("predicted"), after("allocated"), "{mem}");
+        memory_as_predicted(&stdout);
     }
     // Stopped at step 10 and resumed in the same layout: the same bits; the same checkpoint
     // as one process (grad_accum 6 keeps the global batch): the same model.
