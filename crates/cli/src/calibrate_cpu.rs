@@ -55,6 +55,10 @@ struct RunLayout {
     transport: String,
     bucket_bytes: u64,
     overlap: bool,
+    /// Whether rank 0 packed its weights once per step (records written before this field
+    /// existed come from runs without weight panels).
+    #[serde(default)]
+    weight_panels: bool,
 }
 
 /// The layout record of this run, when `plan --cpu`'s model covers it; `None` otherwise.
@@ -114,6 +118,7 @@ fn record(a: &crate::train::TrainArgs, st: &StartInfo) -> Option<RunLayout> {
         transport,
         bucket_bytes: (d.bucket_mb * 1048576.0) as u64,
         overlap: !d.no_overlap,
+        weight_panels: st.weight_panels,
     })
 }
 
@@ -239,7 +244,10 @@ fn read_run(dir: &Path) -> Result<CpuRun> {
         },
         host: CpuHost {
             cores: r.cores,
-            compute: plan::cpu_time::CpuCalibration::default(),
+            compute: plan::cpu_time::CpuCalibration {
+                weight_panels: r.weight_panels,
+                ..Default::default()
+            },
             link: CommCalibration::for_transport(&r.transport),
             bucket_bytes: r.bucket_bytes,
             overlap: r.overlap,
@@ -257,7 +265,7 @@ pub fn run(dirs: &[PathBuf], out: &Path, bootstrap: usize) -> Result<()> {
     for r in &runs {
         let l = &r.layout;
         let after = CpuHost {
-            compute: k,
+            compute: plan::cpu_calibrate::with_run_settings(k, r),
             ..r.host
         };
         println!(

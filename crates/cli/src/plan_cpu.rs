@@ -219,9 +219,13 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
     }
     let host = CpuHost {
         cores: cores as u64,
-        compute: match &a.calibration {
-            Some(f) => crate::calibrate_cpu::read_calibration(f)?,
-            None => plan::cpu_time::CpuCalibration::default(),
+        compute: plan::cpu_time::CpuCalibration {
+            // `train` packs fp32 weights once per step on our AVX-512 kernel.
+            weight_panels: kernels::panels::WeightPanels::available(),
+            ..match &a.calibration {
+                Some(f) => crate::calibrate_cpu::read_calibration(f)?,
+                None => plan::cpu_time::CpuCalibration::default(),
+            }
         },
         link: plan::cpu_comm::CommCalibration::tcp(),
         bucket_bytes: train::dp::DEFAULT_BUCKET_BYTES as u64,

@@ -65,7 +65,10 @@ pub(crate) fn predicted_vs_measured(
     // Compute plus the communication the training thread waits for: for a mesh the very
     // prediction `plan --cpu` ranks layouts by, else this rank's compute and its
     // data-parallel communication.
-    let compute = calibration.map_or_else(CpuCalibration::default, |c| c.compute);
+    let compute = CpuCalibration {
+        weight_panels: st.weight_panels,
+        ..calibration.map_or_else(CpuCalibration::default, |c| c.compute)
+    };
     let mesh = mesh_prediction(st, &compute);
     // Without a pipeline the rank runs the whole model: its compute again with the file's
     // constants. Other pipelines (GPipe, interleaved, --pp-layers) keep the defaults.

@@ -98,6 +98,14 @@ impl CpuCalibrationFile {
     }
 }
 
+/// `k`'s fitted constants with what the run itself did (whether it packed weight panels).
+pub fn with_run_settings(k: CpuCalibration, r: &CpuRun) -> CpuCalibration {
+    CpuCalibration {
+        weight_panels: r.host.compute.weight_panels,
+        ..k
+    }
+}
+
 const STEPS: i32 = 24;
 const SIDE: usize = (2 * STEPS + 1) as usize;
 
@@ -116,7 +124,7 @@ fn constants(g: usize) -> CpuCalibration {
 
 fn predicted(r: &CpuRun, k: CpuCalibration) -> f64 {
     let host = CpuHost {
-        compute: k,
+        compute: with_run_settings(k, r),
         ..r.host
     };
     predict(&r.model, &r.layout, &host).step_secs
@@ -247,9 +255,12 @@ mod tests {
     fn synthetic_runs_give_back_the_constants_they_were_made_with() {
         // A machine with half the default matmul rate and 1.5× its bandwidth: 2^(−8/8) and
         // 2^(4.68/8) ≈ 1.5 — the bandwidth is off the grid, so the fit lands on a neighbour.
+        // Without weight panels (a machine without AVX-512, as SCALETRAIN_NO_AVX512=1 runs
+        // are): every micro-batch streams the weights, so the bandwidth shows.
         let truth = CpuCalibration {
             matmul_flops_per_thread: 120e9,
             bandwidth_bytes_per_thread: 9e9,
+            weight_panels: false,
             ..CpuCalibration::default()
         };
         // Wide models are matmul-bound, narrow ones with many micro-batches bandwidth-bound.

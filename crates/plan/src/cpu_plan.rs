@@ -18,6 +18,8 @@
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
 //!               thread: schedule::simulate's makespan)
 //! AdamW(s)    = cpu_time's optimizer term of stage s, / dp under ZeRO-1/2 (the rank's shard)
+//!               + with weight panels and m > 1: the stage's weight pass, once per step (and
+//!               not in micro(s))
 //! dp(s)       = oversub · (exposed dp comm(s) + contention)
 //!               + DP_WAKE_SECS · ring steps(s) · (oversub − 1)
 //! step        = pipeline + oversub · max_s AdamW(s) + max_s dp(s)
@@ -30,7 +32,9 @@
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{stage_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory};
-use crate::cpu_time::{elementwise_secs, step_time, tp_elementwise_share, CpuCalibration};
+use crate::cpu_time::{
+    elementwise_secs, step_time, tp_elementwise_share, weight_pass_secs, CpuCalibration,
+};
 use crate::schedule::{build, simulate, Kind};
 
 /// The model as the runtime builds it.
@@ -107,7 +111,8 @@ pub struct CpuPrediction {
     pub tp_comm_secs: f64,
     /// Data-parallel communication the training thread waits for, plus contention, seconds.
     pub dp_comm_secs: f64,
-    /// AdamW of the slowest stage, seconds.
+    /// AdamW on the slowest stage (its ZeRO shard), and with weight panels the weight packing
+    /// done once per step.
     pub optimizer_secs: f64,
     /// Tokens per second of the job.
     pub tokens_per_sec: f64,
@@ -156,11 +161,19 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .collect();
     // ZeRO-1/2 run AdamW on this rank's 1/dp shard of the stage's parameters.
     let shard = if l.zero > 0 && l.dp > 1 { l.dp } else { 1 } as f64;
-    // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW).
+    // With weight panels and several micro-batches, each rank packs its weights once per step
+    // (counted beside AdamW) instead of in every micro-batch.
+    let panels = host.compute.weight_panels && mb > 1;
+    // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW + weight packing).
     let per: Vec<(f64, f64, f64)> = dims
         .iter()
         .map(|d| {
             let s = step_time(d, l.batch, t, 1, threads, &host.compute);
+            let packing = if panels {
+                weight_pass_secs(d, threads, &host.compute)
+            } else {
+                0.0
+            };
             let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
             // Sequence parallelism also splits the layer norms' and residuals' passes.
             let sp_saving = if l.sp {
@@ -170,9 +183,9 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                 0.0
             };
             (
-                s.matmul_secs + s.memory_secs - sp_saving + s.overhead_secs + tp,
+                s.matmul_secs + s.memory_secs - packing - sp_saving + s.overhead_secs + tp,
                 tp,
-                s.optimizer_secs / shard,
+                s.optimizer_secs / shard + packing,
             )
         })
         .collect();
@@ -472,7 +485,10 @@ mod tests {
             .map(|s| {
                 let d = stage_dims(&m, p.stage_layers[s], s as u64, 2, 1);
                 let t = step_time(&d, 2, 128, 1, 1, &h.compute);
+                // 4 micro-batches: the weights are packed once per step, outside them.
+                assert!(h.compute.weight_panels);
                 t.matmul_secs + t.memory_secs + t.overhead_secs
+                    - weight_pass_secs(&d, 1, &h.compute)
             })
             .fold(0.0, f64::max);
         let p2p = h.link.latency_secs

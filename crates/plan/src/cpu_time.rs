@@ -14,7 +14,8 @@
 //!              products on the full t×t square, forward 2 gemms, backward 4: Kaplan et al. 2020
 //!              count the same terms)
 //! memory    = a · (L · elementwise_bytes_per_token_channel · bt·c · (10 + 24/tp)/34 + 16·bt·vₕ
-//!                  + weight_bytes_per_param · P) / (nₑ · bandwidth)
+//!                  ) + w · weight_bytes_per_param · P) / (nₑ · bandwidth)
+//!             (w = 1 with the runtime's weight panels, packed once per step; else w = a)
 //!             (layernorm, GELU, residuals, softmax: streamed f32 passes, the replicated 10 of
 //!              Korthikanti et al.'s 34 activation units whole on a tensor-parallel rank, the other
 //!              24 split; sequence parallelism splits all, see `cpu_plan`; cross-entropy reads and
@@ -92,6 +93,12 @@ pub struct CpuCalibration {
     /// Effective bytes streamed per parameter by AdamW, the gradient norm and zeroing, once
     /// per optimizer step.
     pub optimizer_bytes_per_param: f64,
+    /// The runtime packs each linear weight once per step and reuses the panels in every
+    /// micro-batch (`kernels::panels`: fp32 on the AVX-512 kernel, more than one micro-batch
+    /// per step): the weight pass is then paid once per step instead of once per micro-batch.
+    /// Off for runs without them (16-bit storage, ZeRO-3, no AVX-512, and every run before
+    /// 2026-12-06 07:00 UTC, which the fits above measured).
+    pub weight_panels: bool,
 }
 
 impl Default for CpuCalibration {
@@ -104,6 +111,7 @@ impl Default for CpuCalibration {
             extra_thread_efficiency: 0.5,
             weight_bytes_per_param: 6.8,
             optimizer_bytes_per_param: 16.0,
+            weight_panels: true,
         }
     }
 }
@@ -173,6 +181,14 @@ pub fn elementwise_secs(
         / (n * k.bandwidth_bytes_per_thread)
 }
 
+/// Seconds of one pass over `d`'s weights (packing them for the forward and input-gradient
+/// GEMMs): once per micro-batch, or once per step with the runtime's weight panels.
+pub fn weight_pass_secs(d: &CpuRuntimeDims, threads: u64, k: &CpuCalibration) -> f64 {
+    let n = 1.0 + (threads.max(1) as f64 - 1.0) * k.extra_thread_efficiency;
+    k.weight_bytes_per_param * crate::cpu_runtime::param_count(d) as f64
+        / (n * k.bandwidth_bytes_per_thread)
+}
+
 /// Predicted time of one optimizer step of `accum` micro-batches of (`batch`, `seq`) on
 /// `threads` threads.
 pub fn step_time(
@@ -191,10 +207,12 @@ pub fn step_time(
     let flops = a * matmul_flops(d, batch, seq);
     let matmul_secs = flops / (n * k.matmul_flops_per_thread);
     let p = crate::cpu_runtime::param_count(d) as f64;
+    // The weight pass: once per step with panels, else once per micro-batch.
+    let weight_passes = if k.weight_panels { 1.0 } else { a };
     let mem_bytes = a
         * (l * k.elementwise_bytes_per_token_channel * bt * c * tp_elementwise_share(d.tp, false)
-            + 16.0 * bt * head_columns(d)
-            + k.weight_bytes_per_param * p);
+            + 16.0 * bt * head_columns(d))
+        + weight_passes * k.weight_bytes_per_param * p;
     let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
     let optimizer_secs = k.optimizer_bytes_per_param * p / (n * k.bandwidth_bytes_per_thread);
     let overhead_secs = a * (l * 22.0 + 12.0) * (n_threads - 1.0) * k.spawn_secs;
@@ -356,8 +374,17 @@ mod tests {
         // L4 C256 T128, vp 8192: P = 8192·256 (wte) + 128·256 (wpe) + 4·(12·256² + 13·256)
         // + 2·256 (ln_f) = 5 289 472. Four micro-batches of 1 sequence against one of 4: the
         // same matmul FLOPs (attention is linear in b), the same elementwise bytes, three more
-        // weight passes of 6.8 bytes per parameter; AdamW once either way.
-        let k = CpuCalibration::default();
+        // weight passes of 6.8 bytes per parameter without weight panels, none with them;
+        // AdamW once either way.
+        let panels = CpuCalibration::default();
+        let d = dims(4);
+        let one = step_time(&d, 4, 128, 1, 1, &panels);
+        let four = step_time(&d, 1, 128, 4, 1, &panels);
+        assert!((four.memory_secs - one.memory_secs).abs() < 1e-12 * one.memory_secs);
+        let k = CpuCalibration {
+            weight_panels: false,
+            ..panels
+        };
         let d = dims(4);
         assert_eq!(crate::cpu_runtime::param_count(&d), 5_289_472);
         let one = step_time(&d, 4, 128, 1, 1, &k);

@@ -140,7 +140,11 @@ fn model() -> CpuModel {
 fn host() -> CpuHost {
     CpuHost {
         cores: 2,
-        compute: crate::cpu_time::CpuCalibration::default(),
+        // Measured before the runtime packed weight panels once per step.
+        compute: crate::cpu_time::CpuCalibration {
+            weight_panels: false,
+            ..Default::default()
+        },
         link: CommCalibration::tcp(),
         bucket_bytes: 1 << 21,
         overlap: true,

@@ -193,6 +193,7 @@ fn run_with<E: Storage>(
             + (E::BYTES * (work.len() + staging.len()) + acts.bytes() + acts.panel_bytes()) as u64
             + dp.as_ref().map_or(0, |d| d.extra_bytes()),
         rss_before_model_bytes,
+        weight_panels: acts.panel_bytes() > 0,
         warnings,
         dp: dp.as_ref().map(|d| (d.rank(), d.size(), d.zero().number())),
         pipeline,

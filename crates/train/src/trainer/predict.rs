@@ -55,7 +55,10 @@ pub(super) fn predict<E: Storage>(
         t as u64,
         accum as u64,
         threads as u64,
-        &plan::cpu_time::CpuCalibration::default(),
+        &plan::cpu_time::CpuCalibration {
+            weight_panels: acts.panel_bytes() > 0,
+            ..Default::default()
+        },
     );
     let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
     let base = match (dp, pipe) {

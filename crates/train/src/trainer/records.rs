@@ -104,6 +104,9 @@ pub struct StartInfo {
     /// Resident memory after the data was loaded, before the model was allocated, bytes
     /// (Linux; 0 elsewhere).
     pub rss_before_model_bytes: u64,
+    /// Whether this rank packs its weights once per step (`kernels::panels`), which the step
+    /// prediction counts (`plan::cpu_time::CpuCalibration::weight_panels`).
+    pub weight_panels: bool,
     /// Checkpoints skipped while resuming, with the reason.
     pub warnings: Vec<String>,
     /// Data parallel: (rank, ranks, ZeRO stage); `None` for one rank.
