@@ -132,11 +132,10 @@ pub fn check_layout(a: &DpArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     let zero = ZeroStage::from_number(a.zero)
         .with_context(|| format!("--zero {}: expected 0, 1, 2 or 3", a.zero))?;
-    if zero == ZeroStage::Three && (a.tp > 1 || a.pp > 1) {
+    if zero == ZeroStage::Three && a.pp > 1 {
         bail!(
-            "--zero 3 with --tp {} --pp {}: ZeRO-3 gathers whole-model units along data parallelism only; \
-             use --zero 3 with --tp 1 --pp 1, or --zero 1/2 with a mesh",
-            a.tp,
+            "--zero 3 with --pp {}: ZeRO-3 gathers a stage's units for every micro-batch, which the \
+             pipeline executor does not drive; use --zero 3 with --dp (and --tp), or --zero 1 with a pipeline",
             a.pp
         );
     }

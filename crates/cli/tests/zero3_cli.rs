@@ -1,8 +1,8 @@
 //! ZeRO-3 (`--zero 3`) as real processes over loopback TCP: equal to one process on every
 //! step's loss (dp 2 and 3, with gradient accumulation), the weight gathers per micro-batch the
 //! planner predicts, bit-exact resume, resuming a ZeRO-3 checkpoint as ZeRO-1 and as one
-//! process, bf16/fp16 mixed precision (16-bit gathers, fp32 pieces), and the layouts it
-//! refuses.
+//! process, bf16/fp16 mixed precision (16-bit gathers, fp32 pieces), with tensor parallelism
+//! (dp × tp, sequence parallel or not), and the layouts it refuses.
 
 use std::path::Path;
 
@@ -40,6 +40,19 @@ fn train(out: &Path, extra: &[&str]) -> String {
     let (code, stdout, err) = run(&args);
     assert_eq!(code, 0, "{args:?}\n{stdout}\n{err}");
     stdout
+}
+
+/// Asserts the report's allocated buffers equal the prediction (printed to 0.1 MiB; the exact
+/// check is train's zero3_memory test).
+#[track_caller]
+fn memory_as_predicted(stdout: &str) {
+    let mem = stdout
+        .lines()
+        .find(|l| l.contains("predicted buffers"))
+        .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
+    let w: Vec<&str> = mem.split_whitespace().collect();
+    let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
+    assert_eq!(after("predicted"), after("allocated"), "{mem}");
 }
 
 /// Asserts both runs have `n` steps, each loss within 1e-5 relative; returns the largest.
@@ -88,15 +101,7 @@ fn zero3_equals_one_process_and_gathers_what_the_planner_predicts() {
             .map(|(x, _)| *x)
             .collect();
         assert_eq!(sizes[0], sizes[1], "gathered bytes: {line}");
-        // Allocated buffers equal the prediction (printed to 0.1 MiB; the exact check is
-        // train's zero3_memory test).
-        let mem = stdout
-            .lines()
-            .find(|l| l.contains("predicted buffers"))
-            .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
-        let w: Vec<&str> = mem.split_whitespace().collect();
-        let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
-        assert_eq!(after("predicted"), after("allocated"), "{mem}");
+        memory_as_predicted(&stdout);
     }
 }
 
@@ -160,8 +165,8 @@ fn zero3_refuses_what_it_does_not_run_and_says_why() {
     let o = d.path().join("x");
     let cases: [(&[&str], &str); 2] = [
         (
-            &["--dp", "2", "--tp", "2", "--zero", "3"],
-            "--zero 3 with --tp 2 --pp 1",
+            &["--dp", "2", "--pp", "2", "--zero", "3"],
+            "--zero 3 with --pp 2",
         ),
         (
             &["--dp", "2", "--zero", "3", "--grad-sync", "ps"],
@@ -261,12 +266,67 @@ fn zero3_trains_in_bf16_and_fp16_with_16_bit_gathers() {
             (2.0 * measured - fp32_mib).abs() <= 0.011,
             "{precision}: {measured} MiB gathered vs fp32's {fp32_mib}"
         );
-        let mem = stdout
-            .lines()
-            .find(|l| l.contains("predicted buffers"))
-            .unwrap_or_else(|| panic!("no memory line:\n{stdout}"));
-        let w: Vec<&str> = mem.split_whitespace().collect();
-        let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 2];
-        assert_eq!(after("predicted"), after("allocated"), "{mem}");
+        memory_as_predicted(&stdout);
     }
+}
+
+#[test]
+fn zero3_with_tensor_parallelism_equals_one_process_and_resumes() {
+    let d = common::TempDir::new("zero3", "tp");
+    // Global batch 12 sequences: 1 × 6 × 2 and dp 2 × 3 × 2 (tp ranks share their batch).
+    let one = d.path().join("one");
+    train(&one, &["--steps", "20", "--set", "train.grad_accum=6"]);
+    let base = losses(&one);
+    let layout = [
+        "--dp",
+        "2",
+        "--tp",
+        "2",
+        "--zero",
+        "3",
+        "--set",
+        "train.grad_accum=3",
+    ];
+    for sp in [false, true] {
+        let out = d.path().join(format!("sp-{sp}"));
+        let mut a = vec!["--steps", "20"];
+        a.extend_from_slice(&layout);
+        if sp {
+            a.push("--sequence-parallel");
+        }
+        let stdout = train(&out, &a);
+        // Not bitwise: tensor parallelism splits the matmuls' sums and the reduce-scatter
+        // sums the ranks' gradients in another order.
+        let rel = close(&format!("ZeRO-3 dp2 tp2 sp {sp}"), &losses(&out), &base, 20);
+        eprintln!("ZeRO-3 dp2 tp2 (sp {sp}) vs one process: largest relative difference {rel:e}");
+        memory_as_predicted(&stdout);
+    }
+    // Stopped at step 10 and resumed in the same layout: the same bits; the same checkpoint
+    // as one process (grad_accum 6 keeps the global batch): the same model.
+    let whole = losses(&d.path().join("sp-false"));
+    let part = d.path().join("part");
+    let mut a = vec!["--steps", "20", "--stop-after", "10"];
+    a.extend_from_slice(&layout);
+    train(&part, &a);
+    let as_one = d.path().join("as-one");
+    std::fs::create_dir_all(&as_one).unwrap();
+    for e in std::fs::read_dir(&part).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), as_one.join(e.file_name())).unwrap();
+    }
+    let mut a = vec!["--steps", "20", "--resume"];
+    a.extend_from_slice(&layout);
+    let stdout = train(&part, &a);
+    assert!(stdout.contains("resuming at step 10"), "{stdout}");
+    assert_eq!(losses(&part), whole, "resumed ZeRO-3 dp2 tp2 run differs");
+    train(
+        &as_one,
+        &["--steps", "20", "--resume", "--set", "train.grad_accum=6"],
+    );
+    close(
+        "ZeRO-3 dp2 tp2 resumed as one process",
+        &losses(&as_one),
+        &whole,
+        20,
+    );
 }

@@ -81,6 +81,97 @@ pub(crate) fn gemm(
     alpha: f32,
     beta: f32,
 ) {
+    gemm_with(c, cv, a, av, B::Raw(b, bv), alpha, beta)
+}
+
+/// [`gemm`] with `b` already packed whole ([`Packed`], `k × n`): the same panels [`gemm`]
+/// would pack, so the same bits. The caller checked `c`'s and `a`'s views against `b`'s shape.
+pub(crate) fn gemm_packed(
+    c: &mut [f32],
+    cv: View,
+    a: &[f32],
+    av: View,
+    b: &Packed,
+    alpha: f32,
+    beta: f32,
+) {
+    assert!(av.cols == b.rows && cv.cols == b.cols && av.rows == cv.rows);
+    gemm_with(c, cv, a, av, B::Packed(b), alpha, beta)
+}
+
+/// The `b` operand of [`gemm_with`]: a view to pack per block, or panels packed beforehand.
+#[derive(Clone, Copy)]
+enum B<'a> {
+    Raw(&'a [f32], View),
+    Packed(&'a Packed),
+}
+
+/// A whole `k × n` `b` operand packed once, for reuse by many [`gemm_packed`] calls (a
+/// weight used by every micro-batch of a step): per `KC`-deep slice of the inner dimension
+/// (`pc`), all `ceil(n/NR)` panels `[kc][NR]` (columns past `n` zero), the slice at
+/// `pc · npad` (`npad` = `n` rounded up to `NR`). `k · npad` floats in all.
+pub(crate) struct Packed {
+    rows: usize,
+    cols: usize,
+    data: Vec<Line>,
+}
+
+impl Packed {
+    /// Floats a packed `k × n` operand holds.
+    pub(crate) fn floats(k: usize, n: usize) -> usize {
+        n.div_ceil(NR) * NR * k
+    }
+
+    /// An operand of `k × n`, allocated (and zeroed) now.
+    pub(crate) fn new(k: usize, n: usize) -> Packed {
+        Packed {
+            rows: k,
+            cols: n,
+            data: vec![Line([0.0; 16]); Self::floats(k, n).div_ceil(16)],
+        }
+    }
+
+    /// (k, n).
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of_val(&self.data[..])
+    }
+
+    /// Packs `b` (a `k × n` view) into the panels.
+    pub(crate) fn pack(&mut self, b: &[f32], bv: View) {
+        assert!(bv.rows == self.rows && bv.cols == self.cols);
+        let (k, n) = (self.rows, self.cols);
+        let npad = n.div_ceil(NR) * NR;
+        let all = floats(&mut self.data, k * npad);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_b(
+                &mut all[pc * npad..(pc + kc) * npad],
+                b,
+                bv,
+                (pc, kc),
+                (0, n),
+            );
+        }
+    }
+
+    /// The panels of inner slice `pc..pc+kc` and columns `jc..jc+nc` (`jc` a multiple of `NR`).
+    fn block(&self, (pc, kc): (usize, usize), (jc, nc): (usize, usize)) -> &[f32] {
+        let npad = self.cols.div_ceil(NR) * NR;
+        let start = pc * npad + jc * kc;
+        // SAFETY: `Line` is `repr(C)` over 16 f32s without padding; `data` holds k·npad floats.
+        let all: &[f32] = unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr() as *const f32, self.rows * npad)
+        };
+        &all[start..start + nc.div_ceil(NR) * kc * NR]
+    }
+}
+
+fn gemm_with(c: &mut [f32], cv: View, a: &[f32], av: View, b: B<'_>, alpha: f32, beta: f32) {
     let (m, n, k) = (cv.rows, cv.cols, av.cols);
     debug_assert!(alpha == 1.0 || beta == 0.0);
     if k == 0 {
@@ -107,8 +198,14 @@ pub(crate) fn gemm(
                     _ => Init::Load,
                 };
                 let scale = if pc + kc == k { alpha } else { 1.0 };
-                let bp = floats(bbuf, npanels * kc * NR);
-                pack_b(bp, b, bv, (pc, kc), (jc, nc));
+                let bp: &[f32] = match b {
+                    B::Raw(b, bv) => {
+                        let bp = floats(bbuf, npanels * kc * NR);
+                        pack_b(bp, b, bv, (pc, kc), (jc, nc));
+                        bp
+                    }
+                    B::Packed(p) => p.block((pc, kc), (jc, nc)),
+                };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     let mpanels = mc.div_ceil(MR);

@@ -74,6 +74,32 @@ pub fn gemm(
     gemm_crate(c, cv, a, av, b, bv, alpha, beta);
 }
 
+/// [`gemm`] with `b` packed beforehand (`crate::panels`): the same bits as [`gemm`] on the
+/// view `b` was packed from. Only while our AVX-512 kernel is active (the panels' caller
+/// checks).
+#[track_caller]
+pub(crate) fn gemm_packed(
+    c: &mut [f32],
+    cv: View,
+    a: &[f32],
+    av: View,
+    b: &crate::avx512::Packed,
+    alpha: f32,
+    beta: f32,
+) {
+    let (k, n) = b.shape();
+    let bv = View::rm(k, n, n);
+    check_views("gemm", cv, av, bv, (c.len(), a.len(), bv.extent()));
+    if cv.rows == 0 || cv.cols == 0 {
+        return;
+    }
+    assert!(
+        alpha == 1.0 || beta == 0.0,
+        "gemm_packed: alpha != 1 with beta != 0"
+    );
+    crate::avx512::gemm_packed(c, cv, a, av, b, alpha, beta)
+}
+
 /// Panics unless the shapes agree and every view lies inside its slice (`lens`: c, a, b).
 #[track_caller]
 fn check_views(name: &str, cv: View, av: View, bv: View, lens: (usize, usize, usize)) {

@@ -39,6 +39,7 @@ pub mod gelu;
 pub mod gemm;
 pub mod layernorm;
 pub mod matmul;
+pub mod panels;
 pub mod residual;
 pub mod rng;
 

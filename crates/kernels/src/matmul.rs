@@ -6,13 +6,15 @@
 //! The inner product is a single-threaded GEMM on strided views (`gemm.rs`: our AVX-512F
 //! kernel, or the `gemm` crate's), so the transposes of backward are only strides. We split the
 //! *output rows* across `Par` threads ourselves; every thread packs its own panels, which for
-//! our shapes (m = b*t ≥ 256) costs a few percent at most. See `docs/runtime.md`.
+//! our shapes (m = b*t ≥ 256) costs a few percent at most, except a weight packed once per step
+//! by `crate::panels`, which all threads and micro-batches share. See `docs/runtime.md`.
 
 pub use crate::gemm::{
     amx_active, avx512_active, avx512_bf16_active, bf16_matmul_kind, set_amx, set_avx512,
     set_avx512_bf16,
 };
-pub(crate) use crate::gemm::{gemm, gemm_mixed, View};
+pub(crate) use crate::gemm::{gemm, gemm_mixed, gemm_packed, View};
+use crate::panels::{with_packed, Dir};
 
 use crate::elem::{with_f32, with_f32_mut, with_staging, Elem};
 use crate::{check_len, is_f32, par_rows, par_rows2, Par};
@@ -88,27 +90,34 @@ fn matmul_forward_f32(
     if let Some(b) = bias {
         check_len("matmul_forward bias", b.len(), n);
     }
-    par_rows(par, out, n, MIN_ROWS, |rows, out_rows| {
-        let beta = match bias {
-            Some(b) => {
-                for row in out_rows.chunks_exact_mut(n) {
-                    row.copy_from_slice(b);
+    // The weight's panels packed once per step when `crate::panels` holds them.
+    with_packed(w, (n, k), Dir::Fwd, |wp| {
+        par_rows(par, out, n, MIN_ROWS, |rows, out_rows| {
+            let beta = match bias {
+                Some(b) => {
+                    for row in out_rows.chunks_exact_mut(n) {
+                        row.copy_from_slice(b);
+                    }
+                    1.0
                 }
-                1.0
+                None => 0.0,
+            };
+            let inp_rows = &inp[rows.start * k..rows.end * k];
+            let (cv, av) = (View::rm(rows.len(), n, n), View::rm(rows.len(), k, k));
+            match wp {
+                Some(wp) => gemm_packed(out_rows, cv, inp_rows, av, wp, 1.0, beta),
+                None => gemm(
+                    out_rows,
+                    cv,
+                    inp_rows,
+                    av,
+                    w,
+                    View::rm(n, k, k).t(),
+                    1.0,
+                    beta,
+                ),
             }
-            None => 0.0,
-        };
-        let inp_rows = &inp[rows.start * k..rows.end * k];
-        gemm(
-            out_rows,
-            View::rm(rows.len(), n, n),
-            inp_rows,
-            View::rm(rows.len(), k, k),
-            w,
-            View::rm(n, k, k).t(),
-            1.0,
-            beta,
-        );
+        })
     });
 }
 
@@ -218,18 +227,17 @@ fn matmul_backward_f32(
     check_len("matmul_backward d_out", d_out.len(), m * n);
     check_len("matmul_backward inp", inp.len(), m * k);
     check_len("matmul_backward w", w.len(), n * k);
-    // d_inp rows split across threads: (m, n) · (n, k).
-    par_rows(par, d_inp, k, MIN_ROWS, |rows, d_rows| {
-        gemm(
-            d_rows,
-            View::rm(rows.len(), k, k),
-            &d_out[rows.start * n..rows.end * n],
-            View::rm(rows.len(), n, n),
-            w,
-            View::rm(n, k, k),
-            1.0,
-            0.0,
-        );
+    // d_inp rows split across threads: (m, n) · (n, k), `w`'s panels packed once per step
+    // when `crate::panels` holds them.
+    with_packed(w, (n, k), Dir::Bwd, |wp| {
+        par_rows(par, d_inp, k, MIN_ROWS, |rows, d_rows| {
+            let (cv, av) = (View::rm(rows.len(), k, k), View::rm(rows.len(), n, n));
+            let d_out_rows = &d_out[rows.start * n..rows.end * n];
+            match wp {
+                Some(wp) => gemm_packed(d_rows, cv, d_out_rows, av, wp, 1.0, 0.0),
+                None => gemm(d_rows, cv, d_out_rows, av, w, View::rm(n, k, k), 1.0, 0.0),
+            }
+        })
     });
     // d_w rows (output features) split across threads: (n, m) · (m, k), beta = 1 accumulates.
     let dw_rows = |rows: std::ops::Range<usize>, dw: &mut [f32]| {

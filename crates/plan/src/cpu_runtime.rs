@@ -24,7 +24,9 @@
 
 use crate::recipe::{Precision, Recompute};
 
+mod panels;
 mod zero3;
+pub use panels::{weight_panel_bytes, weight_panel_floats};
 pub use zero3::{
     zero3_comm_time, zero3_comm_time_with, zero3_gathers_per_step, zero3_memory, zero3_memory_with,
     zero3_unit_lens, ZERO3_GATHER_SLOTS,

@@ -91,6 +91,35 @@ fn zero_memory_matches_plan_and_halves_adamw() {
         }
         by_stage.push(rs[0].start.predicted);
     }
+    // With 2 micro-batches per step the weights are packed once per step into panels
+    // (kernels::panels, on our AVX-512 kernel), counted by the prediction.
+    let mut accum = cfg.clone();
+    accum.train.grad_accum = 2;
+    for zero in [ZeroStage::Off, ZeroStage::Two] {
+        let rs = ring(2, zero, &accum, &format!("mem-accum{}", zero.number()));
+        for r in &rs {
+            assert_eq!(r.start.allocated_bytes, r.start.predicted.total_bytes());
+        }
+        let i = zero.number() as usize;
+        let (with, without) = (rs[0].start.predicted, by_stage[i]);
+        let extra = with.param_bytes - without.param_bytes;
+        if kernels::panels::WeightPanels::available() {
+            // Both packings of every linear weight and of the tied head: at least twice the
+            // layers' 12·c² weights each, at most twice all parameters.
+            let (l, c) = (accum.model.n_layer as u64, accum.model.channels as u64);
+            assert!(
+                extra >= 4 * 2 * 12 * l * c * c,
+                "ZeRO-{i}: panels {extra} B"
+            );
+            assert!(
+                extra <= 2 * rs[0].start.params as u64 * 4,
+                "ZeRO-{i}: panels {extra} B"
+            );
+        } else {
+            assert_eq!(extra, 0, "ZeRO-{i}: no panels without our AVX-512 kernel");
+        }
+        assert_eq!(with.activation_bytes, without.activation_bytes);
+    }
     let full = by_stage[0].optimizer_bytes;
     assert!(by_stage[1].optimizer_bytes * 2 <= full + 8);
     assert!(by_stage[1].optimizer_bytes * 2 >= full);

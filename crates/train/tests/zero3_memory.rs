@@ -87,6 +87,7 @@ fn measure<E: Storage + Sync>(
                             tokens,
                             (Some(d_loss), 1.0),
                             Par::Seq,
+                            &mut NoTp,
                         )
                         .unwrap()
                     } else {

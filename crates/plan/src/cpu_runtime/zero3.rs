@@ -225,14 +225,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn zero3_communication_by_hand() {
-        // A link of 1 ms latency and 1 GB/s: g(u) = (dp − 1)·1e-3 + (dp − 1)/dp · 4u / 1e9.
-        let k = crate::cpu_comm::CommCalibration {
+    /// A link of 1 ms latency and 1 GB/s.
+    fn link() -> crate::cpu_comm::CommCalibration {
+        crate::cpu_comm::CommCalibration {
             latency_secs: 1e-3,
             bus_bytes_per_sec: 1e9,
             halves_are_all_reduces: false,
-        };
+        }
+    }
+
+    #[test]
+    fn zero3_communication_by_hand() {
+        // A link of 1 ms latency and 1 GB/s: g(u) = (dp − 1)·1e-3 + (dp − 1)/dp · 4u / 1e9.
+        let k = link();
         let d = dims();
         let u = zero3_unit_lens(&d);
         let g = |x: u64| 1e-3 + 0.5 * (4 * x) as f64 / 1e9;
@@ -258,11 +263,7 @@ mod tests {
     #[test]
     fn zero3_mixed_precision_by_hand() {
         // bf16: gathers move 2 bytes per weight, reduce-scatters 4 per gradient.
-        let k = crate::cpu_comm::CommCalibration {
-            latency_secs: 1e-3,
-            bus_bytes_per_sec: 1e9,
-            halves_are_all_reduces: false,
-        };
+        let k = link();
         let d = dims();
         let u = zero3_unit_lens(&d);
         let g = |x: u64, b: u64| 1e-3 + 0.5 * (b * x) as f64 / 1e9;

@@ -439,13 +439,7 @@ impl Dp {
                 self.zero_step(layout, params, grads, opt, cfg, par, mesh, apply)
             }
             // ZeRO-3 keeps its own weight pieces (`params` is empty) and gradient shard.
-            ZeroStage::Three => {
-                assert!(
-                    mesh.copies.is_empty(),
-                    "ZeRO-3 runs without other mesh axes"
-                );
-                self.zero3_step(layout, opt, cfg, par, apply)
-            }
+            ZeroStage::Three => self.zero3_step(layout, opt, cfg, par, mesh, apply),
         }
     }
 }

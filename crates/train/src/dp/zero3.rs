@@ -30,8 +30,8 @@ use comm::shard_range;
 use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
 use kernels::Par;
 use model::{
-    ActSaved, ActScratch, AdamW, AdamWConfig, GradInput, ModelError, NoTp, ParamLayout, StageInput,
-    Unit,
+    ActSaved, ActScratch, AdamW, AdamWConfig, GradInput, ModelError, ParamLayout, StageInput,
+    TpReduce, Unit,
 };
 use std::any::Any;
 use std::ops::Range;
@@ -255,6 +255,7 @@ impl Dp {
         y: &[u32],
         (d_loss, unscale): (Option<f32>, f32),
         par: Par,
+        tp: &mut dyn TpReduce,
     ) -> Result<f32, TrainError> {
         let mut z = self
             .z3
@@ -273,6 +274,7 @@ impl Dp {
             y,
             (d_loss, unscale),
             par,
+            tp,
         );
         if d_loss.is_some() {
             z.micro_batches += 1;
@@ -300,6 +302,7 @@ impl Dp {
         y: &[u32],
         (d_loss, unscale): (Option<f32>, f32),
         par: Par,
+        tp: &mut dyn TpReduce,
     ) -> Result<f32, TrainError> {
         let (job_tx, job_rx) = channel::<Job<E>>();
         let (gathered_tx, gathered_rx) = channel();
@@ -360,13 +363,13 @@ impl Dp {
                     input,
                     Some(y),
                     par,
-                    &mut NoTp,
+                    &mut *tp,
                 )?
                 .expect("the whole model has the head");
                 if let Some(d_loss) = d_loss {
                     let gi = GradInput::Loss { targets: y, d_loss };
                     model::backward_sourced(
-                        layout, &mut src, &mut sink, saved, scratch, input, gi, par, &mut NoTp,
+                        layout, &mut src, &mut sink, saved, scratch, input, gi, par, &mut *tp,
                     )?;
                 }
                 Ok(loss)
@@ -484,14 +487,33 @@ impl Dp {
         opt: &mut AdamW,
         cfg: &AdamWConfig,
         par: Par,
+        mesh: super::MeshNorm<'_>,
         apply: &mut dyn FnMut(f64) -> Result<bool, TrainError>,
     ) -> Result<f64, TrainError> {
         let mut z = self.z3.take().expect("ZeRO-3 state");
         // The weights change below (or a skipped step leaves them): the next step gathers
         // the embedding afresh either way, so every step gathers alike.
         z.embed_cached = false;
-        let partial = sum_squares(&z.grad);
-        let total = match self.global_sum_squares(partial) {
+        // Only what this rank counts: its pieces less the tensors another tensor-parallel
+        // rank counts (replicated norms and biases), as ZeRO-1/2 do.
+        let partial = if mesh.copies.is_empty() {
+            sum_squares(&z.grad)
+        } else {
+            let mut at = 0;
+            let mut sq = 0.0f64;
+            for r in self.owned_ranges(layout.len()) {
+                for piece in super::subtract(r.clone(), mesh.copies) {
+                    sq +=
+                        sum_squares(&z.grad[at + piece.start - r.start..at + piece.end - r.start]);
+                }
+                at += r.len();
+            }
+            sq
+        };
+        let total = match self
+            .global_sum_squares(partial)
+            .and_then(|t| (mesh.combine)(t))
+        {
             Ok(t) => t,
             Err(e) => {
                 self.z3 = Some(z);
@@ -533,13 +555,15 @@ impl Dp {
 }
 
 /// The trainer's micro-batches of one step under ZeRO-3 (every one reduce-scatters its
-/// gradients); returns their losses.
+/// gradients); returns their losses. `pipe` is the mesh of a tensor-parallel run (one stage):
+/// the model's tensor-parallel collectives run over its group.
 pub(crate) fn zero3_micro_batches<E: Storage>(
     d: &mut Dp,
     layout: &ParamLayout,
     acts: &mut crate::pipeline::StageActs<E>,
     mb: &crate::pipeline::MicroBatches<'_>,
     par: Par,
+    mut pipe: Option<&mut crate::pipeline::Pipeline>,
 ) -> Result<Vec<f32>, TrainError> {
     let (saved, scratch) = acts.first_set();
     let m = mb.xs.len() / mb.bt;
@@ -550,15 +574,18 @@ pub(crate) fn zero3_micro_batches<E: Storage>(
     (0..m)
         .map(|k| {
             let r = k * mb.bt..(k + 1) * mb.bt;
-            d.zero3_micro_batch(
-                layout,
-                saved,
-                scratch,
-                &mb.xs[r.clone()],
-                &mb.ys[r],
-                (Some(mb.d_loss), mb.unscale),
-                par,
-            )
+            crate::pipeline::with_tp(pipe.as_deref_mut(), |tp| {
+                d.zero3_micro_batch(
+                    layout,
+                    saved,
+                    scratch,
+                    &mb.xs[r.clone()],
+                    &mb.ys[r],
+                    (Some(mb.d_loss), mb.unscale),
+                    par,
+                    tp,
+                )
+            })
         })
         .collect()
 }

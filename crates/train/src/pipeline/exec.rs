@@ -145,6 +145,8 @@ pub struct StageActs<E: Storage = f32> {
     grad_in: Vec<f32>,
     /// 16-bit storage between stages: the outgoing activation widened to `f32` (bt·c).
     act_out: Vec<f32>,
+    /// Weights packed once per step for the matmuls (`super::panels`; empty unless used).
+    pub(super) panels: kernels::panels::WeightPanels,
 }
 
 /// The most micro-batches whose forward on `chunk` has run and whose backward has not, along
@@ -229,6 +231,7 @@ impl<E: Storage> StageActs<E> {
             act_in: vec![0.0; recv],
             grad_in: vec![0.0; recv],
             act_out: vec![0.0; widen],
+            panels: Default::default(),
         })
     }
 
@@ -317,6 +320,9 @@ pub fn run_ops<E: Storage>(
         dp.is_none() || stage.chunks.len() == 1,
         "the trainer reduces interleaved chunks' gradients after the list (Dp::reduce_all)"
     );
+    // Each weight packed once for this step's matmuls (the parameters do not change here).
+    let mut panels = std::mem::take(&mut acts.panels);
+    let scope = E::f32s(params).map(|p| kernels::panels::PanelScope::enter(&mut panels, p));
     let StageActs {
         saved,
         scratch,
@@ -325,7 +331,8 @@ pub fn run_ops<E: Storage>(
         act_in,
         grad_in,
         act_out,
-    } = acts;
+        panels: _,
+    } = &mut *acts;
     for (i, op) in ops.iter().enumerate() {
         // The exchange before op i: what op i-1 produced, what op i needs.
         if let Some(p) = pipe.as_deref_mut() {
@@ -471,6 +478,9 @@ pub fn run_ops<E: Storage>(
         }
         p.flush()?;
     }
+    // (After an error the panels stay out: the run ends with it.)
+    drop(scope);
+    acts.panels = panels;
     Ok(if has_loss { losses } else { Vec::new() })
 }
 

@@ -26,6 +26,7 @@ mod bubble;
 mod ckpt;
 mod edges;
 mod exec;
+mod panels;
 
 pub use bubble::PredictedWait;
 pub use ckpt::{full_segments, save_checkpoint, slice_full, to_full};

@@ -151,6 +151,11 @@ fn run_with<E: Storage>(
     };
     let sp = pipe.as_ref().is_some_and(|p| p.sequence_parallel);
     let mut acts = StageActs::<E>::with_sp(&stage, &ops, b, t, cfg.train.recompute, sp)?;
+    // Weights packed once per step for the matmuls when a step runs several micro-batches
+    // (not under ZeRO-3, whose layers are gathered into shared buffers).
+    if !zero3 {
+        acts.use_weight_panels(&stage, &ops);
+    }
     let mut batcher = Batcher::new(
         data.train.len(),
         t,
@@ -185,7 +190,7 @@ fn run_with<E: Storage>(
             d.predict_comm(&dims, accum as u64, &predicted_step, cfg.train.precision)
         }),
         allocated_bytes: 4 * (state.params.len() + grads.len() + opt.m.len() + opt.v.len()) as u64
-            + (E::BYTES * (work.len() + staging.len()) + acts.bytes()) as u64
+            + (E::BYTES * (work.len() + staging.len()) + acts.bytes() + acts.panel_bytes()) as u64
             + dp.as_ref().map_or(0, |d| d.extra_bytes()),
         rss_before_model_bytes,
         warnings,
@@ -299,7 +304,14 @@ fn run_with<E: Storage>(
         };
         let micro_losses = if zero3 {
             let d = dp.as_deref_mut().expect("ZeRO-3 is data parallel");
-            crate::dp::zero3_micro_batches(d, &layout, &mut acts, &micro_batches, par)?
+            crate::dp::zero3_micro_batches(
+                d,
+                &layout,
+                &mut acts,
+                &micro_batches,
+                par,
+                pipe.as_deref_mut(),
+            )?
         } else {
             run_ops(
                 &ops,
@@ -541,6 +553,7 @@ fn run_with<E: Storage>(
                     &data.val,
                     (b, t, cfg.train.eval_batches),
                     par,
+                    pipe.as_deref_mut(),
                 )?,
                 None => mean_val_loss(
                     &stage,

@@ -53,12 +53,13 @@ pub(super) fn mean_val_loss<E: crate::precision::Storage>(
     }
 }
 
-/// What ZeRO-3 runs with: one stage without tensor parallelism, all-reduce ranks (any
-/// precision).
-fn zero3_supported(_cfg: &TrainConfig, mesh: bool, ps: bool) -> Result<(), TrainError> {
-    let why = if mesh {
-        "pipeline or tensor parallelism (--pp/--tp > 1): ZeRO-3 gathers a whole model's units \
-         along data parallelism only; use --zero 1 or 2 with a mesh"
+/// What ZeRO-3 runs with: one pipeline stage (tensor parallelism or not), all-reduce ranks
+/// (any precision).
+fn zero3_supported(_cfg: &TrainConfig, pipeline: bool, ps: bool) -> Result<(), TrainError> {
+    let why = if pipeline {
+        "pipeline parallelism (--pp > 1): ZeRO-3 gathers a stage's units for every \
+         micro-batch of the schedule, which the pipeline executor does not drive; use --zero 1 \
+         with a pipeline, or --zero 3 with --dp and --tp"
     } else if ps {
         "--grad-sync ps: the parameter servers keep whole gradients; use --grad-sync ring"
     } else {
@@ -78,6 +79,7 @@ pub(super) fn zero3_val_loss<E: crate::precision::Storage>(
     val: &[u32],
     (b, t, batches): (usize, usize, usize),
     par: Par,
+    mut pipe: Option<&mut crate::pipeline::Pipeline>,
 ) -> Result<f64, TrainError> {
     let (saved, scratch) = acts.first_set();
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
@@ -86,7 +88,9 @@ pub(super) fn zero3_val_loss<E: crate::precision::Storage>(
         if !val_batch(val, t, b, k, &mut x, &mut y) {
             break;
         }
-        sum += d.zero3_micro_batch(layout, saved, scratch, &x, &y, (None, 1.0), par)? as f64;
+        sum += crate::pipeline::with_tp(pipe.as_deref_mut(), |tp| {
+            d.zero3_micro_batch(layout, saved, scratch, &x, &y, (None, 1.0), par, tp)
+        })? as f64;
         n += 1;
     }
     Ok(sum / n.max(1) as f64)
@@ -147,7 +151,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     {
         zero3_supported(
             cfg,
-            opts.pipeline.is_some(),
+            opts.pipeline.as_ref().is_some_and(|p| lock(p).shape.pp > 1),
             dp.as_ref().is_some_and(|d| d.is_parameter_server()),
         )?;
     }
