@@ -169,8 +169,12 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .iter()
         .map(|d| {
             let s = step_time(d, l.batch, t, 1, threads, &host.compute);
+            // Once per step: the pass less what every micro-batch still pays (which stays in
+            // the micro-step), so m micro-batches cost one pass + (m − 1) residuals.
             let packing = if panels {
-                weight_pass_secs(d, threads, &host.compute)
+                let k = &host.compute;
+                weight_pass_secs(d, threads, k)
+                    * (1.0 - k.panel_bytes_per_param_per_micro / k.weight_bytes_per_param)
             } else {
                 0.0
             };
@@ -485,10 +489,13 @@ mod tests {
             .map(|s| {
                 let d = stage_dims(&m, p.stage_layers[s], s as u64, 2, 1);
                 let t = step_time(&d, 2, 128, 1, 1, &h.compute);
-                // 4 micro-batches: the weights are packed once per step, outside them.
+                // 4 micro-batches: the weights are packed once per step, outside them; each
+                // micro-batch keeps the residual.
                 assert!(h.compute.weight_panels);
+                let k = &h.compute;
                 t.matmul_secs + t.memory_secs + t.overhead_secs
-                    - weight_pass_secs(&d, 1, &h.compute)
+                    - weight_pass_secs(&d, 1, k)
+                        * (1.0 - k.panel_bytes_per_param_per_micro / k.weight_bytes_per_param)
             })
             .fold(0.0, f64::max);
         let p2p = h.link.latency_secs
