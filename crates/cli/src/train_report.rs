@@ -139,17 +139,9 @@ pub(crate) fn predicted_vs_measured(
                 .and_then(|d| d.zero3_gathers_per_micro_batch())
         });
         if let Some((count, bytes)) = gathers {
-            let m = &s.config.model;
-            let dims = plan::cpu_runtime::CpuRuntimeDims {
-                padded_vocab: plan::cpu_runtime::padded_vocab(m.vocab_size.unwrap_or(0) as u64),
-                max_seq_len: m.seq_len as u64,
-                channels: m.channels as u64,
-                heads: m.n_head as u64,
-                layers: m.n_layer as u64,
-                has_embedding: true,
-                has_head: true,
-                tp: 1,
-            };
+            // ZeRO-3 runs one stage: this rank's tensor-parallel shard of the whole model.
+            let tp = st.pipeline.as_ref().map_or(1, |p| p.tp.1 as u64);
+            let dims = model_dims(&s.config, tp);
             let a = s.config.train.grad_accum as u64;
             let (pc, pe) = plan::cpu_runtime::zero3_gathers_per_step(&dims, a);
             println!(
@@ -216,11 +208,11 @@ pub(crate) fn predicted_vs_measured(
     }
 }
 
-/// `plan::cpu_time::step_time` of the whole model (a run without a pipeline) with `compute`.
-fn whole_model_step(st: &StartInfo, compute: &CpuCalibration) -> plan::cpu_time::CpuStepTime {
-    let c = &st.config;
+/// The dimensions of the whole model of `c` (every layer, embedding and head) on one of `tp`
+/// tensor-parallel ranks.
+fn model_dims(c: &train::config::TrainConfig, tp: u64) -> plan::cpu_runtime::CpuRuntimeDims {
     let m = &c.model;
-    let dims = plan::cpu_runtime::CpuRuntimeDims {
+    plan::cpu_runtime::CpuRuntimeDims {
         padded_vocab: plan::cpu_runtime::padded_vocab(m.vocab_size.unwrap_or(0) as u64),
         max_seq_len: m.seq_len as u64,
         channels: m.channels as u64,
@@ -228,12 +220,18 @@ fn whole_model_step(st: &StartInfo, compute: &CpuCalibration) -> plan::cpu_time:
         layers: m.n_layer as u64,
         has_embedding: true,
         has_head: true,
-        tp: 1,
-    };
+        tp,
+    }
+}
+
+/// `plan::cpu_time::step_time` of the whole model (a run without a pipeline) with `compute`.
+fn whole_model_step(st: &StartInfo, compute: &CpuCalibration) -> plan::cpu_time::CpuStepTime {
+    let c = &st.config;
+    let dims = model_dims(c, 1);
     plan::cpu_time::step_time(
         &dims,
         c.train.batch_size as u64,
-        m.seq_len as u64,
+        c.model.seq_len as u64,
         c.train.grad_accum as u64,
         st.threads as u64,
         compute,

@@ -300,6 +300,9 @@ fn zero3_with_tensor_parallelism_equals_one_process_and_resumes() {
         let rel = close(&format!("ZeRO-3 dp2 tp2 sp {sp}"), &losses(&out), &base, 20);
         eprintln!("ZeRO-3 dp2 tp2 (sp {sp}) vs one process: largest relative difference {rel:e}");
         memory_as_predicted(&stdout);
+        // The gathers of this rank's tensor-parallel shard, as predicted for it.
+        let (measured, predicted) = gathered_mib(&stdout);
+        assert_eq!(measured, predicted, "sp {sp}: gathered bytes");
     }
     // Stopped at step 10 and resumed in the same layout: the same bits; the same checkpoint
     // as one process (grad_accum 6 keeps the global batch): the same model.
