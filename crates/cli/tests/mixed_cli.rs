@@ -93,12 +93,6 @@ fn mixed_precision_resumes_bit_exact_at_pp1_and_pp2() {
     let d = tmp("resume");
     // fp16 starts near the top of the scale and grows every 2 clean steps, so the run
     // overflows (skips, halves) and grows again: the restored scale matters for the bits.
-    let fp16 = [
-        "--set",
-        "stability.loss_scale_init=4194304",
-        "--set",
-        "stability.loss_scale_growth_interval=2",
-    ];
     for precision in ["bf16-mixed", "fp16-mixed"] {
         for (layout, flags) in [
             ("pp1", vec!["--set", "train.grad_accum=2"]),
@@ -107,7 +101,7 @@ fn mixed_precision_resumes_bit_exact_at_pp1_and_pp2() {
             let mut extra = vec!["--precision", precision, "--set", "train.eval_every=4"];
             extra.extend(&flags);
             if precision == "fp16-mixed" {
-                extra.extend(fp16);
+                extra.extend(common::FP16_OVERFLOWS);
             }
             let what = format!("{precision} {layout}");
             let straight = d.path().join(format!("{precision}-{layout}-straight"));

@@ -217,18 +217,11 @@ fn zero3_trains_in_bf16_and_fp16_with_16_bit_gathers() {
         ],
     );
     let (fp32_mib, _) = gathered_mib(&fp32);
-    // fp16 starts near the top of the scale and grows every 2 clean steps: it overflows
-    // (skips, halves) and grows again, decided on the global gradient norm.
-    let fp16 = [
-        "--set",
-        "stability.loss_scale_init=4194304",
-        "--set",
-        "stability.loss_scale_growth_interval=2",
-    ];
+    // fp16 overflows and backs off, decided on the global gradient norm.
     for precision in ["bf16-mixed", "fp16-mixed"] {
         let mut extra = vec!["--precision", precision, "--steps", "12"];
         if precision == "fp16-mixed" {
-            extra.extend(fp16);
+            extra.extend(common::FP16_OVERFLOWS);
         }
         let one = d.path().join(format!("{precision}-one"));
         let mut a = extra.clone();

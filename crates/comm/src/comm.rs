@@ -305,12 +305,7 @@ impl Communicator for Comm {
         let algo = self.pick(buf.len() * 2);
         if algo != Algorithm::Ring {
             // The tree assembles shards with a bitwise OR of 32-bit words: widen (exact).
-            let mut wide: Vec<f32> = buf.iter().map(|&x| f32::from_bits(u32::from(x))).collect();
-            self.all_gather(&mut wide)?;
-            for (d, w) in buf.iter_mut().zip(&wide) {
-                *d = w.to_bits() as u16;
-            }
-            return Ok(());
+            return crate::all_gather_u16_widened(self, buf);
         }
         let bytes = buf.len() * 2;
         self.run(Op::AllGather, algo, true, (bytes, &[]), |ctx| {

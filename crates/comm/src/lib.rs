@@ -152,6 +152,21 @@ pub fn shard_range(len: usize, n: usize, r: usize) -> Range<usize> {
     start..start + base + usize::from(r < extra)
 }
 
+/// [`Communicator::all_gather_u16`] through the 32-bit all-gather: each element widened into
+/// the low half of a word (exact), gathered, narrowed back.
+pub(crate) fn all_gather_u16_widened<C: Communicator + ?Sized>(
+    c: &mut C,
+    buf: &mut [u16],
+) -> Result<()> {
+    let mut wide: Vec<f32> = buf.iter().map(|&x| f32::from_bits(u32::from(x))).collect();
+    c.all_gather(&mut wide)?;
+    for (d, w) in buf.iter_mut().zip(&wide) {
+        // Only the low 16 bits were ever set: every shard is some rank's widened u16.
+        *d = w.to_bits() as u16;
+    }
+    Ok(())
+}
+
 /// A group of ranks that run collectives together.
 ///
 /// All ranks of a group must make the same sequence of collective calls with the same lengths and
@@ -174,13 +189,7 @@ pub trait Communicator: Send {
     /// elements. Bytes move unchanged. This default widens every element into a 32-bit word and
     /// gathers those (exact, twice the bytes); transports override it to send 2 bytes each.
     fn all_gather_u16(&mut self, buf: &mut [u16]) -> Result<()> {
-        let mut wide: Vec<f32> = buf.iter().map(|&x| f32::from_bits(u32::from(x))).collect();
-        self.all_gather(&mut wide)?;
-        for (d, w) in buf.iter_mut().zip(&wide) {
-            // Only the low 16 bits were ever set: every shard is some rank's widened u16.
-            *d = w.to_bits() as u16;
-        }
-        Ok(())
+        all_gather_u16_widened(self, buf)
     }
     /// Copy `buf` from `root` to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;

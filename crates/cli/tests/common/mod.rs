@@ -105,6 +105,15 @@ pub const TINY_MODEL: &[&str] = &[
     "--no-progress",
 ];
 
+/// fp16's loss scale set to overflow: it starts near the top of the scale and grows every 2
+/// clean steps, so a run overflows (skips, halves) and grows again.
+pub const FP16_OVERFLOWS: &[&str] = &[
+    "--set",
+    "stability.loss_scale_init=4194304",
+    "--set",
+    "stability.loss_scale_growth_interval=2",
+];
+
 /// [`TINY_MODEL`] followed by `extra`.
 pub fn tiny_with(extra: &[&'static str]) -> Vec<&'static str> {
     TINY_MODEL.iter().chain(extra).copied().collect()

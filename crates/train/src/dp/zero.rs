@@ -123,26 +123,17 @@ impl Dp {
         let owned = self.owned_ranges(len);
         let zero2 = self.zero == ZeroStage::Two;
         let mut shard = std::mem::take(&mut self.grad_shard);
-        let partial: f64 = if mesh.copies.is_empty() {
-            if zero2 {
-                sum_squares(&shard)
-            } else {
-                owned.iter().map(|r| sum_squares(&grads[r.clone()])).sum()
-            }
+        let partial: f64 = if zero2 {
+            shard_sum_squares(&owned, mesh.copies, &shard)
+        } else if mesh.copies.is_empty() {
+            owned.iter().map(|r| sum_squares(&grads[r.clone()])).sum()
         } else {
             // Only what this rank counts: its pieces less the copies another rank counts.
-            let mut at = 0;
             let mut sq = 0.0f64;
             for r in &owned {
                 for piece in subtract(r.clone(), mesh.copies) {
-                    let local = at + piece.start - r.start..at + piece.end - r.start;
-                    sq += if zero2 {
-                        sum_squares(&shard[local])
-                    } else {
-                        sum_squares(&grads[piece])
-                    };
+                    sq += sum_squares(&grads[piece]);
                 }
-                at += r.len();
             }
             sq
         };
@@ -207,6 +198,28 @@ impl Dp {
 }
 
 /// `r` less the (sorted, disjoint) ranges `holes`, in order.
+/// Sum of squares of a gradient shard `shard` (this rank's owned ranges `owned`, concatenated:
+/// ZeRO-2's and ZeRO-3's), less the tensors another rank counts (`copies`); the whole shard
+/// at once when nothing is excluded.
+pub(super) fn shard_sum_squares(
+    owned: &[Range<usize>],
+    copies: &[Range<usize>],
+    shard: &[f32],
+) -> f64 {
+    if copies.is_empty() {
+        return sum_squares(shard);
+    }
+    let mut at = 0;
+    let mut sq = 0.0f64;
+    for r in owned {
+        for piece in subtract(r.clone(), copies) {
+            sq += sum_squares(&shard[at + piece.start - r.start..at + piece.end - r.start]);
+        }
+        at += r.len();
+    }
+    sq
+}
+
 pub(crate) fn subtract(r: Range<usize>, holes: &[Range<usize>]) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut at = r.start;

@@ -27,7 +27,7 @@ use super::{dist, Dp, ZeroStage};
 use crate::error::TrainError;
 use crate::precision::Storage;
 use comm::shard_range;
-use kernels::adamw::{clip_factor, scale_inplace, sum_squares};
+use kernels::adamw::{clip_factor, scale_inplace};
 use kernels::Par;
 use model::{
     ActSaved, ActScratch, AdamW, AdamWConfig, GradInput, ModelError, ParamLayout, StageInput,
@@ -496,20 +496,8 @@ impl Dp {
         z.embed_cached = false;
         // Only what this rank counts: its pieces less the tensors another tensor-parallel
         // rank counts (replicated norms and biases), as ZeRO-1/2 do.
-        let partial = if mesh.copies.is_empty() {
-            sum_squares(&z.grad)
-        } else {
-            let mut at = 0;
-            let mut sq = 0.0f64;
-            for r in self.owned_ranges(layout.len()) {
-                for piece in super::subtract(r.clone(), mesh.copies) {
-                    sq +=
-                        sum_squares(&z.grad[at + piece.start - r.start..at + piece.end - r.start]);
-                }
-                at += r.len();
-            }
-            sq
-        };
+        let owned = self.owned_ranges(layout.len());
+        let partial = super::zero::shard_sum_squares(&owned, mesh.copies, &z.grad);
         let total = match self
             .global_sum_squares(partial)
             .and_then(|t| (mesh.combine)(t))
