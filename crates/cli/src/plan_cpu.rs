@@ -228,6 +228,7 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
             }
         },
         link: plan::cpu_comm::CommCalibration::tcp(),
+        tp_link: plan::cpu_comm::CommCalibration::tcp_tensor_parallel(),
         bucket_bytes: train::dp::DEFAULT_BUCKET_BYTES as u64,
         overlap: true,
     };

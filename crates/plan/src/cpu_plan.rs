@@ -12,7 +12,8 @@
 //!               3·24·b·t·c² + 12·b·t²·c FLOPs, the last stage also the head's 3·2·b·t·c·vp
 //! micro(s)    = cpu_time::step_time(stage s, b, t, 1, n) without AdamW
 //!               (− sp: the layer norms' and residuals' elementwise passes split over tp too)
-//!               + TP_LINK_FACTOR · cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
+//!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp) over the tp link
+//!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
 //!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · oversub,
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
@@ -30,7 +31,7 @@
 //!               cpu_runtime::zero_memory does (rank 0, the largest shard)
 //! ```
 
-use crate::cpu_comm::{dp_comm_time, tp_comm_secs, CommCalibration, DpCommSetup};
+use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{stage_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory};
 use crate::cpu_time::{
     elementwise_secs, step_time, tp_elementwise_share, weight_pass_secs, CpuCalibration,
@@ -86,8 +87,11 @@ pub struct CpuHost {
     pub cores: u64,
     /// Compute constants.
     pub compute: CpuCalibration,
-    /// Link constants of the transport between local ranks.
+    /// Link constants of the transport between local ranks (data-parallel buckets and
+    /// pipeline messages).
     pub link: CommCalibration,
+    /// Link constants of the tensor-parallel collectives on the training thread.
+    pub tp_link: CommCalibration,
     /// Data-parallel gradient bucket size in bytes.
     pub bucket_bytes: u64,
     /// Buckets reduced on a communication thread during backward.
@@ -178,7 +182,8 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
             } else {
                 0.0
             };
-            let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
+            let tp = tp_comm_secs(d, l.batch, t, 1, l.sp, &host.tp_link)
+                + sharing::TP_WAKE_SECS * tp_ring_phases(d, 1) * (oversub - 1.0);
             // Sequence parallelism also splits the layer norms' and residuals' passes.
             let sp_saving = if l.sp {
                 elementwise_secs(d, l.batch, t, threads, &host.compute)
@@ -430,6 +435,7 @@ mod tests {
             cores,
             compute: CpuCalibration::default(),
             link: CommCalibration::tcp(),
+            tp_link: CommCalibration::tcp_tensor_parallel(),
             bucket_bytes: 1 << 21,
             overlap: true,
         }
@@ -472,7 +478,8 @@ mod tests {
         let full = stage_dims(&m, 4, 0, 1, 1);
         assert_eq!(matmul_flops(&d, 8, 128), matmul_flops(&full, 8, 128) / 2.0);
         let s = step_time(&d, 8, 128, 1, 2, &h.compute);
-        let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(&d, 8, 128, 1, false, &h.link);
+        // A core per rank: the link's time alone, no rendezvous waits.
+        let tp = tp_comm_secs(&d, 8, 128, 1, false, &h.tp_link);
         assert!((p.tp_comm_secs - tp).abs() < 1e-15);
         assert!((p.step_secs - (s.total_secs + tp)).abs() < 1e-12);
     }
