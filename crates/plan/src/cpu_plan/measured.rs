@@ -345,6 +345,7 @@ fn the_measured_tables_rank_and_their_steps_are_within_15_percent() {
     for (table, rows, panels, per_n, worst) in expect {
         for (s, (min_rho, min_top5, min_within)) in check(rows, panels).into_iter().zip(per_n) {
             let n = s.n;
+            assert!(s.rows >= 5, "table {table} N={n}: a top 5 needs 5 rows");
             assert!(s.rho >= min_rho, "table {table} N={n}: {s:?}");
             assert!(s.top5_rho >= min_top5, "table {table} N={n}: {s:?}");
             assert!(s.within >= min_within, "table {table} N={n}: {s:?}");
