@@ -60,6 +60,14 @@ fn launch_dp2_ring_and_self_launched_ps_train_the_same_model() {
     assert!(out.contains("[rank 1] done: 10 steps"), "{out}");
     assert!(out.contains("data parallel: 2 ranks"), "{out}");
     assert!(ring.join("step-00000010.json").exists());
+    // The time in collectives splits into waiting for the other rank and transfer.
+    let (comm, wait) = common::assert_wait_within_comm(&ring, 10);
+    eprintln!(
+        "dp 2 ring: {:.2} ms in collectives per step, {:.2} ms of it waiting",
+        1e3 * comm,
+        1e3 * wait
+    );
+    assert!(out.contains("waiting for the other ranks"), "{out}");
 
     let ps = d.join("ps");
     let mut args = vec!["train", "--dp", "2", "--grad-sync", "ps", "--servers", "1"];
@@ -68,6 +76,8 @@ fn launch_dp2_ring_and_self_launched_ps_train_the_same_model() {
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("parameter server: served 10 steps"), "{out}");
+    // The parameter server's push and pull do not split their time.
+    assert!(common::comm_and_wait(&ps).iter().all(|x| x.1.is_none()));
     let (lr, lp) = (losses(&ring), losses(&ps));
     assert_eq!(lr.len(), 10);
     assert_eq!(

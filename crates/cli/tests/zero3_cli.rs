@@ -80,6 +80,15 @@ fn zero3_equals_one_process_and_gathers_what_the_planner_predicts() {
         let rel = close(&format!("ZeRO-3 dp {dp}"), &losses(&out), &base, 20);
         eprintln!("ZeRO-3 dp {dp} vs one process: largest relative loss difference {rel:e}");
         assert!(stdout.contains("ZeRO 3"), "{stdout}");
+        common::assert_wait_within_comm(&out, 20);
+        let comm_line = stdout
+            .lines()
+            .find(|l| l.contains("communication: predicted transfer"))
+            .unwrap_or_else(|| panic!("no communication line:\n{stdout}"));
+        assert!(
+            comm_line.contains("+ waiting for the other ranks"),
+            "{comm_line}"
+        );
         // 2 layers: the embedding once per step; per micro-batch forward 2 layers and the
         // head, backward the head and 2 layers: (1 + a·6)/a per micro-batch (a = 3: 6.33,
         // a = 2: 6.50); the runtime's count equals the planner's.

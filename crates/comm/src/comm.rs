@@ -25,6 +25,9 @@ pub struct Comm {
     splits: u32,
     /// Point-to-point calls made on this group (the flight recorder's number for them).
     p2p_calls: u64,
+    /// Seconds this group's collectives waited for their peers' first frame, in total
+    /// ([`Communicator::peer_wait_secs`]).
+    peer_wait_secs: f64,
 }
 
 /// `n` communicators connected through memory, one per thread: move each into its own thread.
@@ -62,6 +65,7 @@ impl Comm {
             algo: Algorithm::Auto,
             splits: 0,
             p2p_calls: 0,
+            peer_wait_secs: 0.0,
         }
     }
 
@@ -119,6 +123,7 @@ impl Comm {
         (bytes, peers): (usize, &[usize]),
         f: impl FnOnce(&mut Ctx) -> Result<T>,
     ) -> Result<T> {
+        let entered = std::time::Instant::now();
         let call = {
             let mut core = self.shared.lock();
             if let Some(first) = &core.failed {
@@ -161,6 +166,14 @@ impl Comm {
             staging,
         );
         let out = f(&mut ctx);
+        if collective {
+            // Entering the call until a peer's first frame for it was accepted: the peers
+            // reaching this call (and this thread getting a core to read it). A call that
+            // receives nothing (one rank) waited for nobody.
+            if let Some(t) = ctx.first_frame {
+                self.peer_wait_secs += t.saturating_duration_since(entered).as_secs_f64();
+            }
+        }
         self.staging = ctx.into_staging();
         self.shared.flight.end(
             seq,
@@ -234,6 +247,9 @@ fn divide(op: ReduceOp, xs: &mut [f32], n: usize) {
 impl Communicator for Comm {
     fn transport_name(&self) -> &'static str {
         self.transport()
+    }
+    fn peer_wait_secs(&self) -> Option<f64> {
+        Some(self.peer_wait_secs)
     }
     fn rank(&self) -> usize {
         self.me
@@ -425,6 +441,7 @@ impl Communicator for Comm {
             algo: self.algo,
             splits: 0,
             p2p_calls: 0,
+            peer_wait_secs: 0.0,
         }))
     }
 }

@@ -234,6 +234,17 @@ pub trait Communicator: Send {
     fn transport_name(&self) -> &'static str {
         "unknown"
     }
+    /// Seconds this group's collective calls have spent, in total since it was made, between
+    /// entering the call and accepting the first frame a peer sent for it: waiting for the
+    /// peers to reach the same call (plus one frame's latency, and any delay before this
+    /// thread got a core to read it). The rest of a call's time is the transfer: moving and
+    /// reducing the bytes (in a ring of more than two ranks this includes waits for a late
+    /// rank further round, so the split is exact at two ranks and a lower bound on waiting
+    /// beyond). Read it before and after a call for that call's wait. `None` where the
+    /// transport cannot tell (MPI, whose collectives are the library's).
+    fn peer_wait_secs(&self) -> Option<f64> {
+        None
+    }
 }
 
 pub use rendezvous::{init_from_env, JobEnv, Transport};

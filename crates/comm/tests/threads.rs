@@ -265,3 +265,61 @@ fn groups_progress_independently_in_a_2x2_mesh() {
 fn two_groups_on_one_link_keep_their_frames_apart() {
     all_ranks(2, Duration::from_secs(5), |c| common::shared_link_2(c, 3));
 }
+
+/// `peer_wait_secs` counts, per collective, the time from entering it until the peer's first
+/// frame: a rank that enters 200 ms before its peer waits about 200 ms; the late rank finds the
+/// frame there and hardly waits; and the wait is part of the call's time. Ring and tree.
+#[test]
+fn peer_wait_is_the_time_until_the_late_peer_arrives() {
+    const LATE: Duration = Duration::from_millis(200);
+    for (algo, elems) in [(Algorithm::Ring, 256 << 10), (Algorithm::Tree, 1024)] {
+        let handles: Vec<_> = threads(2, test_cfg())
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    c.set_algorithm(algo);
+                    let mut buf = vec![1.0f32; elems];
+                    let mut out = Vec::new();
+                    for late in [1, 0] {
+                        // Both ranks start together, then the late one sleeps.
+                        c.barrier().map_err(|e| e.to_string())?;
+                        if c.rank() == late {
+                            std::thread::sleep(LATE);
+                        }
+                        let w0 = c.peer_wait_secs().expect("the engine measures waits");
+                        let t0 = Instant::now();
+                        c.all_reduce(&mut buf, ReduceOp::Sum)
+                            .map_err(|e| e.to_string())?;
+                        let secs = t0.elapsed().as_secs_f64();
+                        let w = c.peer_wait_secs().unwrap() - w0;
+                        out.push((c.rank() == late, w, secs));
+                    }
+                    Ok::<_, String>(out)
+                })
+            })
+            .collect();
+        for h in handles {
+            for (late, wait, secs) in h.join().expect("rank thread panicked").unwrap() {
+                assert!(
+                    wait >= 0.0 && wait <= secs + 1e-6,
+                    "{algo:?}: {wait} of {secs}"
+                );
+                if late {
+                    assert!(
+                        wait < 0.5 * LATE.as_secs_f64(),
+                        "{algo:?}: late rank waited {wait}"
+                    );
+                } else {
+                    assert!(
+                        wait > 0.8 * LATE.as_secs_f64(),
+                        "{algo:?}: early rank waited {wait}"
+                    );
+                }
+            }
+        }
+    }
+    // One rank has no peer to wait for.
+    let mut one = threads(1, test_cfg()).pop().unwrap();
+    one.all_reduce(&mut [1.0; 16], ReduceOp::Sum).unwrap();
+    assert_eq!(one.peer_wait_secs(), Some(0.0));
+}

@@ -601,6 +601,10 @@ fn bucketed_overlapped_reduction_equals_one_bucket_bitwise() {
                 for r in &b[0].records {
                     let (c, e) = (r.comm_secs.unwrap(), r.exposed_comm_secs.unwrap());
                     assert!(c > 0.0 && e >= 0.0, "step {}: comm {c} exposed {e}", r.step);
+                    let w = r
+                        .comm_wait_secs
+                        .expect("the threads transport measures waits");
+                    assert!((0.0..=c).contains(&w), "step {}: waited {w} of {c}", r.step);
                 }
             }
         }

@@ -224,3 +224,37 @@ pub const KILLABLE_MODEL: &[&str] = &[
     "data.synthetic.val_tokens=1000",
     "--no-progress",
 ];
+
+/// Per step of `metrics.jsonl`: the data-parallel time in collectives and the part of it spent
+/// waiting for the other ranks (`None` where the line has none).
+pub fn comm_and_wait(dir: &std::path::Path) -> Vec<(f64, Option<f64>)> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let j: serde_json::Value = serde_json::from_str(line).unwrap();
+            let comm = j.get("comm_secs")?.as_f64().unwrap();
+            Some((comm, j.get("comm_wait_secs").map(|w| w.as_f64().unwrap())))
+        })
+        .collect()
+}
+
+/// Every step of a data-parallel run folder records its wait for the other ranks, and the wait
+/// is part of the time in collectives: 0 ≤ wait ≤ comm (so transfer = comm − wait ≥ 0).
+/// Returns the mean (comm, wait) per step.
+#[track_caller]
+pub fn assert_wait_within_comm(dir: &std::path::Path, steps: usize) -> (f64, f64) {
+    let xs = comm_and_wait(dir);
+    assert_eq!(xs.len(), steps, "steps with comm_secs in {}", dir.display());
+    let (mut c, mut w) = (0.0, 0.0);
+    for (i, (comm, wait)) in xs.iter().enumerate() {
+        let wait = wait.unwrap_or_else(|| panic!("step {}: no comm_wait_secs", i + 1));
+        assert!(
+            (0.0..=*comm + 1e-9).contains(&wait),
+            "step {}: waited {wait} s of {comm} s in collectives",
+            i + 1
+        );
+        c += comm;
+        w += wait;
+    }
+    (c / steps as f64, w / steps as f64)
+}

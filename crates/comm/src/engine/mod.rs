@@ -226,6 +226,7 @@ impl Shared {
             op,
             algo,
             staging,
+            first_frame: None,
         }
     }
 }
@@ -290,6 +291,9 @@ pub(crate) struct Ctx<'c> {
     pub(crate) algo: u8,
     /// Received bytes waiting to be folded (reductions that cannot fold from transport memory).
     staging: Vec<f32>,
+    /// When this call accepted the first frame a peer sent for it (`None` until then): the
+    /// end of its wait for the peers (see [`crate::Communicator::peer_wait_secs`]).
+    pub(crate) first_frame: Option<Instant>,
 }
 
 /// What the next frame for a receive is.

@@ -186,6 +186,9 @@ impl Ctx<'_> {
                 progressed |= moved;
                 let Next::Frame(h, source) = next else { break };
                 r.frame_len = self.check_header(core, r, &h)?;
+                if self.first_frame.is_none() {
+                    self.first_frame = Some(Instant::now());
+                }
                 r.frame_got = 0;
                 r.in_frame = true;
                 r.source = source;

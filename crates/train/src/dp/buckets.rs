@@ -78,13 +78,15 @@ impl Dp {
         let shard = &mut self.grad_shard;
         let mut pool = std::mem::take(&mut self.pool);
         let spans = &mut self.bucket_spans;
-        // Reduces bucket k; records when (for the trace) and returns the seconds it took.
+        // Reduces bucket k; records when (for the trace) and returns the seconds it took and
+        // those of them it waited for the peers (`Communicator::peer_wait_secs`).
         let reduce = |group: &mut Box<dyn Communicator>,
                       shard: &mut Vec<f32>,
                       spans: &mut Vec<(usize, Instant, Instant)>,
                       k: usize,
                       buf: &mut [f32]|
-         -> Result<f64, TrainError> {
+         -> Result<CommSecs, TrainError> {
+            let w0 = peer_wait(group.as_ref());
             let t0 = Instant::now();
             match zero {
                 ZeroStage::Off => group
@@ -108,14 +110,17 @@ impl Dp {
             }
             let t1 = Instant::now();
             spans.push((k, t0, t1));
-            Ok((t1 - t0).as_secs_f64())
+            Ok(CommSecs {
+                total: (t1 - t0).as_secs_f64(),
+                wait: peer_wait(group.as_ref()) - w0,
+            })
         };
         let result = if self.overlap {
-            std::thread::scope(|s| -> Result<(f64, f64), TrainError> {
+            std::thread::scope(|s| -> Result<(CommSecs, f64), TrainError> {
                 let (tx, rx) = channel::<(usize, Piece<'_>)>();
                 let (back_tx, back_rx) = channel::<(usize, Vec<f32>)>();
-                let worker = s.spawn(move || -> Result<f64, TrainError> {
-                    let mut secs = 0.0;
+                let worker = s.spawn(move || -> Result<CommSecs, TrainError> {
+                    let mut secs = CommSecs::default();
                     for (k, mut piece) in rx {
                         secs += reduce(group, shard, spans, k, piece.buf())?;
                         if let Piece::Owned(v) = piece {
@@ -157,7 +162,7 @@ impl Dp {
                 Ok((comm?, exposed))
             })
         } else {
-            let mut secs = 0.0;
+            let mut secs = CommSecs::default();
             let mut failed = None;
             let mut handoff = |k: usize, mut piece: Piece<'_>| {
                 if failed.is_none() {
@@ -182,7 +187,7 @@ impl Dp {
                         buckets.len(),
                         "backward reported every bucket final"
                     );
-                    Ok((secs, secs))
+                    Ok((secs, secs.total))
                 }
             }
         };
@@ -197,7 +202,8 @@ impl Dp {
         self.pool = pool;
         match result {
             Ok((comm, exposed)) => {
-                self.comm_secs += comm;
+                self.comm_secs += comm.total;
+                self.comm_wait_secs += comm.wait;
                 self.exposed_secs += exposed + waited;
                 Ok(())
             }
@@ -208,6 +214,25 @@ impl Dp {
             }
         }
     }
+}
+
+/// Seconds in collectives, and those of them spent waiting for the peers' first frame.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct CommSecs {
+    pub(super) total: f64,
+    pub(super) wait: f64,
+}
+
+impl std::ops::AddAssign for CommSecs {
+    fn add_assign(&mut self, o: CommSecs) {
+        self.total += o.total;
+        self.wait += o.wait;
+    }
+}
+
+/// `group`'s running total of waits for peers (0 where the transport does not measure it).
+pub(super) fn peer_wait(group: &dyn Communicator) -> f64 {
+    group.peer_wait_secs().unwrap_or(0.0)
 }
 
 /// Runs backward (`f`) with the sink for the ZeRO stage; returns backward's result and how many

@@ -155,6 +155,10 @@ pub struct Dp {
     /// Seconds the training thread waited for gradient communication so far (the part of
     /// `comm_secs` not hidden behind backward).
     pub exposed_secs: f64,
+    /// Seconds of `comm_secs` spent waiting for the other ranks to reach the same collective
+    /// (`comm::Communicator::peer_wait_secs`); the rest is transfer. Stays 0 where the
+    /// transport cannot tell ([`Dp::measures_peer_wait`]).
+    pub comm_wait_secs: f64,
 }
 
 /// Default gradient bucket size: 512 KiB, under one layer of the default model, so backward's
@@ -211,6 +215,7 @@ impl Dp {
             bucket_spans: Vec::new(),
             comm_secs: 0.0,
             exposed_secs: 0.0,
+            comm_wait_secs: 0.0,
         }
     }
 
@@ -354,6 +359,12 @@ impl Dp {
             micro * 2.0 / 3.0,
             &k,
         ))
+    }
+
+    /// Whether [`Dp::comm_wait_secs`] is measured: the built-in transports' collectives (not
+    /// MPI's, not the parameter server's push and pull).
+    pub fn measures_peer_wait(&self) -> bool {
+        self.ps.is_none() && self.group.peer_wait_secs().is_some()
     }
 
     /// This rank in the data-parallel group.

@@ -2,6 +2,7 @@
 //! optimizer state (and, stage 2, the reduced gradient) of, and the sharded optimizer step:
 //! global norm from every rank's pieces, AdamW on the pieces, all-gather of the parameters.
 
+use super::buckets::peer_wait;
 use super::{dist, Dp, ZeroStage};
 use crate::error::TrainError;
 use comm::shard_range;
@@ -81,10 +82,12 @@ impl Dp {
             f32::from_bits(bits as u32),
             f32::from_bits((bits >> 32) as u32),
         ]);
+        let w0 = peer_wait(self.group.as_ref());
         let t1 = Instant::now();
         self.group
             .all_gather(&mut all)
             .map_err(dist("gathering the gradient norm"))?;
+        self.comm_wait_secs += peer_wait(self.group.as_ref()) - w0;
         let total: f64 = (0..n)
             .map(|k| {
                 f64::from_bits(
@@ -184,12 +187,14 @@ impl Dp {
         }
         shard.fill(0.0);
         self.grad_shard = shard;
+        let w0 = peer_wait(self.group.as_ref());
         let t2 = Instant::now();
         for b in self.bucket_list(len) {
             self.group
                 .all_gather(&mut params[b])
                 .map_err(dist("ZeRO parameter all-gather"))?;
         }
+        self.comm_wait_secs += peer_wait(self.group.as_ref()) - w0;
         let secs = t2.elapsed().as_secs_f64();
         self.comm_secs += secs;
         self.exposed_secs += secs;

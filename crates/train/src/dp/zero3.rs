@@ -433,7 +433,8 @@ impl Dp {
             z.gathered_elems += elems;
         }
         let comm_secs = comm??;
-        self.comm_secs += comm_secs;
+        self.comm_secs += comm_secs.total;
+        self.comm_wait_secs += comm_secs.wait;
         self.exposed_secs += exposed;
         // A model error from a fetch or the sink means the thread stopped: its error (above)
         // is the cause; otherwise report the model's own.

@@ -264,7 +264,9 @@ fn run_with<E: Storage>(
         if step == first_step + 1 {
             compute_since = pipe.as_ref().map(|p| p.compute_totals());
         }
-        let comm_at_start = dp.as_ref().map(|d| (d.comm_secs, d.exposed_secs));
+        let comm_at_start = dp
+            .as_ref()
+            .map(|d| (d.comm_secs, d.exposed_secs, d.comm_wait_secs));
         let p2p_at_start = pipe.as_ref().map(|p| p.p2p_secs);
         let tp_at_start = pipe.as_ref().filter(|p| p.shape.tp > 1).map(|p| p.tp_secs);
         let t0 = Instant::now();
@@ -355,7 +357,7 @@ fn run_with<E: Storage>(
             let busy = t0.elapsed().as_secs_f64()
                 - comm_at_start
                     .zip(dp.as_ref())
-                    .map_or(0.0, |((_, e), d)| d.exposed_secs - e);
+                    .map_or(0.0, |((_, e, _), d)| d.exposed_secs - e);
             let stop = opts
                 .stop
                 .as_ref()
@@ -467,9 +469,13 @@ fn run_with<E: Storage>(
                 Instant::now(),
             );
         }
-        let comm = comm_at_start
-            .zip(dp.as_ref())
-            .map(|((c, e), d)| (d.comm_secs - c, d.exposed_secs - e));
+        let comm = comm_at_start.zip(dp.as_ref()).map(|((c, e, w), d)| {
+            (
+                d.comm_secs - c,
+                d.exposed_secs - e,
+                d.measures_peer_wait().then(|| d.comm_wait_secs - w),
+            )
+        });
         state.step += 1;
         state.tokens_seen += (b * t * accum * dp_size) as u64;
         let step_secs = t0.elapsed().as_secs_f64();
@@ -482,6 +488,7 @@ fn run_with<E: Storage>(
             step_secs,
             comm_secs: comm.map(|c| c.0),
             exposed_comm_secs: comm.map(|c| c.1),
+            comm_wait_secs: comm.and_then(|c| c.2),
             p2p_secs: p2p_at_start
                 .zip(pipe.as_ref())
                 .filter(|(_, p)| p.shape.pp > 1)

@@ -54,6 +54,12 @@ pub struct StepRecord {
     /// part of `comm_secs` that overlap did not hide); compute = `step_secs` minus this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposed_comm_secs: Option<f64>,
+    /// Data parallel: seconds of `comm_secs` spent waiting for the other ranks to reach the
+    /// same collective (from entering it to the peer's first frame,
+    /// `comm::Communicator::peer_wait_secs`); `comm_secs` minus this is the transfer, the
+    /// quantity the link model predicts. `None` for one rank, MPI and parameter servers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_wait_secs: Option<f64>,
     /// Pipeline: seconds of this step this rank spent in exchanges with other stages, waiting
     /// included (the bubble and the transfers); `None` without a pipeline.
     #[serde(skip_serializing_if = "Option::is_none")]

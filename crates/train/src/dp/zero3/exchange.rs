@@ -4,6 +4,7 @@
 //! gradients.
 
 use super::Zero3;
+use crate::dp::buckets::{peer_wait, CommSecs};
 use crate::dp::dist;
 use crate::error::TrainError;
 use crate::precision::{add_widened, Storage};
@@ -40,14 +41,16 @@ pub(super) struct Worker<'a> {
 }
 
 impl Worker<'_> {
-    /// Runs the jobs until the channel closes; returns the seconds spent in collectives.
+    /// Runs the jobs until the channel closes; returns the seconds spent in collectives and
+    /// those of them spent waiting for the peers.
     pub(super) fn run<E: Storage>(
         self,
         jobs: Receiver<Job<E>>,
         gathered: Sender<(usize, Vec<E>)>,
         reduced: Sender<(usize, Vec<E>)>,
-    ) -> Result<f64, TrainError> {
+    ) -> Result<CommSecs, TrainError> {
         let mut secs = 0.0;
+        let w0 = peer_wait(self.group.as_ref());
         for job in jobs {
             let t0 = Instant::now();
             match job {
@@ -88,7 +91,11 @@ impl Worker<'_> {
                 }
             }
         }
-        Ok(secs)
+        Ok(CommSecs {
+            total: secs,
+            // Only this thread calls the group while it runs.
+            wait: peer_wait(self.group.as_ref()) - w0,
+        })
     }
 }
 
