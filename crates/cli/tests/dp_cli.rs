@@ -244,3 +244,57 @@ fn zero_checkpoints_are_sharded_and_resume_at_another_dp_keeps_the_global_batch(
     assert_eq!(losses(&out).len(), 6);
     assert!(out.join("step-00000006.state.safetensors").exists());
 }
+
+/// ZeRO-2 over two real processes: every step records its wait for the other rank within its
+/// time in collectives, and the trace draws each wait inside its bucket's collective, at its
+/// start.
+#[test]
+fn zero2_splits_waiting_from_transfer_in_metrics_and_trace() {
+    let d = tmp("wait");
+    let out = d.join("z2");
+    let trace = d.join("trace.json");
+    let mut args = vec!["train", "--dp", "2", "--zero", "2", "--steps", "6"];
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(&["--trace", trace.to_str().unwrap()]);
+    args.extend(tiny());
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    common::assert_wait_within_comm(&out, 6);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("communication: predicted transfer"))
+        .unwrap_or_else(|| panic!("no communication line:\n{stdout}"));
+    assert!(line.contains("+ waiting for the other ranks"), "{line}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let ev = v["traceEvents"].as_array().unwrap();
+    for pid in 0..2 {
+        let spans: Vec<(&str, f64, f64)> = ev
+            .iter()
+            .filter(|e| e["pid"] == pid && e["ph"] == "X" && e["cat"] == "dp")
+            .map(|e| {
+                let ts = e["ts"].as_f64().unwrap();
+                (
+                    e["name"].as_str().unwrap(),
+                    ts,
+                    ts + e["dur"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let buckets: Vec<_> = spans
+            .iter()
+            .filter(|s| s.0.starts_with("bucket "))
+            .collect();
+        assert!(buckets.len() >= 6, "rank {pid}: {spans:?}");
+        for w in spans
+            .iter()
+            .filter(|s| s.0 == "waiting for the other ranks")
+        {
+            let b = buckets
+                .iter()
+                .find(|b| (b.1 - w.1).abs() < 1.0)
+                .unwrap_or_else(|| panic!("rank {pid}: a wait at no bucket's start: {w:?}"));
+            assert!(w.2 <= b.2 + 1.0, "rank {pid}: wait {w:?} outlasts {b:?}");
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! communication thread (or reduced on the training thread with `--no-overlap`) as soon as
 //! backward reports them final, and ZeRO-2's pool of bucket buffers.
 
-use super::{dist, Dp, ZeroStage};
+use super::{dist, BucketSpan, Dp, ZeroStage};
 use crate::error::TrainError;
 use comm::{Communicator, ReduceOp};
 use model::{GradSink, ModelError, ParamLayout};
@@ -82,7 +82,7 @@ impl Dp {
         // those of them it waited for the peers (`Communicator::peer_wait_secs`).
         let reduce = |group: &mut Box<dyn Communicator>,
                       shard: &mut Vec<f32>,
-                      spans: &mut Vec<(usize, Instant, Instant)>,
+                      spans: &mut Vec<BucketSpan>,
                       k: usize,
                       buf: &mut [f32]|
          -> Result<CommSecs, TrainError> {
@@ -109,10 +109,11 @@ impl Dp {
                 ZeroStage::Three => unreachable!("refused at the top of Dp::backward"),
             }
             let t1 = Instant::now();
-            spans.push((k, t0, t1));
+            let wait = peer_wait(group.as_ref()) - w0;
+            spans.push((k, t0, t1, wait));
             Ok(CommSecs {
                 total: (t1 - t0).as_secs_f64(),
-                wait: peer_wait(group.as_ref()) - w0,
+                wait,
             })
         };
         let result = if self.overlap {

@@ -147,9 +147,9 @@ pub struct Dp {
     pool: Zero2Pool,
     /// ZeRO-3: the sharded weights, gradient shard and gather buffers (`zero3.rs`).
     z3: Option<Box<zero3::Zero3>>,
-    /// When each gradient bucket was reduced (bucket, start, end), on the communication thread
-    /// or not, since [`Dp::take_bucket_spans`] last emptied it (the trace).
-    bucket_spans: Vec<(usize, std::time::Instant, std::time::Instant)>,
+    /// When each gradient bucket was reduced, on the communication thread or not, since
+    /// [`Dp::take_bucket_spans`] last emptied it (the trace).
+    bucket_spans: Vec<BucketSpan>,
     /// Seconds spent in gradient communication so far (on any thread).
     pub comm_secs: f64,
     /// Seconds the training thread waited for gradient communication so far (the part of
@@ -160,6 +160,10 @@ pub struct Dp {
     /// transport cannot tell ([`Dp::measures_peer_wait`]).
     pub comm_wait_secs: f64,
 }
+
+/// One gradient bucket's collective: (bucket, start, end, seconds of it spent waiting for the
+/// other ranks' first frame, which come first).
+pub type BucketSpan = (usize, std::time::Instant, std::time::Instant, f64);
 
 /// Default gradient bucket size: 512 KiB, under one layer of the default model, so backward's
 /// later layers overlap the earlier layers' reduction (PyTorch DDP's default is 25 MiB, sized
@@ -377,8 +381,8 @@ impl Dp {
         self.group.size()
     }
 
-    /// The gradient buckets reduced since the last call: (bucket, start, end).
-    pub fn take_bucket_spans(&mut self) -> Vec<(usize, std::time::Instant, std::time::Instant)> {
+    /// The gradient buckets reduced since the last call.
+    pub fn take_bucket_spans(&mut self) -> Vec<BucketSpan> {
         std::mem::take(&mut self.bucket_spans)
     }
 

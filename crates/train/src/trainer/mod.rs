@@ -341,8 +341,18 @@ fn run_with<E: Storage>(
             }
         }
         if let (Some(tr), Some(d)) = (trace.as_mut(), dp.as_mut()) {
-            for (k, a, b) in d.take_bucket_spans() {
+            for (k, a, b, wait) in d.take_bucket_spans() {
                 tr.span(crate::trace::COMM, "dp", &format!("bucket {k}"), a, b);
+                if wait > 0.0 {
+                    let w = a + std::time::Duration::from_secs_f64(wait);
+                    tr.span(
+                        crate::trace::COMM,
+                        "dp",
+                        "waiting for the other ranks",
+                        a,
+                        w.min(b),
+                    );
+                }
             }
         }
         // Every rank learns every micro-batch's loss (from the stage that has them) and whether
