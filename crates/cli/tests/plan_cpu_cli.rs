@@ -106,43 +106,29 @@ fn plan_cpu_explains_when_no_layout_fits() {
     assert!(stderr.contains("--nproc must be at least 1"), "{stderr}");
 }
 
+/// `plan --cpu --nproc 2 --cores 2` listing every variant of `model`'s layouts, with `extra`
+/// flags; its stdout.
+fn every_variant(model: &[&str], extra: &[&str]) -> String {
+    let mut args = vec![
+        "plan", "--cpu", "--nproc", "2", "--cores", "2", "--top", "100",
+    ];
+    args.push("--all-variants");
+    args.extend_from_slice(model);
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = common::run(&args);
+    assert_eq!(code, 0, "{args:?}: {stdout}\n{stderr}");
+    stdout
+}
+
 /// The planner's memory per rank is what `train` allocates: for layouts of every kind (data,
 /// tensor and pipeline parallel, ZeRO-1 and 3, weight panels on and off), the row's `MiB/rank`
 /// equals the largest `allocated buffers` a rank reports, to the 0.1 MiB both print.
 #[test]
 fn plan_cpu_memory_is_what_train_allocates() {
-    const M: &[&str] = &[
-        "--set",
-        "model.n_layer=2",
-        "--set",
-        "model.channels=128",
-        "--set",
-        "model.n_head=4",
-        "--set",
-        "model.seq_len=64",
-        "--set",
-        "train.eval_every=100",
-        "--set",
-        "data.synthetic.train_tokens=20000",
-        "--set",
-        "data.synthetic.val_tokens=1000",
-    ];
-    let mut args = vec![
-        "plan",
-        "--cpu",
-        "--nproc",
-        "2",
-        "--cores",
-        "2",
-        "--top",
-        "100",
-        "--all-variants",
-        "--global-batch",
-        "4",
-    ];
-    args.extend_from_slice(M);
-    let (code, table, stderr) = common::run(&args);
-    assert_eq!(code, 0, "{table}\n{stderr}");
+    // MODEL, wider and longer (0.1 MiB is then ~1% of a rank's buffers).
+    let wide = ["--set", "model.channels=128", "--set", "model.seq_len=64"];
+    let model: Vec<&str> = MODEL.iter().copied().chain(wide).collect();
+    let table = every_variant(&model, &["--global-batch", "4"]);
     let dir = common::TempDir::new("plancpu", "memory");
     // (dp, pp, tp, batch, micro-batches, zero, sp)
     for (dp, pp, tp, b, m, zero, sp) in [
@@ -174,7 +160,7 @@ fn plan_cpu_memory_is_what_train_allocates() {
             zero.to_string(),
         );
         let mut train = vec!["train", "--steps", "1", "--no-progress", "--threads", "1"];
-        train.extend_from_slice(M);
+        train.extend_from_slice(&model);
         train.extend(["--set", &bs, "--dp", &dps, "--pp", &pps, "--tp", &tps]);
         train.extend([
             "--microbatches",
@@ -206,23 +192,10 @@ fn plan_cpu_memory_is_what_train_allocates() {
 #[test]
 fn plan_cpu_keeps_the_layouts_that_fit_the_memory() {
     let table = |limit: Option<&str>| {
-        let mut args = vec![
-            "plan",
-            "--cpu",
-            "--nproc",
-            "2",
-            "--cores",
-            "2",
-            "--top",
-            "100",
-            "--all-variants",
-        ];
-        args.extend_from_slice(MODEL);
-        if let Some(l) = limit {
-            args.extend(["--memory-mib", l]);
-        }
-        let (code, stdout, stderr) = common::run(&args);
-        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let stdout = match limit {
+            Some(l) => every_variant(MODEL, &["--memory-mib", l]),
+            None => every_variant(MODEL, &[]),
+        };
         // (zero, MiB/rank) of every row: the table's 7th and 15th columns.
         stdout
             .lines()
