@@ -232,6 +232,8 @@ fn read_run(dir: &Path) -> Result<CpuRun> {
             channels: r.model.channels,
             heads: r.model.heads,
             layers: r.model.layers,
+            precision: plan::recipe::Precision::Fp32,
+            recompute: plan::recipe::Recompute::None,
         },
         layout: CpuLayout {
             dp: l.dp,

@@ -210,6 +210,8 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
         channels: cfg.model.channels as u64,
         heads: cfg.model.n_head as u64,
         layers: cfg.model.n_layer as u64,
+        precision: cfg.train.precision,
+        recompute: cfg.train.recompute,
     };
     let global = a
         .global_batch
@@ -306,10 +308,17 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "CPU layouts of {} processes on {cores} cores: L{} H{} C{} T{}, vocabulary {} (padded {}), global batch {global} sequences; {} candidates, {} accepted by train, {} fit in {:.0} MiB ({limit_what}), {} shapes",
-        a.nproc, m.layers, m.heads, m.channels, m.seq_len, vocab, m.padded_vocab, all.len(), ok.len(),
+        "CPU layouts of {} processes on {cores} cores: L{} H{} C{} T{}, vocabulary {} (padded {}), {}, recompute {}, global batch {global} sequences; {} candidates, {} accepted by train, {} fit in {:.0} MiB ({limit_what}), {} shapes",
+        a.nproc, m.layers, m.heads, m.channels, m.seq_len, vocab, m.padded_vocab,
+        crate::train::precision_name(m.precision), crate::train::recompute_name(m.recompute), all.len(), ok.len(),
         ranked.len(), limit as f64 / 1048576.0, collapse(&ranked).len()
     );
+    if m.precision != plan::recipe::Precision::Fp32 || m.recompute != plan::recipe::Recompute::None
+    {
+        println!(
+            "note: memory is this precision's and recomputation's; step times use the fp32 constants without recomputation (bf16-mixed measured 1.7-1.8x faster than fp32 here: docs/performance.md), so they rank layouts but do not predict this run's speed"
+        );
+    }
     println!(
         "{:>3} {:>3} {:>3} {:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>10} {:>9} {:>8} {:>8} {:>8} {:>10}  also (step %, MiB/rank)",
         "#", "dp", "pp", "tp", "batch", "mb", "zero", "sp", "thr", "step ms", "tokens/s", "bubble", "tp ms", "dp ms", "MiB/rank"

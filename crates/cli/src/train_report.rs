@@ -273,6 +273,8 @@ pub(crate) fn cpu_model(st: &StartInfo) -> Option<plan::cpu_plan::CpuModel> {
         channels: c.channels as u64,
         heads: c.n_head as u64,
         layers: c.n_layer as u64,
+        precision: st.config.train.precision,
+        recompute: st.config.train.recompute,
     })
 }
 

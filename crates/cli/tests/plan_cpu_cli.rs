@@ -121,22 +121,32 @@ fn every_variant(model: &[&str], extra: &[&str]) -> String {
 }
 
 /// The planner's memory per rank is what `train` allocates: for layouts of every kind (data,
-/// tensor and pipeline parallel, ZeRO-1 and 3, weight panels on and off), the row's `MiB/rank`
+/// tensor and pipeline parallel, ZeRO-1 and 3, weight panels on and off, bf16-mixed, full
+/// recomputation), the row's `MiB/rank`
 /// equals the largest `allocated buffers` a rank reports, to the 0.1 MiB both print.
 #[test]
 fn plan_cpu_memory_is_what_train_allocates() {
     // MODEL, wider and longer (0.1 MiB is then ~1% of a rank's buffers).
     let wide = ["--set", "model.channels=128", "--set", "model.seq_len=64"];
-    let model: Vec<&str> = MODEL.iter().copied().chain(wide).collect();
-    let table = every_variant(&model, &["--global-batch", "4"]);
     let dir = common::TempDir::new("plancpu", "memory");
-    // (dp, pp, tp, batch, micro-batches, zero, sp)
-    for (dp, pp, tp, b, m, zero, sp) in [
-        (2, 1, 1, 1, 2, 1, false),
-        (2, 1, 1, 2, 1, 3, false),
-        (1, 1, 2, 2, 2, 0, true),
-        (1, 2, 1, 1, 4, 0, false),
+    let (bf16, full) = ("train.precision=bf16-mixed", "train.recompute=full");
+    // (dp, pp, tp, batch, micro-batches, zero, sp, a config override)
+    for (dp, pp, tp, b, m, zero, sp, set) in [
+        (2, 1, 1, 1, 2, 1, false, None),
+        (2, 1, 1, 2, 1, 3, false, None),
+        (1, 1, 2, 2, 2, 0, true, None),
+        (1, 2, 1, 1, 4, 0, false, None),
+        (2, 1, 1, 1, 2, 1, false, Some(bf16)),
+        (2, 1, 1, 1, 2, 3, false, Some(bf16)),
+        (1, 1, 2, 2, 2, 0, true, Some(full)),
     ] {
+        let model: Vec<&str> = MODEL
+            .iter()
+            .copied()
+            .chain(wide)
+            .chain(set.map(|s| ["--set", s]).into_iter().flatten())
+            .collect();
+        let table = every_variant(&model, &["--global-batch", "4"]);
         let row = table
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
@@ -148,9 +158,10 @@ fn plan_cpu_memory_is_what_train_allocates() {
             })
             .unwrap_or_else(|| panic!("dp{dp} pp{pp} tp{tp} b{b}x{m} zero{zero}: {table}"));
         let planned: f64 = row[14].parse().unwrap();
-        let out = dir
-            .path()
-            .join(format!("dp{dp}pp{pp}tp{tp}b{b}m{m}z{zero}"));
+        let out = dir.path().join(format!(
+            "dp{dp}pp{pp}tp{tp}b{b}m{m}z{zero}{}",
+            set.is_some()
+        ));
         let (bs, dps, pps, tps, ms, zs) = (
             format!("train.batch_size={b}"),
             dp.to_string(),
@@ -182,7 +193,7 @@ fn plan_cpu_memory_is_what_train_allocates() {
             .fold(0.0, f64::max);
         assert!(
             (allocated - planned).abs() < 0.051,
-            "dp{dp} pp{pp} tp{tp} b{b}x{m} zero{zero} sp {sp}: planned {planned} MiB, allocated {allocated} MiB"
+            "dp{dp} pp{pp} tp{tp} b{b}x{m} zero{zero} sp {sp} {set:?}: planned {planned} MiB, allocated {allocated} MiB"
         );
     }
 }

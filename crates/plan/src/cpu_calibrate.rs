@@ -221,6 +221,8 @@ mod tests {
             channels,
             heads: 4,
             layers,
+            precision: crate::recipe::Precision::Fp32,
+            recompute: crate::recipe::Recompute::None,
         };
         let host = CpuHost {
             cores,

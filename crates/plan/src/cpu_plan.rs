@@ -32,14 +32,18 @@
 //! memory      = max over stages of cpu_runtime::stage_memory_sp with the simulated peak of
 //!               micro-batches in flight; ZeRO 1/2 shard AdamW state / gradients as
 //!               cpu_runtime::zero_memory does (rank 0, the largest shard); ZeRO-3 (one stage)
-//!               is cpu_runtime::zero3_memory_sp; + the weight panels
-//!               (cpu_runtime::weight_panel_bytes) when the step packs them
+//!               is cpu_runtime::zero3_memory_sp; the precision's working copies and the
+//!               recomputation's activations as cpu_runtime::trainer_memory_sp; + the weight
+//!               panels (cpu_runtime::weight_panel_bytes) when the step packs them (fp32)
+//! time        = the fp32 constants whatever the precision (bf16-mixed measured 1.7–1.8×
+//!               faster on AVX512-BF16, docs/performance.md), without recomputation's
+//!               extra forward: the ranking assumes fp32 without recomputation
 //! ```
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{
-    stage_memory_sp, weight_panel_bytes, zero3_comm_time_with, zero3_memory_sp, zero_memory,
-    CpuRuntimeDims, CpuRuntimeMemory,
+    stage_memory_sp, trainer_memory_sp, weight_panel_bytes, zero3_comm_time_with, zero3_memory_sp,
+    zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
 };
 use crate::cpu_time::{
     elementwise_secs, step_time, tp_elementwise_share, weight_pass_secs, CpuCalibration,
@@ -60,6 +64,11 @@ pub struct CpuModel {
     pub heads: u64,
     /// Transformer layers.
     pub layers: u64,
+    /// Storage precision of training (`train.precision`): 16-bit working copies and
+    /// activations under mixed precision, and no weight panels.
+    pub precision: Precision,
+    /// Activation recomputation (`train.recompute`).
+    pub recompute: Recompute,
 }
 
 /// One layout of `scaletrain train` (`--dp --pp --tp --microbatches --zero
@@ -178,7 +187,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // weight panels.
     let zero3 = l.zero == 3 && l.dp > 1;
     let compute = CpuCalibration {
-        weight_panels: host.compute.weight_panels && !zero3,
+        weight_panels: host.compute.weight_panels && !zero3 && m.precision == Precision::Fp32,
         ..host.compute
     };
     // With weight panels and several micro-batches, each rank packs its weights once per step
@@ -298,7 +307,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .iter()
         .zip(&sim.peak_in_flight)
         .map(|(d, &sets)| {
-            let mut mem = rank_memory(d, l, sets as u64, (host.bucket_bytes, host.overlap));
+            let mut mem = rank_memory(m, d, l, sets as u64, (host.bucket_bytes, host.overlap));
             if panels {
                 mem.weight_panel_bytes = weight_panel_bytes(d);
             }
@@ -323,6 +332,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
 /// Buffer memory of rank 0 of a stage with `sets` micro-batches in flight (`overlap`: ZeRO-3
 /// prefetches the next unit into a second gather buffer).
 fn rank_memory(
+    m: &CpuModel,
     d: &CpuRuntimeDims,
     l: &CpuLayout,
     sets: u64,
@@ -336,7 +346,7 @@ fn rank_memory(
             (l.batch, t),
             (l.dp, 0),
             overlap,
-            (Precision::Fp32, Recompute::None),
+            (m.precision, m.recompute),
             l.sp,
         );
     }
@@ -346,7 +356,17 @@ fn rank_memory(
         mem.optimizer_bytes = z.optimizer_bytes;
         mem.grad_bytes = z.grad_bytes;
     }
-    mem
+    // Mixed precision's 16-bit working copies, and the activations saved under the precision
+    // and recomputation, as train's report and buffers count them.
+    trainer_memory_sp(
+        mem,
+        &[(*d, sets)],
+        l.batch,
+        t,
+        l.pp > 1,
+        (m.precision, m.recompute),
+        l.sp,
+    )
 }
 
 /// Candidate layouts of `nproc` processes training `global_batch` sequences per step: every
@@ -481,6 +501,8 @@ mod tests {
             channels: 256,
             heads: 4,
             layers: 4,
+            precision: crate::recipe::Precision::Fp32,
+            recompute: crate::recipe::Recompute::None,
         }
     }
 

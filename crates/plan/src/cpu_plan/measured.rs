@@ -204,6 +204,8 @@ fn model() -> CpuModel {
         channels: 256,
         heads: 4,
         layers: 4,
+        precision: crate::recipe::Precision::Fp32,
+        recompute: crate::recipe::Recompute::None,
     }
 }
 
