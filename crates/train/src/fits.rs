@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn the_check_counts_the_weight_panels_the_runtime_allocates() {
-        use crate::pipeline::{activation_sets, weight_panels_wanted, StageActs};
+        use crate::pipeline::{activation_sets, micro_batches, weight_panels_wanted, StageActs};
         use plan::schedule::{build, Kind};
         // 80 channels: panels padded to the kernel's 32 columns.
         let cfg = model::ModelConfig {
@@ -289,7 +289,7 @@ mod tests {
             let used = acts.use_weight_panels(stage, &ops, false);
             // What the check counts (the decision and the bytes) is what the runtime allocated.
             let memory = |ops: &[plan::schedule::Op]| {
-                let panels = weight_panels_wanted(true, stage, ops, false);
+                let panels = weight_panels_wanted(true, micro_batches(stage, ops), false);
                 rank_memory(
                     stage,
                     (b, t),
@@ -311,12 +311,20 @@ mod tests {
             assert_eq!(one.total_bytes() + m.weight_panel_bytes, m.total_bytes());
             let mut acts1 = StageActs::<f32>::new(stage, &one_ops, b, t);
             assert!(!acts1.use_weight_panels(stage, &one_ops, false));
-            assert!(!weight_panels_wanted(false, stage, &ops, false));
+            assert!(!weight_panels_wanted(
+                false,
+                micro_batches(stage, &ops),
+                false
+            ));
             let mut acts16 =
                 StageActs::<kernels::Bf16>::with_sp(stage, &ops, b, t, Recompute::None, false)
                     .unwrap();
             assert!(!acts16.use_weight_panels(stage, &ops, false));
-            assert!(!weight_panels_wanted(true, stage, &ops, true));
+            assert!(!weight_panels_wanted(
+                true,
+                micro_batches(stage, &ops),
+                true
+            ));
             let mut acts_z3 = StageActs::<f32>::new(stage, &ops, b, t);
             assert!(!acts_z3.use_weight_panels(stage, &ops, true));
             if !used {

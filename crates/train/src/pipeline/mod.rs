@@ -34,7 +34,7 @@ pub use ckpt::{full_segments, save_checkpoint, slice_full, to_full};
 pub use exec::{
     activation_sets, forward_only, in_flight, run_ops, MicroBatches, StageActs, StageModel,
 };
-pub use panels::{stage_panel_bytes, step_ops, weight_panels_wanted};
+pub use panels::{micro_batches, stage_panel_bytes, step_ops, weight_panels_wanted};
 
 use crate::error::TrainError;
 use crate::mesh::{Coords, MeshShape};

@@ -9,7 +9,7 @@ use crate::config::TrainConfig;
 use crate::data::{val_batch, window_count, DataPosition, Dataset};
 use crate::error::TrainError;
 use crate::fsutil::ensure_writable_dir;
-use crate::pipeline::{forward_only, Pipeline, StageActs, StageModel};
+use crate::pipeline::{forward_only, micro_batches, Pipeline, StageActs, StageModel};
 use kernels::Par;
 use model::{ParamLayout, Shard};
 
@@ -200,7 +200,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
         dp.as_deref(),
         pipe.as_deref(),
         (cfg.train.precision, cfg.train.recompute),
-        crate::pipeline::weight_panels_wanted(fp32, &stage, &ops, zero3),
+        crate::pipeline::weight_panels_wanted(fp32, micro_batches(&stage, &ops), zero3),
     ))?;
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {
