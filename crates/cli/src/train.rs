@@ -190,9 +190,14 @@ fn print_start(info: &StartInfo) {
     let p = &info.predicted;
     let t = &info.predicted_step;
     println!(
-        "predicted (plan::cpu_runtime): {} = weights {} + gradients {} + AdamW {} + activations {}; allocated: {}",
+        "predicted (plan::cpu_runtime): {} = weights {}{} + gradients {} + AdamW {} + activations {}; allocated: {}",
         mib(p.total_bytes()),
         mib(p.param_bytes),
+        if p.weight_panel_bytes > 0 {
+            format!(" + weight panels {}", mib(p.weight_panel_bytes))
+        } else {
+            String::new()
+        },
         mib(p.grad_bytes),
         mib(p.optimizer_bytes),
         mib(p.activation_bytes),

@@ -28,8 +28,8 @@ mod panels;
 mod zero3;
 pub use panels::{weight_panel_bytes, weight_panel_floats};
 pub use zero3::{
-    zero3_comm_time, zero3_comm_time_with, zero3_gathers_per_step, zero3_memory, zero3_memory_with,
-    zero3_unit_lens, ZERO3_GATHER_SLOTS,
+    zero3_comm_time, zero3_comm_time_with, zero3_gathers_per_step, zero3_memory, zero3_memory_sp,
+    zero3_memory_with, zero3_unit_lens, ZERO3_GATHER_SLOTS,
 };
 
 /// Model dimensions as the CPU runtime sees them for one pipeline stage and one
@@ -127,7 +127,7 @@ pub fn activation_bytes(d: &CpuRuntimeDims, batch: u64, seq: u64) -> u64 {
 }
 
 /// The CPU runtime's memory for one stage/rank, by category.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuRuntimeMemory {
     /// Parameter buffer.
     pub param_bytes: u64,
@@ -137,12 +137,20 @@ pub struct CpuRuntimeMemory {
     pub optimizer_bytes: u64,
     /// Activations for one micro-batch shape (saved + scratch).
     pub activation_bytes: u64,
+    /// Packed weight panels ([`weight_panel_bytes`]): 0 unless the runtime packs them (fp32
+    /// on its AVX-512 kernel with more than one micro-batch per step; the trainer decides and
+    /// fills this in).
+    pub weight_panel_bytes: u64,
 }
 
 impl CpuRuntimeMemory {
     /// Sum of all categories.
     pub fn total_bytes(&self) -> u64 {
-        self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        self.param_bytes
+            + self.grad_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes
+            + self.weight_panel_bytes
     }
 }
 
@@ -153,6 +161,7 @@ pub fn memory(d: &CpuRuntimeDims, batch: u64, seq: u64) -> CpuRuntimeMemory {
         grad_bytes: grad_bytes(d),
         optimizer_bytes: optimizer_bytes(d),
         activation_bytes: activation_bytes(d, batch, seq),
+        weight_panel_bytes: 0,
     }
 }
 
@@ -186,6 +195,7 @@ pub fn stage_memory(
         grad_bytes: sum(&grad_bytes),
         optimizer_bytes: sum(&optimizer_bytes),
         activation_bytes: F32_BYTES * (saved + scratch + recv),
+        weight_panel_bytes: 0,
     }
 }
 
@@ -222,6 +232,7 @@ pub fn stage_memory_sp(
         grad_bytes: sum(&grad_bytes),
         optimizer_bytes: sum(&optimizer_bytes),
         activation_bytes: saved + scratch + recv,
+        weight_panel_bytes: 0,
     }
 }
 
@@ -492,6 +503,7 @@ pub fn memory_with(
         grad_bytes,
         optimizer_bytes: optimizer_bytes(d),
         activation_bytes: activation_bytes_with(d, batch, seq, precision, recompute, 1),
+        weight_panel_bytes: 0,
     }
 }
 
@@ -570,6 +582,7 @@ pub fn trainer_memory_sp(
         grad_bytes: base.grad_bytes + if mixed { e * n } else { 0 },
         optimizer_bytes: base.optimizer_bytes,
         activation_bytes: saved + scratch + boundary,
+        weight_panel_bytes: base.weight_panel_bytes,
     }
 }
 

@@ -33,16 +33,14 @@ pub fn memory_limit_bytes() -> Option<(u64, String)> {
     best
 }
 
-/// [`check_fits`] for a rank holding `stage` (micro-batch `b` × `t`) in `precision` with
-/// `recompute`, with its AdamW state sharded over `zero_dp = (stage, dp size)` under ZeRO,
-/// sharing this host with `LOCAL_WORLD_SIZE` ranks. The prediction is the runtime's
-/// (`plan::cpu_runtime::memory` of the stage's layers, then `trainer_memory` for the
-/// precision's working copies and the recomputation's activations; one saved activation set
-/// per chunk: a lower bound for a pipeline stage, whose schedule may keep more in flight).
+/// [`check_fits`] for a rank holding `stage` (micro-batch `b` × `t`, `micro_batches` of them
+/// per step) in `precision` with `recompute`, with its AdamW state sharded over
+/// `zero_dp = (stage, dp size)` under ZeRO, sharing this host with `LOCAL_WORLD_SIZE` ranks.
+/// The prediction is [`stage_memory`].
 pub fn check_stage(
     stage: &crate::pipeline::StageModel,
     mcfg: &model::ModelConfig,
-    (b, t): (usize, usize),
+    (b, t, micro_batches): (usize, usize, usize),
     zero_dp: Option<(u8, usize)>,
     prec: (plan::recipe::Precision, plan::recipe::Recompute),
 ) -> Result<(), TrainError> {
@@ -51,27 +49,33 @@ pub fn check_stage(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(1);
     check_fits(
-        stage_bytes(stage, mcfg, (b, t), zero_dp, prec),
+        &stage_memory(stage, mcfg, (b, t, micro_batches), zero_dp, prec),
         ranks_here,
         memory_limit_bytes(),
     )
 }
 
-/// The bytes [`check_stage`] compares with the machine's memory.
-pub fn stage_bytes(
+/// What [`check_stage`] compares with the machine's memory: the runtime's own prediction
+/// (`plan::cpu_runtime::memory` of the stage's layers, then `trainer_memory` for the
+/// precision's working copies and the recomputation's activations; one saved activation set
+/// per chunk: a lower bound for a pipeline stage, whose schedule may keep more in flight),
+/// plus the weight panels when the runtime will pack them — decided by the same function the
+/// allocation asks ([`crate::pipeline::weight_panels_wanted`]) and sized as it allocates them
+/// ([`crate::pipeline::stage_panel_bytes`]).
+pub fn stage_memory(
     stage: &crate::pipeline::StageModel,
     mcfg: &model::ModelConfig,
-    (b, t): (usize, usize),
+    (b, t, micro_batches): (usize, usize, usize),
     zero_dp: Option<(u8, usize)>,
     (precision, recompute): (plan::recipe::Precision, plan::recipe::Recompute),
-) -> u64 {
+) -> plan::cpu_runtime::CpuRuntimeMemory {
     let held: Vec<model::Shard> = stage
         .chunks
         .iter()
         .map(|(_, l, _)| l.shard.clone())
         .collect();
     let (Some(first), Some(last)) = (held.first(), held.last()) else {
-        return 0;
+        return plan::cpu_runtime::CpuRuntimeMemory::default();
     };
     let dims = model::Shard {
         layers: first.layers.start..last.layers.end,
@@ -87,7 +91,7 @@ pub fn stage_bytes(
         }
     }
     let chunks: Vec<_> = held.iter().map(|s| (s.dims(mcfg), 1)).collect();
-    let m = plan::cpu_runtime::trainer_memory(
+    let mut m = plan::cpu_runtime::trainer_memory(
         m,
         &chunks,
         b as u64,
@@ -96,43 +100,73 @@ pub fn stage_bytes(
         precision,
         recompute,
     );
-    m.total_bytes()
+    let zero3 = zero_dp.is_some_and(|(zero, _)| zero == 3);
+    let f32_storage = precision == plan::recipe::Precision::Fp32;
+    if crate::pipeline::weight_panels_wanted(f32_storage, micro_batches, zero3) {
+        m.weight_panel_bytes = crate::pipeline::stage_panel_bytes(stage);
+    }
+    m
 }
 
-fn gib(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+/// `b` bytes in GiB, or in MiB below one GiB.
+fn size(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
-/// Refuses `predicted_bytes` per rank × `ranks_here` ranks on this host when that exceeds
-/// `limit` (from [`memory_limit_bytes`]), naming both numbers and what would shrink it.
+/// Refuses `predicted` bytes per rank × `ranks_here` ranks on this host when that exceeds
+/// `limit` (from [`memory_limit_bytes`]), naming both numbers, the weight panels when the
+/// prediction holds some, and what would shrink it.
 pub fn check_fits(
-    predicted_bytes: u64,
+    predicted: &plan::cpu_runtime::CpuRuntimeMemory,
     ranks_here: usize,
     limit: Option<(u64, String)>,
 ) -> Result<(), TrainError> {
     let Some((limit, what)) = limit else {
         return Ok(());
     };
-    let need = predicted_bytes.saturating_mul(ranks_here.max(1) as u64);
+    let per_rank = predicted.total_bytes();
+    let need = per_rank.saturating_mul(ranks_here.max(1) as u64);
     if need <= limit {
         return Ok(());
     }
+    let panels = predicted.weight_panel_bytes;
     Err(TrainError::DoesNotFit {
         reason: format!(
             "the model needs {} per rank{} (predicted: weights, gradients, AdamW state and \
-             activations), but this machine offers {} ({what}); nothing was allocated. Make it \
+             activations{}), but this machine offers {} ({what}); nothing was allocated. Make it \
              fit with a smaller model (model.n_layer, model.channels), a smaller \
              train.batch_size or model.seq_len, activation recomputation (--recompute full), \
              pipeline stages or tensor-parallel ranks on more machines (--pp, --tp), or ZeRO \
              optimizer sharding across data-parallel ranks (--zero 1 or 2); bf16/fp16 mixed \
-             precision shrinks activations but keeps fp32 master weights beside the 16-bit copy",
-            gib(predicted_bytes),
+             precision shrinks activations but keeps fp32 master weights beside the 16-bit copy{}",
+            size(per_rank),
             if ranks_here > 1 {
-                format!(" × {ranks_here} ranks on this host = {}", gib(need))
+                format!(" × {ranks_here} ranks on this host = {}", size(need))
             } else {
                 String::new()
             },
-            gib(limit),
+            if panels > 0 {
+                format!(", and {} of weight panels", size(panels))
+            } else {
+                String::new()
+            },
+            size(limit),
+            if panels > 0 {
+                format!(
+                    ". The weight panels ({}: both packings of every linear weight, kept for a \
+                     step of several micro-batches in fp32 on the AVX-512 kernel) go with one \
+                     micro-batch per step (train.grad_accum=1, a larger train.batch_size \
+                     instead) or SCALETRAIN_NO_WEIGHT_PANELS=1 (each weight is then packed \
+                     again for every micro-batch: slower steps)",
+                    size(panels)
+                )
+            } else {
+                String::new()
+            },
         ),
     })
 }
@@ -141,22 +175,105 @@ pub fn check_fits(
 mod tests {
     use super::*;
 
+    /// A prediction of `bytes` weights.
+    fn weights(bytes: u64) -> plan::cpu_runtime::CpuRuntimeMemory {
+        plan::cpu_runtime::CpuRuntimeMemory {
+            param_bytes: bytes,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn refuses_with_both_numbers_and_passes_what_fits() {
         let lim = || Some((8u64 << 30, "physical memory (MemTotal)".to_string()));
-        assert!(check_fits(1 << 30, 2, lim()).is_ok());
-        let e = check_fits(1_611_040_849_920, 1, lim())
+        assert!(check_fits(&weights(1 << 30), 2, lim()).is_ok());
+        let e = check_fits(&weights(1_611_040_849_920), 1, lim())
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("1500.4 GiB per rank") && e.contains("offers 8.0 GiB"),
             "{e}"
         );
-        let e = check_fits(3 << 30, 3, lim()).unwrap_err().to_string();
+        assert!(!e.contains("weight panels"), "{e}");
+        let e = check_fits(&weights(3 << 30), 3, lim())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("× 3 ranks on this host = 9.0 GiB"), "{e}");
-        assert!(check_fits(u64::MAX, 1, None).is_ok());
+        assert!(check_fits(&weights(u64::MAX), 1, None).is_ok());
         let (b, what) = memory_limit_bytes().expect("Linux has /proc/meminfo");
         assert!(b > 1 << 20, "{b} from {what}");
+    }
+
+    #[test]
+    fn the_check_counts_the_weight_panels_the_runtime_allocates() {
+        use crate::pipeline::{StageActs, StageModel};
+        use plan::recipe::{Precision, Recompute};
+        use plan::schedule::{build, Kind};
+        // 80 channels: panels padded to the kernel's 32 columns.
+        let cfg = model::ModelConfig {
+            vocab_size: 64,
+            max_seq_len: 16,
+            n_layer: 2,
+            n_head: 4,
+            channels: 80,
+        };
+        let fp32 = (Precision::Fp32, Recompute::None);
+        let off = std::env::var("SCALETRAIN_NO_WEIGHT_PANELS").is_ok_and(|v| v.trim() == "1");
+        let expect_panels = kernels::panels::WeightPanels::available() && !off;
+        // The whole model, tensor-parallel rank 1 of 2, a pipeline's last stage of 2.
+        let full = model::ParamLayout::new(&cfg, &model::Shard::full(&cfg)).unwrap();
+        let stages = [
+            (StageModel::whole(full), 1),
+            (StageModel::new_tp(&cfg, &[0..2], &[0], (1, 2)).unwrap(), 1),
+            (StageModel::new(&cfg, &[0..1, 1..2], &[1]).unwrap(), 2),
+        ];
+        for (k, (stage, pp)) in stages.iter().enumerate() {
+            let (b, t, accum) = (2, 16, 3);
+            let ops = build(Kind::OneFOneB, *pp, accum as u32, 1).swap_remove(*pp as usize - 1);
+            let mut acts = StageActs::<f32>::new(stage, &ops, b, t);
+            let used = acts.use_weight_panels(stage, &ops, false);
+            let m = stage_memory(stage, &cfg, (b, t, accum), None, fp32);
+            // What the check counts is what the runtime allocated.
+            assert_eq!(m.weight_panel_bytes, acts.panel_bytes() as u64, "stage {k}");
+            assert_eq!(used, expect_panels, "stage {k}");
+            assert_eq!(used, m.weight_panel_bytes > 0, "stage {k}");
+            // One micro-batch per step, mixed precision and ZeRO-3 pack none, on both sides.
+            let one = stage_memory(stage, &cfg, (b, t, 1), None, fp32);
+            assert_eq!(one.weight_panel_bytes, 0);
+            assert_eq!(one.total_bytes() + m.weight_panel_bytes, m.total_bytes());
+            let bf16 = (Precision::Bf16Mixed, Recompute::None);
+            assert_eq!(
+                stage_memory(stage, &cfg, (b, t, accum), None, bf16).weight_panel_bytes,
+                0
+            );
+            let mut acts16 =
+                StageActs::<kernels::Bf16>::with_sp(stage, &ops, b, t, Recompute::None, false)
+                    .unwrap();
+            assert!(!acts16.use_weight_panels(stage, &ops, false));
+            let z3 = stage_memory(stage, &cfg, (b, t, accum), Some((3, 2)), fp32);
+            assert_eq!(z3.weight_panel_bytes, 0);
+            let mut acts_z3 = StageActs::<f32>::new(stage, &ops, b, t);
+            assert!(!acts_z3.use_weight_panels(stage, &ops, true));
+            if !used {
+                eprintln!("no weight panels here (no AVX-512 or SCALETRAIN_NO_WEIGHT_PANELS=1)");
+                continue;
+            }
+            // A limit between the totals without and with the panels: refused, naming them
+            // and how to do without.
+            let limit = one.total_bytes() + m.weight_panel_bytes / 2;
+            let lim = || Some((limit, "a test limit".to_string()));
+            assert!(check_fits(&one, 1, lim()).is_ok());
+            let e = check_fits(&m, 1, lim()).unwrap_err().to_string();
+            let panels = size(m.weight_panel_bytes);
+            for want in [
+                format!("and {panels} of weight panels"),
+                "train.grad_accum=1".to_string(),
+                "SCALETRAIN_NO_WEIGHT_PANELS=1".to_string(),
+                size(m.total_bytes()),
+            ] {
+                assert!(e.contains(&want), "stage {k}: {want:?} missing from {e}");
+            }
+        }
     }
 
     #[test]
@@ -171,7 +288,7 @@ mod tests {
         };
         let full = model::ParamLayout::new(&cfg, &model::Shard::full(&cfg)).unwrap();
         let stage = crate::pipeline::StageModel::whole(full);
-        let bytes = |p, r| stage_bytes(&stage, &cfg, (8, 64), None, (p, r));
+        let bytes = |p, r| stage_memory(&stage, &cfg, (8, 64, 1), None, (p, r)).total_bytes();
         let fp32 = bytes(Precision::Fp32, Recompute::None);
         // fp32 without recomputation: the runtime's plain memory formula.
         let dims = model::Shard::full(&cfg).dims(&cfg);

@@ -13,8 +13,8 @@
 //! - one micro-batch's activations, as without ZeRO.
 
 use super::{
-    activation_bytes_with, compute_bytes, param_count, shard_len, CpuRuntimeDims, CpuRuntimeMemory,
-    F32_BYTES, ZERO2_GRAD_BUFFERS,
+    activation_bytes_sp, activation_bytes_with, compute_bytes, param_count, shard_len,
+    CpuRuntimeDims, CpuRuntimeMemory, F32_BYTES, ZERO2_GRAD_BUFFERS,
 };
 use crate::recipe::{Precision, Recompute};
 
@@ -204,6 +204,39 @@ pub fn zero3_memory_with(
         grad_bytes: F32_BYTES * (owned + wide) + e * (embed + ZERO2_GRAD_BUFFERS * small),
         optimizer_bytes: 2 * F32_BYTES * owned,
         activation_bytes: activation_bytes_with(d, batch, seq, precision, recompute, 1),
+        weight_panel_bytes: 0,
+    }
+}
+
+/// [`zero3_memory_with`] for a tensor-parallel rank (`d` its shard: every unit holds the
+/// rank's part of the split tensors) with sequence parallelism on or off: the activations as
+/// [`super::activation_bytes_sp`] (one micro-batch in flight). What the trainer's report
+/// predicts for `--zero 3 --tp N`.
+pub fn zero3_memory_sp(
+    d: &CpuRuntimeDims,
+    (batch, seq): (u64, u64),
+    (dp, rank): (u64, u64),
+    prefetch: bool,
+    (precision, recompute): (Precision, Recompute),
+    sequence_parallel: bool,
+) -> CpuRuntimeMemory {
+    CpuRuntimeMemory {
+        activation_bytes: activation_bytes_sp(
+            d,
+            batch,
+            seq,
+            precision,
+            recompute,
+            1,
+            sequence_parallel,
+        ),
+        ..zero3_memory_with(
+            d,
+            (batch, seq),
+            (dp, rank),
+            prefetch,
+            (precision, recompute),
+        )
     }
 }
 

@@ -32,6 +32,7 @@ pub use bubble::PredictedWait;
 pub use ckpt::{full_segments, save_checkpoint, slice_full, to_full};
 
 pub use exec::{forward_only, in_flight, run_ops, MicroBatches, StageActs, StageModel};
+pub use panels::{stage_panel_bytes, weight_panels_wanted};
 
 use crate::error::TrainError;
 use crate::mesh::{Coords, MeshShape};

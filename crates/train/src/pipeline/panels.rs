@@ -29,16 +29,35 @@ pub(super) fn stage_weights(stage: &StageModel) -> Vec<(usize, usize, usize)> {
     out
 }
 
+/// The one decision whether a rank packs weight panels (the trainer's allocation, its
+/// memory prediction and the fit check before allocating all ask here): `f32` storage
+/// (`f32_storage`: an fp32 run) on our AVX-512 kernel, more than one micro-batch per chunk and
+/// step (`micro_batches`: each weight is then packed once per step instead of twice per
+/// micro-batch), not under ZeRO-3 (`zero3`: its layers are gathered into shared buffers), and
+/// not turned off by the environment variable `SCALETRAIN_NO_WEIGHT_PANELS=1` (saves their
+/// memory, about twice the linear weights; for measurements and tight machines).
+pub fn weight_panels_wanted(f32_storage: bool, micro_batches: usize, zero3: bool) -> bool {
+    let off = std::env::var("SCALETRAIN_NO_WEIGHT_PANELS").is_ok_and(|v| v.trim() == "1");
+    !off && f32_storage && !zero3 && micro_batches >= 2 && WeightPanels::available()
+}
+
+/// Bytes of the weight panels of `stage` when [`weight_panels_wanted`] says yes: every chunk's
+/// `plan::cpu_runtime::weight_panel_bytes`, what [`StageActs::use_weight_panels`] allocates.
+pub fn stage_panel_bytes(stage: &StageModel) -> u64 {
+    stage
+        .chunks
+        .iter()
+        .map(|(_, l, _)| plan::cpu_runtime::weight_panel_bytes(&l.shard.dims(&l.cfg)))
+        .sum()
+}
+
 impl<E: Storage> StageActs<E> {
-    /// Allocates the weight panels when they pay: `f32` storage on our AVX-512 kernel and more
-    /// than one micro-batch per chunk in the step list `ops` (each weight is then packed once
-    /// per step instead of twice per micro-batch), unless the environment variable
-    /// `SCALETRAIN_NO_WEIGHT_PANELS` is `1` (saves their memory, about twice the linear
-    /// weights; for measurements). Returns whether it did.
-    pub fn use_weight_panels(&mut self, stage: &StageModel, ops: &[Op]) -> bool {
+    /// Allocates the weight panels of `stage` when [`weight_panels_wanted`] says so for this
+    /// storage type and the step list `ops` (`zero3`: the run is ZeRO-3). Returns whether it
+    /// did.
+    pub fn use_weight_panels(&mut self, stage: &StageModel, ops: &[Op], zero3: bool) -> bool {
         let micro = ops.len() / (2 * stage.chunks.len()).max(1);
-        let off = std::env::var("SCALETRAIN_NO_WEIGHT_PANELS").is_ok_and(|v| v.trim() == "1");
-        if off || E::f32s(&[]).is_none() || !WeightPanels::available() || micro < 2 {
+        if !weight_panels_wanted(E::f32s(&[]).is_some(), micro, zero3) {
             return false;
         }
         self.panels = WeightPanels::new(&stage_weights(stage));

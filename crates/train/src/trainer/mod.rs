@@ -152,10 +152,9 @@ fn run_with<E: Storage>(
     let sp = pipe.as_ref().is_some_and(|p| p.sequence_parallel);
     let mut acts = StageActs::<E>::with_sp(&stage, &ops, b, t, cfg.train.recompute, sp)?;
     // Weights packed once per step for the matmuls when a step runs several micro-batches
-    // (not under ZeRO-3, whose layers are gathered into shared buffers).
-    if !zero3 {
-        acts.use_weight_panels(&stage, &ops);
-    }
+    // (not under ZeRO-3, whose layers are gathered into shared buffers): the decision the fit
+    // check made before allocating (crate::pipeline::weight_panels_wanted).
+    acts.use_weight_panels(&stage, &ops, zero3);
     let mut batcher = Batcher::new(
         data.train.len(),
         t,

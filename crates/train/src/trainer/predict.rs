@@ -62,26 +62,17 @@ pub(super) fn predict<E: Storage>(
     );
     let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
     let base = match (dp, pipe) {
-        // ZeRO-3 runs one stage (tensor parallelism or not): its own formula.
-        (Some(d), _) if d.zero() == ZeroStage::Three => plan::cpu_runtime::CpuRuntimeMemory {
-            // sequence parallelism splits the activations along the sequence
-            activation_bytes: plan::cpu_runtime::activation_bytes_sp(
-                &dims,
-                b as u64,
-                t as u64,
-                cfg.train.precision,
-                cfg.train.recompute,
-                1,
-                sp,
-            ),
-            ..plan::cpu_runtime::zero3_memory_with(
-                &dims,
-                (b as u64, t as u64),
-                (dp_size as u64, dp_rank as u64),
-                d.overlap(),
-                (cfg.train.precision, cfg.train.recompute),
-            )
-        },
+        // ZeRO-3 runs one stage (tensor parallelism or not): its own formula, for this rank's
+        // tensor-parallel shard (sequence parallelism splits the activations along the
+        // sequence).
+        (Some(d), _) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory_sp(
+            &dims,
+            (b as u64, t as u64),
+            (dp_size as u64, dp_rank as u64),
+            d.overlap(),
+            (cfg.train.precision, cfg.train.recompute),
+            sp,
+        ),
         (Some(d), None) => plan::cpu_runtime::zero_memory(
             &dims,
             b as u64,
@@ -125,12 +116,8 @@ pub(super) fn predict<E: Storage>(
         )
     };
     if acts.panel_bytes() > 0 {
-        // The weight panels packed once per step (`kernels::panels`), counted with the
-        // parameters they copy.
-        predicted.param_bytes += held
-            .iter()
-            .map(|s| plan::cpu_runtime::weight_panel_bytes(&s.dims(mcfg)))
-            .sum::<u64>();
+        // The weight panels packed once per step (`kernels::panels`), a category of their own.
+        predicted.weight_panel_bytes = crate::pipeline::stage_panel_bytes(stage);
     }
     Predictions {
         dims,

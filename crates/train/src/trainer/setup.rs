@@ -189,7 +189,7 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     crate::fits::check_stage(
         &stage,
         &mcfg,
-        (b, t),
+        (b, t, cfg.train.grad_accum),
         dp.as_ref().map(|d| (d.zero().number(), d.size())),
         (cfg.train.precision, cfg.train.recompute),
     )?;
