@@ -5,14 +5,15 @@
 # ROUNDS times interleaved (round 1 runs every layout once, then round 2, …, so that a change of
 # the machine's load spreads over all layouts), takes each run's median step time (first step
 # left out) from metrics.jsonl and the median of those over the rounds, and prints every
-# predicted/measured pair, the rounds' values, and Spearman's rank correlation per N.
-# Usage: bench/cpu_plan_check.sh   (env: NPROCS="2 4" TOP=5 STEPS=8 ROUNDS=2 BIN=target/release/scaletrain)
+# predicted/measured pair, the rounds' values and measured parts (time in tensor-parallel,
+# data-parallel and pipeline communication, ms), and Spearman's rank correlation per N.
+# Usage: bench/cpu_plan_check.sh   (env: NPROCS="2 4" TOP=5 STEPS=20 ROUNDS=3 BIN=target/release/scaletrain)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROCS=${NPROCS:-"2 4"}
 TOP=${TOP:-5}
-STEPS=${STEPS:-8}
-ROUNDS=${ROUNDS:-2}
+STEPS=${STEPS:-20}
+ROUNDS=${ROUNDS:-3}
 BIN=${BIN:-target/release/scaletrain}
 [ -x "$BIN" ] || cargo build --release -p scaletrain-cli
 MODEL=(--set model.n_layer=4 --set model.n_head=4 --set model.channels=256 --set model.seq_len=128
@@ -25,7 +26,7 @@ for n in $NPROCS; do
   "$BIN" plan --cpu --nproc "$n" "${MODEL[@]}" --steps "$STEPS" --top "$TOP" --commands \
     --out "$work/RUN" > "$work/plan$n.tsv"
   mapfile -t lines < "$work/plan$n.tsv"
-  declare -A runs=()
+  declare -A runs=() comps=()
   for r in $(seq 1 "$ROUNDS"); do
     for i in "${!lines[@]}"; do
       cmd=${lines[$i]#*$'\t'}
@@ -34,12 +35,17 @@ for n in $NPROCS; do
       if ! "$BIN" "${args[@]}" --no-progress > "$work/log" 2>&1; then
         echo "N=$n #$((i + 1)) round $r failed: $cmd"; tail -n 5 "$work/log"; continue
       fi
-      runs[$i]="${runs[$i]:-} $(python3 - "$out/metrics.jsonl" <<'PY'
+      parts=$(python3 - "$out/metrics.jsonl" <<'PY'
 import json, statistics, sys
-xs = [json.loads(l)["step_secs"] for l in open(sys.argv[1]) if '"step_secs"' in l]
-print(f"{1e3 * statistics.median(xs[1:] or xs):.3f}")
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"step_secs"' in l]
+rows = rows[1:] or rows
+keys = sorted({k for r in rows for k in r if k.endswith("_secs")} - {"step_secs"})
+med = lambda k: 1e3 * statistics.median(r[k] for r in rows if k in r)
+print(f"{med('step_secs'):.3f}", " ".join(f"{k[:-5]}={med(k):.1f}" for k in keys))
 PY
-)"
+)
+      runs[$i]="${runs[$i]:-} ${parts%% *}"
+      [ "$parts" = "${parts%% *}" ] || comps[$i]="${comps[$i]:-} r$r:${parts#* }"
       rm -rf "$out"
     done
   done
@@ -50,9 +56,9 @@ PY
     cmd=${lines[$i]#*$'\t'}
     measured=$(python3 -c 'import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):.3f}")' ${runs[$i]})
     layout=$(echo "${cmd##*--out }" | grep -oE -- '--(dp|pp|tp|microbatches|zero|threads) [0-9]+|--sequence-parallel|train.batch_size=[0-9]+' | tr '\n' ' ')
-    echo "$ms $measured [rounds:${runs[$i]}] $layout" >> "$work/pairs$n"
+    echo "$ms $measured [rounds:${runs[$i]}] $layout${comps[$i]:+ [measured ms:${comps[$i]}]}" >> "$work/pairs$n"
   done
-  unset runs
+  unset runs comps
   python3 - "$n" "$work/pairs$n" <<'PY'
 import sys
 n, rows = sys.argv[1], [l.split(None, 2) for l in open(sys.argv[2]) if l.strip()]

@@ -249,6 +249,7 @@ fn read_run(dir: &Path) -> Result<CpuRun> {
                 ..Default::default()
             },
             link: CommCalibration::for_transport(&r.transport),
+            tp_link: CommCalibration::tensor_parallel_for_transport(&r.transport),
             bucket_bytes: r.bucket_bytes,
             overlap: r.overlap,
         },

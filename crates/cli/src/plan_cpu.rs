@@ -1,7 +1,8 @@
 //! `scaletrain plan --cpu --nproc N`: ranks the layouts of `scaletrain train` on N local
-//! processes (dp × pp × tp, micro-batch size and count, ZeRO 0–2, sequence parallelism) for the
+//! processes (dp × pp × tp, micro-batch size and count, ZeRO 0–3, sequence parallelism) for the
 //! model of a train config by predicted tokens/s (`plan::cpu_plan`), keeping only layouts that
-//! `train`'s own flag parser and layout check accept, and prints the `scaletrain train` command
+//! `train`'s own flag parser and layout check accept and whose buffers fit the host's memory
+//! (`--memory-mib`), and prints the `scaletrain train` command
 //! of each (`--run` runs the best). See docs/cpu-planner.md.
 
 use anyhow::{bail, Context, Result};
@@ -64,6 +65,11 @@ pub struct PlanCpuArgs {
     /// bandwidth replace the defaults.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// Memory the N ranks' buffers may use together, MiB (default: what `train` checks a run
+    /// against: the cgroup limit or the physical memory, whichever is smaller). Layouts whose
+    /// predicted per-rank buffers × N exceed it are left out.
+    #[arg(long)]
+    pub memory_mib: Option<f64>,
     /// List every ZeRO / sequence-parallel variant as its own row (default: one row per
     /// dp × pp × tp × micro-batch shape, its other variants named in the last column).
     #[arg(long)]
@@ -228,6 +234,7 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
             }
         },
         link: plan::cpu_comm::CommCalibration::tcp(),
+        tp_link: plan::cpu_comm::CommCalibration::tcp_tensor_parallel(),
         bucket_bytes: train::dp::DEFAULT_BUCKET_BYTES as u64,
         overlap: true,
     };
@@ -239,7 +246,32 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
             a.nproc, a.nproc, m.heads, m.layers
         );
     }
-    let ranked = rank(&m, &ok, &host);
+    let (limit, limit_what) = match a.memory_mib {
+        Some(mib) if !(mib.is_finite() && mib > 0.0) => {
+            bail!("--memory-mib must be a positive number of MiB, got {mib}")
+        }
+        Some(mib) => ((mib * 1048576.0) as u64, "--memory-mib".to_string()),
+        None => {
+            train::fits::memory_limit_bytes().unwrap_or((u64::MAX, "no known limit".to_string()))
+        }
+    };
+    let every = rank(&m, &ok, &host);
+    let need = |p: &CpuPrediction| p.memory_bytes.saturating_mul(a.nproc as u64);
+    let ranked: Vec<(CpuLayout, CpuPrediction)> = every
+        .iter()
+        .filter(|(_, p)| need(p) <= limit)
+        .cloned()
+        .collect();
+    if ranked.is_empty() {
+        let least = every.iter().map(|(_, p)| need(p)).min().unwrap_or(0);
+        bail!(
+            "no layout of {} processes fits in {:.0} MiB ({limit_what}): the leanest needs {:.0} MiB of buffers for its {} ranks; try more processes (--nproc), a smaller global batch (--global-batch), a smaller model, or --memory-mib if more memory is available",
+            a.nproc,
+            limit as f64 / 1048576.0,
+            least as f64 / 1048576.0,
+            a.nproc
+        );
+    }
     let choices: Vec<CpuChoice> = if a.all_variants {
         ranked
             .iter()
@@ -268,9 +300,9 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "CPU layouts of {} processes on {cores} cores: L{} H{} C{} T{}, vocabulary {} (padded {}), global batch {global} sequences; {} candidates, {} accepted by train, {} shapes",
+        "CPU layouts of {} processes on {cores} cores: L{} H{} C{} T{}, vocabulary {} (padded {}), global batch {global} sequences; {} candidates, {} accepted by train, {} fit in {:.0} MiB ({limit_what}), {} shapes",
         a.nproc, m.layers, m.heads, m.channels, m.seq_len, vocab, m.padded_vocab, all.len(), ok.len(),
-        collapse(&ranked).len()
+        ranked.len(), limit as f64 / 1048576.0, collapse(&ranked).len()
     );
     println!(
         "{:>3} {:>3} {:>3} {:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>10} {:>9} {:>8} {:>8} {:>8} {:>10}  also (step %, MiB/rank)",

@@ -310,6 +310,7 @@ fn mesh_prediction(
         cores: (l.ranks() * st.threads as u64).min(machine).max(1),
         compute: *compute,
         link: plan::cpu_comm::CommCalibration::for_transport(pi.transport),
+        tp_link: plan::cpu_comm::CommCalibration::tensor_parallel_for_transport(pi.transport),
         bucket_bytes: train::dp::DEFAULT_BUCKET_BYTES as u64,
         overlap: true,
     };

@@ -106,6 +106,69 @@ fn plan_cpu_explains_when_no_layout_fits() {
     assert!(stderr.contains("--nproc must be at least 1"), "{stderr}");
 }
 
+/// `--memory-mib` leaves out the layouts whose ranks' predicted buffers exceed it (ZeRO-3 among
+/// the candidates), and a limit nothing fits names what the leanest layout needs.
+#[test]
+fn plan_cpu_keeps_the_layouts_that_fit_the_memory() {
+    let table = |limit: Option<&str>| {
+        let mut args = vec![
+            "plan",
+            "--cpu",
+            "--nproc",
+            "2",
+            "--cores",
+            "2",
+            "--top",
+            "100",
+            "--all-variants",
+        ];
+        args.extend_from_slice(MODEL);
+        if let Some(l) = limit {
+            args.extend(["--memory-mib", l]);
+        }
+        let (code, stdout, stderr) = common::run(&args);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        // (zero, MiB/rank) of every row: the table's 7th and 15th columns.
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w[6].parse::<u8>().unwrap(), w[14].parse::<f64>().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let all = table(None);
+    assert!(
+        all.iter().any(|r| r.0 == 3),
+        "ZeRO-3 is a candidate: {all:?}"
+    );
+    let mut mib: Vec<f64> = all.iter().map(|r| r.1).collect();
+    mib.sort_by(f64::total_cmp);
+    // A limit between the leanest and the largest layout: for 2 ranks, twice the median.
+    let per_rank = mib[mib.len() / 2];
+    let some = table(Some(&format!("{}", 2.0 * per_rank)));
+    assert!(!some.is_empty() && some.len() < all.len(), "{some:?}");
+    // Printed to 0.1 MiB: each kept row is at most the limit's share (rounding aside).
+    assert!(some.iter().all(|r| r.1 <= per_rank + 0.05), "{some:?}");
+    let mut args = vec!["plan", "--cpu", "--nproc", "2", "--memory-mib", "0.5"];
+    args.extend_from_slice(MODEL);
+    let (code, stdout, stderr) = common::run(&args);
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("no layout of 2 processes fits in") && stderr.contains("the leanest needs"),
+        "{stderr}"
+    );
+    let mut args = vec!["plan", "--cpu", "--nproc", "2", "--memory-mib=0"];
+    args.extend_from_slice(MODEL);
+    let (code, _, stderr) = common::run(&args);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--memory-mib must be a positive"),
+        "{stderr}"
+    );
+}
+
 /// `scaletrain plan --cpu … | head` and the other reports end quietly when their reader is
 /// gone (killed by SIGPIPE, as Unix tools are), never with a panic.
 #[test]

@@ -226,6 +226,7 @@ mod tests {
             cores,
             compute: k,
             link: CommCalibration::tcp(),
+            tp_link: CommCalibration::tcp_tensor_parallel(),
             bucket_bytes: 1 << 21,
             overlap: true,
         };

@@ -77,6 +77,34 @@ impl CommCalibration {
         }
     }
 
+    /// Tensor-parallel collectives over loopback TCP on the development machine: they run on
+    /// the training thread, small (b·t·c floats) and with the peer arriving at the same point,
+    /// so neither the communication thread's competition for a core nor its waits for a peer
+    /// that is still in backward slow them, as they do the data-parallel buckets [`Self::tcp`]
+    /// is fitted to. Fitted to the time in tensor-parallel collectives that `scaletrain train`
+    /// measures (`tp_secs` in metrics.jsonl, waits included): `--tp 2 --sequence-parallel`, L4
+    /// C256 T128, global batch 8 as b8×1 / b4×2 / b2×4 (40 ring messages per micro-batch, 18.9 MB
+    /// per step at every split), 4.5 / 5.0 / 6.3 ms (medians of three quiet rounds of 20 steps,
+    /// 2026-12-06 08:36 UTC): least squares on the count of micro-batches gives 0.59 ms per
+    /// micro-batch (α = 15 µs) and 3.9 ms for the bytes (β = 4.8 GB/s). The earlier model, the
+    /// data-parallel link × 1.2, predicted 9.5 / 11.0 / 13.9 ms.
+    pub fn tcp_tensor_parallel() -> CommCalibration {
+        CommCalibration {
+            latency_secs: 15e-6,
+            bus_bytes_per_sec: 4.8e9,
+            halves_are_all_reduces: false,
+        }
+    }
+
+    /// The tensor-parallel calibration for a transport name: [`Self::tcp_tensor_parallel`]
+    /// (shared memory is not fitted separately), with MPI's halves as whole all-reduces.
+    pub fn tensor_parallel_for_transport(name: &str) -> CommCalibration {
+        CommCalibration {
+            halves_are_all_reduces: name == "mpi",
+            ..CommCalibration::tcp_tensor_parallel()
+        }
+    }
+
     /// The calibration for a transport name ("tcp", "shm", "threads", "mpi"; others as TCP).
     pub fn for_transport(name: &str) -> CommCalibration {
         match name {
@@ -211,6 +239,21 @@ pub fn dp_comm_time(
 ///                            cross-entropy's per-token max and sum: 2 all-reduces(b·t·4)
 /// tp comm = a · Σ (all on the training thread's critical path: nothing hides them)
 /// ```
+/// Ring phases (all-gathers, reduce-scatters; an all-reduce is two) of the tensor-parallel
+/// collectives of one optimizer step on one rank, as [`tp_comm_secs`] counts them: every phase
+/// is a rendezvous of the tp group. Zero without tensor parallelism.
+pub fn tp_ring_phases(d: &crate::cpu_runtime::CpuRuntimeDims, accum: u64) -> f64 {
+    if d.tp <= 1 {
+        return 0.0;
+    }
+    // Per layer 4 all-reduces (sp: 4 all-gathers + 4 reduce-scatters); the embedding one
+    // all-reduce; the head one all-reduce and the loss's two.
+    let micro = 8.0 * d.layers as f64
+        + if d.has_embedding { 2.0 } else { 0.0 }
+        + if d.has_head { 6.0 } else { 0.0 };
+    accum.max(1) as f64 * micro
+}
+
 pub fn tp_comm_secs(
     d: &crate::cpu_runtime::CpuRuntimeDims,
     batch: u64,
@@ -365,5 +408,16 @@ mod tests {
         let extra = tp_comm_secs(&both, 4, 64, 1, false, &k) - one;
         assert!((extra - (2.0 * ar + 2.0 * small)).abs() < 1e-12, "{extra}");
         assert_eq!(tp_comm_secs(&dims(), 4, 64, 1, false, &k), 0.0);
+        // Phases: with free bandwidth every phase of tp 2 costs one message's latency.
+        let free = CommCalibration {
+            bus_bytes_per_sec: f64::INFINITY,
+            ..k
+        };
+        for (dims, sp) in [(d, false), (d, true), (both, false), (both, true)] {
+            let phases = tp_ring_phases(&dims, 3);
+            let t = tp_comm_secs(&dims, 4, 64, 3, sp, &free);
+            assert!((t - phases * 1e-5).abs() < 1e-15, "{phases} {t}");
+        }
+        assert_eq!(tp_ring_phases(&dims(), 1), 0.0);
     }
 }

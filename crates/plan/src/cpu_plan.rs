@@ -12,29 +12,38 @@
 //!               3·24·b·t·c² + 12·b·t²·c FLOPs, the last stage also the head's 3·2·b·t·c·vp
 //! micro(s)    = cpu_time::step_time(stage s, b, t, 1, n) without AdamW
 //!               (− sp: the layer norms' and residuals' elementwise passes split over tp too)
-//!               + TP_LINK_FACTOR · cpu_comm::tp_comm_secs(stage s, b, t, 1, sp)
+//!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp) over the tp link
+//!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
 //!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · oversub,
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
 //!               thread: schedule::simulate's makespan)
-//! AdamW(s)    = cpu_time's optimizer term of stage s, / dp under ZeRO-1/2 (the rank's shard)
-//!               + with weight panels and m > 1: the stage's weight pass, once per step (and
-//!               not in micro(s))
+//! AdamW(s)    = cpu_time's optimizer term of stage s, / dp under ZeRO-1/2/3 (the rank's
+//!               shard) + with weight panels and m > 1: the stage's weight pass, once per step
+//!               (and not in micro(s)); ZeRO-3 has no panels (its weights are gathered anew)
 //! dp(s)       = oversub · (exposed dp comm(s) + contention)
 //!               + DP_WAKE_SECS · ring steps(s) · (oversub − 1)
+//!               (dp comm: cpu_comm::dp_comm_time's buckets; ZeRO-3:
+//!               cpu_runtime::zero3_comm_time's per-micro-batch gathers and reduce-scatters
+//!               behind micro(s))
 //! step        = pipeline + oversub · max_s AdamW(s) + max_s dp(s)
 //! oversub     = max(1, R·n / cores)               (more ranks than cores share them)
 //! tokens/s    = G·t / step
 //! memory      = max over stages of cpu_runtime::stage_memory_sp with the simulated peak of
 //!               micro-batches in flight; ZeRO 1/2 shard AdamW state / gradients as
-//!               cpu_runtime::zero_memory does (rank 0, the largest shard)
+//!               cpu_runtime::zero_memory does (rank 0, the largest shard); ZeRO-3 (one stage)
+//!               is cpu_runtime::zero3_memory with the activations of one micro-batch
 //! ```
 
-use crate::cpu_comm::{dp_comm_time, tp_comm_secs, CommCalibration, DpCommSetup};
-use crate::cpu_runtime::{stage_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory};
+use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
+use crate::cpu_runtime::{
+    activation_bytes_sp, stage_memory_sp, zero3_comm_time_with, zero3_memory, zero_memory,
+    CpuRuntimeDims, CpuRuntimeMemory,
+};
 use crate::cpu_time::{
     elementwise_secs, step_time, tp_elementwise_share, weight_pass_secs, CpuCalibration,
 };
+use crate::recipe::{Precision, Recompute};
 use crate::schedule::{build, simulate, Kind};
 
 /// The model as the runtime builds it.
@@ -66,7 +75,7 @@ pub struct CpuLayout {
     pub batch: u64,
     /// Micro-batches per step and rank (`--microbatches`, = `train.grad_accum`).
     pub microbatches: u64,
-    /// ZeRO stage 0, 1 or 2.
+    /// ZeRO stage 0–3 (3: one pipeline stage).
     pub zero: u8,
     /// Sequence parallelism (tp > 1).
     pub sp: bool,
@@ -86,8 +95,11 @@ pub struct CpuHost {
     pub cores: u64,
     /// Compute constants.
     pub compute: CpuCalibration,
-    /// Link constants of the transport between local ranks.
+    /// Link constants of the transport between local ranks (data-parallel buckets and
+    /// pipeline messages).
     pub link: CommCalibration,
+    /// Link constants of the tensor-parallel collectives on the training thread.
+    pub tp_link: CommCalibration,
     /// Data-parallel gradient bucket size in bytes.
     pub bucket_bytes: u64,
     /// Buckets reduced on a communication thread during backward.
@@ -161,27 +173,35 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .collect();
     // ZeRO-1/2 run AdamW on this rank's 1/dp shard of the stage's parameters.
     let shard = if l.zero > 0 && l.dp > 1 { l.dp } else { 1 } as f64;
+    // ZeRO-3 gathers each unit's weights per micro-batch into buffers it frees again: no
+    // weight panels.
+    let zero3 = l.zero == 3 && l.dp > 1;
+    let compute = CpuCalibration {
+        weight_panels: host.compute.weight_panels && !zero3,
+        ..host.compute
+    };
     // With weight panels and several micro-batches, each rank packs its weights once per step
     // (counted beside AdamW) instead of in every micro-batch.
-    let panels = host.compute.weight_panels && mb > 1;
+    let panels = compute.weight_panels && mb > 1;
     // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW + weight packing).
     let per: Vec<(f64, f64, f64)> = dims
         .iter()
         .map(|d| {
-            let s = step_time(d, l.batch, t, 1, threads, &host.compute);
+            let s = step_time(d, l.batch, t, 1, threads, &compute);
             // Once per step: the pass less what every micro-batch still pays (which stays in
             // the micro-step), so m micro-batches cost one pass + (m − 1) residuals.
             let packing = if panels {
-                let k = &host.compute;
+                let k = &compute;
                 weight_pass_secs(d, threads, k)
                     * (1.0 - k.panel_bytes_per_param_per_micro / k.weight_bytes_per_param)
             } else {
                 0.0
             };
-            let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(d, l.batch, t, 1, l.sp, &host.link);
+            let tp = tp_comm_secs(d, l.batch, t, 1, l.sp, &host.tp_link)
+                + sharing::TP_WAKE_SECS * tp_ring_phases(d, 1) * (oversub - 1.0);
             // Sequence parallelism also splits the layer norms' and residuals' passes.
             let sp_saving = if l.sp {
-                elementwise_secs(d, l.batch, t, threads, &host.compute)
+                elementwise_secs(d, l.batch, t, threads, &compute)
                     * (tp_elementwise_share(d.tp, false) - tp_elementwise_share(d.tp, true))
             } else {
                 0.0
@@ -235,16 +255,35 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                     overlap: host.overlap && !(l.zero > 0 && l.pp > 1),
                     spare_core,
                 };
-                let c = dp_comm_time(d, &setup, p.0 * 2.0 / 3.0, &host.link);
+                let c = if zero3 {
+                    // Gathers before each unit's forward and backward, reduce-scatters after
+                    // its backward, in every micro-batch (hidden behind the micro-step's
+                    // compute with prefetch).
+                    zero3_comm_time_with(
+                        d,
+                        (mb, l.dp),
+                        p.0,
+                        (host.overlap, spare_core),
+                        Precision::Fp32,
+                        &host.link,
+                    )
+                } else {
+                    dp_comm_time(d, &setup, p.0 * 2.0 / 3.0, &host.link)
+                };
                 // All ranks communicate at once after backward: the collectives' CPU work
                 // shares the cores too, and every ring step waits for its rank to get one.
                 let rounds = if l.zero == 2 { mb } else { 1 } as f64;
                 let buckets = c.buckets as f64;
                 let ring_steps = (l.dp - 1) as f64
-                    * if l.zero == 0 {
-                        2.0 * buckets
-                    } else {
-                        buckets * rounds + buckets + 1.0
+                    * match l.zero {
+                        0 => 2.0 * buckets,
+                        // The embedding's gather once, then per micro-batch two gathers of
+                        // every other unit and a reduce-scatter of every unit; the norm.
+                        3 => {
+                            let e = if d.has_embedding { 1.0 } else { 0.0 };
+                            e + mb as f64 * (2.0 * (buckets - e) + buckets) + 1.0
+                        }
+                        _ => buckets * rounds + buckets + 1.0,
                     };
                 oversub * (c.exposed_secs + c.contention_secs)
                     + sharing::DP_WAKE_SECS * ring_steps * (oversub - 1.0)
@@ -257,7 +296,9 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     let memory_bytes = dims
         .iter()
         .zip(&sim.peak_in_flight)
-        .map(|(d, &sets)| rank_memory(d, l, sets as u64, host.bucket_bytes).total_bytes())
+        .map(|(d, &sets)| {
+            rank_memory(d, l, sets as u64, (host.bucket_bytes, host.overlap)).total_bytes()
+        })
         .max()
         .unwrap_or(0);
     CpuPrediction {
@@ -274,14 +315,30 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     }
 }
 
-/// Buffer memory of rank 0 of a stage with `sets` micro-batches in flight.
+/// Buffer memory of rank 0 of a stage with `sets` micro-batches in flight (`overlap`: ZeRO-3
+/// prefetches the next unit into a second gather buffer).
 fn rank_memory(
     d: &CpuRuntimeDims,
     l: &CpuLayout,
     sets: u64,
-    bucket_bytes: u64,
+    (bucket_bytes, overlap): (u64, bool),
 ) -> CpuRuntimeMemory {
     let t = d.max_seq_len;
+    if l.zero == 3 && l.dp > 1 {
+        // One stage; the activations of one micro-batch, split along the sequence with sp.
+        return CpuRuntimeMemory {
+            activation_bytes: activation_bytes_sp(
+                d,
+                l.batch,
+                t,
+                Precision::Fp32,
+                Recompute::None,
+                1,
+                l.sp,
+            ),
+            ..zero3_memory(d, l.batch, t, l.dp, 0, overlap)
+        };
+    }
     let mut mem = stage_memory_sp(&[(*d, sets)], l.batch, t, l.pp > 1, l.sp);
     if l.zero > 0 && l.dp > 1 {
         let z = zero_memory(d, l.batch, t, l.zero, l.dp, 0, bucket_bytes);
@@ -293,7 +350,7 @@ fn rank_memory(
 
 /// Candidate layouts of `nproc` processes training `global_batch` sequences per step: every
 /// dp·pp·tp = nproc with tp dividing the heads and channels and pp at most the layers, every
-/// micro-batch size dividing global_batch / dp, ZeRO 0–2 with dp > 1 (ZeRO-1 at most with
+/// micro-batch size dividing global_batch / dp, ZeRO 0–3 with dp > 1 (ZeRO-1 at most with
 /// pp > 1), sequence
 /// parallelism on and off with tp > 1 (when tp divides b·t). The runtime may refuse some
 /// further (`scaletrain plan --cpu` asks its layout check).
@@ -314,10 +371,11 @@ pub fn candidates(m: &CpuModel, nproc: u64, global_batch: u64) -> Vec<CpuLayout>
             }
             let per = global_batch / dp;
             for batch in divisors(per) {
-                // ZeRO-2 is refused inside pipelines (it reduces every micro-batch).
+                // ZeRO-2 and 3 are refused inside pipelines (they communicate every
+                // micro-batch).
                 let zeros: &[u8] = match (dp > 1, pp == 1) {
                     (false, _) => &[0],
-                    (true, true) => &[0, 1, 2],
+                    (true, true) => &[0, 1, 2, 3],
                     (true, false) => &[0, 1],
                 };
                 for &zero in zeros {
@@ -430,6 +488,7 @@ mod tests {
             cores,
             compute: CpuCalibration::default(),
             link: CommCalibration::tcp(),
+            tp_link: CommCalibration::tcp_tensor_parallel(),
             bucket_bytes: 1 << 21,
             overlap: true,
         }
@@ -472,7 +531,8 @@ mod tests {
         let full = stage_dims(&m, 4, 0, 1, 1);
         assert_eq!(matmul_flops(&d, 8, 128), matmul_flops(&full, 8, 128) / 2.0);
         let s = step_time(&d, 8, 128, 1, 2, &h.compute);
-        let tp = sharing::TP_LINK_FACTOR * tp_comm_secs(&d, 8, 128, 1, false, &h.link);
+        // A core per rank: the link's time alone, no rendezvous waits.
+        let tp = tp_comm_secs(&d, 8, 128, 1, false, &h.tp_link);
         assert!((p.tp_comm_secs - tp).abs() < 1e-15);
         assert!((p.step_secs - (s.total_secs + tp)).abs() < 1e-12);
     }
@@ -538,15 +598,17 @@ mod tests {
             assert_eq!(m.heads % l.tp, 0);
             assert!(!l.sp || l.tp > 1);
             assert!(l.zero == 0 || l.dp > 1);
-            assert!(l.zero <= 1 || l.pp == 1, "ZeRO-2 only without a pipeline");
+            assert!(l.zero <= 1 || l.pp == 1, "ZeRO-2/3 only without a pipeline");
         }
-        // dp4 tp1 pp1 with micro-batch 2: ZeRO 0, 1, 2.
+        // dp4 tp1 pp1 with micro-batch 2: ZeRO 0, 1, 2, 3.
         assert_eq!(
             c.iter()
                 .filter(|l| (l.dp, l.tp, l.batch) == (4, 1, 2))
                 .count(),
-            3
+            4
         );
+        // ZeRO-2 and 3 only without a pipeline.
+        assert!(c.iter().all(|l| l.zero <= 1 || l.pp == 1));
         let ranked = rank(&m, &c, &host(2));
         assert!(ranked
             .windows(2)
@@ -583,13 +645,64 @@ mod tests {
         assert!(choices
             .windows(2)
             .all(|w| w[0].prediction.step_secs <= w[1].prediction.step_secs));
-        // dp2 tp2 b4 comes as ZeRO 0/1/2 × sp on/off: six variants, one row; sequence
+        // dp2 tp2 b4 comes as ZeRO 0/1/2/3 × sp on/off: eight variants, one row; sequence
         // parallelism costs the same time and saves activations, so the row shows it on.
         let row = choices
             .iter()
             .find(|c| (c.layout.dp, c.layout.tp, c.layout.batch) == (2, 2, 4))
             .expect("dp2 tp2 b4 is a candidate");
-        assert_eq!(row.variants.len(), 5);
+        assert_eq!(row.variants.len(), 7);
         assert!(row.layout.sp);
+    }
+
+    #[test]
+    fn zero3_is_its_own_memory_and_per_micro_batch_communication() {
+        // Twelve layers of vocabulary 32: ZeRO-3 keeps two gather and two gradient buffers of
+        // a layer (and embedding-sized ones), so it saves over ZeRO-2 only when the layers
+        // outnumber those (at 4 layers and dp 2 the two are within 0.2%; with 8192 rows the
+        // embedding-sized buffers outweigh the savings).
+        let (m, h) = (
+            CpuModel {
+                padded_vocab: 64,
+                layers: 12,
+                ..model()
+            },
+            host(2),
+        );
+        let l = |zero, microbatches| CpuLayout {
+            zero,
+            ..layout(2, 1, 1, 4 / microbatches, microbatches)
+        };
+        let (z2, z3) = (predict(&m, &l(2, 1), &h), predict(&m, &l(3, 1), &h));
+        let d = stage_dims(&m, 12, 0, 1, 1);
+        // Memory: the ZeRO-3 formula with the activations of one micro-batch, below ZeRO-2's.
+        let want = CpuRuntimeMemory {
+            activation_bytes: activation_bytes_sp(
+                &d,
+                4,
+                128,
+                Precision::Fp32,
+                Recompute::None,
+                1,
+                false,
+            ),
+            ..zero3_memory(&d, 4, 128, 2, 0, true)
+        };
+        assert_eq!(z3.memory_bytes, want.total_bytes());
+        assert!(
+            z3.memory_bytes < z2.memory_bytes,
+            "{} {}",
+            z3.memory_bytes,
+            z2.memory_bytes
+        );
+        // AdamW on the rank's half, as ZeRO-2.
+        assert!((z3.optimizer_secs - z2.optimizer_secs).abs() < 1e-12);
+        // Its gathers repeat in every micro-batch: more micro-batches cost ZeRO-3 more
+        // communication than ZeRO-2 (which reduce-scatters per micro-batch too but gathers
+        // once per step).
+        let (z2m, z3m) = (predict(&m, &l(2, 4), &h), predict(&m, &l(3, 4), &h));
+        assert!(z3m.step_secs - z3.step_secs > z2m.step_secs - z2.step_secs);
+        // Without weight panels: a further micro-batch pays the whole weight pass.
+        assert!(z3m.optimizer_secs < z2m.optimizer_secs);
     }
 }

@@ -14,16 +14,21 @@
 
 use crate::schedule::Op;
 
-/// Tensor-parallel collectives cost this multiple of the loopback link's time
-/// (`CommCalibration::tcp`, fitted to data-parallel buckets). Fitted on the 65 layouts of
-/// docs/cpu-planner.md (three quiet tables, 2026-12-06), as the two constants below.
-pub const TP_LINK_FACTOR: f64 = 1.2;
+/// Seconds each ring phase of a tensor-parallel collective (`cpu_comm::tp_ring_phases`) adds
+/// per extra rank per core (`oversubscription − 1`): a rank that reaches the rendezvous first
+/// sleeps in its receive, and the last one to arrive may be waiting for a core. With a core per
+/// rank the collectives cost the link's time alone (`CommCalibration::tcp_tensor_parallel`,
+/// fitted to measured collective time). Fitted on the tables of `cpu_plan::measured` (below).
+pub const TP_WAKE_SECS: f64 = 0.02e-3;
 
 /// Seconds each pipeline message (an activation forward, a gradient backward) adds to the
 /// dependency chain, times the oversubscription: the receiving rank sleeps in its receive and
 /// has to be woken and, with more ranks than cores, wait for a core. Fitted (same rows) far
 /// above a loopback round trip (~30 µs): it also carries per-micro-batch costs of the pipeline
-/// runtime that the compute model lacks.
+/// runtime that the compute model lacks. Fitted with the data-parallel link × 1.2 for the
+/// tensor-parallel collectives; kept when that factor gave way to `TP_WAKE_SECS` and the
+/// measured tensor-parallel link (refitting it on tables A–E moved the scores less than the
+/// round-to-round spread).
 pub const P2P_MESSAGE_SECS: f64 = 1.0e-3;
 
 /// Seconds each data-parallel ring step (one message of a ring all-reduce, reduce-scatter or
