@@ -226,8 +226,14 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
     let host = CpuHost {
         cores: cores as u64,
         compute: plan::cpu_time::CpuCalibration {
-            // `train` packs fp32 weights once per step on our AVX-512 kernel.
-            weight_panels: kernels::panels::WeightPanels::available(),
+            // `train` packs fp32 weights once per step on our AVX-512 kernel (with more than
+            // one micro-batch, which `plan::cpu_plan` checks per layout; not under ZeRO-3),
+            // unless SCALETRAIN_NO_WEIGHT_PANELS=1.
+            weight_panels: train::pipeline::weight_panels_wanted(
+                cfg.train.precision == plan::recipe::Precision::Fp32,
+                2,
+                false,
+            ),
             ..match &a.calibration {
                 Some(f) => crate::calibrate_cpu::read_calibration(f)?,
                 None => plan::cpu_time::CpuCalibration::default(),

@@ -106,6 +106,101 @@ fn plan_cpu_explains_when_no_layout_fits() {
     assert!(stderr.contains("--nproc must be at least 1"), "{stderr}");
 }
 
+/// The planner's memory per rank is what `train` allocates: for layouts of every kind (data,
+/// tensor and pipeline parallel, ZeRO-1 and 3, weight panels on and off), the row's `MiB/rank`
+/// equals the largest `allocated buffers` a rank reports, to the 0.1 MiB both print.
+#[test]
+fn plan_cpu_memory_is_what_train_allocates() {
+    const M: &[&str] = &[
+        "--set",
+        "model.n_layer=2",
+        "--set",
+        "model.channels=128",
+        "--set",
+        "model.n_head=4",
+        "--set",
+        "model.seq_len=64",
+        "--set",
+        "train.eval_every=100",
+        "--set",
+        "data.synthetic.train_tokens=20000",
+        "--set",
+        "data.synthetic.val_tokens=1000",
+    ];
+    let mut args = vec![
+        "plan",
+        "--cpu",
+        "--nproc",
+        "2",
+        "--cores",
+        "2",
+        "--top",
+        "100",
+        "--all-variants",
+        "--global-batch",
+        "4",
+    ];
+    args.extend_from_slice(M);
+    let (code, table, stderr) = common::run(&args);
+    assert_eq!(code, 0, "{table}\n{stderr}");
+    let dir = common::TempDir::new("plancpu", "memory");
+    // (dp, pp, tp, batch, micro-batches, zero, sp)
+    for (dp, pp, tp, b, m, zero, sp) in [
+        (2, 1, 1, 1, 2, 1, false),
+        (2, 1, 1, 2, 1, 3, false),
+        (1, 1, 2, 2, 2, 0, true),
+        (1, 2, 1, 1, 4, 0, false),
+    ] {
+        let row = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| {
+                w.len() > 14
+                    && w[0].parse::<u32>().is_ok()
+                    && w[1..7] == [dp, pp, tp, b, m, zero].map(|x: u32| x.to_string())[..]
+                    && (w[7] == "on") == sp
+            })
+            .unwrap_or_else(|| panic!("dp{dp} pp{pp} tp{tp} b{b}x{m} zero{zero}: {table}"));
+        let planned: f64 = row[14].parse().unwrap();
+        let out = dir
+            .path()
+            .join(format!("dp{dp}pp{pp}tp{tp}b{b}m{m}z{zero}"));
+        let (bs, dps, pps, tps, ms, zs) = (
+            format!("train.batch_size={b}"),
+            dp.to_string(),
+            pp.to_string(),
+            tp.to_string(),
+            m.to_string(),
+            zero.to_string(),
+        );
+        let mut train = vec!["train", "--steps", "1", "--no-progress", "--threads", "1"];
+        train.extend_from_slice(M);
+        train.extend(["--set", &bs, "--dp", &dps, "--pp", &pps, "--tp", &tps]);
+        train.extend([
+            "--microbatches",
+            &ms,
+            "--zero",
+            &zs,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        if sp {
+            train.push("--sequence-parallel");
+        }
+        let (code, stdout, stderr) = common::run(&train);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let allocated = format!("{stdout}{stderr}")
+            .lines()
+            .filter_map(|l| l.split("allocated buffers ").nth(1))
+            .map(|r| r.split(" MiB").next().unwrap().parse::<f64>().unwrap())
+            .fold(0.0, f64::max);
+        assert!(
+            (allocated - planned).abs() < 0.051,
+            "dp{dp} pp{pp} tp{tp} b{b}x{m} zero{zero} sp {sp}: planned {planned} MiB, allocated {allocated} MiB"
+        );
+    }
+}
+
 /// `--memory-mib` leaves out the layouts whose ranks' predicted buffers exceed it (ZeRO-3 among
 /// the candidates), and a limit nothing fits names what the leanest layout needs.
 #[test]

@@ -32,12 +32,13 @@
 //! memory      = max over stages of cpu_runtime::stage_memory_sp with the simulated peak of
 //!               micro-batches in flight; ZeRO 1/2 shard AdamW state / gradients as
 //!               cpu_runtime::zero_memory does (rank 0, the largest shard); ZeRO-3 (one stage)
-//!               is cpu_runtime::zero3_memory with the activations of one micro-batch
+//!               is cpu_runtime::zero3_memory_sp; + the weight panels
+//!               (cpu_runtime::weight_panel_bytes) when the step packs them
 //! ```
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{
-    activation_bytes_sp, stage_memory_sp, zero3_comm_time_with, zero3_memory, zero_memory,
+    stage_memory_sp, weight_panel_bytes, zero3_comm_time_with, zero3_memory_sp, zero_memory,
     CpuRuntimeDims, CpuRuntimeMemory,
 };
 use crate::cpu_time::{
@@ -297,7 +298,11 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         .iter()
         .zip(&sim.peak_in_flight)
         .map(|(d, &sets)| {
-            rank_memory(d, l, sets as u64, (host.bucket_bytes, host.overlap)).total_bytes()
+            let mut mem = rank_memory(d, l, sets as u64, (host.bucket_bytes, host.overlap));
+            if panels {
+                mem.weight_panel_bytes = weight_panel_bytes(d);
+            }
+            mem.total_bytes()
         })
         .max()
         .unwrap_or(0);
@@ -326,18 +331,14 @@ fn rank_memory(
     let t = d.max_seq_len;
     if l.zero == 3 && l.dp > 1 {
         // One stage; the activations of one micro-batch, split along the sequence with sp.
-        return CpuRuntimeMemory {
-            activation_bytes: activation_bytes_sp(
-                d,
-                l.batch,
-                t,
-                Precision::Fp32,
-                Recompute::None,
-                1,
-                l.sp,
-            ),
-            ..zero3_memory(d, l.batch, t, l.dp, 0, overlap)
-        };
+        return zero3_memory_sp(
+            d,
+            (l.batch, t),
+            (l.dp, 0),
+            overlap,
+            (Precision::Fp32, Recompute::None),
+            l.sp,
+        );
     }
     let mut mem = stage_memory_sp(&[(*d, sets)], l.batch, t, l.pp > 1, l.sp);
     if l.zero > 0 && l.dp > 1 {
@@ -515,8 +516,16 @@ mod tests {
         assert!((p.step_secs - s.total_secs).abs() < 1e-12 * s.total_secs);
         assert_eq!(p.threads, 2);
         assert_eq!(p.bubble_secs, 0.0);
+        // Two micro-batches: the runtime packs the weights into panels once per step and
+        // holds them (as train's report and buffers count them).
         assert_eq!(
             p.memory_bytes,
+            crate::cpu_runtime::memory(&d, 8, 128).total_bytes()
+                + crate::cpu_runtime::weight_panel_bytes(&d)
+        );
+        let one = predict(&m, &layout(1, 1, 1, 8, 1), &h);
+        assert_eq!(
+            one.memory_bytes,
             crate::cpu_runtime::memory(&d, 8, 128).total_bytes()
         );
     }
@@ -676,8 +685,8 @@ mod tests {
         let (z2, z3) = (predict(&m, &l(2, 1), &h), predict(&m, &l(3, 1), &h));
         let d = stage_dims(&m, 12, 0, 1, 1);
         // Memory: the ZeRO-3 formula with the activations of one micro-batch, below ZeRO-2's.
-        let want = CpuRuntimeMemory {
-            activation_bytes: activation_bytes_sp(
+        let want = crate::cpu_runtime::CpuRuntimeMemory {
+            activation_bytes: crate::cpu_runtime::activation_bytes_sp(
                 &d,
                 4,
                 128,
@@ -686,7 +695,7 @@ mod tests {
                 1,
                 false,
             ),
-            ..zero3_memory(&d, 4, 128, 2, 0, true)
+            ..crate::cpu_runtime::zero3_memory(&d, 4, 128, 2, 0, true)
         };
         assert_eq!(z3.memory_bytes, want.total_bytes());
         assert!(
