@@ -298,3 +298,30 @@ fn zero2_splits_waiting_from_transfer_in_metrics_and_trace() {
         }
     }
 }
+
+/// The communication settings from the environment are checked: a bad value stops the job with
+/// the variable's name, and a good one trains (a run without the yield phase of the poll).
+#[test]
+fn comm_environment_variables_are_checked() {
+    let dir = tmp("spin-env");
+    let out = dir.join("run");
+    let mut args = vec![
+        "train",
+        "--dp",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(tiny());
+    let (code, stdout, stderr) = common::run_env(&args, &[("SCALETRAIN_COMM_SPIN_US", "lots")]);
+    assert_ne!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("SCALETRAIN_COMM_SPIN_US") && stderr.contains("microseconds"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = common::run_env(&args, &[("SCALETRAIN_COMM_SPIN_US", "20")]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

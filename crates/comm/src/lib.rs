@@ -124,7 +124,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Defaults, with `SCALETRAIN_COMM_TIMEOUT_SECS` applied when set.
+    /// Defaults, with `SCALETRAIN_COMM_TIMEOUT_SECS` and `SCALETRAIN_COMM_SPIN_US` (how long a
+    /// waiting call polls before it sleeps, [`Config::spin`]) applied when set.
     pub fn from_env() -> Result<Config> {
         let mut cfg = Config::default();
         if let Ok(v) = std::env::var("SCALETRAIN_COMM_TIMEOUT_SECS") {
@@ -139,6 +140,13 @@ impl Config {
                 });
             }
             cfg.timeout = Duration::from_secs_f64(secs);
+        }
+        if let Ok(v) = std::env::var("SCALETRAIN_COMM_SPIN_US") {
+            let us: u64 = v.trim().parse().map_err(|_| CommError::Env {
+                var: "SCALETRAIN_COMM_SPIN_US",
+                detail: format!("{v:?} is not a whole number of microseconds"),
+            })?;
+            cfg.spin = Duration::from_micros(us);
         }
         Ok(cfg)
     }

@@ -10,6 +10,7 @@
 //! | `SCALETRAIN_BIND_ADDR` | address this process listens on (`0.0.0.0` across hosts) | `127.0.0.1` |
 //! | `SCALETRAIN_TRANSPORT` | `tcp`, `shm` (one host) or `mpi` (feature `mpi`) | `tcp` |
 //! | `SCALETRAIN_COMM_TIMEOUT_SECS` | [`crate::Config::timeout`] | 60 |
+//! | `SCALETRAIN_COMM_SPIN_US` | [`crate::Config::spin`] (poll before sleeping) | 1000 |
 use crate::error::{CommError, Result};
 use crate::{Communicator, Config};
 use std::net::IpAddr;
