@@ -55,6 +55,22 @@ fn train(dir: &Path, layers: &'static str, steps: &str, extra: &[&str]) -> (Vec<
     args.extend_from_slice(extra);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
+    // Every rank's start report: the buffers allocated are the predicted ones (to 0.1 MiB; the
+    // exact check is train's pipeline_memory test), ZeRO-1's sharded AdamW included.
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("predicted (plan::cpu_runtime):"))
+        .collect();
+    assert!(!lines.is_empty(), "no memory line:\n{out}");
+    for l in lines {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let after = |k: &str| w[w.iter().position(|x| *x == k).unwrap() + 1];
+        assert_eq!(
+            after("(plan::cpu_runtime):"),
+            after("allocated:"),
+            "{args:?}: {l}"
+        );
+    }
     common::read_losses(dir)
 }
 

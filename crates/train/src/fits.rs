@@ -3,7 +3,11 @@
 //! may use — the cgroup limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) or the physical
 //! memory (`MemTotal`), whichever is smaller — shared by the ranks of this host.
 
+use crate::dp::{Dp, ZeroStage};
 use crate::error::TrainError;
+use crate::pipeline::{Pipeline, StageModel};
+use plan::cpu_runtime::CpuRuntimeMemory;
+use plan::recipe::{Precision, Recompute};
 
 /// The memory this process may use and where that number comes from.
 pub fn memory_limit_bytes() -> Option<(u64, String)> {
@@ -33,76 +37,128 @@ pub fn memory_limit_bytes() -> Option<(u64, String)> {
     best
 }
 
-/// [`check_fits`] for a rank holding `stage` (micro-batch `b` × `t`, `micro_batches` of them
-/// per step) in `precision` with `recompute`, with its AdamW state sharded over
-/// `zero_dp = (stage, dp size)` under ZeRO, sharing this host with `LOCAL_WORLD_SIZE` ranks.
-/// The prediction is [`stage_memory`].
-pub fn check_stage(
-    stage: &crate::pipeline::StageModel,
-    mcfg: &model::ModelConfig,
-    (b, t, micro_batches): (usize, usize, usize),
-    zero_dp: Option<(u8, usize)>,
-    prec: (plan::recipe::Precision, plan::recipe::Recompute),
-) -> Result<(), TrainError> {
+/// [`check_fits`] for this rank's `predicted` buffers ([`rank_memory`]), sharing this host
+/// with `LOCAL_WORLD_SIZE` ranks.
+pub fn check_stage(predicted: &CpuRuntimeMemory) -> Result<(), TrainError> {
     let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(1);
-    check_fits(
-        &stage_memory(stage, mcfg, (b, t, micro_batches), zero_dp, prec),
-        ranks_here,
-        memory_limit_bytes(),
-    )
+    check_fits(predicted, ranks_here, memory_limit_bytes())
 }
 
-/// What [`check_stage`] compares with the machine's memory: the runtime's own prediction
-/// (`plan::cpu_runtime::memory` of the stage's layers, then `trainer_memory` for the
-/// precision's working copies and the recomputation's activations; one saved activation set
-/// per chunk: a lower bound for a pipeline stage, whose schedule may keep more in flight),
-/// plus the weight panels when the runtime will pack them — decided by the same function the
-/// allocation asks ([`crate::pipeline::weight_panels_wanted`]) and sized as it allocates them
-/// ([`crate::pipeline::stage_panel_bytes`]).
-pub fn stage_memory(
-    stage: &crate::pipeline::StageModel,
-    mcfg: &model::ModelConfig,
-    (b, t, micro_batches): (usize, usize, usize),
-    zero_dp: Option<(u8, usize)>,
-    (precision, recompute): (plan::recipe::Precision, plan::recipe::Recompute),
-) -> plan::cpu_runtime::CpuRuntimeMemory {
-    let held: Vec<model::Shard> = stage
-        .chunks
-        .iter()
-        .map(|(_, l, _)| l.shard.clone())
-        .collect();
-    let (Some(first), Some(last)) = (held.first(), held.last()) else {
-        return plan::cpu_runtime::CpuRuntimeMemory::default();
-    };
-    let dims = model::Shard {
-        layers: first.layers.start..last.layers.end,
+/// The plan crate's view of everything a rank holding `stage` holds (all its chunks as one).
+pub fn stage_dims(stage: &StageModel) -> plan::cpu_runtime::CpuRuntimeDims {
+    let held: Vec<&model::Shard> = stage.chunks.iter().map(|(_, l, _)| &l.shard).collect();
+    let first = held[0];
+    model::Shard {
+        layers: first.layers.start..held[held.len() - 1].layers.end,
         has_embedding: held.iter().any(|s| s.has_embedding),
         has_head: held.iter().any(|s| s.has_head),
         ..first.clone()
     }
-    .dims(mcfg);
-    let mut m = plan::cpu_runtime::memory(&dims, b as u64, t as u64);
-    if let Some((zero, dp)) = zero_dp {
-        if zero > 0 {
-            m.optimizer_bytes /= dp.max(1) as u64;
-        }
+    .dims(&stage.chunks[0].1.cfg)
+}
+
+/// The buffers a rank holding `stage` allocates for micro-batches of (`b`, `t`), by category:
+/// `plan::cpu_runtime`'s formulas (the ones the buffers are sized by) for its layout — ZeRO-3
+/// (`zero3_memory_sp`, tensor-parallel or not), ZeRO-0/1/2 data parallelism alone
+/// (`zero_memory`), a pipeline or tensor-parallel stage (`stage_memory_sp`), one process
+/// (`memory`) — then the precision's working copies and the recomputation's activations
+/// (`trainer_memory_sp`; ZeRO-3's formula counts them itself), and the weight panels when
+/// `panels` (`weight_panel_bytes` per chunk). `sets`: the saved activation sets each chunk
+/// keeps in flight ([`crate::pipeline::activation_sets`]). The start report prints it, and
+/// [`check_stage`] compares it with the machine before anything is allocated, so the check
+/// and the allocation count the same bytes.
+pub fn rank_memory(
+    stage: &StageModel,
+    (b, t): (usize, usize),
+    sets: &[usize],
+    dp: Option<&Dp>,
+    pipe: Option<&Pipeline>,
+    (precision, recompute): (Precision, Recompute),
+    panels: bool,
+) -> CpuRuntimeMemory {
+    use plan::cpu_runtime as rt;
+    if stage.chunks.is_empty() {
+        return CpuRuntimeMemory::default();
     }
-    let chunks: Vec<_> = held.iter().map(|s| (s.dims(mcfg), 1)).collect();
-    let mut m = plan::cpu_runtime::trainer_memory(
-        m,
-        &chunks,
-        b as u64,
-        t as u64,
-        stage.vstages > 1,
-        precision,
-        recompute,
-    );
-    let zero3 = zero_dp.is_some_and(|(zero, _)| zero == 3);
-    let f32_storage = precision == plan::recipe::Precision::Fp32;
-    if crate::pipeline::weight_panels_wanted(f32_storage, micro_batches, zero3) {
+    let mcfg = &stage.chunks[0].1.cfg;
+    let dims = stage_dims(stage);
+    let (bu, tu) = (b as u64, t as u64);
+    let (dp_rank, dp_size) = dp.map_or((0, 1), |d| (d.rank() as u64, d.size() as u64));
+    let sp = pipe.is_some_and(|p| p.sequence_parallel);
+    let pipelined = stage.vstages > 1;
+    let zero3 = dp.is_some_and(|d| d.zero() == ZeroStage::Three);
+    let chunk_sets: Vec<_> = stage
+        .chunks
+        .iter()
+        .zip(sets)
+        .map(|((_, l, _), &k)| (l.shard.dims(mcfg), k as u64))
+        .collect();
+    let mut m = match (dp, pipe) {
+        // ZeRO-3 runs one stage (tensor parallelism or not): its own formula, for this rank's
+        // tensor-parallel shard, precision and recomputation included.
+        (Some(d), _) if zero3 => rt::zero3_memory_sp(
+            &dims,
+            (bu, tu),
+            (dp_size, dp_rank),
+            d.overlap(),
+            (precision, recompute),
+            sp,
+        ),
+        (Some(d), None) => rt::trainer_memory_sp(
+            rt::zero_memory(
+                &dims,
+                bu,
+                tu,
+                d.zero().number(),
+                dp_size,
+                dp_rank,
+                d.bucket_bytes() as u64,
+            ),
+            &[(dims, 1)],
+            bu,
+            tu,
+            pipelined,
+            (precision, recompute),
+            sp,
+        ),
+        (_, Some(_)) => rt::trainer_memory_sp(
+            {
+                let mut m = rt::stage_memory_sp(&chunk_sets, bu, tu, pipelined, sp);
+                if let Some(d) = dp.filter(|d| d.zero() != ZeroStage::Off) {
+                    // ZeRO-1 in a mesh: this rank's pieces of each chunk's buckets.
+                    m.optimizer_bytes = chunk_sets
+                        .iter()
+                        .map(|(c, _)| {
+                            let z = d.zero().number();
+                            rt::zero_memory(c, bu, tu, z, dp_size, dp_rank, d.bucket_bytes() as u64)
+                                .optimizer_bytes
+                        })
+                        .sum();
+                }
+                m
+            },
+            &chunk_sets,
+            bu,
+            tu,
+            pipelined,
+            (precision, recompute),
+            sp,
+        ),
+        (None, None) => rt::trainer_memory_sp(
+            rt::memory(&dims, bu, tu),
+            &[(dims, 1)],
+            bu,
+            tu,
+            pipelined,
+            (precision, recompute),
+            sp,
+        ),
+    };
+    if panels {
+        // The weight panels packed once per step (`kernels::panels`), a category of their own.
         m.weight_panel_bytes = crate::pipeline::stage_panel_bytes(stage);
     }
     m
@@ -121,7 +177,7 @@ fn size(b: u64) -> String {
 /// `limit` (from [`memory_limit_bytes`]), naming both numbers, the weight panels when the
 /// prediction holds some, and what would shrink it.
 pub fn check_fits(
-    predicted: &plan::cpu_runtime::CpuRuntimeMemory,
+    predicted: &CpuRuntimeMemory,
     ranks_here: usize,
     limit: Option<(u64, String)>,
 ) -> Result<(), TrainError> {
@@ -141,7 +197,7 @@ pub fn check_fits(
              fit with a smaller model (model.n_layer, model.channels), a smaller \
              train.batch_size or model.seq_len, activation recomputation (--recompute full), \
              pipeline stages or tensor-parallel ranks on more machines (--pp, --tp), or ZeRO \
-             optimizer sharding across data-parallel ranks (--zero 1 or 2); bf16/fp16 mixed \
+             sharding across data-parallel ranks (--zero 1, 2 or 3); bf16/fp16 mixed \
              precision shrinks activations but keeps fp32 master weights beside the 16-bit copy{}",
             size(per_rank),
             if ranks_here > 1 {
@@ -206,8 +262,7 @@ mod tests {
 
     #[test]
     fn the_check_counts_the_weight_panels_the_runtime_allocates() {
-        use crate::pipeline::{StageActs, StageModel};
-        use plan::recipe::{Precision, Recompute};
+        use crate::pipeline::{activation_sets, micro_batches, weight_panels_wanted, StageActs};
         use plan::schedule::{build, Kind};
         // 80 channels: panels padded to the kernel's 32 columns.
         let cfg = model::ModelConfig {
@@ -232,26 +287,44 @@ mod tests {
             let ops = build(Kind::OneFOneB, *pp, accum as u32, 1).swap_remove(*pp as usize - 1);
             let mut acts = StageActs::<f32>::new(stage, &ops, b, t);
             let used = acts.use_weight_panels(stage, &ops, false);
-            let m = stage_memory(stage, &cfg, (b, t, accum), None, fp32);
-            // What the check counts is what the runtime allocated.
+            // What the check counts (the decision and the bytes) is what the runtime allocated.
+            let memory = |ops: &[plan::schedule::Op]| {
+                let panels = weight_panels_wanted(true, micro_batches(stage, ops), false);
+                rank_memory(
+                    stage,
+                    (b, t),
+                    &activation_sets(stage, ops),
+                    None,
+                    None,
+                    fp32,
+                    panels,
+                )
+            };
+            let m = memory(&ops);
             assert_eq!(m.weight_panel_bytes, acts.panel_bytes() as u64, "stage {k}");
             assert_eq!(used, expect_panels, "stage {k}");
             assert_eq!(used, m.weight_panel_bytes > 0, "stage {k}");
             // One micro-batch per step, mixed precision and ZeRO-3 pack none, on both sides.
-            let one = stage_memory(stage, &cfg, (b, t, 1), None, fp32);
+            let one_ops = build(Kind::OneFOneB, *pp, 1, 1).swap_remove(*pp as usize - 1);
+            let one = memory(&one_ops);
             assert_eq!(one.weight_panel_bytes, 0);
             assert_eq!(one.total_bytes() + m.weight_panel_bytes, m.total_bytes());
-            let bf16 = (Precision::Bf16Mixed, Recompute::None);
-            assert_eq!(
-                stage_memory(stage, &cfg, (b, t, accum), None, bf16).weight_panel_bytes,
-                0
-            );
+            let mut acts1 = StageActs::<f32>::new(stage, &one_ops, b, t);
+            assert!(!acts1.use_weight_panels(stage, &one_ops, false));
+            assert!(!weight_panels_wanted(
+                false,
+                micro_batches(stage, &ops),
+                false
+            ));
             let mut acts16 =
                 StageActs::<kernels::Bf16>::with_sp(stage, &ops, b, t, Recompute::None, false)
                     .unwrap();
             assert!(!acts16.use_weight_panels(stage, &ops, false));
-            let z3 = stage_memory(stage, &cfg, (b, t, accum), Some((3, 2)), fp32);
-            assert_eq!(z3.weight_panel_bytes, 0);
+            assert!(!weight_panels_wanted(
+                true,
+                micro_batches(stage, &ops),
+                true
+            ));
             let mut acts_z3 = StageActs::<f32>::new(stage, &ops, b, t);
             assert!(!acts_z3.use_weight_panels(stage, &ops, true));
             if !used {
@@ -278,7 +351,6 @@ mod tests {
 
     #[test]
     fn the_prediction_follows_precision_and_recomputation() {
-        use plan::recipe::{Precision, Recompute};
         let cfg = model::ModelConfig {
             vocab_size: 64,
             max_seq_len: 64,
@@ -287,8 +359,9 @@ mod tests {
             channels: 64,
         };
         let full = model::ParamLayout::new(&cfg, &model::Shard::full(&cfg)).unwrap();
-        let stage = crate::pipeline::StageModel::whole(full);
-        let bytes = |p, r| stage_memory(&stage, &cfg, (8, 64, 1), None, (p, r)).total_bytes();
+        let stage = StageModel::whole(full);
+        let bytes =
+            |p, r| rank_memory(&stage, (8, 64), &[1], None, None, (p, r), false).total_bytes();
         let fp32 = bytes(Precision::Fp32, Recompute::None);
         // fp32 without recomputation: the runtime's plain memory formula.
         let dims = model::Shard::full(&cfg).dims(&cfg);

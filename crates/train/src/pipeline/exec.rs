@@ -149,6 +149,14 @@ pub struct StageActs<E: Storage = f32> {
     pub(super) panels: kernels::panels::WeightPanels,
 }
 
+/// The saved activation sets each chunk of `stage` keeps for the step list `ops` (its most
+/// micro-batches in flight, at least one): what [`StageActs::with_sp`] allocates.
+pub fn activation_sets(stage: &StageModel, ops: &[Op]) -> Vec<usize> {
+    (0..stage.chunks.len())
+        .map(|c| in_flight(ops, c as u32).max(1))
+        .collect()
+}
+
 /// The most micro-batches whose forward on `chunk` has run and whose backward has not, along
 /// the list `ops`: the saved activation sets the chunk needs.
 pub fn in_flight(ops: &[Op], chunk: u32) -> usize {
@@ -207,8 +215,8 @@ impl<E: Storage> StageActs<E> {
     ) -> Result<StageActs<E>, TrainError> {
         let m = ops.len() / (2 * stage.chunks.len()).max(1);
         let mut saved: Vec<Vec<ActSaved<E>>> = Vec::with_capacity(stage.chunks.len());
-        for (c, (_, l, _)) in stage.chunks.iter().enumerate() {
-            let sets = (0..in_flight(ops, c as u32).max(1))
+        for ((_, l, _), k) in stage.chunks.iter().zip(activation_sets(stage, ops)) {
+            let sets = (0..k)
                 .map(|_| ActSaved::with_sp(l, b, t, recompute, sequence_parallel))
                 .collect::<Result<Vec<_>, _>>()?;
             saved.push(sets);

@@ -31,8 +31,10 @@ mod panels;
 pub use bubble::PredictedWait;
 pub use ckpt::{full_segments, save_checkpoint, slice_full, to_full};
 
-pub use exec::{forward_only, in_flight, run_ops, MicroBatches, StageActs, StageModel};
-pub use panels::{stage_panel_bytes, weight_panels_wanted};
+pub use exec::{
+    activation_sets, forward_only, in_flight, run_ops, MicroBatches, StageActs, StageModel,
+};
+pub use panels::{micro_batches, stage_panel_bytes, step_ops, weight_panels_wanted};
 
 use crate::error::TrainError;
 use crate::mesh::{Coords, MeshShape};

@@ -29,16 +29,34 @@ pub(super) fn stage_weights(stage: &StageModel) -> Vec<(usize, usize, usize)> {
     out
 }
 
-/// The one decision whether a rank packs weight panels (the trainer's allocation, its
-/// memory prediction and the fit check before allocating all ask here): `f32` storage
-/// (`f32_storage`: an fp32 run) on our AVX-512 kernel, more than one micro-batch per chunk and
-/// step (`micro_batches`: each weight is then packed once per step instead of twice per
-/// micro-batch), not under ZeRO-3 (`zero3`: its layers are gathered into shared buffers), and
-/// not turned off by the environment variable `SCALETRAIN_NO_WEIGHT_PANELS=1` (saves their
-/// memory, about twice the linear weights; for measurements and tight machines).
+/// The one decision whether a rank packs weight panels (the allocation, the start report, the
+/// fit check before allocating and `plan --cpu` all ask here): `f32` storage (`f32_storage`:
+/// an fp32 run) on our AVX-512 kernel, more than one micro-batch per chunk and step
+/// (`micro_batches`, [`micro_batches`] of the step list: each weight is then packed once per
+/// step instead of twice per micro-batch), not under ZeRO-3 (`zero3`: its layers are gathered
+/// into shared buffers), and not turned off by the environment variable
+/// `SCALETRAIN_NO_WEIGHT_PANELS=1` (saves their memory, about twice the linear weights; for
+/// measurements and tight machines).
 pub fn weight_panels_wanted(f32_storage: bool, micro_batches: usize, zero3: bool) -> bool {
     let off = std::env::var("SCALETRAIN_NO_WEIGHT_PANELS").is_ok_and(|v| v.trim() == "1");
     !off && f32_storage && !zero3 && micro_batches >= 2 && WeightPanels::available()
+}
+
+/// Micro-batches each chunk of `stage` runs in the step list `ops`.
+pub fn micro_batches(stage: &StageModel, ops: &[Op]) -> usize {
+    ops.len() / (2 * stage.chunks.len()).max(1)
+}
+
+/// The step list of this rank: the pipeline schedule's for its stage, or with one stage (no
+/// `pipe`, or one without pipeline stages) forward and backward of each of the `accum`
+/// micro-batches in turn.
+pub fn step_ops(pipe: Option<&super::Pipeline>, accum: usize) -> Vec<Op> {
+    match pipe {
+        Some(p) => p.ops(accum),
+        None => {
+            plan::schedule::build(plan::schedule::Kind::OneFOneB, 1, accum as u32, 1).swap_remove(0)
+        }
+    }
 }
 
 /// Bytes of the weight panels of `stage` when [`weight_panels_wanted`] says yes: every chunk's
@@ -56,7 +74,7 @@ impl<E: Storage> StageActs<E> {
     /// storage type and the step list `ops` (`zero3`: the run is ZeRO-3). Returns whether it
     /// did.
     pub fn use_weight_panels(&mut self, stage: &StageModel, ops: &[Op], zero3: bool) -> bool {
-        let micro = ops.len() / (2 * stage.chunks.len()).max(1);
+        let micro = micro_batches(stage, ops);
         if !weight_panels_wanted(E::f32s(&[]).is_some(), micro, zero3) {
             return false;
         }

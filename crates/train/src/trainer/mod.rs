@@ -143,12 +143,7 @@ fn run_with<E: Storage>(
     }
     // The planner's list for this stage: with one stage, forward and backward of each
     // micro-batch in turn.
-    let ops = match &pipe {
-        Some(p) => p.ops(accum),
-        None => {
-            plan::schedule::build(plan::schedule::Kind::OneFOneB, 1, accum as u32, 1).swap_remove(0)
-        }
-    };
+    let ops = crate::pipeline::step_ops(pipe.as_deref(), accum);
     let sp = pipe.as_ref().is_some_and(|p| p.sequence_parallel);
     let mut acts = StageActs::<E>::with_sp(&stage, &ops, b, t, cfg.train.recompute, sp)?;
     // Weights packed once per step for the matmuls when a step runs several micro-batches

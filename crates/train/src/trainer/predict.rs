@@ -5,10 +5,9 @@
 
 use super::records::PipelineInfo;
 use crate::config::TrainConfig;
-use crate::dp::{Dp, ZeroStage};
+use crate::dp::Dp;
 use crate::pipeline::{Pipeline, StageActs, StageModel};
 use crate::precision::Storage;
-use model::Shard;
 use plan::cpu_runtime::{CpuRuntimeDims, CpuRuntimeMemory};
 use plan::cpu_time::CpuStepTime;
 
@@ -35,20 +34,7 @@ pub(super) fn predict<E: Storage>(
     (b, t, accum, threads): (usize, usize, usize, usize),
 ) -> Predictions {
     let mcfg = &stage.chunks[0].1.cfg;
-    let (dp_rank, dp_size) = dp.map_or((0, 1), |d| (d.rank(), d.size()));
-    let sp = pipe.is_some_and(|p| p.sequence_parallel);
-    let held: Vec<Shard> = stage
-        .chunks
-        .iter()
-        .map(|(_, l, _)| l.shard.clone())
-        .collect();
-    let dims = Shard {
-        layers: held[0].layers.start..held.last().expect("a chunk").layers.end,
-        has_embedding: held.iter().any(|s| s.has_embedding),
-        has_head: held.iter().any(|s| s.has_head),
-        ..held[0].clone()
-    }
-    .dims(mcfg);
+    let dims = crate::fits::stage_dims(stage);
     let predicted_step = plan::cpu_time::step_time(
         &dims,
         b as u64,
@@ -61,68 +47,19 @@ pub(super) fn predict<E: Storage>(
         },
     );
     let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
-    let base = match (dp, pipe) {
-        // ZeRO-3 runs one stage (tensor parallelism or not): its own formula, for this rank's
-        // tensor-parallel shard (sequence parallelism splits the activations along the
-        // sequence).
-        (Some(d), _) if d.zero() == ZeroStage::Three => plan::cpu_runtime::zero3_memory_sp(
-            &dims,
-            (b as u64, t as u64),
-            (dp_size as u64, dp_rank as u64),
-            d.overlap(),
-            (cfg.train.precision, cfg.train.recompute),
-            sp,
-        ),
-        (Some(d), None) => plan::cpu_runtime::zero_memory(
-            &dims,
-            b as u64,
-            t as u64,
-            d.zero().number(),
-            dp_size as u64,
-            dp_rank as u64,
-            d.bucket_bytes() as u64,
-        ),
-        (_, Some(_)) => {
-            let chunks: Vec<_> = held
-                .iter()
-                .zip(acts.sets())
-                .map(|(s, k)| (s.dims(mcfg), k as u64))
-                .collect();
-            plan::cpu_runtime::stage_memory_sp(&chunks, b as u64, t as u64, stage.vstages > 1, sp)
-        }
-        (None, None) => plan::cpu_runtime::memory(&dims, b as u64, t as u64),
-    };
-    let chunk_sets: Vec<_> = match pipe {
-        Some(_) => held
-            .iter()
-            .zip(acts.sets())
-            .map(|(s, k)| (s.dims(mcfg), k as u64))
-            .collect(),
-        None => vec![(dims, 1)],
-    };
-    let zero3 = dp.is_some_and(|d| d.zero() == ZeroStage::Three);
-    // ZeRO-3's own formula counts its precision and recomputation already.
-    let mut predicted = if zero3 {
-        base
-    } else {
-        plan::cpu_runtime::trainer_memory_sp(
-            base,
-            &chunk_sets,
-            b as u64,
-            t as u64,
-            stage.vstages > 1,
-            (cfg.train.precision, cfg.train.recompute),
-            sp,
-        )
-    };
-    if acts.panel_bytes() > 0 {
-        // The weight panels packed once per step (`kernels::panels`), a category of their own.
-        predicted.weight_panel_bytes = crate::pipeline::stage_panel_bytes(stage);
-    }
+    let memory = crate::fits::rank_memory(
+        stage,
+        (b, t),
+        &acts.sets(),
+        dp,
+        pipe,
+        (cfg.train.precision, cfg.train.recompute),
+        acts.panel_bytes() > 0,
+    );
     Predictions {
         dims,
         step: predicted_step,
-        memory: predicted,
+        memory,
         pipeline,
     }
 }

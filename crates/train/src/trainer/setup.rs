@@ -9,7 +9,7 @@ use crate::config::TrainConfig;
 use crate::data::{val_batch, window_count, DataPosition, Dataset};
 use crate::error::TrainError;
 use crate::fsutil::ensure_writable_dir;
-use crate::pipeline::{forward_only, Pipeline, StageActs, StageModel};
+use crate::pipeline::{forward_only, micro_batches, Pipeline, StageActs, StageModel};
 use kernels::Par;
 use model::{ParamLayout, Shard};
 
@@ -186,13 +186,22 @@ pub(super) fn setup(cfg: &TrainConfig, opts: &RunOptions) -> Result<Setup, Train
     // Data parallel: lay the gradient buckets out (they define the ZeRO pieces), then the
     // optimizer ranges this rank holds (the whole buffer without ZeRO).
     // Refuse what cannot fit before allocating anything of the model's size.
-    crate::fits::check_stage(
+    // The step's list and the decisions the trainer will take from it (activation sets in
+    // flight, weight panels): the report's prediction, computed before allocating.
+    let ops = crate::pipeline::step_ops(pipe.as_deref(), cfg.train.grad_accum);
+    let zero3 = dp
+        .as_ref()
+        .is_some_and(|d| d.zero() == crate::dp::ZeroStage::Three);
+    let fp32 = cfg.train.precision == plan::recipe::Precision::Fp32;
+    crate::fits::check_stage(&crate::fits::rank_memory(
         &stage,
-        &mcfg,
-        (b, t, cfg.train.grad_accum),
-        dp.as_ref().map(|d| (d.zero().number(), d.size())),
+        (b, t),
+        &crate::pipeline::activation_sets(&stage, &ops),
+        dp.as_deref(),
+        pipe.as_deref(),
         (cfg.train.precision, cfg.train.recompute),
-    )?;
+        crate::pipeline::weight_panels_wanted(fp32, micro_batches(&stage, &ops), zero3),
+    ))?;
     let n = stage.len();
     let (dp_size, owned) = match dp.as_mut() {
         Some(d) => {
