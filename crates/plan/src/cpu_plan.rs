@@ -14,6 +14,7 @@
 //!               (− sp: the layer norms' and residuals' elementwise passes split over tp too)
 //!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp) over the tp link
 //!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
+//!               then × (1 + TP_GROUP_LOSS · (tp·n/cores − 1) / (R/tp)) when tp·n > cores
 //! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
 //!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · oversub,
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
@@ -226,7 +227,11 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     let slowest = (0..per.len())
         .max_by(|&a, &b| per[a].0.total_cmp(&per[b].0))
         .unwrap_or(0);
-    let micro = per[slowest].0;
+    // A tensor-parallel group with more threads than cores never runs at once: its compute
+    // (and collectives) stretch by TP_GROUP_LOSS per extra core's worth of threads, shared
+    // by the host's R/tp groups (another group's work fills the idle cores).
+    let micro =
+        per[slowest].0 * sharing::tp_group_stretch(l.tp * threads, host.cores, ranks / l.tp.max(1));
     let p2p = if l.pp > 1 {
         let rows = if l.sp {
             l.batch * t / l.tp

@@ -21,6 +21,27 @@ use crate::schedule::Op;
 /// fitted to measured collective time). Fitted on the tables of `cpu_plan::measured` (below).
 pub const TP_WAKE_SECS: f64 = 0.02e-3;
 
+/// Share of its compute a tensor-parallel group loses per extra core's worth of threads
+/// (`tp_group_stretch`). Fitted on the eight tp 4 rows of tables C and F of
+/// `cpu_plan::measured` (tp 4 alone on 2 cores measured 108.9–110.6 ms against 79.5–85.6
+/// predicted without it; two tp 4 groups, as dp 2 or pp 2, lost less).
+pub const TP_GROUP_LOSS: f64 = 0.3;
+
+/// Factor on a micro-step of a tensor-parallel group of `group_threads` threads (tp × threads
+/// per rank) on `cores` cores, with `groups` such groups on the host: a group wider than the
+/// cores never runs at once, so at every collective the ranks that arrived sleep while the
+/// others compute and the cores idle in the hand-overs (measured: tp 4 on 2 cores spent 72 ms
+/// of a 110 ms step in its collectives). The idle time is shared by the other groups, whose
+/// work fills it: `1 + TP_GROUP_LOSS · (group_threads / cores − 1) / groups`, 1 when the group
+/// fits.
+pub fn tp_group_stretch(group_threads: u64, cores: u64, groups: u64) -> f64 {
+    let over = group_threads as f64 / cores.max(1) as f64;
+    if over <= 1.0 {
+        return 1.0;
+    }
+    1.0 + TP_GROUP_LOSS * (over - 1.0) / groups.max(1) as f64
+}
+
 /// Seconds each pipeline message (an activation forward, a gradient backward) adds to the
 /// dependency chain, times the oversubscription: the receiving rank sleeps in its receive and
 /// has to be woken and, with more ranks than cores, wait for a core. Fitted (same rows) far
@@ -127,6 +148,17 @@ pub fn shared_makespan(
 mod tests {
     use super::*;
     use crate::schedule::{build, simulate, Kind};
+
+    #[test]
+    fn a_tp_group_wider_than_the_cores_stretches_less_when_other_groups_fill_in() {
+        assert_eq!(tp_group_stretch(2, 2, 1), 1.0);
+        assert_eq!(tp_group_stretch(4, 8, 1), 1.0);
+        let alone = tp_group_stretch(4, 2, 1);
+        assert!((alone - (1.0 + TP_GROUP_LOSS)).abs() < 1e-12);
+        let two = tp_group_stretch(4, 2, 2);
+        assert!((two - 1.0 - (alone - 1.0) / 2.0).abs() < 1e-12);
+        assert!(tp_group_stretch(8, 2, 1) > alone);
+    }
 
     #[test]
     fn with_a_core_per_thread_it_is_the_dedicated_simulation() {
