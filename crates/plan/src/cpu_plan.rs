@@ -16,7 +16,8 @@
 //!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //!               then × (1 + TP_GROUP_LOSS · (tp·n/cores − 1) / (R/tp)) when tp·n > cores
 //! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
-//!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · oversub,
+//!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
+//!               sent (max(1, threads of the running stages and the receiver / cores)),
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
 //!               thread: schedule::simulate's makespan)
 //! AdamW(s)    = cpu_time's optimizer term of stage s, / dp under ZeRO-1/2/3 (the rank's
@@ -232,26 +233,37 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // by the host's R/tp groups (another group's work fills the idle cores).
     let micro =
         per[slowest].0 * sharing::tp_group_stretch(l.tp * threads, host.cores, ranks / l.tp.max(1));
-    let p2p = if l.pp > 1 {
+    // A pipeline message: its transfer, and a wake-up that waits longer for a core the more
+    // ranks compute meanwhile (in the shared simulation the load when it is sent, in the
+    // dedicated one the whole host's oversubscription).
+    let (p2p, wake) = if l.pp > 1 {
         let rows = if l.sp {
             l.batch * t / l.tp
         } else {
             l.batch * t
         };
-        host.link.latency_secs
-            + (rows * m.channels * 4) as f64 / host.link.bus_bytes_per_sec
-            + sharing::P2P_MESSAGE_SECS * oversub
+        (
+            host.link.latency_secs + (rows * m.channels * 4) as f64 / host.link.bus_bytes_per_sec,
+            sharing::P2P_MESSAGE_SECS,
+        )
     } else {
-        0.0
+        (0.0, 0.0)
     };
     let lists = build(Kind::OneFOneB, l.pp as u32, mb as u32, 1);
     // Dedicated cores: the bubble and the activations in flight.
-    let sim = simulate(&lists, mb as u32, 1, micro / 3.0, 2.0 * micro / 3.0, p2p);
+    let sim = simulate(
+        &lists,
+        mb as u32,
+        1,
+        micro / 3.0,
+        2.0 * micro / 3.0,
+        p2p + wake * oversub,
+    );
     // Shared cores: a waiting stage lends its core to the other ranks.
     let makespan = sharing::shared_makespan(
         &lists,
         mb as u32,
-        (micro / 3.0, 2.0 * micro / 3.0, p2p),
+        (micro / 3.0, 2.0 * micro / 3.0, p2p, wake),
         (l.dp * l.tp, threads, host.cores),
     );
     let optimizer_secs = per.iter().map(|p| p.2).fold(0.0, f64::max);

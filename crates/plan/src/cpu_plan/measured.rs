@@ -3,10 +3,12 @@
 //! VM): table A (02:03 UTC, 15 layouts, one round), table B (04:42, the top 5 of the model then,
 //! two rounds), table C (05:55, its top 12, three rounds), all before the runtime's weight
 //! panels; E1 (07:38) and E2 (07:44), the model's top 5 with panels, two rounds of 10 steps; D
-//! (08:36, session 7), its top 8, three rounds of 20 steps. The two per-parameter constants of
-//! `cpu_time` were fitted to A, `P2P_MESSAGE_SECS` and `DP_WAKE_SECS` to A–C, the
-//! tensor-parallel link to D's measured collective time and `TP_WAKE_SECS` to all six: this is
-//! an in-sample check. The held-out checks are in docs/cpu-planner.md.
+//! (08:36, session 7), its top 8, three rounds of 20 steps; F (09:37), probes of tp 4, tp
+//! without sequence parallelism and ZeRO-2/3; G (09:42), the first out-of-sample check of the
+//! session's model, its top 8. The two per-parameter constants of `cpu_time` were fitted to
+//! A, `DP_WAKE_SECS` to A–C, the tensor-parallel link to D's measured collective time,
+//! `TP_WAKE_SECS` to A–E, `TP_GROUP_LOSS` to the tp 4 rows of C and F, `P2P_MESSAGE_SECS` to
+//! A–G: this is an in-sample check. The held-out checks are in docs/cpu-planner.md.
 
 use super::*;
 
@@ -178,6 +180,35 @@ const F: &[Row] = &[
     (4, 1, 2, 2, 4, 2, 0, true, 73.9),
 ];
 
+/// Table G (2026-12-06 09:42 UTC, session 7): the first out-of-sample check of the model with
+/// the tensor-parallel link and TP_GROUP_LOSS, its top 8 per N, three rounds of 20 steps.
+const G: &[Row] = &[
+    (2, 1, 1, 2, 8, 1, 0, true, 70.8),
+    (2, 1, 1, 2, 4, 2, 0, true, 69.3),
+    (2, 2, 1, 1, 4, 1, 1, false, 72.2),
+    (2, 2, 1, 1, 2, 2, 1, false, 73.6),
+    (2, 1, 1, 2, 2, 4, 0, true, 72.0),
+    (2, 2, 1, 1, 1, 4, 1, false, 76.7),
+    (2, 1, 1, 2, 1, 8, 0, true, 80.0),
+    (2, 1, 2, 1, 2, 4, 0, false, 84.0),
+    (4, 1, 2, 2, 8, 1, 0, true, 76.9),
+    (4, 1, 2, 2, 4, 2, 0, true, 75.6),
+    (4, 2, 2, 1, 2, 2, 1, false, 82.3),
+    (4, 2, 2, 1, 4, 1, 1, false, 77.0),
+    (4, 2, 1, 2, 4, 1, 1, true, 84.6),
+    (4, 2, 2, 1, 1, 4, 1, false, 90.6),
+    (4, 1, 2, 2, 2, 4, 0, true, 77.7),
+    (4, 2, 1, 2, 2, 2, 1, true, 86.0),
+    (8, 2, 4, 1, 2, 2, 1, false, 90.1),
+    (8, 1, 4, 2, 4, 2, 0, true, 85.5),
+    (8, 2, 2, 2, 4, 1, 1, true, 85.7),
+    (8, 2, 4, 1, 1, 4, 1, false, 91.3),
+    (8, 2, 2, 2, 2, 2, 1, true, 93.2),
+    (8, 2, 4, 1, 4, 1, 1, false, 81.1),
+    (8, 4, 2, 1, 1, 2, 1, false, 103.4),
+    (8, 1, 4, 2, 8, 1, 0, true, 75.5),
+];
+
 /// Ranks 1..n with ties sharing their mean rank.
 fn ranks(v: &[f64]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..v.len()).collect();
@@ -307,69 +338,67 @@ fn check(rows: &[Row], panels: bool) -> Vec<Score> {
 #[test]
 fn the_measured_tables_rank_and_their_steps_are_within_15_percent() {
     // Per table and N = 2, 4, 8: (least ρ over all rows, least top-5 ρ, least rows within 15%),
-    // what the model scores with the shipped constants. In sample: TP_WAKE_SECS was fitted to
-    // all six tables, TP_GROUP_LOSS to the tp 4 rows of C and F, the tensor-parallel link to
-    // table D's measured collective time, the constants of session 6 (P2P_MESSAGE_SECS,
-    // DP_WAKE_SECS, the per-parameter ones) to A–C; docs/cpu-planner.md has the held-out
+    // what the model scores with the shipped constants, and every row within 20%. In sample:
+    // TP_WAKE_SECS was fitted to tables A–E, TP_GROUP_LOSS to the tp 4 rows of C and F,
+    // P2P_MESSAGE_SECS to A–G, the tensor-parallel link to table D's measured collective time,
+    // DP_WAKE_SECS and the per-parameter constants to A–C; docs/cpu-planner.md has the held-out
     // checks. Table A N = 4: five rows within 6% of each other measured in one round (±5% is
-    // the spread of repeated runs); N = 8: one shape in five ZeRO/sp variants. Table C N = 8:
-    // its model's top 5 lie within 5% of each other predicted and are ordered by noise (ρ over
-    // all 12 rows 0.88). Table D N = 2: its five fastest lie within 4% of each other measured.
-    // The last number is the largest |log(measured / predicted)| of the table: 0.2 but for
-    // D's dp2 pp4 b4 at N = 8 (78.9 measured, 97.1 predicted).
-    type Expect<'a> = (&'a str, &'a [Row], bool, [(f64, f64, usize); 3], f64);
-    let expect: [Expect; 6] = [
+    // the spread of repeated runs); N = 8: one shape in five ZeRO/sp variants. Tables C, G
+    // N = 8 and D, G N = 2: the model's top 5 lie within 5–7% of each other, measured or
+    // predicted, and are ordered by noise (ρ over all rows 0.69–0.93).
+    type Expect<'a> = (&'a str, &'a [Row], bool, [(f64, f64, usize); 3]);
+    let expect: [Expect; 7] = [
         (
             "A",
             A,
             false,
-            [(0.99, 0.99, 5), (0.89, 0.89, 5), (0.71, 0.71, 5)],
-            0.2,
+            [(0.99, 0.99, 5), (0.89, 0.89, 4), (0.71, 0.71, 5)],
         ),
         (
             "B",
             B,
             false,
-            [(0.89, 0.89, 5), (0.99, 0.99, 4), (0.99, 0.99, 5)],
-            0.2,
+            [(0.89, 0.89, 5), (0.89, 0.89, 4), (0.99, 0.99, 5)],
         ),
         (
             "C",
             C,
             false,
-            [(0.97, 0.79, 11), (0.95, 0.89, 12), (0.87, -0.11, 12)],
-            0.2,
+            [(0.96, 0.79, 11), (0.91, 0.89, 12), (0.92, 0.29, 12)],
         ),
         (
             "E1",
             E1,
             true,
-            [(0.89, 0.89, 5), (0.89, 0.89, 5), (0.79, 0.79, 5)],
-            0.2,
+            [(0.89, 0.89, 5), (0.99, 0.99, 5), (0.59, 0.59, 5)],
         ),
         (
             "E2",
             E2,
             true,
-            [(0.99, 0.99, 5), (0.79, 0.79, 4), (0.89, 0.89, 5)],
-            0.2,
+            [(0.99, 0.99, 5), (0.89, 0.89, 5), (0.99, 0.99, 5)],
         ),
         (
             "D",
             D,
             true,
-            [(0.88, 0.59, 8), (0.69, 0.89, 8), (0.59, 0.89, 7)],
-            0.21,
+            [(0.87, 0.59, 8), (0.7, 0.99, 8), (0.89, 0.79, 8)],
+        ),
+        (
+            "G",
+            G,
+            true,
+            [(0.89, 0.59, 8), (0.78, 0.89, 8), (0.68, 0.29, 8)],
         ),
     ];
-    for (table, rows, panels, per_n, worst) in expect {
+    for (table, rows, panels, per_n) in expect {
         for (s, (min_rho, min_top5, min_within)) in check(rows, panels).into_iter().zip(per_n) {
             let n = s.n;
             assert!(s.rows >= 5, "table {table} N={n}: a top 5 needs 5 rows");
             assert!(s.rho >= min_rho, "table {table} N={n}: {s:?}");
             assert!(s.top5_rho >= min_top5, "table {table} N={n}: {s:?}");
             assert!(s.within >= min_within, "table {table} N={n}: {s:?}");
-            assert!(s.worst < worst, "table {table} N={n}: {s:?}");
+            assert!(s.worst < 0.2, "table {table} N={n}: {s:?}");
         }
     }
 }

@@ -43,14 +43,15 @@ pub fn tp_group_stretch(group_threads: u64, cores: u64, groups: u64) -> f64 {
 }
 
 /// Seconds each pipeline message (an activation forward, a gradient backward) adds to the
-/// dependency chain, times the oversubscription: the receiving rank sleeps in its receive and
-/// has to be woken and, with more ranks than cores, wait for a core. Fitted (same rows) far
-/// above a loopback round trip (~30 µs): it also carries per-micro-batch costs of the pipeline
-/// runtime that the compute model lacks. Fitted with the data-parallel link × 1.2 for the
-/// tensor-parallel collectives; kept when that factor gave way to `TP_WAKE_SECS` and the
-/// measured tensor-parallel link (refitting it on tables A–E moved the scores less than the
-/// round-to-round spread).
-pub const P2P_MESSAGE_SECS: f64 = 1.0e-3;
+/// dependency chain, times the load when it is sent (`shared_makespan`: max(1, runnable threads
+/// / cores)): the receiving rank sleeps in its receive and has to be woken and, with more ranks
+/// computing than cores, wait for one. Far above a loopback round trip (~30 µs): it also carries
+/// per-micro-batch costs of the pipeline runtime that the compute model lacks. Session 6 fitted
+/// 1.0 ms × the host's oversubscription on tables A–C; that overcharged pipelines of one
+/// micro-batch, which run one stage at a time (dp2 pp4 b4 and pp4 tp2 b8 at N = 8: 81.1 and
+/// 75.5 ms measured in table G, 97.1 and 97.4 predicted), so the load is now the one at the
+/// message, and 1.2 ms fitted on tables A–G.
+pub const P2P_MESSAGE_SECS: f64 = 1.2e-3;
 
 /// Seconds each data-parallel ring step (one message of a ring all-reduce, reduce-scatter or
 /// all-gather) adds per extra rank per core (`oversubscription − 1`): the ring's next rank is
@@ -61,30 +62,34 @@ pub const DP_WAKE_SECS: f64 = 0.08e-3;
 /// is `group` ranks of `threads` threads that run in lockstep (its data- and tensor-parallel
 /// copies) and all ranks share `cores` cores: every running operation progresses at
 /// min(1, cores / (group · threads · running stages)). Forward `fwd` and backward `bwd` seconds
-/// of work per operation, `p2p` seconds between a stage's operation and the neighbour's that
-/// depends on it. Returns NaN if the lists deadlock (a bug in `schedule::build`).
+/// of work per operation; between a stage's operation and the neighbour's that depends on it,
+/// `p2p` seconds of transfer plus `wake` seconds times the load when it ends — max(1, runnable
+/// threads / cores), the threads of the stages still running and of the receiver: a receiver
+/// that has to wait for a core waits longer when more ranks compute. Returns NaN if the lists
+/// deadlock (a bug in `schedule::build`).
 pub fn shared_makespan(
     ops: &[Vec<Op>],
     m: u32,
-    (fwd, bwd, p2p): (f64, f64, f64),
+    (fwd, bwd, p2p, wake): (f64, f64, f64, f64),
     (group, threads, cores): (u64, u64, u64),
 ) -> f64 {
     let p = ops.len();
     let idx = |mb: u32, s: usize| mb as usize * p + s;
+    // When each operation's result is there: its own stage's (the last stage's forward, for
+    // its backward) at once, the neighbour's after the message.
     let mut f_done = vec![f64::NAN; m as usize * p];
-    let mut b_done = vec![f64::NAN; m as usize * p];
+    let mut f_sent = vec![f64::NAN; m as usize * p];
+    let mut b_sent = vec![f64::NAN; m as usize * p];
     let mut pos = vec![0usize; p];
     // The operation each stage runs and the work it has left.
     let mut running: Vec<Option<(Op, f64)>> = vec![None; p];
     let known = |x: f64| (!x.is_nan()).then_some(x);
     // When stage s's next operation may start (None: a dependency is not done yet).
-    let ready = |s: usize, op: &Op, f_done: &[f64], b_done: &[f64]| -> Option<f64> {
-        match *op {
-            Op::Forward { .. } if s == 0 => Some(0.0),
-            Op::Forward { mb, .. } => known(f_done[idx(mb, s - 1)]).map(|t| t + p2p),
-            Op::Backward { mb, .. } if s + 1 == p => known(f_done[idx(mb, s)]),
-            Op::Backward { mb, .. } => known(b_done[idx(mb, s + 1)]).map(|t| t + p2p),
-        }
+    let ready = |s: usize, op: &Op, f_done: &[f64], f_sent: &[f64], b_sent: &[f64]| match *op {
+        Op::Forward { .. } if s == 0 => Some(0.0),
+        Op::Forward { mb, .. } => known(f_sent[idx(mb, s - 1)]),
+        Op::Backward { mb, .. } if s + 1 == p => known(f_done[idx(mb, s)]),
+        Op::Backward { mb, .. } => known(b_sent[idx(mb, s + 1)]),
     };
     let share = (group.max(1) * threads.max(1)) as f64;
     let mut t = 0.0f64;
@@ -97,7 +102,7 @@ pub fn shared_makespan(
             let Some(op) = ops[s].get(pos[s]) else {
                 continue;
             };
-            match ready(s, op, &f_done, &b_done) {
+            match ready(s, op, &f_done, &f_sent, &b_sent) {
                 Some(r) if r <= t => {
                     let work = if matches!(op, Op::Forward { .. }) {
                         fwd
@@ -125,6 +130,7 @@ pub fn shared_makespan(
         }
         let dt = next - t;
         t = next;
+        let mut ended = Vec::new();
         for s in 0..p {
             let Some((op, left)) = running[s] else {
                 continue;
@@ -134,12 +140,22 @@ pub fn shared_makespan(
                 running[s] = Some((op, left));
                 continue;
             }
-            match op {
-                Op::Forward { mb, .. } => f_done[idx(mb, s)] = t,
-                Op::Backward { mb, .. } => b_done[idx(mb, s)] = t,
-            }
+            ended.push((s, op));
             running[s] = None;
             pos[s] += 1;
+        }
+        // The receivers join the stages still running.
+        let still = running.iter().filter(|r| r.is_some()).count() as f64;
+        let load = (share * (still + 1.0) / cores.max(1) as f64).max(1.0);
+        for (s, op) in ended {
+            let sent = t + p2p + wake * load;
+            match op {
+                Op::Forward { mb, .. } => {
+                    f_done[idx(mb, s)] = t;
+                    f_sent[idx(mb, s)] = sent;
+                }
+                Op::Backward { mb, .. } => b_sent[idx(mb, s)] = sent,
+            }
         }
     }
 }
@@ -165,7 +181,7 @@ mod tests {
         for (p, m) in [(1, 1), (1, 4), (2, 4), (4, 8), (4, 2), (3, 5)] {
             let lists = build(Kind::OneFOneB, p, m, 1);
             let sim = simulate(&lists, m, 1, 1.0, 2.0, 0.1);
-            let shared = shared_makespan(&lists, m, (1.0, 2.0, 0.1), (2, 1, 2 * p as u64));
+            let shared = shared_makespan(&lists, m, (1.0, 2.0, 0.05, 0.05), (2, 1, 2 * p as u64));
             assert!(
                 (shared - sim.makespan).abs() < 1e-9,
                 "p{p} m{m}: {shared} vs {}",
@@ -178,16 +194,16 @@ mod tests {
     fn sharing_cores_costs_the_work_over_the_cores_and_the_bubble_is_lent_out() {
         // One stage, 4 ranks on 2 cores: every operation runs at half speed.
         let one = build(Kind::OneFOneB, 1, 3, 1);
-        let t = shared_makespan(&one, 3, (1.0, 2.0, 0.0), (4, 1, 2));
+        let t = shared_makespan(&one, 3, (1.0, 2.0, 0.0, 0.0), (4, 1, 2));
         assert!((t - 2.0 * 9.0).abs() < 1e-9, "{t}");
         // Two stages on one core each, 4 micro-batches: dedicated, the bubble is one micro-step
         // (makespan 5 micro-steps); on ONE shared core the work is 2 × 4 micro-steps and the
         // warm-up and cool-down run alone at full speed: between the work over the cores (8)
         // and oversubscription × makespan (10).
         let two = build(Kind::OneFOneB, 2, 4, 1);
-        let dedicated = shared_makespan(&two, 4, (1.0, 2.0, 0.0), (1, 1, 2));
+        let dedicated = shared_makespan(&two, 4, (1.0, 2.0, 0.0, 0.0), (1, 1, 2));
         assert!((dedicated - 15.0).abs() < 1e-9, "{dedicated}");
-        let shared = shared_makespan(&two, 4, (1.0, 2.0, 0.0), (1, 1, 1));
+        let shared = shared_makespan(&two, 4, (1.0, 2.0, 0.0, 0.0), (1, 1, 1));
         assert!(shared > 24.0 - 1e-9 && shared < 30.0, "{shared}");
     }
 }
