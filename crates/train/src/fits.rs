@@ -96,18 +96,25 @@ pub fn rank_memory(
         .zip(sets)
         .map(|((_, l, _), &k)| (l.shard.dims(mcfg), k as u64))
         .collect();
-    let mut m = match (dp, pipe) {
-        // ZeRO-3 runs one stage (tensor parallelism or not): its own formula, for this rank's
-        // tensor-parallel shard, precision and recomputation included.
-        (Some(d), _) if zero3 => rt::zero3_memory_sp(
+    // ZeRO-3 runs one stage (tensor parallelism or not): its own formula, for this rank's
+    // tensor-parallel shard, precision and recomputation included.
+    if let Some(d) = dp.filter(|_| zero3) {
+        let mut m = rt::zero3_memory_sp(
             &dims,
             (bu, tu),
             (dp_size, dp_rank),
             d.overlap(),
             (precision, recompute),
             sp,
-        ),
-        (Some(d), None) => rt::trainer_memory_sp(
+        );
+        if panels {
+            m.weight_panel_bytes = crate::pipeline::stage_panel_bytes(stage);
+        }
+        return m;
+    }
+    // The fp32 buffers of the layout and the chunks whose activations it saves.
+    let (base, chunks) = match (dp, pipe) {
+        (Some(d), None) => (
             rt::zero_memory(
                 &dims,
                 bu,
@@ -117,46 +124,27 @@ pub fn rank_memory(
                 dp_rank,
                 d.bucket_bytes() as u64,
             ),
-            &[(dims, 1)],
-            bu,
-            tu,
-            pipelined,
-            (precision, recompute),
-            sp,
+            vec![(dims, 1)],
         ),
-        (_, Some(_)) => rt::trainer_memory_sp(
-            {
-                let mut m = rt::stage_memory_sp(&chunk_sets, bu, tu, pipelined, sp);
-                if let Some(d) = dp.filter(|d| d.zero() != ZeroStage::Off) {
-                    // ZeRO-1 in a mesh: this rank's pieces of each chunk's buckets.
-                    m.optimizer_bytes = chunk_sets
-                        .iter()
-                        .map(|(c, _)| {
-                            let z = d.zero().number();
-                            rt::zero_memory(c, bu, tu, z, dp_size, dp_rank, d.bucket_bytes() as u64)
-                                .optimizer_bytes
-                        })
-                        .sum();
-                }
-                m
-            },
-            &chunk_sets,
-            bu,
-            tu,
-            pipelined,
-            (precision, recompute),
-            sp,
-        ),
-        (None, None) => rt::trainer_memory_sp(
-            rt::memory(&dims, bu, tu),
-            &[(dims, 1)],
-            bu,
-            tu,
-            pipelined,
-            (precision, recompute),
-            sp,
-        ),
+        (_, Some(_)) => {
+            let mut m = rt::stage_memory_sp(&chunk_sets, bu, tu, pipelined, sp);
+            if let Some(d) = dp.filter(|d| d.zero() != ZeroStage::Off) {
+                // ZeRO-1 in a mesh: this rank's pieces of each chunk's buckets.
+                m.optimizer_bytes = chunk_sets
+                    .iter()
+                    .map(|(c, _)| {
+                        let z = d.zero().number();
+                        rt::zero_memory(c, bu, tu, z, dp_size, dp_rank, d.bucket_bytes() as u64)
+                            .optimizer_bytes
+                    })
+                    .sum();
+            }
+            (m, chunk_sets)
+        }
+        (None, None) => (rt::memory(&dims, bu, tu), vec![(dims, 1)]),
     };
+    // The precision's working copies and the recomputation's activations.
+    let mut m = rt::trainer_memory_sp(base, &chunks, bu, tu, pipelined, (precision, recompute), sp);
     if panels {
         // The weight panels packed once per step (`kernels::panels`), a category of their own.
         m.weight_panel_bytes = crate::pipeline::stage_panel_bytes(stage);

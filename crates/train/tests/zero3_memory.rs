@@ -4,6 +4,8 @@
 //! drive `train::dp` directly, so the live bytes at a barrier are exactly both ranks' training
 //! state. One #[test] only: the allocator counts every thread of this test binary.
 
+mod common;
+
 use kernels::Bf16;
 use kernels::Par;
 use model::Precision;
@@ -135,19 +137,8 @@ fn measure<E: Storage + Sync>(
 
 #[test]
 fn zero3_memory_is_what_plan_predicts_and_below_zero2() {
-    // A rank that panics would leave the others waiting at a barrier: stop the process instead.
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        std::process::abort();
-    }));
-    let cfg = ModelConfig {
-        vocab_size: 256,
-        max_seq_len: 32,
-        n_layer: 8,
-        n_head: 4,
-        channels: 128,
-    };
+    common::abort_on_panic();
+    let cfg = common::memory_test_model();
     let (b, t) = (2, 32);
     let layout = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
     let dims = Shard::full(&cfg).dims(&cfg);

@@ -8,10 +8,10 @@
 //! exactly the four ranks' training state. One #[test] only: the allocator counts every thread
 //! of this test binary.
 
+mod common;
+
 use kernels::{Bf16, Par};
-use model::{
-    ActSaved, ActScratch, AdamW, AdamWConfig, ModelConfig, ParamLayout, Precision, Recompute, Shard,
-};
+use model::{ActSaved, ActScratch, AdamW, AdamWConfig, ParamLayout, Precision, Recompute, Shard};
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
 use train::precision::Storage;
@@ -134,19 +134,8 @@ fn measure<E: Storage + Sync>(
 
 #[test]
 fn zero3_with_tensor_parallelism_allocates_what_plan_predicts() {
-    // A rank that panics would leave the others waiting at a barrier: stop the process instead.
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        std::process::abort();
-    }));
-    let cfg = ModelConfig {
-        vocab_size: 256,
-        max_seq_len: 32,
-        n_layer: 8,
-        n_head: 4,
-        channels: 128,
-    };
+    common::abort_on_panic();
+    let cfg = common::memory_test_model();
     let (b, t) = (2, 32);
     let layouts: Vec<ParamLayout> = (0..TP)
         .map(|r| {

@@ -4,6 +4,8 @@
 //! the live bytes at a barrier are exactly both ranks' training state. One #[test] only: the
 //! allocator counts every thread of this test binary.
 
+mod common;
+
 use kernels::Par;
 use model::{
     backward_into, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp,
@@ -115,13 +117,7 @@ fn measure(
 
 #[test]
 fn zero_stages_cut_measured_memory_as_plan_predicts() {
-    let cfg = ModelConfig {
-        vocab_size: 256,
-        max_seq_len: 32,
-        n_layer: 8,
-        n_head: 4,
-        channels: 128,
-    };
+    let cfg = common::memory_test_model();
     let (b, t) = (2, 32);
     let layout = ParamLayout::new(&cfg, &Shard::full(&cfg)).unwrap();
     let dims = Shard::full(&cfg).dims(&cfg);

@@ -67,3 +67,26 @@ pub fn tiny(steps: u64) -> TrainConfig {
     c.optim.min_lr = 1e-3;
     c
 }
+
+/// The model of the counting-allocator memory tests (`zero_memory.rs`, `zero3_memory.rs`,
+/// `zero3_tp_memory.rs`): eight layers, so that what sharding saves shows, small enough to run
+/// in seconds.
+pub fn memory_test_model() -> model::ModelConfig {
+    model::ModelConfig {
+        vocab_size: 256,
+        max_seq_len: 32,
+        n_layer: 8,
+        n_head: 4,
+        channels: 128,
+    }
+}
+
+/// Ends the process on any thread's panic: a rank that panics would leave the others waiting
+/// at a barrier.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
