@@ -10,8 +10,8 @@ use kernels::Bf16;
 use kernels::Par;
 use model::Precision;
 use model::{
-    backward_into, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp,
-    ParamLayout, Recompute, Shard, StageInput,
+    backward_into, forward, Activations, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
+    Recompute, Shard, StageInput,
 };
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
@@ -51,15 +51,10 @@ fn measure<E: Storage + Sync>(
                 if zero == ZeroStage::Three {
                     d.zero3_shard_params::<E>(layout, &mut params);
                 }
-                let held = d.owned_ranges(layout.len()).iter().map(|r| r.len()).sum();
-                let mut opt = AdamW {
-                    m: vec![0.0; held],
-                    v: vec![0.0; held],
-                    step: 0,
-                };
-                d.shard_optimizer(&opt, layout.len());
-                let mut grads: Vec<f32> = Vec::new(); // ZeRO-2/3: no full-size gradient
-                                                      // ZeRO-3's activations are in its storage type, ZeRO-2's in fp32.
+                let mut opt = common::fresh_sharded_adamw(&mut d, layout.len());
+                // ZeRO-2/3: no full-size gradient.
+                let mut grads: Vec<f32> = Vec::new();
+                // ZeRO-3's activations are in its storage type, ZeRO-2's in fp32.
                 let (mut acts3, mut acts2) = if zero == ZeroStage::Three {
                     (
                         Some(Activations::<E>::with(layout, b, t, Recompute::None)),

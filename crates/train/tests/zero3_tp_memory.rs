@@ -11,7 +11,7 @@
 mod common;
 
 use kernels::{Bf16, Par};
-use model::{ActSaved, ActScratch, AdamW, AdamWConfig, ParamLayout, Precision, Recompute, Shard};
+use model::{ActSaved, ActScratch, AdamWConfig, ParamLayout, Precision, Recompute, Shard};
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
 use train::precision::Storage;
@@ -63,13 +63,7 @@ fn measure<E: Storage + Sync>(
                     d.attach(layout);
                     let mut params = layout.init_params(1);
                     d.zero3_shard_params::<E>(layout, &mut params);
-                    let held = d.owned_ranges(layout.len()).iter().map(|r| r.len()).sum();
-                    let mut opt = AdamW {
-                        m: vec![0.0; held],
-                        v: vec![0.0; held],
-                        step: 0,
-                    };
-                    d.shard_optimizer(&opt, layout.len());
+                    let mut opt = common::fresh_sharded_adamw(&mut d, layout.len());
                     let mut grads: Vec<f32> = Vec::new(); // ZeRO-3: no full-size gradient
                     let mut saved = ActSaved::<E>::with_sp(layout, b, t, Recompute::None, sp)
                         .expect("tp divides b·t");

@@ -8,8 +8,8 @@ mod common;
 
 use kernels::Par;
 use model::{
-    backward_into, forward, Activations, AdamW, AdamWConfig, GradInput, ModelConfig, NoTp,
-    ParamLayout, Shard, StageInput,
+    backward_into, forward, Activations, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
+    Shard, StageInput,
 };
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
@@ -50,14 +50,7 @@ fn measure(
                         0
                     }
                 ];
-                // A fresh ZeRO state: zeros for exactly the ranges this rank holds.
-                let held = d.owned_ranges(layout.len()).iter().map(|r| r.len()).sum();
-                let mut opt = AdamW {
-                    m: vec![0.0; held],
-                    v: vec![0.0; held],
-                    step: 0,
-                };
-                d.shard_optimizer(&opt, layout.len());
+                let mut opt = common::fresh_sharded_adamw(&mut d, layout.len());
                 let mut acts = Activations::new(layout, b, t);
                 let ocfg = AdamWConfig {
                     lr: 1e-3,

@@ -90,3 +90,16 @@ pub fn abort_on_panic() {
         std::process::abort();
     }));
 }
+
+/// A fresh AdamW state of zeros for exactly the ranges data-parallel rank `d` holds of a
+/// `len`-parameter model, registered with it (`Dp::shard_optimizer`).
+pub fn fresh_sharded_adamw(d: &mut train::dp::Dp, len: usize) -> model::AdamW {
+    let held = d.owned_ranges(len).iter().map(|r| r.len()).sum();
+    let opt = model::AdamW {
+        m: vec![0.0; held],
+        v: vec![0.0; held],
+        step: 0,
+    };
+    d.shard_optimizer(&opt, len);
+    opt
+}
