@@ -209,6 +209,64 @@ const G: &[Row] = &[
     (8, 1, 4, 2, 8, 1, 0, true, 75.5),
 ];
 
+/// Tables H and I (2026-12-06 09:48 and 09:51 UTC, session 7): the out-of-sample checks of the
+/// final model (after P2P_MESSAGE_SECS was refitted with G), its top 8 per N, three rounds of
+/// 20 steps each. No constant was fitted to them.
+const H: &[Row] = &[
+    (2, 1, 1, 2, 8, 1, 0, true, 71.4),
+    (2, 1, 1, 2, 4, 2, 0, true, 69.7),
+    (2, 2, 1, 1, 4, 1, 1, false, 71.6),
+    (2, 2, 1, 1, 2, 2, 1, false, 73.5),
+    (2, 1, 1, 2, 2, 4, 0, true, 72.4),
+    (2, 2, 1, 1, 1, 4, 1, false, 75.7),
+    (2, 1, 1, 2, 1, 8, 0, true, 78.2),
+    (2, 1, 2, 1, 2, 4, 0, false, 82.6),
+    (4, 1, 2, 2, 8, 1, 0, true, 72.1),
+    (4, 1, 2, 2, 4, 2, 0, true, 73.2),
+    (4, 2, 2, 1, 4, 1, 1, false, 75.0),
+    (4, 2, 2, 1, 2, 2, 1, false, 79.5),
+    (4, 2, 1, 2, 4, 1, 1, true, 79.2),
+    (4, 2, 2, 1, 1, 4, 1, false, 87.7),
+    (4, 1, 2, 2, 2, 4, 0, true, 74.5),
+    (4, 1, 4, 1, 2, 4, 0, false, 86.7),
+    (8, 2, 4, 1, 2, 2, 1, false, 85.4),
+    (8, 2, 4, 1, 4, 1, 1, false, 79.6),
+    (8, 1, 4, 2, 8, 1, 0, true, 76.5),
+    (8, 1, 4, 2, 4, 2, 0, true, 79.0),
+    (8, 2, 4, 1, 1, 4, 1, false, 88.5),
+    (8, 2, 2, 2, 4, 1, 1, true, 86.2),
+    (8, 1, 4, 2, 2, 4, 0, true, 83.7),
+    (8, 2, 2, 2, 2, 2, 1, true, 87.1),
+];
+
+/// Table I: see table H.
+const I: &[Row] = &[
+    (2, 1, 1, 2, 8, 1, 0, true, 74.9),
+    (2, 1, 1, 2, 4, 2, 0, true, 70.8),
+    (2, 2, 1, 1, 4, 1, 1, false, 70.4),
+    (2, 2, 1, 1, 2, 2, 1, false, 74.8),
+    (2, 1, 1, 2, 2, 4, 0, true, 74.7),
+    (2, 2, 1, 1, 1, 4, 1, false, 77.7),
+    (2, 1, 1, 2, 1, 8, 0, true, 85.1),
+    (2, 1, 2, 1, 2, 4, 0, false, 85.1),
+    (4, 1, 2, 2, 8, 1, 0, true, 75.5),
+    (4, 1, 2, 2, 4, 2, 0, true, 76.2),
+    (4, 2, 2, 1, 4, 1, 1, false, 78.7),
+    (4, 2, 2, 1, 2, 2, 1, false, 81.8),
+    (4, 2, 1, 2, 4, 1, 1, true, 83.6),
+    (4, 2, 2, 1, 1, 4, 1, false, 90.2),
+    (4, 1, 2, 2, 2, 4, 0, true, 78.1),
+    (4, 1, 4, 1, 2, 4, 0, false, 87.2),
+    (8, 2, 4, 1, 2, 2, 1, false, 87.6),
+    (8, 2, 4, 1, 4, 1, 1, false, 82.9),
+    (8, 1, 4, 2, 8, 1, 0, true, 78.9),
+    (8, 1, 4, 2, 4, 2, 0, true, 82.4),
+    (8, 2, 4, 1, 1, 4, 1, false, 90.4),
+    (8, 2, 2, 2, 4, 1, 1, true, 89.2),
+    (8, 1, 4, 2, 2, 4, 0, true, 87.5),
+    (8, 2, 2, 2, 2, 2, 1, true, 92.7),
+];
+
 /// Ranks 1..n with ties sharing their mean rank.
 fn ranks(v: &[f64]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..v.len()).collect();
@@ -426,4 +484,33 @@ fn table_f_steps_are_within_15_percent() {
     }
     let rms = (sq / F.len() as f64).sqrt();
     assert!(rms < 0.06, "RMS log error {rms:.3}");
+}
+
+#[test]
+fn the_held_out_checks_are_within_15_percent() {
+    // Tables H and I were measured after the last constant was fitted: every one of their 48
+    // rows within 15% of the prediction, as measured (their top-5 ρ, 0.80 / 0.90 / 0.10 and
+    // −0.20 / 1.00 / 0.10, is in docs/cpu-planner.md: the target of 0.8 is not met at N = 2
+    // and 8).
+    let (m, h) = (model(), host(true));
+    for (table, rows) in [("H", H), ("I", I)] {
+        let mut sq = 0.0;
+        for &(n, dp, pp, tp, batch, microbatches, zero, sp, ms) in rows {
+            let l = CpuLayout {
+                dp,
+                pp,
+                tp,
+                batch,
+                microbatches,
+                zero,
+                sp,
+            };
+            assert_eq!(l.ranks(), n);
+            let r = ms / (1e3 * predict(&m, &l, &h).step_secs);
+            assert!((r - 1.0).abs() <= 0.15, "table {table} {l:?}: {r:.3}");
+            sq += r.ln().powi(2);
+        }
+        let rms = (sq / rows.len() as f64).sqrt();
+        assert!(rms < 0.07, "table {table}: RMS log error {rms:.3}");
+    }
 }
