@@ -10,8 +10,8 @@ use kernels::Bf16;
 use kernels::Par;
 use model::Precision;
 use model::{
-    backward_into, forward, Activations, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
-    Recompute, Shard, StageInput,
+    backward_into, forward, Activations, GradInput, ModelConfig, NoTp, ParamLayout, Recompute,
+    Shard, StageInput,
 };
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
@@ -63,14 +63,7 @@ fn measure<E: Storage + Sync>(
                 } else {
                     (None, Some(Activations::new(layout, b, t)))
                 };
-                let ocfg = AdamWConfig {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    grad_clip: Some(1.0),
-                };
+                let ocfg = common::memory_test_adamw(Some(1.0));
                 let d_loss = 1.0 / (2 * b * t) as f32;
                 let mut mine = Vec::new();
                 let mut step = |d: &mut Dp| {

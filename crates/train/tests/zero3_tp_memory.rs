@@ -11,7 +11,7 @@
 mod common;
 
 use kernels::{Bf16, Par};
-use model::{ActSaved, ActScratch, AdamWConfig, ParamLayout, Precision, Recompute, Shard};
+use model::{ActSaved, ActScratch, ParamLayout, Precision, Recompute, Shard};
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
 use train::precision::Storage;
@@ -69,14 +69,7 @@ fn measure<E: Storage + Sync>(
                         .expect("tp divides b·t");
                     let mut scratch = ActScratch::<E>::with_sp(layout, b, t, Recompute::None, sp)
                         .expect("tp divides b·t");
-                    let ocfg = AdamWConfig {
-                        lr: 1e-3,
-                        beta1: 0.9,
-                        beta2: 0.95,
-                        eps: 1e-8,
-                        weight_decay: 0.1,
-                        grad_clip: None,
-                    };
+                    let ocfg = common::memory_test_adamw(None);
                     let d_loss = 1.0 / (DP * b * t) as f32;
                     barrier.wait(); // A: state allocated
                     barrier.wait(); // B: the main thread has read the live bytes

@@ -8,8 +8,8 @@ mod common;
 
 use kernels::Par;
 use model::{
-    backward_into, forward, Activations, AdamWConfig, GradInput, ModelConfig, NoTp, ParamLayout,
-    Shard, StageInput,
+    backward_into, forward, Activations, GradInput, ModelConfig, NoTp, ParamLayout, Shard,
+    StageInput,
 };
 use std::sync::Barrier;
 use train::dp::{Dp, ZeroStage};
@@ -52,14 +52,7 @@ fn measure(
                 ];
                 let mut opt = common::fresh_sharded_adamw(&mut d, layout.len());
                 let mut acts = Activations::new(layout, b, t);
-                let ocfg = AdamWConfig {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    grad_clip: Some(1.0),
-                };
+                let ocfg = common::memory_test_adamw(Some(1.0));
                 let mut step = |d: &mut Dp| {
                     grads.fill(0.0);
                     let x = StageInput::Tokens(tokens);

@@ -103,3 +103,15 @@ pub fn fresh_sharded_adamw(d: &mut train::dp::Dp, len: usize) -> model::AdamW {
     d.shard_optimizer(&opt, len);
     opt
 }
+
+/// The memory tests' AdamW settings (GPT-2-like; `grad_clip` as the test needs).
+pub fn memory_test_adamw(grad_clip: Option<f32>) -> model::AdamWConfig {
+    model::AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_clip,
+    }
+}
