@@ -15,8 +15,10 @@
 //!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp) over the tp link
 //!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //!               then × (1 + TP_GROUP_LOSS · (tp·n/cores − 1) / (R/tp)) when tp·n > cores
-//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
-//!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
+//! reload      = RELOAD_SECS_PER_BYTE · 4 · params(slowest stage) when oversub > 1 (a rank
+//!               back on a shared core re-reads its weights), else 0
+//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3 + reload,
+//!               backward = 2/3 of it + reload, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
 //!               sent (max(1, threads of the running stages and the receiver / cores)),
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
 //!               thread: schedule::simulate's makespan)
@@ -44,8 +46,8 @@
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{
-    stage_memory_sp, trainer_memory_sp, weight_panel_bytes, zero3_comm_time_with, zero3_memory_sp,
-    zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
+    param_count, stage_memory_sp, trainer_memory_sp, weight_panel_bytes, zero3_comm_time_with,
+    zero3_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
 };
 use crate::cpu_time::{
     elementwise_secs, step_time, tp_elementwise_share, weight_pass_secs, CpuCalibration,
@@ -233,6 +235,12 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // by the host's R/tp groups (another group's work fills the idle cores).
     let micro =
         per[slowest].0 * sharing::tp_group_stretch(l.tp * threads, host.cores, ranks / l.tp.max(1));
+    // Ranks sharing cores re-read their stage's weights in each forward and backward.
+    let reload = if oversub > 1.0 {
+        sharing::RELOAD_SECS_PER_BYTE * (param_count(&dims[slowest]) * 4) as f64
+    } else {
+        0.0
+    };
     // A pipeline message: its transfer, and a wake-up that waits longer for a core the more
     // ranks compute meanwhile (in the shared simulation the load when it is sent, in the
     // dedicated one the whole host's oversubscription).
@@ -263,7 +271,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     let makespan = sharing::shared_makespan(
         &lists,
         mb as u32,
-        (micro / 3.0, 2.0 * micro / 3.0, p2p, wake),
+        (micro / 3.0 + reload, 2.0 * micro / 3.0 + reload, p2p, wake),
         (l.dp * l.tp, threads, host.cores),
     );
     let optimizer_secs = per.iter().map(|p| p.2).fold(0.0, f64::max);
