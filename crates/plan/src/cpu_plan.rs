@@ -19,8 +19,10 @@
 //!               (+ full recomputation: the layers' forward collectives again, half of theirs)
 //!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //!               then × (1 + TP_GROUP_LOSS · (tp·n/cores − 1) / (R/tp)) when tp·n > cores
-//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3,
-//!               backward = 2/3 of it, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
+//! reload      = RELOAD_SECS_PER_BYTE · 4 · params(slowest stage) when oversub > 1 (a rank
+//!               back on a shared core re-reads its weights), else 0
+//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3 + reload,
+//!               backward = 2/3 of it + reload, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
 //!               sent (max(1, threads of the running stages and the receiver / cores)),
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
 //!               thread: schedule::simulate's makespan)
@@ -49,8 +51,8 @@
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
 use crate::cpu_runtime::{
-    stage_memory_sp, trainer_memory_sp, weight_panel_bytes, zero3_comm_time_with, zero3_memory_sp,
-    zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
+    param_count, stage_memory_sp, trainer_memory_sp, weight_panel_bytes, zero3_comm_time_with,
+    zero3_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
 };
 use crate::cpu_time::{
     elementwise_secs, recompute_work, step_time_as, tp_elementwise_share, weight_pass_secs,
@@ -135,7 +137,10 @@ pub struct CpuPrediction {
     pub step_secs: f64,
     /// Pipeline makespan of forward/backward (with tp collectives), seconds.
     pub pipeline_secs: f64,
-    /// Idle time of the busiest stage in the simulated schedule, seconds.
+    /// Idle time of the busiest stage, seconds: its idle share of the schedule simulated with a
+    /// core per rank, of `pipeline_secs` (with ranks sharing cores a waiting stage lends its
+    /// core out, so the shared makespan is not the dedicated one plus this idle time; the
+    /// dedicated bubble itself can exceed the shared makespan).
     pub bubble_secs: f64,
     /// Tensor-parallel collectives of the slowest stage (part of `pipeline_secs`), seconds.
     pub tp_comm_secs: f64,
@@ -251,6 +256,12 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // by the host's R/tp groups (another group's work fills the idle cores).
     let micro =
         per[slowest].0 * sharing::tp_group_stretch(l.tp * threads, host.cores, ranks / l.tp.max(1));
+    // Ranks sharing cores re-read their stage's weights in each forward and backward.
+    let reload = if oversub > 1.0 {
+        sharing::RELOAD_SECS_PER_BYTE * (param_count(&dims[slowest]) * 4) as f64
+    } else {
+        0.0
+    };
     // A pipeline message: its transfer, and a wake-up that waits longer for a core the more
     // ranks compute meanwhile (in the shared simulation the load when it is sent, in the
     // dedicated one the whole host's oversubscription).
@@ -281,7 +292,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     let makespan = sharing::shared_makespan(
         &lists,
         mb as u32,
-        (micro / 3.0, 2.0 * micro / 3.0, p2p, wake),
+        (micro / 3.0 + reload, 2.0 * micro / 3.0 + reload, p2p, wake),
         (l.dp * l.tp, threads, host.cores),
     );
     let optimizer_secs = per.iter().map(|p| p.2).fold(0.0, f64::max);
@@ -355,7 +366,11 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         stage_layers: layers,
         step_secs,
         pipeline_secs: makespan,
-        bubble_secs: sim.bubble,
+        bubble_secs: if sim.makespan > 0.0 {
+            sim.bubble / sim.makespan * makespan
+        } else {
+            0.0
+        },
         tp_comm_secs: mb as f64 * per[slowest].1,
         dp_comm_secs,
         optimizer_secs,
@@ -514,6 +529,16 @@ mod tests {
     }
 
     #[test]
+    fn with_ranks_sharing_cores_the_bubble_is_a_share_of_the_pipeline() {
+        // dp2 × pp4 of one micro-batch on 2 cores: with a core per rank the busiest stage
+        // would idle (p − 1)/p of its list, longer than the shared makespan itself.
+        let l = layout(2, 4, 1, 4, 1);
+        let p = predict(&model(), &l, &host(2));
+        assert!(p.bubble_secs > 0.5 * p.pipeline_secs, "{p:?}");
+        assert!(p.bubble_secs < p.pipeline_secs, "{p:?}");
+    }
+
+    #[test]
     fn the_pipeline_bubble_is_the_simulated_one() {
         let (m, h) = (model(), host(2));
         let l = layout(1, 2, 1, 2, 4);
@@ -547,7 +572,7 @@ mod tests {
         );
         // 2 ranks on 2 cores: no sharing, the dedicated simulation's makespan.
         assert!((p.pipeline_secs - sim.makespan).abs() < 1e-12 * sim.makespan);
-        assert_eq!(p.bubble_secs, sim.bubble);
+        assert!((p.bubble_secs - sim.bubble).abs() < 1e-12 * sim.makespan);
         // 1F1B over 2 stages and 4 micro-batches without transfer time: the bubble is
         // (p − 1)·(forward + backward) = one micro-step; transfers only add to it.
         let free = simulate(

@@ -7,8 +7,9 @@
 //! without sequence parallelism and ZeRO-2/3; G (09:42), the first out-of-sample check of the
 //! session's model, its top 8. The two per-parameter constants of `cpu_time` were fitted to
 //! A, `DP_WAKE_SECS` to A–C, the tensor-parallel link to D's measured collective time,
-//! `TP_WAKE_SECS` to A–E, `TP_GROUP_LOSS` to the tp 4 rows of C and F, `P2P_MESSAGE_SECS` to
-//! A–G: this is an in-sample check. The held-out checks are in docs/cpu-planner.md.
+//! `TP_GROUP_LOSS` to the tp 4 rows of C and F, `P2P_MESSAGE_SECS` to A–G, and
+//! `RELOAD_SECS_PER_BYTE` with `TP_WAKE_SECS` to A–G (session 8): this is an in-sample check
+//! (H and I too, since session 8). The held-out checks are in docs/cpu-planner.md.
 
 use super::*;
 
@@ -419,57 +420,57 @@ fn check(rows: &[Row], panels: bool) -> Vec<Score> {
 #[test]
 fn the_measured_tables_rank_and_their_steps_are_within_15_percent() {
     // Per table and N = 2, 4, 8: (least ρ over all rows, least top-5 ρ, least rows within 15%),
-    // what the model scores with the shipped constants, and every row within 20%. In sample:
-    // TP_WAKE_SECS was fitted to tables A–E, TP_GROUP_LOSS to the tp 4 rows of C and F,
-    // P2P_MESSAGE_SECS to A–G, the tensor-parallel link to table D's measured collective time,
-    // DP_WAKE_SECS and the per-parameter constants to A–C; docs/cpu-planner.md has the held-out
-    // checks. Table A N = 4: five rows within 6% of each other measured in one round (±5% is
-    // the spread of repeated runs); N = 8: one shape in five ZeRO/sp variants. Tables C, G
-    // N = 8 and D, G N = 2: the model's top 5 lie within 5–7% of each other, measured or
-    // predicted, and are ordered by noise (ρ over all rows 0.69–0.93).
+    // what the model scores with the shipped constants (every row within 15%), and every row
+    // within 20%. In sample: RELOAD_SECS_PER_BYTE and TP_WAKE_SECS were fitted to tables A–G
+    // (session 8), TP_GROUP_LOSS to the tp 4 rows of C and F, P2P_MESSAGE_SECS to A–G, the
+    // tensor-parallel link to table D's measured collective time, DP_WAKE_SECS and the
+    // per-parameter constants to A–C; docs/cpu-planner.md has the held-out checks. Table A
+    // N = 8: one shape in five ZeRO/sp variants. Tables B, C N = 4, C N = 8 and D, G N = 2: the
+    // model's top 5 lie within 5–7% of each other, measured or predicted, and are ordered by
+    // noise (ρ over all rows 0.86–0.97).
     type Expect<'a> = (&'a str, &'a [Row], bool, [(f64, f64, usize); 3]);
     let expect: [Expect; 7] = [
         (
             "A",
             A,
             false,
-            [(0.99, 0.99, 5), (0.89, 0.89, 4), (0.71, 0.71, 5)],
+            [(0.99, 0.99, 5), (0.99, 0.99, 5), (0.71, 0.71, 5)],
         ),
         (
             "B",
             B,
             false,
-            [(0.89, 0.89, 5), (0.89, 0.89, 4), (0.99, 0.99, 5)],
+            [(0.89, 0.89, 5), (0.69, 0.69, 5), (0.89, 0.89, 5)],
         ),
         (
             "C",
             C,
             false,
-            [(0.96, 0.79, 11), (0.91, 0.89, 12), (0.92, 0.29, 12)],
+            [(0.97, 0.79, 11), (0.86, 0.69, 12), (0.95, 0.69, 12)],
         ),
         (
             "E1",
             E1,
             true,
-            [(0.89, 0.89, 5), (0.99, 0.99, 5), (0.59, 0.59, 5)],
+            [(0.89, 0.89, 5), (0.99, 0.99, 5), (0.89, 0.89, 5)],
         ),
         (
             "E2",
             E2,
             true,
-            [(0.99, 0.99, 5), (0.89, 0.89, 5), (0.99, 0.99, 5)],
+            [(0.99, 0.99, 5), (0.89, 0.89, 5), (0.79, 0.79, 5)],
         ),
         (
             "D",
             D,
             true,
-            [(0.87, 0.59, 8), (0.7, 0.99, 8), (0.89, 0.79, 8)],
+            [(0.88, 0.59, 8), (0.85, 0.99, 8), (0.95, 0.89, 8)],
         ),
         (
             "G",
             G,
             true,
-            [(0.89, 0.59, 8), (0.78, 0.89, 8), (0.68, 0.29, 8)],
+            [(0.9, 0.59, 8), (0.9, 0.89, 8), (0.97, 0.89, 8)],
         ),
     ];
     for (table, rows, panels, per_n) in expect {
@@ -494,12 +495,13 @@ fn table_f_steps_are_within_15_percent() {
 
 #[test]
 fn the_held_out_checks_are_within_15_percent() {
-    // Tables H and I were measured after the last constant was fitted: every one of their 48
-    // rows within 15% of the prediction, as measured (their top-5 ρ, 0.80 / 0.90 / 0.10 and
-    // −0.20 / 1.00 / 0.10, is in docs/cpu-planner.md: the target of 0.8 is not met at N = 2
-    // and 8).
+    // Tables H and I were measured after session 7's last constant was fitted: every one of
+    // their 48 rows within 15% of the prediction. Session 8's reload term was fitted to A–G,
+    // but its form was chosen after studying H and I's residuals, so they are no longer held
+    // out (top-5 ρ 0.80 / 0.90 / 0.90 and −0.20 / 1.00 / 0.90 now, 0.80 / 0.90 / 0.10 and
+    // −0.20 / 1.00 / 0.10 before); the fresh held-out runs are in docs/cpu-planner.md.
     for (table, rows) in [("H", H), ("I", I)] {
         let rms = all_within_15_percent(table, rows);
-        assert!(rms < 0.07, "table {table}: RMS log error {rms:.3}");
+        assert!(rms < 0.06, "table {table}: RMS log error {rms:.3}");
     }
 }

@@ -18,8 +18,9 @@ use crate::schedule::Op;
 /// per extra rank per core (`oversubscription − 1`): a rank that reaches the rendezvous first
 /// sleeps in its receive, and the last one to arrive may be waiting for a core. With a core per
 /// rank the collectives cost the link's time alone (`CommCalibration::tcp_tensor_parallel`,
-/// fitted to measured collective time). Fitted on the tables of `cpu_plan::measured` (below).
-pub const TP_WAKE_SECS: f64 = 0.02e-3;
+/// fitted to measured collective time). Fitted on the tables of `cpu_plan::measured`: 0.02 ms
+/// before [`RELOAD_SECS_PER_BYTE`], which charges part of what it stood for (session 8).
+pub const TP_WAKE_SECS: f64 = 0.01e-3;
 
 /// Share of its compute a tensor-parallel group loses per extra core's worth of threads
 /// (`tp_group_stretch`). Fitted on the eight tp 4 rows of tables C and F of
@@ -52,6 +53,19 @@ pub fn tp_group_stretch(group_threads: u64, cores: u64, groups: u64) -> f64 {
 /// 75.5 ms measured in table G, 97.1 and 97.4 predicted), so the load is now the one at the
 /// message, and 1.2 ms fitted on tables A–G.
 pub const P2P_MESSAGE_SECS: f64 = 1.2e-3;
+
+/// Seconds per byte of a stage's fp32 weights that each of its forward and backward operations
+/// pays when the ranks outnumber the cores (the weights re-read at 16.7 GB/s): a rank that gets
+/// its core back after other ranks ran finds its weights evicted — the host's ranks hold more
+/// weights, weight panels, gradients and AdamW state than the 32 MB L3 of the development
+/// machine — and the compute model's calibration (one rank per core, weights in cache between
+/// kernels) does not charge the re-read. It is work, shared like the compute: full-width stages
+/// pay it on twice the bytes of a tensor-parallel pair's, which is what the session-7 tables
+/// showed at N = 4 and 8 (pipelines of full-width stages 3–14% slower than predicted, of tp
+/// pairs 2–9% faster, the gap growing with the micro-batches). Fitted with TP_WAKE_SECS on
+/// tables A–G of `cpu_plan::measured` (session 8; docs/cpu-planner.md has the fresh held-out
+/// runs).
+pub const RELOAD_SECS_PER_BYTE: f64 = 6e-11;
 
 /// Seconds each data-parallel ring step (one message of a ring all-reduce, reduce-scatter or
 /// all-gather) adds per extra rank per core (`oversubscription − 1`): the ring's next rank is
