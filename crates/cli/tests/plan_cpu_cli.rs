@@ -344,3 +344,59 @@ fn plan_cpu_ranks_with_the_precision_and_recomputation_step_times() {
         assert!(out.contains("step times are this precision's"), "{out}");
     }
 }
+
+/// The end-of-run report predicts a bf16-mixed or recomputing run's step under its own
+/// precision and recomputation (not fp32's): one process of L2 H4 C128 T64, batch 8, 3 steps.
+#[test]
+fn the_run_report_predicts_the_runs_precision_and_recomputation() {
+    let dir = common::TempDir::new("plancpu", "report");
+    let predicted = |name: &str, extra: &[&str]| -> f64 {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--set",
+            "model.n_layer=2",
+            "--set",
+            "model.channels=128",
+            "--set",
+            "model.n_head=4",
+            "--set",
+            "model.seq_len=64",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.eval_every=100",
+            "--set",
+            "data.synthetic.train_tokens=20000",
+            "--set",
+            "data.synthetic.val_tokens=1000",
+        ];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = common::run(&args);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("step time: predicted"))
+            .unwrap_or_else(|| panic!("no step time line: {stdout}"));
+        let ms = line.split("predicted ").nth(1).unwrap();
+        ms.split(" ms").next().unwrap().trim().parse().unwrap()
+    };
+    let fp32 = predicted("fp32", &[]);
+    let bf16 = predicted("bf16", &["--set", "train.precision=bf16-mixed"]);
+    let full = predicted("full", &["--set", "train.recompute=full"]);
+    assert!(
+        (1.2..2.0).contains(&(fp32 / bf16)),
+        "fp32 {fp32} ms, bf16 {bf16} ms"
+    );
+    assert!(
+        (1.1..1.5).contains(&(full / fp32)),
+        "fp32 {fp32} ms, full {full} ms"
+    );
+}
