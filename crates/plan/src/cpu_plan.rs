@@ -230,7 +230,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
             };
             let tp = tp_comm_secs(d, l.batch, t, 1, l.sp, &host.tp_link)
                 + sharing::TP_WAKE_SECS * tp_ring_phases(d, 1) * (oversub - 1.0)
-                + recomputed_tp_secs(m, d, l, oversub, &host.tp_link);
+                + modes::recomputed_tp_secs(m, d, l, oversub, &host.tp_link);
             // Sequence parallelism also splits the layer norms' and residuals' passes (and
             // those of the recomputed forward).
             let re = recompute_work(d, l.batch, t, m.recompute);
@@ -379,28 +379,6 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     }
 }
 
-/// Full recomputation runs each layer's forward again in backward, its two tensor-parallel
-/// collectives per layer included (`model::step`'s backward calls `layer_forward` with the
-/// rank's `TpReduce`): half of the layers' share of `tp_comm_secs` and of the ring phases.
-fn recomputed_tp_secs(
-    m: &CpuModel,
-    d: &CpuRuntimeDims,
-    l: &CpuLayout,
-    oversub: f64,
-    link: &CommCalibration,
-) -> f64 {
-    if m.recompute != Recompute::Full || d.tp <= 1 {
-        return 0.0;
-    }
-    let layers = CpuRuntimeDims {
-        has_embedding: false,
-        has_head: false,
-        ..*d
-    };
-    0.5 * (tp_comm_secs(&layers, l.batch, d.max_seq_len, 1, l.sp, link)
-        + sharing::TP_WAKE_SECS * tp_ring_phases(&layers, 1) * (oversub - 1.0))
-}
-
 /// Buffer memory of rank 0 of a stage with `sets` micro-batches in flight (`overlap`: ZeRO-3
 /// prefetches the next unit into a second gather buffer).
 fn rank_memory(
@@ -444,7 +422,6 @@ fn rank_memory(
 mod choices;
 #[cfg(test)]
 mod measured;
-#[cfg(test)]
 mod modes;
 pub mod sharing;
 pub use choices::{candidates, collapse, rank, CpuChoice, TIE};

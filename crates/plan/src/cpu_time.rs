@@ -29,6 +29,22 @@
 //!              call; the calling thread is one of the n, so one thread wakes nothing)
 //! ```
 //!
+//! That is fp32 without recomputation ([`step_time`]). [`step_time_as`] follows the run's
+//! precision and recomputation:
+//!
+//! ```text
+//! bf16-mixed  matmul: the linear layers and head (3·linear_fwd) at bf16_matmul_flops_per_thread,
+//!             attention at matmul_flops_per_thread; no weight panels, every micro-batch packs
+//!             the 16-bit working copy (mixed_weight_bytes_per_param); AdamW at
+//!             mixed_optimizer_bytes_per_param (it writes the copy too); elementwise and
+//!             cross-entropy bytes as fp32 (measured about as long: the casts)
+//! fp16-mixed  the same bytes, the matmuls at the f32 rate (no fp16 kernel: f32 panels)
+//! recompute   + a · modes::recompute_work per micro-batch: full = the layers' forward again
+//!             (24·bt·c²/tp + 4·b·t²·c/tp FLOPs, ⅓ of their elementwise passes, ⅔ of a pass
+//!             over their weights without panels, ⅓ of their kernel calls); selective = QKᵀ
+//!             (2·b·t²·c/tp) and the softmax (12 bytes per score)
+//! ```
+//!
 //! The constants are per thread so the model extrapolates to other thread counts. They were
 //! fitted (least squares on log time, grid search over matmul rate, bandwidth, elementwise bytes
 //! and the second thread's share) to the median step (steps 4–14) of `scaletrain train` runs of
