@@ -48,7 +48,8 @@ pub(super) fn predict<E: Storage>(
             ..Default::default()
         },
     );
-    let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
+    let modes = (cfg.train.precision, cfg.train.recompute);
+    let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads), modes));
     let memory = crate::fits::rank_memory(
         stage,
         (b, t),
@@ -72,8 +73,9 @@ pub(super) fn pipeline_info<E: crate::precision::Storage>(
     acts: &StageActs<E>,
     mcfg: &model::ModelConfig,
     (m, b, t, threads): (usize, usize, usize, usize),
+    modes: (plan::recipe::Precision, plan::recipe::Recompute),
 ) -> PipelineInfo {
-    let wait = p.predicted_wait(mcfg, (m, b, t, threads));
+    let wait = p.predicted_wait(mcfg, (m, b, t, threads), modes);
     PipelineInfo {
         stage: p.stage(),
         stages: p.shape.pp,
