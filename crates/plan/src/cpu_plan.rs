@@ -199,8 +199,13 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // ZeRO-3 gathers each unit's weights per micro-batch into buffers it frees again: no
     // weight panels.
     let zero3 = l.zero == 3 && l.dp > 1;
+    // (With one micro-batch the runtime keeps none either: a recomputed forward then packs
+    // the weights again; the micro-step's own weight pass is the same with or without.)
     let compute = CpuCalibration {
-        weight_panels: host.compute.weight_panels && !zero3 && m.precision == Precision::Fp32,
+        weight_panels: host.compute.weight_panels
+            && !zero3
+            && m.precision == Precision::Fp32
+            && l.microbatches > 1,
         ..host.compute
     };
     // With weight panels and several micro-batches, each rank packs its weights once per step

@@ -115,7 +115,9 @@ pub struct CpuCalibration {
     /// micro-batch (`kernels::panels`: fp32 on the AVX-512 kernel, more than one micro-batch
     /// per step): the weight pass is then paid once per step instead of once per micro-batch.
     /// Off for runs without them (16-bit storage, ZeRO-3, no AVX-512, and every run before
-    /// 2026-12-06 07:00 UTC, which the fits above measured).
+    /// 2026-12-06 07:00 UTC, which the fits above measured). [`step_time_as`] takes it as
+    /// what the run does even for one micro-batch (`cpu_plan::predict` passes one micro-batch
+    /// at a time): a recomputed forward reuses the panels, else packs the weights again.
     pub weight_panels: bool,
     /// With weight panels, bytes per parameter that every micro-batch beyond the first still
     /// costs (fitted, not counted: the GEMMs' per-call work that scales with the weights rather

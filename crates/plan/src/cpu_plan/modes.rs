@@ -91,12 +91,23 @@ mod tests {
             (Precision::Bf16Mixed, Recompute::None),
             (Precision::Bf16Mixed, Recompute::Full),
             (Precision::Fp32, Recompute::Selective),
+            (Precision::Fp32, Recompute::Full),
         ] {
             let m = with(p, r);
             let got = predict(&m, &layout(1, 1, 1, 8, 1, 0), &h);
             let d = stage_dims(&m, 4, 0, 1, 1);
-            let want = step_time_as(&d, 8, 128, 1, 2, (p, r), &h.compute);
+            // One micro-batch: no weight panels, so a recomputed forward packs the weights
+            // again.
+            let k = CpuCalibration {
+                weight_panels: false,
+                ..h.compute
+            };
+            let want = step_time_as(&d, 8, 128, 1, 2, (p, r), &k);
             assert!((got.step_secs - want.total_secs).abs() < 1e-12 * want.total_secs);
+            if r == Recompute::Full && p == Precision::Fp32 {
+                let reused = step_time_as(&d, 8, 128, 1, 2, (p, r), &h.compute);
+                assert!(got.step_secs > reused.total_secs);
+            }
         }
         // tp2 on 4 cores: full recomputation adds the layers' forward collectives, half of the
         // layers' tp_comm_secs.
