@@ -232,8 +232,10 @@ fn read_run(dir: &Path) -> Result<CpuRun> {
             channels: r.model.channels,
             heads: r.model.heads,
             layers: r.model.layers,
-            precision: plan::recipe::Precision::Fp32,
-            recompute: plan::recipe::Recompute::None,
+            // The run's own: its prediction follows them (a bf16-mixed run's linear layers at
+            // the bf16 rate, which the fit leaves at its default).
+            precision: cfg.train.precision,
+            recompute: cfg.train.recompute,
         },
         layout: CpuLayout {
             dp: l.dp,

@@ -316,7 +316,7 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
     if m.precision != plan::recipe::Precision::Fp32 || m.recompute != plan::recipe::Recompute::None
     {
         println!(
-            "note: memory is this precision's and recomputation's; step times use the fp32 constants without recomputation (bf16-mixed measured 1.7-1.8x faster than fp32 here: docs/performance.md), so they rank layouts but do not predict this run's speed"
+            "note: memory and step times are this precision's and recomputation's (bf16-mixed: linear layers on the bf16 kernel, fitted to one quiet run; fp16-mixed: f32 matmuls; recomputation: the layers' forward or attention scores again, counted, not measured: docs/cpu-planner.md)"
         );
     }
     println!(

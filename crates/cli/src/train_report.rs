@@ -250,16 +250,18 @@ fn model_dims(c: &train::config::TrainConfig, tp: u64) -> plan::cpu_runtime::Cpu
     }
 }
 
-/// `plan::cpu_time::step_time` of the whole model (a run without a pipeline) with `compute`.
+/// `plan::cpu_time::step_time_as` of the whole model (a run without a pipeline) with
+/// `compute`, under the run's precision and recomputation.
 fn whole_model_step(st: &StartInfo, compute: &CpuCalibration) -> plan::cpu_time::CpuStepTime {
     let c = &st.config;
     let dims = model_dims(c, 1);
-    plan::cpu_time::step_time(
+    plan::cpu_time::step_time_as(
         &dims,
         c.train.batch_size as u64,
         c.model.seq_len as u64,
         c.train.grad_accum as u64,
         st.threads as u64,
+        (c.train.precision, c.train.recompute),
         compute,
     )
 }

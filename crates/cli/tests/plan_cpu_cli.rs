@@ -279,3 +279,124 @@ fn reports_end_quietly_when_the_reader_goes_away() {
         );
     }
 }
+
+/// `plan --cpu` ranks bf16-mixed and recomputing configs by their own step times: on a model
+/// large enough for the matmuls to dominate (L4 H4 C256 T128), every layout of a bf16-mixed
+/// config is predicted faster than the same layout in fp32 (one process measured 1.7–1.8×:
+/// docs/performance.md; communication and bubbles do not shrink with it) and every layout
+/// with full recomputation slower, and each table is ranked by its own times.
+#[test]
+fn plan_cpu_ranks_with_the_precision_and_recomputation_step_times() {
+    let model: &[&str] = &[
+        "--set",
+        "model.n_layer=4",
+        "--set",
+        "model.channels=256",
+        "--set",
+        "model.n_head=4",
+        "--set",
+        "model.seq_len=128",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.grad_accum=2",
+    ];
+    // Layout columns (dp pp tp batch mb zero sp thr) → step ms, in the printed order.
+    let rows = |extra: &[&str]| -> (String, Vec<(String, f64)>) {
+        let stdout = every_variant(model, extra);
+        let rows = stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w[1..9].join(" "), w[9].parse::<f64>().unwrap())
+            })
+            .collect();
+        (stdout, rows)
+    };
+    let (_, fp32) = rows(&[]);
+    let (bf16_out, bf16) = rows(&["--set", "train.precision=bf16-mixed"]);
+    let (full_out, full) = rows(&["--set", "train.recompute=full"]);
+    assert!(fp32.len() >= 4, "{fp32:?}");
+    let ms = |rows: &[(String, f64)], key: &str| rows.iter().find(|r| r.0 == key).map(|r| r.1);
+    let mut compared = 0;
+    for (key, f) in &fp32 {
+        if let Some(b) = ms(&bf16, key) {
+            assert!(
+                (1.2..2.0).contains(&(f / b)),
+                "{key}: fp32 {f} ms, bf16 {b} ms"
+            );
+            compared += 1;
+        }
+        if let Some(r) = ms(&full, key) {
+            assert!(
+                r > 1.03 * f && r < 1.5 * f,
+                "{key}: fp32 {f} ms, full {r} ms"
+            );
+        }
+    }
+    assert!(compared >= 4, "{bf16_out}");
+    for (out, rows) in [(&bf16_out, &bf16), (&full_out, &full)] {
+        assert!(
+            rows.windows(2).all(|w| w[0].1 <= w[1].1),
+            "not ranked by its own times: {out}"
+        );
+        assert!(out.contains("step times are this precision's"), "{out}");
+    }
+}
+
+/// The end-of-run report predicts a bf16-mixed or recomputing run's step under its own
+/// precision and recomputation (not fp32's): one process of L2 H4 C128 T64, batch 8, 3 steps.
+#[test]
+fn the_run_report_predicts_the_runs_precision_and_recomputation() {
+    let dir = common::TempDir::new("plancpu", "report");
+    let predicted = |name: &str, extra: &[&str]| -> f64 {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--set",
+            "model.n_layer=2",
+            "--set",
+            "model.channels=128",
+            "--set",
+            "model.n_head=4",
+            "--set",
+            "model.seq_len=64",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.eval_every=100",
+            "--set",
+            "data.synthetic.train_tokens=20000",
+            "--set",
+            "data.synthetic.val_tokens=1000",
+        ];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = common::run(&args);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("step time: predicted"))
+            .unwrap_or_else(|| panic!("no step time line: {stdout}"));
+        let ms = line.split("predicted ").nth(1).unwrap();
+        ms.split(" ms").next().unwrap().trim().parse().unwrap()
+    };
+    let fp32 = predicted("fp32", &[]);
+    let bf16 = predicted("bf16", &["--set", "train.precision=bf16-mixed"]);
+    let full = predicted("full", &["--set", "train.recompute=full"]);
+    assert!(
+        (1.2..2.0).contains(&(fp32 / bf16)),
+        "fp32 {fp32} ms, bf16 {bf16} ms"
+    );
+    assert!(
+        (1.1..1.5).contains(&(full / fp32)),
+        "fp32 {fp32} ms, full {full} ms"
+    );
+}

@@ -10,9 +10,13 @@
 //! ```text
 //! stages      = the runtime's balanced split (train::mesh::partition): identical layers of
 //!               3·24·b·t·c² + 12·b·t²·c FLOPs, the last stage also the head's 3·2·b·t·c·vp
-//! micro(s)    = cpu_time::step_time(stage s, b, t, 1, n) without AdamW
+//! micro(s)    = cpu_time::step_time_as(stage s, b, t, 1, n, precision, recompute) without
+//!               AdamW (bf16-mixed: linear layers and head on the bf16 kernel, the 16-bit
+//!               working copy packed per micro-batch; full/selective recomputation: the
+//!               layers' forward / attention scores again, cpu_time::recompute_work)
 //!               (− sp: the layer norms' and residuals' elementwise passes split over tp too)
 //!               + cpu_comm::tp_comm_secs(stage s, b, t, 1, sp) over the tp link
+//!               (+ full recomputation: the layers' forward collectives again, half of theirs)
 //!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //!               then × (1 + TP_GROUP_LOSS · (tp·n/cores − 1) / (R/tp)) when tp·n > cores
 //! reload      = RELOAD_SECS_PER_BYTE · 4 · params(slowest stage) when oversub > 1 (a rank
@@ -39,9 +43,10 @@
 //!               is cpu_runtime::zero3_memory_sp; the precision's working copies and the
 //!               recomputation's activations as cpu_runtime::trainer_memory_sp; + the weight
 //!               panels (cpu_runtime::weight_panel_bytes) when the step packs them (fp32)
-//! time        = the fp32 constants whatever the precision (bf16-mixed measured 1.7–1.8×
-//!               faster on AVX512-BF16, docs/performance.md), without recomputation's
-//!               extra forward: the ranking assumes fp32 without recomputation
+//! time        = the model's precision and recomputation (`CpuModel`): bf16-mixed at
+//!               cpu_time's bf16 constants (fitted to the quiet 1.7× of docs/performance.md),
+//!               fp16-mixed with 16-bit bytes but f32 matmuls; ZeRO-3 gathers 16-bit weights
+//!               under mixed precision (cpu_runtime::zero3_comm_time_with)
 //! ```
 
 use crate::cpu_comm::{dp_comm_time, tp_comm_secs, tp_ring_phases, CommCalibration, DpCommSetup};
@@ -50,7 +55,8 @@ use crate::cpu_runtime::{
     zero3_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
 };
 use crate::cpu_time::{
-    elementwise_secs, step_time, tp_elementwise_share, weight_pass_secs, CpuCalibration,
+    elementwise_secs, recompute_work, step_time_as, tp_elementwise_share, weight_pass_secs,
+    CpuCalibration,
 };
 use crate::recipe::{Precision, Recompute};
 use crate::schedule::{build, simulate, Kind};
@@ -204,7 +210,15 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     let per: Vec<(f64, f64, f64)> = dims
         .iter()
         .map(|d| {
-            let s = step_time(d, l.batch, t, 1, threads, &compute);
+            let s = step_time_as(
+                d,
+                l.batch,
+                t,
+                1,
+                threads,
+                (m.precision, m.recompute),
+                &compute,
+            );
             // Once per step: the pass less what every micro-batch still pays (which stays in
             // the micro-step), so m micro-batches cost one pass + (m − 1) residuals.
             let packing = if panels {
@@ -215,10 +229,14 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                 0.0
             };
             let tp = tp_comm_secs(d, l.batch, t, 1, l.sp, &host.tp_link)
-                + sharing::TP_WAKE_SECS * tp_ring_phases(d, 1) * (oversub - 1.0);
-            // Sequence parallelism also splits the layer norms' and residuals' passes.
+                + sharing::TP_WAKE_SECS * tp_ring_phases(d, 1) * (oversub - 1.0)
+                + modes::recomputed_tp_secs(m, d, l, oversub, &host.tp_link);
+            // Sequence parallelism also splits the layer norms' and residuals' passes (and
+            // those of the recomputed forward).
+            let re = recompute_work(d, l.batch, t, m.recompute);
             let sp_saving = if l.sp {
                 elementwise_secs(d, l.batch, t, threads, &compute)
+                    * (1.0 + re.elementwise_share)
                     * (tp_elementwise_share(d.tp, false) - tp_elementwise_share(d.tp, true))
             } else {
                 0.0
@@ -302,7 +320,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                         (mb, l.dp),
                         p.0,
                         (host.overlap, spare_core),
-                        Precision::Fp32,
+                        m.precision,
                         &host.link,
                     )
                 } else {
@@ -404,13 +422,14 @@ fn rank_memory(
 mod choices;
 #[cfg(test)]
 mod measured;
+mod modes;
 pub mod sharing;
 pub use choices::{candidates, collapse, rank, CpuChoice, TIE};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_time::matmul_flops;
+    use crate::cpu_time::{matmul_flops, step_time};
 
     pub(super) fn model() -> CpuModel {
         CpuModel {

@@ -29,6 +29,22 @@
 //!              call; the calling thread is one of the n, so one thread wakes nothing)
 //! ```
 //!
+//! That is fp32 without recomputation ([`step_time`]). [`step_time_as`] follows the run's
+//! precision and recomputation:
+//!
+//! ```text
+//! bf16-mixed  matmul: the linear layers and head (3·linear_fwd) at bf16_matmul_flops_per_thread,
+//!             attention at matmul_flops_per_thread; no weight panels, every micro-batch packs
+//!             the 16-bit working copy (mixed_weight_bytes_per_param); AdamW at
+//!             mixed_optimizer_bytes_per_param (it writes the copy too); elementwise and
+//!             cross-entropy bytes as fp32 (measured about as long: the casts)
+//! fp16-mixed  the same bytes, the matmuls at the f32 rate (no fp16 kernel: f32 panels)
+//! recompute   + a · modes::recompute_work per micro-batch: full = the layers' forward again
+//!             (24·bt·c²/tp + 4·b·t²·c/tp FLOPs, ⅓ of their elementwise passes, ⅔ of a pass
+//!             over their weights without panels, ⅓ of their kernel calls); selective = QKᵀ
+//!             (2·b·t²·c/tp) and the softmax (12 bytes per score)
+//! ```
+//!
 //! The constants are per thread so the model extrapolates to other thread counts. They were
 //! fitted (least squares on log time, grid search over matmul rate, bandwidth, elementwise bytes
 //! and the second thread's share) to the median step (steps 4–14) of `scaletrain train` runs of
@@ -72,6 +88,7 @@
 //! is still within 26 % (a one-micro-batch step moves 1–6 % between the two terms).
 
 use crate::cpu_runtime::CpuRuntimeDims;
+use crate::recipe::{Precision, Recompute};
 
 /// Measured constants of the CPU runtime on one machine.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -107,6 +124,27 @@ pub struct CpuCalibration {
     /// b8×1 / b4×2 / b2×4 / b1×8 (125.7 / 123.5 / 128.5 / 139.7 ms, quiet, 2026-12-06 07:44
     /// UTC): 1.77 ms per extra micro-batch of 3.2 M parameters at 6 GB/s = 3.3 bytes.
     pub panel_bytes_per_param_per_micro: f64,
+    /// bf16-mixed: sustained FLOP/s of one thread for the linear layers and the LM head on the
+    /// bf16 matmul kernel (`vdpbf16ps` on AVX512-BF16), packing included; attention's score and
+    /// value products stay `f32` GEMMs on converted heads at `matmul_flops_per_thread`. Fitted
+    /// (not counted) so that the rest of the model, unchanged or counted as below, gives the
+    /// quiet bf16 step of docs/performance.md, "Quiet run of the peers, 2026-12-06 07:32–07:38
+    /// UTC (session 6)" (`bench/precision_bench.sh 3 5` at fe6522b, L4 H4 C256 T128 B8,
+    /// vocabulary 8192, 1 thread: 8,384 tokens/s = 122.1 ms against fp32's 4,918 = 208.2 ms,
+    /// which the fp32 constants predict as 207.9 ms): 635 GFLOP/s, rounded to 640. The
+    /// profile in docs/performance.md ("bf16-mixed step, session 6") sampled the micro-kernel
+    /// alone at about 520 GFLOP/s; the effective rate is higher because the memory terms,
+    /// fitted on fp32 runs, charge the cross-entropy and AdamW more than that profile measured
+    /// (the fit puts the sum right, not each part).
+    pub bf16_matmul_flops_per_thread: f64,
+    /// Mixed precision without weight panels: bytes per parameter of the per-micro-batch
+    /// weight pass (packing the 16-bit working copy for the forward and input-gradient GEMMs):
+    /// `weight_bytes_per_param` at half the element size, 3.4 (counted, not fitted).
+    pub mixed_weight_bytes_per_param: f64,
+    /// Mixed precision: AdamW's effective bytes per parameter. AdamW over the `f32` master
+    /// weights also writes the 16-bit working copy: 38 bytes by count against fp32's 36, at
+    /// fp32's measured ratio of 16 effective to 36 counted: 16.9 (counted, not fitted).
+    pub mixed_optimizer_bytes_per_param: f64,
 }
 
 impl Default for CpuCalibration {
@@ -121,6 +159,9 @@ impl Default for CpuCalibration {
             optimizer_bytes_per_param: 16.0,
             weight_panels: true,
             panel_bytes_per_param_per_micro: 3.3,
+            bf16_matmul_flops_per_thread: 640e9,
+            mixed_weight_bytes_per_param: 3.4,
+            mixed_optimizer_bytes_per_param: 16.0 * 38.0 / 36.0,
         }
     }
 }
@@ -144,12 +185,32 @@ pub struct CpuStepTime {
 
 /// Matmul FLOPs of one micro-batch, forward + backward (see the module formula).
 pub fn matmul_flops(d: &CpuRuntimeDims, batch: u64, seq: u64) -> f64 {
+    3.0 * linear_forward_flops(d, batch, seq) + attention_flops(d, batch, seq)
+}
+
+/// Forward FLOPs of one micro-batch's linear layers and LM head (backward is twice that).
+pub fn linear_forward_flops(d: &CpuRuntimeDims, batch: u64, seq: u64) -> f64 {
+    let (c, l) = (d.channels as f64, d.layers as f64);
+    let bt = batch as f64 * seq as f64;
+    l * 24.0 * bt * c * c / d.tp as f64 + 2.0 * bt * c * head_columns(d)
+}
+
+/// Attention's score and value products of one micro-batch, forward (2 GEMMs) and backward
+/// (4), on the full t×t square.
+pub fn attention_flops(d: &CpuRuntimeDims, batch: u64, seq: u64) -> f64 {
     let (c, l) = (d.channels as f64, d.layers as f64);
     let (b, t) = (batch as f64, seq as f64);
-    let bt = b * t;
-    let linear_fwd = l * 24.0 * bt * c * c / d.tp as f64 + 2.0 * bt * c * head_columns(d);
-    let attention = l * 12.0 * b * t * t * c / d.tp as f64;
-    3.0 * linear_fwd + attention
+    l * 12.0 * b * t * t * c / d.tp as f64
+}
+
+/// Parameters of `d`'s transformer layers alone (what recomputation's forward multiplies by):
+/// `param_count` without embedding and head.
+pub fn layer_params(d: &CpuRuntimeDims) -> f64 {
+    crate::cpu_runtime::param_count(&CpuRuntimeDims {
+        has_embedding: false,
+        has_head: false,
+        ..*d
+    }) as f64
 }
 
 /// Columns of the LM head this stage/rank multiplies: vp/tp on the last pipeline stage (the
@@ -199,7 +260,7 @@ pub fn weight_pass_secs(d: &CpuRuntimeDims, threads: u64, k: &CpuCalibration) ->
 }
 
 /// Predicted time of one optimizer step of `accum` micro-batches of (`batch`, `seq`) on
-/// `threads` threads.
+/// `threads` threads, in fp32 without recomputation.
 pub fn step_time(
     d: &CpuRuntimeDims,
     batch: u64,
@@ -208,28 +269,91 @@ pub fn step_time(
     threads: u64,
     k: &CpuCalibration,
 ) -> CpuStepTime {
+    step_time_as(
+        d,
+        batch,
+        seq,
+        accum,
+        threads,
+        (Precision::Fp32, Recompute::None),
+        k,
+    )
+}
+
+/// [`step_time`] under a storage precision and an activation recomputation policy (see the
+/// module formulas and [`modes`]): bf16-mixed runs the linear layers and the LM head on the
+/// bf16 kernel, packs its 16-bit working copy in every micro-batch (no weight panels) and
+/// writes it in AdamW; recomputation adds [`recompute_work`] to every micro-batch.
+pub fn step_time_as(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    accum: u64,
+    threads: u64,
+    (precision, recompute): (Precision, Recompute),
+    k: &CpuCalibration,
+) -> CpuStepTime {
     let n_threads = threads.max(1) as f64;
     let n = 1.0 + (n_threads - 1.0) * k.extra_thread_efficiency;
     let a = accum.max(1) as f64;
     let (c, l) = (d.channels as f64, d.layers as f64);
     let bt = (batch * seq) as f64;
-    let flops = a * matmul_flops(d, batch, seq);
-    let matmul_secs = flops / (n * k.matmul_flops_per_thread);
+    let mixed = precision != Precision::Fp32;
+    let bf16 = precision == Precision::Bf16Mixed;
+    let re = recompute_work(d, batch, seq, recompute);
+    let flops = a * (matmul_flops(d, batch, seq) + re.linear_flops + re.attention_flops);
+    let matmul_secs = if bf16 {
+        // Linear layers and head on the bf16 kernel, attention's products in f32.
+        let linear = 3.0 * linear_forward_flops(d, batch, seq) + re.linear_flops;
+        let attention = attention_flops(d, batch, seq) + re.attention_flops;
+        a * (linear / (n * k.bf16_matmul_flops_per_thread)
+            + attention / (n * k.matmul_flops_per_thread))
+    } else {
+        flops / (n * k.matmul_flops_per_thread)
+    };
     let p = crate::cpu_runtime::param_count(d) as f64;
     // The weight pass: once per step with panels (plus what each further micro-batch still
-    // pays), else once per micro-batch.
-    let weight_bytes = if k.weight_panels {
+    // pays), else once per micro-batch. The runtime packs no panels for 16-bit storage.
+    let weight_bytes = if k.weight_panels && !mixed {
         k.weight_bytes_per_param + (a - 1.0) * k.panel_bytes_per_param_per_micro
+    } else if mixed {
+        a * k.mixed_weight_bytes_per_param
     } else {
         a * k.weight_bytes_per_param
     };
-    let mem_bytes = a
+    let mut mem_bytes = a
         * (l * k.elementwise_bytes_per_token_channel * bt * c * tp_elementwise_share(d.tp, false)
             + 16.0 * bt * head_columns(d))
         + weight_bytes * p;
+    if recompute != Recompute::None {
+        // The recomputed forward's passes, and without panels its packing of the layers'
+        // weights again.
+        let per_param = if k.weight_panels && !mixed {
+            0.0
+        } else if mixed {
+            k.mixed_weight_bytes_per_param
+        } else {
+            k.weight_bytes_per_param
+        };
+        mem_bytes += a
+            * (re.elementwise_share
+                * l
+                * k.elementwise_bytes_per_token_channel
+                * bt
+                * c
+                * tp_elementwise_share(d.tp, false)
+                + re.score_bytes
+                + re.weight_pass_share * per_param * layer_params(d));
+    }
     let memory_secs = mem_bytes / (n * k.bandwidth_bytes_per_thread);
-    let optimizer_secs = k.optimizer_bytes_per_param * p / (n * k.bandwidth_bytes_per_thread);
-    let overhead_secs = a * (l * 22.0 + 12.0) * (n_threads - 1.0) * k.spawn_secs;
+    let optimizer_bytes = if mixed {
+        k.mixed_optimizer_bytes_per_param
+    } else {
+        k.optimizer_bytes_per_param
+    };
+    let optimizer_secs = optimizer_bytes * p / (n * k.bandwidth_bytes_per_thread);
+    let overhead_secs =
+        a * (l * (22.0 + re.calls_per_layer) + 12.0) * (n_threads - 1.0) * k.spawn_secs;
     CpuStepTime {
         matmul_secs,
         memory_secs,
@@ -239,6 +363,9 @@ pub fn step_time(
         matmul_flops: flops,
     }
 }
+
+mod modes;
+pub use modes::{recompute_work, RecomputeWork};
 
 #[cfg(test)]
 mod tests {

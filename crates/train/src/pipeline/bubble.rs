@@ -6,8 +6,9 @@
 //! summing the tied embedding's gradient). The report sets two simulations
 //! of the very lists the stages ran (`plan::schedule::simulate_stages`) beside it:
 //!
-//! - **predicted**: every virtual stage's micro-batch time from `plan::cpu_time` (forward a
-//!   third, backward two thirds; the first stage also embeds, the last also runs the final layer
+//! - **predicted**: every virtual stage's micro-batch time from `plan::cpu_time` under the
+//!   run's precision and recomputation (forward a third, backward two thirds, plus the
+//!   recomputed forward; the first stage also embeds, the last also runs the final layer
 //!   norm, the LM head and the loss), a fraction of the predicted step (list plus AdamW);
 //! - **from measured stage times**: every stage's own mean forward and backward time of this
 //!   run (gathered over the pipeline group at the end), in seconds per step — what the schedule
@@ -50,20 +51,25 @@ impl Pipeline {
 
     /// The start report's simulations for `m` micro-batches of `b` sequences of `t` tokens on
     /// `threads` threads per rank.
+    /// The stages' times follow the run's precision and recomputation (`modes`); a recomputed
+    /// forward counts in the backward, which runs it.
     pub fn predicted_wait(
         &self,
         mcfg: &model::ModelConfig,
         (m, b, t, threads): (usize, usize, usize, usize),
+        modes: (plan::recipe::Precision, plan::recipe::Recompute),
     ) -> PredictedWait {
         let (pp, v) = (self.shape.pp as u32, self.shape.vpp as u32);
         let lists = build(self.schedule.kind(), pp, m as u32, v);
         let equal = simulate(&lists, m as u32, v, 1.0, 2.0, 0.0);
         let last = self.parts.len() - 1;
-        let costs: Vec<plan::cpu_time::CpuStepTime> = self
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(vs, layers)| {
+        let without = (modes.0, plan::recipe::Recompute::None);
+        let recomputes = modes.1 != plan::recipe::Recompute::None;
+        let stage_times = |modes: (plan::recipe::Precision, plan::recipe::Recompute)| -> Vec<plan::cpu_time::CpuStepTime> {
+            self.parts
+                .iter()
+                .enumerate()
+                .map(|(vs, layers)| {
                 let dims = plan::cpu_runtime::CpuRuntimeDims {
                     padded_vocab: mcfg.padded_vocab() as u64,
                     max_seq_len: mcfg.max_seq_len as u64,
@@ -74,22 +80,39 @@ impl Pipeline {
                     has_head: vs == last,
                     tp: self.shape.tp as u64,
                 };
-                plan::cpu_time::step_time(
+                plan::cpu_time::step_time_as(
                     &dims,
                     b as u64,
                     t as u64,
                     1,
                     threads as u64,
+                    modes,
                     &plan::cpu_time::CpuCalibration::default(),
                 )
             })
-            .collect();
-        let micro: Vec<f64> = costs
-            .iter()
-            .map(|c| c.total_secs - c.optimizer_secs)
-            .collect();
-        let fwd: Vec<f64> = micro.iter().map(|x| x / 3.0).collect();
-        let bwd: Vec<f64> = micro.iter().map(|x| 2.0 * x / 3.0).collect();
+            .collect()
+        };
+        let micro_of = |costs: &[plan::cpu_time::CpuStepTime]| -> Vec<f64> {
+            costs
+                .iter()
+                .map(|c| c.total_secs - c.optimizer_secs)
+                .collect()
+        };
+        let costs = stage_times(modes);
+        let micro = micro_of(&costs);
+        let (fwd, bwd): (Vec<f64>, Vec<f64>) = if recomputes {
+            // The forward as without recomputation; the backward also runs it again.
+            let base = micro_of(&stage_times(without));
+            base.iter()
+                .zip(&micro)
+                .map(|(b, x)| (b / 3.0, x - b / 3.0))
+                .unzip()
+        } else {
+            (
+                micro.iter().map(|x| x / 3.0).collect(),
+                micro.iter().map(|x| 2.0 * x / 3.0).collect(),
+            )
+        };
         let p2p = self.transfer_secs(b, t, mcfg.channels);
         let sim = simulate_stages(&lists, m as u32, v, &fwd, &bwd, p2p);
         let me = self.stage();

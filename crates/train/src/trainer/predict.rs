@@ -1,5 +1,6 @@
 //! What a run predicts for this rank before its first step: buffer memory
-//! (`plan::cpu_runtime`, by layout), step time (`plan::cpu_time`) and, in a pipeline, the
+//! (`plan::cpu_runtime`, by layout), step time (`plan::cpu_time`, under the run's precision
+//! and recomputation) and, in a pipeline, the
 //! stage's place and the schedule's wait ([`pipeline_info`]). The end-of-run report sets
 //! the measurements beside these.
 
@@ -35,18 +36,20 @@ pub(super) fn predict<E: Storage>(
 ) -> Predictions {
     let mcfg = &stage.chunks[0].1.cfg;
     let dims = crate::fits::stage_dims(stage);
-    let predicted_step = plan::cpu_time::step_time(
+    let predicted_step = plan::cpu_time::step_time_as(
         &dims,
         b as u64,
         t as u64,
         accum as u64,
         threads as u64,
+        (cfg.train.precision, cfg.train.recompute),
         &plan::cpu_time::CpuCalibration {
             weight_panels: acts.panel_bytes() > 0,
             ..Default::default()
         },
     );
-    let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads)));
+    let modes = (cfg.train.precision, cfg.train.recompute);
+    let pipeline = pipe.map(|p| pipeline_info(p, acts, mcfg, (accum, b, t, threads), modes));
     let memory = crate::fits::rank_memory(
         stage,
         (b, t),
@@ -70,8 +73,9 @@ pub(super) fn pipeline_info<E: crate::precision::Storage>(
     acts: &StageActs<E>,
     mcfg: &model::ModelConfig,
     (m, b, t, threads): (usize, usize, usize, usize),
+    modes: (plan::recipe::Precision, plan::recipe::Recompute),
 ) -> PipelineInfo {
-    let wait = p.predicted_wait(mcfg, (m, b, t, threads));
+    let wait = p.predicted_wait(mcfg, (m, b, t, threads), modes);
     PipelineInfo {
         stage: p.stage(),
         stages: p.shape.pp,
