@@ -13,6 +13,8 @@
 
 use super::*;
 
+mod held_out;
+
 /// (N, dp, pp, tp, micro-batch, micro-batches, ZeRO, sp, measured median step ms).
 type Row = (u64, u64, u64, u64, u64, u64, u8, bool, f64);
 
@@ -499,7 +501,7 @@ fn the_held_out_checks_are_within_15_percent() {
     // their 48 rows within 15% of the prediction. Session 8's reload term was fitted to A–G,
     // but its form was chosen after studying H and I's residuals, so they are no longer held
     // out (top-5 ρ 0.80 / 0.90 / 0.90 and −0.20 / 1.00 / 0.90 now, 0.80 / 0.90 / 0.10 and
-    // −0.20 / 1.00 / 0.10 before); the fresh held-out runs are in docs/cpu-planner.md.
+    // −0.20 / 1.00 / 0.10 before); the fresh held-out runs are in `held_out`.
     for (table, rows) in [("H", H), ("I", I)] {
         let rms = all_within_15_percent(table, rows);
         assert!(rms < 0.06, "table {table}: RMS log error {rms:.3}");
