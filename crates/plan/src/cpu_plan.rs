@@ -19,10 +19,11 @@
 //!               (+ full recomputation: the layers' forward collectives again, half of theirs)
 //!               + TP_WAKE_SECS · cpu_comm::tp_ring_phases(stage s) · (oversub − 1)
 //!               then × (1 + TP_GROUP_LOSS · (tp·n/cores − 1) / (R/tp)) when tp·n > cores
-//! reload      = RELOAD_SECS_PER_BYTE · 4 · params(slowest stage) when oversub > 1 (a rank
-//!               back on a shared core re-reads its weights), else 0
-//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = max_s micro(s)/3 + reload,
-//!               backward = 2/3 of it + reload, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
+//! reload      = RELOAD_SECS_PER_BYTE · 4 (mixed precision: 2) · params(slowest stage) when
+//!               oversub > 1 (a rank back on a shared core re-reads its weights), else 0
+//! pipeline    = sharing::shared_makespan(1F1B, pp, m, forward = ⅓ of the slowest micro(s)
+//!               without what recomputation adds + reload, backward = the rest (the
+//!               recomputed forward runs there) + reload, p2p = α + b·t·c·4 / β + P2P_MESSAGE_SECS · load when
 //!               sent (max(1, threads of the running stages and the receiver / cores)),
 //!               dp·tp ranks per stage on `cores`)  (pp = 1: oversub · m · micro; a core per
 //!               thread: schedule::simulate's makespan)
@@ -211,8 +212,9 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // With weight panels and several micro-batches, each rank packs its weights once per step
     // (counted beside AdamW) instead of in every micro-batch.
     let panels = compute.weight_panels && mb > 1;
-    // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW + weight packing).
-    let per: Vec<(f64, f64, f64)> = dims
+    // Per stage: (micro-step compute + tp collectives, tp collectives, AdamW + weight packing,
+    // what recomputation adds to the micro-step: it runs in the backward).
+    let per: Vec<(f64, f64, f64, f64)> = dims
         .iter()
         .map(|d| {
             let s = step_time_as(
@@ -224,6 +226,22 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                 (m.precision, m.recompute),
                 &compute,
             );
+            let recomputed = if m.recompute == Recompute::None {
+                0.0
+            } else {
+                let plain = step_time_as(
+                    d,
+                    l.batch,
+                    t,
+                    1,
+                    threads,
+                    (m.precision, Recompute::None),
+                    &compute,
+                );
+                (s.matmul_secs + s.memory_secs + s.overhead_secs)
+                    - (plain.matmul_secs + plain.memory_secs + plain.overhead_secs)
+                    + modes::recomputed_tp_secs(m, d, l, oversub, &host.tp_link)
+            };
             // Once per step: the pass less what every micro-batch still pays (which stays in
             // the micro-step), so m micro-batches cost one pass + (m − 1) residuals.
             let packing = if panels {
@@ -250,6 +268,7 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                 s.matmul_secs + s.memory_secs - packing - sp_saving + s.overhead_secs + tp,
                 tp,
                 s.optimizer_secs / shard + packing,
+                recomputed,
             )
         })
         .collect();
@@ -259,11 +278,17 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
     // A tensor-parallel group with more threads than cores never runs at once: its compute
     // (and collectives) stretch by TP_GROUP_LOSS per extra core's worth of threads, shared
     // by the host's R/tp groups (another group's work fills the idle cores).
-    let micro =
-        per[slowest].0 * sharing::tp_group_stretch(l.tp * threads, host.cores, ranks / l.tp.max(1));
-    // Ranks sharing cores re-read their stage's weights in each forward and backward.
+    let stretch = sharing::tp_group_stretch(l.tp * threads, host.cores, ranks / l.tp.max(1));
+    let micro = per[slowest].0 * stretch;
+    // Forward: a third of the micro-step without recomputation; the backward the rest, the
+    // recomputed forward included.
+    let forward = (per[slowest].0 - per[slowest].3) * stretch / 3.0;
+    let backward = micro - forward;
+    // Ranks sharing cores re-read their stage's weights in each forward and backward: the
+    // fp32 weights, or under mixed precision the 16-bit working copy the GEMMs read.
+    let weight_bytes = if m.precision == Precision::Fp32 { 4 } else { 2 };
     let reload = if oversub > 1.0 {
-        sharing::RELOAD_SECS_PER_BYTE * (param_count(&dims[slowest]) * 4) as f64
+        sharing::RELOAD_SECS_PER_BYTE * (param_count(&dims[slowest]) * weight_bytes) as f64
     } else {
         0.0
     };
@@ -289,15 +314,15 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
         &lists,
         mb as u32,
         1,
-        micro / 3.0,
-        2.0 * micro / 3.0,
+        forward,
+        backward,
         p2p + wake * oversub,
     );
     // Shared cores: a waiting stage lends its core to the other ranks.
     let makespan = sharing::shared_makespan(
         &lists,
         mb as u32,
-        (micro / 3.0 + reload, 2.0 * micro / 3.0 + reload, p2p, wake),
+        (forward + reload, backward + reload, p2p, wake),
         (l.dp * l.tp, threads, host.cores),
     );
     let optimizer_secs = per.iter().map(|p| p.2).fold(0.0, f64::max);
