@@ -484,7 +484,7 @@ mod tests {
         }
     }
 
-    fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
+    pub(super) fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
         CpuLayout {
             dp,
             pp,

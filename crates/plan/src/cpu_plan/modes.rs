@@ -31,20 +31,8 @@ pub(super) fn recomputed_tp_secs(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{host, model};
+    use super::super::tests::{host, layout, model};
     use super::super::*;
-
-    fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64, zero: u8) -> CpuLayout {
-        CpuLayout {
-            dp,
-            pp,
-            tp,
-            batch,
-            microbatches,
-            zero,
-            sp: false,
-        }
-    }
 
     fn with(precision: Precision, recompute: Recompute) -> CpuModel {
         CpuModel {
@@ -61,12 +49,15 @@ mod tests {
         let bf16 = with(Precision::Bf16Mixed, Recompute::None);
         let full = with(Precision::Fp32, Recompute::Full);
         for l in [
-            layout(1, 1, 1, 8, 1, 0),
-            layout(1, 1, 1, 2, 4, 0),
-            layout(2, 1, 1, 4, 1, 0),
-            layout(1, 2, 1, 2, 4, 0),
-            layout(1, 1, 2, 8, 1, 0),
-            layout(2, 1, 1, 4, 1, 3),
+            layout(1, 1, 1, 8, 1),
+            layout(1, 1, 1, 2, 4),
+            layout(2, 1, 1, 4, 1),
+            layout(1, 2, 1, 2, 4),
+            layout(1, 1, 2, 8, 1),
+            CpuLayout {
+                zero: 3,
+                ..layout(2, 1, 1, 4, 1)
+            },
         ] {
             let (a, b, f) = (
                 predict(&fp32, &l, &h),
@@ -94,7 +85,7 @@ mod tests {
             (Precision::Fp32, Recompute::Full),
         ] {
             let m = with(p, r);
-            let got = predict(&m, &layout(1, 1, 1, 8, 1, 0), &h);
+            let got = predict(&m, &layout(1, 1, 1, 8, 1), &h);
             let d = stage_dims(&m, 4, 0, 1, 1);
             // One micro-batch: no weight panels, so a recomputed forward packs the weights
             // again.
@@ -112,7 +103,7 @@ mod tests {
         // tp2 on 4 cores: full recomputation adds the layers' forward collectives, half of the
         // layers' tp_comm_secs.
         let h = host(4);
-        let l = layout(1, 1, 2, 8, 1, 0);
+        let l = layout(1, 1, 2, 8, 1);
         let none = predict(&with(Precision::Fp32, Recompute::None), &l, &h);
         let full = predict(&with(Precision::Fp32, Recompute::Full), &l, &h);
         let d = stage_dims(&model(), 4, 0, 1, 2);
@@ -137,7 +128,10 @@ mod tests {
             ..with(precision, Recompute::None)
         };
         let h = host(2);
-        let l = layout(2, 1, 1, 4, 1, 3);
+        let l = CpuLayout {
+            zero: 3,
+            ..layout(2, 1, 1, 4, 1)
+        };
         let (a, b) = (
             predict(&m(Precision::Fp32), &l, &h),
             predict(&m(Precision::Bf16Mixed), &l, &h),
