@@ -206,6 +206,7 @@ pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibr
 mod tests {
     use super::*;
     use crate::cpu_comm::CommCalibration;
+    use crate::cpu_plan::tests::layout;
 
     fn run(
         layers: u64,
@@ -239,18 +240,6 @@ mod tests {
             layout: l,
             host,
             step_secs,
-        }
-    }
-
-    fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
-        CpuLayout {
-            dp,
-            pp,
-            tp,
-            batch,
-            microbatches,
-            zero: 0,
-            sp: false,
         }
     }
 

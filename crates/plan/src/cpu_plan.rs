@@ -457,4 +457,4 @@ pub mod sharing;
 pub use choices::{candidates, collapse, rank, CpuChoice, TIE};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -26,7 +26,7 @@ pub(super) fn host(cores: u64) -> CpuHost {
     }
 }
 
-pub(super) fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
+pub(crate) fn layout(dp: u64, pp: u64, tp: u64, batch: u64, microbatches: u64) -> CpuLayout {
     CpuLayout {
         dp,
         pp,
