@@ -342,15 +342,11 @@ fn spearman_of_hand_ranked_cases() {
     assert!((spearman(&[1.0, 2.0, 3.0], &[1.0, 3.0, 2.0]) - 0.5).abs() < 1e-12);
 }
 
+/// `cpu_plan`'s test model with the benchmark's vocabulary (32, padded to 64).
 fn model() -> CpuModel {
     CpuModel {
         padded_vocab: 64,
-        seq_len: 128,
-        channels: 256,
-        heads: 4,
-        layers: 4,
-        precision: crate::recipe::Precision::Fp32,
-        recompute: crate::recipe::Recompute::None,
+        ..super::tests::model()
     }
 }
 
