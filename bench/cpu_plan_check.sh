@@ -6,7 +6,9 @@
 # the machine's load spreads over all layouts), takes each run's median step time (first step
 # left out) from metrics.jsonl and the median of those over the rounds, and prints every
 # predicted/measured pair, the rounds' values and measured parts (time in tensor-parallel,
-# data-parallel and pipeline communication, ms), and Spearman's rank correlation per N.
+# data-parallel and pipeline communication, ms), and Spearman's rank correlation per N, with the
+# measurement's own reproducibility: the medians of the odd and of the even rounds ranked against
+# each other (where that is low, the layouts are closer than the machine's noise).
 # Usage: bench/cpu_plan_check.sh   (env: NPROCS="2 4" TOP=5 STEPS=20 ROUNDS=3 BIN=target/release/scaletrain)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +92,15 @@ top = sorted(range(len(rows)), key=lambda i: p[i])[:5]
 if len(rows) > 5:
     tp_, tm = [p[i] for i in top], [m[i] for i in top]
     print(f"  top 5: Spearman rho = {spearman(tp_, tm):.2f}, within 15%: {within(tp_, tm)} of 5")
+# The measurement's own reproducibility: medians of the odd and of the even rounds, ranked
+# against each other (split-half rho) and each against the prediction.
+import re
+rounds = [list(map(float, re.search(r"\[rounds:([^\]]*)\]", r).group(1).split())) for _, _, r in rows]
+if len(rows) > 2 and min(len(v) for v in rounds) >= 4:
+    med = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
+    odd, even = [med(v[0::2]) for v in rounds], [med(v[1::2]) for v in rounds]
+    print(f"  split half (odd / even rounds): rho between halves = {spearman(odd, even):.2f}; "
+          f"prediction vs odd {spearman(p, odd):.2f}, vs even {spearman(p, even):.2f}")
 PY
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -345,6 +345,13 @@ fn run(a: &PlanCpuArgs) -> Result<ExitCode> {
             variants_text(c)
         );
     }
+    let ties = plan::cpu_plan::near_ties(&choices[..choices.len().min(a.top)]);
+    if ties > 1 {
+        println!(
+            "note: #1-#{ties} are within {:.0}% of the best predicted step, the planner's resolution: layouts that close measured in either order from run to run on the machine its constants come from (docs/cpu-planner.md, \"How close is a tie\"); if the choice matters, time them (bench/cpu_plan_check.sh)",
+            100.0 * plan::cpu_plan::RESOLUTION
+        );
+    }
     let (best, bp) = &top[0];
     let args = train_args(a, best, bp);
     println!(

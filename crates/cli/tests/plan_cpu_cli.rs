@@ -400,3 +400,58 @@ fn the_run_report_predicts_the_runs_precision_and_recomputation() {
         "fp32 {fp32} ms, full {full} ms"
     );
 }
+
+/// The tokens/s column of `plan --cpu`'s table (its step ms has too few digits for a small
+/// model), and the near-tie note's count, if any.
+fn table_and_note(stdout: &str) -> (Vec<f64>, Option<usize>) {
+    let steps = stdout
+        .lines()
+        .skip_while(|l| !l.contains("step ms"))
+        .skip(1)
+        .map_while(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 10 && w[0].parse::<usize>().is_ok()).then(|| w[10].parse().unwrap())
+        })
+        .collect();
+    let note = stdout.lines().find_map(|l| {
+        let rest = l.strip_prefix("note: #1-#")?;
+        rest.split(' ').next()?.parse().ok()
+    });
+    (steps, note)
+}
+
+#[test]
+fn plan_cpu_names_the_layouts_within_its_resolution_of_the_best() {
+    // The benchmark's model at N = 2 (its top 2 lie within 3%, docs/cpu-planner.md) and the
+    // small model at N = 4: the note counts exactly the rows within 3% of the first.
+    let bench: &[&str] = &[
+        "--set",
+        "model.n_layer=4",
+        "--set",
+        "model.n_head=4",
+        "--set",
+        "model.channels=256",
+        "--set",
+        "model.seq_len=128",
+        "--set",
+        "train.batch_size=8",
+    ];
+    let mut seen_note = false;
+    for (model, n) in [(bench, "2"), (MODEL, "4")] {
+        let mut args = vec!["plan", "--cpu", "--nproc", n, "--cores", "2", "--top", "8"];
+        args.extend_from_slice(model);
+        let (code, stdout, stderr) = common::run(&args);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let (tokens_per_sec, note) = table_and_note(&stdout);
+        assert!(tokens_per_sec.len() >= 3, "{stdout}");
+        let best = tokens_per_sec[0];
+        let within = tokens_per_sec.iter().filter(|&&t| best <= t * 1.03).count();
+        if within > 1 {
+            assert_eq!(note, Some(within), "{stdout}");
+            seen_note = true;
+        } else {
+            assert_eq!(note, None, "{stdout}");
+        }
+    }
+    assert!(seen_note, "the benchmark's model at N = 2 has near ties");
+}

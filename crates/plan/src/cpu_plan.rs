@@ -454,7 +454,7 @@ mod choices;
 mod measured;
 mod modes;
 pub mod sharing;
-pub use choices::{candidates, collapse, rank, CpuChoice, TIE};
+pub use choices::{candidates, collapse, near_ties, rank, CpuChoice, RESOLUTION, TIE};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -88,6 +88,27 @@ pub struct CpuChoice {
 /// speed (below the ±5 % spread of repeated measurements of one layout, docs/cpu-planner.md).
 pub const TIE: f64 = 0.01;
 
+/// Relative step-time difference under which the measured order of two layouts on this
+/// development machine is not reliable, so `plan --cpu` names the rows that close to the best
+/// as near ties. Held-out runs of `bench/cpu_plan_check.sh` (`measured::held_out`): in the
+/// quiet ones every pair of the top 5 predicted more than 3 % apart measured in the predicted
+/// order; pairs closer than that traded places from run to run (repeated measurements of one
+/// layout spread by about ±5 %, and the medians of five to fifteen rounds by 1–3 %).
+pub const RESOLUTION: f64 = 0.03;
+
+/// How many of `choices` (fastest first) lie within [`RESOLUTION`] of the first, the first
+/// included.
+pub fn near_ties(choices: &[CpuChoice]) -> usize {
+    let best = match choices.first() {
+        Some(c) => c.prediction.step_secs,
+        None => return 0,
+    };
+    choices
+        .iter()
+        .take_while(|c| c.prediction.step_secs <= best * (1.0 + RESOLUTION))
+        .count()
+}
+
 /// Collapses a ranking (fastest first, as [`rank`] returns it) to one row per (dp, pp, tp,
 /// micro-batch size): the variants that differ only in ZeRO stage or sequence parallelism
 /// change memory far more than time, and five of them in a top 5 are not five choices.
