@@ -361,7 +361,10 @@ fn host(panels: bool) -> CpuHost {
         },
         link: CommCalibration::tcp(),
         tp_link: CommCalibration::tcp_tensor_parallel(),
-        bucket_bytes: 1 << 21,
+        // The runtime's default gradient bucket (`train::dp::DEFAULT_BUCKET_BYTES`, which every
+        // run of the tables used and `plan --cpu` predicts with; until session 9 this harness
+        // had 2 MiB, so its dp predictions were up to ~1% off the printed ones).
+        bucket_bytes: 512 << 10,
         overlap: true,
     }
 }
@@ -425,7 +428,9 @@ fn the_measured_tables_rank_and_their_steps_are_within_15_percent() {
     // per-parameter constants to A–C; docs/cpu-planner.md has the held-out checks. Table A
     // N = 8: one shape in five ZeRO/sp variants. Tables B, C N = 4, C N = 8 and D, G N = 2: the
     // model's top 5 lie within 5–7% of each other, measured or predicted, and are ordered by
-    // noise (ρ over all rows 0.86–0.97).
+    // noise (ρ over all rows 0.86–0.97). Session 9 gave this harness the runtime's 512 KiB
+    // gradient bucket (it had 2 MiB): C N = 8's ρ over all rows fell from ≥ 0.95 to 0.94; every
+    // other bound holds.
     type Expect<'a> = (&'a str, &'a [Row], bool, [(f64, f64, usize); 3]);
     let expect: [Expect; 7] = [
         (
@@ -444,7 +449,7 @@ fn the_measured_tables_rank_and_their_steps_are_within_15_percent() {
             "C",
             C,
             false,
-            [(0.97, 0.79, 11), (0.86, 0.69, 12), (0.95, 0.69, 12)],
+            [(0.97, 0.79, 11), (0.86, 0.69, 12), (0.94, 0.69, 12)],
         ),
         (
             "E1",

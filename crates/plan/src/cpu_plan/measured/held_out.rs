@@ -7,11 +7,12 @@
 //! P, Q and R (12:53–12:56, `NPROCS=2`, as J) repeat N = 2 alone, in a slower phase of the
 //! machine (every layout 3–16% above its prediction).
 //!
-//! Session 9 (same model, a clean build of main at b2a2ee4): S (14:08 UTC, `NPROCS=2 TOP=5
-//! STEPS=40 ROUNDS=15`) and T (14:16, `NPROCS="2 4 8" TOP=5 STEPS=40 ROUNDS=9`), quiet. From
-//! them on, the benchmark prints the measurement's own reproducibility (the medians of the odd
-//! and of the even rounds ranked against each other): S 1.00, T 0.90 / 1.00 / 0.90. Recomputed
-//! from the rounds of the earlier runs: N = 2 J 0.90, K 0.90, N 0.30, P 0.10, Q 0.50, R 0.90.
+//! Session 9 (same model, a build of main at b2a2ee4): S (14:08 UTC, `NPROCS=2 TOP=5 STEPS=40
+//! ROUNDS=15`), T (14:16) and U (14:29, both `NPROCS="2 4 8" TOP=5 STEPS=40 ROUNDS=9`), quiet.
+//! From them on, the benchmark prints the measurement's own reproducibility (the medians of the
+//! odd and of the even rounds ranked against each other): S 1.00, T 0.90 / 1.00 / 0.90, U 1.00 /
+//! 0.90 / 1.00. Recomputed from the rounds of the earlier runs: N = 2 J 0.90, K 0.90, N 0.30,
+//! P 0.10, Q 0.50, R 0.90.
 
 use super::{all_within_15_percent, check, host, predicted, Row};
 
@@ -152,6 +153,25 @@ const T: &[Row] = &[
     (8, 2, 2, 2, 4, 1, 1, true, 78.5),
 ];
 
+/// Table U (14:29 UTC): as T.
+const U: &[Row] = &[
+    (2, 1, 1, 2, 8, 1, 0, true, 68.2),
+    (2, 1, 1, 2, 4, 2, 0, true, 67.6),
+    (2, 2, 1, 1, 4, 1, 1, false, 69.8),
+    (2, 2, 1, 1, 2, 2, 1, false, 71.7),
+    (2, 1, 1, 2, 2, 4, 0, true, 69.6),
+    (4, 1, 2, 2, 8, 1, 0, true, 69.8),
+    (4, 1, 2, 2, 4, 2, 0, true, 70.0),
+    (4, 2, 2, 1, 4, 1, 1, false, 73.7),
+    (4, 2, 2, 1, 2, 2, 1, false, 76.5),
+    (4, 2, 1, 2, 4, 1, 1, true, 78.2),
+    (8, 1, 4, 2, 8, 1, 0, true, 72.1),
+    (8, 2, 4, 1, 4, 1, 1, false, 75.6),
+    (8, 1, 4, 2, 4, 2, 0, true, 74.5),
+    (8, 2, 4, 1, 2, 2, 1, false, 80.8),
+    (8, 2, 2, 2, 4, 1, 1, true, 80.3),
+];
+
 /// The rows of `rows` more than 15% off their prediction.
 fn outside_15_percent(rows: &[Row]) -> Vec<Row> {
     let h = host(true);
@@ -163,7 +183,7 @@ fn outside_15_percent(rows: &[Row]) -> Vec<Row> {
 
 #[test]
 fn the_fresh_runs_steps_are_within_15_percent() {
-    for (table, rows) in [("J", J), ("K", K), ("N", N), ("S", S), ("T", T)] {
+    for (table, rows) in [("J", J), ("K", K), ("N", N), ("S", S), ("T", T), ("U", U)] {
         let rms = all_within_15_percent(table, rows);
         assert!(rms < 0.07, "table {table}: RMS log error {rms:.3}");
     }
@@ -198,43 +218,58 @@ fn the_fresh_runs_rank_the_top_5_at_4_and_8_processes() {
 }
 
 #[test]
-fn quiet_runs_rank_the_top_5_at_2_4_and_8_processes() {
-    // S (N = 2 alone) 0.90; T 1.00 / 1.00 / 1.00.
+fn session_9s_quiet_runs_rank_the_top_5() {
+    // Top-5 ρ at N = 2 / 4 / 8: S 0.90 (N = 2 alone), T 1.00 / 1.00 / 1.00, U 0.60 / 1.00 /
+    // 0.80. U's N = 2 misses: tp2 b2×4 measured third (69.6 ms), predicted fifth, 3.3% behind
+    // dp2 b4 (69.8 ms) — closer than the planner's resolution.
     let s = check(S, true);
     assert!(s[0].top5_rho >= 0.89, "table S: {s:?}");
-    for score in check(T, true) {
-        assert!(score.top5_rho >= 0.99, "table T: {score:?}");
+    for (table, rows, at_least) in [("T", T, [0.99, 0.99, 0.99]), ("U", U, [0.59, 0.99, 0.79])] {
+        for (score, min) in check(rows, true).iter().zip(at_least) {
+            assert!(score.top5_rho >= min, "table {table}: {score:?}");
+        }
     }
 }
 
 /// The claim behind [`super::super::RESOLUTION`]: in the held-out runs whose rounds agreed with
-/// themselves (split-half ρ ≥ 0.8: J, K, S, T), every pair of rows of one N predicted more than
-/// 3 % apart measured in the predicted order. (Not in the others: R's rounds agreed, ρ 0.90, but
-/// in a slow phase of the machine tp2 b8 measured slower than tp2 b2×4, predicted 6.6% faster.)
+/// themselves (split-half ρ ≥ 0.8: J, K, S, T, U), every pair of rows of one N predicted more
+/// than 4 % apart measured in the predicted order. 3 % held on J, K, S and T and then broke on
+/// U (pairs 3.3 % and 3.7 % apart, measured 0.2 and 0.5 ms the other way). Not in a slow phase
+/// of the machine: R's rounds agreed (ρ 0.90) but tp2 b8 measured slower than tp2 b2×4,
+/// predicted 6.6% faster.
 #[test]
 fn pairs_predicted_further_apart_than_the_resolution_measure_in_order() {
     let h = host(true);
-    let mut pairs = 0;
-    for (table, rows) in [("J", J), ("K", K), ("S", S), ("T", T)] {
+    let resolution = super::super::RESOLUTION;
+    let out_of_order = |rows: &[Row], by: f64| -> Vec<(Row, Row)> {
+        let mut v = Vec::new();
         for a in rows {
             for b in rows.iter().filter(|b| b.0 == a.0) {
-                let (pa, pb) = (predicted(a, &h).1, predicted(b, &h).1);
-                if pb > pa * (1.0 + super::super::RESOLUTION) {
-                    pairs += 1;
-                    assert!(
-                        a.8 < b.8,
-                        "table {table}: {a:?} ({pa:.1}) vs {b:?} ({pb:.1})"
-                    );
+                if predicted(b, &h).1 > predicted(a, &h).1 * (1.0 + by) && a.8 >= b.8 {
+                    v.push((*a, *b));
                 }
             }
         }
+        v
+    };
+    let mut pairs = 0;
+    for (table, rows) in [("J", J), ("K", K), ("S", S), ("T", T), ("U", U)] {
+        assert_eq!(out_of_order(rows, resolution), [], "table {table}");
+        pairs += rows
+            .iter()
+            .flat_map(|a| rows.iter().map(move |b| (a, b)))
+            .filter(|(a, b)| {
+                a.0 == b.0 && predicted(b, &h).1 > predicted(a, &h).1 * (1.0 + resolution)
+            })
+            .count();
     }
-    assert!(pairs >= 30, "only {pairs} pairs");
-    // And R, the slow phase, breaks it: the claim is this machine's quiet state.
-    let r_breaks = R.iter().any(|a| {
-        R.iter().any(|b| {
-            predicted(b, &h).1 > predicted(a, &h).1 * (1.0 + super::super::RESOLUTION) && a.8 > b.8
-        })
-    });
-    assert!(r_breaks);
+    assert!(pairs >= 40, "only {pairs} pairs");
+    // What set it at 4 %: U at 3 %, and R, the slow phase, at 4 %.
+    assert_eq!(
+        out_of_order(U, 0.03).len(),
+        2,
+        "{:?}",
+        out_of_order(U, 0.03)
+    );
+    assert!(!out_of_order(R, resolution).is_empty());
 }
