@@ -422,8 +422,8 @@ fn table_and_note(stdout: &str) -> (Vec<f64>, Option<usize>) {
 
 #[test]
 fn plan_cpu_names_the_layouts_within_its_resolution_of_the_best() {
-    // The benchmark's model at N = 2 (its top 2 lie within 3%, docs/cpu-planner.md) and the
-    // small model at N = 4: the note counts exactly the rows within 3% of the first.
+    // The benchmark's model at N = 2 (its top 3 lie within 4%, docs/cpu-planner.md) and the
+    // small model at N = 4: the note counts exactly the rows within 4% of the first.
     let bench: &[&str] = &[
         "--set",
         "model.n_layer=4",
@@ -445,7 +445,10 @@ fn plan_cpu_names_the_layouts_within_its_resolution_of_the_best() {
         let (tokens_per_sec, note) = table_and_note(&stdout);
         assert!(tokens_per_sec.len() >= 3, "{stdout}");
         let best = tokens_per_sec[0];
-        let within = tokens_per_sec.iter().filter(|&&t| best <= t * 1.03).count();
+        let within = tokens_per_sec
+            .iter()
+            .filter(|&&t| best <= t * (1.0 + plan::cpu_plan::RESOLUTION))
+            .count();
         if within > 1 {
             assert_eq!(note, Some(within), "{stdout}");
             seen_note = true;
