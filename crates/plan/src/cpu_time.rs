@@ -80,7 +80,7 @@
 //! The two per-parameter constants are not identifiable from one-micro-batch, one-process runs
 //! (they scale with the matmul work there). They were fitted (weighted least squares, with the
 //! constants above held) to the fifteen layouts of `bench/cpu_plan_check.sh` on the same quiet
-//! machine (2026-12-06 02:03 UTC, docs/cpu-planner.md): micro-batch count at equal tokens
+//! machine (2026-12-06 02:03 UTC, docs/cpu-planner-measurements.md): micro-batch count at equal tokens
 //! separates the weight passes (dp2 b1×4 85.7 ms, b2×2 77.1, b4×1 75.1: ~3.5 ms per extra
 //! micro-batch of 3.2 M parameters = 6.8 bytes per parameter), ZeRO's sharded AdamW separates
 //! the optimizer (ZeRO-1/2 saved 2–12 ms where 36 bytes per parameter predicted 10–39 ms: 16

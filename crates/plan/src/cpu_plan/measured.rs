@@ -1,4 +1,4 @@
-//! The layout model against the quiet measurements of docs/cpu-planner.md (2026-12-06,
+//! The layout model against the quiet measurements of docs/cpu-planner-measurements.md (2026-12-06,
 //! `bench/cpu_plan_check.sh`, L4 H4 C256 T128, vocabulary 32, global batch 8, 2-core AMD Zen 5
 //! VM): table A (02:03 UTC, 15 layouts, one round), table B (04:42, the top 5 of the model then,
 //! two rounds), table C (05:55, its top 12, three rounds), all before the runtime's weight

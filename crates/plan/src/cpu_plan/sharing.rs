@@ -1,5 +1,5 @@
 //! More ranks than cores: the pipeline under processor sharing, and the constants of the
-//! oversubscribed host (docs/cpu-planner.md, "Ranks sharing cores").
+//! oversubscribed host (docs/cpu-planner-measurements.md, "Ranks sharing cores").
 //!
 //! With R ranks × n threads on C < R·n cores the operating system shares the cores among the
 //! runnable threads (Linux's fair scheduler approximates processor sharing: each of k runnable
