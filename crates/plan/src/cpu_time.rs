@@ -39,7 +39,8 @@
 //!             mixed_optimizer_bytes_per_param (it writes the copy too); elementwise and
 //!             cross-entropy bytes as fp32 (measured about as long: the casts)
 //! fp16-mixed  the same bytes, the matmuls at the f32 rate (no fp16 kernel: f32 panels)
-//! recompute   + a · modes::recompute_work per micro-batch: full = the layers' forward again
+//! recompute   + a · modes::recompute_work per micro-batch, its seconds × full_recompute_time_share
+//!             (0.74, fitted) for full recomputation: full = the layers' forward again
 //!             (24·bt·c²/tp + 4·b·t²·c/tp FLOPs, ⅓ of their elementwise passes, ⅔ of a pass
 //!             over their weights without panels, ⅓ of their kernel calls); selective = QKᵀ
 //!             (2·b·t²·c/tp) and the softmax (12 bytes per score)
@@ -147,6 +148,13 @@ pub struct CpuCalibration {
     /// weights also writes the 16-bit working copy: 38 bytes by count against fp32's 36, at
     /// fp32's measured ratio of 16 effective to 36 counted: 16.9 (counted, not fitted).
     pub mixed_optimizer_bytes_per_param: f64,
+    /// Full recomputation: the share of its counted work (`modes::recompute_work`: the
+    /// layers' forward again) that the measured step pays. Fitted, not counted: four quiet
+    /// runs of `bench/precision_plan_check.sh` (sessions 8 and 9, 16 layout pairs: one process
+    /// at 2 threads, tp2, pp2 b2×4, dp2 b4) measured full recomputation's extra step time at
+    /// 0.42–0.97 of the counted extra, median 0.74 (the recomputed forward writes into the
+    /// same, cache-warm scratch rather than the saved activations).
+    pub full_recompute_time_share: f64,
 }
 
 impl Default for CpuCalibration {
@@ -164,6 +172,7 @@ impl Default for CpuCalibration {
             bf16_matmul_flops_per_thread: 640e9,
             mixed_weight_bytes_per_param: 3.4,
             mixed_optimizer_bytes_per_param: 16.0 * 38.0 / 36.0,
+            full_recompute_time_share: 0.74,
         }
     }
 }
@@ -303,15 +312,18 @@ pub fn step_time_as(
     let mixed = precision != Precision::Fp32;
     let bf16 = precision == Precision::Bf16Mixed;
     let re = recompute_work(d, batch, seq, recompute);
+    // Seconds of the recomputation's work are charged at this share of what it counts.
+    let share = recompute_time_share(recompute, k);
     let flops = a * (matmul_flops(d, batch, seq) + re.linear_flops + re.attention_flops);
     let matmul_secs = if bf16 {
         // Linear layers and head on the bf16 kernel, attention's products in f32.
-        let linear = 3.0 * linear_forward_flops(d, batch, seq) + re.linear_flops;
-        let attention = attention_flops(d, batch, seq) + re.attention_flops;
+        let linear = 3.0 * linear_forward_flops(d, batch, seq) + share * re.linear_flops;
+        let attention = attention_flops(d, batch, seq) + share * re.attention_flops;
         a * (linear / (n * k.bf16_matmul_flops_per_thread)
             + attention / (n * k.matmul_flops_per_thread))
     } else {
-        flops / (n * k.matmul_flops_per_thread)
+        a * (matmul_flops(d, batch, seq) + share * (re.linear_flops + re.attention_flops))
+            / (n * k.matmul_flops_per_thread)
     };
     let p = crate::cpu_runtime::param_count(d) as f64;
     // The weight pass: once per step with panels (plus what each further micro-batch still
@@ -338,6 +350,7 @@ pub fn step_time_as(
             k.weight_bytes_per_param
         };
         mem_bytes += a
+            * share
             * (re.elementwise_share
                 * l
                 * k.elementwise_bytes_per_token_channel
@@ -355,7 +368,7 @@ pub fn step_time_as(
     };
     let optimizer_secs = optimizer_bytes * p / (n * k.bandwidth_bytes_per_thread);
     let overhead_secs =
-        a * (l * (22.0 + re.calls_per_layer) + 12.0) * (n_threads - 1.0) * k.spawn_secs;
+        a * (l * (22.0 + share * re.calls_per_layer) + 12.0) * (n_threads - 1.0) * k.spawn_secs;
     CpuStepTime {
         matmul_secs,
         memory_secs,
@@ -363,6 +376,16 @@ pub fn step_time_as(
         overhead_secs,
         total_secs: matmul_secs + memory_secs + optimizer_secs + overhead_secs,
         matmul_flops: flops,
+    }
+}
+
+/// The share of `recompute`'s counted work its seconds are charged at: full recomputation's
+/// fitted `full_recompute_time_share`, selective's counted work whole (its +4% is inside the
+/// measurements' noise).
+pub fn recompute_time_share(recompute: Recompute, k: &CpuCalibration) -> f64 {
+    match recompute {
+        Recompute::Full => k.full_recompute_time_share,
+        Recompute::None | Recompute::Selective => 1.0,
     }
 }
 
