@@ -299,6 +299,17 @@ pub fn run(dirs: &[PathBuf], out: &Path, bootstrap: usize) -> Result<()> {
         f.bootstrap,
         f.runs
     );
+    if let (Some(r), Some(ci)) = (
+        f.bf16_matmul_flops_per_thread,
+        f.bf16_matmul_flops_per_thread_ci90,
+    ) {
+        println!(
+            "bf16-mixed matmul {:.1} GFLOP/s per thread ([{:.1}, {:.1}]), fitted in turn with the two above",
+            r / 1e9,
+            ci[0] / 1e9,
+            ci[1] / 1e9
+        );
+    }
     println!(
         "step-time error: mean |error| {:.1}% before (default constants), {:.1}% after; RMS log error (what the fit minimises) {:.3} before, {:.3} after",
         100.0 * f.mean_abs_error_before,
@@ -307,9 +318,16 @@ pub fn run(dirs: &[PathBuf], out: &Path, bootstrap: usize) -> Result<()> {
         f.rms_log_error_after
     );
     for (name, ci) in [
-        ("matmul rate", f.matmul_flops_per_thread_ci90),
-        ("bandwidth", f.bandwidth_bytes_per_thread_ci90),
-    ] {
+        ("matmul rate", Some(f.matmul_flops_per_thread_ci90)),
+        ("bandwidth", Some(f.bandwidth_bytes_per_thread_ci90)),
+        (
+            "bf16-mixed matmul rate",
+            f.bf16_matmul_flops_per_thread_ci90,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, ci)| Some((name, ci?)))
+    {
         if ci[1] > 4.0 * ci[0] {
             println!(
                 "note: these runs barely determine the {name} (its interval spans more than 4×): add runs that differ in width, micro-batch count or threads"

@@ -94,10 +94,20 @@ pub(crate) fn predicted_vs_measured(
     );
     if let Some(c) = calibration {
         println!(
-            "  constants: {} (calibrate --cpu): matmul {:.1} GFLOP/s and bandwidth {:.2} GB/s per thread{}",
+            "  constants: {} (calibrate --cpu): matmul {:.1} GFLOP/s and bandwidth {:.2} GB/s per thread{}{}",
             c.path.display(),
             c.compute.matmul_flops_per_thread / 1e9,
             c.compute.bandwidth_bytes_per_thread / 1e9,
+            if c.compute.bf16_matmul_flops_per_thread
+                == plan::cpu_time::CpuCalibration::default().bf16_matmul_flops_per_thread
+            {
+                String::new()
+            } else {
+                format!(
+                    ", bf16-mixed matmul {:.1} GFLOP/s",
+                    c.compute.bf16_matmul_flops_per_thread / 1e9
+                )
+            },
             if applied {
                 ""
             } else {

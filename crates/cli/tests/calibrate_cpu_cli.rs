@@ -216,3 +216,69 @@ fn calibrate_cpu_fits_real_runs_and_plan_reads_the_file() {
     assert_ne!(code, 0);
     assert!(stderr.contains("no metrics.jsonl"), "{stderr}");
 }
+
+#[test]
+fn calibrate_cpu_fits_the_bf16_rate_from_bf16_runs() {
+    // One fp32 run and two bf16-mixed runs fit the matmul rate, bandwidth and bf16 rate.
+    let dir = common::TempDir::new("calcpu", "bf16");
+    let runs = [
+        dir.path().join("fp32"),
+        dir.path().join("bf16"),
+        dir.path().join("bf16-dp2"),
+    ];
+    let bf16 = ["--set", "train.precision=bf16-mixed"];
+    train(&runs[0], &[]);
+    train(&runs[1], &bf16);
+    train(
+        &runs[2],
+        &[bf16[0], bf16[1], "--dp", "2", "--set", "train.batch_size=2"],
+    );
+    let cal = dir.path().join("cal.json");
+    let mut args = vec![
+        "calibrate",
+        "--bootstrap",
+        "30",
+        "--out",
+        cal.to_str().unwrap(),
+    ];
+    args.extend(runs.iter().map(|r| r.to_str().unwrap()));
+    let (code, stdout, stderr) = common::run(&args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("bf16-mixed matmul"), "{stdout}");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cal).unwrap()).unwrap();
+    let rate = file["bf16_matmul_flops_per_thread"].as_f64().unwrap();
+    let ci = file["bf16_matmul_flops_per_thread_ci90"]
+        .as_array()
+        .unwrap();
+    assert!(
+        ci[0].as_f64().unwrap() <= rate && rate <= ci[1].as_f64().unwrap(),
+        "{file}"
+    );
+    // fp32 runs alone fit no bf16 rate: the file has none.
+    let only = dir.path().join("fp32.json");
+    let (code, stdout, stderr) = common::run(&[
+        "calibrate",
+        "--bootstrap",
+        "30",
+        "--out",
+        only.to_str().unwrap(),
+        runs[0].to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(!stdout.contains("bf16-mixed matmul"), "{stdout}");
+    let text = std::fs::read_to_string(&only).unwrap();
+    assert!(!text.contains("bf16_matmul"), "{text}");
+    // plan --cpu reads the file for a bf16-mixed model.
+    let (code, stdout, stderr) = common::run(&[
+        "plan",
+        "--cpu",
+        "--nproc",
+        "1",
+        "--calibration",
+        cal.to_str().unwrap(),
+        "--set",
+        "train.precision=bf16-mixed",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+}

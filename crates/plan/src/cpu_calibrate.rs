@@ -17,6 +17,17 @@
 //!
 //! When the runs do not separate the two (all of one shape), the bootstrap intervals say so by
 //! being wide along the direction the data cannot see.
+//!
+//! bf16-mixed runs add a third constant to the same fit, the bf16 kernel's rate
+//! (`bf16_matmul_flops_per_thread`, scale `f_16` on the same grid: 49³ points). A host without
+//! AVX512-BF16, where the runtime converts bf16 operands to `f32` panels, runs its bf16
+//! matmuls several times slower than the default 640 GFLOP/s; without bf16 runs the default
+//! stays. Alternation from the defaults until it settles (at most 8 rounds): the matmul rate and
+//! bandwidth on all the runs with the bf16 rate held, then the bf16 rate on the bf16 runs with
+//! those held. Neither the joint minimum (on eight real runs of one width it traded the two,
+//! which such runs do not separate, for a bf16 rate of 3.9 TFLOP/s) nor the first two from the
+//! fp32 runs alone (four of them put the matmul rate at the grid's corner, and the bf16 runs
+//! 40% off) gave physical constants.
 
 use crate::calibrate::{argmin, splitmix};
 use crate::cpu_plan::{predict, CpuHost, CpuLayout, CpuModel};
@@ -52,6 +63,12 @@ pub struct CpuCalibrationFile {
     pub bandwidth_bytes_per_thread: f64,
     /// 90% bootstrap confidence interval of it.
     pub bandwidth_bytes_per_thread_ci90: [f64; 2],
+    /// Fitted bf16-mixed matmul FLOP/s of one thread, when bf16-mixed runs were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16_matmul_flops_per_thread: Option<f64>,
+    /// 90% bootstrap confidence interval of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16_matmul_flops_per_thread_ci90: Option<[f64; 2]>,
     /// Runs fitted on.
     pub runs: usize,
     /// Bootstrap resamples.
@@ -69,10 +86,14 @@ pub struct CpuCalibrationFile {
 impl CpuCalibrationFile {
     /// The compute constants with this file's fitted values.
     pub fn compute(&self) -> CpuCalibration {
+        let d = CpuCalibration::default();
         CpuCalibration {
             matmul_flops_per_thread: self.matmul_flops_per_thread,
             bandwidth_bytes_per_thread: self.bandwidth_bytes_per_thread,
-            ..CpuCalibration::default()
+            bf16_matmul_flops_per_thread: self
+                .bf16_matmul_flops_per_thread
+                .unwrap_or(d.bf16_matmul_flops_per_thread),
+            ..d
         }
     }
 
@@ -88,10 +109,13 @@ impl CpuCalibrationFile {
             ));
         }
         let ok = |x: f64| x.is_finite() && x > 0.0;
-        if !ok(f.matmul_flops_per_thread) || !ok(f.bandwidth_bytes_per_thread) {
+        if !ok(f.matmul_flops_per_thread)
+            || !ok(f.bandwidth_bytes_per_thread)
+            || !f.bf16_matmul_flops_per_thread.is_none_or(ok)
+        {
             return Err(format!(
-                "{what}: the fitted constants must be positive numbers (matmul {}, bandwidth {})",
-                f.matmul_flops_per_thread, f.bandwidth_bytes_per_thread
+                "{what}: the fitted constants must be positive numbers (matmul {}, bandwidth {}, bf16 matmul {:?})",
+                f.matmul_flops_per_thread, f.bandwidth_bytes_per_thread, f.bf16_matmul_flops_per_thread
             ));
         }
         Ok(f)
@@ -122,6 +146,19 @@ fn constants(g: usize) -> CpuCalibration {
     }
 }
 
+/// `constants(g)` with the bf16 rate at grid step `b` (`STEPS`: the default).
+fn constants16(g: usize, b: usize) -> CpuCalibration {
+    let d = CpuCalibration::default();
+    CpuCalibration {
+        bf16_matmul_flops_per_thread: d.bf16_matmul_flops_per_thread * factor(b),
+        ..constants(g)
+    }
+}
+
+fn is_bf16(r: &CpuRun) -> bool {
+    r.model.precision == crate::recipe::Precision::Bf16Mixed
+}
+
 fn predicted(r: &CpuRun, k: CpuCalibration) -> f64 {
     let host = CpuHost {
         compute: with_run_settings(k, r),
@@ -143,27 +180,85 @@ pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibr
             ));
         }
     }
+    // With bf16-mixed runs the grid has a third axis, the bf16 rate (runs in other precisions
+    // do not depend on it: their error is computed once per point of the other two).
+    let any_bf16 = runs.iter().any(is_bf16);
+    let side16 = if any_bf16 { SIDE } else { 1 };
+    let point = |x: usize| -> (usize, usize) {
+        if any_bf16 {
+            (x / SIDE, x % SIDE)
+        } else {
+            (x, STEPS as usize)
+        }
+    };
     let table: Vec<Vec<f64>> = runs
         .iter()
         .map(|r| {
-            (0..SIDE * SIDE)
-                .map(|g| (predicted(r, constants(g)) / r.step_secs).ln().powi(2))
-                .collect()
+            if is_bf16(r) {
+                (0..SIDE * SIDE * side16)
+                    .map(|x| {
+                        let (g, b) = point(x);
+                        (predicted(r, constants16(g, b)) / r.step_secs).ln().powi(2)
+                    })
+                    .collect()
+            } else {
+                (0..SIDE * SIDE)
+                    .flat_map(|g| {
+                        let e = (predicted(r, constants(g)) / r.step_secs).ln().powi(2);
+                        std::iter::repeat_n(e, side16)
+                    })
+                    .collect()
+            }
         })
         .collect();
+    // Not the joint minimum over the three: on real runs of one width (which do not separate
+    // the matmul rate from the bandwidth) it traded them for a bf16 rate of 3.9 TFLOP/s.
+    // Alternation from the defaults instead, until it settles (at most 8 rounds): the matmul
+    // rate and bandwidth on all runs with the bf16 rate held, then the bf16 rate on the bf16
+    // runs with those held.
+    let fit = |idx: &[usize]| -> (usize, usize) {
+        if !any_bf16 {
+            return point(argmin(&table, idx));
+        }
+        let sum = |g: usize, b: usize| idx.iter().map(|&i| table[i][g * SIDE + b]).sum::<f64>();
+        let least = |n: usize, f: &dyn Fn(usize) -> f64| {
+            (0..n).min_by(|&x, &y| f(x).total_cmp(&f(y))).unwrap_or(0)
+        };
+        let (mut g, mut b) = (usize::MAX, STEPS as usize);
+        for _ in 0..8 {
+            let g1 = least(SIDE * SIDE, &|g| sum(g, b));
+            let b1 = if idx.iter().any(|&i| is_bf16(&runs[i])) {
+                least(SIDE, &|b| sum(g1, b))
+            } else {
+                b
+            };
+            if (g1, b1) == (g, b) {
+                break;
+            }
+            (g, b) = (g1, b1);
+        }
+        (g, b)
+    };
     let all: Vec<usize> = (0..runs.len()).collect();
-    let best = argmin(&table, &all);
+    let (best, best16) = fit(&all);
     let mut state = seed;
-    let (mut ms, mut bs): (Vec<f64>, Vec<f64>) = (0..bootstrap)
-        .map(|_| {
-            let idx: Vec<usize> = (0..runs.len())
-                .map(|_| (splitmix(&mut state) % runs.len() as u64) as usize)
-                .collect();
-            let k = constants(argmin(&table, &idx));
-            (k.matmul_flops_per_thread, k.bandwidth_bytes_per_thread)
-        })
-        .unzip();
-    let k = constants(best);
+    let mut samples: Vec<(f64, f64, f64)> = Vec::with_capacity(bootstrap);
+    for _ in 0..bootstrap {
+        let idx: Vec<usize> = (0..runs.len())
+            .map(|_| (splitmix(&mut state) % runs.len() as u64) as usize)
+            .collect();
+        let (g, b) = fit(&idx);
+        let k = constants16(g, b);
+        samples.push((
+            k.matmul_flops_per_thread,
+            k.bandwidth_bytes_per_thread,
+            k.bf16_matmul_flops_per_thread,
+        ));
+    }
+    let mut ms: Vec<f64> = samples.iter().map(|s| s.0).collect();
+    let mut bs: Vec<f64> = samples.iter().map(|s| s.1).collect();
+    let mut b16: Vec<f64> = samples.iter().map(|s| s.2).collect();
+    let k = constants16(best, best16);
     let ci = |v: &mut Vec<f64>, at: f64| -> [f64; 2] {
         if v.is_empty() {
             return [at, at];
@@ -193,6 +288,9 @@ pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibr
         matmul_flops_per_thread_ci90: ci(&mut ms, k.matmul_flops_per_thread),
         bandwidth_bytes_per_thread: k.bandwidth_bytes_per_thread,
         bandwidth_bytes_per_thread_ci90: ci(&mut bs, k.bandwidth_bytes_per_thread),
+        bf16_matmul_flops_per_thread: any_bf16.then_some(k.bf16_matmul_flops_per_thread),
+        bf16_matmul_flops_per_thread_ci90: any_bf16
+            .then(|| ci(&mut b16, k.bf16_matmul_flops_per_thread)),
         runs: runs.len(),
         bootstrap,
         mean_abs_error_before: mae(CpuCalibration::default()),
@@ -306,6 +404,90 @@ mod tests {
         assert!(CpuCalibrationFile::parse(&bad, "x")
             .unwrap_err()
             .contains("expected \"scaletrain-cpu-calibration\""));
+    }
+
+    /// `r` as a bf16-mixed run on a machine with constants `k`.
+    fn as_bf16(mut r: CpuRun, k: CpuCalibration) -> CpuRun {
+        r.model.precision = crate::recipe::Precision::Bf16Mixed;
+        r.host.compute = k;
+        r.step_secs = predict(&r.model, &r.layout, &r.host).step_secs;
+        r
+    }
+
+    #[test]
+    fn bf16_runs_fit_the_bf16_rate_with_the_other_two() {
+        // A host without AVX512-BF16: its bf16 matmuls on f32 panels at 200 GFLOP/s, a third of
+        // the default 640, while its f32 rate and bandwidth are the defaults' halves.
+        let truth = CpuCalibration {
+            matmul_flops_per_thread: 120e9,
+            bandwidth_bytes_per_thread: 3e9,
+            bf16_matmul_flops_per_thread: 200e9,
+            weight_panels: false,
+            ..CpuCalibration::default()
+        };
+        let fp32 = [
+            run(4, 256, 128, layout(1, 1, 1, 8, 1), 2, truth),
+            run(4, 256, 128, layout(2, 1, 1, 4, 1), 2, truth),
+            run(2, 64, 64, layout(1, 1, 1, 1, 8), 1, truth),
+            run(2, 32, 32, layout(1, 1, 1, 2, 4), 1, truth),
+            run(3, 128, 64, layout(1, 1, 2, 4, 2), 2, truth),
+        ];
+        let bf16: Vec<CpuRun> = [
+            run(4, 256, 128, layout(1, 1, 1, 8, 1), 2, truth),
+            run(4, 256, 128, layout(1, 2, 1, 2, 4), 2, truth),
+            run(3, 192, 64, layout(2, 1, 1, 4, 1), 2, truth),
+            run(4, 256, 128, layout(1, 1, 2, 8, 1), 2, truth),
+        ]
+        .into_iter()
+        .map(|r| as_bf16(r, truth))
+        .collect();
+        let mut runs: Vec<CpuRun> = fp32.iter().cloned().chain(bf16.iter().cloned()).collect();
+        for (i, r) in runs.iter_mut().enumerate() {
+            r.step_secs *= 1.0 + 0.03 * (1.7 * i as f64).sin();
+        }
+        let f = fit_cpu(&runs, 200, 11).unwrap();
+        let rate = f
+            .bf16_matmul_flops_per_thread
+            .expect("bf16 runs fit the bf16 rate");
+        assert!((rate / 200e9 - 1.0).abs() < 0.1, "{f:?}");
+        let ci = f.bf16_matmul_flops_per_thread_ci90.unwrap();
+        let step = 2f64.powf(1.0 / 8.0);
+        assert!(ci[0] / step <= 200e9 && 200e9 <= ci[1] * step, "{f:?}");
+        assert!(
+            (f.matmul_flops_per_thread / 120e9 - 1.0).abs() < 0.1,
+            "{f:?}"
+        );
+        // The default rate would have had the bf16 runs three times too fast.
+        assert!(
+            f.mean_abs_error_before > 0.3 && f.mean_abs_error_after < 0.05,
+            "{f:?}"
+        );
+        // The fp32 runs alone fit no bf16 rate.
+        let alone = fit_cpu(&runs[..5], 50, 11).unwrap();
+        assert_eq!(alone.bf16_matmul_flops_per_thread, None);
+        // The file carries it; `compute` applies it; a file without it keeps the default.
+        let back = CpuCalibrationFile::parse(&serde_json::to_string(&f).unwrap(), "x").unwrap();
+        assert_eq!(back.compute().bf16_matmul_flops_per_thread, rate);
+        let old = serde_json::to_string(&alone).unwrap();
+        assert!(!old.contains("bf16_matmul"), "{old}");
+        assert_eq!(
+            CpuCalibrationFile::parse(&old, "x")
+                .unwrap()
+                .compute()
+                .bf16_matmul_flops_per_thread,
+            640e9
+        );
+        // A negative bf16 rate in a file is refused.
+        let bad = serde_json::to_string(&f).unwrap().replace(
+            &format!("\"bf16_matmul_flops_per_thread\":{rate:?}"),
+            "\"bf16_matmul_flops_per_thread\":-1.0",
+        );
+        assert!(
+            CpuCalibrationFile::parse(&bad, "x")
+                .unwrap_err()
+                .contains("bf16 matmul"),
+            "{bad}"
+        );
     }
 
     #[test]
