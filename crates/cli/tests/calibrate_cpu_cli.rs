@@ -40,6 +40,21 @@ fn predicted_ms(report: &str) -> f64 {
         .unwrap()
 }
 
+/// `scaletrain calibrate --bootstrap N --out OUT RUN…`, which must succeed; its stdout.
+fn calibrate(out: &std::path::Path, bootstrap: &str, runs: &[std::path::PathBuf]) -> String {
+    let mut args = vec![
+        "calibrate",
+        "--bootstrap",
+        bootstrap,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(runs.iter().map(|r| r.to_str().unwrap()));
+    let (code, stdout, stderr) = common::run(&args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    stdout
+}
+
 #[test]
 fn calibrate_cpu_fits_real_runs_and_plan_reads_the_file() {
     let dir = common::TempDir::new("calcpu", "fit");
@@ -67,16 +82,7 @@ fn calibrate_cpu_fits_real_runs_and_plan_reads_the_file() {
         "{layout}"
     );
     let cal = dir.path().join("cal.json");
-    let mut args = vec![
-        "calibrate",
-        "--bootstrap",
-        "50",
-        "--out",
-        cal.to_str().unwrap(),
-    ];
-    args.extend(runs.iter().map(|r| r.to_str().unwrap()));
-    let (code, stdout, stderr) = common::run(&args);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let stdout = calibrate(&cal, "50", &runs);
     assert!(
         stdout.contains("mean |error|") && stdout.contains("after"),
         "{stdout}"
@@ -234,16 +240,7 @@ fn calibrate_cpu_fits_the_bf16_rate_from_bf16_runs() {
         &[bf16[0], bf16[1], "--dp", "2", "--set", "train.batch_size=2"],
     );
     let cal = dir.path().join("cal.json");
-    let mut args = vec![
-        "calibrate",
-        "--bootstrap",
-        "30",
-        "--out",
-        cal.to_str().unwrap(),
-    ];
-    args.extend(runs.iter().map(|r| r.to_str().unwrap()));
-    let (code, stdout, stderr) = common::run(&args);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let stdout = calibrate(&cal, "30", &runs);
     assert!(stdout.contains("bf16-mixed matmul"), "{stdout}");
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cal).unwrap()).unwrap();
@@ -257,15 +254,7 @@ fn calibrate_cpu_fits_the_bf16_rate_from_bf16_runs() {
     );
     // fp32 runs alone fit no bf16 rate: the file has none.
     let only = dir.path().join("fp32.json");
-    let (code, stdout, stderr) = common::run(&[
-        "calibrate",
-        "--bootstrap",
-        "30",
-        "--out",
-        only.to_str().unwrap(),
-        runs[0].to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let stdout = calibrate(&only, "30", &runs[..1]);
     assert!(!stdout.contains("bf16-mixed matmul"), "{stdout}");
     let text = std::fs::read_to_string(&only).unwrap();
     assert!(!text.contains("bf16_matmul"), "{text}");
