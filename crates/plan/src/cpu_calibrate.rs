@@ -21,7 +21,7 @@
 //! bf16-mixed runs add a third constant to the same fit, the bf16 kernel's rate
 //! (`bf16_matmul_flops_per_thread`, scale `f_16` on the same grid: 49³ points). A host without
 //! AVX512-BF16, where the runtime converts bf16 operands to `f32` panels, runs its bf16
-//! matmuls several times slower than the default 640 GFLOP/s; without bf16 runs the default
+//! matmuls several times slower than the default 790 GFLOP/s; without bf16 runs the default
 //! stays. Alternation from the defaults until it settles (at most 8 rounds): the matmul rate and
 //! bandwidth on all the runs with the bf16 rate held, then the bf16 rate on the bf16 runs with
 //! those held. Neither the joint minimum (on eight real runs of one width it traded the two,
@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn bf16_runs_fit_the_bf16_rate_with_the_other_two() {
         // A host without AVX512-BF16: its bf16 matmuls on f32 panels at 200 GFLOP/s, a third of
-        // the default 640, while its f32 rate and bandwidth are the defaults' halves.
+        // a quarter of the default 790, while its f32 rate and bandwidth are the defaults' halves.
         let truth = CpuCalibration {
             matmul_flops_per_thread: 120e9,
             bandwidth_bytes_per_thread: 3e9,
@@ -475,7 +475,7 @@ mod tests {
                 .unwrap()
                 .compute()
                 .bf16_matmul_flops_per_thread,
-            640e9
+            CpuCalibration::default().bf16_matmul_flops_per_thread
         );
         // A negative bf16 rate in a file is refused.
         let bad = serde_json::to_string(&f).unwrap().replace(
