@@ -56,8 +56,7 @@ use crate::cpu_runtime::{
     zero3_memory_sp, zero_memory, CpuRuntimeDims, CpuRuntimeMemory,
 };
 use crate::cpu_time::{
-    elementwise_factor, elementwise_secs, recompute_time_share, recompute_work, step_time_as,
-    tp_elementwise_share, weight_pass_secs, CpuCalibration,
+    elementwise_secs_as, step_time_as, tp_elementwise_share, weight_pass_secs, CpuCalibration,
 };
 use crate::recipe::{Precision, Recompute};
 use crate::schedule::{build, simulate, Kind};
@@ -256,11 +255,8 @@ pub fn predict(m: &CpuModel, l: &CpuLayout, host: &CpuHost) -> CpuPrediction {
                 + modes::recomputed_tp_secs(m, d, l, oversub, &host.tp_link);
             // Sequence parallelism also splits the layer norms' and residuals' passes (and
             // those of the recomputed forward).
-            let re = recompute_work(d, l.batch, t, m.recompute);
             let sp_saving = if l.sp {
-                elementwise_secs(d, l.batch, t, threads, &compute)
-                    * elementwise_factor(m.precision, &compute)
-                    * (1.0 + recompute_time_share(m.recompute, &compute) * re.elementwise_share)
+                elementwise_secs_as(d, l.batch, t, threads, (m.precision, m.recompute), &compute)
                     * (tp_elementwise_share(d.tp, false) - tp_elementwise_share(d.tp, true))
             } else {
                 0.0

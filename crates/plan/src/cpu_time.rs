@@ -276,6 +276,24 @@ pub fn elementwise_secs(
         / (n * k.bandwidth_bytes_per_thread)
 }
 
+/// The elementwise passes of one micro-batch as [`step_time_as`] charges them under
+/// `precision` and `recompute` (the casts' factor, the recomputed forward's share of them),
+/// before the tensor-parallel share: what `cpu_plan` splits further under sequence
+/// parallelism.
+pub fn elementwise_secs_as(
+    d: &CpuRuntimeDims,
+    batch: u64,
+    seq: u64,
+    threads: u64,
+    (precision, recompute): (Precision, Recompute),
+    k: &CpuCalibration,
+) -> f64 {
+    let re = recompute_work(d, batch, seq, recompute);
+    elementwise_secs(d, batch, seq, threads, k)
+        * elementwise_factor(precision, k)
+        * (1.0 + recompute_time_share(recompute, k) * re.elementwise_share)
+}
+
 /// Seconds of one pass over `d`'s weights (packing them for the forward and input-gradient
 /// GEMMs): once per micro-batch, or once per step with the runtime's weight panels.
 pub fn weight_pass_secs(d: &CpuRuntimeDims, threads: u64, k: &CpuCalibration) -> f64 {
