@@ -242,22 +242,24 @@ pub fn fit_cpu(runs: &[CpuRun], bootstrap: usize, seed: u64) -> Result<CpuCalibr
     let all: Vec<usize> = (0..runs.len()).collect();
     let (best, best16) = fit(&all);
     let mut state = seed;
-    let mut samples: Vec<(f64, f64, f64)> = Vec::with_capacity(bootstrap);
+    let mut samples: Vec<(f64, f64, Option<f64>)> = Vec::with_capacity(bootstrap);
     for _ in 0..bootstrap {
         let idx: Vec<usize> = (0..runs.len())
             .map(|_| (splitmix(&mut state) % runs.len() as u64) as usize)
             .collect();
         let (g, b) = fit(&idx);
         let k = constants16(g, b);
+        // A resample without bf16 runs says nothing of the bf16 rate: left out of its interval.
+        let has16 = idx.iter().any(|&i| is_bf16(&runs[i]));
         samples.push((
             k.matmul_flops_per_thread,
             k.bandwidth_bytes_per_thread,
-            k.bf16_matmul_flops_per_thread,
+            has16.then_some(k.bf16_matmul_flops_per_thread),
         ));
     }
     let mut ms: Vec<f64> = samples.iter().map(|s| s.0).collect();
     let mut bs: Vec<f64> = samples.iter().map(|s| s.1).collect();
-    let mut b16: Vec<f64> = samples.iter().map(|s| s.2).collect();
+    let mut b16: Vec<f64> = samples.iter().filter_map(|s| s.2).collect();
     let k = constants16(best, best16);
     let ci = |v: &mut Vec<f64>, at: f64| -> [f64; 2] {
         if v.is_empty() {
